@@ -1,0 +1,42 @@
+# llamaherd: one-command setup. `make run` runs the main job, `make test` the suite.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip --disable-pip-version-check -q
+HERD   := $(VENV)/bin/herd
+# The CPU wheel of torch, installed before the package so its `torch>=2.5` is already met.
+TORCH  := torch==2.13.0
+PROMPT ?= Why is the sky blue? Answer in two sentences.
+
+.PHONY: run test test-all install install-test bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip
+	$(PIP) install $(TORCH)
+	$(PIP) install -e ".[serve,models]"
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(PIP) install -e ".[serve,models,test]"
+	touch $@
+
+install: $(VENV)/.installed
+
+install-test: $(VENV)/.installed-test
+
+run: install
+	$(HERD) run "$(PROMPT)"
+
+test: install-test
+	$(PY) -m pytest -q
+
+test-all: install-test
+	$(PIP) install -e ".[interop]"
+	$(PY) -m pytest -q -m "slow or not slow"
+
+bench: install-test
+	$(PY) -m bench
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -1,0 +1,78 @@
+"""What every checkpoint reader returns, and how it becomes a model: build on meta, assign, strictly."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import GenerationDefaults, ModelConfig
+from ..errors import CheckpointError
+from ..model import build
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint read from disk: configuration plus a state dict in canonical (Meta) names.
+
+    Tensors may be memory-mapped; nothing is copied until `materialize`. `prepare` lets a format swap
+    modules on the weightless model before the weights are assigned (quantized GGUF linears, say).
+    """
+
+    config: ModelConfig
+    state_dict: dict[str, torch.Tensor]
+    source: Path
+    tokenizer: Any = None  # a llamaherd Tokenizer, or None when the checkpoint carries none
+    generation: GenerationDefaults = field(default_factory=GenerationDefaults)
+    chat_template: str | None = None
+    prepare: Callable[[nn.Module], None] | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+def stored_dtype(state_dict: dict[str, torch.Tensor]) -> torch.dtype:
+    for t in state_dict.values():
+        if t.is_floating_point():
+            return t.dtype
+    return torch.float32
+
+
+def materialize(ckpt: Checkpoint, *, dtype: torch.dtype | None = None, device: str | torch.device | None = None) -> nn.Module:
+    """Build the model on the meta device and assign the checkpoint's tensors, converting each at most once."""
+    net = build(ckpt.config, device="meta")
+    if ckpt.prepare is not None:
+        ckpt.prepare(net)
+    expected = net.state_dict()
+    missing = sorted(set(expected) - set(ckpt.state_dict))
+    unexpected = sorted(set(ckpt.state_dict) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(
+            ckpt.source,
+            f"tensor names do not match the {ckpt.config.arch} architecture: "
+            f"missing {_abbrev(missing)}, unexpected {_abbrev(unexpected)}",
+        )
+    target = dtype or stored_dtype(ckpt.state_dict)
+    converted = {}
+    for name, want in expected.items():
+        t = ckpt.state_dict[name]
+        if tuple(t.shape) != tuple(want.shape):
+            raise CheckpointError(
+                ckpt.source, f"tensor {name} has shape {tuple(t.shape)}, the configuration implies {tuple(want.shape)}"
+            )
+        if t.is_floating_point() and want.is_floating_point():
+            t = t.to(device=device, dtype=target)
+        elif device is not None:
+            t = t.to(device=device)
+        converted[name] = t
+    net.load_state_dict(converted, strict=True, assign=True)
+    return net.eval()
+
+
+def _abbrev(names: list[str], n: int = 6) -> str:
+    if not names:
+        return "none"
+    more = f" (+{len(names) - n} more)" if len(names) > n else ""
+    return ", ".join(names[:n]) + more

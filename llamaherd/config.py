@@ -1,0 +1,156 @@
+"""Model configuration: frozen dataclasses with derived fields and validation (torch-free)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import LlamaherdError
+
+
+class ConfigError(LlamaherdError, ValueError):
+    """A configuration is inconsistent or names something unknown."""
+
+
+def ffn_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None = None) -> int:
+    """Meta's SwiGLU width rule (llama-models `llama3/model.py::FeedForward`).
+
+    Start from 4*dim, take two thirds, apply the optional multiplier, round up to `multiple_of`.
+    """
+    hidden = int(2 * (4 * dim) / 3)
+    if ffn_dim_multiplier is not None:
+        hidden = int(ffn_dim_multiplier * hidden)
+    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """Rotary-frequency scaling.
+
+    kind "llama3": Llama 3.1's piecewise frequency scaling (also Llama 4 Scout's, with other factors);
+    kind "linear": positions divided by `factor` (position interpolation, Chen et al. 2023).
+    """
+
+    kind: str = "llama3"
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position: int = 8192
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("llama3", "linear"):
+            raise ConfigError(f"unknown rope scaling kind {self.kind!r}; known: 'llama3', 'linear'")
+        if self.factor <= 0:
+            raise ConfigError(f"rope scaling factor must be positive, got {self.factor}")
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    """Mixture-of-experts feed-forward (Llama 4): routed experts plus one shared expert."""
+
+    num_experts: int
+    top_k: int = 1
+    hidden_dim: int = 0  # width of each routed expert (and of the shared expert)
+    interleave_step: int = 1  # every `interleave_step`-th layer is MoE, the others dense
+
+    def is_moe_layer(self, layer: int) -> bool:
+        # llama-models llama4/model.py: (layer_id + 1) % interleave_moe_layer_step == 0
+        return (layer + 1) % self.interleave_step == 0
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The architecture of one decoder. Batch size, device and cache length are runtime choices, not here.
+
+    `arch` picks the model class (see `llamaherd.model.registry`). Fields after the common block are used
+    only by the families named in their comment and keep neutral defaults otherwise.
+    """
+
+    arch: str = "llama"
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int | None = None  # None: multi-head attention (n_kv_heads = n_heads)
+    vocab_size: int = 32000
+    hidden_dim: int | None = None  # None: derived from multiple_of / ffn_dim_multiplier
+    multiple_of: int = 256
+    ffn_dim_multiplier: float | None = None
+    head_dim: int | None = None  # None: dim // n_heads
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    max_seq_len: int = 2048  # trained context length: the largest position a prompt may reach
+    tie_embeddings: bool = False
+
+    # Llama 4
+    moe: MoEConfig | None = None
+    attention_chunk_size: int | None = None  # chunked local attention on RoPE layers
+    nope_layer_interval: int | None = None  # every n-th layer has no positional encoding
+    use_qk_norm: bool = False
+    attn_temperature_tuning: bool = False
+    floor_scale: float = 8192.0
+    attn_scale: float = 0.1
+
+    # Gemma 3
+    sliding_window: int | None = None
+    sliding_window_pattern: int | None = None  # every n-th layer is global, the rest local
+    rope_local_theta: float | None = None
+    query_pre_attn_scalar: float | None = None
+    final_logit_softcap: float | None = None
+    attn_logit_softcap: float | None = None
+
+    def __post_init__(self) -> None:
+        # Derived fields are stored once so every consumer sees the same numbers.
+        if self.n_kv_heads is None:
+            object.__setattr__(self, "n_kv_heads", self.n_heads)
+        if self.head_dim is None:
+            if self.dim % self.n_heads:
+                raise ConfigError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}; set head_dim")
+            object.__setattr__(self, "head_dim", self.dim // self.n_heads)
+        if self.hidden_dim is None:
+            object.__setattr__(
+                self, "hidden_dim", ffn_hidden_dim(self.dim, self.multiple_of, self.ffn_dim_multiplier)
+            )
+        for name in ("dim", "n_layers", "n_heads", "vocab_size", "max_seq_len"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.n_heads % self.n_kv_heads:
+            raise ConfigError(f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
+
+    # -- derived views -------------------------------------------------------------------------
+    @property
+    def n_rep(self) -> int:
+        """Query heads per key/value head (grouped-query attention)."""
+        return self.n_heads // self.n_kv_heads
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        """A copy with some fields changed (derived fields such as hidden_dim keep their values)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown ModelConfig fields {unknown}; known: {sorted(known)}")
+        data = dict(data)
+        if isinstance(data.get("rope_scaling"), dict):
+            data["rope_scaling"] = RopeScaling(**data["rope_scaling"])
+        if isinstance(data.get("moe"), dict):
+            data["moe"] = MoEConfig(**data["moe"])
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class GenerationDefaults:
+    """Sampling defaults a checkpoint ships (HF generation_config.json), plus its end tokens."""
+
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
+    bos_token_id: int | None = None

@@ -1,0 +1,38 @@
+"""Typed errors raised at the package's boundaries; each message says what is wrong and what to do."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class LlamaherdError(Exception):
+    """Base class of every error llamaherd raises on bad input."""
+
+
+class CheckpointError(LlamaherdError):
+    """A checkpoint file or folder is missing, malformed or inconsistent."""
+
+    def __init__(self, path: str | Path | None, problem: str) -> None:
+        self.path = Path(path) if path is not None else None
+        self.problem = problem
+        super().__init__(f"{path}: {problem}" if path is not None else problem)
+
+
+class GGUFError(CheckpointError):
+    """A GGUF file is malformed, hostile or uses something this version cannot read."""
+
+
+class TokenizerError(LlamaherdError):
+    """A tokenizer file is missing or malformed."""
+
+
+class ChatFormatError(LlamaherdError):
+    """Messages or tools cannot be rendered in the model's chat format."""
+
+
+class ContextLengthError(LlamaherdError):
+    """A prompt (plus the tokens asked for) does not fit the model's context window."""
+
+
+class ModelNotFoundError(LlamaherdError):
+    """A model name is neither a path nor known to the local store."""
