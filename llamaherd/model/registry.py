@@ -12,6 +12,8 @@ from ..config import ConfigError, ModelConfig
 # arch -> "module:Class", imported on demand so a family's file loads only when used.
 ARCHITECTURES: dict[str, str] = {
     "llama": "llamaherd.model.llama:Transformer",
+    "llama4": "llamaherd.model.llama4:Transformer",
+    "gemma3": "llamaherd.model.gemma3:Transformer",
 }
 
 

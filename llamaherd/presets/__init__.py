@@ -1,0 +1,75 @@
+"""Every released model as one row of data, keyed by exact name; each row cites where its numbers come from.
+
+Rows live in per-family modules (`llama.py`, `llama4.py`, ...) and are merged into one table here.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+import torch
+
+from ..config import ConfigError, ModelConfig
+
+FAMILY_MODULES = ("llama", "llama4", "gemma3")
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str  # exact, lower-case, e.g. "llama-3.1-8b-instruct"
+    config: ModelConfig
+    source: str  # where the numbers come from: params.json / config.json of the release
+    published_params: float  # the size the release announces, in parameters (e.g. 8.03e9)
+    published_active_params: float | None = None  # MoE models: parameters used per token
+    chat_format: str | None = None  # "llama2", "llama3", "llama4", ... for instruct models
+    notes: str = ""
+
+
+def _collect() -> dict[str, Preset]:
+    table: dict[str, Preset] = {}
+    for family in FAMILY_MODULES:
+        try:
+            module = importlib.import_module(f"{__name__}.{family}")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"{__name__}.{family}":
+                continue  # that family's rows are not written yet
+            raise
+        for preset in module.PRESETS:
+            if preset.name in table:
+                raise ConfigError(f"preset {preset.name!r} defined twice")
+            table[preset.name] = preset
+    return table
+
+
+PRESETS: dict[str, Preset] = _collect()
+
+
+def get(name: str) -> Preset:
+    """The preset of that exact name (case-insensitive); unknown names raise with the list of known ones."""
+    try:
+        return PRESETS[name.lower()]
+    except KeyError:
+        raise ConfigError(f"unknown model preset {name!r}; known presets: {', '.join(sorted(PRESETS))}") from None
+
+
+def count_parameters(config: ModelConfig) -> tuple[int, int]:
+    """(total, active) parameter counts, exact, from the model built on the meta device.
+
+    Active counts each MoE layer's routed experts at top_k / num_experts of their size.
+    """
+    from ..model import build
+
+    net = build(config, device="meta")
+    total = active = 0
+    for name, p in net.named_parameters():
+        n = p.numel()
+        total += n
+        if config.moe is not None and ".experts." in f".{name}.":
+            active += n * config.moe.top_k // config.moe.num_experts
+        else:
+            active += n
+    return total, active
+
+
+__all__ = ["PRESETS", "Preset", "count_parameters", "get"]
