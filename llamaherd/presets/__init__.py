@@ -20,8 +20,8 @@ class Preset:
     name: str  # exact, lower-case, e.g. "llama-3.1-8b-instruct"
     config: ModelConfig
     source: str  # where the numbers come from: params.json / config.json of the release
-    published_params: float  # the size the release announces, in parameters (e.g. 8.03e9)
-    published_active_params: float | None = None  # MoE models: parameters used per token
+    published_params: str  # the size the release announces, as written there: "8.03B", "406B"
+    published_active_params: str | None = None  # MoE models: parameters used per token, e.g. "17B"
     chat_format: str | None = None  # "llama2", "llama3", "llama4", ... for instruct models
     notes: str = ""
 
@@ -51,6 +51,14 @@ def get(name: str) -> Preset:
         return PRESETS[name.lower()]
     except KeyError:
         raise ConfigError(f"unknown model preset {name!r}; known presets: {', '.join(sorted(PRESETS))}") from None
+
+
+def parse_size(text: str) -> tuple[float, float]:
+    """"8.03B" -> (8.03e9, 1e7): the value and one unit of its last written digit."""
+    digits = text.rstrip("BM")
+    scale = {"B": 1e9, "M": 1e6}[text[-1]]
+    decimals = len(digits.partition(".")[2])
+    return float(digits) * scale, 10.0**-decimals * scale
 
 
 def count_parameters(config: ModelConfig) -> tuple[int, int]:

@@ -1,0 +1,85 @@
+"""`herd show`: a preset's or a checkpoint's configuration and parameter counts."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+
+from .. import presets
+from ..config import ModelConfig
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("show", help="show a model's configuration and size (a preset name or a checkpoint)")
+    p.add_argument("model", help="preset name (see `herd show --list`), checkpoint folder, .gguf file or store name")
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    p.add_argument("--template", action="store_true", help="print how a dialog is rendered for this model")
+    p.set_defaults(func=run)
+    q = sub.add_parser("presets", help="list every known model preset with its size")
+    q.set_defaults(func=run_list)
+
+
+# Fields before this index apply to every family; later ones are printed only when set.
+_FIRST_FAMILY_FIELD = [f.name for f in dataclasses.fields(ModelConfig)].index("moe")
+
+
+def human(n: float) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
+
+
+def describe(name: str) -> tuple[ModelConfig, dict]:
+    """The configuration of a preset or a checkpoint, and facts about where it came from."""
+    if name.lower() in presets.PRESETS:
+        p = presets.get(name)
+        facts = {"preset": p.name, "source": p.source, "published parameters": p.published_params}
+        if p.published_active_params:
+            facts["published active parameters"] = p.published_active_params
+        if p.chat_format:
+            facts["chat format"] = p.chat_format
+        if p.notes:
+            facts["notes"] = p.notes
+        return p.config, facts
+    from ..checkpoint.load import read, resolve
+    from ..errors import ModelNotFoundError
+
+    try:
+        path = resolve(name)
+    except ModelNotFoundError:
+        raise ModelNotFoundError(
+            f"{name!r} is neither a preset (see `herd presets`), nor a file or folder, nor a model in the local store"
+        ) from None
+    ckpt = read(path)
+    return ckpt.config, {"checkpoint": str(Path(path).resolve())}
+
+
+def run(args: argparse.Namespace) -> int:
+    config, facts = describe(args.model)
+    if args.template:
+        from .prompt_format import print_preview  # owned by the chat format module
+
+        return print_preview(args.model)
+    total, active = presets.count_parameters(config)
+    if args.json:
+        print(json.dumps({**facts, "parameters": total, "active_parameters": active,
+                          "config": dataclasses.asdict(config)}, indent=2, default=str))
+        return 0
+    for key, value in facts.items():
+        print(f"  {key:<28} {value}")
+    print(f"  {'parameters':<28} {human(total)} ({total:,})")
+    if active != total:
+        print(f"  {'active parameters':<28} {human(active)} ({active:,})")
+    print("  configuration")
+    common = {f.name for f in dataclasses.fields(ModelConfig)[: _FIRST_FAMILY_FIELD]}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if f.name in common or (value is not None and value != f.default):
+            print(f"    {f.name:<26} {value}")
+    return 0
+
+
+def run_list(args: argparse.Namespace) -> int:
+    for name, p in sorted(presets.PRESETS.items()):
+        print(f"{name:<32} {p.published_params:>7}  {p.config.arch}")
+    return 0
