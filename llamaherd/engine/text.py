@@ -1,0 +1,77 @@
+"""Token ids -> a stream of valid UTF-8 text pieces, with stop strings cut out even when they span tokens."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+# How many prompt tokens to decode in front of the first generated token: enough context that tokenizers
+# which drop a leading space at the start of a decode (SentencePiece) render the continuation's spaces right.
+_PROMPT_TAIL = 6
+_INCOMPLETE = "\ufffd"  # what decode gives for a byte sequence cut inside a character
+
+
+class TextStream:
+    """Feed token ids one at a time with `push`; each call returns the text they completed (maybe "").
+
+    Decoding is incremental over a short window (as vLLM's `detokenize_incrementally`): the window's text is
+    released only once it does not end inside a multi-byte character, so every piece is whole characters and
+    the pieces concatenate to the decode of all the ids. Text that could be the start of a stop string is held
+    back until it is known not to be one; once a stop string appears, the text before it is released,
+    `stopped` becomes True and everything after is dropped.
+    """
+
+    def __init__(self, tokenizer, stop: Sequence[str] = (), prompt_tail: Sequence[int] = ()) -> None:
+        self.tokenizer = tokenizer
+        self.stop = tuple(stop)
+        tail = list(prompt_tail)[-_PROMPT_TAIL:] if tokenizer is not None else []
+        if tail and tokenizer.decode(tail).endswith(_INCOMPLETE):
+            tail = []  # a prompt cut inside a character would shift the offsets below
+        self.ids: list[int] = tail
+        self.prefix = 0  # window start
+        self.read = len(tail)  # ids before this are already turned into text
+        self.pending = ""  # decoded text not yet released (it might begin a stop string)
+        self.stopped = False
+
+    def push(self, token: int) -> str:
+        if self.stopped or self.tokenizer is None:
+            return ""
+        self.ids.append(token)
+        before = self.tokenizer.decode(self.ids[self.prefix : self.read])
+        now = self.tokenizer.decode(self.ids[self.prefix :])
+        if len(now) > len(before) and not now.endswith(_INCOMPLETE):
+            self.pending += now[len(before) :]
+            self.prefix, self.read = self.read, len(self.ids)
+        return self._release(final=False)
+
+    def flush(self) -> str:
+        """The end of the stream: release everything still held (an unfinished character decodes as U+FFFD)."""
+        if self.stopped or self.tokenizer is None:
+            return ""
+        before = self.tokenizer.decode(self.ids[self.prefix : self.read])
+        now = self.tokenizer.decode(self.ids[self.prefix :])
+        self.pending += now[len(before) :]
+        self.prefix = self.read = len(self.ids)
+        return self._release(final=True)
+
+    def _release(self, final: bool) -> str:
+        text = self.pending
+        if self.stop:
+            hits = [i for i in (text.find(s) for s in self.stop) if i >= 0]
+            if hits:
+                self.stopped = True
+                self.pending = ""
+                return text[: min(hits)]
+            if not final:
+                hold = max((_overlap(text, s) for s in self.stop), default=0)
+                self.pending = text[len(text) - hold :] if hold else ""
+                return text[: len(text) - hold]
+        self.pending = ""
+        return text
+
+
+def _overlap(text: str, stop: str) -> int:
+    """Length of the longest suffix of `text` that is a proper prefix of `stop`."""
+    for n in range(min(len(text), len(stop) - 1), 0, -1):
+        if text.endswith(stop[:n]):
+            return n
+    return 0
