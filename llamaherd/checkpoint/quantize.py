@@ -1,0 +1,317 @@
+"""GGML block quantizers (Q8_0, Q4_0, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K): float rows -> GGUF bytes + reconstruction.
+
+Each quantizer follows llama.cpp's reference row quantizer in `ggml/src/ggml-quants.c` (the `*_ref` functions
+that `llama_model_quantize` uses when no importance matrix is given), vectorised over blocks with torch in
+float32. It returns the packed bytes exactly as GGUF stores them and the float values those bytes decode to,
+computed here from the integer levels and fp16 scales (not by decoding the bytes), so a reference decoder
+(gguf-py, llama.cpp) reproducing them checks our bit layout.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
+
+QK_K = 256  # super-block size of the k-quants (ggml-common.h QK_K)
+GROUP_MAX_EPS = 1e-15  # ggml-quants.c: a group whose largest |x| is below this is all zero
+CHUNK_ELEMS = 1 << 21  # elements quantized per step; bounds the temporaries of the k-quant searches
+
+
+def block_shape(qtype: Q) -> tuple[int, int]:
+    """(elements per block, bytes per block) of a GGML type."""
+    return GGML_QUANT_SIZES[qtype]
+
+
+def nbytes(qtype: Q, shape: tuple[int, ...]) -> int:
+    n = int(np.prod(shape))
+    elems, size = block_shape(qtype)
+    return n // elems * size
+
+
+# ---- helpers ----------------------------------------------------------------------------------------------
+def _fp16(x: torch.Tensor) -> torch.Tensor:
+    """Round to fp16 and back: the value a GGUF block's fp16 scale field holds."""
+    return x.to(torch.float16).to(torch.float32)
+
+
+def _fp16_bytes(x: torch.Tensor) -> torch.Tensor:
+    """(N,) float -> (N, 2) little-endian fp16 bytes."""
+    return x.to(torch.float16).contiguous().view(torch.uint8).view(-1, 2)
+
+
+def _round_away(x: torch.Tensor) -> torch.Tensor:
+    """C roundf: halves away from zero (Q8_0 uses roundf; the k-quants' nearest_int rounds halves to even)."""
+    return torch.sign(x) * torch.floor(x.abs() + 0.5)
+
+
+def _signed_absmax(x: torch.Tensor) -> torch.Tensor:
+    """Per row, the value with the largest magnitude, sign kept (first one on ties, as the C loops)."""
+    idx = x.abs().argmax(dim=-1, keepdim=True)
+    return x.gather(-1, idx).squeeze(-1)
+
+
+def _safe_inv(d: torch.Tensor) -> torch.Tensor:
+    return torch.where(d != 0, 1.0 / torch.where(d != 0, d, torch.ones_like(d)), torch.zeros_like(d))
+
+
+def _u8(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.int32).to(torch.uint8)
+
+
+# ---- legacy 32-element blocks -------------------------------------------------------------------------------
+def _q8_0(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # quantize_row_q8_0_ref: d = amax/127, q = roundf(x/d)
+    b = x.view(-1, 32)
+    d = b.abs().amax(-1) / 127
+    q = _round_away(b * _safe_inv(d)[:, None])
+    recon = q * _fp16(d)[:, None]
+    raw = torch.cat([_fp16_bytes(d), q.to(torch.int8).view(torch.uint8)], dim=1)  # (nb, 34)
+    return raw, recon
+
+
+def _q4_0(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # quantize_row_q4_0_ref: d = max/-8 (max keeps its sign), q = min(15, (int8)(x/d + 8.5))
+    b = x.view(-1, 32)
+    d = _signed_absmax(b) / -8
+    q = torch.trunc(b * _safe_inv(d)[:, None] + 8.5).clamp(max=15)
+    recon = (q - 8) * _fp16(d)[:, None]
+    qu = _u8(q)
+    qs = qu[:, :16] | (qu[:, 16:] << 4)  # element j in the low nibble, j+16 in the high one
+    return torch.cat([_fp16_bytes(d), qs], dim=1), recon  # (nb, 18)
+
+
+def _qh_bits(q: torch.Tensor) -> torch.Tensor:
+    """Bit 4 of 32 five-bit levels packed into a little-endian uint32: (nb, 32) -> (nb, 4) bytes."""
+    bits = ((q.to(torch.int64) >> 4) & 1) << torch.arange(32, dtype=torch.int64)
+    return bits.sum(-1, dtype=torch.int64).to(torch.int32).view(torch.uint8).view(-1, 4)
+
+
+def _q5_0(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # quantize_row_q5_0_ref: d = max/-16, q = min(31, (int8)(x/d + 16.5)); bit 4 of each level goes to qh
+    b = x.view(-1, 32)
+    d = _signed_absmax(b) / -16
+    q = torch.trunc(b * _safe_inv(d)[:, None] + 16.5).clamp(max=31)
+    recon = (q - 16) * _fp16(d)[:, None]
+    qu = _u8(q) & 0x0F
+    qs = qu[:, :16] | (qu[:, 16:] << 4)
+    return torch.cat([_fp16_bytes(d), _qh_bits(q), qs], dim=1), recon  # (nb, 22)
+
+
+def _q5_1(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # quantize_row_q5_1_ref: d = (max-min)/31, m = min, q = (uint8)((x-min)/d + 0.5)
+    b = x.view(-1, 32)
+    mn, mx = b.amin(-1), b.amax(-1)
+    d = (mx - mn) / 31
+    q = torch.trunc((b - mn[:, None]) * _safe_inv(d)[:, None] + 0.5).clamp(0, 31)
+    recon = _fp16(d)[:, None] * q + _fp16(mn)[:, None]
+    qu = _u8(q) & 0x0F
+    qs = qu[:, :16] | (qu[:, 16:] << 4)
+    return torch.cat([_fp16_bytes(d), _fp16_bytes(mn), _qh_bits(q), qs], dim=1), recon  # (nb, 24)
+
+
+# ---- k-quant searches ---------------------------------------------------------------------------------------
+def make_qkx2_quants(x, w, nmax: int, rmin: float, rdelta: float, nstep: int):
+    """Scale and min for asymmetric levels 0..nmax of each row of x (ggml-quants.c `make_qkx2_quants`).
+
+    Start from the min/max grid, then try `nstep+1` stretched grids and keep the weighted least-squares
+    (scale, min) fit with the smallest weighted squared error. The C code updates `min` as it improves and
+    later grids are anchored at the improved min; this keeps that sequential dependence per row.
+    Returns (scale, the_min = -min >= 0, levels) with x ~ scale * L - the_min.
+    """
+    mn = x.amin(-1).clamp(max=0)
+    mx = x.amax(-1)
+    sum_w = w.sum(-1)
+    sum_x = (w * x).sum(-1)
+    flat = mx == mn
+    span = torch.where(flat, torch.ones_like(mx), mx - mn)
+    iscale = nmax / span
+    scale = 1 / iscale
+    L = torch.round(iscale[:, None] * (x - mn[:, None])).clamp(0, nmax)
+    best = (w * (scale[:, None] * L + mn[:, None] - x) ** 2).sum(-1)
+    for step in range(nstep + 1):
+        span = torch.where(flat, torch.ones_like(mx), mx - mn)
+        iscale = float(np.float32(rmin) + np.float32(rdelta) * np.float32(step) + np.float32(nmax)) / span
+        la = torch.round(iscale[:, None] * (x - mn[:, None])).clamp(0, nmax)
+        sum_l = (w * la).sum(-1)
+        sum_l2 = (w * la * la).sum(-1)
+        sum_xl = (w * la * x).sum(-1)
+        D = sum_w * sum_l2 - sum_l * sum_l
+        ok = D > 0
+        Ds = torch.where(ok, D, torch.ones_like(D))
+        this_scale = (sum_w * sum_xl - sum_x * sum_l) / Ds
+        this_min = (sum_l2 * sum_x - sum_l * sum_xl) / Ds
+        pos = this_min > 0  # a positive offset is not representable: refit the scale through zero
+        this_scale = torch.where(pos, sum_xl / torch.where(sum_l2 > 0, sum_l2, torch.ones_like(sum_l2)), this_scale)
+        this_min = torch.where(pos, torch.zeros_like(this_min), this_min)
+        err = (w * (this_scale[:, None] * la + this_min[:, None] - x) ** 2).sum(-1)
+        better = ok & (err < best) & ~flat
+        L = torch.where(better[:, None], la, L)
+        best = torch.where(better, err, best)
+        scale = torch.where(better, this_scale, scale)
+        mn = torch.where(better, this_min, mn)
+    scale = torch.where(flat, torch.zeros_like(scale), scale)
+    L = torch.where(flat[:, None], torch.zeros_like(L), L)
+    return scale, -mn, L
+
+
+def make_qx_quants(x, nmax: int):
+    """Scale for symmetric levels -nmax..nmax-1 of each row (ggml-quants.c `make_qx_quants`, rmse_type 1).
+
+    Weights are x^2; grids iscale = -(nmax + 0.1 is)/max for is in -9..9 are tried and the one maximising
+    sumlx^2/suml2 (least weighted error) is kept. Returns (scale, levels shifted by +nmax).
+    """
+    mx = _signed_absmax(x)
+    zero = mx.abs() < GROUP_MAX_EPS
+    mxs = torch.where(zero, torch.ones_like(mx), mx)
+    w = x * x
+
+    def fit(iscale):
+        l = torch.round(iscale[:, None] * x).clamp(-nmax, nmax - 1)
+        return l, (w * x * l).sum(-1), (w * l * l).sum(-1)
+
+    L, sumlx, suml2 = fit(-nmax / mxs)
+    scale = torch.where(suml2 > 0, sumlx / torch.where(suml2 > 0, suml2, torch.ones_like(suml2)), torch.zeros_like(sumlx))
+    best = scale * sumlx
+    for step in range(-9, 10):
+        if step == 0:
+            continue
+        l, sumlx, suml2 = fit(-float(np.float32(nmax) + np.float32(0.1) * np.float32(step)) / mxs)
+        better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
+        L = torch.where(better[:, None], l, L)
+        new_scale = sumlx / torch.where(suml2 > 0, suml2, torch.ones_like(suml2))
+        scale = torch.where(better, new_scale, scale)
+        best = torch.where(better, new_scale * sumlx, best)
+    scale = torch.where(zero, torch.zeros_like(scale), scale)
+    L = torch.where(zero[:, None], torch.zeros_like(L), L + nmax)
+    return scale, L
+
+
+# ---- k-quants ---------------------------------------------------------------------------------------------
+def _pack_k4_scales(ls: torch.Tensor, lm: torch.Tensor) -> torch.Tensor:
+    """Eight 6-bit scales and mins into 12 bytes (ggml-quants.c q4_K layout, `get_scale_min_k4` inverse).
+
+    Bytes 0-3: scales 0-3 with the top two bits of scales 4-7; bytes 4-7: mins 0-3 with the top bits of
+    mins 4-7; bytes 8-11: low nibbles of scale j (low) and min j (high) for j = 4..7.
+    """
+    ls, lm = ls.to(torch.int32), lm.to(torch.int32)
+    b0 = ls[:, :4] | ((ls[:, 4:] >> 4) << 6)
+    b1 = lm[:, :4] | ((lm[:, 4:] >> 4) << 6)
+    b2 = (ls[:, 4:] & 0xF) | ((lm[:, 4:] & 0xF) << 4)
+    return torch.cat([b0, b1, b2], dim=1).to(torch.uint8)  # (nb, 12)
+
+
+def _k_asym(x: torch.Tensor, nmax: int, rmin: float, nstep: int):
+    """Shared body of Q4_K / Q5_K (quantize_row_q4_K_ref / quantize_row_q5_K_ref).
+
+    Per 32-element sub-block: weights av_x + |x| with av_x the sub-block's rms, then make_qkx2_quants.
+    The eight scales and mins are requantized to 6 bits against the super-block's fp16 d and dmin, and
+    the levels recomputed with the rounded scales. Returns (d, dmin, ls, lm, L, recon).
+    """
+    sb = x.view(-1, 32)  # (nb*8, 32)
+    av_x = torch.sqrt((sb * sb).sum(-1) / 32)
+    w = av_x[:, None] + sb.abs()
+    scales, mins, L = make_qkx2_quants(sb, w, nmax, rmin, 0.1, nstep)
+    scales, mins = scales.view(-1, 8), mins.view(-1, 8)
+    max_scale = scales.amax(-1).clamp(min=0)
+    max_min = mins.amax(-1).clamp(min=0)
+    inv_scale = torch.where(max_scale > 0, 63 / torch.where(max_scale > 0, max_scale, torch.ones_like(max_scale)), torch.zeros_like(max_scale))
+    inv_min = torch.where(max_min > 0, 63 / torch.where(max_min > 0, max_min, torch.ones_like(max_min)), torch.zeros_like(max_min))
+    ls = torch.round(inv_scale[:, None] * scales).clamp(max=63)
+    lm = torch.round(inv_min[:, None] * mins).clamp(max=63)
+    d, dmin = max_scale / 63, max_min / 63
+    dj = (_fp16(d)[:, None] * ls).reshape(-1)  # (nb*8,)
+    mj = (_fp16(dmin)[:, None] * lm).reshape(-1)
+    nz = dj != 0  # the C code skips sub-blocks whose scale rounds to zero, keeping the search's levels
+    Lr = torch.round((sb + mj[:, None]) / torch.where(nz, dj, torch.ones_like(dj))[:, None]).clamp(0, nmax)
+    L = torch.where(nz[:, None], Lr, L)
+    recon = dj[:, None] * L - mj[:, None]
+    return d, dmin, ls, lm, L.view(-1, QK_K), recon
+
+
+def _q4_k(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    d, dmin, ls, lm, L, recon = _k_asym(x, 15, -1.0, 20)  # quantize_row_q4_K_ref: nmax 15, rmin -1, 20 steps
+    Lv = _u8(L).view(-1, 4, 2, 32)  # (nb, 64-chunk, half, 32): low nibble first half, high nibble second
+    qs = (Lv[:, :, 0] | (Lv[:, :, 1] << 4)).reshape(-1, 128)
+    raw = torch.cat([_fp16_bytes(d), _fp16_bytes(dmin), _pack_k4_scales(ls, lm), qs], dim=1)  # (nb, 144)
+    return raw, recon
+
+
+def _q5_k(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    d, dmin, ls, lm, L, recon = _k_asym(x, 31, -0.5, 15)  # quantize_row_q5_K_ref: nmax 31, rmin -0.5, 15 steps
+    Li = L.to(torch.int64)
+    # qh[j] bit k = bit 4 of element 32k + j (sub-block k)
+    qh = (((Li.view(-1, 8, 32) >> 4) & 1) << torch.arange(8, dtype=torch.int64)[:, None]).sum(1).to(torch.uint8)
+    Lv = _u8(Li & 0xF).view(-1, 4, 2, 32)
+    qs = (Lv[:, :, 0] | (Lv[:, :, 1] << 4)).reshape(-1, 128)
+    raw = torch.cat([_fp16_bytes(d), _fp16_bytes(dmin), _pack_k4_scales(ls, lm), qh, qs], dim=1)  # (nb, 176)
+    return raw, recon
+
+
+def _q6_k(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # quantize_row_q6_K_ref: 16 sub-blocks of 16 with make_qx_quants(nmax 32), int8 scales against fp16 d
+    sb = x.view(-1, 16)
+    scales, L = make_qx_quants(sb, 32)
+    scales = scales.view(-1, 16)
+    max_scale = _signed_absmax(scales)
+    zero = max_scale.abs() < GROUP_MAX_EPS
+    iscale = -128 / torch.where(zero, torch.ones_like(max_scale), max_scale)
+    d = torch.where(zero, torch.zeros_like(max_scale), 1 / iscale)
+    sc = torch.round(iscale[:, None] * scales).clamp(max=127)
+    sc = torch.where(zero[:, None], torch.zeros_like(sc), sc)
+    dj = (_fp16(d)[:, None] * sc).reshape(-1)  # (nb*16,)
+    nz = dj != 0
+    Lr = torch.round(sb / torch.where(nz, dj, torch.ones_like(dj))[:, None]).clamp(-32, 31) + 32
+    L = torch.where(nz[:, None], Lr, L)
+    L = torch.where(zero.repeat_interleave(16)[:, None], torch.full_like(L, 32), L)  # zero block: all bytes 0
+    recon = dj[:, None] * (L - 32)
+    Li = L.to(torch.int64).view(-1, 2, 4, 32)  # (nb, 128-half, quarter, 32)
+    ql = ((Li[:, :, 0:2] & 0xF) | ((Li[:, :, 2:4] & 0xF) << 4)).reshape(-1, 128).to(torch.uint8)
+    qh = ((Li >> 4) << (2 * torch.arange(4, dtype=torch.int64))[:, None]).sum(2).reshape(-1, 64).to(torch.uint8)
+    if zero.any():  # memset 0: levels 0 (not 32) in a zero block
+        ql[zero], qh[zero] = 0, 0
+    raw = torch.cat([ql, qh, sc.to(torch.int8).view(torch.uint8), _fp16_bytes(d)], dim=1)  # (nb, 210)
+    return raw, recon
+
+
+QUANTIZERS: dict[Q, Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]] = {
+    Q.Q8_0: _q8_0,
+    Q.Q4_0: _q4_0,
+    Q.Q5_0: _q5_0,
+    Q.Q5_1: _q5_1,
+    Q.Q4_K: _q4_k,
+    Q.Q5_K: _q5_k,
+    Q.Q6_K: _q6_k,
+}
+
+
+def quantize(t: torch.Tensor, qtype: Q) -> tuple[np.ndarray, torch.Tensor]:
+    """Quantize a float tensor whose last dimension is a multiple of the block size.
+
+    Returns (bytes as a uint8 array of shape (*t.shape[:-1], row bytes), float32 reconstruction of t's shape).
+    F32/F16 are plain casts.
+    """
+    shape = tuple(t.shape)
+    x = t.detach().to(torch.float32).contiguous()
+    if qtype == Q.F32:
+        return x.numpy().copy(), x
+    if qtype == Q.F16:
+        h = x.to(torch.float16)
+        return h.numpy().copy(), h.to(torch.float32)
+    if qtype not in QUANTIZERS:
+        raise ValueError(f"no quantizer for {qtype.name}; known: {[q.name for q in QUANTIZERS]}")
+    elems, size = block_shape(qtype)
+    if shape[-1] % elems:
+        raise ValueError(f"row length {shape[-1]} is not a multiple of the {qtype.name} block size {elems}")
+    flat = x.reshape(-1)
+    fn = QUANTIZERS[qtype]
+    step = max(elems, CHUNK_ELEMS // elems * elems)
+    raws, recons = [], []
+    for s in range(0, flat.numel(), step):
+        raw, recon = fn(flat[s : s + step])
+        raws.append(raw.reshape(-1))
+        recons.append(recon.reshape(-1))
+    raw = torch.cat(raws).numpy().reshape(*shape[:-1], shape[-1] // elems * size)
+    return raw, torch.cat(recons).view(shape)
