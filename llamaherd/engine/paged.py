@@ -1,0 +1,145 @@
+"""Paged KV cache for the serving engine: a block allocator with prefix caching, and per-step batch views.
+
+Keys and values live in fixed-size blocks (vLLM's PagedAttention, Kwon et al. 2023). A sequence owns a block
+table; full blocks are hashed by their token ids and their prefix, so a later request with the same prompt
+prefix reuses them instead of recomputing. Freed blocks that hold a cached prefix stay reusable until the
+allocator needs their space (least recently freed first).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+from collections.abc import Sequence
+
+import torch
+
+from ..config import ModelConfig
+from ..errors import LlamaherdError
+
+
+class OutOfBlocks(LlamaherdError):
+    """No free KV-cache block is left; the scheduler preempts a sequence and retries."""
+
+
+def block_hashes(tokens: Sequence[int], block_size: int) -> list[int]:
+    """Hash of every full block of `tokens`, each chained to its prefix (so equal hashes mean equal prefixes)."""
+    out, parent = [], 0
+    for i in range(len(tokens) // block_size):
+        parent = hash((parent, tuple(tokens[i * block_size : (i + 1) * block_size])))
+        out.append(parent)
+    return out
+
+
+class BlockAllocator:
+    """Hands out block ids with reference counts; remembers which blocks hold which cached prefix."""
+
+    def __init__(self, num_blocks: int, block_size: int) -> None:
+        if num_blocks < 1 or block_size < 1:
+            raise ValueError("num_blocks and block_size must be positive")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self._free: deque[int] = deque(range(num_blocks))
+        self._refs = [0] * num_blocks
+        self._by_hash: dict[int, int] = {}  # prefix hash -> block holding it
+        self._hash_of: dict[int, int] = {}  # block -> its prefix hash
+        self._evictable: OrderedDict[int, None] = OrderedDict()  # cached blocks nobody uses, oldest first
+
+    @property
+    def num_free(self) -> int:
+        """Blocks available to new work: never used, or only holding an evictable cached prefix."""
+        return len(self._free) + len(self._evictable)
+
+    def allocate(self) -> int:
+        if self._free:
+            block = self._free.popleft()
+        elif self._evictable:
+            block, _ = self._evictable.popitem(last=False)
+            del self._by_hash[self._hash_of.pop(block)]
+        else:
+            raise OutOfBlocks("the KV cache has no free block")
+        self._refs[block] = 1
+        return block
+
+    def release(self, block: int) -> None:
+        assert self._refs[block] > 0, f"block {block} released more often than taken"
+        self._refs[block] -= 1
+        if self._refs[block] == 0:
+            if block in self._hash_of:
+                self._evictable[block] = None
+            else:
+                self._free.append(block)
+
+    def register(self, block: int, prefix_hash: int) -> None:
+        """Mark a full block as holding the prefix with this hash (first writer wins)."""
+        if block not in self._hash_of and prefix_hash not in self._by_hash:
+            self._by_hash[prefix_hash] = block
+            self._hash_of[block] = prefix_hash
+
+    def take_cached(self, prefix_hash: int) -> int | None:
+        """The block caching this prefix, with a reference taken, or None."""
+        block = self._by_hash.get(prefix_hash)
+        if block is None:
+            return None
+        if self._refs[block] == 0:
+            del self._evictable[block]
+        self._refs[block] += 1
+        return block
+
+
+class PagedKVCache:
+    """Key/value storage (n_layers, n_kv_heads, num_blocks * block_size, head_dim): slots addressed flat."""
+
+    def __init__(self, config: ModelConfig, num_blocks: int, block_size: int, *, dtype: torch.dtype,
+                 device: torch.device | str | None = None) -> None:
+        shape = (config.n_layers, config.n_kv_heads, num_blocks * block_size, config.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.allocator = BlockAllocator(num_blocks, block_size)
+        self.block_size = block_size
+
+    def slots(self, table: Sequence[int], start: int, end: int) -> torch.Tensor:
+        """Flat slot index of token positions [start, end) of a sequence with this block table."""
+        pos = torch.arange(start, end)
+        blocks = torch.as_tensor(table, dtype=torch.long)[pos // self.block_size]
+        return blocks * self.block_size + pos % self.block_size
+
+    def view(self, tables: Sequence[Sequence[int]], cached: Sequence[int], new: int) -> BatchView:
+        return BatchView(self, tables, cached, new)
+
+
+class BatchView:
+    """One forward step's window on the paged cache, speaking the model's cache protocol (`length`, `update`).
+
+    Row i has `cached[i]` tokens already in the cache and `new` tokens in this step. Histories are laid out
+    right-aligned (left-padded) so every row's new tokens sit at slots [length, length + new); `key_mask`
+    marks the real ones and `positions` gives each row its own rotary positions.
+    """
+
+    def __init__(self, cache: PagedKVCache, tables: Sequence[Sequence[int]], cached: Sequence[int], new: int) -> None:
+        self.cache = cache
+        B = len(tables)
+        self.length = S = max(cached)
+        device = cache.k.device
+        gather = torch.zeros(B, S, dtype=torch.long)
+        valid = torch.zeros(B, S + new, dtype=torch.bool)
+        write = torch.empty(B, new, dtype=torch.long)
+        for i, (table, n) in enumerate(zip(tables, cached)):
+            if n:
+                gather[i, S - n :] = cache.slots(table, 0, n)
+            valid[i, S - n :] = True
+            write[i] = cache.slots(table, n, n + new)
+        self.gather = gather.to(device)
+        self.write = write.to(device)
+        self.key_mask = valid.to(device)
+        self.positions = (torch.as_tensor(cached)[:, None] + torch.arange(new)[None]).to(device)
+
+    def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """k, v: (B, Hkv, T, D) -> all keys/values of the rows (B, Hkv, length + T, D); new ones stored."""
+        K, V = self.cache.k[layer], self.cache.v[layer]  # (Hkv, slots, D)
+        K[:, self.write] = k.transpose(0, 1).to(K.dtype)
+        V[:, self.write] = v.transpose(0, 1).to(V.dtype)
+        if self.length == 0:
+            return k, v
+        hist_k = K[:, self.gather].transpose(0, 1)  # (B, Hkv, S, D)
+        hist_v = V[:, self.gather].transpose(0, 1)
+        return torch.cat([hist_k, k], dim=2), torch.cat([hist_v, v], dim=2)

@@ -1,0 +1,264 @@
+"""Continuous batching: requests join and leave the running batch between steps, over the paged KV cache.
+
+Each `step` decodes one token for every running sequence whose prompt is in the cache (one batched forward)
+and advances at most one prompt by a chunk of `prefill_chunk` tokens (chunked prefill, so a long prompt never
+stalls running streams). When blocks run out, the newest sequence is preempted: its blocks are freed and it
+is recomputed later from its tokens (vLLM's recompute preemption). Cancelled sequences free their blocks at
+the next step. Token-level stops live here; text-level stops (stop strings) belong to the caller.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..config import ModelConfig
+from ..errors import ContextLengthError, LlamaherdError
+from .paged import OutOfBlocks, PagedKVCache, block_hashes
+from .sampling import Sampler, SamplingParams
+
+
+class QueueFull(LlamaherdError):
+    """The engine's waiting queue is at capacity; retry later."""
+
+
+@dataclass
+class Event:
+    """One generated token (or the end) of one sequence, delivered to its sink on the engine thread."""
+
+    seq_id: int
+    token: int | None
+    finish_reason: str | None = None  # "stop", "length", "cancelled", "error"
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
+    error: str | None = None
+
+
+@dataclass(eq=False)
+class SeqState:
+    id: int
+    tokens: list[int]  # prompt, then generated tokens
+    prompt_len: int
+    params: SamplingParams
+    sampler: Sampler
+    stop_ids: frozenset[int]
+    sink: Callable[[Event], None]
+    table: list[int] = field(default_factory=list)
+    cached: int = 0  # leading tokens whose keys/values are in the cache
+    hashed: int = 0  # leading full blocks registered for prefix caching
+    cancelled: bool = False
+
+    @property
+    def pending(self) -> int:
+        return len(self.tokens) - self.cached
+
+    @property
+    def generated(self) -> list[int]:
+        return self.tokens[self.prompt_len :]
+
+
+class Engine:
+    """A continuous-batching engine over one model. Thread-safe `submit` / `cancel`; `step` runs on one thread."""
+
+    def __init__(self, net: nn.Module, config: ModelConfig, *, num_blocks: int, block_size: int = 16,
+                 max_batch: int = 16, prefill_chunk: int = 256, max_waiting: int = 256,
+                 max_context: int | None = None) -> None:
+        p = next(net.parameters())
+        self.net, self.config = net, config
+        self.cache = PagedKVCache(config, num_blocks, block_size, dtype=p.dtype if p.is_floating_point() else torch.float32,
+                                  device=p.device)
+        self.block_size = block_size
+        self.max_batch, self.prefill_chunk, self.max_waiting = max_batch, prefill_chunk, max_waiting
+        self.max_context = min(max_context or config.max_seq_len, num_blocks * block_size)
+        self.waiting: deque[SeqState] = deque()
+        self.running: list[SeqState] = []
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._ids = itertools.count()
+        self.stats = {"prompt_tokens": 0, "generated_tokens": 0, "preemptions": 0, "prefix_hit_tokens": 0}
+
+    # -- submission (any thread) -------------------------------------------------------------------------------
+    def submit(self, prompt: Sequence[int], params: SamplingParams, stop_ids: frozenset[int],
+               sink: Callable[[Event], None]) -> int:
+        if not prompt:
+            raise ContextLengthError("the prompt is empty: give at least one token")
+        if len(prompt) >= self.max_context:
+            raise ContextLengthError(
+                f"the prompt has {len(prompt)} tokens; this server's context holds {self.max_context}: shorten it")
+        sampler = Sampler(params, self.config.vocab_size)
+        with self._wake:
+            seq_id = next(self._ids)
+            if params.max_tokens == 0:
+                sink(Event(seq_id, None, "length"))
+                return seq_id
+            if len(self.waiting) >= self.max_waiting:
+                raise QueueFull(f"{len(self.waiting)} requests are already waiting; retry later")
+            seq = SeqState(seq_id, list(prompt), len(prompt), params, sampler, stop_ids, sink)
+            self.waiting.append(seq)
+            self._wake.notify()
+        return seq.id
+
+    def cancel(self, seq_id: int) -> None:
+        with self._lock:
+            for seq in itertools.chain(self.waiting, self.running):
+                if seq.id == seq_id:
+                    seq.cancelled = True
+
+    def wait_for_work(self, timeout: float | None = None) -> bool:
+        with self._wake:
+            if not (self.waiting or self.running):
+                self._wake.wait(timeout)
+            return bool(self.waiting or self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    def cache_usage(self) -> float:
+        a = self.cache.allocator
+        return 1.0 - a.num_free / a.num_blocks
+
+    # -- one step (engine thread) ------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self) -> bool:
+        """Admit, schedule, run the model, sample, emit events. Returns whether anything ran."""
+        with self._lock:
+            self._drop_cancelled()
+            self._admit()
+        plan = self._plan()
+        if plan is None:
+            return False
+        decode, prefill, chunk = plan
+        if decode:
+            logits = self._forward(decode, 1)
+            for i, seq in enumerate(decode):
+                self._sample(seq, logits[i : i + 1, -1])
+        if prefill is not None:
+            logits = self._forward([prefill], chunk)
+            if prefill.pending == 0:  # the whole prompt is cached: its last logits give the first token
+                self._sample(prefill, logits[:, -1])
+        return True
+
+    def _drop_cancelled(self) -> None:
+        for seq in [s for s in self.running if s.cancelled]:
+            self._finish(seq, "cancelled")
+        for seq in [s for s in self.waiting if s.cancelled]:
+            self.waiting.remove(seq)
+            seq.sink(Event(seq.id, None, "cancelled"))
+
+    def _admit(self) -> None:
+        while self.waiting and len(self.running) < self.max_batch:
+            seq = self.waiting.popleft()
+            self._reuse_prefix(seq)
+            self.running.append(seq)
+
+    def _reuse_prefix(self, seq: SeqState) -> None:
+        """Take cached blocks for the longest known prefix, leaving at least one token to compute."""
+        usable = (len(seq.tokens) - 1) // self.block_size
+        for h in block_hashes(seq.tokens[: usable * self.block_size], self.block_size):
+            block = self.cache.allocator.take_cached(h)
+            if block is None:
+                break
+            seq.table.append(block)
+        seq.cached = seq.hashed = len(seq.table)
+        seq.cached *= self.block_size
+        self.stats["prefix_hit_tokens"] += seq.cached
+
+    def _plan(self) -> tuple[list[SeqState], SeqState | None, int] | None:
+        """Choose this step's work and reserve its blocks, preempting the newest sequences if they run out."""
+        while self.running:
+            decode = [s for s in self.running if s.pending == 1]
+            prefill = next((s for s in self.running if s.pending > 1), None)
+            chunk = min(prefill.pending, self.prefill_chunk) if prefill else 0
+            try:
+                for seq in decode:
+                    self._reserve(seq, seq.cached + 1)
+                if prefill is not None:
+                    self._reserve(prefill, prefill.cached + chunk)
+                return decode, prefill, chunk
+            except OutOfBlocks:
+                if len(self.running) == 1:
+                    self._finish(self.running[0], "error", "the KV cache is too small for this request")
+                    continue
+                self._preempt(self.running[-1])
+        return None
+
+    def _reserve(self, seq: SeqState, tokens: int) -> None:
+        while len(seq.table) * self.block_size < tokens:
+            seq.table.append(self.cache.allocator.allocate())
+
+    def _preempt(self, seq: SeqState) -> None:
+        self._release(seq)
+        seq.cached = seq.hashed = 0
+        self.running.remove(seq)
+        self.waiting.appendleft(seq)
+        self.stats["preemptions"] += 1
+
+    def _release(self, seq: SeqState) -> None:
+        for block in seq.table:
+            self.cache.allocator.release(block)
+        seq.table = []
+
+    def _forward(self, seqs: list[SeqState], new: int) -> torch.Tensor:
+        view = self.cache.view([s.table for s in seqs], [s.cached for s in seqs], new)
+        tokens = torch.tensor([s.tokens[s.cached : s.cached + new] for s in seqs], device=view.key_mask.device)
+        logits = self.net(tokens, positions=view.positions, cache=view, key_mask=view.key_mask)
+        for s in seqs:
+            if s.cached < s.prompt_len:
+                self.stats["prompt_tokens"] += min(new, s.prompt_len - s.cached)
+            s.cached += new
+            self._register_full_blocks(s)
+        return logits
+
+    def _register_full_blocks(self, seq: SeqState) -> None:
+        full = seq.cached // self.block_size
+        if full > seq.hashed:
+            hashes = block_hashes(seq.tokens[: full * self.block_size], self.block_size)
+            for i in range(seq.hashed, full):
+                self.cache.allocator.register(seq.table[i], hashes[i])
+            seq.hashed = full
+
+    def _sample(self, seq: SeqState, logits: torch.Tensor) -> None:
+        out = seq.sampler(logits, [seq.tokens], [seq.generated])
+        token = int(out.tokens[0])
+        event = Event(seq.id, token)
+        if out.logprobs is not None:
+            event.logprob = float(out.logprobs[0])
+        if out.top_ids is not None:
+            event.top_logprobs = [(int(i), float(lp)) for i, lp in zip(out.top_ids[0], out.top_logprobs[0])]
+        seq.tokens.append(token)
+        self.stats["generated_tokens"] += 1
+        if token in seq.stop_ids:
+            event.finish_reason = "stop"
+        elif seq.params.max_tokens is not None and len(seq.generated) >= seq.params.max_tokens:
+            event.finish_reason = "length"
+        elif len(seq.tokens) >= self.max_context:
+            event.finish_reason = "length"
+        seq.sink(event)
+        if event.finish_reason:
+            self._finish(seq, None)
+
+    def _finish(self, seq: SeqState, reason: str | None, error: str | None = None) -> None:
+        """Free a sequence's blocks and drop it; `reason` given means the sink still needs its final event."""
+        self._release(seq)
+        if seq in self.running:
+            self.running.remove(seq)
+        if reason is not None:
+            seq.sink(Event(seq.id, None, reason, error=error))
+
+    # -- background loop ---------------------------------------------------------------------------------------
+    def run(self, stop: threading.Event) -> None:
+        """Step until `stop` is set and no work is left (graceful: in-flight requests finish)."""
+        while not (stop.is_set() and not (self.waiting or self.running)):
+            if not self.step():
+                self.wait_for_work(timeout=0.05)
