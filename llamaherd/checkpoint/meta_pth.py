@@ -1,0 +1,228 @@
+"""Meta's checkpoint format: params.json + consolidated.NN.pth (+ tokenizer.model), read and written."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import shutil
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import ConfigError, ModelConfig, RopeScaling, ffn_hidden_dim
+from ..errors import CheckpointError
+from .base import Checkpoint
+from .transforms import META_IGNORED, merge_shards, split_shards
+
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
+
+
+# -- params.json <-> ModelConfig -----------------------------------------------------------------
+
+
+def _default_max_seq_len(params: dict[str, Any]) -> int:
+    """Trained context when params.json omits it (Meta's files do): from the model cards.
+
+    Llama 3.1+ (scaled RoPE): 131072; Llama 3 (theta 5e5): 8192; Llama 2 (theta 1e4): 4096.
+    """
+    if params.get("use_scaled_rope"):
+        return 131072
+    if float(params.get("rope_theta", 10000.0)) >= 500000.0:
+        return 8192
+    return 4096
+
+
+def config_from_params(params: dict[str, Any], path: Path, vocab_from_weights: int | None = None) -> ModelConfig:
+    """ModelConfig from a Meta params.json dict (llama-models `llama3/args.py::ModelArgs` fields)."""
+    for key in ("dim", "n_layers", "n_heads"):
+        if key not in params:
+            raise CheckpointError(path, f"params.json lacks {key!r}; a Meta params.json states dim, n_layers, n_heads")
+    if "moe_args" in params or "vision_args" in params:
+        raise CheckpointError(path, "params.json describes a Llama 4 / multimodal model; this reader handles Llama 1-3")
+    vocab = int(params.get("vocab_size", -1))
+    if vocab <= 0:  # Llama 2's params.json says -1: the vocabulary comes from the tokenizer / weights
+        if vocab_from_weights is None:
+            raise CheckpointError(path, "params.json has vocab_size -1 and no tok_embeddings to read it from")
+        vocab = vocab_from_weights
+    scaling = None
+    if params.get("use_scaled_rope"):
+        # Meta's reference hard-codes factor 8 in apply_scaling (llama-models llama3/model.py), and Llama 3.2
+        # 1B/3B params.json do not state a factor although HF's configs say 32 (llama-models issues #166,
+        # #241). Running Meta's files as Meta's code does means 8 unless the file itself states a factor.
+        scaling = RopeScaling(kind="llama3", factor=float(params.get("rope_scaling_factor", 8.0)))
+    try:
+        return ModelConfig(
+            arch="llama",
+            dim=int(params["dim"]),
+            n_layers=int(params["n_layers"]),
+            n_heads=int(params["n_heads"]),
+            n_kv_heads=params.get("n_kv_heads"),
+            vocab_size=vocab,
+            multiple_of=int(params.get("multiple_of", 256)),
+            ffn_dim_multiplier=params.get("ffn_dim_multiplier"),
+            norm_eps=float(params.get("norm_eps", 1e-5)),
+            rope_theta=float(params.get("rope_theta", 10000.0)),
+            rope_scaling=scaling,
+            max_seq_len=int(params.get("max_seq_len", _default_max_seq_len(params))),
+        )
+    except ConfigError as exc:
+        raise CheckpointError(path, f"params.json is inconsistent: {exc}") from None
+
+
+def _ffn_params(c: ModelConfig) -> tuple[int, float | None]:
+    """multiple_of / ffn_dim_multiplier that make Meta's FeedForward rule yield c.hidden_dim."""
+    if ffn_hidden_dim(c.dim, c.multiple_of, c.ffn_dim_multiplier) == c.hidden_dim:
+        return c.multiple_of, c.ffn_dim_multiplier
+    # A config read from HF states only intermediate_size. Rounding up to multiple_of = hidden_dim after
+    # scaling 2/3*4*dim by hidden/base lands exactly on hidden_dim (int() may fall one short; the round-up fixes it).
+    base = int(2 * (4 * c.dim) / 3)
+    mult = c.hidden_dim / base if base > c.hidden_dim else None
+    assert ffn_hidden_dim(c.dim, c.hidden_dim, mult) == c.hidden_dim
+    return c.hidden_dim, mult
+
+
+def params_from_config(c: ModelConfig) -> dict[str, Any]:
+    """A Meta params.json dict that Meta's ModelArgs reads back into the same architecture."""
+    if c.arch != "llama":
+        raise CheckpointError(None, f"Meta params.json output supports arch 'llama', not {c.arch!r}")
+    if c.head_dim * c.n_heads != c.dim:
+        raise CheckpointError(None, f"Meta's format derives head_dim = dim / n_heads; head_dim {c.head_dim} differs")
+    multiple_of, mult = _ffn_params(c)
+    params: dict[str, Any] = {
+        "dim": c.dim, "n_layers": c.n_layers, "n_heads": c.n_heads, "n_kv_heads": c.n_kv_heads,
+        "vocab_size": c.vocab_size, "multiple_of": multiple_of, "ffn_dim_multiplier": mult,
+        "norm_eps": c.norm_eps, "rope_theta": c.rope_theta, "use_scaled_rope": c.rope_scaling is not None,
+        "max_seq_len": c.max_seq_len,
+    }
+    s = c.rope_scaling
+    if s is not None:
+        if (s.kind, s.low_freq_factor, s.high_freq_factor, s.original_max_position) != ("llama3", 1.0, 4.0, 8192):
+            raise CheckpointError(None, f"Meta's format can only express Llama 3.1 rope scaling, not {s}")
+        if s.factor != 8.0:
+            params["rope_scaling_factor"] = s.factor  # ours to read back; Meta's reference would use 8
+    return params
+
+
+# -- reading -------------------------------------------------------------------------------------
+
+
+def load_pth(file: Path) -> dict[str, torch.Tensor]:
+    """One .pth file, memory-mapped, with pickled code refused (weights_only)."""
+    try:
+        sd = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            file, f"refused to unpickle: the file holds objects other than tensors ({str(exc).splitlines()[0]}); "
+            "only plain tensor state dicts are loaded, never code; get the checkpoint from a trusted source",
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise CheckpointError(
+            file, f"cannot read as a PyTorch checkpoint ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
+            "the file is truncated or corrupt: download it again",
+        ) from None
+    if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
+        raise CheckpointError(file, "is not a state dict of named tensors; expected Meta's consolidated.NN.pth")
+    return sd
+
+
+def _shard_files(path: Path) -> list[Path]:
+    files = sorted(path.glob("consolidated.*.pth"))
+    if not files:
+        raise CheckpointError(path, "no consolidated.*.pth files; a Meta checkpoint folder holds params.json and them")
+    numbers = []
+    for f in files:
+        try:
+            numbers.append(int(f.name.split(".")[1]))
+        except ValueError:
+            raise CheckpointError(f, "shard file name must be consolidated.NN.pth with NN a number") from None
+    if numbers != list(range(len(files))):
+        raise CheckpointError(
+            path, f"shard numbers {numbers} are not 00..{len(files) - 1:02d}; a shard is missing, get the full folder"
+        )
+    return files
+
+
+def _attach_tokenizer(path: Path):
+    for name in TOKENIZER_FILES:
+        if (path / name).exists():
+            try:
+                from ..tokenizer import Tokenizer
+            except ImportError:  # the tokenizer package is optional for reading weights
+                return None
+            return Tokenizer.from_file(path / name)
+    return None
+
+
+def read(path: str | Path) -> Checkpoint:
+    """Read a Meta checkpoint folder; shards are merged, a tied output (equal to tok_embeddings) dropped."""
+    path = Path(path)
+    pfile = path / "params.json"
+    if not pfile.exists():
+        raise CheckpointError(path, "params.json is missing; a Meta checkpoint folder needs it beside consolidated.*.pth")
+    try:
+        params = json.loads(pfile.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(pfile, f"is not valid JSON ({exc}); restore the file from the release") from None
+    if not isinstance(params, dict):
+        raise CheckpointError(pfile, "must hold a JSON object of model parameters")
+    files = _shard_files(path)
+    shards = [load_pth(f) for f in files]
+    if "dim" not in params:
+        raise CheckpointError(pfile, "params.json lacks 'dim'; a Meta params.json states dim, n_layers, n_heads")
+    sd = merge_shards(shards, int(params["dim"]), files)
+    for name in META_IGNORED:
+        sd.pop(name, None)
+    emb = sd.get("tok_embeddings.weight")
+    config = config_from_params(params, pfile, vocab_from_weights=None if emb is None else emb.shape[0])
+    n_heads = config.n_heads
+    if len(files) > 1 and (n_heads % len(files) or config.n_kv_heads % len(files)):
+        raise CheckpointError(
+            path, f"{len(files)} shards cannot split {n_heads} query / {config.n_kv_heads} key-value heads evenly; "
+            "the shard count does not belong to this params.json",
+        )
+    out = sd.get("output.weight")
+    if emb is not None and out is not None and out.shape == emb.shape and torch.equal(out, emb):
+        # Llama 3.2 1B/3B: Meta's files carry output.weight as a copy of the embedding; the model ties them.
+        del sd["output.weight"]
+        config = config.replace(tie_embeddings=True)
+    return Checkpoint(
+        config=config, state_dict=sd, source=path, tokenizer=_attach_tokenizer(path),
+        metadata={"format": "meta", "shards": len(files), "params": params},
+    )
+
+
+# -- writing -------------------------------------------------------------------------------------
+
+
+def write(ckpt: Checkpoint, dst: str | Path, *, shards: int = 1, embedding_dim: int = 0, **_: Any) -> Path:
+    """Write params.json + consolidated.NN.pth (split over `shards` files as fairscale would) + tokenizer.
+
+    `embedding_dim` 0 splits tok_embeddings by vocabulary (Llama 3), 1 by embedding width (Llama 2).
+    """
+    dst = Path(dst)
+    c = ckpt.config
+    params = params_from_config(c)
+    if shards < 1 or c.n_heads % shards or c.n_kv_heads % shards:
+        raise CheckpointError(
+            dst, f"--shards {shards} must divide n_heads {c.n_heads} and n_kv_heads {c.n_kv_heads}; pick a divisor"
+        )
+    sd = dict(ckpt.state_dict)
+    if c.tie_embeddings and "output.weight" not in sd:
+        sd["output.weight"] = sd["tok_embeddings.weight"]  # Meta's format always carries output
+    dst.mkdir(parents=True, exist_ok=True)
+    for i, part in enumerate(split_shards(sd, shards, embedding_dim=embedding_dim)):
+        torch.save(part, dst / f"consolidated.{i:02d}.pth")
+    (dst / "params.json").write_text(json.dumps(params, indent=2) + "\n")
+    _copy_tokenizer(ckpt.source, dst)
+    return dst
+
+
+def _copy_tokenizer(src: Path, dst: Path) -> None:
+    if not src.is_dir():  # a single-file source (GGUF) has no tokenizer file beside it to copy
+        return
+    for name in TOKENIZER_FILES:
+        if (src / name).exists() and not (dst / name).exists():
+            shutil.copyfile(src / name, dst / name)
+            return

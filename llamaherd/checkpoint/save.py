@@ -1,0 +1,65 @@
+"""Write a Checkpoint in any supported format, dispatching through one table of writers."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import CheckpointError
+from .base import Checkpoint
+
+# format -> "module:function" with signature write(ckpt: Checkpoint, dst: Path, **options) -> Path.
+WRITERS: dict[str, str] = {
+    "meta": "llamaherd.checkpoint.meta_pth:write",
+    "hf": "llamaherd.checkpoint.hf:write",
+    "gguf": "llamaherd.checkpoint.gguf_write:write",
+}
+
+DTYPES: dict[str, torch.dtype] = {
+    "f32": torch.float32, "float32": torch.float32,
+    "f16": torch.float16, "float16": torch.float16,
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+}
+
+
+def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
+    if name is None or isinstance(name, torch.dtype):
+        return name
+    try:
+        return DTYPES[name.lower()]
+    except KeyError:
+        raise CheckpointError(None, f"unknown dtype {name!r}; known: {', '.join(DTYPES)}") from None
+
+
+def cast(ckpt: Checkpoint, dtype: torch.dtype) -> Checkpoint:
+    """A copy of `ckpt` whose floating-point tensors have `dtype` (others untouched)."""
+    sd = {k: t.to(dtype) if t.is_floating_point() else t for k, t in ckpt.state_dict.items()}
+    return dataclasses.replace(ckpt, state_dict=sd)
+
+
+def save(ckpt: Checkpoint, dst: str | Path, fmt: str, *, dtype: str | torch.dtype | None = None, **options: Any) -> Path:
+    """Write `ckpt` to `dst` as `fmt` ("meta", "hf", "gguf"); `dtype` casts float tensors first (meta/hf)."""
+    try:
+        target = WRITERS[fmt]
+    except KeyError:
+        raise CheckpointError(dst, f"unknown output format {fmt!r}; known: {', '.join(WRITERS)}") from None
+    if ckpt.prepare is not None and fmt != "gguf":
+        raise CheckpointError(
+            ckpt.source, f"holds quantized tensors that need a model swap; {fmt} output needs float weights: "
+            "convert from a float checkpoint, or write gguf",
+        )
+    module, fn = target.split(":")
+    try:
+        writer = getattr(importlib.import_module(module), fn)
+    except ImportError as exc:
+        raise CheckpointError(dst, f"the {fmt} writer ({target}) is not available: {exc}") from None
+    torch_dtype = parse_dtype(dtype)
+    if torch_dtype is not None and fmt != "gguf":
+        ckpt = cast(ckpt, torch_dtype)
+    elif dtype is not None:
+        options["dtype"] = dtype  # GGUF's writer picks its own tensor types
+    return writer(ckpt, Path(dst), **options)
