@@ -1,0 +1,287 @@
+"""Llama 4 text checkpoints: Meta <-> Hugging Face (Llama4ForCausalLM) tensor names, layouts and configs.
+
+Canonical names are Meta's (llama-models `llama4/model.py`, `moe.py`). The transforms, each one function:
+  * routed experts: HF `experts.gate_up_proj` (E, D, 2F) is Meta's `moe_w_in_eD_F` (gate, w1) and
+    `moe_w_swiglu_eD_F` (up, w3) concatenated on the last axis, in that order (HF `Llama4TextExperts.forward`
+    chunks gate first); `experts.down_proj` (E, F, D) is `moe_w_out_eF_D` as is;
+  * router: HF `router.weight` is an nn.Linear weight (E, D), Meta's `router_DE` is (D, E): a transpose;
+  * q/k: no permutation. HF's Llama 4 applies rotary embeddings as complex products on adjacent pairs
+    (`modeling_llama4.apply_rotary_emb`), exactly as Meta does, so wq/wk are copied unchanged
+    (unlike Llama 1-3, whose HF conversion permutes to rotate-half; checked by tests/test_llama4.py).
+Meta's own checkpoints also come in older spellings (`experts.w1`, 2-D expert matrices, `w_in_shared_FD`);
+`normalize_meta` maps them onto the canonical ones.
+
+How the readers hook this (keyed on config.arch == "llama4"):
+  meta_pth.read: config = config_from_params(params_json); state_dict = normalize_meta(state_dict, config)
+  hf.read:       config = config_from_hf(config_json);   state_dict = hf_to_meta(state_dict, config)
+  hf writer:     state_dict = meta_to_hf(state_dict, config); config_json = config_to_hf(config)
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+
+from ..config import ConfigError, ModelConfig, MoEConfig, RopeScaling, ffn_hidden_dim
+from ..errors import CheckpointError
+
+Tensors = dict[str, torch.Tensor]
+
+# Per-layer names without transform: Meta suffix -> HF suffix (under layers.N. / model.layers.N.).
+_LAYER_PLAIN = {
+    "attention.wq.weight": "self_attn.q_proj.weight",
+    "attention.wk.weight": "self_attn.k_proj.weight",
+    "attention.wv.weight": "self_attn.v_proj.weight",
+    "attention.wo.weight": "self_attn.o_proj.weight",
+    "attention_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    # dense layers
+    "feed_forward.w1.weight": "feed_forward.gate_proj.weight",
+    "feed_forward.w3.weight": "feed_forward.up_proj.weight",
+    "feed_forward.w2.weight": "feed_forward.down_proj.weight",
+    # MoE layers: shared expert and the down projections of the routed experts
+    "feed_forward.shared_expert.w1.weight": "feed_forward.shared_expert.gate_proj.weight",
+    "feed_forward.shared_expert.w3.weight": "feed_forward.shared_expert.up_proj.weight",
+    "feed_forward.shared_expert.w2.weight": "feed_forward.shared_expert.down_proj.weight",
+    "feed_forward.experts.moe_w_out_eF_D": "feed_forward.experts.down_proj",
+}
+_TOP_PLAIN = {
+    "tok_embeddings.weight": "model.embed_tokens.weight",
+    "norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_GATE, _UP = "feed_forward.experts.moe_w_in_eD_F", "feed_forward.experts.moe_w_swiglu_eD_F"
+_ROUTER = "feed_forward.router_DE"
+_LAYER = re.compile(r"^layers\.(\d+)\.(.+)$")
+_HF_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+# Parts of a multimodal Llama4ForConditionalGeneration checkpoint that the text decoder does not use.
+_HF_NON_TEXT = ("vision_model.", "multi_modal_projector.", "model.vision_model.", "model.multi_modal_projector.")
+
+
+# -- tensor transforms ---------------------------------------------------------------------------------------
+def fuse_gate_up(gate_eDF: torch.Tensor, up_eDF: torch.Tensor) -> torch.Tensor:
+    """Meta (E, D, F) gate and up -> HF gate_up_proj (E, D, 2F), gate first."""
+    return torch.cat([gate_eDF, up_eDF], dim=-1)
+
+
+def split_gate_up(gate_up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """HF gate_up_proj (E, D, 2F) -> Meta gate, up (E, D, F) each."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return gate.contiguous(), up.contiguous()
+
+
+# -- state dicts ---------------------------------------------------------------------------------------------
+def meta_to_hf(state_dict: Tensors, config: ModelConfig) -> Tensors:
+    """Canonical (Meta) Llama 4 text state dict -> Llama4ForCausalLM names and layouts."""
+    out: Tensors = {}
+    fused: dict[str, dict[str, torch.Tensor]] = {}
+    for name, t in state_dict.items():
+        if name in _TOP_PLAIN:
+            out[_TOP_PLAIN[name]] = t
+            continue
+        m = _LAYER.match(name)
+        if m is None:
+            raise CheckpointError(None, f"tensor {name!r} is not part of a Llama 4 text model")
+        i, rest = m.groups()
+        if rest in _LAYER_PLAIN:
+            out[f"model.layers.{i}.{_LAYER_PLAIN[rest]}"] = t
+        elif rest == _ROUTER:
+            out[f"model.layers.{i}.feed_forward.router.weight"] = t.t().contiguous()  # (D, E) -> (E, D)
+        elif rest in (_GATE, _UP):
+            fused.setdefault(i, {})[rest] = t
+        else:
+            raise CheckpointError(None, f"tensor {name!r} is not part of a Llama 4 text model")
+    for i, parts in fused.items():
+        if len(parts) != 2:
+            raise CheckpointError(None, f"layer {i}: {_GATE} and {_UP} must both be present to fuse gate_up_proj")
+        out[f"model.layers.{i}.feed_forward.experts.gate_up_proj"] = fuse_gate_up(parts[_GATE], parts[_UP])
+    if config.tie_embeddings:
+        out.pop("lm_head.weight", None)
+    return out
+
+
+def hf_to_meta(state_dict: Tensors, config: ModelConfig) -> Tensors:
+    """Llama4ForCausalLM (or the text part of Llama4ForConditionalGeneration) -> canonical Meta names."""
+    top = {hf: meta for meta, hf in _TOP_PLAIN.items()}
+    layer = {hf: meta for meta, hf in _LAYER_PLAIN.items()}
+    out: Tensors = {}
+    for name, t in state_dict.items():
+        if name.startswith(_HF_NON_TEXT):
+            continue
+        if name.startswith("language_model."):  # multimodal checkpoints nest the text model
+            name = name[len("language_model."):]
+        elif name.startswith("model.language_model."):  # transformers >= 5 layout of the same
+            name = "model." + name[len("model.language_model."):]
+        if name in top:
+            out[top[name]] = t
+            continue
+        m = _HF_LAYER.match(name)
+        rest = m.group(2) if m else None
+        if rest in layer:
+            out[f"layers.{m.group(1)}.{layer[rest]}"] = t
+        elif rest == "feed_forward.router.weight":
+            out[f"layers.{m.group(1)}.{_ROUTER}"] = t.t().contiguous()  # (E, D) -> (D, E)
+        elif rest == "feed_forward.experts.gate_up_proj":
+            gate, up = split_gate_up(t)
+            out[f"layers.{m.group(1)}.{_GATE}"], out[f"layers.{m.group(1)}.{_UP}"] = gate, up
+        else:
+            raise CheckpointError(None, f"tensor {name!r} is not part of a Llama 4 text model (Llama4ForCausalLM)")
+    if config.tie_embeddings:
+        out.pop("output.weight", None)
+    return out
+
+
+def normalize_meta(state_dict: Tensors, config: ModelConfig) -> Tensors:
+    """Meta checkpoint spellings -> the canonical names and 3-D expert layouts (llama-models load hooks)."""
+    D = config.dim
+    out: Tensors = {}
+    for name, t in state_dict.items():
+        if name == "rope.freqs" or name.endswith("._extra_state"):
+            continue  # precomputed frequencies / quantization bookkeeping: recomputed or unused
+        if name.startswith(("vision_embeddings.", "vision_projection.")):
+            continue  # the vision tower is not part of the text decoder
+        prefix, _, leaf = name.rpartition(".")
+        if prefix.endswith("feed_forward.experts") and config.moe is not None:
+            E = config.moe.num_experts
+            leaf = {"w1": "moe_w_in_eD_F", "w3": "moe_w_swiglu_eD_F", "w2": "moe_w_out_eF_D"}.get(leaf, leaf)
+            # Meta stores experts either as (E, D, F) or flattened to (E*D, F) / (E*F, D).
+            t = t.view(E, -1, D) if leaf == "moe_w_out_eF_D" else t.view(E, D, -1)
+            out[f"{prefix}.{leaf}"] = t
+            continue
+        renames = {
+            "feed_forward.w_in_shared_FD.weight": "feed_forward.shared_expert.w1.weight",
+            "feed_forward.w_swiglu_FD.weight": "feed_forward.shared_expert.w3.weight",
+            "feed_forward.w_out_shared_DF.weight": "feed_forward.shared_expert.w2.weight",
+            "feed_forward.norm.weight": "ffn_norm.weight",
+            "feed_forward.mlp.layer_norm_weight": "ffn_norm.weight",
+            "attention.wqkv.layer_norm_weight": "attention_norm.weight",
+        }
+        for old, new in renames.items():
+            if name.endswith(old):
+                name = name[: -len(old)] + new
+                break
+        out[name] = t
+    return out
+
+
+# -- configurations ------------------------------------------------------------------------------------------
+def config_from_params(params: dict[str, Any], *, source: str = "params.json") -> ModelConfig:
+    """A Meta Llama 4 params.json -> ModelConfig (fields as llama-models `llama4/args.py::ModelArgs`)."""
+    from ..model.moe import moe_hidden_dim
+
+    try:
+        dim, multiple_of = params["dim"], params.get("multiple_of", 256)
+        mult = params.get("ffn_dim_multiplier")
+        moe = None
+        if params.get("moe_args"):
+            ma = params["moe_args"]
+            moe = MoEConfig(
+                num_experts=ma["num_experts"],
+                top_k=ma.get("top_k", 1),
+                interleave_step=ma.get("interleave_moe_layer_step", 1),
+                hidden_dim=moe_hidden_dim(dim, params["ffn_exp"], multiple_of, mult,
+                                          ma.get("capacity_factor", 1.0), ma.get("auto_scale_F", True)),
+            )
+        scaling = None
+        if params.get("use_scaled_rope"):
+            # llama-models llama4/args.py: only Scout scales, with factor 16 and high_freq_factor 1 when unstated;
+            # llama4/model.py::apply_scaling fixes low_freq_factor 1 and the original context 8192.
+            scaling = RopeScaling(kind="llama3", factor=params.get("rope_scaling_factor") or 16.0,
+                                  low_freq_factor=1.0, high_freq_factor=params.get("rope_high_freq_factor") or 1.0,
+                                  original_max_position=8192)
+        return ModelConfig(
+            arch="llama4", dim=dim, n_layers=params["n_layers"], n_heads=params["n_heads"],
+            n_kv_heads=params.get("n_kv_heads"), vocab_size=params["vocab_size"],
+            hidden_dim=ffn_hidden_dim(dim, multiple_of, mult), multiple_of=multiple_of, ffn_dim_multiplier=mult,
+            norm_eps=params.get("norm_eps", 1e-5), rope_theta=params.get("rope_theta", 500000.0),
+            rope_scaling=scaling, max_seq_len=params.get("max_seq_len", 2048), moe=moe,
+            attention_chunk_size=params.get("attention_chunk_size"),
+            nope_layer_interval=params.get("nope_layer_interval"), use_qk_norm=params.get("use_qk_norm", False),
+            attn_temperature_tuning=bool(params.get("attn_temperature_tuning", False)),
+            floor_scale=float(params.get("floor_scale", 8192.0)), attn_scale=params.get("attn_scale", 0.1),
+        )
+    except KeyError as exc:
+        raise CheckpointError(source, f"Llama 4 params.json lacks field {exc.args[0]!r}; add it from the release") from None
+
+
+def config_from_hf(cfg: dict[str, Any], *, source: str = "config.json") -> ModelConfig:
+    """A Llama4ForCausalLM / Llama4ForConditionalGeneration config.json -> ModelConfig."""
+    c = cfg.get("text_config", cfg)
+    try:
+        n_layers = c["num_hidden_layers"]
+        nope = _interval(c.get("no_rope_layers"), n_layers, want=0, field="no_rope_layers", source=source)
+        if nope is None and not c.get("no_rope_layers"):
+            nope = c.get("no_rope_layer_interval", 4)  # HF default when the list is absent
+        moe_layers = c.get("moe_layers")
+        step = c.get("interleave_moe_layer_step", 1)
+        if moe_layers is not None:
+            step = _interval([int(i in moe_layers) for i in range(n_layers)], n_layers, want=1,
+                             field="moe_layers", source=source) or step
+        rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
+        theta = rope.get("rope_theta", c.get("rope_theta", 500000.0))
+        scaling = None
+        if rope.get("rope_type", rope.get("type", "default")) == "llama3":
+            scaling = RopeScaling(kind="llama3", factor=rope["factor"], low_freq_factor=rope["low_freq_factor"],
+                                  high_freq_factor=rope["high_freq_factor"],
+                                  original_max_position=rope["original_max_position_embeddings"])
+        elif rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
+            raise CheckpointError(source, f"rope type {rope.get('rope_type')!r} is not one Llama 4 uses")
+        return ModelConfig(
+            arch="llama4", dim=c["hidden_size"], n_layers=n_layers, n_heads=c["num_attention_heads"],
+            n_kv_heads=c.get("num_key_value_heads"), head_dim=c.get("head_dim"), vocab_size=c["vocab_size"],
+            hidden_dim=c["intermediate_size_mlp"], norm_eps=c.get("rms_norm_eps", 1e-5), rope_theta=theta,
+            rope_scaling=scaling, max_seq_len=c.get("max_position_embeddings", 2048),
+            tie_embeddings=bool(c.get("tie_word_embeddings", False)),
+            moe=MoEConfig(num_experts=c["num_local_experts"], top_k=c.get("num_experts_per_tok", 1),
+                          hidden_dim=c["intermediate_size"], interleave_step=step),
+            attention_chunk_size=c.get("attention_chunk_size"), nope_layer_interval=nope,
+            use_qk_norm=bool(c.get("use_qk_norm", True)),
+            attn_temperature_tuning=bool(c.get("attn_temperature_tuning", True)),
+            floor_scale=float(c.get("floor_scale", 8192)), attn_scale=c.get("attn_scale", 0.1),
+        )
+    except KeyError as exc:
+        raise CheckpointError(source, f"Llama 4 config.json lacks field {exc.args[0]!r}") from None
+
+
+def _interval(flags: list[int] | None, n_layers: int, *, want: int, field: str, source: str) -> int | None:
+    """The n such that flags[i] == want exactly when (i + 1) % n == 0; None when no layer has `want`."""
+    if not flags:
+        return None
+    hits = [i for i, f in enumerate(flags[:n_layers]) if int(f) == want]
+    if not hits:
+        return None
+    n = hits[0] + 1
+    if hits != list(range(n - 1, n_layers, n)):
+        raise ConfigError(f"{source}: {field} {flags} is not periodic; llamaherd supports every-n-th-layer patterns")
+    return n
+
+
+def config_to_hf(config: ModelConfig) -> dict[str, Any]:
+    """ModelConfig -> keyword arguments of transformers' Llama4TextConfig (and a text-only config.json)."""
+    if config.arch != "llama4" or config.moe is None:
+        raise ConfigError(f"config_to_hf needs a Llama 4 config with moe set, got arch {config.arch!r}")
+    rope: dict[str, Any] = {"rope_type": "default", "rope_theta": config.rope_theta}
+    if config.rope_scaling is not None:
+        s = config.rope_scaling
+        rope.update(rope_type="llama3", factor=s.factor, low_freq_factor=s.low_freq_factor,
+                    high_freq_factor=s.high_freq_factor, original_max_position_embeddings=s.original_max_position)
+    n = config.n_layers
+    nope = config.nope_layer_interval
+    return dict(
+        vocab_size=config.vocab_size, hidden_size=config.dim, intermediate_size=config.moe.hidden_dim,
+        intermediate_size_mlp=config.hidden_dim, num_hidden_layers=n, num_attention_heads=config.n_heads,
+        num_key_value_heads=config.n_kv_heads, head_dim=config.head_dim, hidden_act="silu",
+        max_position_embeddings=config.max_seq_len, rms_norm_eps=config.norm_eps,
+        tie_word_embeddings=config.tie_embeddings, num_experts_per_tok=config.moe.top_k,
+        num_local_experts=config.moe.num_experts,
+        moe_layers=[i for i in range(n) if config.moe.is_moe_layer(i)],
+        interleave_moe_layer_step=config.moe.interleave_step, use_qk_norm=config.use_qk_norm,
+        no_rope_layers=[int(nope is None or (i + 1) % nope != 0) for i in range(n)],
+        layer_types=["chunked_attention" if config.attention_chunk_size and (nope is None or (i + 1) % nope)
+                     else "full_attention" for i in range(n)],
+        attention_chunk_size=config.attention_chunk_size, attn_temperature_tuning=config.attn_temperature_tuning,
+        floor_scale=int(config.floor_scale) if float(config.floor_scale).is_integer() else config.floor_scale,
+        attn_scale=config.attn_scale, rope_parameters=rope,
+    )

@@ -1,0 +1,209 @@
+"""The Llama 4 text decoder: interleaved MoE/dense layers, chunked-local RoPE layers and global NoPE layers.
+
+Follows llama-models `llama4/model.py` (Meta names are canonical). Per layer i:
+  * NoPE layer when nope_layer_interval divides i + 1: no rotary embedding, global causal attention, and
+    (attn_temperature_tuning) queries scaled by log(floor((pos + 1) / floor_scale) + 1) * attn_scale + 1;
+  * otherwise RoPE layer: rotary embedding, then (use_qk_norm) parameter-free RMS norm of q and k, and
+    attention restricted to the query's own chunk of attention_chunk_size positions;
+  * MoE feed-forward when moe.interleave_step divides i + 1, dense SwiGLU otherwise.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from .cache import KVCache
+from .llama import FeedForward, RMSNorm, attention_mask, sdpa
+from .moe import MoE
+from .rope import apply_rope, inv_frequencies, rope_angles
+
+
+def is_nope_layer(config: ModelConfig, layer: int) -> bool:
+    # llama-models llama4/model.py::TransformerBlock: (layer_id + 1) % nope_layer_interval == 0
+    n = config.nope_layer_interval
+    return n is not None and (layer + 1) % n == 0
+
+
+def rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """Parameter-free RMS norm over the last axis in float32 (Meta's `rmsnorm`, used as Llama 4's QK-norm)."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x)
+
+
+def temperature_scales(positions: torch.Tensor, floor_scale: float, attn_scale: float) -> torch.Tensor:
+    """Per-query temperature (B, T) for NoPE layers (llama-models llama4/model.py, after arXiv 2501.19399).
+
+    Equal to 1 until position floor_scale - 1, then grows logarithmically: short contexts are unaffected.
+    """
+    pos = positions.to(torch.float32)
+    return torch.log(torch.floor((pos + 1.0) / floor_scale) + 1.0) * attn_scale + 1.0
+
+
+def key_positions(positions: torch.Tensor, start: int, key_mask: torch.Tensor | None) -> torch.Tensor:
+    """Positions (B, S) of the S = start + T key slots, given the queries' positions (B, T) at slots [start, S).
+
+    The cache stores no positions, so they are recovered from the contract of the generation path: positions
+    advance by one per real (unmasked) slot. Padded slots get the position of the next real one; they are
+    masked anyway.
+    """
+    B, T = positions.shape
+    S = start + T
+    if key_mask is None:
+        real = torch.ones(B, S, dtype=torch.long, device=positions.device)
+    else:
+        real = key_mask[:, :S].to(torch.long)
+    seen = torch.cumsum(real, dim=1)  # real slots up to and including each slot
+    # The first query (slot start) is real: its position minus the real slots before it is the base.
+    base = positions[:, :1] - (seen[:, start : start + 1] - 1)
+    return base + seen - real
+
+
+def chunked_mask(
+    positions: torch.Tensor, start: int, key_mask: torch.Tensor | None, chunk: int
+) -> torch.Tensor:
+    """Boolean mask (B, 1, T, S): causal, real keys only, and key and query in the same chunk (pos // chunk).
+
+    As in `llama.attention_mask`, each query always sees its own slot so padded rows never softmax over nothing.
+    """
+    B, T = positions.shape
+    S = start + T
+    device = positions.device
+    q_slots = torch.arange(start, S, device=device)[:, None]
+    k_slots = torch.arange(S, device=device)[None, :]
+    allowed = (k_slots <= q_slots)[None]  # (1, T, S)
+    kpos = key_positions(positions, start, key_mask)
+    allowed = allowed & ((kpos[:, None, :] // chunk) == (positions[:, :, None] // chunk))  # (B, T, S)
+    if key_mask is not None:
+        allowed = allowed & key_mask[:, None, :S].to(torch.bool)
+    allowed = allowed | (k_slots == q_slots)[None]
+    return allowed[:, None]  # (B, 1, T, S)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.n_heads = config.n_heads
+        self.n_kv_heads = config.n_kv_heads
+        self.head_dim = config.head_dim
+        self.use_rope = not is_nope_layer(config, layer)
+        self.use_qk_norm = config.use_qk_norm and self.use_rope
+        self.temperature_tuning = config.attn_temperature_tuning and not self.use_rope
+        self.chunk = config.attention_chunk_size if self.use_rope else None
+        self.norm_eps = config.norm_eps
+        self.floor_scale = config.floor_scale
+        self.attn_scale = config.attn_scale
+        self.wq = nn.Linear(config.dim, config.n_heads * config.head_dim, bias=False)
+        self.wk = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
+        self.wv = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
+        self.wo = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=False)
+
+    def forward(self, x, cos, sin, positions, masks, cache: KVCache | None, layer: int, start: int) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        if self.use_rope:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.use_qk_norm:  # after the rotation, as Meta's reference does
+            q, k = rms_normalize(q, self.norm_eps), rms_normalize(k, self.norm_eps)
+        if self.temperature_tuning:
+            scales = temperature_scales(positions, self.floor_scale, self.attn_scale)  # (B, T)
+            q = (q * scales[:, :, None, None]).to(q.dtype)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
+        if cache is not None:
+            k, v = cache.update(layer, start, k, v)  # (B, Hkv, start+T, D)
+        if self.chunk:
+            mask = masks.get("chunked")
+            if mask is None:
+                # One query per row, same position in every row, no padding: its chunk is the latest slots.
+                first = max(0, start - int(positions[0, 0]) % self.chunk)
+                k, v = k[:, :, first:], v[:, :, first:]
+        else:
+            mask = masks["global"]
+        out = sdpa(q, k, v, mask)
+        return self.wo(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.attention = Attention(config, layer)
+        if config.moe is not None and config.moe.is_moe_layer(layer):
+            self.feed_forward: nn.Module = MoE(config)
+        else:
+            self.feed_forward = FeedForward(config.dim, config.hidden_dim)
+        self.attention_norm = RMSNorm(config.dim, config.norm_eps)
+        self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
+
+    def forward(self, x, cos, sin, positions, masks, cache, layer, start):
+        h = x + self.attention(self.attention_norm(x), cos, sin, positions, masks, cache, layer, start)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    """Token ids (B, T) -> float32 logits (B, T, vocab); same forward contract as `llama.Transformer`.
+
+    `positions` (B, T) drive the rotary angles, the chunk of each query and the NoPE temperature; `key_mask`
+    (B, start+T) marks real slots of a left-padded batch. With a cache, T new tokens are appended to it.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(TransformerBlock(config, i) for i in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        if not config.tie_embeddings:
+            self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self._inv_freq: torch.Tensor | None = None  # lazily, for models built on the meta device
+
+    def rope_frequencies(self, device: torch.device) -> torch.Tensor:
+        if self._inv_freq is None or self._inv_freq.device != device:
+            c = self.config
+            self._inv_freq = inv_frequencies(c.head_dim, c.rope_theta, c.rope_scaling).to(device)
+        return self._inv_freq
+
+    def output_weight(self) -> torch.Tensor:
+        return self.tok_embeddings.weight if self.config.tie_embeddings else self.output.weight
+
+    def masks(self, positions: torch.Tensor, start: int, key_mask: torch.Tensor | None) -> dict:
+        """"global" for NoPE layers (None: plain causal) and "chunked" for RoPE layers (None: see Attention)."""
+        B, T = positions.shape
+        masks = {"global": attention_mask(start, T, key_mask, positions.device)}
+        chunk = self.config.attention_chunk_size
+        same_pos = T == 1 and key_mask is None and bool((positions == positions[0, 0]).all())
+        if chunk and not same_pos:
+            if start == 0 and key_mask is None and T <= chunk - int(positions[:, 0].remainder(chunk).max()):
+                masks["chunked"] = masks["global"]  # every query's chunk holds all its causal keys
+            else:
+                masks["chunked"] = chunked_mask(positions, start, key_mask, chunk)
+        else:
+            masks["chunked"] = None
+        return masks
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        key_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        B, T = tokens.shape
+        start = cache.length if cache is not None else 0
+        if positions is None:
+            positions = torch.arange(start, start + T, device=tokens.device)[None].expand(B, T)
+        cos, sin = rope_angles(positions, self.rope_frequencies(tokens.device))
+        masks = self.masks(positions, start, key_mask)
+        h = self.tok_embeddings(tokens)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, cos, sin, positions, masks, cache, i, start)
+        if cache is not None:
+            cache.length = start + T
+        h = self.norm(h)
+        return F.linear(h, self.output_weight()).float()
+
+
+__all__ = ["Transformer", "is_nope_layer", "temperature_scales", "chunked_mask", "key_positions"]

@@ -1,0 +1,52 @@
+"""Llama 4 Scout 17B-16E and Maverick 17B-128E (base and Instruct): the text decoders as rows of data.
+
+Numbers are those of Meta's params.json (meta-llama/Llama-4-*/original/params.json) and agree with the
+Hugging Face config.json "text_config" of the same repositories:
+  dim 5120 (hidden_size), 48 layers, 40 heads, 8 kv heads, head_dim 128, vocab 202048, norm_eps 1e-5,
+  rope_theta 5e5, multiple_of 2048, ffn_dim_multiplier 1.2, ffn_exp 4 -> dense SwiGLU width 16384
+  (intermediate_size_mlp) and expert width 8192 (intermediate_size, llama-models llama4/moe.py auto_scale_F
+  with capacity_factor 1), attention_chunk_size 8192, nope_layer_interval 4 (no_rope_layers: every 4th is
+  0), attn_temperature_tuning on, floor_scale 8192, attn_scale 0.1, top_k 1.
+  Scout: 16 experts in every layer (interleave 1), use_qk_norm true, use_scaled_rope true (factor 16,
+  high_freq_factor 1: llama-models llama4/args.py), max_position_embeddings 10485760.
+  Maverick: 128 experts in every second layer (interleave 2), use_qk_norm false, no rope scaling,
+  max_position_embeddings 1048576.
+Published sizes are the model cards' "17B activated / 109B total" and "17B / 400B". Both totals count
+the whole multimodal release; Scout's vision tower (~0.8B) is not part of the text decoder built here, see
+tests/test_llama4_presets.py, which counts it with transformers' own Llama4ForConditionalGeneration.
+"""
+
+from __future__ import annotations
+
+from ..config import ModelConfig, MoEConfig, RopeScaling
+from . import Preset
+
+_COMMON = dict(
+    arch="llama4", dim=5120, n_layers=48, n_heads=40, n_kv_heads=8, vocab_size=202048, multiple_of=2048,
+    ffn_dim_multiplier=1.2, norm_eps=1e-5, rope_theta=500000.0, attention_chunk_size=8192,
+    nope_layer_interval=4, attn_temperature_tuning=True, floor_scale=8192.0, attn_scale=0.1,
+)
+
+SCOUT = ModelConfig(
+    **_COMMON, moe=MoEConfig(num_experts=16, top_k=1, hidden_dim=8192, interleave_step=1), use_qk_norm=True,
+    rope_scaling=RopeScaling(kind="llama3", factor=16.0, low_freq_factor=1.0, high_freq_factor=1.0,
+                             original_max_position=8192),
+    max_seq_len=10485760,
+)
+MAVERICK = ModelConfig(
+    **_COMMON, moe=MoEConfig(num_experts=128, top_k=1, hidden_dim=8192, interleave_step=2), use_qk_norm=False,
+    max_seq_len=1048576,
+)
+
+_SRC = "meta-llama/{repo} original/params.json and config.json (text_config)"
+PRESETS: list[Preset] = [
+    Preset("llama-4-scout-17b-16e", SCOUT, _SRC.format(repo="Llama-4-Scout-17B-16E"), "109B", "17B",
+           notes="multimodal release; this row is its text decoder (published total includes the vision tower)"),
+    Preset("llama-4-scout-17b-16e-instruct", SCOUT, _SRC.format(repo="Llama-4-Scout-17B-16E-Instruct"), "109B",
+           "17B", chat_format="llama4",
+           notes="multimodal release; this row is its text decoder (published total includes the vision tower)"),
+    Preset("llama-4-maverick-17b-128e", MAVERICK, _SRC.format(repo="Llama-4-Maverick-17B-128E"), "400B", "17B",
+           notes="multimodal release; this row is its text decoder"),
+    Preset("llama-4-maverick-17b-128e-instruct", MAVERICK, _SRC.format(repo="Llama-4-Maverick-17B-128E-Instruct"),
+           "400B", "17B", chat_format="llama4", notes="multimodal release; this row is its text decoder"),
+]
