@@ -1,0 +1,32 @@
+"""Llama 4 chat format: `<|header_start|>role<|header_end|>\\n\\n content <|eot|>`; tool turns end with `<|eom|>`.
+
+Follows llama-models `llama4/chat_format.py::ChatFormat.encode_message`: an assistant message that calls
+tools and every tool result end with `<|eom|>`; calls are written without `<|python_start|>` (the
+model's own `<|python_start|>...<|python_end|>` output is understood by `parse_assistant`). The default
+tool-call style is pythonic (`[f(a=1)]`), Llama 4's documented zero-shot format.
+"""
+
+from __future__ import annotations
+
+from .llama3 import HeaderChatFormat
+from .tools import LLAMA4_SYNTAX
+
+
+class Llama4Format(HeaderChatFormat):
+    """Llama 4 Scout / Maverick instruct models."""
+
+    name = "llama4"
+    HEADER_START = "<|header_start|>"
+    HEADER_END = "<|header_end|>"
+    EOT = "<|eot|>"
+    EOM = "<|eom|>"
+    default_tool_format = "python_list"
+    syntax = LLAMA4_SYNTAX
+    stop_literals = ("<|eot|>", "<|eom|>", "<|end_of_text|>")
+
+    def end_token(self, m: dict, calls) -> str:
+        if m["role"] in ("tool", "ipython"):
+            return self.EOM
+        if m["role"] == "assistant" and calls:  # the reference ends every calling turn with <|eom|>
+            return self.EOM
+        return super().end_token(m, calls)
