@@ -7,6 +7,15 @@ import codecs
 from .base import Tokenizer
 
 
+def _per_byte_replace(err: UnicodeDecodeError) -> tuple[str, int]:
+    # One U+FFFD for every byte of an invalid sequence: how SentencePiece and the `tokenizers` ByteFallback
+    # decoder render broken byte tokens (Python's "replace" gives one per maximal invalid subpart instead).
+    return "\ufffd" * (err.end - err.start), err.end
+
+
+codecs.register_error("llamaherd.per_byte_replace", _per_byte_replace)
+
+
 class StreamDecoder:
     """Feed ids one by one; get back only complete UTF-8 text.
 
@@ -20,7 +29,8 @@ class StreamDecoder:
         self.tok = tok
         self.skip_special = skip_special
         self._special = tok.special_ids if skip_special else frozenset()
-        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        errors = "llamaherd.per_byte_replace" if getattr(tok, "replaces_per_byte", False) else "replace"
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors=errors)
         # SentencePiece drops the space its dummy prefix put before the first word (see spm.py).
         self._strip_first_space = bool(getattr(tok, "strips_leading_space", False))
 
