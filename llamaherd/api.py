@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
 from .checkpoint.base import Checkpoint
 from .config import GenerationDefaults, ModelConfig
+from .errors import ChatFormatError, ContextLengthError, TokenizerError
 
 
 class Model:
@@ -45,6 +47,143 @@ class Model:
         out = self.net(ids[None] if flat else ids)
         return out[0] if flat else out
 
+    # -- generation (engine/generate.py does the work) -------------------------------------------------------
+
+    def sampling_params(self, **sampling: Any):
+        """`SamplingParams` from keyword arguments over this checkpoint's generation defaults."""
+        from .engine.sampling import SamplingParams
+
+        return SamplingParams.from_kwargs(self.generation_defaults, **sampling)
+
+    def context_limit(self, num_ctx: int | None = None) -> int:
+        """The context window: the user's num_ctx, at most the model's trained max_seq_len."""
+        limit = self.config.max_seq_len
+        if num_ctx is None:
+            return limit
+        if not isinstance(num_ctx, int) or num_ctx <= 0 or num_ctx > limit:
+            raise ContextLengthError(f"num_ctx={num_ctx!r}: must be a positive integer no larger than this "
+                                     f"model's context window max_seq_len={limit}")
+        return num_ctx
+
+    def encode_prompt(self, prompt: str | Sequence[int]) -> list[int]:
+        """A str is encoded with the tokenizer's BOS token in front (as llama.cpp does); ids are taken as given."""
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ChatFormatError(f"{self.checkpoint.source}: this checkpoint has no tokenizer; "
+                                      "pass the prompt as a list of token ids")
+            return self.tokenizer.encode(prompt, bos=self.tokenizer.bos_id is not None)
+        ids = [int(t) for t in prompt]
+        bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
+        if bad:
+            raise TokenizerError(f"prompt token id {bad[0]} is outside this model's vocabulary "
+                                 f"[0, {self.config.vocab_size}); the ids come from another tokenizer")
+        return ids
+
+    def _run_setup(self, sampling: dict[str, Any], extra_stop: Sequence[int] = ()):
+        from .engine.sampling import make_sampler, resolve_stop_ids
+
+        num_ctx = sampling.pop("num_ctx", None)
+        params = self.sampling_params(**sampling)
+        sampler = make_sampler(params, self.config.vocab_size, self.device)
+        stop_ids = resolve_stop_ids(params, self.tokenizer, self.generation_defaults, extra=extra_stop)
+        return sampler, stop_ids, self.context_limit(num_ctx)
+
+    def complete(self, prompt: str | Sequence[int], *, stats=None, extra_stop_ids: Sequence[int] = (),
+                 **sampling: Any):
+        """One completion with everything known about it: text, token ids, finish reason, logprobs, stats."""
+        from .engine.generate import complete
+
+        sampler, stop_ids, limit = self._run_setup(sampling, extra_stop_ids)
+        return complete(self.net, self.tokenizer, self.encode_prompt(prompt), sampler, stop_ids=stop_ids,
+                        context_limit=limit, stats=stats)
+
+    def generate(self, prompt: str | Sequence[int] | Sequence[str] | Sequence[Sequence[int]], stream: bool = False,
+                 *, stats=None, **sampling: Any) -> str | list[str] | Iterator[str]:
+        """Continue `prompt` (text, or token ids); with stream=True yield pieces of valid UTF-8 text as they come.
+
+        A list of prompts (texts or id lists) runs as one left-padded batch and returns one text per prompt.
+        Sampling keywords are `SamplingParams` fields (temperature, top_k, top_p, min_p, typical_p,
+        repetition_penalty, presence_penalty, frequency_penalty, logit_bias, seed, stop, stop_token_ids,
+        max_tokens, ...), defaulting to the checkpoint's generation config; `num_ctx` narrows the context window.
+        Prompts longer than the window raise `ContextLengthError`; nothing is truncated.
+        """
+        if _is_batch(prompt):
+            if stream:
+                raise ValueError("stream=True takes one prompt; call generate once per prompt to stream several")
+            from .engine.generate import complete_batch
+
+            sampler, stop_ids, limit = self._run_setup(sampling)
+            ids = [self.encode_prompt(p) for p in prompt]
+            return [c.text for c in complete_batch(self.net, self.tokenizer, ids, sampler, stop_ids=stop_ids,
+                                                   context_limit=limit)]
+        if not stream:
+            return self.complete(prompt, stats=stats, **sampling).text
+        from .engine.generate import stream as stream_pieces
+
+        sampler, stop_ids, limit = self._run_setup(sampling)
+        ids = self.encode_prompt(prompt)
+        return (p.text for p in stream_pieces(self.net, self.tokenizer, ids, sampler, stop_ids=stop_ids,
+                                               context_limit=limit, stats=stats) if p.text)
+
+    # -- chat ---------------------------------------------------------------------------------------------------
+
+    @property
+    def chat_format_name(self) -> str:
+        return chat_format_name(self.checkpoint)
+
+    def chat_format(self):
+        from .chat import get_format
+
+        return get_format(self.chat_format_name, self.tokenizer, template=self.checkpoint.chat_template)
+
+    def chat(self, messages: Sequence[dict], tools: Sequence[dict] | None = None, stream: bool = False, *,
+             stats=None, **sampling: Any) -> dict | Iterator[str]:
+        """Answer a conversation (OpenAI-shaped messages) in the model's own chat format.
+
+        Returns the assistant message as an OpenAI-shaped dict, tool calls parsed into `tool_calls`;
+        with stream=True yields the reply's text pieces instead. A conversation longer than the context
+        window raises `ContextLengthError` (see README, "Context policy").
+        """
+        fmt = self.chat_format()
+        ids = fmt.encode_dialog(list(messages), tools=list(tools) if tools else None, add_generation_prompt=True)
+        if stream:
+            from .engine.generate import stream as stream_pieces
+
+            sampler, stop_ids, limit = self._run_setup(sampling, fmt.stop_ids)
+            return (p.text for p in stream_pieces(self.net, self.tokenizer, ids, sampler, stop_ids=stop_ids,
+                                                   context_limit=limit, stats=stats) if p.text)
+        done = self.complete(ids, stats=stats, extra_stop_ids=fmt.stop_ids, **sampling)
+        return fmt.parse_assistant(done.text)
+
     def __repr__(self) -> str:
         c = self.config
         return f"Model(arch={c.arch!r}, dim={c.dim}, n_layers={c.n_layers}, source={str(self.checkpoint.source)!r})"
+
+
+def _is_batch(prompt) -> bool:
+    return not isinstance(prompt, (str, torch.Tensor)) and len(prompt) > 0 and \
+        all(isinstance(p, str) or (isinstance(p, Sequence) and not isinstance(p, (str, bytes))) for p in prompt)
+
+
+def chat_format_name(ckpt: Checkpoint) -> str:
+    """Which chat format a checkpoint speaks, from explicit metadata, then its tokenizer's special tokens.
+
+    Llama 3 and 4 are recognised by their header tokens (their native formats carry Meta's tool-call
+    conventions); a checkpoint with its own Jinja chat_template otherwise uses it ("hf"); a SentencePiece
+    Llama tokenizer without a template speaks Llama 2's [INST] format.
+    """
+    explicit = ckpt.metadata.get("chat_format") if ckpt.metadata else None
+    if explicit:
+        return str(explicit)
+    tok = ckpt.tokenizer
+    specials = set(getattr(tok, "special_tokens", {}) or {})
+    if "<|header_start|>" in specials:
+        return "llama4"
+    if "<|start_header_id|>" in specials:
+        return "llama3"
+    if ckpt.chat_template:
+        return "hf"
+    if tok is not None and getattr(tok, "kind", None) == "sentencepiece":
+        return "llama2"
+    raise ChatFormatError(f"{ckpt.source}: cannot tell this checkpoint's chat format (no chat_template and no "
+                          "Llama 3/4 header tokens); use generate() with a prompt you format yourself")

@@ -13,9 +13,10 @@ _INCOMPLETE = "\ufffd"  # what decode gives for a byte sequence cut inside a cha
 class TextStream:
     """Feed token ids one at a time with `push`; each call returns the text they completed (maybe "").
 
-    Decoding is incremental over a short window (as vLLM's `detokenize_incrementally`): the window's text is
-    released only once it does not end inside a multi-byte character, so every piece is whole characters and
-    the pieces concatenate to the decode of all the ids. Text that could be the start of a stop string is held
+    Tokenizers that give each token's raw bytes go through the tokenizer package's `StreamDecoder` (bytes held
+    until a character is whole). Others are decoded incrementally over a short window (as vLLM's
+    `detokenize_incrementally`), released only once the window does not end inside a multi-byte character.
+    Either way every piece is whole characters and the pieces concatenate to the decode of all the ids. Text that could be the start of a stop string is held
     back until it is known not to be one; once a stop string appears, the text before it is released,
     `stopped` becomes True and everything after is dropped.
     """
@@ -23,6 +24,7 @@ class TextStream:
     def __init__(self, tokenizer, stop: Sequence[str] = (), prompt_tail: Sequence[int] = ()) -> None:
         self.tokenizer = tokenizer
         self.stop = tuple(stop)
+        self.bytes_decoder = _byte_decoder(tokenizer)
         tail = list(prompt_tail)[-_PROMPT_TAIL:] if tokenizer is not None else []
         if tail and tokenizer.decode(tail).endswith(_INCOMPLETE):
             tail = []  # a prompt cut inside a character would shift the offsets below
@@ -35,6 +37,9 @@ class TextStream:
     def push(self, token: int) -> str:
         if self.stopped or self.tokenizer is None:
             return ""
+        if self.bytes_decoder is not None:
+            self.pending += self.bytes_decoder.push(token)
+            return self._release(final=False)
         self.ids.append(token)
         before = self.tokenizer.decode(self.ids[self.prefix : self.read])
         now = self.tokenizer.decode(self.ids[self.prefix :])
@@ -47,6 +52,9 @@ class TextStream:
         """The end of the stream: release everything still held (an unfinished character decodes as U+FFFD)."""
         if self.stopped or self.tokenizer is None:
             return ""
+        if self.bytes_decoder is not None:
+            self.pending += self.bytes_decoder.flush()
+            return self._release(final=True)
         before = self.tokenizer.decode(self.ids[self.prefix : self.read])
         now = self.tokenizer.decode(self.ids[self.prefix :])
         self.pending += now[len(before) :]
@@ -67,6 +75,19 @@ class TextStream:
                 return text[: len(text) - hold]
         self.pending = ""
         return text
+
+
+def _byte_decoder(tokenizer):
+    """The tokenizer package's byte-level StreamDecoder, when this tokenizer can give a token's bytes."""
+    if tokenizer is None:
+        return None
+    try:
+        from ..tokenizer import StreamDecoder
+
+        tokenizer.token_bytes(0)
+    except (ImportError, NotImplementedError, AttributeError):
+        return None
+    return StreamDecoder(tokenizer)
 
 
 def _overlap(text: str, stop: str) -> int:
