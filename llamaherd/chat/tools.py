@@ -42,6 +42,7 @@ class ToolSyntax:
     end_of_turn: tuple[str, ...] = ("<|eot_id|>",)
     end_of_message: tuple[str, ...] = ("<|eom_id|>",)
     header: str | None = None  # an assistant header the text may start with (decoded prompt echo)
+    calls: bool = True  # False: the family has no tool calling (Llama 2); output is plain content
 
 
 LLAMA3_SYNTAX = ToolSyntax(header="<|start_header_id|>assistant<|end_header_id|>\n\n")
@@ -52,7 +53,8 @@ LLAMA4_SYNTAX = ToolSyntax(
     end_of_message=("<|eom|>",),
     header="<|header_start|>assistant<|header_end|>\n\n",
 )
-NO_TOOLS = ToolSyntax(python_start=None, end_of_turn=(), end_of_message=())
+NO_TOOLS = ToolSyntax(python_start=None, end_of_turn=(), end_of_message=(), calls=False)
+LLAMA2_SYNTAX = ToolSyntax(python_start=None, end_of_turn=("</s>",), end_of_message=(), calls=False)
 
 
 def make_tool_call(name: str, arguments: dict, call_id: str | None = None) -> dict:
@@ -276,6 +278,8 @@ def parse_tool_output(text: str, syntax: ToolSyntax = LLAMA3_SYNTAX) -> dict:
 
     calls: list[tuple[str, dict]] | None = None
     rest = ""
+    if not syntax.calls:
+        return {"role": "assistant", "content": content, "tool_calls": [], "stop_reason": stop_reason}
     tagged = extract_function_tags(content)
     if tagged is not None:
         calls, rest = tagged
@@ -331,7 +335,8 @@ class ToolCallParser:
 
     def _watch(self) -> tuple[str, ...]:
         """Literals that matter inside plain content: a function tag and the end tokens (stripped at finish)."""
-        return (_FUNCTION_OPEN, *self.syntax.end_of_turn, *self.syntax.end_of_message)
+        tag = (_FUNCTION_OPEN,) if self.syntax.calls else ()
+        return (*tag, *self.syntax.end_of_turn, *self.syntax.end_of_message)
 
     def feed(self, delta: str) -> str:
         if not delta:
@@ -349,6 +354,9 @@ class ToolCallParser:
     def _decide_start(self) -> None:
         head = self._pending.lstrip(" \t\r\n")
         if not head:
+            return
+        if not self.syntax.calls:
+            self._mode = "content"
             return
         starts = self._starts()
         if any(head.startswith(s) for s in starts):
@@ -382,7 +390,7 @@ class ToolCallParser:
 
     def _release_content(self) -> str:
         p = self._pending
-        k = p.find(_FUNCTION_OPEN)
+        k = p.find(_FUNCTION_OPEN) if self.syntax.calls else -1
         if k >= 0:  # a function tag mid-answer: release what came before, hold the rest
             self._mode = "tool"
             self._pending = ""
