@@ -196,7 +196,7 @@ def config_from_params(params: dict[str, Any], *, source: str = "params.json") -
             n_kv_heads=params.get("n_kv_heads"), vocab_size=params["vocab_size"],
             hidden_dim=ffn_hidden_dim(dim, multiple_of, mult), multiple_of=multiple_of, ffn_dim_multiplier=mult,
             norm_eps=params.get("norm_eps", 1e-5), rope_theta=params.get("rope_theta", 500000.0),
-            rope_scaling=scaling, max_seq_len=params.get("max_seq_len", 2048), moe=moe,
+            rope_scaling=scaling, max_seq_len=params.get("max_seq_len", _released_context(params)), moe=moe,
             attention_chunk_size=params.get("attention_chunk_size"),
             nope_layer_interval=params.get("nope_layer_interval"), use_qk_norm=params.get("use_qk_norm", False),
             attn_temperature_tuning=bool(params.get("attn_temperature_tuning", False)),
@@ -204,6 +204,12 @@ def config_from_params(params: dict[str, Any], *, source: str = "params.json") -
         )
     except KeyError as exc:
         raise CheckpointError(source, f"Llama 4 params.json lacks field {exc.args[0]!r}; add it from the release") from None
+
+
+def _released_context(params: dict[str, Any]) -> int:
+    """params.json states no context length; the releases' config.json max_position_embeddings do:
+    10M for Scout (the only one with use_scaled_rope, llama-models llama4/args.py), 1M for Maverick."""
+    return 10485760 if params.get("use_scaled_rope") else 1048576
 
 
 def config_from_hf(cfg: dict[str, Any], *, source: str = "config.json") -> ModelConfig:

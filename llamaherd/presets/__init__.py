@@ -24,6 +24,9 @@ class Preset:
     published_active_params: str | None = None  # MoE models: parameters used per token, e.g. "17B"
     chat_format: str | None = None  # "llama2", "llama3", "llama4", ... for instruct models
     notes: str = ""
+    # Parameters the published size counts that this row's model does not build (Llama 4: the vision tower
+    # and projector of a multimodal release whose text decoder is the row); added before comparing sizes.
+    unbuilt_params: int = 0
 
 
 def _collect() -> dict[str, Preset]:

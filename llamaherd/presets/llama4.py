@@ -11,9 +11,12 @@ Hugging Face config.json "text_config" of the same repositories:
   high_freq_factor 1: llama-models llama4/args.py), max_position_embeddings 10485760.
   Maverick: 128 experts in every second layer (interleave 2), use_qk_norm false, no rope scaling,
   max_position_embeddings 1048576.
-Published sizes are the model cards' "17B activated / 109B total" and "17B / 400B". Both totals count
-the whole multimodal release; Scout's vision tower (~0.8B) is not part of the text decoder built here, see
-tests/test_llama4_presets.py, which counts it with transformers' own Llama4ForConditionalGeneration.
+Published sizes: the model cards say "17B activated, 109B total" (Scout) and "17B, 400B" (Maverick); the
+Hugging Face pages of the same repositories list the safetensors sizes 109B and 402B. Both totals count the
+whole multimodal release. The rows build the text decoder (107.77B / 400.71B) and state the vision tower
+and projector the published totals include as `unbuilt_params` (VISION_PARAMS, counted with transformers'
+Llama4ForConditionalGeneration in tests/test_llama4_presets.py); text + vision = 108.64B / 401.58B, which
+is 109B / 402B to the digit (the card's "400B" rounds 401.58B to two figures).
 """
 
 from __future__ import annotations
@@ -38,15 +41,19 @@ MAVERICK = ModelConfig(
     max_seq_len=1048576,
 )
 
-_SRC = "meta-llama/{repo} original/params.json and config.json (text_config)"
+# Vision encoder + projector of both releases (config.json "vision_config": hidden_size 1408, 34 layers,
+# intermediate_size 5632, vision_output_dim 4096, projector 4096, image 336, patch 14).
+VISION_PARAMS = 871_932_416
+
+_SRC = "meta-llama/{repo} original/params.json and config.json (text_config); size: Hugging Face model page"
+_NOTE = "multimodal release; this row is its text decoder (the published size includes the vision tower)"
 PRESETS: list[Preset] = [
-    Preset("llama-4-scout-17b-16e", SCOUT, _SRC.format(repo="Llama-4-Scout-17B-16E"), "109B", "17B",
-           notes="multimodal release; this row is its text decoder (published total includes the vision tower)"),
-    Preset("llama-4-scout-17b-16e-instruct", SCOUT, _SRC.format(repo="Llama-4-Scout-17B-16E-Instruct"), "109B",
-           "17B", chat_format="llama4",
-           notes="multimodal release; this row is its text decoder (published total includes the vision tower)"),
-    Preset("llama-4-maverick-17b-128e", MAVERICK, _SRC.format(repo="Llama-4-Maverick-17B-128E"), "400B", "17B",
-           notes="multimodal release; this row is its text decoder"),
-    Preset("llama-4-maverick-17b-128e-instruct", MAVERICK, _SRC.format(repo="Llama-4-Maverick-17B-128E-Instruct"),
-           "400B", "17B", chat_format="llama4", notes="multimodal release; this row is its text decoder"),
+    Preset(name, config, _SRC.format(repo=repo), published, "17B", chat_format=fmt, notes=_NOTE,
+           unbuilt_params=VISION_PARAMS)
+    for name, repo, config, published, fmt in [
+        ("llama-4-scout-17b-16e", "Llama-4-Scout-17B-16E", SCOUT, "109B", None),
+        ("llama-4-scout-17b-16e-instruct", "Llama-4-Scout-17B-16E-Instruct", SCOUT, "109B", "llama4"),
+        ("llama-4-maverick-17b-128e", "Llama-4-Maverick-17B-128E", MAVERICK, "402B", None),
+        ("llama-4-maverick-17b-128e-instruct", "Llama-4-Maverick-17B-128E-Instruct", MAVERICK, "402B", "llama4"),
+    ]
 ]
