@@ -38,6 +38,7 @@ class Event:
     logprob: float | None = None
     top_logprobs: list[tuple[int, float]] | None = None
     error: str | None = None
+    stop_token: bool = False  # the token is an end token: it ends the stream and is not part of the text
 
 
 @dataclass(eq=False)
@@ -49,6 +50,7 @@ class SeqState:
     sampler: Sampler
     stop_ids: frozenset[int]
     sink: Callable[[Event], None]
+    constraint: object | None = None  # grammar: `mask(logits)` in place, `accept(token)`, `done`
     table: list[int] = field(default_factory=list)
     cached: int = 0  # leading tokens whose keys/values are in the cache
     hashed: int = 0  # leading full blocks registered for prefix caching
@@ -85,7 +87,7 @@ class Engine:
 
     # -- submission (any thread) -------------------------------------------------------------------------------
     def submit(self, prompt: Sequence[int], params: SamplingParams, stop_ids: frozenset[int],
-               sink: Callable[[Event], None]) -> int:
+               sink: Callable[[Event], None], constraint=None) -> int:
         if not prompt:
             raise ContextLengthError("the prompt is empty: give at least one token")
         if len(prompt) >= self.max_context:
@@ -99,7 +101,7 @@ class Engine:
                 return seq_id
             if len(self.waiting) >= self.max_waiting:
                 raise QueueFull(f"{len(self.waiting)} requests are already waiting; retry later")
-            seq = SeqState(seq_id, list(prompt), len(prompt), params, sampler, stop_ids, sink)
+            seq = SeqState(seq_id, list(prompt), len(prompt), params, sampler, stop_ids, sink, constraint)
             self.waiting.append(seq)
             self._wake.notify()
         return seq.id
@@ -229,8 +231,13 @@ class Engine:
             seq.hashed = full
 
     def _sample(self, seq: SeqState, logits: torch.Tensor) -> None:
+        if seq.constraint is not None:
+            logits = logits.clone()
+            seq.constraint.mask(logits)
         out = seq.sampler(logits, [seq.tokens], [seq.generated])
         token = int(out.tokens[0])
+        if seq.constraint is not None:
+            seq.constraint.accept(token)
         event = Event(seq.id, token)
         if out.logprobs is not None:
             event.logprob = float(out.logprobs[0])
@@ -239,6 +246,8 @@ class Engine:
         seq.tokens.append(token)
         self.stats["generated_tokens"] += 1
         if token in seq.stop_ids:
+            event.finish_reason, event.stop_token = "stop", True
+        elif seq.constraint is not None and seq.constraint.done:
             event.finish_reason = "stop"
         elif seq.params.max_tokens is not None and len(seq.generated) >= seq.params.max_tokens:
             event.finish_reason = "length"

@@ -1,0 +1,48 @@
+"""`herd serve`: run the OpenAI- and Ollama-compatible server on one model."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="serve a model over OpenAI- and Ollama-compatible HTTP APIs")
+    p.add_argument("model", nargs="?", default=None, help="checkpoint folder, .gguf file or store name "
+                                                          "(default: the default model)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=11434, help="port (default 11434, Ollama's)")
+    p.add_argument("--api-key", default=os.environ.get("LLAMAHERD_API_KEY"),
+                   help="require this key (Authorization: Bearer) on every route but /health")
+    p.add_argument("--name", default=None, help="the model name clients use (default: from the source)")
+    p.add_argument("--max-batch", type=int, default=16, help="sequences decoded together per step")
+    p.add_argument("--max-waiting", type=int, default=64, help="queued requests before answering 429")
+    p.add_argument("--kv-cache-gb", type=float, default=1.0, help="memory for the paged KV cache")
+    p.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens processed per step and sequence")
+    p.add_argument("--ctx", type=int, default=None, help="context window to serve (default: the model's)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+    import uvicorn
+
+    from ..checkpoint import load
+    from ..server import ServedModel, create_app
+
+    source = args.model
+    if source is None:
+        from ..store import DEFAULT_MODEL
+
+        source = DEFAULT_MODEL
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    model = load(source, dtype=getattr(torch, args.dtype) if args.dtype else None)
+    name = args.name or os.path.basename(str(source).rstrip("/")).removesuffix(".gguf")
+    served = ServedModel(model, name, kv_cache_bytes=int(args.kv_cache_gb * (1 << 30)), max_batch=args.max_batch,
+                         prefill_chunk=args.prefill_chunk, max_waiting=args.max_waiting, max_context=args.ctx)
+    app = create_app(served, api_key=args.api_key)
+    print(f"serving {name} on http://{args.host}:{args.port} (OpenAI: /v1, Ollama: /api)", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=30)
+    return 0

@@ -1,0 +1,126 @@
+"""The FastAPI application: OpenAI /v1, Ollama /api and operations routes over one served model.
+
+Cross-cutting behaviour lives here: OpenAI-shaped JSON errors (4xx for every bad request, never a 5xx),
+an optional API key on every route but /health, a request-body size limit, one log line per request.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..engine.sampling import SamplingError
+from ..engine.scheduler import QueueFull
+from ..errors import ChatFormatError, ContextLengthError, LlamaherdError, TokenizerError
+from .runtime import ServedModel
+
+log = logging.getLogger("llamaherd.server")
+
+MAX_BODY_BYTES = 8 << 20
+
+
+class APIError(Exception):
+    """An error with an HTTP status, rendered as OpenAI's error JSON."""
+
+    def __init__(self, status: int, message: str, *, type_: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+
+
+def error_response(status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                   code: str | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": type_, "param": param, "code": code}}, status_code=status)
+
+
+def _status_of(exc: Exception) -> tuple[int, str | None]:
+    if isinstance(exc, QueueFull):
+        return 429, "queue_full"
+    if isinstance(exc, ContextLengthError):
+        return 400, "context_length_exceeded"
+    if isinstance(exc, (SamplingError, ChatFormatError, TokenizerError)):
+        return 400, None
+    return 400, None
+
+
+def create_app(served: ServedModel, *, api_key: str | None = None, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        served.start()
+        try:
+            yield
+        finally:
+            served.shutdown()  # in-flight requests finish first (graceful SIGTERM under uvicorn)
+
+    app = FastAPI(title="llamaherd", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.served = served
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        started = time.perf_counter()
+        if api_key and request.url.path != "/health":
+            given = request.headers.get("authorization", "")
+            token = given[7:] if given.lower().startswith("bearer ") else request.headers.get("x-api-key", "")
+            if not secrets.compare_digest(token.encode(), api_key.encode()):
+                response = error_response(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                                          "authentication_error", code="invalid_api_key")
+                _log(request, response.status_code, started)
+                return response
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > max_body_bytes):
+            response = error_response(413, f"request body over {max_body_bytes} bytes", code="body_too_large")
+            _log(request, response.status_code, started)
+            return response
+        response = await call_next(request)
+        _log(request, response.status_code, started)
+        return response
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {}
+        loc = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        message = f"{loc}: {first.get('msg', 'invalid request')}" if loc else first.get("msg", "invalid request body")
+        return error_response(400, message, param=loc or None)
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError):
+        return error_response(exc.status, exc.message, exc.type, exc.param, exc.code)
+
+    @app.exception_handler(LlamaherdError)
+    async def _domain_error(request: Request, exc: LlamaherdError):
+        status, code = _status_of(exc)
+        return error_response(status, str(exc), code=code)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        return error_response(exc.status_code, str(exc.detail), "not_found_error" if exc.status_code == 404 else
+                              "invalid_request_error")
+
+    from . import ollama, openai, ops
+
+    app.include_router(openai.router)
+    app.include_router(ollama.router)
+    app.include_router(ops.router)
+    return app
+
+
+def _log(request: Request, status: int, started: float) -> None:
+    log.info("%s %s %d %.1fms", request.method, request.url.path, status, (time.perf_counter() - started) * 1e3)
+
+
+def served_of(request: Request) -> ServedModel:
+    return request.app.state.served
+
+
+def check_model(served: ServedModel, name: str | None) -> None:
+    """Requests may omit the model or name the served one; anything else is a 404 naming what is served."""
+    if name and name not in (served.name, served.name.split(":")[0]):
+        raise APIError(404, f"model {name!r} is not served here; this server serves {served.name!r}",
+                       "not_found_error", param="model", code="model_not_found")

@@ -1,0 +1,218 @@
+"""Ollama-compatible routes: /api/generate, /api/chat (NDJSON streams), /api/tags, /api/show, /api/ps, /api/version."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import AsyncIterator
+from datetime import datetime, timezone
+
+from fastapi import APIRouter, Request
+from fastapi.responses import PlainTextResponse, StreamingResponse
+
+from .. import __version__
+from ..presets import count_parameters
+from .app import APIError, check_model, served_of
+from .prompting import chat_format, messages_for_format, ollama_tool_calls, sampling_params
+from .runtime import ServedModel, Usage
+from .schemas import OllamaChatRequest, OllamaGenerateRequest, OllamaOptions, OllamaShowRequest
+
+router = APIRouter()
+
+# The Ollama API version we follow (its /api/version); clients check it for feature support.
+OLLAMA_API_VERSION = "0.6.0"
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def _params(served: ServedModel, options: OllamaOptions | None, fmt_constraint: bool = False):
+    o = options or OllamaOptions()
+    if o.num_ctx is not None and o.num_ctx > served.context_length:
+        raise APIError(400, f"options.num_ctx {o.num_ctx} exceeds this server's context of {served.context_length}",
+                       param="options.num_ctx")
+    max_tokens = o.num_predict
+    if max_tokens is not None and max_tokens < 0:  # -1 unlimited, -2 fill the context: both "until the end"
+        max_tokens = -1
+    return sampling_params(
+        served.model.generation_defaults, temperature=o.temperature, top_k=o.top_k, top_p=o.top_p, min_p=o.min_p,
+        typical_p=o.typical_p, repeat_penalty=o.repeat_penalty, repeat_last_n=o.repeat_last_n,
+        presence_penalty=o.presence_penalty, frequency_penalty=o.frequency_penalty, seed=o.seed,
+        stop=tuple(o.stop or ()), num_predict=max_tokens if max_tokens is not None else -1,
+    )
+
+
+def _format_constraint(served: ServedModel, fmt):
+    if fmt is None or fmt == "":
+        return None
+    from .constrain import json_constraint
+
+    if fmt == "json":
+        return json_constraint(served, {"type": "object"})
+    if isinstance(fmt, dict):
+        return json_constraint(served, fmt)
+    raise APIError(400, "format must be 'json' or a JSON schema object", param="format")
+
+
+def _stats(usage: Usage, finish: str | None) -> dict:
+    total = time.perf_counter() - usage.started
+    first = (usage.first_token or time.perf_counter()) - usage.started
+    return {
+        "done": True, "done_reason": "length" if finish == "length" else "stop",
+        "total_duration": int(total * 1e9), "load_duration": 0,
+        "prompt_eval_count": usage.prompt_tokens, "prompt_eval_duration": int(first * 1e9),
+        "eval_count": usage.completion_tokens, "eval_duration": int(max(total - first, 0) * 1e9),
+    }
+
+
+def _ndjson(gen: AsyncIterator[dict]) -> StreamingResponse:
+    async def lines():
+        async for obj in gen:
+            yield json.dumps(obj, ensure_ascii=False) + "\n"
+
+    return StreamingResponse(lines(), media_type="application/x-ndjson")
+
+
+@router.post("/api/generate")
+async def generate(body: OllamaGenerateRequest, request: Request):
+    served = served_of(request)
+    check_model(served, body.model)
+    base = {"model": served.name}
+    if not body.prompt:  # Ollama answers an empty prompt by loading the model: report it loaded
+        return {**base, "created_at": _now(), "response": "", "done": True, "done_reason": "load"}
+    if body.raw:
+        prompt = served.tokenizer.encode(body.prompt, bos=True)
+    else:
+        messages = ([{"role": "system", "content": body.system}] if body.system else []) + [
+            {"role": "user", "content": body.prompt}]
+        prompt = chat_format(served.model).encode_dialog(messages, add_generation_prompt=True)
+    params = _params(served, body.options)
+    constraint = _format_constraint(served, body.format)
+    usage = Usage()
+
+    async def events():
+        finish = None
+        async for c in served.stream(prompt, params, usage, constraint=constraint):
+            finish = c.finish_reason
+            if c.text:
+                yield {**base, "created_at": _now(), "response": c.text, "done": False}
+        yield {**base, "created_at": _now(), "response": "", **_stats(usage, finish)}
+
+    if body.stream:
+        return _ndjson(events())
+    text, finish = [], None
+    async for c in served.stream(prompt, params, usage, constraint=constraint):
+        text.append(c.text)
+        finish = c.finish_reason
+    return {**base, "created_at": _now(), "response": "".join(text), **_stats(usage, finish)}
+
+
+@router.post("/api/chat")
+async def chat(body: OllamaChatRequest, request: Request):
+    served = served_of(request)
+    check_model(served, body.model)
+    base = {"model": served.name}
+    if not body.messages:
+        return {**base, "created_at": _now(), "message": {"role": "assistant", "content": ""}, "done": True,
+                "done_reason": "load"}
+    fmt = chat_format(served.model)
+    tools = [t.model_dump() for t in body.tools] if body.tools else None
+    messages = messages_for_format([m.model_dump(exclude={"images"}) for m in body.messages])
+    prompt = fmt.encode_dialog(messages, tools=tools, add_generation_prompt=True)
+    params = _params(served, body.options)
+    constraint = _format_constraint(served, body.format)
+    usage = Usage()
+
+    def final_message(text: str) -> dict:
+        if not tools:
+            return {"role": "assistant", "content": text}
+        parsed = fmt.parse_assistant(text)
+        msg = {"role": "assistant", "content": parsed.get("content") or ""}
+        calls = ollama_tool_calls(parsed)
+        if calls:
+            msg["tool_calls"] = calls
+        return msg
+
+    async def events():
+        text, finish = [], None
+        async for c in served.stream(prompt, params, usage, constraint=constraint):
+            finish = c.finish_reason
+            if tools:
+                text.append(c.text)
+            elif c.text:
+                yield {**base, "created_at": _now(), "message": {"role": "assistant", "content": c.text}, "done": False}
+        if tools:
+            yield {**base, "created_at": _now(), "message": final_message("".join(text)), "done": False}
+        yield {**base, "created_at": _now(), "message": {"role": "assistant", "content": ""}, **_stats(usage, finish)}
+
+    if body.stream:
+        return _ndjson(events())
+    text, finish = [], None
+    async for c in served.stream(prompt, params, usage, constraint=constraint):
+        text.append(c.text)
+        finish = c.finish_reason
+    return {**base, "created_at": _now(), "message": final_message("".join(text)), **_stats(usage, finish)}
+
+
+def _details(served: ServedModel) -> dict:
+    total, _ = count_parameters(served.model.config)
+    dtype = str(next(served.model.net.parameters()).dtype).replace("torch.", "")
+    quant = served.model.checkpoint.metadata.get("file_type") or dtype.upper()
+    return {"parent_model": "", "format": served.model.checkpoint.metadata.get("format", "pytorch"),
+            "family": served.model.config.arch, "families": [served.model.config.arch],
+            "parameter_size": f"{total / 1e9:.2f}B" if total >= 1e9 else f"{total / 1e6:.0f}M",
+            "quantization_level": str(quant)}
+
+
+def _digest(served: ServedModel) -> str:
+    return hashlib.sha256(str(served.model.checkpoint.source).encode()).hexdigest()
+
+
+def _size(served: ServedModel) -> int:
+    return sum(p.numel() * p.element_size() for p in served.model.net.parameters())
+
+
+@router.get("/api/tags")
+async def tags(request: Request):
+    served = served_of(request)
+    modified = datetime.fromtimestamp(served.created, timezone.utc).isoformat().replace("+00:00", "Z")
+    return {"models": [{"name": served.name, "model": served.name, "modified_at": modified, "size": _size(served),
+                        "digest": _digest(served), "details": _details(served)}]}
+
+
+@router.post("/api/show")
+async def show(body: OllamaShowRequest, request: Request):
+    served = served_of(request)
+    name = body.model or body.name
+    if not name:
+        raise APIError(400, "give the model to show in 'model'", param="model")
+    check_model(served, name)
+    config = served.model.config
+    info = {"general.architecture": config.arch, "general.parameter_count": count_parameters(config)[0],
+            f"{config.arch}.context_length": config.max_seq_len, f"{config.arch}.embedding_length": config.dim,
+            f"{config.arch}.block_count": config.n_layers, f"{config.arch}.attention.head_count": config.n_heads,
+            f"{config.arch}.attention.head_count_kv": config.n_kv_heads}
+    template = served.model.checkpoint.chat_template or ""
+    return {"modelfile": f"FROM {served.model.checkpoint.source}\n", "parameters": "", "template": template,
+            "details": _details(served), "model_info": info, "capabilities": ["completion", "tools"],
+            "modified_at": _now()}
+
+
+@router.get("/api/ps")
+async def ps(request: Request):
+    served = served_of(request)
+    return {"models": [{"name": served.name, "model": served.name, "size": _size(served), "digest": _digest(served),
+                        "details": _details(served), "expires_at": "2999-01-01T00:00:00Z", "size_vram": 0}]}
+
+
+@router.get("/api/version")
+async def version():
+    return {"version": OLLAMA_API_VERSION, "llamaherd": __version__}
+
+
+@router.get("/", response_class=PlainTextResponse)
+@router.head("/", response_class=PlainTextResponse)
+async def root():
+    return "Ollama is running"

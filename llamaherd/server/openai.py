@@ -1,0 +1,236 @@
+"""OpenAI-compatible routes: /v1/chat/completions, /v1/completions, /v1/models (streaming as server-sent events)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+
+from .app import APIError, check_model, served_of
+from .prompting import chat_format, messages_for_format, openai_tool_calls, sampling_params
+from .runtime import Chunk, ServedModel, Usage
+from .schemas import ChatCompletionRequest, CompletionRequest
+
+router = APIRouter()
+
+
+def _sse(payload) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+def _usage(usages: list[Usage]) -> dict:
+    prompt = usages[0].prompt_tokens if usages else 0
+    completion = sum(u.completion_tokens for u in usages)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _seeded(params, i: int):
+    return params if params.seed is None or i == 0 else params.replace(seed=params.seed + i)
+
+
+def _chat_logprobs(served: ServedModel, chunks: list[Chunk]) -> dict:
+    tok = served.tokenizer
+
+    def entry(token_id: int, logprob: float) -> dict:
+        raw = tok.token_bytes(token_id)
+        return {"token": raw.decode("utf-8", "replace"), "logprob": logprob, "bytes": list(raw)}
+
+    content = []
+    for c in chunks:
+        if c.token is None or c.logprob is None:
+            continue
+        item = entry(c.token, c.logprob)
+        item["top_logprobs"] = [entry(t, lp) for t, lp in (c.top_logprobs or [])]
+        content.append(item)
+    return {"content": content}
+
+
+# -------------------------------------------------------------------------------------------------------------
+# /v1/chat/completions
+# -------------------------------------------------------------------------------------------------------------
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(body: ChatCompletionRequest, request: Request):
+    served = served_of(request)
+    check_model(served, body.model)
+    fmt = chat_format(served.model)
+    messages = messages_for_format([m.model_dump() for m in body.messages])
+    tools = [t.model_dump() for t in body.tools] if body.tools and body.tool_choice != "none" else None
+    prompt = fmt.encode_dialog(messages, tools=tools, add_generation_prompt=True)
+    params = sampling_params(
+        served.model.generation_defaults,
+        max_tokens=body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens,
+        temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, min_p=body.min_p, typical_p=body.typical_p,
+        repetition_penalty=body.repetition_penalty, presence_penalty=body.presence_penalty,
+        frequency_penalty=body.frequency_penalty, logit_bias=body.logit_bias, seed=body.seed, stop=tuple(body.stop or ()),
+        ignore_eos=body.ignore_eos or None, logprobs=body.logprobs or None, top_logprobs=body.top_logprobs or None,
+    )
+    if body.max_tokens is None and body.max_completion_tokens is None:
+        params = params.replace(max_tokens=None)
+    constraint = _constraint_for(served, body)
+    rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    head = {"id": rid, "object": "chat.completion", "created": created, "model": served.name}
+
+    if body.stream:
+        return StreamingResponse(_chat_stream(served, fmt, prompt, params, body, head, tools, constraint),
+                                 media_type="text/event-stream")
+
+    usages = [Usage() for _ in range(body.n)]
+    results = await asyncio.gather(*(served.complete(prompt, _seeded(params, i), usages[i], constraint=constraint)
+                                     for i in range(body.n)))
+    choices = []
+    for i, (text, chunks, finish) in enumerate(results):
+        message = fmt.parse_assistant(text) if tools else {"role": "assistant", "content": text}
+        calls = openai_tool_calls(message)
+        out = {"role": "assistant", "content": message.get("content") if not calls else (message.get("content") or None)}
+        if calls:
+            out["tool_calls"] = calls
+            finish = "tool_calls"
+        choice = {"index": i, "message": out, "finish_reason": _finish(finish)}
+        choice["logprobs"] = _chat_logprobs(served, chunks) if body.logprobs else None
+        choices.append(choice)
+    return {**head, "choices": choices, "usage": _usage(usages)}
+
+
+def _finish(reason: str | None) -> str:
+    return {"cancelled": "stop", "error": "stop", None: "stop"}.get(reason, reason)
+
+
+async def _chat_stream(served, fmt, prompt, params, body, head, tools, constraint) -> AsyncIterator[str]:
+    head = {**head, "object": "chat.completion.chunk"}
+    usages = [Usage() for _ in range(body.n)]
+
+    def chunk(i: int, delta: dict, finish: str | None = None, logprobs=None) -> str:
+        return _sse({**head, "choices": [{"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]})
+
+    for i in range(body.n):
+        yield chunk(i, {"role": "assistant", "content": ""})
+    for i in range(body.n):  # n > 1 streams one choice after another
+        text, finish = [], None
+        async for c in served.stream(prompt, _seeded(params, i), usages[i], constraint=constraint):
+            finish = c.finish_reason
+            if tools:  # tool calls are recognised on the whole output, then sent as one delta
+                text.append(c.text)
+            elif c.text or (body.logprobs and c.token is not None):
+                lp = _chat_logprobs(served, [c]) if body.logprobs else None
+                yield chunk(i, {"content": c.text}, None, lp)
+        if tools:
+            message = fmt.parse_assistant("".join(text))
+            calls = openai_tool_calls(message)
+            if calls:
+                yield chunk(i, {"content": message.get("content") or None,
+                                "tool_calls": [{**c, "index": k} for k, c in enumerate(calls)]})
+                finish = "tool_calls"
+            else:
+                yield chunk(i, {"content": message.get("content") or ""})
+        yield chunk(i, {}, _finish(finish))
+    if body.stream_options and body.stream_options.include_usage:
+        yield _sse({**head, "choices": [], "usage": _usage(usages)})
+    yield "data: [DONE]\n\n"
+
+
+def _constraint_for(served: ServedModel, body: ChatCompletionRequest):
+    """A grammar that output must follow: json_object / json_schema, or tool_choice required / named."""
+    from .constrain import constraint_for_request
+
+    return constraint_for_request(served, body)
+
+
+# -------------------------------------------------------------------------------------------------------------
+# /v1/completions
+# -------------------------------------------------------------------------------------------------------------
+
+
+def _prompts(served: ServedModel, prompt) -> list[list[int]]:
+    tok, vocab = served.tokenizer, served.model.config.vocab_size
+    if isinstance(prompt, str):
+        return [tok.encode(prompt, bos=True)]
+    if all(isinstance(p, int) for p in prompt):
+        prompts = [prompt]
+    elif all(isinstance(p, str) for p in prompt):
+        return [tok.encode(p, bos=True) for p in prompt]
+    else:
+        prompts = prompt
+    for p in prompts:
+        if not p or any(not 0 <= t < vocab for t in p):
+            raise APIError(400, f"prompt token ids must be non-empty and in [0, {vocab})", param="prompt")
+    return [list(p) for p in prompts]
+
+
+@router.post("/v1/completions")
+async def completions(body: CompletionRequest, request: Request):
+    served = served_of(request)
+    check_model(served, body.model)
+    prompts = _prompts(served, body.prompt)
+    params = sampling_params(
+        served.model.generation_defaults, max_tokens=16 if body.max_tokens is None else body.max_tokens,
+        temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, min_p=body.min_p, typical_p=body.typical_p,
+        repetition_penalty=body.repetition_penalty, presence_penalty=body.presence_penalty,
+        frequency_penalty=body.frequency_penalty, logit_bias=body.logit_bias, seed=body.seed, stop=tuple(body.stop or ()),
+        ignore_eos=body.ignore_eos or None, logprobs=body.logprobs is not None or None,
+        top_logprobs=body.logprobs or None,
+    )
+    rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+    head = {"id": rid, "object": "text_completion", "created": created, "model": served.name}
+    jobs = [(p, _seeded(params, i)) for p in prompts for i in range(body.n)]
+    usages = [Usage() for _ in jobs]
+    if body.stream:
+        return StreamingResponse(_completion_stream(served, jobs, usages, body, head), media_type="text/event-stream")
+    results = await asyncio.gather(*(served.complete(p, sp, u) for (p, sp), u in zip(jobs, usages)))
+    choices = []
+    for i, ((p, _), (text, chunks, finish)) in enumerate(zip(jobs, results)):
+        echo = served.tokenizer.decode(p) if body.echo else ""
+        choice = {"index": i, "text": echo + text, "finish_reason": _finish(finish), "logprobs": None}
+        if body.logprobs is not None:
+            choice["logprobs"] = _completion_logprobs(served, chunks, len(echo))
+        choices.append(choice)
+    prompt_tokens = sum(len(p) for p in prompts)
+    completion_tokens = sum(u.completion_tokens for u in usages)
+    return {**head, "choices": choices, "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                                                  "total_tokens": prompt_tokens + completion_tokens}}
+
+
+def _completion_logprobs(served: ServedModel, chunks: list[Chunk], offset: int = 0) -> dict:
+    tok = served.tokenizer
+    out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for c in chunks:
+        if c.token is None or c.logprob is None:
+            continue
+        piece = tok.token_bytes(c.token).decode("utf-8", "replace")
+        out["text_offset"].append(offset)
+        offset += len(c.text)
+        out["tokens"].append(piece)
+        out["token_logprobs"].append(c.logprob)
+        out["top_logprobs"].append({tok.token_bytes(t).decode("utf-8", "replace"): lp for t, lp in c.top_logprobs or []})
+    return out
+
+
+async def _completion_stream(served, jobs, usages, body, head) -> AsyncIterator[str]:
+    for i, ((p, sp), usage) in enumerate(zip(jobs, usages)):
+        if body.echo:
+            yield _sse({**head, "choices": [{"index": i, "text": served.tokenizer.decode(p), "finish_reason": None,
+                                             "logprobs": None}]})
+        async for c in served.stream(p, sp, usage):
+            lp = _completion_logprobs(served, [c]) if body.logprobs is not None else None
+            if c.text or c.finish_reason or lp:
+                yield _sse({**head, "choices": [{"index": i, "text": c.text, "logprobs": lp,
+                                                 "finish_reason": _finish(c.finish_reason) if c.finish_reason else None}]})
+    if body.stream_options and body.stream_options.include_usage:
+        prompt_tokens = sum(len(p) for p, _ in jobs) // max(body.n, 1)
+        completion = sum(u.completion_tokens for u in usages)
+        yield _sse({**head, "choices": [], "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+                                                     "total_tokens": prompt_tokens + completion}})
+    yield "data: [DONE]\n\n"
+
+
+@router.get("/v1/models")
+async def models(request: Request):
+    served = served_of(request)
+    return {"object": "list", "data": [{"id": served.name, "object": "model", "created": served.created,
+                                        "owned_by": "llamaherd", "max_model_len": served.context_length}]}
