@@ -10,6 +10,18 @@ from pathlib import Path
 from ..errors import TokenizerError
 
 
+def sanitize(text: str) -> str:
+    """Replace lone surrogates (not encodable as UTF-8) with U+FFFD; valid surrogate pairs are joined.
+
+    The same repair tiktoken applies before encoding, so every tokenizer kind accepts the same inputs.
+    """
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
 class Tokenizer:
     """Text <-> token ids for one model.
 

@@ -8,22 +8,10 @@ from pathlib import Path
 import sentencepiece
 
 from ..errors import TokenizerError
-from .base import Tokenizer
+from .base import Tokenizer, sanitize
 
 SPACE = "\u2581"  # SentencePiece's visible space, "▁"
 UNK_SURFACE = " \u2047 "  # what the library's decoder prints for <unk> (TrainerSpec.unk_surface default)
-
-
-def sanitize(text: str) -> str:
-    """Replace lone surrogates (not encodable as UTF-8) with U+FFFD; valid surrogate pairs are joined.
-
-    The same repair tiktoken applies before encoding, so every tokenizer kind accepts the same inputs.
-    """
-    try:
-        text.encode("utf-8")
-        return text
-    except UnicodeEncodeError:
-        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
 
 
 class SentencePieceTokenizer(Tokenizer):
