@@ -39,13 +39,16 @@ def T(text: str) -> Piece:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def content_text(message: dict, index: int) -> str:
-    """A message's content as one string: str, None, a list of text parts, or (tool results) JSON data."""
+def content_parts(message: dict, index: int) -> list[str]:
+    """A message's content as text parts: str, None, a list of text parts, or (tool results) JSON data.
+
+    Parts stay separate because Meta's encoder tokenizes each `RawTextItem` on its own.
+    """
     content = message.get("content")
     if content is None:
-        return ""
+        return []
     if isinstance(content, str):
-        return content
+        return [content]
     if isinstance(content, list):
         out = []
         for part in content:
@@ -59,12 +62,17 @@ def content_text(message: dict, index: int) -> str:
                     f"messages[{index}].content: part of type {kind!r} is not supported; "
                     "only text parts ({'type': 'text', 'text': ...}) can be rendered"
                 )
-        return "".join(out)
+        return out
     if isinstance(content, dict) and message.get("role") in ("tool", "ipython"):
-        return json.dumps(content)
+        return [json.dumps(content)]
     raise ChatFormatError(
         f"messages[{index}].content must be a string, null or a list of text parts, got {type(content).__name__}"
     )
+
+
+def content_text(message: dict, index: int) -> str:
+    """A message's content as one string."""
+    return "".join(content_parts(message, index))
 
 
 def tool_calls_of(message: dict, index: int) -> list[tuple[str, dict]]:

@@ -15,7 +15,7 @@ Two choices where Meta's sources disagree, both documented in the tests:
 from __future__ import annotations
 
 from ..errors import ChatFormatError
-from .base import ChatFormat, Piece, S, T, content_text, tool_calls_of
+from .base import ChatFormat, Piece, S, T, content_parts, content_text, tool_calls_of
 from .tool_prompts import (
     TOOL_FORMATS,
     encode_call,
@@ -64,7 +64,7 @@ class HeaderChatFormat(ChatFormat):
         out = self.header(role)
         calls = tool_calls_of(m, index) if role == "assistant" else []
         out += self.call_prefix(calls)
-        out.append(T(content_text(m, index)))
+        out += [T(part) for part in content_parts(m, index)]
         if self.tool_format == "python_list" and len(calls) > 1 and not any(n in BUILTIN_TOOLS for n, _ in calls):
             # Several pythonic calls are one list, as the model writes them: [f(a=1), g(b=2)].
             out.append(T("[" + ", ".join(pythonic_call(n, a) for n, a in calls) + "]"))
