@@ -147,3 +147,63 @@ def test_herd_convert_cli(tmp_path, capsys):
 
 def test_gguf_entry_in_writers_table():
     assert WRITERS["gguf"] == "llamaherd.checkpoint.gguf_write:write"
+
+
+def test_llama4_through_meta_and_hf_readers(tmp_path):
+    """Llama 4 folders go through the same readers/writers (names from llama4_names); transformers runs ours."""
+    from transformers import Llama4ForCausalLM
+
+    from tests.test_llama4 import CONFIG, PARAMS
+
+    net = random_model(CONFIG, seed=2)
+    sd = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    (tmp_path / "meta").mkdir()
+    (tmp_path / "meta" / "params.json").write_text(json.dumps(PARAMS))
+    torch.save(sd, tmp_path / "meta" / "consolidated.00.pth")
+    ckpt = meta_pth.read(tmp_path / "meta")
+    assert ckpt.config == CONFIG
+    save(ckpt, tmp_path / "hf", "hf")
+    back = hf.read(tmp_path / "hf")
+    assert back.config.moe == CONFIG.moe and set(back.state_dict) == set(sd)
+    for name, t in sd.items():
+        assert torch.equal(back.state_dict[name], t), name
+    ref = Llama4ForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    tokens = torch.randint(0, CONFIG.vocab_size, (1, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        diff = (net(tokens) - ref(tokens).logits.float()).abs().max().item()
+    assert diff <= 1e-4
+
+
+def test_tokenizer_attached_and_carried_across_formats(tmp_path):
+    """Meta's official Llama 3 tokenizer.model beside the weights is attached, and copied on conversion."""
+    import shutil
+    from pathlib import Path
+
+    import llama_models
+
+    pytest.importorskip("llamaherd.tokenizer")
+    official = Path(llama_models.__file__).parent / "llama3" / "tokenizer.model"
+    c = TINY["llama3"]
+    save_meta_folder(_meta_state_dict(c), meta_params(c), tmp_path / "meta")
+    shutil.copyfile(official, tmp_path / "meta" / "tokenizer.model")
+    ckpt = meta_pth.read(tmp_path / "meta")
+    assert ckpt.tokenizer is not None and ckpt.tokenizer.kind == "tiktoken"
+    # "<|begin_of_text|>" is 128000 in Meta's Llama 3 tokenizer (llama-models llama3/tokenizer.py).
+    assert ckpt.tokenizer.special_id("<|begin_of_text|>") == 128000
+    save(ckpt, tmp_path / "hf", "hf")
+    assert (tmp_path / "hf" / "tokenizer.model").read_bytes() == official.read_bytes()
+    assert hf.read(tmp_path / "hf").tokenizer.encode("hello world") == ckpt.tokenizer.encode("hello world")
+
+
+def test_hf_pytorch_bin_weights(tmp_path):
+    """Older HF folders ship pytorch_model.bin; read with weights_only like Meta's .pth."""
+    from tests.checkpoint_fixtures import hf_reference
+
+    ref = hf_reference(TINY["llama3"])
+    ref.save_pretrained(tmp_path / "a")
+    sd = {k: v.clone() for k, v in ref.state_dict().items()}
+    (tmp_path / "a" / "model.safetensors").unlink()
+    torch.save(sd, tmp_path / "a" / "pytorch_model.bin")
+    ckpt = hf.read(tmp_path / "a")
+    assert torch.equal(ckpt.state_dict["norm.weight"], sd["model.norm.weight"])
+    assert "output.weight" in ckpt.state_dict and len(ckpt.state_dict) == 3 + 9 * TINY["llama3"].n_layers

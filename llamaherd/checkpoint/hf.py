@@ -20,6 +20,7 @@ from .transforms import permute_to_hf, unpermute_from_hf
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
                    "chat_template.jinja")
+LLAMA4_MODEL_TYPES = ("llama4", "llama4_text")  # Llama4ForConditionalGeneration / Llama4ForCausalLM
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30  # transformers' save_pretrained default ("5GB")
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
@@ -213,6 +214,21 @@ def read(path: str | Path) -> Checkpoint:
     cfg = _json(cfile)
     if not isinstance(cfg, dict):
         raise CheckpointError(cfile, "must hold a JSON object")
+    if cfg.get("model_type") in LLAMA4_MODEL_TYPES:
+        from . import llama4_names  # Llama 4's names and layouts are engineer H's table
+
+        config = llama4_names.config_from_hf(cfg, source=str(cfile))
+        sd = llama4_names.hf_to_meta(_load_weights(path), config)
+    else:
+        config, sd = _llama_from_hf(cfg, cfile, path)
+    return Checkpoint(
+        config=config, state_dict=sd, source=path, tokenizer=_attach_tokenizer(path),
+        generation=generation_from_hf(path, cfg), chat_template=chat_template_from_hf(path),
+        metadata={"format": "hf", "config": cfg},
+    )
+
+
+def _llama_from_hf(cfg: dict[str, Any], cfile: Path, path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     config = config_from_hf(cfg, cfile)
     sd: dict[str, torch.Tensor] = {}
     for name, t in _load_weights(path).items():
@@ -233,11 +249,7 @@ def read(path: str | Path) -> Checkpoint:
         out = sd.pop("output.weight", None)  # some tied checkpoints still save lm_head: it must be the embedding
         if out is not None and not torch.equal(out, sd.get("tok_embeddings.weight", out.new_empty(0))):
             raise CheckpointError(path, "tie_word_embeddings is true but lm_head.weight differs from embed_tokens")
-    return Checkpoint(
-        config=config, state_dict=sd, source=path, tokenizer=_attach_tokenizer(path),
-        generation=generation_from_hf(path, cfg), chat_template=chat_template_from_hf(path),
-        metadata={"format": "hf", "config": cfg},
-    )
+    return config, sd
 
 
 # -- writing -------------------------------------------------------------------------------------
@@ -245,6 +257,10 @@ def read(path: str | Path) -> Checkpoint:
 
 def _hf_state_dict(ckpt: Checkpoint) -> dict[str, torch.Tensor]:
     c = ckpt.config
+    if c.arch == "llama4":
+        from . import llama4_names
+
+        return {k: t.contiguous() for k, t in llama4_names.meta_to_hf(ckpt.state_dict, c).items()}
     out: dict[str, torch.Tensor] = {}
     for name, t in ckpt.state_dict.items():
         if name == "output.weight" and c.tie_embeddings:
@@ -287,7 +303,7 @@ def write(ckpt: Checkpoint, dst: str | Path, *, max_shard_bytes: int = DEFAULT_M
         total = sum(t.numel() * t.element_size() for t in sd.values())
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (dst / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-    (dst / "config.json").write_text(json.dumps(hf_config(ckpt.config, ckpt.generation, dtype), indent=2) + "\n")
+    (dst / "config.json").write_text(json.dumps(_config_json(ckpt, dtype), indent=2) + "\n")
     gen = ckpt.generation
     gcfg: dict[str, Any] = {k: v for k, v in (("temperature", gen.temperature), ("top_p", gen.top_p),
                                                 ("top_k", gen.top_k), ("bos_token_id", gen.bos_token_id)) if v is not None}
@@ -296,6 +312,16 @@ def write(ckpt: Checkpoint, dst: str | Path, *, max_shard_bytes: int = DEFAULT_M
     (dst / "generation_config.json").write_text(json.dumps(gcfg, indent=2) + "\n")
     _copy_tokenizer(ckpt, dst)
     return dst
+
+
+def _config_json(ckpt: Checkpoint, dtype: torch.dtype) -> dict[str, Any]:
+    if ckpt.config.arch != "llama4":
+        return hf_config(ckpt.config, ckpt.generation, dtype)
+    from . import llama4_names
+
+    cfg = llama4_names.config_to_hf(ckpt.config)
+    cfg.update(architectures=["Llama4ForCausalLM"], model_type="llama4_text", torch_dtype=_DTYPE_NAMES.get(dtype))
+    return cfg
 
 
 def _copy_tokenizer(ckpt: Checkpoint, dst: Path) -> None:

@@ -169,6 +169,8 @@ def read(path: str | Path) -> Checkpoint:
         raise CheckpointError(pfile, "must hold a JSON object of model parameters")
     files = _shard_files(path)
     shards = [load_pth(f) for f in files]
+    if "moe_args" in params:
+        return _read_llama4(path, params, files, shards)
     if "dim" not in params:
         raise CheckpointError(pfile, "params.json lacks 'dim'; a Meta params.json states dim, n_layers, n_heads")
     sd = merge_shards(shards, int(params["dim"]), files)
@@ -186,6 +188,27 @@ def read(path: str | Path) -> Checkpoint:
     if emb is not None and out is not None and out.shape == emb.shape and torch.equal(out, emb):
         # Llama 3.2 1B/3B: Meta's files carry output.weight as a copy of the embedding; the model ties them.
         del sd["output.weight"]
+        config = config.replace(tie_embeddings=True)
+    return Checkpoint(
+        config=config, state_dict=sd, source=path, tokenizer=_attach_tokenizer(path),
+        metadata={"format": "meta", "shards": len(files), "params": params},
+    )
+
+
+def _read_llama4(path: Path, params: dict[str, Any], files: list[Path], shards: list[dict]) -> Checkpoint:
+    """Llama 4 (params.json with moe_args): names and layouts from engineer H's llama4_names."""
+    from . import llama4_names
+
+    if len(shards) > 1:
+        raise CheckpointError(
+            path, f"{len(shards)} model-parallel shards of a Llama 4 checkpoint: merging MoE shards is not supported "
+            "yet; convert the checkpoint from its Hugging Face release instead",
+        )
+    config = llama4_names.config_from_params(params, source=str(path / "params.json"))
+    sd = llama4_names.normalize_meta(shards[0], config)
+    out, emb = sd.get("output.weight"), sd.get("tok_embeddings.weight")
+    if config.tie_embeddings or (out is not None and emb is not None and out.shape == emb.shape and torch.equal(out, emb)):
+        sd.pop("output.weight", None)
         config = config.replace(tie_embeddings=True)
     return Checkpoint(
         config=config, state_dict=sd, source=path, tokenizer=_attach_tokenizer(path),

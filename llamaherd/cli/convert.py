@@ -23,6 +23,10 @@ def run(args: argparse.Namespace) -> int:
     from ..checkpoint.load import read, resolve
     from ..checkpoint.save import save
 
+    from ..errors import CheckpointError
+
+    if args.shards != 1 and args.fmt != "meta":
+        raise CheckpointError(args.dst, f"--shards applies to --to meta only (got --to {args.fmt}); drop it")
     ckpt = read(resolve(args.src))
     options: dict = {}
     if args.fmt == "meta":
