@@ -207,3 +207,26 @@ def test_hf_pytorch_bin_weights(tmp_path):
     ckpt = hf.read(tmp_path / "a")
     assert torch.equal(ckpt.state_dict["norm.weight"], sd["model.norm.weight"])
     assert "output.weight" in ckpt.state_dict and len(ckpt.state_dict) == 3 + 9 * TINY["llama3"].n_layers
+
+
+def test_llama2_params_vocab_minus_one(tmp_path):
+    """Llama 2's params.json says vocab_size -1; the vocabulary comes from tok_embeddings."""
+    c = TINY["llama2"]
+    save_meta_folder(_meta_state_dict(c), {**meta_params(c), "vocab_size": -1}, tmp_path)
+    assert meta_pth.read(tmp_path).config.vocab_size == c.vocab_size
+
+
+def test_herd_convert_to_gguf_and_back(tmp_path):
+    """The gguf row of WRITERS reaches engineer G's writer; engineer E's reader gives the same logits."""
+    pytest.importorskip("llamaherd.checkpoint.gguf_write")
+    pytest.importorskip("llamaherd.checkpoint.gguf")
+    from llamaherd.checkpoint import materialize, read
+
+    c = TINY["llama3.2"]
+    sd = _meta_state_dict(c)
+    save_meta_folder(sd, meta_params(c), tmp_path / "meta")
+    assert herd(["convert", str(tmp_path / "meta"), str(tmp_path / "m.gguf"), "--to", "gguf", "--dtype", "f32"]) == 0
+    net, back = materialize(meta_pth.read(tmp_path / "meta")), materialize(read(tmp_path / "m.gguf"))
+    tokens = torch.randint(0, c.vocab_size, (1, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(net(tokens), back(tokens))
