@@ -1,4 +1,4 @@
-"""Hugging Face Llama checkpoints: config.json + *.safetensors (+ index, generation config, tokenizer), read and written."""
+"""Hugging Face Llama checkpoints: config.json + *.safetensors (+ index, generation config, tokenizer), both ways."""
 
 from __future__ import annotations
 
@@ -305,8 +305,9 @@ def write(ckpt: Checkpoint, dst: str | Path, *, max_shard_bytes: int = DEFAULT_M
         (dst / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     (dst / "config.json").write_text(json.dumps(_config_json(ckpt, dtype), indent=2) + "\n")
     gen = ckpt.generation
-    gcfg: dict[str, Any] = {k: v for k, v in (("temperature", gen.temperature), ("top_p", gen.top_p),
-                                                ("top_k", gen.top_k), ("bos_token_id", gen.bos_token_id)) if v is not None}
+    fields = (("temperature", gen.temperature), ("top_p", gen.top_p), ("top_k", gen.top_k),
+              ("bos_token_id", gen.bos_token_id))
+    gcfg: dict[str, Any] = {k: v for k, v in fields if v is not None}
     if gen.eos_token_ids:
         gcfg["eos_token_id"] = gen.eos_token_ids[0] if len(gen.eos_token_ids) == 1 else list(gen.eos_token_ids)
     (dst / "generation_config.json").write_text(json.dumps(gcfg, indent=2) + "\n")

@@ -39,8 +39,8 @@ def config_from_params(params: dict[str, Any], path: Path, vocab_from_weights: i
     for key in ("dim", "n_layers", "n_heads"):
         if key not in params:
             raise CheckpointError(path, f"params.json lacks {key!r}; a Meta params.json states dim, n_layers, n_heads")
-    if "moe_args" in params or "vision_args" in params:
-        raise CheckpointError(path, "params.json describes a Llama 4 / multimodal model; this reader handles Llama 1-3")
+    if params.get("vision_chunk_size", -1) > 0:  # Llama 3.2 Vision (llama-models llama3/args.py)
+        raise CheckpointError(path, "params.json describes a Llama 3.2 Vision model; only text models are supported")
     vocab = int(params.get("vocab_size", -1))
     if vocab <= 0:  # Llama 2's params.json says -1: the vocabulary comes from the tokenizer / weights
         if vocab_from_weights is None:
@@ -118,8 +118,9 @@ def load_pth(file: Path) -> dict[str, torch.Tensor]:
             "only plain tensor state dicts are loaded, never code; get the checkpoint from a trusted source",
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise CheckpointError(
-            file, f"cannot read as a PyTorch checkpoint ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
+            file, f"cannot read as a PyTorch checkpoint ({reason}); "
             "the file is truncated or corrupt: download it again",
         ) from None
     if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
@@ -160,7 +161,9 @@ def read(path: str | Path) -> Checkpoint:
     path = Path(path)
     pfile = path / "params.json"
     if not pfile.exists():
-        raise CheckpointError(path, "params.json is missing; a Meta checkpoint folder needs it beside consolidated.*.pth")
+        raise CheckpointError(
+            path, "params.json is missing; a Meta checkpoint folder needs it beside consolidated.*.pth"
+        )
     try:
         params = json.loads(pfile.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -207,7 +210,8 @@ def _read_llama4(path: Path, params: dict[str, Any], files: list[Path], shards: 
     config = llama4_names.config_from_params(params, source=str(path / "params.json"))
     sd = llama4_names.normalize_meta(shards[0], config)
     out, emb = sd.get("output.weight"), sd.get("tok_embeddings.weight")
-    if config.tie_embeddings or (out is not None and emb is not None and out.shape == emb.shape and torch.equal(out, emb)):
+    same = out is not None and emb is not None and out.shape == emb.shape and torch.equal(out, emb)
+    if config.tie_embeddings or same:
         sd.pop("output.weight", None)
         config = config.replace(tie_embeddings=True)
     return Checkpoint(

@@ -41,7 +41,9 @@ def cast(ckpt: Checkpoint, dtype: torch.dtype) -> Checkpoint:
     return dataclasses.replace(ckpt, state_dict=sd)
 
 
-def save(ckpt: Checkpoint, dst: str | Path, fmt: str, *, dtype: str | torch.dtype | None = None, **options: Any) -> Path:
+def save(
+    ckpt: Checkpoint, dst: str | Path, fmt: str, *, dtype: str | torch.dtype | None = None, **options: Any
+) -> Path:
     """Write `ckpt` to `dst` as `fmt` ("meta", "hf", "gguf"); `dtype` casts float tensors first (meta/hf)."""
     try:
         target = WRITERS[fmt]
