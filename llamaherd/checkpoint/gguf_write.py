@@ -1,0 +1,372 @@
+"""Write a Llama checkpoint as GGUF (arch "llama") in F32, F16 or a llama.cpp quantization mix.
+
+Metadata keys, tensor names and the per-tensor type choice follow llama.cpp: gguf-py `constants.py` (keys,
+names), `convert_hf_to_gguf.py` (LlamaModel: hyperparameters, Llama 3.1 `rope_freqs`, vocabularies) and
+`src/llama-quant.cpp::llama_tensor_get_type` (which tensors get more bits). q/k stay in Meta's interleaved
+rotary layout: llama.cpp's converter un-permutes HF q/k back to it, so that is what GGUF holds.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import gguf
+from gguf import GGMLQuantizationType as Q, LlamaFileType, TokenType
+
+from ..errors import CheckpointError
+from .base import Checkpoint
+from .quantize import block_shape, nbytes, quantize
+
+# --- file types ----------------------------------------------------------------------------------------------
+# name -> (base tensor type, general.file_type)
+FILE_TYPES: dict[str, tuple[Q, LlamaFileType]] = {
+    "f32": (Q.F32, LlamaFileType.ALL_F32),
+    "f16": (Q.F16, LlamaFileType.MOSTLY_F16),
+    "q8_0": (Q.Q8_0, LlamaFileType.MOSTLY_Q8_0),
+    "q4_0": (Q.Q4_0, LlamaFileType.MOSTLY_Q4_0),
+    "q4_k_m": (Q.Q4_K, LlamaFileType.MOSTLY_Q4_K_M),
+    "q5_k_m": (Q.Q5_K, LlamaFileType.MOSTLY_Q5_K_M),
+    "q6_k": (Q.Q6_K, LlamaFileType.MOSTLY_Q6_K),
+}
+
+# When a row length is not a multiple of the chosen type's block, llama.cpp falls back to a type with
+# 32-element blocks (llama-quant.cpp, "convert_incompatible_tensor"), and to F16 when even that fails.
+FALLBACK: dict[Q, Q] = {Q.Q4_K: Q.Q5_0, Q.Q5_K: Q.Q5_1, Q.Q6_K: Q.Q8_0}
+
+# --- tensor names --------------------------------------------------------------------------------------------
+# Meta name -> GGUF name (gguf-py constants.py TENSOR_NAMES for MODEL_ARCH.LLAMA); "{}" is the layer.
+META_TO_GGUF: dict[str, str] = {
+    "tok_embeddings.weight": "token_embd.weight",
+    "norm.weight": "output_norm.weight",
+    "output.weight": "output.weight",
+    "layers.{}.attention.wq.weight": "blk.{}.attn_q.weight",
+    "layers.{}.attention.wk.weight": "blk.{}.attn_k.weight",
+    "layers.{}.attention.wv.weight": "blk.{}.attn_v.weight",
+    "layers.{}.attention.wo.weight": "blk.{}.attn_output.weight",
+    "layers.{}.feed_forward.w1.weight": "blk.{}.ffn_gate.weight",
+    "layers.{}.feed_forward.w2.weight": "blk.{}.ffn_down.weight",
+    "layers.{}.feed_forward.w3.weight": "blk.{}.ffn_up.weight",
+    "layers.{}.attention_norm.weight": "blk.{}.attn_norm.weight",
+    "layers.{}.ffn_norm.weight": "blk.{}.ffn_norm.weight",
+}
+_LAYER = re.compile(r"^layers\.(\d+)\.")
+
+
+def gguf_name(meta_name: str, source: Any = None) -> tuple[str, int | None]:
+    """('blk.3.attn_v.weight', 3) for 'layers.3.attention.wv.weight'."""
+    m = _LAYER.match(meta_name)
+    layer = int(m.group(1)) if m else None
+    template = _LAYER.sub("layers.{}.", meta_name) if m else meta_name
+    if template not in META_TO_GGUF:
+        raise CheckpointError(source, f"tensor {meta_name!r} has no GGUF name for arch 'llama'; known: {sorted(META_TO_GGUF)}")
+    return META_TO_GGUF[template].format(layer), layer
+
+
+# --- the quantization mix ------------------------------------------------------------------------------------
+def use_more_bits(i_layer: int, n_layers: int) -> bool:
+    """llama-quant.cpp `use_more_bits`: the first and last eighth of the layers, and every third between."""
+    return i_layer < n_layers // 8 or i_layer >= 7 * n_layers // 8 or (i_layer - n_layers // 8) % 3 == 2
+
+
+def tensor_type(name: str, shape: tuple[int, ...], ftype: str, *, layer: int | None, n_layers: int, has_output: bool) -> Q:
+    """The GGML type llama.cpp's `llama_tensor_get_type` gives GGUF tensor `name` under file type `ftype`.
+
+    Rules (llama.cpp src/llama-quant.cpp, for the file types offered here):
+    - 1-D tensors (norms, rope_freqs) stay F32; F32/F16 files use their type for every 2-D tensor.
+    - output.weight (token_embd.weight when the embeddings are tied) becomes Q6_K unless the base type is
+      Q8_0, or Q8_0 when its row length is not a multiple of 256.
+    - Q4_K_M / Q5_K_M: attn_v and ffn_down get Q6_K in the layers `use_more_bits` picks; in 80-layer
+      (70B) models the other attn_v tensors get Q5_K (8 query heads share each value head there).
+    - A row length the type's block does not divide falls back (Q4_K->Q5_0, Q5_K->Q5_1, Q6_K->Q8_0),
+      and to F16 when 32 does not divide it either.
+    """
+    base, _ = FILE_TYPES[ftype]
+    if len(shape) < 2 or base in (Q.F32, Q.F16):
+        return Q.F32 if len(shape) < 2 else base
+    qtype = base
+    row = shape[-1]
+    is_output = name == "output.weight" or (not has_output and name == "token_embd.weight")
+    if is_output:
+        if row % 256:
+            qtype = Q.Q8_0
+        elif base != Q.Q8_0:
+            qtype = Q.Q6_K
+    elif ftype in ("q4_k_m", "q5_k_m") and (".attn_v." in name or ".ffn_down." in name):
+        assert layer is not None
+        if use_more_bits(layer, n_layers):
+            qtype = Q.Q6_K
+        elif ".attn_v." in name and n_layers == 80 and qtype == Q.Q4_K:
+            qtype = Q.Q5_K
+    if row % block_shape(qtype)[0]:
+        qtype = FALLBACK.get(qtype, Q.F16)
+        if row % block_shape(qtype)[0]:
+            qtype = Q.F16
+    return qtype
+
+
+# --- vocabulary ----------------------------------------------------------------------------------------------
+def byte_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character map (openai/gpt-2 `encoder.py::bytes_to_unicode`).
+
+    Printable Latin-1 bytes stand for themselves; the other 68 bytes map to U+0100 onwards, in byte order.
+    Byte-level BPE vocabularies in GGUF ("gpt2" model) spell tokens and merges with these characters.
+    """
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+def bpe_merges(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
+    """The merge list equivalent to tiktoken ranks, in the order GGUF's "gpt2" model applies merges.
+
+    tiktoken joins whichever adjacent pair forms the lowest-ranked token, so every split of a token into
+    two tokens is a merge, ranked by the token it forms (ties by the ranks of its parts). This is the
+    list Meta's Llama 3 tokenizer.json carries; a merge list with one split per token would miss joins
+    that tiktoken makes when pieces arrive by a different history.
+    """
+    keyed: list[tuple[int, int, int, bytes, bytes]] = []
+    for token, rank in ranks.items():
+        for cut in range(1, len(token)):
+            left, right = token[:cut], token[cut:]
+            rl, rr = ranks.get(left), ranks.get(right)
+            if rl is not None and rr is not None:
+                keyed.append((rank, rl, rr, left, right))
+    keyed.sort()
+    return [(a, b) for *_, a, b in keyed]
+
+
+def _vocab_byte_level(tok: Any, vocab_size: int) -> dict[str, Any]:
+    u = byte_to_unicode()
+    spell = lambda b: "".join(u[c] for c in b)  # noqa: E731
+    specials = {i: s for s, i in tok.special_tokens.items()}
+    ranks = {tok.token_bytes(i): i for i in range(tok.vocab_size) if i not in specials}
+    tokens, types = [], []
+    for i in range(vocab_size):
+        if i in specials:
+            tokens.append(specials[i])
+            types.append(TokenType.CONTROL)
+        elif i < tok.vocab_size:
+            tokens.append(spell(tok.token_bytes(i)))
+            types.append(TokenType.NORMAL)
+        else:  # the model's embedding is wider than the tokenizer (convert_hf_to_gguf pads the same way)
+            tokens.append(f"[PAD{i}]")
+            types.append(TokenType.UNUSED)
+    merges = [f"{spell(a)} {spell(b)}" for a, b in bpe_merges(ranks)]
+    # "llama-bpe" names Llama 3's pre-tokenizer regex in llama.cpp (convert_hf_to_gguf get_vocab_base_pre)
+    return {"model": "gpt2", "pre": "llama-bpe", "tokens": tokens, "types": types, "merges": merges}
+
+
+def _vocab_sentencepiece(tok: Any, vocab_size: int) -> dict[str, Any]:
+    import sentencepiece
+
+    if tok.source is None or not Path(tok.source).is_file():
+        raise CheckpointError(tok.source, "the SentencePiece tokenizer's .model file is needed to write its scores to GGUF")
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(tok.source))
+    tokens, scores, types = [], [], []
+    for i in range(vocab_size):
+        if i >= sp.get_piece_size():
+            tokens.append(f"[PAD{i}]")
+            scores.append(-1000.0)
+            types.append(TokenType.UNUSED)
+            continue
+        tokens.append(sp.id_to_piece(i))
+        scores.append(sp.get_score(i))
+        # token kinds as convert_hf_to_gguf `_create_vocab_sentencepiece` assigns them
+        types.append(
+            TokenType.UNKNOWN if sp.is_unknown(i) else TokenType.CONTROL if sp.is_control(i)
+            else TokenType.UNUSED if sp.is_unused(i) else TokenType.BYTE if sp.is_byte(i) else TokenType.NORMAL
+        )
+    return {"model": "llama", "tokens": tokens, "scores": scores, "types": types,
+            "unk": sp.unk_id() if sp.unk_id() >= 0 else None}
+
+
+def add_vocab(w: gguf.GGUFWriter, tok: Any, vocab_size: int) -> None:
+    """tokenizer.ggml.* keys for a llamaherd Tokenizer."""
+    if tok.vocab_size > vocab_size:
+        raise CheckpointError(
+            tok.source, f"the tokenizer has {tok.vocab_size} tokens but the model's embedding only {vocab_size}; "
+            "the tokenizer belongs to another model: put the model's own tokenizer beside its weights"
+        )
+    if tok.kind in ("tiktoken", "hf"):
+        v = _vocab_byte_level(tok, vocab_size)
+    elif tok.kind == "sentencepiece":
+        v = _vocab_sentencepiece(tok, vocab_size)
+    else:
+        raise CheckpointError(tok.source, f"cannot write a {tok.kind!r} tokenizer to GGUF; known: tiktoken, hf, sentencepiece")
+    w.add_tokenizer_model(v["model"])
+    if "pre" in v:
+        w.add_tokenizer_pre(v["pre"])
+    w.add_token_list(v["tokens"])
+    w.add_token_types([int(t) for t in v["types"]])
+    if "scores" in v:
+        w.add_token_scores(v["scores"])
+    if "merges" in v:
+        w.add_token_merges(v["merges"])
+    if tok.bos_id is not None:
+        w.add_bos_token_id(tok.bos_id)
+        w.add_add_bos_token(True)
+    if tok.eos_id is not None:
+        w.add_eos_token_id(tok.eos_id)
+    w.add_add_eos_token(False)
+    if v.get("unk") is not None:
+        w.add_unk_token_id(v["unk"])
+    eot = tok.special_tokens.get("<|eot_id|>")
+    if eot is not None:
+        w.add_eot_token_id(eot)
+
+
+# --- hyperparameters -----------------------------------------------------------------------------------------
+def llama3_rope_factors(head_dim: int, theta: float, s: Any) -> np.ndarray:
+    """Per-frequency divisors llama.cpp applies from `rope_freqs.weight` (convert_hf_to_gguf LlamaModel).
+
+    Frequencies with short wavelengths keep factor 1, long ones `factor`, and the band between gets
+    1 / ((1 - smooth) / factor + smooth): dividing by it equals Llama 3.1's smooth interpolation.
+    """
+    freqs = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))
+    low_wavelen = s.original_max_position / s.low_freq_factor
+    high_wavelen = s.original_max_position / s.high_freq_factor
+    out = []
+    for f in freqs:
+        wavelen = 2 * math.pi / f
+        if wavelen < high_wavelen:
+            out.append(1.0)
+        elif wavelen > low_wavelen:
+            out.append(s.factor)
+        else:
+            smooth = (s.original_max_position / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+            out.append(1.0 / ((1 - smooth) / s.factor + smooth))
+    return np.asarray(out, dtype=np.float32)
+
+
+def add_hparams(w: gguf.GGUFWriter, ckpt: Checkpoint, file_type: LlamaFileType, name: str) -> None:
+    c = ckpt.config
+    w.add_name(name)
+    w.add_context_length(c.max_seq_len)
+    w.add_embedding_length(c.dim)
+    w.add_block_count(c.n_layers)
+    w.add_feed_forward_length(c.hidden_dim)
+    w.add_head_count(c.n_heads)
+    w.add_head_count_kv(c.n_kv_heads)
+    w.add_rope_freq_base(c.rope_theta)
+    w.add_layer_norm_rms_eps(c.norm_eps)
+    w.add_rope_dimension_count(c.head_dim)
+    w.add_key_length(c.head_dim)
+    w.add_value_length(c.head_dim)
+    w.add_vocab_size(c.vocab_size)
+    w.add_file_type(int(file_type))
+    if c.rope_scaling is not None and c.rope_scaling.kind == "linear":
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(c.rope_scaling.factor)
+    if file_type not in (LlamaFileType.ALL_F32, LlamaFileType.MOSTLY_F16):
+        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+# --- the writer ----------------------------------------------------------------------------------------------
+ProgressFn = Callable[[int, int, str, Q], None]
+
+
+def plan(ckpt: Checkpoint, ftype: str) -> list[tuple[str, str | None, tuple[int, ...], Q]]:
+    """(gguf name, meta name or None for rope_freqs, shape, type) for every tensor, in llama.cpp's order."""
+    c = ckpt.config
+    sd = ckpt.state_dict
+    has_output = "output.weight" in sd
+    rows = []
+    for meta_name, t in sd.items():
+        if not t.is_floating_point():
+            raise CheckpointError(
+                ckpt.source, f"tensor {meta_name} is {t.dtype}, not a float tensor; quantize from an F32/F16/BF16 checkpoint"
+            )
+        name, layer = gguf_name(meta_name, ckpt.source)
+        shape = tuple(t.shape)
+        rows.append((name, meta_name, shape, tensor_type(name, shape, ftype, layer=layer, n_layers=c.n_layers, has_output=has_output)))
+    if c.rope_scaling is not None and c.rope_scaling.kind == "llama3":
+        rows.append(("rope_freqs.weight", None, (c.head_dim // 2,), Q.F32))
+
+    def order(row):  # token_embd, rope_freqs, blk.0..., output_norm, output
+        name = row[0]
+        m = re.match(r"blk\.(\d+)\.", name)
+        head = {"token_embd.weight": 0, "rope_freqs.weight": 1, "output_norm.weight": 3, "output.weight": 4}
+        return (head.get(name, 2), int(m.group(1)) if m else 0)
+
+    return sorted(rows, key=order)
+
+
+def write(
+    ckpt: Checkpoint,
+    dst: str | Path,
+    *,
+    qtype: str = "f16",
+    dtype: str | None = None,
+    name: str | None = None,
+    progress: ProgressFn | None = None,
+    **options: Any,
+) -> Path:
+    """Write `ckpt` (arch "llama") to the GGUF file `dst` with file type `qtype`.
+
+    `qtype` is one of f32, f16, q8_0, q4_0, q4_k_m, q5_k_m, q6_k; `dtype` ("f32"/"f16", from `herd convert
+    --dtype`) is accepted as an alias when `qtype` is left at its default. Tensors are quantized and written
+    one at a time, so memory holds one tensor's copy at most. `progress(i, n, name, type)` is called
+    before each tensor.
+    """
+    if options:
+        raise CheckpointError(dst, f"unknown GGUF writer options {sorted(options)}; known: qtype, dtype, name, progress")
+    if dtype is not None and qtype == "f16":
+        qtype = str(dtype).lower().replace("float", "f")
+    qtype = qtype.lower()
+    if qtype not in FILE_TYPES:
+        raise CheckpointError(dst, f"unknown GGUF type {qtype!r}; known: {', '.join(FILE_TYPES)}")
+    c = ckpt.config
+    if c.arch != "llama":
+        raise CheckpointError(ckpt.source, f"GGUF writing supports arch 'llama' only, this checkpoint is {c.arch!r}")
+    if ckpt.prepare is not None:
+        raise CheckpointError(
+            ckpt.source, "holds already-quantized tensors; requantizing would compound the error: start from an F32/F16/BF16 checkpoint"
+        )
+    rows = plan(ckpt, qtype)
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+
+    w = gguf.GGUFWriter(dst, "llama")
+    add_hparams(w, ckpt, FILE_TYPES[qtype][1], name or ckpt.metadata.get("name") or Path(ckpt.source).name)
+    if ckpt.tokenizer is not None:
+        add_vocab(w, ckpt.tokenizer, c.vocab_size)
+    if ckpt.chat_template:
+        w.add_chat_template(ckpt.chat_template)
+    for gname, _, shape, t in rows:
+        # Tensor info takes the logical (row-major, torch-order) shape; the writer reverses it to ne[].
+        w.add_tensor_info(gname, shape, np.dtype(np.float32), nbytes(t, shape), raw_dtype=t)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    try:
+        for i, (gname, meta_name, shape, t) in enumerate(rows):
+            if progress is not None:
+                progress(i, len(rows), gname, t)
+            if meta_name is None:
+                data = llama3_rope_factors(c.head_dim, c.rope_theta, c.rope_scaling)
+            else:
+                data, _ = quantize(ckpt.state_dict[meta_name].to(torch.float32), t)
+            w.write_tensor_data(np.ascontiguousarray(data))
+    finally:
+        w.close()
+    return dst
+
+
+def print_progress(i: int, n: int, name: str, t: Q) -> None:
+    """A one-line progress indicator for the CLI, rewritten in place."""
+    end = "\n" if i == n - 1 else ""
+    sys.stderr.write(f"\r[{i + 1:>4}/{n}] {name:<32} {t.name:<5}" + end)
+    sys.stderr.flush()
