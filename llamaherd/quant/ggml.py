@@ -1,0 +1,155 @@
+"""Packed ggml weights (GGUF) used as they are: a tensor type and Linear/Embedding swaps that decode on the fly.
+
+`GGMLWeight` is the packed bytes, (rows, row_bytes) uint8, tagged with their ggml type. `F.linear` and
+`F.embedding` on it decode block-rows in bounded chunks to the activation dtype, so a float copy of the
+weight never exists whole, whether the model calls its Linear module or uses the weight directly (a tied
+output projection `F.linear(h, tok_embeddings.weight)`). Other operations see the raw bytes.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..checkpoint.ggml_quants import GGMLType, dequantize, ggml_type
+from ..errors import CheckpointError
+
+# Elements decoded at once by a linear layer: bounds the float scratch (4M float32 = 16 MiB) per chunk.
+CHUNK_ELEMENTS = 1 << 22
+
+
+class GGMLWeight(torch.Tensor):
+    """Packed ggml rows (rows, row_bytes) uint8 that behave as a (rows, n_cols) float weight in linear/embedding."""
+
+    qtype: GGMLType
+
+    @staticmethod
+    def __new__(cls, packed: torch.Tensor, qtype: int | str | GGMLType) -> GGMLWeight:
+        if packed.dtype != torch.uint8 or packed.dim() != 2:
+            raise TypeError(f"GGMLWeight wants (rows, row_bytes) uint8, got {packed.dtype} {tuple(packed.shape)}")
+        t = torch.Tensor._make_subclass(cls, packed, False)  # shares the bytes (an mmap'd file region)
+        t.qtype = ggml_type(qtype)
+        return t
+
+    @property
+    def n_cols(self) -> int:
+        return self.shape[-1] // self.qtype.type_size * self.qtype.block_size
+
+    def plain(self) -> torch.Tensor:
+        """The bytes as an ordinary uint8 tensor (same storage)."""
+        with torch._C.DisableTorchFunctionSubclass():
+            return self.view(self.shape)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dequantize(self.plain(), self.qtype, dtype)
+
+    def __repr__(self, *, tensor_contents=None) -> str:
+        return f"GGMLWeight({self.qtype.name}, rows={self.shape[0]}, cols={self.n_cols}, device={self.device})"
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.linear:
+            return _linear(*args, **kwargs)
+        if func is F.embedding:
+            return _embedding(*args, **kwargs)
+        src = next(a for a in (*args, *kwargs.values()) if isinstance(a, GGMLWeight))
+        with torch._C.DisableTorchFunctionSubclass():
+            out = func(*args, **kwargs)
+        # Byte-preserving results (to(device), detach, row slices, clone) keep their meaning; others are bytes.
+        if type(out) is torch.Tensor and out.dtype == torch.uint8 and out.dim() == 2 and out.shape[-1] == src.shape[-1]:
+            return GGMLWeight(out, src.qtype)
+        return out
+
+
+def _linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    if not isinstance(w, GGMLWeight):
+        raise TypeError("a packed ggml weight may only be the weight argument of F.linear")
+    packed, rows = w.plain(), w.shape[0]
+    step = max(1, CHUNK_ELEMENTS // w.n_cols)
+    with torch._C.DisableTorchFunctionSubclass():
+        if step >= rows:
+            out = F.linear(x, dequantize(packed, w.qtype, x.dtype))
+        else:
+            out = torch.cat(
+                [F.linear(x, dequantize(packed[i : i + step], w.qtype, x.dtype)) for i in range(0, rows, step)], dim=-1
+            )
+        return out if bias is None else out + bias
+
+
+def _embedding(ids: torch.Tensor, w: torch.Tensor, padding_idx=None, max_norm=None, *_, **__) -> torch.Tensor:
+    if not isinstance(w, GGMLWeight) or max_norm is not None:
+        raise TypeError("a packed ggml weight supports plain lookups only (no max_norm)")
+    with torch._C.DisableTorchFunctionSubclass():
+        rows = w.plain()[ids.reshape(-1)]  # (N, row_bytes)
+        return dequantize(rows, w.qtype).reshape(*ids.shape, w.n_cols)
+
+
+class GGMLLinear(nn.Module):
+    """A bias-free Linear whose `weight` buffer is a GGMLWeight (out_features, row_bytes)."""
+
+    def __init__(self, in_features: int, out_features: int, qtype: int | str | GGMLType, device=None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.qtype = ggml_type(qtype)
+        if in_features % self.qtype.block_size:
+            raise CheckpointError(None, f"{self.qtype.name} rows need a multiple of {self.qtype.block_size} columns, got {in_features}")
+        packed = torch.empty(out_features, self.qtype.row_bytes(in_features), dtype=torch.uint8, device=device)
+        self.register_buffer("weight", GGMLWeight(packed, self.qtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, qtype={self.qtype.name}"
+
+
+class GGMLEmbedding(nn.Module):
+    """An Embedding whose `weight` buffer is a GGMLWeight; a lookup decodes only the rows asked for.
+
+    Output is float32 until the module is cast with `.to(dtype)`.
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, qtype: int | str | GGMLType, device=None) -> None:
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.qtype = ggml_type(qtype)
+        if embedding_dim % self.qtype.block_size:
+            raise CheckpointError(None, f"{self.qtype.name} rows need a multiple of {self.qtype.block_size} columns, got {embedding_dim}")
+        packed = torch.empty(num_embeddings, self.qtype.row_bytes(embedding_dim), dtype=torch.uint8, device=device)
+        self.register_buffer("weight", GGMLWeight(packed, self.qtype))
+        self.out_dtype = torch.float32
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.weight).to(self.out_dtype)
+
+    def _apply(self, fn, recurse=True):
+        # Learn the floating dtype a cast asks for (module.to(dtype)) by applying it to a probe.
+        probe = fn(torch.empty(0))
+        if probe.is_floating_point():
+            self.out_dtype = probe.dtype
+        return super()._apply(fn, recurse)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, qtype={self.qtype.name}"
+
+
+def swap_ggml(net: nn.Module, qtypes: dict[str, GGMLType]) -> None:
+    """Replace the modules owning each quantized `<module>.weight` by their ggml counterparts, in place.
+
+    Run on the weightless (meta-device) model before the packed weights are assigned.
+    """
+    for name, qtype in qtypes.items():
+        path, _, attr = name.rpartition(".")
+        mod = net.get_submodule(path) if attr == "weight" else None
+        device = getattr(getattr(mod, "weight", None), "device", None)
+        if isinstance(mod, nn.Linear) and mod.bias is None:
+            new: nn.Module = GGMLLinear(mod.in_features, mod.out_features, qtype, device=device)
+        elif isinstance(mod, nn.Embedding):
+            new = GGMLEmbedding(mod.num_embeddings, mod.embedding_dim, qtype, device=device)
+        else:
+            raise CheckpointError(None, f"quantized tensor {name} is not the weight of a bias-free Linear or an Embedding; "
+                                  "only those may stay quantized")
+        parent_path, _, child = path.rpartition(".")
+        setattr(net.get_submodule(parent_path) if parent_path else net, child, new)

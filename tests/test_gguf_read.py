@@ -1,0 +1,75 @@
+"""GGUF reader: tiny Llama models written by gguf-py load through llamaherd.load with our model's logits."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as QT
+
+import llamaherd
+from llamaherd.checkpoint import gguf as reader
+from llamaherd.quant import GGMLEmbedding, GGMLLinear
+from tests.conftest import TINY, random_model
+from tests.gguf_read_fixtures import write_llama_gguf
+
+TOKENS = [[1, 17, 200, 3, 99, 45, 0, 255, 128, 7, 7, 31]]
+
+
+@pytest.mark.parametrize("family", sorted(TINY))
+def test_f32_gguf_logits_match_our_model(tmp_path, family):
+    c = TINY[family]
+    net = random_model(c)
+    path = tmp_path / "tiny.gguf"
+    write_llama_gguf(path, c, net.state_dict(), QT.F32)
+    model = llamaherd.load(path)
+    assert model.config.replace(max_seq_len=c.max_seq_len) == c.replace(multiple_of=model.config.multiple_of,
+                                                                        ffn_dim_multiplier=model.config.ffn_dim_multiplier)
+    with torch.no_grad():
+        want = net(torch.tensor(TOKENS))
+    got = model.logits(TOKENS)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["llama3", "llama3.2"])
+def test_q8_0_gguf_keeps_packed_weights_and_matches_dequantized_model(tmp_path, family):
+    c = TINY[family]
+    net = random_model(c)
+    path = tmp_path / "tiny-q8.gguf"
+    written = write_llama_gguf(path, c, net.state_dict(), QT.Q8_0)
+    model = llamaherd.load(path)
+    # Weights stay quantized: the swaps are in place and hold the file's packed bytes.
+    assert isinstance(model.net.layers[0].attention.wq, GGMLLinear)
+    assert isinstance(model.net.tok_embeddings, GGMLEmbedding)
+    assert model.net.layers[0].attention.wq.weight.dtype == torch.uint8
+    # Reference: our float model carrying the values gguf-py's decoder reads from the same bytes.
+    ref = random_model(c)
+    ref.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in written.items()}, strict=False)
+    if c.tie_embeddings:
+        assert "output.weight" not in written
+    with torch.no_grad():
+        want = ref(torch.tensor(TOKENS))
+    got = model.logits(TOKENS)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+
+
+def test_llama31_rope_freqs_tensor_becomes_rope_scaling(tmp_path):
+    c = TINY["llama3.1"]
+    net = random_model(c)
+    path = tmp_path / "tiny31.gguf"
+    write_llama_gguf(path, c, net.state_dict(), QT.F32)
+    ck = reader.read(path)
+    assert ck.config.rope_scaling == c.rope_scaling
+    assert "rope_freqs.weight" not in ck.state_dict
+
+
+def test_tensors_are_memory_mapped_not_copied(tmp_path):
+    c = TINY["llama3"]
+    path = tmp_path / "tiny.gguf"
+    write_llama_gguf(path, c, random_model(c).state_dict(), QT.Q8_0)
+    header, mm = reader.open_gguf(path)
+    ck = reader.read(path)
+    base = np.frombuffer(ck.metadata["_mmap"], dtype=np.uint8)
+    lo, hi = base.ctypes.data, base.ctypes.data + base.size
+    for name, t in ck.state_dict.items():
+        assert lo <= t.data_ptr() < hi, f"{name} is not a view of the mapped file"
