@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import re
 import shutil
 import sys
@@ -118,6 +119,22 @@ def test_meta_pieces_equal_reference_split(lengths):
     parts = [("ab字" * l)[:l] if k % 2 == 0 else (" \t\n\u3000" * l)[:l] for k, l in enumerate(lengths)]
     text = "".join(parts)
     assert list(meta_pieces(text)) == _meta_split(text)
+
+
+def test_meta_pieces_equal_reference_split_random_layouts():
+    # Runs of lengths near the 12,500-block pre-check and the 25,000 cut, at random offsets.
+    rng = random.Random(0)
+    for _ in range(12):
+        parts, size = [], 0
+        space = rng.random() < 0.5
+        while size < 120_000:
+            n = rng.choice([1, 2, 7, 12_499, 12_500, 12_501, 24_999, 25_000, 25_001, 25_002, 37_500, 50_001])
+            n = max(1, n + rng.randint(-2, 2))
+            parts.append(("\u3000 \t\n" if space else "x字.9")[rng.randint(0, 3)] * n)
+            size += n
+            space = not space
+        text = "".join(parts)
+        assert list(meta_pieces(text)) == _meta_split(text)
 
 
 def test_regex_whitespace_is_str_isspace():
