@@ -45,9 +45,9 @@ def temperature_scales(positions: torch.Tensor, floor_scale: float, attn_scale: 
 def key_positions(positions: torch.Tensor, start: int, key_mask: torch.Tensor | None) -> torch.Tensor:
     """Positions (B, S) of the S = start + T key slots, given the queries' positions (B, T) at slots [start, S).
 
-    The cache stores no positions, so they are recovered from the contract of the generation path: positions
-    advance by one per real (unmasked) slot. Padded slots get the position of the next real one; they are
-    masked anyway.
+    The cache stores no positions, so those of earlier slots are recovered from the contract of the generation
+    path: positions advance by one per real (unmasked) slot, and padding is on the left, so the last slot is
+    real. The new slots take the given positions; padded slots get values that their mask makes irrelevant.
     """
     B, T = positions.shape
     S = start + T
@@ -56,9 +56,10 @@ def key_positions(positions: torch.Tensor, start: int, key_mask: torch.Tensor | 
     else:
         real = key_mask[:, :S].to(torch.long)
     seen = torch.cumsum(real, dim=1)  # real slots up to and including each slot
-    # The first query (slot start) is real: its position minus the real slots before it is the base.
-    base = positions[:, :1] - (seen[:, start : start + 1] - 1)
-    return base + seen - real
+    base = positions[:, -1:] - (seen[:, -1:] - 1)  # position of the row's first real slot
+    kpos = base + seen - real
+    kpos[:, start:] = positions
+    return kpos
 
 
 def chunked_mask(
