@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from llamaherd.checkpoint import hf, materialize, meta_pth, read
+from llamaherd.checkpoint import Checkpoint, hf, materialize, meta_pth, read
 from llamaherd.errors import CheckpointError
 from tests.checkpoint_fixtures import meta_params, save_meta_folder
 from tests.conftest import TINY, random_model
@@ -24,7 +24,7 @@ def meta_dir(tmp_path):
 
 @pytest.fixture
 def hf_dir(tmp_path):
-    ckpt = meta_pth.Checkpoint(config=C, state_dict=random_model(C).state_dict(), source=tmp_path)
+    ckpt = Checkpoint(config=C, state_dict=random_model(C).state_dict(), source=tmp_path)
     return hf.write(ckpt, tmp_path / "hf")
 
 
@@ -124,7 +124,7 @@ def test_hf_misshaped_projection(hf_dir):
 
 
 def test_hf_index_names_missing_file(tmp_path):
-    ckpt = meta_pth.Checkpoint(config=C, state_dict=random_model(C).state_dict(), source=tmp_path)
+    ckpt = Checkpoint(config=C, state_dict=random_model(C).state_dict(), source=tmp_path)
     folder = hf.write(ckpt, tmp_path / "hf", max_shard_bytes=40_000)
     victim = sorted(folder.glob("model-*.safetensors"))[1]
     victim.unlink()

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from llamaherd.checkpoint import hf, meta_pth
+from llamaherd.checkpoint import Checkpoint, hf, meta_pth
 from llamaherd.checkpoint.save import WRITERS, save
 from llamaherd.cli import main as herd
 from tests.checkpoint_fixtures import meta_params, save_meta_folder
@@ -63,7 +63,7 @@ def test_meta_writer_shards_like_fairscale(family, embedding_dim, tmp_path):
 
 def test_hf_sharded_output_with_index(tmp_path):
     c = TINY["llama3"]
-    ckpt = meta_pth.Checkpoint(config=c, state_dict=random_model(c).state_dict(), source=tmp_path)
+    ckpt = Checkpoint(config=c, state_dict=random_model(c).state_dict(), source=tmp_path)
     hf.write(ckpt, tmp_path / "hf", max_shard_bytes=40_000)
     index = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())
     files = sorted(set(index["weight_map"].values()))
@@ -123,7 +123,7 @@ def test_meta_params_scaling_defaults_to_factor_8(tmp_path):
 
 def test_meta_tied_output_written_back(tmp_path):
     c = TINY["llama3.2"]
-    ckpt = meta_pth.Checkpoint(config=c, state_dict=random_model(c).state_dict(), source=tmp_path)
+    ckpt = Checkpoint(config=c, state_dict=random_model(c).state_dict(), source=tmp_path)
     assert "output.weight" not in ckpt.state_dict
     meta_pth.write(ckpt, tmp_path / "m")
     sd = _pth(tmp_path / "m")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llamaherd.checkpoint import hf, materialize, meta_pth
+from llamaherd.checkpoint import Checkpoint, hf, materialize, meta_pth
 from llamaherd.model import KVCache
 from tests.checkpoint_fixtures import hf_reference, meta_params, meta_reference, save_meta_folder
 from tests.conftest import TINY
@@ -142,7 +142,7 @@ def test_ours_to_hf_runs_in_transformers(family, tmp_path):
 
     c = TINY[family]
     net = random_model(c, seed=5)
-    ckpt = meta_pth.Checkpoint(config=c, state_dict=net.state_dict(), source=tmp_path)
+    ckpt = Checkpoint(config=c, state_dict=net.state_dict(), source=tmp_path)
     hf.write(ckpt, tmp_path / "hf")
     ref = LlamaForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
     tokens, start = _tokens(c), START[family]
