@@ -13,8 +13,8 @@ from llamaherd.config import ModelConfig, RopeScaling
 from tests.conftest import random_model
 
 # Llama 3 shaped, but wide enough (dim 256 = one k-quant super-block) for Q4_K/Q5_K/Q6_K to apply; the
-# FFN width 640 is not a multiple of 256, so ffn_down exercises llama.cpp's fallback types.
-KQ_LLAMA3 = ModelConfig(dim=256, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=512, hidden_dim=640,
+# FFN width 384 is not a multiple of 256, so ffn_down exercises llama.cpp's fallback types.
+KQ_LLAMA3 = ModelConfig(dim=256, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=256, hidden_dim=384,
                         rope_theta=500000.0, max_seq_len=1024, norm_eps=1e-5)
 KQ_LLAMA31 = KQ_LLAMA3.replace(rope_scaling=RopeScaling(factor=8.0), max_seq_len=131072)
 

@@ -13,6 +13,8 @@ from llama_models.llama3.model import apply_scaling
 from transformers.convert_slow_tokenizer import TikTokenConverter
 
 from llamaherd.checkpoint import ggml_quants, meta_pth
+from llamaherd.checkpoint.gguf import read as gguf_read
+from llamaherd.quant.ggml import GGMLWeight
 from llamaherd.checkpoint.gguf_write import byte_to_unicode, bpe_merges, gguf_name, tensor_type, write
 from llamaherd.checkpoint.quantize import quantize
 from llamaherd.cli import main as herd
@@ -22,15 +24,15 @@ from tests.gguf_write_fixtures import KQ_LLAMA3, KQ_LLAMA31, checkpoint, read_fi
 
 FILE_TYPES = ["f32", "f16", "q8_0", "q4_0", "q4_k_m"]
 
-# Expected types for KQ_LLAMA3 (4 layers, dim 256, ffn 640) derived by hand from llama.cpp's
-# llama_tensor_get_type: use_more_bits(i, 4) picks layers 2 and 3; ffn_down rows (640) are not a multiple
-# of 256, so Q4_K falls back to Q5_0 and Q6_K to Q8_0; output gets Q6_K in every quantized mix but Q8_0.
+# Expected types for KQ_LLAMA3 (2 layers, dim 256, ffn 384) derived by hand from llama.cpp's
+# llama_tensor_get_type: use_more_bits(i, 2) picks layer 1 (i >= 7*2//8); ffn_down rows (384) are not a
+# multiple of 256, so Q4_K falls back to Q5_0 and Q6_K to Q8_0; output gets Q6_K in every mix but Q8_0.
 Q4_K_M_TYPES = {
     "token_embd.weight": Q.Q4_K, "output.weight": Q.Q6_K, "output_norm.weight": Q.F32,
-    **{f"blk.{i}.attn_v.weight": Q.Q6_K if i >= 2 else Q.Q4_K for i in range(4)},
-    **{f"blk.{i}.ffn_down.weight": Q.Q8_0 if i >= 2 else Q.Q5_0 for i in range(4)},
-    **{f"blk.{i}.{n}.weight": Q.Q4_K for i in range(4) for n in ("attn_q", "attn_k", "attn_output", "ffn_gate", "ffn_up")},
-    **{f"blk.{i}.{n}.weight": Q.F32 for i in range(4) for n in ("attn_norm", "ffn_norm")},
+    **{f"blk.{i}.attn_v.weight": Q.Q6_K if i >= 1 else Q.Q4_K for i in range(2)},
+    **{f"blk.{i}.ffn_down.weight": Q.Q8_0 if i >= 1 else Q.Q5_0 for i in range(2)},
+    **{f"blk.{i}.{n}.weight": Q.Q4_K for i in range(2) for n in ("attn_q", "attn_k", "attn_output", "ffn_gate", "ffn_up")},
+    **{f"blk.{i}.{n}.weight": Q.F32 for i in range(2) for n in ("attn_norm", "ffn_norm")},
 }
 
 
@@ -57,6 +59,14 @@ def test_round_trip_decodes_to_our_quantizer(ckpt, ftype, tmp_path):
         torch.testing.assert_close(ref, expected, rtol=0, atol=0, msg=name)
         raw = torch.from_numpy(data.view(np.uint8).reshape(*src.shape[:-1], -1).copy())
         torch.testing.assert_close(ggml_quants.dequantize(raw, qtype.name).reshape(src.shape), expected, rtol=0, atol=0)
+    # engineer E's reader: same config back, every weight decodes to our quantizer's values
+    back = gguf_read(path)
+    assert back.config == c
+    for meta_name, src in ckpt.state_dict.items():
+        t = back.state_dict[meta_name]
+        t = t.dequantize() if isinstance(t, GGMLWeight) else t.to(torch.float32)
+        _, expected = quantize(src, tensors[gguf_name(meta_name)[0]][0])
+        torch.testing.assert_close(t, expected, rtol=0, atol=0, msg=meta_name)
     r = gguf.GGUFReader(path)
     assert read_field(r, "general.architecture") == "llama"
     assert read_field(r, "llama.block_count") == c.n_layers
@@ -111,6 +121,18 @@ def test_llama3_merges_match_transformers_conversion():
     assert ours == ref
 
 
+def test_byte_level_vocab_tables():
+    from llamaherd.checkpoint.gguf_write import _vocab_byte_level
+
+    tok = Tokenizer.llama3()
+    v = _vocab_byte_level(tok, tok.vocab_size)
+    assert v["tokens"][tok.encode(" hello")[0]] == "Ġhello"  # GPT-2 spelling of the leading space
+    assert v["tokens"][128009] == "<|eot_id|>" and v["types"][128009] == gguf.TokenType.CONTROL
+    assert v["tokens"][tok.encode("\n")[0]] == "Ċ"
+    assert len(set(v["tokens"])) == len(v["tokens"])
+
+
+@pytest.mark.slow
 def test_vocab_metadata_llama3(tmp_path):
     tok = Tokenizer.llama3()
     c = KQ_LLAMA3.replace(vocab_size=tok.vocab_size + 2)  # a padded embedding, as some checkpoints have
@@ -148,3 +170,18 @@ def test_herd_quantize_from_meta_folder(ckpt, tmp_path, capsys):
     assert "q4_k_m" in capsys.readouterr().out
     types = {n: t for n, (t, _) in read_tensors(out).items()}
     assert types == Q4_K_M_TYPES
+
+
+@pytest.mark.slow
+def test_herd_quantize_from_f16_gguf_keeps_config_and_vocab(tmp_path):
+    """An F16 GGUF (read by engineer E's reader) requantizes to Q8_0 with the same config and vocabulary."""
+    tok = Tokenizer.llama3()
+    c = KQ_LLAMA31.replace(vocab_size=tok.vocab_size, dim=32, hidden_dim=64, head_dim=8)
+    src = write(checkpoint(c, tokenizer=tok), tmp_path / "src.gguf", qtype="f16")
+    out = tmp_path / "q8.gguf"
+    assert herd(["quantize", str(src), str(out), "--type", "q8_0", "--quiet"]) == 0
+    back = gguf_read(out)
+    assert back.config == c
+    assert back.tokenizer.encode("Hello, world!") == tok.encode("Hello, world!")
+    types = {n: t for n, (t, _) in read_tensors(out).items()}
+    assert types["blk.0.attn_q.weight"] == Q.Q8_0 and types["output.weight"] == Q.Q8_0

@@ -193,6 +193,18 @@ def _vocab_sentencepiece(tok: Any, vocab_size: int) -> dict[str, Any]:
             "unk": sp.unk_id() if sp.unk_id() >= 0 else None}
 
 
+def _copy_gguf_vocab(w: gguf.GGUFWriter, tok: Any) -> None:
+    """A vocabulary read from a GGUF file goes out verbatim: every tokenizer.* key with its stored type."""
+    if tok.source is None or not Path(tok.source).is_file():
+        raise CheckpointError(tok.source, "a GGUF vocabulary can only be carried over from its source .gguf file")
+    reader = gguf.GGUFReader(tok.source)
+    for key, field in reader.fields.items():
+        if key.startswith("tokenizer."):
+            vtype = field.types[0]
+            sub = field.types[1] if vtype == gguf.GGUFValueType.ARRAY and len(field.types) > 1 else None
+            w.add_key_value(key, field.contents(), vtype, sub)
+
+
 def add_vocab(w: gguf.GGUFWriter, tok: Any, vocab_size: int) -> None:
     """tokenizer.ggml.* keys for a llamaherd Tokenizer."""
     if tok.vocab_size > vocab_size:
@@ -200,6 +212,9 @@ def add_vocab(w: gguf.GGUFWriter, tok: Any, vocab_size: int) -> None:
             tok.source, f"the tokenizer has {tok.vocab_size} tokens but the model's embedding only {vocab_size}; "
             "the tokenizer belongs to another model: put the model's own tokenizer beside its weights"
         )
+    if tok.kind == "gguf":
+        _copy_gguf_vocab(w, tok)
+        return
     if tok.kind in ("tiktoken", "hf"):
         v = _vocab_byte_level(tok, vocab_size)
     elif tok.kind == "sentencepiece":
@@ -343,7 +358,7 @@ def write(
     add_hparams(w, ckpt, FILE_TYPES[qtype][1], name or ckpt.metadata.get("name") or Path(ckpt.source).name)
     if ckpt.tokenizer is not None:
         add_vocab(w, ckpt.tokenizer, c.vocab_size)
-    if ckpt.chat_template:
+    if ckpt.chat_template and not (ckpt.tokenizer is not None and ckpt.tokenizer.kind == "gguf"):
         w.add_chat_template(ckpt.chat_template)
     for gname, _, shape, t in rows:
         # Tensor info takes the logical (row-major, torch-order) shape; the writer reverses it to ne[].
