@@ -59,14 +59,14 @@ def test_llama3_ids_match_meta(llama3, name):
         assert ours.decode(ours.encode(text)) == text
 
 
-@pytest.mark.parametrize("name", ["letters_60k", "digits_30k", "mixed_runs"])
-def test_llama3_long_runs_match_tokenizers_library(llama3, llama3_folder, name):
+def test_llama3_long_runs_match_tokenizers_library(llama3, llama3_folder):
     # tokenizer.json carries no 25,000-character cuts: the reference here is the tokenizers library itself.
     ours, _ = llama3
     lib = tokenizers.Tokenizer.from_file(str(llama3_folder / "tokenizer.json"))
-    text = LONG_RUNS[name]
-    assert ours.encode(text) == lib.encode(text, add_special_tokens=False).ids
-    assert ours.decode(ours.encode(text)) == text
+    for name in ("letters_60k", "digits_30k", "mixed_runs"):
+        text = LONG_RUNS[name]
+        assert ours.encode(text) == lib.encode(text, add_special_tokens=False).ids, name
+        assert ours.decode(ours.encode(text)) == text
 
 
 def test_llama3_token_bytes_and_stream(llama3):
@@ -163,12 +163,10 @@ def test_lone_surrogates_never_raise(spm_style):
         assert "\ufffd" in ours.decode(ids)
 
 
-def test_folder_prefers_tokenizer_json(llama3_folder, tmp_path):
-    import shutil
-
+def test_folder_prefers_tokenizer_json(tmp_path):
     folder = tmp_path / "both"
     folder.mkdir()
-    shutil.copy(llama3_folder / "tokenizer.json", folder / "tokenizer.json")
+    train_spm_style_json(folder)
     (folder / "tokenizer.model").write_text("not even a tokenizer")
     assert Tokenizer.from_file(folder).kind == "hf"
 
@@ -185,3 +183,24 @@ def test_malformed_json_raises(tmp_path):
     (good / "tokenizer_config.json").write_text("{not json")
     with pytest.raises(TokenizerError, match="tokenizer_config.json"):
         Tokenizer.from_file(good)
+
+
+@pytest.mark.slow
+def test_llama4_converted_json_matches_meta(tmp_path):
+    from llama_models.llama4.tokenizer import Tokenizer as Meta4
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    meta = Meta4.get_instance()
+    model_file = str(__import__("llama_models").__path__[0]) + "/llama4/tokenizer.model"
+    TikTokenConverter(
+        vocab_file=model_file, pattern=Meta4.O200K_PATTERN, extra_special_tokens=list(meta.special_tokens)
+    ).converted().save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<|begin_of_text|>", "eos_token": "<|eot|>"}))
+    ours = Tokenizer.from_file(tmp_path)
+    assert ours.special_tokens == meta.special_tokens and ours.vocab_size == meta.n_words
+    assert ours.stop_ids == frozenset(meta.stop_tokens)
+    for name, text in sorted({**CORPUS, **LONE_SURROGATES}.items()):
+        assert ours.encode(text, bos=True) == meta.encode(text, bos=True, eos=False), name
+    ids = ours.encode(CORPUS["all"])
+    stream = StreamDecoder(ours)
+    assert "".join(stream.push(i) for i in ids) + stream.flush() == meta.decode(ids) == CORPUS["all"]
