@@ -148,7 +148,9 @@ def _official(family: str) -> Tokenizer:
     try:
         ref = resources.files(f"llama_models.{family}").joinpath("tokenizer.model")
     except ModuleNotFoundError as e:
-        raise TokenizerError(f"the official {family} tokenizer ships in the llama-models package: pip install llama-models") from e
+        raise TokenizerError(
+            f"the official {family} tokenizer ships in the llama-models package: pip install llama-models"
+        ) from e
     with resources.as_file(ref) as p:
         return Tokenizer.from_file(p)
 

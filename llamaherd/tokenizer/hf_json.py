@@ -60,7 +60,9 @@ class HFTokenizer(Tokenizer):
         try:
             self._tk = tk = tokenizers.Tokenizer.from_file(str(path))
         except Exception as e:  # the tokenizers library raises plain Exception on any malformed file
-            raise TokenizerError(f"{path}: not a tokenizer.json the tokenizers library can read ({e}); re-download it") from e
+            raise TokenizerError(
+                f"{path}: not a tokenizer.json the tokenizers library can read ({e}); re-download it"
+            ) from e
         # Text that happens to spell a special token (e.g. "<|eot_id|>") is tokenized as text.
         tk.encode_special_tokens = True
         self.vocab_size = tk.get_vocab_size(with_added_tokens=True)
@@ -70,7 +72,12 @@ class HFTokenizer(Tokenizer):
 
         decoder = json.loads(tk.decoder.__getstate__()) if tk.decoder is not None else None
         kinds = _decoder_types(decoder)
-        self._mode = "bytelevel" if "ByteLevel" in kinds else "spm" if kinds & {"ByteFallback", "Metaspace", "Replace"} else "text"
+        if "ByteLevel" in kinds:
+            self._mode = "bytelevel"  # tokens spell bytes in the GPT-2 alphabet
+        elif kinds & {"ByteFallback", "Metaspace", "Replace"}:
+            self._mode = "spm"  # "▁" for space, <0xNN> byte tokens
+        else:
+            self._mode = "text"
         self._bytes: list[bytes] | None = None  # built on first use: streaming needs it, plain encode does not
         # Behaviours of the decoder that streaming must reproduce, asked of the library itself.
         word = tk.token_to_id(SPACE + "a") or tk.token_to_id(SPACE + "t")

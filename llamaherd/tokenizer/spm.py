@@ -1,4 +1,4 @@
-"""SentencePiece tokenizers (Llama 1, Llama 2, Code Llama): `tokenizer.model` protobufs via the sentencepiece library."""
+"""SentencePiece tokenizers (Llama 1, Llama 2, Code Llama): `tokenizer.model` protobufs via the library."""
 
 from __future__ import annotations
 

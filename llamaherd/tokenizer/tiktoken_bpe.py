@@ -139,7 +139,8 @@ def read_bpe_ranks(path: Path) -> dict[bytes, int]:
             token, rank = base64.b64decode(parts[0], validate=True), int(parts[1])
         except (ValueError, binascii.Error) as e:
             raise TokenizerError(
-                f"{path}: line {lineno} is not '<base64 token> <rank>' ({e}); the tiktoken file is corrupt, re-download it"
+                f"{path}: line {lineno} is not '<base64 token> <rank>' ({e}); "
+                "the tiktoken file is corrupt, re-download it"
             ) from e
         if token in ranks:
             raise TokenizerError(f"{path}: line {lineno}: token {token!r} appears twice; the file is corrupt")
