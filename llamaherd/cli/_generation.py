@@ -1,0 +1,120 @@
+"""Shared by `herd run` and `herd chat`: sampling flags, model loading with a progress line, streamed output."""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+import threading
+import time
+from typing import Any, TextIO
+
+# flag -> SamplingParams field (or num_ctx), with the Ollama / llama.cpp spelling users already know.
+SAMPLING_FLAGS: list[tuple[str, str, type, str]] = [
+    ("--temperature", "temperature", float, "0 = greedy"),
+    ("--top-k", "top_k", int, "keep the k most likely tokens (0 = off)"),
+    ("--top-p", "top_p", float, "nucleus sampling mass (1 = off)"),
+    ("--min-p", "min_p", float, "drop tokens below min_p x the top probability"),
+    ("--typical-p", "typical_p", float, "locally typical sampling mass (1 = off)"),
+    ("--repeat-penalty", "repetition_penalty", float, "penalise tokens already in the context (1 = off)"),
+    ("--repeat-last-n", "penalty_last_n", int, "window of the repeat penalty (-1 = whole context)"),
+    ("--presence-penalty", "presence_penalty", float, "OpenAI presence penalty"),
+    ("--frequency-penalty", "frequency_penalty", float, "OpenAI frequency penalty"),
+    ("--seed", "seed", int, "random seed: same seed, same output"),
+    ("--max-tokens", "max_tokens", int, "most tokens to generate (-1 = until the context is full)"),
+    ("--num-ctx", "num_ctx", int, "context window in tokens (at most the model's max_seq_len)"),
+]
+
+
+class _IntermixedParser(argparse.ArgumentParser):
+    """Lets positionals come after options (`herd run MODEL --temperature 0 "a prompt"`), which plain
+    argparse refuses once it has consumed the first positional chunk."""
+
+    _busy = False
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
+        if self._busy:  # parse_known_intermixed_args calls back into parse_known_args
+            return super().parse_known_args(args, namespace)
+        self._busy = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._busy = False
+
+
+def allow_intermixed(p: argparse.ArgumentParser) -> None:
+    p.__class__ = _IntermixedParser
+
+
+def add_sampling_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling (defaults: the checkpoint's generation config)")
+    for flag, dest, typ, help_ in SAMPLING_FLAGS:
+        g.add_argument(flag, dest=dest, type=typ, default=None, help=help_)
+    g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    p.add_argument("--verbose", action="store_true", help="print timings and token rates after each reply")
+    p.add_argument("--dtype", default=None, help="load weights as f32, bf16 or f16 (default: as stored)")
+
+
+def sampling_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    out = {dest: getattr(args, dest) for _, dest, _, _ in SAMPLING_FLAGS if getattr(args, dest, None) is not None}
+    if getattr(args, "stop", None):
+        out["stop"] = tuple(args.stop)
+    if out.get("max_tokens") == -1:
+        out["max_tokens"] = None
+    return out
+
+
+class Spinner:
+    """A progress line on a terminal while something runs ("loading model ⠙"); one plain line otherwise."""
+
+    FRAMES = "⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏"
+
+    def __init__(self, label: str, stream: TextIO | None = None) -> None:
+        self.label = label
+        self.stream = stream or sys.stderr
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> Spinner:
+        if self.stream.isatty():
+            self._thread = threading.Thread(target=self._spin, daemon=True)
+            self._thread.start()
+        else:
+            print(f"{self.label} ...", file=self.stream, flush=True)
+        return self
+
+    def _spin(self) -> None:
+        for frame in itertools.cycle(self.FRAMES):
+            self.stream.write(f"\r{self.label} {frame} ")
+            self.stream.flush()
+            if self._stop.wait(0.1):
+                break
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self.stream.write("\r\033[K")  # erase the progress line
+            self.stream.flush()
+
+
+def load_model(source: str, dtype: str | None = None):
+    """Load with a progress line; returns (model, seconds)."""
+    from ..checkpoint.load import load, resolve
+    from ..checkpoint.save import parse_dtype
+
+    t0 = time.perf_counter()
+    path = resolve(source)  # a missing model is one error line, before any progress line
+    with Spinner(f"loading {source}"):
+        model = load(path, dtype=parse_dtype(dtype))
+    return model, time.perf_counter() - t0
+
+
+def write_stream(pieces, out: TextIO) -> str:
+    """Print text pieces as they come; return the whole text."""
+    text = []
+    for piece in pieces:
+        out.write(piece)
+        out.flush()
+        text.append(piece)
+    return "".join(text)
