@@ -28,8 +28,8 @@ def ol(live):
 
 
 WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather for a city",
-                                              "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
-                                                             "required": ["city"]}}}
+                                              "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12}},
+                                                             "required": ["city"], "additionalProperties": False}}}
 
 
 def test_models(oa):
@@ -62,17 +62,17 @@ def test_seeded_sampling_is_reproducible(oa):
 
 def test_json_schema_output_validates(oa):
     schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 8},
-                                               "age": {"type": "integer"}}, "required": ["name", "age"],
+                                               "age": {"type": "integer", "minimum": 0, "maximum": 150}}, "required": ["name", "age"],
               "additionalProperties": False}
     r = oa.chat.completions.create(model="tiny-llama3", messages=[{"role": "user", "content": "A person as JSON"}],
-                                   max_tokens=60, temperature=0.7, seed=3,
+                                   max_tokens=200, temperature=0.7, seed=3,
                                    response_format={"type": "json_schema", "json_schema": {"name": "p", "schema": schema}})
     jsonschema.validate(json.loads(r.choices[0].message.content), schema)
 
 
 def test_tool_call_round_trip(oa):
     r = oa.chat.completions.create(model="tiny-llama3", messages=[{"role": "user", "content": "Weather in Paris?"}],
-                                   tools=[WEATHER], tool_choice="required", max_tokens=40, temperature=0.7, seed=1)
+                                   tools=[WEATHER], tool_choice="required", max_tokens=150, temperature=0.7, seed=1)
     calls = r.choices[0].message.tool_calls
     assert r.choices[0].finish_reason == "tool_calls" and calls[0].function.name == "get_weather"
     args = json.loads(calls[0].function.arguments)

@@ -123,4 +123,4 @@ def check_model(served: ServedModel, name: str | None) -> None:
     """Requests may omit the model or name the served one; anything else is a 404 naming what is served."""
     if name and name not in (served.name, served.name.split(":")[0]):
         raise APIError(404, f"model {name!r} is not served here; this server serves {served.name!r}",
-                       "not_found_error", param="model", code="model_not_found")
+                       type_="not_found_error", param="model", code="model_not_found")

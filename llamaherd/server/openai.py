@@ -147,6 +147,12 @@ def _constraint_for(served: ServedModel, body: ChatCompletionRequest):
 # -------------------------------------------------------------------------------------------------------------
 
 
+def _echo(served: ServedModel, prompt: list[int]) -> str:
+    """The prompt as text, without the begin-of-text token the server added (as vLLM's echo)."""
+    bos = served.tokenizer.bos_id
+    return served.tokenizer.decode(prompt[1:] if prompt and prompt[0] == bos else prompt)
+
+
 def _prompts(served: ServedModel, prompt) -> list[list[int]]:
     tok, vocab = served.tokenizer, served.model.config.vocab_size
     if isinstance(prompt, str):
@@ -185,7 +191,7 @@ async def completions(body: CompletionRequest, request: Request):
     results = await asyncio.gather(*(served.complete(p, sp, u) for (p, sp), u in zip(jobs, usages)))
     choices = []
     for i, ((p, _), (text, chunks, finish)) in enumerate(zip(jobs, results)):
-        echo = served.tokenizer.decode(p) if body.echo else ""
+        echo = _echo(served, p) if body.echo else ""
         choice = {"index": i, "text": echo + text, "finish_reason": _finish(finish), "logprobs": None}
         if body.logprobs is not None:
             choice["logprobs"] = _completion_logprobs(served, chunks, len(echo))
@@ -214,7 +220,7 @@ def _completion_logprobs(served: ServedModel, chunks: list[Chunk], offset: int =
 async def _completion_stream(served, jobs, usages, body, head) -> AsyncIterator[str]:
     for i, ((p, sp), usage) in enumerate(zip(jobs, usages)):
         if body.echo:
-            yield _sse({**head, "choices": [{"index": i, "text": served.tokenizer.decode(p), "finish_reason": None,
+            yield _sse({**head, "choices": [{"index": i, "text": _echo(served, p), "finish_reason": None,
                                              "logprobs": None}]})
         async for c in served.stream(p, sp, usage):
             lp = _completion_logprobs(served, [c]) if body.logprobs is not None else None
