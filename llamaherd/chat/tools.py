@@ -203,10 +203,12 @@ def parse_json_calls(text: str) -> list[tuple[str, dict]] | None:
 def extract_function_tags(text: str) -> tuple[list[tuple[str, dict]], str] | None:
     """`<function=f>{...}</function>` anywhere; returns (calls, text outside them) or None if there are none.
 
-    A malformed tag stays in the text. Each attempt looks at most `_MAX_NAME` characters for the name and
-    decodes one JSON value, so the scan is linear in practice.
+    A malformed tag stays in the text. Linear time: the arguments of each tag are decoded from the segment
+    that ends at the next `</function>` or `<function=`, so no character is decoded twice (a JSON error on
+    the whole text would also cost O(position) just to compute its line number).
     """
-    calls, kept, i = [], [], 0
+    calls, kept, i, n = [], [], 0, len(text)
+    close_at = -1  # next `</function>` at or after the current position (n if none); found once per tag
     while True:
         j = text.find(_FUNCTION_OPEN, i)
         if j < 0:
@@ -217,14 +219,21 @@ def extract_function_tags(text: str) -> tuple[list[tuple[str, dict]], str] | Non
         ok = False
         if name and "<" not in name and "{" not in name:
             k = close + 1
-            while k < len(text) and text[k] in " \t\r\n":
+            while k < n and text[k] in " \t\r\n":
                 k += 1
-            if k < len(text) and text[k] == "{":
+            if k < n and text[k] == "{":
+                if close_at < k:
+                    close_at = text.find(_FUNCTION_CLOSE, k)
+                    close_at = n if close_at < 0 else close_at
+                next_open = text.find(_FUNCTION_OPEN, k, close_at)
+                stop = close_at if next_open < 0 else next_open
+                segment = text[k:stop]
                 try:
-                    args, end = _json.raw_decode(text, k)
+                    args, used = _json.raw_decode(segment)
                 except (ValueError, RecursionError):
                     args = None
                 if isinstance(args, dict):
+                    end = k + used
                     if text.startswith(_FUNCTION_CLOSE, end):
                         end += len(_FUNCTION_CLOSE)
                     kept.append(text[i:j])
@@ -417,9 +426,9 @@ class ToolCallParser:
 
     def flush(self) -> str:
         """Text held back that turned out to be plain content (call at end of stream, before finish)."""
-        if self._mode == "tool" and self.finish()["tool_calls"]:
-            return ""
         msg = self.finish()
+        if self._mode == "tool" and msg["tool_calls"]:
+            return ""
         content = msg["content"] or ""
         # Plain answer: release whatever of the final content was not yet shown.
         return content[self._released:] if self._released <= len(content) else ""
