@@ -14,7 +14,7 @@ from llamaherd.tokenizer import StreamDecoder, Tokenizer
 from .tokenizer_fixtures import CORPUS, LONE_SURROGATES, LONG_RUNS
 
 
-def train_spm(folder, vocab_size: int = 600) -> "Path":  # noqa: F821
+def train_spm(folder, vocab_size: int = 600, **options) -> "Path":  # noqa: F821
     """A small BPE SentencePiece model with byte fallback, trained like Llama 2's (identity normalization,
     split digits, whitespace-only pieces allowed). Returns the path of the .model file."""
     rng = random.Random(0)
@@ -33,6 +33,7 @@ def train_spm(folder, vocab_size: int = 600) -> "Path":  # noqa: F821
         split_digits=True,
         allow_whitespace_only_pieces=True,
         minloglevel=2,
+        **options,
     )
     return folder / "sp.model"
 
@@ -128,3 +129,16 @@ def test_malformed_model_raises(sp_path, tmp_path):
     (tmp_path / "junk.model").write_bytes(b"\x0a\xff\xff\xff\xff\x0fjunk")
     with pytest.raises(TokenizerError, match="junk.model"):
         Tokenizer.from_file(tmp_path / "junk.model")
+
+
+def test_code_llama_infill_pieces(tmp_path):
+    # Code Llama ships ▁<PRE> ▁<MID> ▁<SUF> ▁<EOT> as control pieces 32007..32010; infilling stops at ▁<EOT>.
+    pieces = ["\u2581<PRE>", "\u2581<SUF>", "\u2581<MID>", "\u2581<EOT>"]
+    path = train_spm(tmp_path, control_symbols=pieces)
+    ref = sentencepiece.SentencePieceProcessor(model_file=str(path))
+    tok = Tokenizer.from_file(path)
+    for piece in pieces:
+        assert tok.special_id(piece) == ref.piece_to_id(piece) > 2
+    assert tok.stop_ids == {2, ref.piece_to_id("\u2581<EOT>")}
+    assert tok.encode(" <PRE> x <EOT>") == ref.encode(" <PRE> x <EOT>")  # literals in text stay text
+    assert not set(tok.encode(" <PRE> x <EOT>")) & set(tok.special_ids)

@@ -11,7 +11,10 @@ from ..errors import TokenizerError
 from .base import Tokenizer, sanitize
 
 SPACE = "\u2581"  # SentencePiece's visible space, "▁"
-UNK_SURFACE = " \u2047 "  # what the library's decoder prints for <unk> (TrainerSpec.unk_surface default)
+UNK_SURFACE = " \u2047 "
+# Code Llama's infilling pieces (codellama/llama/tokenizer.py: prefix_id, middle_id, suffix_id, eot_id);
+# generation of an infill stops at ▁<EOT> (codellama/llama/generation.py text_infilling).
+INFILL_PIECES = ("\u2581<PRE>", "\u2581<MID>", "\u2581<SUF>", "\u2581<EOT>")  # what the library's decoder prints for <unk> (TrainerSpec.unk_surface default)
 
 
 class SentencePieceTokenizer(Tokenizer):
@@ -32,10 +35,17 @@ class SentencePieceTokenizer(Tokenizer):
             raise TokenizerError(f"{source}: SentencePiece model has an empty vocabulary; re-download it")
         self.bos_id = sp.bos_id() if sp.bos_id() >= 0 else None
         self.eos_id = sp.eos_id() if sp.eos_id() >= 0 else None
-        self.stop_ids = frozenset([self.eos_id] if self.eos_id is not None else [])
         self.special_tokens = {
             sp.id_to_piece(i): i for i in range(self.vocab_size) if sp.is_control(i) or sp.is_unknown(i)
         }
+        for piece in INFILL_PIECES:
+            i = sp.piece_to_id(piece)
+            if sp.id_to_piece(i) == piece:  # piece_to_id answers unk's id for an unknown piece
+                self.special_tokens[piece] = i
+        stops = [self.eos_id] if self.eos_id is not None else []
+        if "\u2581<EOT>" in self.special_tokens:
+            stops.append(self.special_tokens["\u2581<EOT>"])
+        self.stop_ids = frozenset(stops)
         self._bytes = [self._piece_bytes(i) for i in range(self.vocab_size)]
         # The decoder drops the space the dummy prefix put before the first word. Ask the library whether
         # this model does that, rather than parsing its normalizer spec.
