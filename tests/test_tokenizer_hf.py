@@ -111,6 +111,22 @@ def spm_style(tmp_path_factory):
     return Tokenizer.from_file(folder / "tokenizer.json"), tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
 
 
+def test_bos_eos_from_post_processor_template_without_config(tmp_path):
+    from tokenizers import processors
+
+    train_spm_style_json(tmp_path)
+    (tmp_path / "tokenizer_config.json").unlink()
+    assert Tokenizer.from_file(tmp_path).bos_id is None
+    lib = tokenizers.Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    lib.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", pair="<s> $A </s> $B", special_tokens=[("<s>", 1), ("</s>", 2)]
+    )
+    lib.save(str(tmp_path / "tokenizer.json"))
+    ours = Tokenizer.from_file(tmp_path)
+    assert (ours.bos_id, ours.eos_id) == (1, 2)
+    assert ours.encode("ab cd", bos=True, eos=True) == lib.encode("ab cd", add_special_tokens=True).ids
+
+
 def test_spm_style_tables(spm_style):
     ours, _ = spm_style
     assert (ours.bos_id, ours.eos_id, ours.stop_ids) == (1, 2, frozenset({2}))

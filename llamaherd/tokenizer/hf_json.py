@@ -89,6 +89,8 @@ class HFTokenizer(Tokenizer):
         config = self._read_json(folder / "tokenizer_config.json")
         ids = self._tk.token_to_id
         bos, eos = _token_name(config.get("bos_token")), _token_name(config.get("eos_token"))
+        if bos is None and eos is None:  # no tokenizer_config.json: the post-processor's template names them
+            bos, eos = self._template_specials()
         self.bos_id = ids(bos) if bos else None
         self.eos_id = ids(eos) if eos else None
         stops = {self.eos_id} if self.eos_id is not None else set()
@@ -98,6 +100,19 @@ class HFTokenizer(Tokenizer):
                 stops.add(i)
         stops |= {self.special_tokens[t] for t in END_OF_TURN if t in self.special_tokens}
         self.stop_ids = frozenset(stops)
+
+    def _template_specials(self) -> tuple[str | None, str | None]:
+        """(bos, eos) literals around `$A` in a TemplateProcessing post-processor (possibly in a Sequence)."""
+        post = self._tk.post_processor
+        spec = json.loads(post.__getstate__()) if post is not None else {}
+        for proc in [spec, *spec.get("processors", [])]:
+            if proc.get("type") == "TemplateProcessing":
+                single = proc.get("single", [])
+                at = next((k for k, part in enumerate(single) if "Sequence" in part), len(single))
+                before = [p["SpecialToken"]["id"] for p in single[:at] if "SpecialToken" in p]
+                after = [p["SpecialToken"]["id"] for p in single[at + 1 :] if "SpecialToken" in p]
+                return (before[0] if before else None), (after[-1] if after else None)
+        return None, None
 
     def _read_json(self, path: Path) -> dict:
         if not path.is_file():
