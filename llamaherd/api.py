@@ -153,7 +153,11 @@ class Model:
             return (p.text for p in stream_pieces(self.net, self.tokenizer, ids, sampler, stop_ids=stop_ids,
                                                    context_limit=limit, stats=stats) if p.text)
         done = self.complete(ids, stats=stats, extra_stop_ids=fmt.stop_ids, **sampling)
-        return fmt.parse_assistant(done.text)
+        text = done.text
+        if done.stop_token is not None and self.tokenizer is not None:
+            # The end token tells end-of-turn from end-of-message (<|eot_id|> vs <|eom_id|> after a tool call).
+            text += self.tokenizer.decode([done.stop_token])
+        return fmt.parse_assistant(text)
 
     def __repr__(self) -> str:
         c = self.config

@@ -202,6 +202,7 @@ class Piece:
     logprob: float | None = None
     top_logprobs: list[tuple[int, float]] | None = None
     finish_reason: str | None = None  # set on the last piece: "stop" or "length"
+    stop_token: int | None = None  # the end token that stopped generation (not part of the text)
 
 
 @dataclass
@@ -212,6 +213,7 @@ class Completion:
     prompt_tokens: int
     logprobs: list[Piece] = field(default_factory=list)  # per generated token, when asked for
     stats: GenerationStats | None = None
+    stop_token: int | None = None  # the end token that stopped generation, if one did
 
 
 def stream(net: nn.Module, tokenizer, prompt: Sequence[int], sampler: Sampler, *,
@@ -229,7 +231,7 @@ def stream(net: nn.Module, tokenizer, prompt: Sequence[int], sampler: Sampler, *
             if step.sample.top_ids is not None:
                 top = list(zip(step.sample.top_ids[0].tolist(), step.sample.top_logprobs[0].tolist()))
         if reason == "stop":
-            yield Piece(text.flush(), None, finish_reason="stop")
+            yield Piece(text.flush(), None, finish_reason="stop", stop_token=tok)
             return
         piece = text.push(tok)
         if text.stopped:
@@ -253,6 +255,7 @@ def complete(net: nn.Module, tokenizer, prompt: Sequence[int], sampler: Sampler,
         prompt_tokens=len(prompt),
         logprobs=[p for p in pieces if p.token is not None] if want_lp else [],
         stats=stats,
+        stop_token=pieces[-1].stop_token if pieces else None,
     )
 
 
