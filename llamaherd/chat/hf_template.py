@@ -86,7 +86,19 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
 
     def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 (Jinja's own signature)
         __self.tick()
+        target = getattr(__obj, "__wrapped__", __obj)  # Jinja wraps str.format in a sandboxed formatter
+        owner = getattr(target, "__self__", None)
+        if isinstance(owner, str) and getattr(target, "__name__", "") in ("format", "format_map", "center", "ljust",
+                                                                          "rjust", "zfill", "expandtabs"):
+            if _WIDTH.search(owner) or any(isinstance(a, int) and a > MAX_WIDTH for a in args):
+                raise jinja2.exceptions.SecurityError("chat template used a format width past the limit")
         return __self.checked(super().call(__context, __obj, *args, **kwargs))
+
+    def unsafe_undefined(self, obj, attribute):
+        # Jinja returns an Undefined that fails only when used; a template probing internals is hostile: stop.
+        raise jinja2.exceptions.SecurityError(
+            f"access to attribute {attribute!r} of {type(obj).__name__!r} object is unsafe"
+        )
 
     def call_binop(self, context, operator, left, right):
         self.tick()
@@ -99,12 +111,6 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
         elif operator == "%" and isinstance(left, str) and _WIDTH.search(left):
             raise jinja2.exceptions.SecurityError("chat template used a format width past the limit")
         return self.checked(super().call_binop(context, operator, left, right))
-
-    def format_string(self, s, args, kwargs, format_func=None):
-        self.tick()
-        if _WIDTH.search(s):
-            raise jinja2.exceptions.SecurityError("chat template used a format width past the limit")
-        return self.checked(super().format_string(s, args, kwargs, format_func))
 
 
 def _bounded_range(env: BoundedSandbox):
