@@ -8,11 +8,13 @@ import shutil
 import sys
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from llama_models.llama3.tokenizer import Tokenizer as Meta3
 from llama_models.llama4.tokenizer import Tokenizer as Meta4
 from llamaherd.errors import TokenizerError
-from llamaherd.tokenizer import Tokenizer
+from llamaherd.tokenizer import StreamDecoder, Tokenizer
 from llamaherd.tokenizer.tiktoken_bpe import meta_pieces
 
 from .tokenizer_fixtures import CORPUS, LONE_SURROGATES, LONG_RUNS
@@ -218,3 +220,23 @@ def test_malformed_files_raise_typed_errors(tmp_path):
     (tmp_path / "emptydir").mkdir()
     with pytest.raises(TokenizerError, match="neither tokenizer.json nor tokenizer.model"):
         Tokenizer.from_file(tmp_path / "emptydir")
+
+
+# Text from every Unicode category that matters to the pre-tokenizer regexes (letters of each case, marks,
+# numbers, punctuation, symbols, separators, controls), surrogates excluded.
+_TEXT = st.text(
+    alphabet=st.characters(blacklist_categories=("Cs",), max_codepoint=0x1FAFF)
+    | st.sampled_from(list(" \t\n\r'sStTlLdD0123456789<|>_\u200d\u0301")),
+    max_size=80,
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=_TEXT)
+def test_property_ids_match_reference(pair, text):
+    ours, ref = pair
+    ids = ours.encode(text)
+    assert ids == ref.encode(text, bos=False, eos=False)
+    assert ours.decode(ids) == text
+    stream = StreamDecoder(ours)
+    assert "".join(stream.push(i) for i in ids) + stream.flush() == text
