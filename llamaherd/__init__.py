@@ -3,6 +3,7 @@
 from .api import Model
 from .checkpoint import load
 from .config import ModelConfig, RopeScaling
+from .tokenizer import Tokenizer
 
-__all__ = ["Model", "ModelConfig", "RopeScaling", "load"]
+__all__ = ["Model", "ModelConfig", "RopeScaling", "Tokenizer", "load"]
 __version__ = "0.1.0"
