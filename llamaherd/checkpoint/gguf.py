@@ -329,9 +329,16 @@ def config_from_metadata(md: dict[str, Any], tensors: dict[str, TensorInfo], pat
             final_logit_softcap=m.get("final_logit_softcapping", float, None),
             attn_logit_softcap=m.get("attn_logit_softcapping", float, None),
         )
+    for key in ("n_layers", "n_heads", "n_kv_heads", "hidden_dim", "head_dim", "max_seq_len"):
+        if not 0 < fields[key] < 1 << 31:
+            raise GGUFError(path, f"metadata gives {key} = {fields[key]}, which is not a usable size; fix the {arch}.* keys")
+    blocks = {int(n.split(".")[1]) for n in tensors if n.startswith("blk.") and n.split(".")[1].isdigit()}
+    if len(blocks) != fields["n_layers"] or (blocks and max(blocks) != len(blocks) - 1):
+        raise GGUFError(path, f"{arch}.block_count = {fields['n_layers']} but the file holds tensors for "
+                        f"{len(blocks)} blocks (indices {min(blocks, default=None)}..{max(blocks, default=None)})")
     try:
         return ModelConfig(**fields)
-    except ValueError as e:
+    except (ValueError, ZeroDivisionError) as e:
         raise GGUFError(path, f"metadata describes an impossible model: {e}") from e
 
 
@@ -408,9 +415,13 @@ def read(path: str | Path) -> Checkpoint:
     md = header.metadata
     tokenizer = None
     if "tokenizer.ggml.model" in md:
+        from ..errors import TokenizerError
         from ..tokenizer.gguf_vocab import from_metadata
 
-        tokenizer = from_metadata(md, path)
+        try:
+            tokenizer = from_metadata(md, path)
+        except TokenizerError as e:
+            raise GGUFError(path, f"tokenizer metadata is unusable: {e}") from e
     return Checkpoint(
         config=config,
         state_dict=state,

@@ -52,6 +52,19 @@ def from_metadata(md: dict[str, Any], source: Path | None = None) -> Tokenizer:
     raise TokenizerError(f"{source}: tokenizer.ggml.model = {model!r} is unsupported; supported: 'llama', 'gpt2'")
 
 
+def _numbers(md: dict[str, Any], key: str, source: Path | None, integer: bool = False):
+    """A numeric metadata array, or None when absent; anything else is a TokenizerError."""
+    v = md.get(key)
+    if v is None:
+        return None
+    import numpy as np
+
+    ok = isinstance(v, np.ndarray) and (np.issubdtype(v.dtype, np.integer) if integer else np.issubdtype(v.dtype, np.number))
+    if not ok:
+        raise TokenizerError(f"{source}: {key} must be an array of {'integers' if integer else 'numbers'}")
+    return v
+
+
 class _GGUFVocab(Tokenizer):
     """What both kinds share: the token table, types, special ids and user-defined-token splitting."""
 
@@ -60,11 +73,11 @@ class _GGUFVocab(Tokenizer):
     def __init__(self, md: dict[str, Any], source: Path | None) -> None:
         self.source = source
         tokens = md.get("tokenizer.ggml.tokens")
-        if not isinstance(tokens, list) or not tokens:
+        if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) for t in tokens):
             raise TokenizerError(f"{source}: tokenizer.ggml.tokens is missing or empty; the GGUF has no vocabulary")
         self.tokens: list[str] = tokens
         self.vocab_size = len(tokens)
-        types = md.get("tokenizer.ggml.token_type")
+        types = _numbers(md, "tokenizer.ggml.token_type", source, integer=True)
         self.types = [int(t) for t in types] if types is not None else [NORMAL] * len(tokens)
         if len(self.types) != len(tokens):
             raise TokenizerError(f"{source}: tokenizer.ggml.token_type has {len(self.types)} entries for {len(tokens)} tokens")
@@ -137,7 +150,7 @@ class SPMVocab(_GGUFVocab):
 
     def __init__(self, md: dict[str, Any], source: Path | None) -> None:
         super().__init__(md, source)
-        scores = md.get("tokenizer.ggml.scores")
+        scores = _numbers(md, "tokenizer.ggml.scores", source)
         self.scores = [float(s) for s in scores] if scores is not None else [0.0] * self.vocab_size
         if len(self.scores) != self.vocab_size:
             raise TokenizerError(f"{source}: tokenizer.ggml.scores has {len(self.scores)} entries for {self.vocab_size} tokens")
@@ -225,6 +238,8 @@ class BPEVocab(_GGUFVocab):
             raise TokenizerError(f"{source}: tokenizer.ggml.pre = {pre!r} is unsupported; supported: {sorted(PRE_SPLITS)}")
         pattern, ignore_merges = PRE_SPLITS[pre]
         merges = md.get("tokenizer.ggml.merges") or []
+        if not isinstance(merges, list) or not all(isinstance(m, str) for m in merges):
+            raise TokenizerError(f"{source}: tokenizer.ggml.merges must be an array of strings")
         pairs = []
         for m in merges:
             a, sep, b = m.partition(" ")
