@@ -49,8 +49,6 @@ DIALOGS = {
 @pytest.mark.parametrize("dialog", sorted(DIALOGS))
 @pytest.mark.parametrize("tool_format", ["json", "function_tag", "python_list"])
 def test_encode_dialog_matches_llama_models(family, dialog, tool_format):
-    if family == "llama3" and dialog == "custom_tool_round_trip" and tool_format == "python_list":
-        pass  # llama-models writes dict arguments as `{k=v}` in python_list (not Python); checked separately below
     messages = DIALOGS[dialog]
     from llama_models.datatypes import ToolPromptFormat
 

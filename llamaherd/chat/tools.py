@@ -421,7 +421,7 @@ class ToolCallParser:
         return s
 
     def finish(self) -> dict:
-        """Parse everything fed; also returns `released` (text already shown) in the message's extras."""
+        """The final message: exactly `parse_tool_output` of everything fed."""
         return parse_tool_output("".join(self._buf), self.syntax)
 
     def flush(self) -> str:
