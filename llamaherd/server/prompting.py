@@ -6,25 +6,15 @@ import json
 import uuid
 from typing import Any
 
-from ..chat import get_format
 from ..engine.sampling import SamplingParams
 
 
 def chat_format_name(model) -> str:
-    """The chat format a checkpoint speaks: Meta's own formats where its special tokens say so, else its
-    Hugging Face template, else Llama 2's [INST] (SentencePiece vocabularies)."""
-    specials = getattr(model.tokenizer, "special_tokens", {}) or {}
-    if "<|header_start|>" in specials:
-        return "llama4"
-    if "<|start_header_id|>" in specials:
-        return "llama3"
-    if model.checkpoint.chat_template:
-        return "hf"
-    return "llama2"
+    return model.chat_format_name
 
 
 def chat_format(model):
-    return get_format(chat_format_name(model), model.tokenizer, template=model.checkpoint.chat_template)
+    return model.chat_format()
 
 
 def sampling_params(defaults, **fields: Any) -> SamplingParams:
