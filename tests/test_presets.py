@@ -71,3 +71,11 @@ def test_show_unknown_model_is_one_clear_error(capsys):
     assert main(["show", "no-such-model-xyz"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("herd: error:") and "herd presets" in err and "Traceback" not in err
+
+
+def test_show_template_renders_the_presets_chat_format(capsys):
+    assert main(["show", "llama-3.2-1b-instruct", "--template"]) == 0
+    out = capsys.readouterr().out
+    # Llama 3.2's pythonic tool-call format, with Llama 3 headers (llama-models llama3_2/text_prompt_format.md).
+    assert "<|start_header_id|>user<|end_header_id|>" in out and "[get_weather(" in out
+    assert main(["show", "llama-3.1-8b", "--template"]) == 1  # a base model has no chat format

@@ -57,9 +57,7 @@ def describe(name: str) -> tuple[ModelConfig, dict]:
 def run(args: argparse.Namespace) -> int:
     config, facts = describe(args.model)
     if args.template:
-        from .prompt_format import print_preview  # owned by the chat format module
-
-        return print_preview(args.model)
+        return show_template(args.model, facts)
     total, active = presets.count_parameters(config)
     if args.json:
         print(json.dumps({**facts, "parameters": total, "active_parameters": active,
@@ -76,6 +74,32 @@ def run(args: argparse.Namespace) -> int:
         value = getattr(config, f.name)
         if f.name in common or (value is not None and value != f.default):
             print(f"    {f.name:<26} {value}")
+    return 0
+
+
+def show_template(name: str, facts: dict) -> int:
+    """Print how a sample dialog (with a tool call) renders for this model, special tokens highlighted."""
+    import sys
+
+    from ..chat.preview import preview
+    from ..errors import ChatFormatError
+
+    if "preset" in facts:
+        fmt_name = facts.get("chat format")
+        if fmt_name is None:
+            raise ChatFormatError(f"{name} is a base model without a chat format; try its -instruct/-chat variant")
+        from .prompt_format import _format_for
+
+        fmt = _format_for(fmt_name)
+    else:
+        from ..checkpoint.load import read, resolve
+        from ..api import chat_format_name
+        from ..chat import get_format
+
+        ckpt = read(resolve(name))
+        fmt = get_format(chat_format_name(ckpt), ckpt.tokenizer, template=ckpt.chat_template)
+    color = sys.stdout.isatty()
+    sys.stdout.write(preview(fmt, tools=True, color=color) + ("" if color else "\n"))
     return 0
 
 

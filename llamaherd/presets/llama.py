@@ -89,9 +89,9 @@ PRESETS: list[Preset] = [
     *_variants("llama-3.1-405b", {"": None, "-instruct": "llama3"}, "meta-llama/Llama-3.1-405B{suffix} params.json",
                "406B", max_seq_len=131072, rope_scaling=LLAMA31_ROPE, **_L3, **_L31_405B),
     # Llama 3.2 text: tied embeddings, 128K context (meta-llama/Llama-3.2-*/config.json).
-    *_variants("llama-3.2-1b", {"": None, "-instruct": "llama3"}, "meta-llama/Llama-3.2-1B{suffix} config.json",
+    *_variants("llama-3.2-1b", {"": None, "-instruct": "llama3.2"}, "meta-llama/Llama-3.2-1B{suffix} config.json",
                "1.24B", max_seq_len=131072, rope_scaling=LLAMA32_ROPE, tie_embeddings=True, **_L3, **_L32_1B),
-    *_variants("llama-3.2-3b", {"": None, "-instruct": "llama3"}, "meta-llama/Llama-3.2-3B{suffix} config.json",
+    *_variants("llama-3.2-3b", {"": None, "-instruct": "llama3.2"}, "meta-llama/Llama-3.2-3B{suffix} config.json",
                "3.21B", max_seq_len=131072, rope_scaling=LLAMA32_ROPE, tie_embeddings=True, **_L3, **_L32_3B),
     # Llama 3.3: the Llama 3.1 70B architecture.
     _row("llama-3.3-70b-instruct", "meta-llama/Llama-3.3-70B-Instruct params.json", "70.6B", chat_format="llama3",
