@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -22,6 +23,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens processed per step and sequence")
     p.add_argument("--ctx", type=int, default=None, help="context window to serve (default: the model's)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for the model's math (default: torch's choice); 1 is fastest on a busy machine")
     p.set_defaults(func=run)
 
 
@@ -32,6 +35,10 @@ def run(args: argparse.Namespace) -> int:
     from ..checkpoint import load
     from ..server import ServedModel, create_app
 
+    if args.threads is not None:
+        if args.threads < 1:
+            raise SystemExit("herd serve: --threads must be at least 1")
+        torch.set_num_threads(args.threads)
     source = args.model
     if source is None:
         from ..store import DEFAULT_MODEL
@@ -44,5 +51,8 @@ def run(args: argparse.Namespace) -> int:
                          prefill_chunk=args.prefill_chunk, max_waiting=args.max_waiting, max_context=args.ctx)
     app = create_app(served, api_key=args.api_key)
     print(f"serving {name} on http://{args.host}:{args.port} (OpenAI: /v1, Ollama: /api)", flush=True)
+    # uvicorn catches SIGTERM, lets in-flight requests finish (up to 30 s), then re-raises the signal once it is
+    # done; a no-op handler for that re-raise makes a graceful stop exit 0, as process supervisors expect.
+    signal.signal(signal.SIGTERM, lambda *_: None)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=30)
     return 0

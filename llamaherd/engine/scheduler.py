@@ -83,7 +83,8 @@ class Engine:
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._ids = itertools.count()
-        self.stats = {"prompt_tokens": 0, "generated_tokens": 0, "preemptions": 0, "prefix_hit_tokens": 0}
+        self.stats = {"prompt_tokens": 0, "generated_tokens": 0, "preemptions": 0, "prefix_hit_tokens": 0,
+                      "peak_decode_batch": 0}  # most sequences decoded in one forward so far
 
     # -- submission (any thread) -------------------------------------------------------------------------------
     def submit(self, prompt: Sequence[int], params: SamplingParams, stop_ids: frozenset[int],
@@ -142,6 +143,7 @@ class Engine:
             return False
         decode, prefill, chunk = plan
         if decode:
+            self.stats["peak_decode_batch"] = max(self.stats["peak_decode_batch"], len(decode))
             logits = self._forward(decode, 1)
             for i, seq in enumerate(decode):
                 self._sample(seq, logits[i : i + 1, -1])

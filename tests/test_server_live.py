@@ -1,0 +1,103 @@
+"""Over real HTTP: batching changes no greedy output, and aborted streams give every KV block back."""
+
+import asyncio
+import json
+import time
+
+import httpx
+import pytest
+import torch
+
+from .server_fixtures import start
+
+
+@pytest.fixture(scope="module")
+def live():
+    server, served = start(max_batch=16, max_waiting=64)
+    yield server, served
+    server.stop()
+
+
+def reference_greedy(net, prompt: list[int], n: int) -> list[int]:
+    """Argmax of full-sequence forwards from position 0, no cache: what every engine path must reproduce."""
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(net(torch.tensor([ids]))[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+async def completion_tokens(client: httpx.AsyncClient, prompt: list[int], max_tokens: int) -> list[str]:
+    """Greedy /v1/completions on token ids; the generated tokens as the server reports them (logprobs.tokens)."""
+    r = await client.post("/v1/completions", json={"prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+                                                   "ignore_eos": True, "logprobs": 0})
+    r.raise_for_status()
+    choice = r.json()["choices"][0]
+    return choice["logprobs"]["tokens"]
+
+
+def test_greedy_alone_equals_among_seven_concurrent_others(live):
+    server, served = live
+    tok = served.tokenizer
+    target = tok.encode("The quick brown fox jumps over the lazy dog", bos=True)
+    others = [tok.encode(f"Request number {i}: " + "llama " * (3 * i), bos=True) for i in range(7)]
+    n = 24
+
+    async def alone():
+        async with httpx.AsyncClient(base_url=server.url, timeout=120) as c:
+            return await completion_tokens(c, target, n)
+
+    async def among():
+        async with httpx.AsyncClient(base_url=server.url, timeout=120) as c:
+            # Others get longer outputs so they are still decoding for the whole of the target's run.
+            jobs = [completion_tokens(c, p, n + 8) for p in others[:3]] + [completion_tokens(c, target, n)] + [
+                completion_tokens(c, p, n + 8) for p in others[3:]]
+            return (await asyncio.gather(*jobs))[3]
+
+    solo = asyncio.run(alone())
+    served.engine.stats["peak_decode_batch"] = 0
+    batched = asyncio.run(among())
+    assert served.engine.stats["peak_decode_batch"] >= 6, "the requests never shared a decode step"
+    assert batched == solo
+    expected = [tok.token_bytes(t).decode("utf-8", "replace") for t in reference_greedy(served.model.net, target, n)]
+    assert solo == expected
+
+
+def test_fifty_aborted_streams_return_every_block(live):
+    server, served = live
+    allocator = served.engine.cache.allocator
+    free_before = allocator.num_free
+    generated_before = served.engine.stats["generated_tokens"]
+    read_chunks: list[int] = []
+
+    async def abort_one(client: httpx.AsyncClient, i: int) -> None:
+        body = {"messages": [{"role": "user", "content": f"Tell story {i} " + "again " * (i % 9)}], "stream": True,
+                "max_tokens": 500, "ignore_eos": True, "temperature": 1.0, "seed": i}
+        got = 0
+        async with client.stream("POST", "/v1/chat/completions", json=body) as r:
+            assert r.status_code == 200
+            async for line in r.aiter_lines():
+                if line.startswith("data: {") and json.loads(line[6:])["choices"][0]["delta"].get("content"):
+                    got += 1
+                    if got == 3:
+                        break  # leaving the block closes the connection mid-stream
+        read_chunks.append(got)
+
+    async def main():
+        limits = httpx.Limits(max_connections=64, max_keepalive_connections=0)  # one socket per stream
+        async with httpx.AsyncClient(base_url=server.url, timeout=120, limits=limits) as client:
+            await asyncio.gather(*(abort_one(client, i) for i in range(50)))
+
+    asyncio.run(main())
+    assert read_chunks == [3] * 50
+    deadline = time.time() + 5
+    while (allocator.num_free != free_before or served.engine.num_running or served.engine.num_waiting) \
+            and time.time() < deadline:
+        time.sleep(0.05)
+    assert served.engine.num_running == 0 and served.engine.num_waiting == 0
+    assert allocator.num_free == free_before
+    # Cancellation reached the engine: far fewer tokens than 50 streams of 500 were generated.
+    assert served.engine.stats["generated_tokens"] - generated_before < 50 * 40
+    # ... and the server still answers.
+    r = httpx.post(server.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 3, "temperature": 0}, timeout=60)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
