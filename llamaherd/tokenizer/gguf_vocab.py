@@ -26,6 +26,9 @@ LLAMA3_SPLIT = (
     r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+# End-of-turn texts llama.cpp recognises when `tokenizer.ggml.eot_token_id` is absent (llama-vocab.cpp).
+EOT_TEXTS = ("<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<EOT>", "_<EOT>",
+             "<｜end▁of▁sentence｜>")
 PRE_SPLITS = {"llama-bpe": (LLAMA3_SPLIT, True), "llama3": (LLAMA3_SPLIT, True), "default": (GPT2_SPLIT, False),
               "gpt-2": (GPT2_SPLIT, False)}  # name -> (regex, ignore_merges)
 
@@ -88,6 +91,11 @@ class _GGUFVocab(Tokenizer):
         self.bos_id = self._id(md, "bos")
         self.eos_id = self._id(md, "eos")
         stops = {self._id(md, k) for k in ("eos", "eot", "eom")} - {None}
+        # Files that name no eot/eom id: llama.cpp (llama-vocab.cpp `load`) finds them by their text.
+        if self._id(md, "eot") is None:
+            stops |= {self.ids[t] for t in EOT_TEXTS if t in self.ids}
+        if self._id(md, "eom") is None and "<|eom_id|>" in self.ids:
+            stops.add(self.ids["<|eom_id|>"])
         self.stop_ids = frozenset(stops)
         self.add_bos = bool(md.get("tokenizer.ggml.add_bos_token", False))
         self.add_eos = bool(md.get("tokenizer.ggml.add_eos_token", False))

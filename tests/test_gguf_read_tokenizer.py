@@ -1,0 +1,95 @@
+"""GGUF vocabularies: our tokenizer gives llama.cpp's token ids (llama-cpp-python, vocab_only) on varied text."""
+
+from __future__ import annotations
+
+import random
+
+import gguf
+import pytest
+from gguf import GGMLQuantizationType as QT
+
+from llamaherd.tokenizer import Tokenizer
+from llamaherd.tokenizer.gguf_vocab import LLAMA3_SPLIT, from_gguf
+from tests.conftest import random_model
+from tests.gguf_read_fixtures import gemma_gguf, write_llama_gguf
+
+llama_cpp = pytest.importorskip("llama_cpp")
+
+CORPUS = [
+    "Hello world", " leading space", "  two spaces", "trailing  ", "\n\nnewlines\n\n\n", "tabs\tand\ttabs",
+    "日本語のテキストと中文", "emoji 👩‍👩‍👧‍👦 and 🤖🀄️", "مرحبا بالعالم", "नमस्ते दुनिया", "café naïve e\u0301",
+    "I'LL We'Re don't it's", "12345678901234567890 3.14159", "def f(x):\n    return x**2  # comment",
+    '{"a": [1, 2, {"b": null}], "c": "d"}', "<start_of_turn>user\nhi<end_of_turn>", "<bos>literal <eos>",
+    "<|begin_of_text|><|eot_id|>", "<unused0>", "[multimodal]", "<h1>html</h1>", "a" * 300, " " * 40,
+    "\u00a0nbsp\u2003em", "\x00\x01ctrl", "ÿþ", "The quick brown fox jumps over the lazy dog. " * 5, "",
+]
+
+
+def random_texts(n: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    alphabet = list("abcXYZ 019.,'!?\n\t-_") + ["é", "ß", "中", "語", "🙂", "👍🏽", "\u200d", "ع", "क", "\u0301", "  ", "'s", "<", ">"]
+    return ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 40))) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def gemma(tmp_path_factory):
+    path = gemma_gguf(tmp_path_factory.mktemp("gemma-tok"))
+    return from_gguf(path), llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
+
+
+def test_gemma_spm_vocab_matches_llama_cpp(gemma):
+    ours, ref = gemma
+    for text in CORPUS + random_texts(300, 0):
+        assert ours.encode(text) == ref.tokenize(text.encode(), add_bos=False, special=False), repr(text)
+
+
+def test_gemma_round_trip_and_specials(gemma):
+    ours, ref = gemma
+    for text in CORPUS:
+        assert ours.decode(ours.encode(text)) == text
+    # <bos> 2 and <eos> 1 from tokenizer.ggml.*_token_id; <end_of_turn> found by text as llama.cpp does.
+    assert ours.bos_id == ref.token_bos() == 2 and ours.eos_id == ref.token_eos() == 1
+    assert ours.special_id("end_of_turn") in ours.stop_ids and ours.eos_id in ours.stop_ids
+    assert ours.encode("hi", bos=True)[0] == 2
+    assert ours.vocab_size == ref.n_vocab() == 262144
+    assert Tokenizer.from_file(ref.model_path).encode("Hello world") == ours.encode("Hello world")
+
+
+def test_gguf_bpe_vocab_matches_llama_cpp(tmp_path):
+    """A byte-level BPE ("gpt2", pre "llama-bpe") trained here with the tokenizers library, stored in a tiny
+    Llama GGUF; llama.cpp tokenizes it from the file."""
+    from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer as HFTokenizer
+
+    hf = HFTokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
+                                                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    hf.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<|begin_of_text|>", "<|eot_id|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    hf.train_from_iterator(CORPUS * 3 + random_texts(400, 1), trainer)
+    state = hf.to_str()
+    import json
+
+    model = json.loads(state)["model"]
+    vocab = sorted(model["vocab"].items(), key=lambda kv: kv[1])
+    tokens = [t for t, _ in vocab]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    types = [3 if t.startswith("<|") else 1 for t in tokens]
+    from llamaherd.config import ModelConfig
+
+    c = ModelConfig(dim=64, n_layers=1, n_heads=4, vocab_size=len(tokens), hidden_dim=128, rope_theta=500000.0, max_seq_len=256)
+    V = gguf.GGUFValueType
+    meta = {"tokenizer.ggml.model": ("gpt2", V.STRING), "tokenizer.ggml.pre": ("llama-bpe", V.STRING),
+            "tokenizer.ggml.tokens": (tokens, V.ARRAY), "tokenizer.ggml.token_type": (types, V.ARRAY, V.INT32),
+            "tokenizer.ggml.merges": (merges, V.ARRAY),
+            "tokenizer.ggml.bos_token_id": (0, V.UINT32), "tokenizer.ggml.eos_token_id": (1, V.UINT32)}
+    path = tmp_path / "bpe.gguf"
+    write_llama_gguf(path, c, random_model(c).state_dict(), QT.F32, vocab=meta)
+    ours = from_gguf(path)
+    ref = llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
+    for text in CORPUS + random_texts(200, 2):
+        ids = ours.encode(text)
+        assert ids == ref.tokenize(text.encode(), add_bos=False, special=False), repr(text)
+        assert ours.decode(ids) == text
+    assert ours.stop_ids == {1, 1} | {tokens.index("<|eot_id|>")}
