@@ -55,7 +55,7 @@ class LiveServer:
         self.thread.join(15)
 
 
-def start(api_key: str | None = None, **engine) -> tuple[LiveServer, ServedModel]:
+def start(api_key: str | None = None, kv_cache_bytes: int = 64 << 20, **engine) -> tuple[LiveServer, ServedModel]:
     torch.manual_seed(0)
-    served = ServedModel(tiny_llama3(), "tiny-llama3", kv_cache_bytes=64 << 20, **engine)
+    served = ServedModel(tiny_llama3(), "tiny-llama3", kv_cache_bytes=kv_cache_bytes, **engine)
     return LiveServer(served, api_key), served

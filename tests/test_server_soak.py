@@ -1,0 +1,40 @@
+"""Bounded soaks on loopback: 32 concurrent clients, mixed routes, random cancellations, no unexpected answer."""
+
+import os
+
+import pytest
+
+from bench.serve_common import write_llama3_folder
+from bench.serve_soak import SOAK_CONFIG, soak, start_server
+
+from .server_fixtures import start
+
+
+def test_short_soak_in_process():
+    # A KV cache of 96 blocks of 16 tokens: 32 clients overflow it, so preemption happens too.
+    server, served = start(kv_cache_bytes=96 * 16 * 2 * 2 * 2 * 8 * 4, max_batch=32, max_waiting=64)
+    try:
+        figures = soak(server.url, os.getpid(), seconds=15, clients=32, seed=1)
+    finally:
+        server.stop()
+    assert figures["unexpected"] == 0, figures["errors"]
+    assert figures["completed"] >= 32 and figures["cancelled"] >= 5 and figures["rejected_as_expected"] >= 1
+    assert figures["idle_running"] == figures["idle_waiting"] == 0 and figures["idle_kv_cache_usage"] == 0
+    assert served.engine.cache.allocator.num_free == served.engine.cache.allocator.num_blocks
+
+
+@pytest.mark.slow
+def test_soak_two_minutes_herd_serve_memory_flat(tmp_path):
+    folder = write_llama3_folder(tmp_path / "model", SOAK_CONFIG)
+    server = start_server(folder, tmp_path / "serve.log")
+    try:
+        figures = soak(server.url, server.proc.pid, seconds=120, clients=32, seed=2)
+    finally:
+        code = server.stop()
+    assert figures["unexpected"] == 0, figures["errors"]
+    assert figures["idle_running"] == figures["idle_waiting"] == 0 and figures["idle_kv_cache_usage"] == 0
+    assert figures["preemptions"] > 0 and figures["cancelled"] >= 20
+    # Flat after warm-up: the second half's peak within 16 MiB of the first half's (allocator noise, no leak).
+    assert figures["rss_growth_second_half_mib"] <= 16, figures
+    assert figures["rss_max_after_warmup_mib"] <= figures["rss_after_warmup_mib"] + 48, figures
+    assert code == 0
