@@ -17,7 +17,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
 
 QK_K = 256  # super-block size of the k-quants (ggml-common.h QK_K)
 GROUP_MAX_EPS = 1e-15  # ggml-quants.c: a group whose largest |x| is below this is all zero
-CHUNK_ELEMS = 1 << 21  # elements quantized per step; bounds the temporaries of the k-quant searches
+CHUNK_ELEMS = 1 << 18  # elements quantized per step; bounds the temporaries of the k-quant searches
 
 
 def block_shape(qtype: Q) -> tuple[int, int]:
@@ -131,13 +131,16 @@ def make_qkx2_quants(x, w, nmax: int, rmin: float, rdelta: float, nstep: int):
     scale = 1 / iscale
     L = torch.round(iscale[:, None] * (x - mn[:, None])).clamp(0, nmax)
     best = (w * (scale[:, None] * L + mn[:, None] - x) ** 2).sum(-1)
+    wx = w * x
+    sum_x2 = (wx * x).sum(-1)
     for step in range(nstep + 1):
         span = torch.where(flat, torch.ones_like(mx), mx - mn)
         iscale = float(np.float32(rmin) + np.float32(rdelta) * np.float32(step) + np.float32(nmax)) / span
-        la = torch.round(iscale[:, None] * (x - mn[:, None])).clamp(0, nmax)
-        sum_l = (w * la).sum(-1)
-        sum_l2 = (w * la * la).sum(-1)
-        sum_xl = (w * la * x).sum(-1)
+        la = torch.round((x - mn[:, None]).mul_(iscale[:, None])).clamp_(0, nmax)
+        wl = w * la
+        sum_l = wl.sum(-1)
+        sum_l2 = (wl * la).sum(-1)
+        sum_xl = (wx * la).sum(-1)
         D = sum_w * sum_l2 - sum_l * sum_l
         ok = D > 0
         Ds = torch.where(ok, D, torch.ones_like(D))
@@ -146,7 +149,9 @@ def make_qkx2_quants(x, w, nmax: int, rmin: float, rdelta: float, nstep: int):
         pos = this_min > 0  # a positive offset is not representable: refit the scale through zero
         this_scale = torch.where(pos, sum_xl / torch.where(sum_l2 > 0, sum_l2, torch.ones_like(sum_l2)), this_scale)
         this_min = torch.where(pos, torch.zeros_like(this_min), this_min)
-        err = (w * (this_scale[:, None] * la + this_min[:, None] - x) ** 2).sum(-1)
+        # sum w (s l + m - x)^2 expanded into the sums at hand: no further pass over the elements
+        s, m = this_scale, this_min
+        err = (s * s * sum_l2 + 2 * s * m * sum_l - 2 * s * sum_xl + m * m * sum_w - 2 * m * sum_x + sum_x2)
         better = ok & (err < best) & ~flat
         L = torch.where(better[:, None], la, L)
         best = torch.where(better, err, best)
