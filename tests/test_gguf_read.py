@@ -73,3 +73,34 @@ def test_tensors_are_memory_mapped_not_copied(tmp_path):
     lo, hi = base.ctypes.data, base.ctypes.data + base.size
     for name, t in ck.state_dict.items():
         assert lo <= t.data_ptr() < hi, f"{name} is not a view of the mapped file"
+
+
+MEMORY_PROBE = """
+import sys
+def rss_mb():
+    for line in open('/proc/self/status'):
+        if line.startswith('VmRSS:'):
+            return int(line.split()[1]) / 1024
+import llamaherd, torch  # imports first: the baseline is the interpreter with torch loaded
+base = rss_mb()
+m = llamaherd.load(sys.argv[1])
+loaded = rss_mb()
+m.logits(m.tokenizer.encode("The capital of France is", bos=True))
+print(base, loaded, rss_mb())
+"""
+
+
+@pytest.mark.slow
+def test_gemma_q4_k_m_resident_memory_stays_near_file_size(tmp_path):
+    """Loading keeps weights packed and mapped: resident growth <= 1.3x the file (Gemma 3 270M Q4_K_M)."""
+    import subprocess
+    import sys
+
+    from tests.gguf_read_fixtures import gemma_gguf
+
+    path = gemma_gguf(tmp_path)
+    out = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(path)], capture_output=True, text=True, check=True)
+    base, loaded, after_forward = map(float, out.stdout.split())
+    file_mb = path.stat().st_size / 2**20
+    print(f"file {file_mb:.0f} MB; RSS growth after load {loaded - base:.0f} MB, after one forward {after_forward - base:.0f} MB")
+    assert loaded - base <= 1.3 * file_mb
