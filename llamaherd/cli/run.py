@@ -81,8 +81,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _has_chat_format(model) -> bool:
+    """Whether a one-turn chat is possible; otherwise `herd run` completes the raw prompt."""
     try:
-        model.chat_format_name
+        model.chat_format()
     except ChatFormatError:
         return False
     return True
