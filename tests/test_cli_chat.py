@@ -150,14 +150,21 @@ def test_scripted_chat_session(tiny_folder, tmp_path):
         t.expect("needs a number")
         t.expect(">>> ")
 
+        t.send("/set verbose\r")
+        t.expect("Set 'verbose' mode.")
+        t.expect(">>> ")
         t.send('"""Two\r')
         t.expect("... ")
         t.send('lines"""\r')
         history = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": first},
                    {"role": "user", "content": "Two\nlines"}]
         second = expected_reply(model, history, 3)
-        shown = t.expect(">>> ")
+        shown = t.expect("total duration:")
         assert shown.strip("\n").endswith(second.strip("\n"))
+        stats = t.expect(">>> ")  # Ollama's --verbose block
+        for label in ("load duration:", "prompt eval count:", "prompt eval rate:", "eval count:", "eval rate:"):
+            assert label in stats
+        assert re.search(r"eval rate:\s+[\d.]+ tokens/s", stats)
 
         t.send("/show info\r")
         info = t.expect(">>> ")
