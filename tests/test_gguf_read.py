@@ -50,7 +50,9 @@ def test_q8_0_gguf_keeps_packed_weights_and_matches_dequantized_model(tmp_path, 
     with torch.no_grad():
         want = ref(torch.tensor(TOKENS))
     got = model.logits(TOKENS)
-    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    # Same weight values; the native CPU kernels (quant/cpu_kernels.py) sum each dot product in another order
+    # than torch's GEMM, which moves float32 logits by a few ulps of their magnitude.
+    torch.testing.assert_close(got, want, atol=5e-5, rtol=1e-5)
 
 
 def test_llama31_rope_freqs_tensor_becomes_rope_scaling(tmp_path):

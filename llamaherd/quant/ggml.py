@@ -14,6 +14,7 @@ from torch import nn
 
 from ..checkpoint.ggml_quants import GGMLType, dequantize, ggml_type
 from ..errors import CheckpointError
+from . import cpu_kernels
 
 # Elements decoded at once by a linear layer: 256K float32 = 1 MiB of scratch per chunk. Larger chunks
 # (16 MiB) left glibc holding ~250 MB of freed heap after one forward of Gemma 3 270M (measured).
@@ -68,6 +69,11 @@ def _linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) 
     if not isinstance(w, GGMLWeight):
         raise TypeError("a packed ggml weight may only be the weight argument of F.linear")
     packed, rows = w.plain(), w.shape[0]
+    if x.device.type == "cpu" and not x.requires_grad and cpu_kernels.available(w.qtype.id):
+        # Native kernels read the packed blocks directly (engineer I, bench/PROFILE.md); same values, faster.
+        with torch._C.DisableTorchFunctionSubclass():
+            out = cpu_kernels.linear(x, packed, w.qtype.id, w.n_cols)
+            return out if bias is None else out + bias
     step = max(1, CHUNK_ELEMENTS // w.n_cols)
     with torch._C.DisableTorchFunctionSubclass():
         if step >= rows:

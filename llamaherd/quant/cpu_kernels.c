@@ -1,0 +1,198 @@
+/* CPU kernels on packed ggml blocks: dequantize rows, and matrix-vector products that read the packed bytes.
+ *
+ * Block layouts and the dequantization formulas follow llama.cpp `ggml/src/ggml-common.h` (block_q4_0 ...
+ * block_q6_K) and `ggml-quants.c` (dequantize_row_*); each decoder does its float arithmetic in the same order
+ * as llamaherd/checkpoint/ggml_quants.py so that `lh_dequant` agrees with it bit for bit.
+ * `lh_gemv` computes Y (M, N) = X (M, K) . W (N, K)^T for a few rows of X: memory-bound decode reads each
+ * weight block once, decodes it into registers/L1 and uses it for all M rows. Built by cpu_kernels.py with
+ * the host's -march and OpenMP (the libgomp torch already loaded), called through ctypes.
+ */
+#include <stdint.h>
+#include <string.h>
+#ifdef __F16C__
+#include <immintrin.h>
+#endif
+
+static inline float h2f(const uint8_t *p) {
+    uint16_t h;
+    memcpy(&h, p, 2);
+#ifdef __F16C__
+    return _cvtsh_ss(h);
+#else
+    /* IEEE half -> float by hand (sign, 5-bit exponent, 10-bit mantissa). */
+    uint32_t s = (uint32_t)(h & 0x8000) << 16, e = (h >> 10) & 0x1F, m = h & 0x3FF, bits;
+    if (e == 0) {
+        if (m == 0) { bits = s; }
+        else { e = 127 - 15 + 1; while (!(m & 0x400)) { m <<= 1; e--; } m &= 0x3FF; bits = s | (e << 23) | (m << 13); }
+    } else if (e == 31) { bits = s | 0x7F800000 | (m << 13); }
+    else { bits = s | ((e + 127 - 15) << 23) | (m << 13); }
+    float f; memcpy(&f, &bits, 4); return f;
+#endif
+}
+
+enum { T_Q4_0 = 2, T_Q5_0 = 6, T_Q8_0 = 8, T_Q4_K = 12, T_Q5_K = 13, T_Q6_K = 14 };
+
+/* ---- one block -> floats, in the reference's order of operations ------------------------------------------ */
+
+static inline void deq_q4_0(const uint8_t *b, float *y) {
+    const float d = h2f(b);
+    const uint8_t *qs = b + 2;
+    for (int j = 0; j < 16; j++) {
+        y[j] = d * (float)((int)(qs[j] & 0x0F) - 8);
+        y[j + 16] = d * (float)((int)(qs[j] >> 4) - 8);
+    }
+}
+
+static inline void deq_q5_0(const uint8_t *b, float *y) {
+    const float d = h2f(b);
+    uint32_t qh;
+    memcpy(&qh, b + 2, 4);
+    const uint8_t *qs = b + 6;
+    for (int j = 0; j < 16; j++) {
+        const int x0 = (int)((qs[j] & 0x0F) | (((qh >> j) & 1) << 4)) - 16;
+        const int x1 = (int)((qs[j] >> 4) | (((qh >> (j + 16)) & 1) << 4)) - 16;
+        y[j] = d * (float)x0;
+        y[j + 16] = d * (float)x1;
+    }
+}
+
+static inline void deq_q8_0(const uint8_t *b, float *y) {
+    const float d = h2f(b);
+    const int8_t *qs = (const int8_t *)(b + 2);
+    for (int j = 0; j < 32; j++) y[j] = (float)qs[j] * d;
+}
+
+/* ggml `get_scale_min_k4`: 8 six-bit scales and mins packed in 12 bytes. */
+static inline void scale_min_k4(int j, const uint8_t *q, int *sc, int *m) {
+    if (j < 4) { *sc = q[j] & 63; *m = q[j + 4] & 63; }
+    else { *sc = (q[j + 4] & 0x0F) | ((q[j - 4] >> 6) << 4); *m = (q[j + 4] >> 4) | ((q[j] >> 6) << 4); }
+}
+
+static inline void deq_q4_k(const uint8_t *b, float *y) {
+    const float d = h2f(b), dmin = h2f(b + 2);
+    const uint8_t *scales = b + 4, *q = b + 16;
+    for (int j = 0; j < 4; j++) {  /* 4 chunks of 64: low nibbles then high nibbles of 32 bytes */
+        int sc, m;
+        scale_min_k4(2 * j, scales, &sc, &m);
+        const float d1 = d * (float)sc, m1 = dmin * (float)m;
+        scale_min_k4(2 * j + 1, scales, &sc, &m);
+        const float d2 = d * (float)sc, m2 = dmin * (float)m;
+        for (int l = 0; l < 32; l++) y[64 * j + l] = d1 * (float)(q[32 * j + l] & 0x0F) - m1;
+        for (int l = 0; l < 32; l++) y[64 * j + 32 + l] = d2 * (float)(q[32 * j + l] >> 4) - m2;
+    }
+}
+
+static inline void deq_q5_k(const uint8_t *b, float *y) {
+    const float d = h2f(b), dmin = h2f(b + 2);
+    const uint8_t *scales = b + 4, *qh = b + 16, *ql = b + 48;
+    for (int j = 0; j < 4; j++) {
+        int sc, m;
+        scale_min_k4(2 * j, scales, &sc, &m);
+        const float d1 = d * (float)sc, m1 = dmin * (float)m;
+        scale_min_k4(2 * j + 1, scales, &sc, &m);
+        const float d2 = d * (float)sc, m2 = dmin * (float)m;
+        for (int l = 0; l < 32; l++) {
+            const int lo = ql[32 * j + l] & 0x0F, hi = (qh[l] >> (2 * j)) & 1;
+            y[64 * j + l] = d1 * (float)(lo | (hi << 4)) - m1;
+        }
+        for (int l = 0; l < 32; l++) {
+            const int lo = ql[32 * j + l] >> 4, hi = (qh[l] >> (2 * j + 1)) & 1;
+            y[64 * j + 32 + l] = d2 * (float)(lo | (hi << 4)) - m2;
+        }
+    }
+}
+
+static inline void deq_q6_k(const uint8_t *b, float *y) {
+    const uint8_t *ql = b, *qh = b + 128;
+    const int8_t *sc = (const int8_t *)(b + 192);
+    const float d = h2f(b + 208);
+    for (int n = 0; n < 2; n++) {  /* two halves of 128 elements */
+        for (int l = 0; l < 32; l++) {
+            const int is = l / 16;
+            const int q1 = (int)((ql[l] & 0x0F) | (((qh[l] >> 0) & 3) << 4)) - 32;
+            const int q2 = (int)((ql[l + 32] & 0x0F) | (((qh[l] >> 2) & 3) << 4)) - 32;
+            const int q3 = (int)((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32;
+            const int q4 = (int)((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32;
+            y[l] = (d * (float)sc[is]) * (float)q1;
+            y[l + 32] = (d * (float)sc[is + 2]) * (float)q2;
+            y[l + 64] = (d * (float)sc[is + 4]) * (float)q3;
+            y[l + 96] = (d * (float)sc[is + 6]) * (float)q4;
+        }
+        y += 128; ql += 64; qh += 32; sc += 8;
+    }
+}
+
+typedef void (*deq_fn)(const uint8_t *, float *);
+
+static int layout(int type, deq_fn *fn, int *qk, int *tsize) {
+    switch (type) {
+    case T_Q4_0: *fn = deq_q4_0; *qk = 32; *tsize = 18; return 0;
+    case T_Q5_0: *fn = deq_q5_0; *qk = 32; *tsize = 22; return 0;
+    case T_Q8_0: *fn = deq_q8_0; *qk = 32; *tsize = 34; return 0;
+    case T_Q4_K: *fn = deq_q4_k; *qk = 256; *tsize = 144; return 0;
+    case T_Q5_K: *fn = deq_q5_k; *qk = 256; *tsize = 176; return 0;
+    case T_Q6_K: *fn = deq_q6_k; *qk = 256; *tsize = 210; return 0;
+    default: return -1;
+    }
+}
+
+/* ---- exported ------------------------------------------------------------------------------------------- */
+
+int lh_supported(int type) { deq_fn f; int qk, ts; return layout(type, &f, &qk, &ts) == 0; }
+
+/* W: N rows of row_bytes packed bytes (row stride `stride` bytes); out: (N, K) float32. */
+int lh_dequant(int type, const uint8_t *W, int64_t N, int64_t stride, int64_t K, float *out, int nthreads) {
+    deq_fn fn; int qk, ts;
+    if (layout(type, &fn, &qk, &ts)) return -1;
+    const int64_t nb = K / qk;
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t n = 0; n < N; n++)
+        for (int64_t b = 0; b < nb; b++) fn(W + n * stride + b * ts, out + n * K + b * qk);
+    return 0;
+}
+
+/* Q8_0 rows against one x: fused, the block scale applied to each block's partial sum. */
+static void gemv1_q8_0(const uint8_t *W, int64_t N, int64_t stride, int64_t K, const float *x, float *y, int nthreads) {
+    const int64_t nb = K / 32;
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t n = 0; n < N; n++) {
+        const uint8_t *row = W + n * stride;
+        float acc = 0.0f;
+        for (int64_t b = 0; b < nb; b++) {
+            const uint8_t *blk = row + b * 34;
+            const int8_t *qs = (const int8_t *)(blk + 2);
+            const float *xb = x + b * 32;
+            float s = 0.0f;
+            for (int j = 0; j < 32; j++) s += (float)qs[j] * xb[j];
+            acc += h2f(blk) * s;
+        }
+        y[n] = acc;
+    }
+}
+
+/* Y (M, N) = X (M, K) . W^T; each block decoded once into L1 and used for every row of X (M <= 64). */
+int lh_gemv(int type, const uint8_t *W, int64_t N, int64_t stride, int64_t K, const float *X, int64_t M,
+            float *Y, int nthreads) {
+    deq_fn fn; int qk, ts;
+    if (layout(type, &fn, &qk, &ts) || M > 64) return -1;
+    if (type == T_Q8_0 && M == 1) { gemv1_q8_0(W, N, stride, K, X, Y, nthreads); return 0; }
+    const int64_t nb = K / qk;
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t n = 0; n < N; n++) {
+        float buf[256] __attribute__((aligned(64)));
+        float acc[64];
+        for (int64_t m = 0; m < M; m++) acc[m] = 0.0f;
+        const uint8_t *row = W + n * stride;
+        for (int64_t b = 0; b < nb; b++) {
+            fn(row + b * ts, buf);
+            for (int64_t m = 0; m < M; m++) {
+                const float *xb = X + m * K + b * qk;
+                float s = 0.0f;
+                for (int j = 0; j < qk; j++) s += buf[j] * xb[j];
+                acc[m] += s;
+            }
+        }
+        for (int64_t m = 0; m < M; m++) Y[m * N + n] = acc[m];
+    }
+    return 0;
+}

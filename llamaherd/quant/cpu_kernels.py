@@ -1,0 +1,141 @@
+"""Native CPU kernels for packed ggml weights: built once from cpu_kernels.c with the host compiler, used via ctypes.
+
+Why native: a decode step is memory-bound, and the torch route (decode a chunk of blocks into a float matrix,
+then `F.linear`) writes and re-reads 4-8x the packed bytes. PyTorch's own weight-only kernels do not fit: its
+int8 kernel has one scale per output row (ggml has one per 32 or 16 elements) and its int4 CPU kernel measured
+42 ms for one 262144 x 640 product here (bench/PROFILE.md). `lh_gemv` reads each packed block once.
+
+The library is compiled on first use into `$LLAMAHERD_HOME/kernels/` (`-O3 -march=native -fopenmp`; the OpenMP
+runtime resolves to the libgomp torch has already loaded, so both share one thread pool). No compiler, or a
+failed build, leaves `available()` False and callers keep the pure-torch path. `LLAMAHERD_NO_NATIVE=1` turns the
+kernels off (a switch for benchmarking the fallback; it never changes results beyond float summation order).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import threading
+from pathlib import Path
+
+import torch
+
+_SOURCE = Path(__file__).with_name("cpu_kernels.c")
+_FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-fno-math-errno", "-fno-trapping-math",
+          # reassociation lets the compiler vectorise the dot-product reductions (order differs from numpy's)
+          "-fassociative-math", "-fno-signed-zeros", "-ffp-contract=fast"]
+# ggml ids (ggml.h `enum ggml_type`) the C file decodes.
+SUPPORTED = frozenset({2, 6, 8, 12, 13, 14})  # Q4_0, Q5_0, Q8_0, Q4_K, Q5_K, Q6_K
+MAX_GEMV_ROWS = 64  # lh_gemv's bound; more rows go through dequantize + torch GEMM
+
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_tried = False
+
+
+def _cache_dir() -> Path:
+    from ..store import home
+
+    return home() / "kernels"
+
+
+def _build() -> ctypes.CDLL | None:
+    cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+    if cc is None:
+        return None
+    src = _SOURCE.read_bytes()
+    key = hashlib.sha256(src + " ".join([cc, *_FLAGS]).encode()).hexdigest()[:16]
+    target = _cache_dir() / f"cpu_kernels-{key}.so"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_suffix(f".{os.getpid()}.tmp")
+        done = subprocess.run([cc, *_FLAGS, str(_SOURCE), "-o", str(tmp)], capture_output=True, text=True)
+        if done.returncode != 0:
+            tmp.unlink(missing_ok=True)
+            return None
+        os.replace(tmp, target)  # atomic: concurrent builders never load a half-written library
+    lib = ctypes.CDLL(str(target))
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    lib.lh_supported.argtypes = [ctypes.c_int]
+    lib.lh_dequant.argtypes = [ctypes.c_int, ptr, i64, i64, i64, ptr, ctypes.c_int]
+    lib.lh_gemv.argtypes = [ctypes.c_int, ptr, i64, i64, i64, ptr, i64, ptr, ctypes.c_int]
+    return lib
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded kernel library, building it on first call; None when it cannot be built or is switched off."""
+    global _lib, _tried
+    if os.environ.get("LLAMAHERD_NO_NATIVE"):
+        return None
+    if not _tried:
+        with _lock:
+            if not _tried:
+                try:
+                    _lib = _build()
+                except OSError:
+                    _lib = None
+                _tried = True
+    return _lib
+
+
+def available(type_id: int) -> bool:
+    return type_id in SUPPORTED and library() is not None
+
+
+def _check(packed: torch.Tensor) -> None:
+    if packed.device.type != "cpu" or packed.dtype != torch.uint8 or packed.dim() != 2 or packed.stride(1) != 1:
+        raise ValueError(f"packed ggml rows must be a CPU (rows, row_bytes) uint8 tensor with unit column stride, "
+                         f"got {packed.dtype} {tuple(packed.shape)} on {packed.device}")
+
+
+def dequantize(packed: torch.Tensor, type_id: int, n_cols: int) -> torch.Tensor:
+    """(N, row_bytes) packed rows -> (N, n_cols) float32, bit-identical to checkpoint.ggml_quants.dequantize."""
+    _check(packed)
+    lib = library()
+    out = torch.empty(packed.shape[0], n_cols, dtype=torch.float32)
+    rc = lib.lh_dequant(type_id, packed.data_ptr(), packed.shape[0], packed.stride(0), n_cols, out.data_ptr(),
+                        torch.get_num_threads())
+    if rc != 0:
+        raise ValueError(f"ggml type {type_id} has no native decoder")
+    return out
+
+
+def gemv(x: torch.Tensor, packed: torch.Tensor, type_id: int, n_cols: int) -> torch.Tensor:
+    """x (M, n_cols) float32, M <= MAX_GEMV_ROWS, times the packed (N, row_bytes) weight transposed -> (M, N)."""
+    _check(packed)
+    x = x.contiguous()
+    M, N = x.shape[0], packed.shape[0]
+    if x.dtype != torch.float32 or x.shape[1] != n_cols or M > MAX_GEMV_ROWS:
+        raise ValueError(f"gemv wants float32 (M <= {MAX_GEMV_ROWS}, {n_cols}), got {x.dtype} {tuple(x.shape)}")
+    y = torch.empty(M, N, dtype=torch.float32)
+    rc = library().lh_gemv(type_id, packed.data_ptr(), N, packed.stride(0), n_cols, x.data_ptr(), M, y.data_ptr(),
+                           torch.get_num_threads())
+    if rc != 0:
+        raise ValueError(f"ggml type {type_id} has no native matrix-vector kernel")
+    return y
+
+
+# Weight elements decoded per chunk on the GEMM path: bounds the float32 scratch to 8 MiB.
+_CHUNK_ELEMENTS = 1 << 21
+
+
+def linear(x: torch.Tensor, packed: torch.Tensor, type_id: int, n_cols: int) -> torch.Tensor:
+    """F.linear(x, W) for a packed ggml W (N, row_bytes): native gemv for a few rows, else decode + GEMM."""
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, n_cols).float()  # (M, K)
+    M, N = x2.shape[0], packed.shape[0]
+    if M <= MAX_GEMV_ROWS:
+        y = gemv(x2, packed, type_id, n_cols)
+    else:
+        # Many rows (prefill): decode bounded chunks of weight rows once and hand them to torch's GEMM.
+        step = max(1, _CHUNK_ELEMENTS // n_cols)
+        if step >= N:
+            y = x2 @ dequantize(packed, type_id, n_cols).t()
+        else:
+            y = torch.empty(M, N, dtype=torch.float32)
+            for i in range(0, N, step):
+                y[:, i : i + step] = x2 @ dequantize(packed[i : i + step], type_id, n_cols).t()
+    return y.reshape(*lead, N).to(x.dtype)

@@ -1,0 +1,74 @@
+"""Native ggml CPU kernels: decoding bit-identical to gguf-py's reference, products equal to decode-then-matmul."""
+
+import gguf
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llamaherd.checkpoint.ggml_quants import dequantize, ggml_type
+from llamaherd.quant import GGMLWeight, cpu_kernels
+
+pytestmark = pytest.mark.skipif(cpu_kernels.library() is None, reason="no C compiler: native kernels not built")
+
+# Byte offsets of each type's float16 scale fields (ggml-common.h block layouts).
+F16_AT = {"Q4_0": (0,), "Q5_0": (0,), "Q8_0": (0,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}
+
+
+def random_blocks(name: str, rows: int, cols: int, seed: int = 0) -> torch.Tensor:
+    """Random packed rows: every quant bit pattern is valid; float16 scales are set to finite values."""
+    t = ggml_type(name)
+    g = torch.Generator().manual_seed(seed)
+    nb = rows * cols // t.block_size
+    b = torch.randint(0, 256, (nb, t.type_size), dtype=torch.uint8, generator=g)
+    for at in F16_AT[name]:
+        scale = (torch.rand(nb, 1, generator=g) * 0.02 - 0.01).half()  # both signs, like real mins
+        b[:, at : at + 2] = scale.view(torch.uint8)
+    return b.reshape(rows, cols // t.block_size * t.type_size)
+
+
+@pytest.mark.parametrize("name", sorted(F16_AT))
+def test_dequantize_bit_identical_to_gguf_py(name):
+    t = ggml_type(name)
+    packed = random_blocks(name, 96, 512)
+    want = gguf.quants.dequantize(packed.numpy(), gguf.GGMLQuantizationType[name])
+    got = cpu_kernels.dequantize(packed, t.id, 512)
+    assert torch.equal(got, torch.from_numpy(np.ascontiguousarray(want)))
+    assert torch.equal(got, dequantize(packed, t))
+
+
+@pytest.mark.parametrize("name", sorted(F16_AT))
+@pytest.mark.parametrize("m", [1, 3, 64])
+def test_gemv_equals_decode_then_matmul(name, m):
+    t = ggml_type(name)
+    packed = random_blocks(name, 200, 768, seed=1)
+    dense = torch.from_numpy(np.ascontiguousarray(gguf.quants.dequantize(packed.numpy(), gguf.GGMLQuantizationType[name])))
+    x = torch.randn(m, 768, generator=torch.Generator().manual_seed(2))
+    want = x.double() @ dense.double().T
+    got = cpu_kernels.gemv(x, packed, t.id, 768)
+    # float32 accumulation over 768 terms vs a float64 reference: relative to the row's magnitude
+    torch.testing.assert_close(got.double(), want, atol=2e-6 * want.abs().max().item(), rtol=0)
+
+
+def test_linear_many_rows_and_strided_rows():
+    # 100 rows takes the decode + GEMM path; a row slice of a bigger matrix has a row stride > row bytes.
+    t = ggml_type("Q4_K")
+    packed = random_blocks("Q4_K", 50, 1024, seed=3)
+    dense = dequantize(packed, t)
+    x = torch.randn(100, 1024)
+    torch.testing.assert_close(cpu_kernels.linear(x, packed, t.id, 1024), x @ dense.T, atol=1e-4, rtol=1e-5)
+    wide = torch.cat([packed, packed], dim=1)[:, : packed.shape[1]]  # same bytes, stride 2x row bytes
+    assert wide.stride(0) == 2 * packed.shape[1]
+    torch.testing.assert_close(cpu_kernels.gemv(x[:2], wide, t.id, 1024), x[:2] @ dense.T, atol=1e-4, rtol=1e-5)
+
+
+def test_packed_weight_linear_uses_native_path_and_off_switch(monkeypatch):
+    packed = random_blocks("Q8_0", 40, 256, seed=4)
+    w = GGMLWeight(packed, "Q8_0")
+    x = torch.randn(2, 3, 256)
+    native = F.linear(x, w)
+    monkeypatch.setenv("LLAMAHERD_NO_NATIVE", "1")
+    assert not cpu_kernels.available(8)
+    fallback = F.linear(x, w)
+    torch.testing.assert_close(native, fallback, atol=1e-5, rtol=1e-5)
+    assert native.shape == (2, 3, 40)
