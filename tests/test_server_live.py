@@ -101,3 +101,64 @@ def test_fifty_aborted_streams_return_every_block(live):
     # ... and the server still answers.
     r = httpx.post(server.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 3, "temperature": 0}, timeout=60)
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+
+
+def _sse_json(r: httpx.Response) -> list[dict]:
+    lines = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "[DONE]"
+    return [json.loads(x) for x in lines[:-1]]
+
+
+def test_n3_stream_interleaves_choices_and_matches_non_streaming(live):
+    server, served = live
+    body = {"messages": [{"role": "user", "content": "Three stories"}], "n": 3, "max_tokens": 20,
+            "temperature": 0.9, "seed": 7, "ignore_eos": True}
+    full = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=120).json()
+    served.engine.stats["peak_decode_batch"] = 0
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json={**body, "stream": True}, timeout=120) as r:
+        events = _sse_json(r)
+    assert served.engine.stats["peak_decode_batch"] >= 3, "the three choices did not decode together"
+    order = [e["choices"][0]["index"] for e in events]
+    texts, finished = {0: "", 1: "", 2: ""}, []
+    for e in events:
+        c = e["choices"][0]
+        assert c["index"] not in finished, "a chunk arrived after its choice's finish chunk"
+        texts[c["index"]] += c["delta"].get("content") or ""
+        if c["finish_reason"]:
+            finished.append(c["index"])
+    assert sorted(finished) == [0, 1, 2]
+    assert order[:3] == [0, 1, 2]  # the role chunks open every choice first
+    content = order[3:]
+    assert any(a != b for a, b in zip(content, content[1:])) and content != sorted(content), "not interleaved"
+    assert [texts[i] for i in range(3)] == [c["message"]["content"] for c in full["choices"]]
+
+
+def test_n2_json_schema_each_choice_valid(live):
+    server, _ = live
+    schema = {"type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 99}},
+              "required": ["a"], "additionalProperties": False}
+    body = {"messages": [{"role": "user", "content": "JSON"}], "n": 2, "max_tokens": 60, "temperature": 1.0,
+            "seed": 5, "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}}
+    for stream in (False, True):
+        if stream:
+            with httpx.stream("POST", server.url + "/v1/chat/completions", json={**body, "stream": True},
+                              timeout=120) as r:
+                events = _sse_json(r)
+            outs = ["".join(e["choices"][0]["delta"].get("content") or "" for e in events
+                            if e["choices"][0]["index"] == i) for i in range(2)]
+        else:
+            r = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=120).json()
+            outs = [c["message"]["content"] for c in r["choices"]]
+        for out in outs:
+            value = json.loads(out)  # each choice followed its own grammar state to a complete object
+            assert set(value) == {"a"} and 0 <= value["a"] <= 99
+
+
+@pytest.mark.parametrize("path,body", [
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi " * 3000}], "stream": True}),
+    ("/v1/completions", {"prompt": "hi " * 3000, "stream": True}),
+    ("/api/chat", {"messages": [{"role": "user", "content": "hi " * 3000}]}),
+])
+def test_streaming_request_errors_come_as_status_codes(live, path, body):
+    r = httpx.post(live[0].url + path, json=body, timeout=60)
+    assert 400 <= r.status_code < 500 and r.json()["error"]["message"], r.text[:300]

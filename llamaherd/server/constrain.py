@@ -23,11 +23,16 @@ class GrammarConstraint:
         import llguidance.torch as llt
 
         self._llt = llt
+        self._args = (lltok, grammar, vocab_size)
         self.matcher = llguidance.LLMatcher(lltok, grammar, log_level=0)
         if self.matcher.is_error():
             raise APIError(400, f"the output schema cannot be compiled: {self.matcher.get_error()}",
                            param="response_format")
         self.bitmask = llt.allocate_token_bitmask(1, vocab_size)
+
+    def fresh(self) -> GrammarConstraint:
+        """The same grammar from its start: each choice of an n > 1 request follows its own tokens."""
+        return GrammarConstraint(*self._args)
 
     def mask(self, logits: torch.Tensor) -> None:
         """logits: (1, V) float32, masked in place."""

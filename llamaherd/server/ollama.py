@@ -101,6 +101,7 @@ async def generate(body: OllamaGenerateRequest, request: Request):
         yield {**base, "created_at": _now(), "response": "", **_stats(usage, finish)}
 
     if body.stream:
+        served.check(prompt, params)  # errors as a status code now, not after the 200 is sent
         return _ndjson(events())
     text, finish = [], None
     async for c in served.stream(prompt, params, usage, constraint=constraint):
@@ -148,6 +149,7 @@ async def chat(body: OllamaChatRequest, request: Request):
         yield {**base, "created_at": _now(), "message": {"role": "assistant", "content": ""}, **_stats(usage, finish)}
 
     if body.stream:
+        served.check(prompt, params)  # errors as a status code now, not after the 200 is sent
         return _ndjson(events())
     text, finish = [], None
     async for c in served.stream(prompt, params, usage, constraint=constraint):

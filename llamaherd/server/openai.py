@@ -13,7 +13,7 @@ from fastapi.responses import StreamingResponse
 
 from .app import APIError, check_model, served_of
 from .prompting import chat_format, messages_for_format, openai_tool_calls, sampling_params
-from .runtime import Chunk, ServedModel, Usage
+from .runtime import Chunk, ServedModel, Usage, interleave
 from .schemas import ChatCompletionRequest, CompletionRequest
 
 router = APIRouter()
@@ -31,6 +31,11 @@ def _usage(usages: list[Usage]) -> dict:
 
 def _seeded(params, i: int):
     return params if params.seed is None or i == 0 else params.replace(seed=params.seed + i)
+
+
+def _own(constraint, i: int):
+    """Choice i's grammar state: the request's constraint for the first choice, a fresh copy for the others."""
+    return constraint if constraint is None or i == 0 else constraint.fresh()
 
 
 def _chat_logprobs(served: ServedModel, chunks: list[Chunk]) -> dict:
@@ -78,11 +83,12 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     head = {"id": rid, "object": "chat.completion", "created": created, "model": served.name}
 
     if body.stream:
+        served.check(prompt, params, body.n)  # errors as a status code now, not after the 200 is sent
         return StreamingResponse(_chat_stream(served, fmt, prompt, params, body, head, tools, constraint),
                                  media_type="text/event-stream")
 
     usages = [Usage() for _ in range(body.n)]
-    results = await asyncio.gather(*(served.complete(prompt, _seeded(params, i), usages[i], constraint=constraint)
+    results = await asyncio.gather(*(served.complete(prompt, _seeded(params, i), usages[i], constraint=_own(constraint, i))
                                      for i in range(body.n)))
     choices = []
     for i, (text, chunks, finish) in enumerate(results):
@@ -111,21 +117,26 @@ async def _chat_stream(served, fmt, prompt, params, body, head, tools, constrain
 
     for i in range(body.n):
         yield chunk(i, {"role": "assistant", "content": ""})
-    for i in range(body.n):  # n > 1 streams one choice after another
-        text, finish = [], None
-        async for c in served.stream(prompt, _seeded(params, i), usages[i], constraint=constraint):
-            finish = c.finish_reason
-            if tools:  # tool calls are recognised on the whole output, then sent as one delta
-                text.append(c.text)
-            elif c.text or (body.logprobs and c.token is not None):
-                lp = _chat_logprobs(served, [c]) if body.logprobs else None
-                yield chunk(i, {"content": c.text}, None, lp)
+    texts: list[list[str]] = [[] for _ in range(body.n)]
+    streams = [served.stream(prompt, _seeded(params, i), usages[i], constraint=_own(constraint, i))
+               for i in range(body.n)]
+    # n > 1: the choices decode together and their chunks interleave in arrival order, each tagged by index;
+    # within one choice the order is the generation order, and its finish chunk comes last.
+    async for i, c in interleave(streams):
+        if tools:  # tool calls are recognised on the whole output, then sent as one delta
+            texts[i].append(c.text)
+        elif c.text or (body.logprobs and c.token is not None):
+            lp = _chat_logprobs(served, [c]) if body.logprobs else None
+            yield chunk(i, {"content": c.text}, None, lp)
+        if c.finish_reason is None:
+            continue
+        finish = c.finish_reason
         if tools:
-            message = fmt.parse_assistant("".join(text))
+            message = fmt.parse_assistant("".join(texts[i]))
             calls = openai_tool_calls(message)
             if calls:
                 yield chunk(i, {"content": message.get("content") or None,
-                                "tool_calls": [{**c, "index": k} for k, c in enumerate(calls)]})
+                                "tool_calls": [{**call, "index": k} for k, call in enumerate(calls)]})
                 finish = "tool_calls"
             else:
                 yield chunk(i, {"content": message.get("content") or ""})
@@ -187,6 +198,8 @@ async def completions(body: CompletionRequest, request: Request):
     jobs = [(p, _seeded(params, i)) for p in prompts for i in range(body.n)]
     usages = [Usage() for _ in jobs]
     if body.stream:
+        for p, sp in jobs:
+            served.check(p, sp, len(jobs))
         return StreamingResponse(_completion_stream(served, jobs, usages, body, head), media_type="text/event-stream")
     results = await asyncio.gather(*(served.complete(p, sp, u) for (p, sp), u in zip(jobs, usages)))
     choices = []
@@ -218,15 +231,16 @@ def _completion_logprobs(served: ServedModel, chunks: list[Chunk], offset: int =
 
 
 async def _completion_stream(served, jobs, usages, body, head) -> AsyncIterator[str]:
-    for i, ((p, sp), usage) in enumerate(zip(jobs, usages)):
-        if body.echo:
+    if body.echo:
+        for i, (p, _) in enumerate(jobs):
             yield _sse({**head, "choices": [{"index": i, "text": _echo(served, p), "finish_reason": None,
                                              "logprobs": None}]})
-        async for c in served.stream(p, sp, usage):
-            lp = _completion_logprobs(served, [c]) if body.logprobs is not None else None
-            if c.text or c.finish_reason or lp:
-                yield _sse({**head, "choices": [{"index": i, "text": c.text, "logprobs": lp,
-                                                 "finish_reason": _finish(c.finish_reason) if c.finish_reason else None}]})
+    streams = [served.stream(p, sp, usage) for (p, sp), usage in zip(jobs, usages)]
+    async for i, c in interleave(streams):  # every prompt x n choice at once, chunks in arrival order
+        lp = _completion_logprobs(served, [c]) if body.logprobs is not None else None
+        if c.text or c.finish_reason or lp:
+            yield _sse({**head, "choices": [{"index": i, "text": c.text, "logprobs": lp,
+                                             "finish_reason": _finish(c.finish_reason) if c.finish_reason else None}]})
     if body.stream_options and body.stream_options.include_usage:
         prompt_tokens = sum(len(p) for p, _ in jobs) // max(body.n, 1)
         completion = sum(u.completion_tokens for u in usages)

@@ -10,9 +10,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..engine.sampling import SamplingParams, resolve_stop_ids
-from ..engine.scheduler import Engine, Event
+from ..engine.sampling import Sampler, SamplingParams, resolve_stop_ids
+from ..engine.scheduler import Engine, Event, QueueFull
 from ..engine.text import TextStream
+from ..errors import ContextLengthError
 from .metrics import Metrics
 
 
@@ -134,8 +135,51 @@ class ServedModel:
                 self.engine.cancel(seq_id)
             self.metrics.request_finished(usage.completion_tokens)
 
+    def check(self, prompt: Sequence[int], params: SamplingParams, n: int = 1) -> None:
+        """Raise now what `stream` would raise at submission (too long, queue full, bad logit_bias), so a
+        streaming handler can answer with an error status before it sends its 200 and first event."""
+        if len(prompt) >= self.engine.max_context:
+            raise ContextLengthError(f"the prompt has {len(prompt)} tokens; this server's context holds "
+                                     f"{self.engine.max_context}: shorten it")
+        if self.engine.num_waiting + n > self.engine.max_waiting:
+            raise QueueFull(f"{self.engine.num_waiting} requests are already waiting; retry later")
+        Sampler(params, self.model.config.vocab_size)  # validates logit_bias against the vocabulary
+
     async def complete(self, prompt: Sequence[int], params: SamplingParams, usage: Usage | None = None,
                        constraint=None) -> tuple[str, list[Chunk], str]:
         """Run to the end: (text, chunks, finish_reason)."""
         chunks = [c async for c in self.stream(prompt, params, usage, constraint=constraint)]
         return "".join(c.text for c in chunks), chunks, (chunks[-1].finish_reason if chunks else "stop")
+
+
+async def interleave(streams: Sequence[AsyncIterator[Chunk]]) -> AsyncIterator[tuple[int, Chunk]]:
+    """Chunks of several streams in arrival order, tagged with their stream's index (OpenAI interleaves the
+    choices of an n > 1 stream). All streams run at once, so they share engine steps; closing this iterator
+    (a client disconnect) closes every stream, which cancels their requests."""
+    queue: asyncio.Queue = asyncio.Queue()
+    end = object()
+
+    async def pump(i: int, stream: AsyncIterator[Chunk]) -> None:
+        try:
+            async for chunk in stream:
+                queue.put_nowait((i, chunk))
+        except Exception as exc:  # noqa: BLE001 - handed to the consumer, re-raised there
+            queue.put_nowait((i, exc))
+        finally:
+            queue.put_nowait((i, end))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        open_streams = len(tasks)
+        while open_streams:
+            i, item = await queue.get()
+            if item is end:
+                open_streams -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
