@@ -118,10 +118,11 @@ class Model:
                                                    context_limit=limit)]
         if not stream:
             return self.complete(prompt, stats=stats, **sampling).text
-        from .engine.generate import stream as stream_pieces
+        from .engine.generate import check_context, stream as stream_pieces
 
         sampler, stop_ids, limit = self._run_setup(sampling)
         ids = self.encode_prompt(prompt)
+        check_context(len(ids), limit)  # now, not at the first next() of the stream
         return (p.text for p in stream_pieces(self.net, self.tokenizer, ids, sampler, stop_ids=stop_ids,
                                                context_limit=limit, stats=stats) if p.text)
 
@@ -147,9 +148,10 @@ class Model:
         fmt = self.chat_format()
         ids = fmt.encode_dialog(list(messages), tools=list(tools) if tools else None, add_generation_prompt=True)
         if stream:
-            from .engine.generate import stream as stream_pieces
+            from .engine.generate import check_context, stream as stream_pieces
 
             sampler, stop_ids, limit = self._run_setup(sampling, fmt.stop_ids)
+            check_context(len(ids), limit)
             return (p.text for p in stream_pieces(self.net, self.tokenizer, ids, sampler, stop_ids=stop_ids,
                                                    context_limit=limit, stats=stats) if p.text)
         done = self.complete(ids, stats=stats, extra_stop_ids=fmt.stop_ids, **sampling)

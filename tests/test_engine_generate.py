@@ -189,6 +189,8 @@ def test_context_policy_raises_never_truncates(llama3_model):
         m.generate(list(range(64)), max_tokens=1)
     with pytest.raises(ContextLengthError, match=r"prompt is 20 tokens .* 16 tokens"):
         m.generate(list(range(20)), num_ctx=16)
+    with pytest.raises(ContextLengthError):  # at the call, before the stream is iterated
+        m.generate(list(range(64)), stream=True)
     with pytest.raises(ContextLengthError, match="num_ctx"):
         m.generate("hi", num_ctx=100000)
     # a prompt that fits generates up to the window and reports "length"
