@@ -3,7 +3,8 @@
 `GGMLWeight` is the packed bytes, (rows, row_bytes) uint8, tagged with their ggml type. `F.linear` and
 `F.embedding` on it decode block-rows in bounded chunks to the activation dtype, so a float copy of the
 weight never exists whole, whether the model calls its Linear module or uses the weight directly (a tied
-output projection `F.linear(h, tok_embeddings.weight)`). Other operations see the raw bytes.
+output projection `F.linear(h, tok_embeddings.weight)`). `.float()` / `.to(float dtype)` return the decoded
+values; other operations see the raw bytes (row slices and device moves stay GGMLWeight).
 """
 
 from __future__ import annotations
@@ -19,6 +20,10 @@ from . import cpu_kernels
 # Elements decoded at once by a linear layer: 256K float32 = 1 MiB of scratch per chunk. Larger chunks
 # (16 MiB) left glibc holding ~250 MB of freed heap after one forward of Gemma 3 270M (measured).
 CHUNK_ELEMENTS = 1 << 18
+
+
+_TO_FLOAT = {torch.Tensor.float: torch.float32, torch.Tensor.half: torch.float16,
+             torch.Tensor.bfloat16: torch.bfloat16, torch.Tensor.double: torch.float64}
 
 
 class GGMLWeight(torch.Tensor):
@@ -57,6 +62,15 @@ class GGMLWeight(torch.Tensor):
         if func is F.embedding:
             return _embedding(*args, **kwargs)
         src = next(a for a in (*args, *kwargs.values()) if isinstance(a, GGMLWeight))
+        # Asking for floats means asking for the values, never the bytes reinterpreted: decode.
+        if func in _TO_FLOAT:
+            return src.dequantize(_TO_FLOAT[func])
+        if func is torch.Tensor.to:
+            dtype = next((a for a in (*args[1:], *kwargs.values()) if isinstance(a, torch.dtype)), None)
+            if dtype is not None and dtype.is_floating_point:
+                device = kwargs.get("device", next((a for a in args[1:] if isinstance(a, (str, torch.device))), None))
+                out = src.dequantize(dtype)
+                return out if device is None else out.to(device)
         with torch._C.DisableTorchFunctionSubclass():
             out = func(*args, **kwargs)
         # Byte-preserving results (to(device), detach, row slices, clone) keep their meaning; others are bytes.
