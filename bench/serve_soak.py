@@ -192,8 +192,10 @@ def _wait_idle(url: str, timeout: float) -> dict:
         if m["herd_requests_running"] == 0 and m["herd_requests_waiting"] == 0 and m["herd_kv_cache_usage_ratio"] == 0:
             break
         time.sleep(0.1)
-    return {"idle_running": int(m.get("herd_requests_running", -1)), "idle_waiting": int(m.get("herd_requests_waiting", -1)),
-            "idle_kv_cache_usage": m.get("herd_kv_cache_usage_ratio"), "preemptions": int(m.get("herd_preemptions_total", 0)),
+    return {"idle_running": int(m.get("herd_requests_running", -1)),
+            "idle_waiting": int(m.get("herd_requests_waiting", -1)),
+            "idle_kv_cache_usage": m.get("herd_kv_cache_usage_ratio"),
+            "preemptions": int(m.get("herd_preemptions_total", 0)),
             "server_requests_total": int(m.get("herd_requests_total", 0))}
 
 

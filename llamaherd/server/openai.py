@@ -88,8 +88,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
                                  media_type="text/event-stream")
 
     usages = [Usage() for _ in range(body.n)]
-    results = await asyncio.gather(*(served.complete(prompt, _seeded(params, i), usages[i], constraint=_own(constraint, i))
-                                     for i in range(body.n)))
+    results = await asyncio.gather(*(served.complete(prompt, _seeded(params, i), usages[i],
+                                                     constraint=_own(constraint, i)) for i in range(body.n)))
     choices = []
     for i, (text, chunks, finish) in enumerate(results):
         message = fmt.parse_assistant(text) if tools else {"role": "assistant", "content": text}
