@@ -21,7 +21,7 @@ SAMPLING_FLAGS: list[tuple[str, str, type, str]] = [
     ("--presence-penalty", "presence_penalty", float, "OpenAI presence penalty"),
     ("--frequency-penalty", "frequency_penalty", float, "OpenAI frequency penalty"),
     ("--seed", "seed", int, "random seed: same seed, same output"),
-    ("--max-tokens", "max_tokens", int, "most tokens to generate (-1 = until the context is full)"),
+    ("--max-tokens", "max_tokens", int, "most tokens to generate (default -1: until the model stops)"),
     ("--num-ctx", "num_ctx", int, "context window in tokens (at most the model's max_seq_len)"),
 ]
 

@@ -175,7 +175,9 @@ class ChatSession:
         pieces = None
         text: list[str] = []
         try:
-            pieces = self.model.chat(self.conversation(user_text), stream=True, stats=stats, **self.sampling)
+            # Like Ollama, a reply runs until the model ends its turn unless num_predict says otherwise.
+            sampling = {"max_tokens": None, **self.sampling}
+            pieces = self.model.chat(self.conversation(user_text), stream=True, stats=stats, **sampling)
             for piece in pieces:
                 self.stdout.write(piece)
                 self.stdout.flush()

@@ -65,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
     from ..engine.stats import GenerationStats
 
     stats = GenerationStats(load_seconds=load_seconds)
+    sampling = {"max_tokens": None, **sampling}  # until the model stops (Ollama's num_predict -1)
     chat = not args.raw and _has_chat_format(model)
     if chat:
         messages = ([{"role": "system", "content": args.system}] if args.system else [])

@@ -162,7 +162,8 @@ def _finite(x: Any) -> bool:
 Transform = Callable[[torch.Tensor], torch.Tensor]
 
 
-def token_counts(histories: Sequence[Sequence[int]], vocab_size: int, device: torch.device | None = None) -> torch.Tensor:
+def token_counts(histories: Sequence[Sequence[int]], vocab_size: int,
+                 device: torch.device | None = None) -> torch.Tensor:
     """(B, V) float counts of each token id in each row's history."""
     counts = torch.zeros(len(histories), vocab_size, device=device)
     for row, ids in enumerate(histories):
@@ -180,7 +181,8 @@ def apply_repetition_penalty(logits: torch.Tensor, counts: torch.Tensor, penalty
     return torch.where(seen, penalised, logits)
 
 
-def apply_presence_frequency(logits: torch.Tensor, counts: torch.Tensor, presence: float, frequency: float) -> torch.Tensor:
+def apply_presence_frequency(logits: torch.Tensor, counts: torch.Tensor, presence: float,
+                             frequency: float) -> torch.Tensor:
     """OpenAI's formula: mu[j] -= c[j] * frequency_penalty + (c[j] > 0) * presence_penalty."""
     return logits - counts * frequency - (counts > 0).to(logits.dtype) * presence
 

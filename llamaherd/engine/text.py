@@ -16,9 +16,10 @@ class TextStream:
     Tokenizers that give each token's raw bytes go through the tokenizer package's `StreamDecoder` (bytes held
     until a character is whole). Others are decoded incrementally over a short window (as vLLM's
     `detokenize_incrementally`), released only once the window does not end inside a multi-byte character.
-    Either way every piece is whole characters and the pieces concatenate to the decode of all the ids. Text that could be the start of a stop string is held
-    back until it is known not to be one; once a stop string appears, the text before it is released,
-    `stopped` becomes True and everything after is dropped.
+    Either way every piece is whole characters and the pieces concatenate to the decode of all the ids.
+
+    Text that could be the start of a stop string is held back until it is known not to be one; once a stop
+    string appears, the text before it is released, `stopped` becomes True and everything after is dropped.
     """
 
     def __init__(self, tokenizer, stop: Sequence[str] = (), prompt_tail: Sequence[int] = ()) -> None:
