@@ -303,7 +303,9 @@ class Transformer(nn.Module):
             h = layer(h, cos, sin, masks[is_global], cache, i, start)
         if cache is not None:
             cache.length = start + T
-        logits = F.linear(self.norm(h), self.output_weight()).float()
+        h = self.norm(h)
+        # Call the output module when there is one, so swapped (quantized) projections run their own forward.
+        logits = (F.linear(h, self.tok_embeddings.weight) if c.tie_embeddings else self.output(h)).float()
         if c.final_logit_softcap is not None:
             logits = softcap(logits, c.final_logit_softcap)
         return logits
