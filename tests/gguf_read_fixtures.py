@@ -100,3 +100,32 @@ def gemma_gguf(tmp_dir: Path) -> Path:
 
     target = Path(tmp_dir) / pkg.MODEL_NAME
     return pkg.assemble(target)
+
+
+def bpe_vocab_metadata(texts: list[str], vocab_size: int = 600) -> tuple[dict, list[str]]:
+    """GGUF tokenizer metadata ("gpt2", pre "llama-bpe") for a byte-level BPE trained on `texts` with the
+    tokenizers library; returns (metadata for write_llama_gguf, token list)."""
+    import json
+
+    from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from llamaherd.tokenizer.gguf_vocab import LLAMA3_SPLIT
+
+    hf = HFTokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
+                                                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    hf.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|begin_of_text|>", "<|eot_id|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    hf.train_from_iterator(texts, trainer)
+    model = json.loads(hf.to_str())["model"]
+    tokens = [t for t, _ in sorted(model["vocab"].items(), key=lambda kv: kv[1])]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    types = [3 if t.startswith("<|") else 1 for t in tokens]
+    V = gguf.GGUFValueType
+    meta = {"tokenizer.ggml.model": ("gpt2", V.STRING), "tokenizer.ggml.pre": ("llama-bpe", V.STRING),
+            "tokenizer.ggml.tokens": (tokens, V.ARRAY), "tokenizer.ggml.token_type": (types, V.ARRAY, V.INT32),
+            "tokenizer.ggml.merges": (merges, V.ARRAY),
+            "tokenizer.ggml.bos_token_id": (0, V.UINT32), "tokenizer.ggml.eos_token_id": (1, V.UINT32)}
+    return meta, tokens

@@ -9,9 +9,10 @@ import pytest
 from gguf import GGMLQuantizationType as QT
 
 from llamaherd.tokenizer import Tokenizer
-from llamaherd.tokenizer.gguf_vocab import LLAMA3_SPLIT, from_gguf
+from llamaherd.tokenizer.gguf_vocab import from_gguf
 from tests.conftest import random_model
-from tests.gguf_read_fixtures import gemma_gguf, write_llama_gguf
+from llamaherd.config import ModelConfig
+from tests.gguf_read_fixtures import bpe_vocab_metadata, gemma_gguf, write_llama_gguf
 
 llama_cpp = pytest.importorskip("llama_cpp")
 
@@ -58,32 +59,8 @@ def test_gemma_round_trip_and_specials(gemma):
 def test_gguf_bpe_vocab_matches_llama_cpp(tmp_path):
     """A byte-level BPE ("gpt2", pre "llama-bpe") trained here with the tokenizers library, stored in a tiny
     Llama GGUF; llama.cpp tokenizes it from the file."""
-    from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
-    from tokenizers import Tokenizer as HFTokenizer
-
-    hf = HFTokenizer(models.BPE())
-    hf.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
-                                                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    hf.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<|begin_of_text|>", "<|eot_id|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    hf.train_from_iterator(CORPUS * 3 + random_texts(400, 1), trainer)
-    state = hf.to_str()
-    import json
-
-    model = json.loads(state)["model"]
-    vocab = sorted(model["vocab"].items(), key=lambda kv: kv[1])
-    tokens = [t for t, _ in vocab]
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
-    types = [3 if t.startswith("<|") else 1 for t in tokens]
-    from llamaherd.config import ModelConfig
-
+    meta, tokens = bpe_vocab_metadata(CORPUS * 3 + random_texts(400, 1))
     c = ModelConfig(dim=64, n_layers=1, n_heads=4, vocab_size=len(tokens), hidden_dim=128, rope_theta=500000.0, max_seq_len=256)
-    V = gguf.GGUFValueType
-    meta = {"tokenizer.ggml.model": ("gpt2", V.STRING), "tokenizer.ggml.pre": ("llama-bpe", V.STRING),
-            "tokenizer.ggml.tokens": (tokens, V.ARRAY), "tokenizer.ggml.token_type": (types, V.ARRAY, V.INT32),
-            "tokenizer.ggml.merges": (merges, V.ARRAY),
-            "tokenizer.ggml.bos_token_id": (0, V.UINT32), "tokenizer.ggml.eos_token_id": (1, V.UINT32)}
     path = tmp_path / "bpe.gguf"
     write_llama_gguf(path, c, random_model(c).state_dict(), QT.F32, vocab=meta)
     ours = from_gguf(path)
