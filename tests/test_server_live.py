@@ -162,3 +162,31 @@ def test_n2_json_schema_each_choice_valid(live):
 def test_streaming_request_errors_come_as_status_codes(live, path, body):
     r = httpx.post(live[0].url + path, json=body, timeout=60)
     assert 400 <= r.status_code < 500 and r.json()["error"]["message"], r.text[:300]
+
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather for a city",
+                                              "parameters": {"type": "object", "required": ["city"],
+                                                             "properties": {"city": {"type": "string", "maxLength": 12}},
+                                                             "additionalProperties": False}}}
+
+
+@pytest.mark.parametrize("tool_choice", ["auto", "required"])
+def test_streamed_tool_calls_and_content_equal_non_streaming(live, tool_choice):
+    server, _ = live
+    body = {"messages": [{"role": "user", "content": "Weather in Paris?"}], "tools": [WEATHER],
+            "tool_choice": tool_choice, "max_tokens": 60, "temperature": 0.7, "seed": 3}
+    full = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=120).json()["choices"][0]
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json={**body, "stream": True}, timeout=120) as r:
+        events = _sse_json(r)
+    deltas = [e["choices"][0]["delta"] for e in events]
+    content = "".join(d.get("content") or "" for d in deltas)
+    calls = [c for d in deltas for c in d.get("tool_calls") or []]
+    assert content == (full["message"]["content"] or "")
+    strip = [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls]
+    assert strip == [(c["function"]["name"], json.loads(c["function"]["arguments"]))
+                     for c in full["message"].get("tool_calls") or []]
+    assert events[-1]["choices"][0]["finish_reason"] == full["finish_reason"]
+    if tool_choice == "required":
+        assert strip and strip[0][0] == "get_weather" and full["finish_reason"] == "tool_calls"
+    else:  # a random model answers in text: it must have streamed in several pieces, not one at the end
+        assert sum(1 for d in deltas if d.get("content")) > 3

@@ -137,15 +137,19 @@ async def chat(body: OllamaChatRequest, request: Request):
         return msg
 
     async def events():
-        text, finish = [], None
+        finish = None
+        parser = fmt.stream_parser() if tools else None  # content streams; a tool call is sent whole at the end
         async for c in served.stream(prompt, params, usage, constraint=constraint):
             finish = c.finish_reason
-            if tools:
-                text.append(c.text)
-            elif c.text:
-                yield {**base, "created_at": _now(), "message": {"role": "assistant", "content": c.text}, "done": False}
-        if tools:
-            yield {**base, "created_at": _now(), "message": final_message("".join(text)), "done": False}
+            shown = parser.feed(c.text) if parser else c.text
+            if parser and finish:
+                shown += parser.flush()
+            if shown:
+                yield {**base, "created_at": _now(), "message": {"role": "assistant", "content": shown}, "done": False}
+        calls = ollama_tool_calls(parser.finish()) if parser else None
+        if calls:
+            yield {**base, "created_at": _now(), "message": {"role": "assistant", "content": "", "tool_calls": calls},
+                   "done": False}
         yield {**base, "created_at": _now(), "message": {"role": "assistant", "content": ""}, **_stats(usage, finish)}
 
     if body.stream:

@@ -117,29 +117,32 @@ async def _chat_stream(served, fmt, prompt, params, body, head, tools, constrain
 
     for i in range(body.n):
         yield chunk(i, {"role": "assistant", "content": ""})
-    texts: list[list[str]] = [[] for _ in range(body.n)]
+    # With tools, each choice's text goes through the format's streaming tool-call parser: plain content is
+    # shown as it comes (held back only while it could still open a call), a tool call is sent whole at the end.
+    parsers = [fmt.stream_parser() for _ in range(body.n)] if tools else None
     streams = [served.stream(prompt, _seeded(params, i), usages[i], constraint=_own(constraint, i))
                for i in range(body.n)]
     # n > 1: the choices decode together and their chunks interleave in arrival order, each tagged by index;
     # within one choice the order is the generation order, and its finish chunk comes last.
     async for i, c in interleave(streams):
-        if tools:  # tool calls are recognised on the whole output, then sent as one delta
-            texts[i].append(c.text)
+        if parsers:
+            shown = parsers[i].feed(c.text)
+            if shown:
+                yield chunk(i, {"content": shown})
         elif c.text or (body.logprobs and c.token is not None):
             lp = _chat_logprobs(served, [c]) if body.logprobs else None
             yield chunk(i, {"content": c.text}, None, lp)
         if c.finish_reason is None:
             continue
         finish = c.finish_reason
-        if tools:
-            message = fmt.parse_assistant("".join(texts[i]))
-            calls = openai_tool_calls(message)
+        if parsers:
+            rest = parsers[i].flush()
+            if rest:
+                yield chunk(i, {"content": rest})
+            calls = openai_tool_calls(parsers[i].finish())
             if calls:
-                yield chunk(i, {"content": message.get("content") or None,
-                                "tool_calls": [{**call, "index": k} for k, call in enumerate(calls)]})
+                yield chunk(i, {"tool_calls": [{**call, "index": k} for k, call in enumerate(calls)]})
                 finish = "tool_calls"
-            else:
-                yield chunk(i, {"content": message.get("content") or ""})
         yield chunk(i, {}, _finish(finish))
     if body.stream_options and body.stream_options.include_usage:
         yield _sse({**head, "choices": [], "usage": _usage(usages)})
