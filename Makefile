@@ -7,6 +7,8 @@ HERD   := $(VENV)/bin/herd
 # The CPU wheel of torch, installed before the package so its `torch>=2.5` is already met.
 TORCH  := torch==2.13.0
 PROMPT ?= Why is the sky blue? Answer in two sentences.
+# The default model (Gemma 3 270M, pretrained) completes text; bound the reply so `make run` always ends.
+RUN_FLAGS ?= --max-tokens 128
 
 .PHONY: run test test-all install install-test bench clean
 
@@ -26,7 +28,7 @@ install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
 
 run: install
-	$(HERD) run "$(PROMPT)"
+	$(HERD) run $(RUN_FLAGS) "$(PROMPT)"
 
 test: install-test
 	$(PY) -m pytest -q

@@ -193,3 +193,14 @@ def test_load_by_ollama_name_gives_the_same_logits(homes, tiny_gguf):
     ids = list(range(5, 17))
     with torch.no_grad():
         torch.testing.assert_close(model.logits(ids), ref(torch.tensor([ids]))[0], atol=1e-4, rtol=1e-4)
+
+
+def test_herd_run_falls_back_to_the_default_model(homes, tiny_gguf):
+    from llamaherd.cli.run import split_model_and_prompt
+
+    _, ollama = homes
+    add_to_ollama_store(ollama, "tiny:1b", tiny_gguf[0])
+    assert split_model_and_prompt(["Why is the sky blue?"]) == (store.DEFAULT_MODEL, "Why is the sky blue?")
+    assert split_model_and_prompt(["Hello", "there"]) == (store.DEFAULT_MODEL, "Hello there")
+    assert split_model_and_prompt(["tiny:1b", "Hello"]) == ("tiny:1b", "Hello")
+    assert not (homes[0] / store.DEFAULT_MODEL).exists()  # choosing the model does not assemble it yet

@@ -10,12 +10,14 @@ from ._generation import add_sampling_flags, allow_intermixed, load_model, sampl
 
 
 def default_model() -> str | None:
-    """The model `herd run` uses when none is named: None until the local store provides one.
+    """The model `herd run` uses when none is named.
 
-    Engineer F: return the default model's name or path here (e.g. from `llamaherd.store.default_model`);
-    `split_model_and_prompt` then treats every positional word as the prompt when the first is not a model.
+    The store's default model (Gemma 3 270M, assembled from its installed package on first use, with
+    progress shown); `split_model_and_prompt` treats every word as the prompt when the first is not a model.
     """
-    return None
+    from ..store import DEFAULT_MODEL
+
+    return DEFAULT_MODEL
 
 
 def register(sub: argparse._SubParsersAction) -> None:
