@@ -212,3 +212,20 @@ def test_random_bytes_after_magic(tail):
 def tiny_header(tiny_file):
     blob = tiny_file.read_bytes()
     return blob[: reader.parse_header(blob).data_offset + 64]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(edits=st.lists(st.tuples(st.integers(0, 3), st.integers(0, 1 << 20), st.integers(0, 255)), min_size=1, max_size=4))
+def test_mutated_files_read_or_raise_typed_errors(tiny_file, tmp_path_factory, edits):
+    """The whole reader (header, config, names, tokenizer): a Checkpoint or a LlamaherdError, nothing else."""
+    from llamaherd.errors import LlamaherdError
+
+    blob = tiny_file.read_bytes()
+    header_end = reader.parse_header(blob).data_offset
+    edits = [(k, p % header_end, v) for k, p, v in edits]  # aim at the header, where the parsing is
+    path = tmp_path_factory.mktemp("mut") / "m.gguf"
+    path.write_bytes(mutate(blob, edits))
+    try:
+        reader.read(path)
+    except LlamaherdError:
+        pass

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import random
 
-import gguf
 import pytest
 from gguf import GGMLQuantizationType as QT
 
+from llamaherd.config import ModelConfig
 from llamaherd.tokenizer import Tokenizer
 from llamaherd.tokenizer.gguf_vocab import from_gguf
 from tests.conftest import random_model
-from llamaherd.config import ModelConfig
 from tests.gguf_read_fixtures import bpe_vocab_metadata, gemma_gguf, write_llama_gguf
 
 llama_cpp = pytest.importorskip("llama_cpp")

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 import mmap
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,10 @@ DEFAULT_ALIGNMENT = 32
 MAX_DIMS = 4  # GGML_MAX_DIMS
 MAX_NAME_BYTES = 1024  # tensor names and keys; llama.cpp's GGML_MAX_NAME is 64
 MAX_STRING_BYTES = 64 << 20  # one metadata string (chat templates are tens of KB)
+# Python objects per entry cost far more than the bytes that describe them, so entry counts are capped
+# well above real files (Gemma 3: 262,144 tokens; ~500k merges; a few hundred keys; < 10k tensors).
+MAX_STRINGS = 1 << 22
+MAX_ENTRIES = 1 << 20
 
 # GGUF value types (gguf.md `gguf_metadata_value_type`): id -> (numpy dtype, size), strings/arrays aside.
 _SCALARS: dict[int, np.dtype] = {
@@ -120,6 +123,8 @@ class _Cursor:
             return arr.astype(bool) if etype == _BOOL else arr
         if etype == _STRING:
             self.need(count * 8, f"{count} strings of {what}")  # each string has at least its u64 length
+            if count > MAX_STRINGS:
+                raise self.fail(f"{what} holds {count} strings, more than the {MAX_STRINGS} allowed")
             return [self.string(f"{what}[{i}]") for i in range(count)]
         raise self.fail(f"{what} is an array of unknown or nested type {etype}")
 
@@ -139,7 +144,7 @@ def parse_header(buf: memoryview | bytes, path: Path | None = None) -> GGUFHeade
     n_kv = c.u64("metadata count")
     # Cheapest possible entries: a kv is key length + empty key + type + u8 (13 bytes); a tensor info is
     # name length + empty name + n_dims + type + offset (24 bytes). Counts beyond that cannot fit.
-    if n_kv * 13 > c.size - c.pos or n_tensors * 24 > c.size - c.pos:
+    if n_kv * 13 > c.size - c.pos or n_tensors * 24 > c.size - c.pos or max(n_kv, n_tensors) > MAX_ENTRIES:
         raise c.fail(f"header claims {n_kv} metadata entries and {n_tensors} tensors, more than the file can hold")
 
     metadata: dict[str, Any] = {}
@@ -323,7 +328,7 @@ def config_from_metadata(md: dict[str, Any], tensors: dict[str, TensorInfo], pat
         # (62 layers), which uses 1/sqrt(dim / n_heads).
         fields.update(
             sliding_window=m.get("attention.sliding_window", int, None),
-            sliding_window_pattern=6,
+            sliding_window_pattern=_int_or(md.get("gemma3.attention.sliding_window_pattern"), 6),
             rope_local_theta=10000.0,
             query_pre_attn_scalar=float(dim // n_heads if fields["n_layers"] == 62 else head_dim),
             final_logit_softcap=m.get("final_logit_softcapping", float, None),
@@ -340,6 +345,10 @@ def config_from_metadata(md: dict[str, Any], tensors: dict[str, TensorInfo], pat
         return ModelConfig(**fields)
     except (ValueError, ZeroDivisionError) as e:
         raise GGUFError(path, f"metadata describes an impossible model: {e}") from e
+
+
+def _int_or(value: Any, default: int) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else default
 
 
 def _rope_scaling(m: _Meta, path: Path) -> RopeScaling | None:
