@@ -69,3 +69,45 @@ def test_gguf_bpe_vocab_matches_llama_cpp(tmp_path):
         assert ids == ref.tokenize(text.encode(), add_bos=False, special=False), repr(text)
         assert ours.decode(ids) == text
     assert ours.stop_ids == {1, 1} | {tokens.index("<|eot_id|>")}
+
+
+def test_llama2_style_spm_vocab_matches_llama_cpp_and_sentencepiece(tmp_path):
+    """A SentencePiece BPE model trained here (byte fallback, as Llama 2's), its pieces/scores/types stored as
+    llama.cpp's converter stores them, with add_space_prefix on (Llama 1/2)."""
+    import sentencepiece
+
+    rng = random.Random(0)
+    words = ["".join(rng.choice("abcdefghijklmnop") for _ in range(rng.randint(1, 7))) for _ in range(200)]
+    lines = [" ".join(rng.choice(words) for _ in range(10)) for _ in range(1500)] + CORPUS * 3
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_prefix=str(tmp_path / "sp"), model_type="bpe", vocab_size=500,
+        byte_fallback=True, character_coverage=0.995, normalization_rule_name="identity",
+        remove_extra_whitespaces=False, split_digits=True, allow_whitespace_only_pieces=True, minloglevel=2)
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(tmp_path / "sp.model"))
+    n = sp.get_piece_size()
+    # token kinds as convert_hf_to_gguf.py `_create_vocab_sentencepiece` assigns them (gguf TokenType values)
+    types = [2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 6 if sp.is_byte(i) else 1 for i in range(n)]
+    import gguf
+
+    V = gguf.GGUFValueType
+    meta = {"tokenizer.ggml.model": ("llama", V.STRING),
+            "tokenizer.ggml.tokens": ([sp.id_to_piece(i) for i in range(n)], V.ARRAY),
+            "tokenizer.ggml.scores": ([sp.get_score(i) for i in range(n)], V.ARRAY),
+            "tokenizer.ggml.token_type": (types, V.ARRAY, V.INT32),
+            "tokenizer.ggml.bos_token_id": (sp.bos_id(), V.UINT32), "tokenizer.ggml.eos_token_id": (sp.eos_id(), V.UINT32),
+            "tokenizer.ggml.unknown_token_id": (sp.unk_id(), V.UINT32),
+            "tokenizer.ggml.add_space_prefix": (True, V.BOOL)}
+    c = ModelConfig(dim=64, n_layers=1, n_heads=4, vocab_size=n, hidden_dim=128, max_seq_len=256)
+    path = tmp_path / "spm.gguf"
+    write_llama_gguf(path, c, random_model(c).state_dict(), QT.F32, vocab=meta)
+    ours = from_gguf(path)
+    ref = llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
+    texts = [t for t in CORPUS + random_texts(200, 3) if t]
+    for text in texts:
+        ids = ours.encode(text)
+        assert ids == ref.tokenize(text.encode(), add_bos=False, special=False), repr(text)
+        assert ours.decode(ids) == text, repr(text)
+    plain = [t for t in texts if t.isascii() and t.isprintable() and "  " not in t and not t.startswith(" ")]
+    assert len(plain) > 10
+    for text in plain:
+        assert ours.encode(text) == sp.encode(text), repr(text)
