@@ -29,6 +29,8 @@ VARIANTS = {
     # Gemma 3 4B+ shape: linear rope scaling on global layers, plus a softcapped output.
     "scaled_softcap": tiny(rope_scaling=RopeScaling(kind="linear", factor=8.0), final_logit_softcap=5.0),
     "untied_mha": tiny(n_kv_heads=4, tie_embeddings=False, sliding_window_pattern=2),
+    # Gemma 2's attention-score cap: Gemma 3 ignores it, as transformers' Gemma3Attention does.
+    "attn_softcap": tiny(attn_logit_softcap=3.0),
 }
 
 
@@ -43,6 +45,7 @@ def hf_model(c: ModelConfig, seed: int = 0):
         layer_types=["full_attention" if is_global_layer(c, i) else "sliding_attention" for i in range(c.n_layers)],
         rope_parameters={"full_attention": full, "sliding_attention": {"rope_type": "default", "rope_theta": c.rope_local_theta}},
         query_pre_attn_scalar=int(c.query_pre_attn_scalar), final_logit_softcapping=c.final_logit_softcap,
+        attn_logit_softcapping=c.attn_logit_softcap,
         tie_word_embeddings=c.tie_embeddings, pad_token_id=0,
     )
     cfg._attn_implementation = "eager"

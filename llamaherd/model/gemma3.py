@@ -197,7 +197,8 @@ class Attention(nn.Module):
         self.k_norm = GemmaRMSNorm(config.head_dim, config.norm_eps)
         scalar = config.query_pre_attn_scalar or config.head_dim
         self.scale = scalar**-0.5
-        self.logit_cap = config.attn_logit_softcap
+        # config.attn_logit_softcap is Gemma 2's; Gemma 3 dropped it (transformers' Gemma3Attention never passes
+        # it to the attention kernel and llama.cpp's gemma3 graph has no cap), so it is ignored here too.
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None, layer: int, start: int) -> torch.Tensor:
         B, T, _ = x.shape
@@ -208,22 +209,8 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
         if cache is not None:
             k, v = cache.update(layer, start, k, v)  # (B, Hkv, start+T, D)
-        if self.logit_cap is None:
-            out = sdpa(q, k, v, mask, scale=self.scale)
-        else:
-            out = self._capped_attention(q, k, v, mask, start)
+        out = sdpa(q, k, v, mask, scale=self.scale)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
-
-    def _capped_attention(self, q, k, v, mask, start):
-        """Explicit attention with tanh-capped scores (Gemma 2's attn_logit_softcapping; no SDPA equivalent)."""
-        rep = self.n_heads // self.n_kv_heads
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # (B, H, S, D)
-        scores = softcap(torch.matmul(q, k.transpose(2, 3)).float() * self.scale, self.logit_cap)  # (B, H, T, S)
-        if mask is None:
-            T, S = q.shape[2], k.shape[2]
-            mask = torch.arange(S, device=q.device)[None, :] <= torch.arange(start, start + T, device=q.device)[:, None]
-        scores = scores.masked_fill(~mask, float("-inf"))
-        return torch.matmul(scores.softmax(-1).type_as(v), v)
 
 
 class TransformerBlock(nn.Module):
