@@ -49,3 +49,29 @@ def test_stop_string_cuts_at_first_occurrence(tok, ids, cut):
     # The decode of a prefix of the ids may differ from a prefix of the full decode only where a character
     # is still unfinished; the first occurrence in the full text is what the stream must cut at.
     assert out == full[: full.index(stop)]
+
+
+def test_sentencepiece_llama2_stream_and_chat(tmp_path):
+    """Llama 2 path: a SentencePiece tokenizer with byte fallback (trained here like Llama 2's), a tiny model
+    with its vocabulary: streamed pieces equal the sentencepiece library's own decode; chat uses [INST]."""
+    sentencepiece = pytest.importorskip("sentencepiece")
+    from llamaherd.api import Model
+    from llamaherd.checkpoint.base import Checkpoint
+    from llamaherd.config import ModelConfig
+    from llamaherd.tokenizer import Tokenizer
+
+    from .conftest import random_model
+    from .test_tokenizer_spm import train_spm
+
+    path = train_spm(tmp_path)
+    tok = Tokenizer.from_file(path)
+    lib = sentencepiece.SentencePieceProcessor(model_file=str(path))
+    config = ModelConfig(dim=32, n_layers=1, n_heads=2, vocab_size=tok.vocab_size, multiple_of=32, max_seq_len=256)
+    net = random_model(config, std=0.5)
+    m = Model(net, Checkpoint(config, net.state_dict(), "tiny-llama2", tokenizer=tok))
+    assert m.chat_format_name == "llama2"
+    done = m.complete("hello world", seed=3, max_tokens=60, ignore_eos=True)
+    pieces = list(m.generate("hello world", stream=True, seed=3, max_tokens=60, ignore_eos=True))
+    assert "".join(pieces) == done.text == lib.decode(done.token_ids)
+    msg = m.chat([{"role": "user", "content": "hi"}], seed=1, max_tokens=8)
+    assert msg["role"] == "assistant" and isinstance(msg["content"], (str, type(None)))
