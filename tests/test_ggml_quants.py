@@ -108,6 +108,7 @@ def test_packed_linear_and_embedding_equal_float_ops(monkeypatch):
 
 def test_gemma_file_stays_packed_after_reading(gemma_path):
     ck = reader.read(gemma_path)
+    assert ck.metadata["file_type"] == "Q4_K_M" and ck.metadata["format"] == "gguf"
     q = ck.metadata["quantized"]
     assert q["tok_embeddings.weight"] == "Q8_0" and q["layers.0.feed_forward.w2.weight"] == "Q6_K"
     emb = ck.state_dict["tok_embeddings.weight"]

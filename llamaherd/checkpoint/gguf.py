@@ -443,10 +443,22 @@ def read(path: str | Path) -> Checkpoint:
             "format": "gguf",
             "gguf_version": header.version,
             "quantized": {k: v.name for k, v in qtypes.items()},
+            "file_type": _file_type(md.get("general.file_type")),
+            "name": md.get("general.name") if isinstance(md.get("general.name"), str) else None,
             "gguf": {k: v for k, v in md.items() if not isinstance(v, (list, np.ndarray)) or len(v) <= 64},
             "_mmap": mm,  # keeps the mapping alive as long as the checkpoint
         },
     )
+
+
+def _file_type(value: Any) -> str | None:
+    """general.file_type (llama.cpp `llama_ftype`, e.g. 15) as its name ("Q4_K_M"), None when absent or unknown."""
+    try:
+        import gguf
+
+        return gguf.LlamaFileType(int(value)).name.removeprefix("MOSTLY_")
+    except (ImportError, TypeError, ValueError):
+        return None
 
 
 def _generation(md: dict[str, Any]) -> GenerationDefaults:
