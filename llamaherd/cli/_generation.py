@@ -49,7 +49,7 @@ def allow_intermixed(p: argparse.ArgumentParser) -> None:
 def add_sampling_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sampling (defaults: the checkpoint's generation config)")
     for flag, dest, typ, help_ in SAMPLING_FLAGS:
-        g.add_argument(flag, dest=dest, type=typ, default=None, help=help_)
+        g.add_argument(flag, dest=dest, type=typ, default=None, help=help_, metavar=flag[2:].upper())
     g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     p.add_argument("--verbose", action="store_true", help="print timings and token rates after each reply")
     p.add_argument("--dtype", default=None, help="load weights as f32, bf16 or f16 (default: as stored)")
