@@ -179,6 +179,8 @@ def soak(url: str, pid: int, seconds: float, clients: int = 32, seed: int = 0) -
             "rss_after_warmup_mib": round(warm[-1], 1), "rss_max_after_warmup_mib": round(max(after), 1),
             "rss_end_mib": round(after[-1], 1),
             "rss_growth_second_half_mib": round(max(after[half:]) - max(after[: max(half, 1)]), 1),
+            "rss_every_30s_mib": [round(min(samples, key=lambda x: abs(x[0] - k))[1])
+                                  for k in range(0, int(samples[-1][0]) + 1, 30)],
             **idle}
 
 
