@@ -170,29 +170,51 @@ static void gemv1_q8_0(const uint8_t *W, int64_t N, int64_t stride, int64_t K, c
     }
 }
 
-/* Y (M, N) = X (M, K) . W^T; each block decoded once into L1 and used for every row of X (M <= 64). */
+/* Y (M, N) = X (M, K) . W^T; each block decoded once into L1 and used for every row of X (M <= 64).
+ * One copy per type (a macro) so the decoder inlines and the dot loops vectorise with the block size known. */
+#define GEMV_IMPL(NAME, DEQ, QK, TS)                                                                          \
+    static void NAME(const uint8_t *W, int64_t N, int64_t stride, int64_t K, const float *X, int64_t M,      \
+                     float *Y, int nthreads) {                                                                \
+        const int64_t nb = K / QK;                                                                            \
+        _Pragma("omp parallel for schedule(static) num_threads(nthreads)")                                   \
+        for (int64_t n = 0; n < N; n++) {                                                                     \
+            float buf[QK] __attribute__((aligned(64)));                                                       \
+            float acc[64];                                                                                    \
+            for (int64_t m = 0; m < M; m++) acc[m] = 0.0f;                                                    \
+            const uint8_t *row = W + n * stride;                                                              \
+            for (int64_t b = 0; b < nb; b++) {                                                                \
+                DEQ(row + b * TS, buf);                                                                       \
+                for (int64_t m = 0; m < M; m++) {                                                             \
+                    const float *xb = X + m * K + b * QK;                                                     \
+                    float s = 0.0f;                                                                           \
+                    for (int j = 0; j < QK; j++) s += buf[j] * xb[j];                                         \
+                    acc[m] += s;                                                                              \
+                }                                                                                             \
+            }                                                                                                 \
+            for (int64_t m = 0; m < M; m++) Y[m * N + n] = acc[m];                                            \
+        }                                                                                                     \
+    }
+
+GEMV_IMPL(gemv_q4_0, deq_q4_0, 32, 18)
+GEMV_IMPL(gemv_q5_0, deq_q5_0, 32, 22)
+GEMV_IMPL(gemv_q8_0, deq_q8_0, 32, 34)
+GEMV_IMPL(gemv_q4_k, deq_q4_k, 256, 144)
+GEMV_IMPL(gemv_q5_k, deq_q5_k, 256, 176)
+GEMV_IMPL(gemv_q6_k, deq_q6_k, 256, 210)
+
 int lh_gemv(int type, const uint8_t *W, int64_t N, int64_t stride, int64_t K, const float *X, int64_t M,
             float *Y, int nthreads) {
-    deq_fn fn; int qk, ts;
-    if (layout(type, &fn, &qk, &ts) || M > 64) return -1;
-    if (type == T_Q8_0 && M == 1) { gemv1_q8_0(W, N, stride, K, X, Y, nthreads); return 0; }
-    const int64_t nb = K / qk;
-#pragma omp parallel for schedule(static) num_threads(nthreads)
-    for (int64_t n = 0; n < N; n++) {
-        float buf[256] __attribute__((aligned(64)));
-        float acc[64];
-        for (int64_t m = 0; m < M; m++) acc[m] = 0.0f;
-        const uint8_t *row = W + n * stride;
-        for (int64_t b = 0; b < nb; b++) {
-            fn(row + b * ts, buf);
-            for (int64_t m = 0; m < M; m++) {
-                const float *xb = X + m * K + b * qk;
-                float s = 0.0f;
-                for (int j = 0; j < qk; j++) s += buf[j] * xb[j];
-                acc[m] += s;
-            }
-        }
-        for (int64_t m = 0; m < M; m++) Y[m * N + n] = acc[m];
+    if (M > 64 || M < 1) return -1;
+    switch (type) {
+    case T_Q4_0: gemv_q4_0(W, N, stride, K, X, M, Y, nthreads); return 0;
+    case T_Q5_0: gemv_q5_0(W, N, stride, K, X, M, Y, nthreads); return 0;
+    case T_Q8_0:
+        if (M == 1) gemv1_q8_0(W, N, stride, K, X, Y, nthreads);
+        else gemv_q8_0(W, N, stride, K, X, M, Y, nthreads);
+        return 0;
+    case T_Q4_K: gemv_q4_k(W, N, stride, K, X, M, Y, nthreads); return 0;
+    case T_Q5_K: gemv_q5_k(W, N, stride, K, X, M, Y, nthreads); return 0;
+    case T_Q6_K: gemv_q6_k(W, N, stride, K, X, M, Y, nthreads); return 0;
+    default: return -1;
     }
-    return 0;
 }
