@@ -190,3 +190,21 @@ def test_streamed_tool_calls_and_content_equal_non_streaming(live, tool_choice):
         assert strip and strip[0][0] == "get_weather" and full["finish_reason"] == "tool_calls"
     else:  # a random model answers in text: it must have streamed in several pieces, not one at the end
         assert sum(1 for d in deltas if d.get("content")) > 3
+
+
+@pytest.mark.parametrize("path,body", [
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Go on"}], "max_tokens": 1900, "n": 2}),
+    ("/v1/completions", {"prompt": "Go on", "max_tokens": 1900}),
+    ("/api/generate", {"prompt": "Go on", "stream": False, "options": {"num_predict": 1900}}),
+])
+def test_non_streaming_request_abandoned_by_its_client_is_cancelled(live, path, body):
+    server, served = live
+    generated_before = served.engine.stats["generated_tokens"]
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.url + path, json={**body, "ignore_eos": True, "temperature": 0}, timeout=1.0)
+    deadline = time.time() + 5
+    while (served.engine.num_running or served.engine.num_waiting) and time.time() < deadline:
+        time.sleep(0.05)
+    assert served.engine.num_running == 0 and served.engine.num_waiting == 0
+    assert served.engine.stats["generated_tokens"] - generated_before < 1500  # far from 1900 (x n)
+    assert served.engine.cache.allocator.num_free == served.engine.cache.allocator.num_blocks

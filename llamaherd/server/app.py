@@ -6,6 +6,7 @@ an optional API key on every route but /health, a request-body size limit, one l
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
 import time
@@ -13,7 +14,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..engine.sampling import SamplingError
@@ -89,6 +90,10 @@ def create_app(served: ServedModel, *, api_key: str | None = None, max_body_byte
         message = f"{loc}: {first.get('msg', 'invalid request')}" if loc else first.get("msg", "invalid request body")
         return error_response(400, message, param=loc or None)
 
+    @app.exception_handler(ClientGone)
+    async def _gone(request: Request, exc: ClientGone):
+        return Response(status_code=499)
+
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
         return error_response(exc.status, exc.message, exc.type, exc.param, exc.code)
@@ -113,6 +118,33 @@ def create_app(served: ServedModel, *, api_key: str | None = None, max_body_byte
 
 def _log(request: Request, status: int, started: float) -> None:
     log.info("%s %s %d %.1fms", request.method, request.url.path, status, (time.perf_counter() - started) * 1e3)
+
+
+async def unless_disconnected(request: Request, awaitable):
+    """Await a non-streaming generation, cancelling it (and so its engine requests) if the client goes away
+    first. Streaming responses get this from Starlette; plain ones do not, so a task waits on the ASGI receive
+    channel, which (the body being read) yields nothing until the disconnect, as Starlette's own listener."""
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    task = asyncio.ensure_future(awaitable)
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if task in done:
+            return task.result()
+        raise ClientGone()
+    finally:
+        for t in (task, watcher):
+            if not t.done():
+                t.cancel()
+        await asyncio.gather(task, watcher, return_exceptions=True)
+
+
+class ClientGone(Exception):
+    """The client closed its connection before its answer was ready (logged as 499, nginx's code)."""
 
 
 def served_of(request: Request) -> ServedModel:

@@ -13,7 +13,7 @@ from fastapi.responses import PlainTextResponse, StreamingResponse
 
 from .. import __version__
 from ..presets import count_parameters
-from .app import APIError, check_model, served_of
+from .app import APIError, check_model, served_of, unless_disconnected
 from .prompting import chat_format, messages_for_format, ollama_tool_calls, sampling_params
 from .runtime import ServedModel, Usage
 from .schemas import OllamaChatRequest, OllamaGenerateRequest, OllamaOptions, OllamaShowRequest
@@ -103,10 +103,8 @@ async def generate(body: OllamaGenerateRequest, request: Request):
     if body.stream:
         served.check(prompt, params)  # errors as a status code now, not after the 200 is sent
         return _ndjson(events())
-    text, finish = [], None
-    async for c in served.stream(prompt, params, usage, constraint=constraint):
-        text.append(c.text)
-        finish = c.finish_reason
+    out, _, finish = await unless_disconnected(request, served.complete(prompt, params, usage, constraint=constraint))
+    text = [out]
     return {**base, "created_at": _now(), "response": "".join(text), **_stats(usage, finish)}
 
 
@@ -155,10 +153,8 @@ async def chat(body: OllamaChatRequest, request: Request):
     if body.stream:
         served.check(prompt, params)  # errors as a status code now, not after the 200 is sent
         return _ndjson(events())
-    text, finish = [], None
-    async for c in served.stream(prompt, params, usage, constraint=constraint):
-        text.append(c.text)
-        finish = c.finish_reason
+    out, _, finish = await unless_disconnected(request, served.complete(prompt, params, usage, constraint=constraint))
+    text = [out]
     return {**base, "created_at": _now(), "message": final_message("".join(text)), **_stats(usage, finish)}
 
 

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from .app import APIError, check_model, served_of
+from .app import APIError, check_model, served_of, unless_disconnected
 from .prompting import chat_format, messages_for_format, openai_tool_calls, sampling_params
 from .runtime import Chunk, ServedModel, Usage, interleave
 from .schemas import ChatCompletionRequest, CompletionRequest
@@ -88,8 +88,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
                                  media_type="text/event-stream")
 
     usages = [Usage() for _ in range(body.n)]
-    results = await asyncio.gather(*(served.complete(prompt, _seeded(params, i), usages[i],
-                                                     constraint=_own(constraint, i)) for i in range(body.n)))
+    results = await unless_disconnected(request, asyncio.gather(*(
+        served.complete(prompt, _seeded(params, i), usages[i], constraint=_own(constraint, i)) for i in range(body.n))))
     choices = []
     for i, (text, chunks, finish) in enumerate(results):
         message = fmt.parse_assistant(text) if tools else {"role": "assistant", "content": text}
@@ -204,7 +204,8 @@ async def completions(body: CompletionRequest, request: Request):
         for p, sp in jobs:
             served.check(p, sp, len(jobs))
         return StreamingResponse(_completion_stream(served, jobs, usages, body, head), media_type="text/event-stream")
-    results = await asyncio.gather(*(served.complete(p, sp, u) for (p, sp), u in zip(jobs, usages)))
+    results = await unless_disconnected(request, asyncio.gather(*(served.complete(p, sp, u)
+                                                                  for (p, sp), u in zip(jobs, usages))))
     choices = []
     for i, ((p, _), (text, chunks, finish)) in enumerate(zip(jobs, results)):
         echo = _echo(served, p) if body.echo else ""
