@@ -187,11 +187,8 @@ def chat_format_name(ckpt: Checkpoint) -> str:
         return "llama4"
     if "<|start_header_id|>" in specials:
         return "llama3"
-    if "<start_of_turn>" in specials and not ckpt.chat_template:
-        from .chat import FORMATS
-
-        if "gemma3" in FORMATS:  # Gemma's turn markers; used once the chat package has that format
-            return "gemma3"
+    if "<start_of_turn>" in specials and not ckpt.chat_template:  # Gemma's turn markers, no template shipped
+        return "gemma3"
     if ckpt.chat_template:
         return "hf"
     if tok is not None and getattr(tok, "kind", None) == "sentencepiece":

@@ -11,14 +11,14 @@ from ..errors import ChatFormatError
 from .base import ChatFormat, Piece
 from .tools import ToolCallParser, ToolSyntax, parse_tool_output
 
-FORMATS = ("llama2", "llama3", "llama3.2", "llama4", "hf")
+FORMATS = ("llama2", "llama3", "llama3.2", "llama4", "gemma3", "hf")
 
 
 def get_format(name: str, tokenizer, template: str | None = None, **options) -> ChatFormat:
     """The chat format `name` for `tokenizer`.
 
     name: "llama2" (`[INST]`), "llama3" (Llama 3/3.1/3.3, JSON tool calls), "llama3.2" (Llama 3 headers with
-    pythonic tool calls), "llama4", or "hf" (the checkpoint's Jinja `template`, rendered in a sandbox).
+    pythonic tool calls), "llama4", "gemma3", or "hf" (the checkpoint's Jinja `template`, rendered in a sandbox).
     options: `tool_format` ("json", "function_tag", "python_list") and `today` (date in tool system
     prompts) for the Llama 3/4 formats.
     """
@@ -38,6 +38,10 @@ def get_format(name: str, tokenizer, template: str | None = None, **options) -> 
         from .llama2 import Llama2Format
 
         return Llama2Format(tokenizer, **options)
+    if name == "gemma3":
+        from .gemma import GemmaFormat
+
+        return GemmaFormat(tokenizer, **options)
     if name == "hf":
         if not template:
             raise ChatFormatError("the 'hf' chat format needs the checkpoint's chat_template (template=...)")
