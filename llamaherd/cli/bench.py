@@ -68,7 +68,7 @@ def weight_bytes_per_token(net: nn.Module) -> int:
 
 def _tokens(n: int, vocab: int) -> torch.Tensor:
     # Fixed ordinary ids (llama-bench uses random ones); content does not change the work done.
-    return (torch.arange(n) * 7919 % min(vocab, 32000) + 100).reshape(1, n)
+    return ((torch.arange(n) * 7919 + 100) % min(vocab, 32000)).reshape(1, n)
 
 
 @torch.inference_mode()
