@@ -62,6 +62,8 @@ class Report:
     top1_equal: int = 0
     # |log p_ours - log p_llamacpp| at llama.cpp's 10 most likely tokens of each position
     top10_diffs: list[float] = field(default_factory=list)
+    top1_diffs: list[float] = field(default_factory=list)  # the same at llama.cpp's most likely token
+    kl: list[float] = field(default_factory=list)  # KL(llama.cpp || ours) per position, in nats
     greedy_equal: list[int] = field(default_factory=list)  # per prompt: leading generated tokens that agree
     lines: list[str] = field(default_factory=list)
 
@@ -77,6 +79,9 @@ class Report:
             f"token ids identical: {self.tokens_equal}/{self.prompts} prompts",
             f"top-1 identical: {self.top1_equal}/{self.positions} positions ({100 * self.top1_rate:.1f}%)",
             f"|log-prob difference| over llama.cpp's top-10 tokens: max {d.max():.4f}, mean {d.mean():.4f}",
+            f"|log-prob difference| at llama.cpp's top-1 token: max {max(self.top1_diffs):.4f}, "
+            f"mean {np.mean(self.top1_diffs):.4f}",
+            f"KL(llama.cpp || ours) per position: max {max(self.kl):.4f}, mean {np.mean(self.kl):.4f} nats",
             f"greedy continuations identical for all {GREEDY_TOKENS} tokens: "
             f"{sum(n >= GREEDY_TOKENS for n in g)}/{len(g)} prompts (agreeing prefix lengths {g})",
         ])
@@ -118,6 +123,9 @@ def compare(model_path, prompts=PROMPTS, n_threads: int = 2, log=print, **llama_
         rep.top1_equal += int((got.argmax(-1) == ref.argmax(-1)).sum())
         top10 = np.argsort(-ref, axis=-1)[:, :10]
         rep.top10_diffs += np.abs(np.take_along_axis(got, top10, -1) - np.take_along_axis(ref, top10, -1)).ravel().tolist()
+        rep.top1_diffs += np.abs(np.take_along_axis(got, top10[:, :1], -1)[:, 0]
+                                 - np.take_along_axis(ref, top10[:, :1], -1)[:, 0]).tolist()
+        rep.kl += (np.exp(ref) * (ref - got)).sum(-1).tolist()
         agree = next((i for i, (a, b) in enumerate(zip(mine, theirs)) if a != b), GREEDY_TOKENS)
         rep.greedy_equal.append(agree)
         line = f"{len(ids):4d} tokens ids={'same' if ids == ref_ids else 'DIFFER'} greedy agree {agree:2d}/{GREEDY_TOKENS}: {text[:40]!r} -> {tok.decode(mine)!r}"
