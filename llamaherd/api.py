@@ -187,8 +187,8 @@ def chat_format_name(ckpt: Checkpoint) -> str:
         return "llama4"
     if "<|start_header_id|>" in specials:
         return "llama3"
-    if "<start_of_turn>" in specials and not ckpt.chat_template:  # Gemma's turn markers, no template shipped
-        return "gemma3"
+    # Gemma's turn markers without a template: a pretrained (base) GGUF; the instruction-tuned ones ship
+    # their template. Base models get plain completion; `metadata["chat_format"] = "gemma3"` opts in.
     if ckpt.chat_template:
         return "hf"
     if tok is not None and getattr(tok, "kind", None) == "sentencepiece":
