@@ -34,7 +34,7 @@ _CACHE_CHUNK = 1024
 def prefill(net: nn.Module, tokens: torch.Tensor, cache: KVCache, positions: torch.Tensor | None = None,
             key_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Run the prompt tokens (B, T) through the model into the cache; return the last position's logits (B, V)."""
-    return net(tokens, positions=positions, cache=cache, key_mask=key_mask)[:, -1]
+    return net(tokens, positions=positions, cache=cache, key_mask=key_mask, last_only=True)[:, -1]
 
 
 def decode_one(net: nn.Module, token: torch.Tensor, cache: KVCache, positions: torch.Tensor | None = None,

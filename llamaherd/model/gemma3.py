@@ -270,6 +270,7 @@ class Transformer(nn.Module):
         positions: torch.Tensor | None = None,
         cache: KVCache | None = None,
         key_mask: torch.Tensor | None = None,
+        last_only: bool = False,
     ) -> torch.Tensor:
         c = self.config
         B, T = tokens.shape
@@ -290,6 +291,8 @@ class Transformer(nn.Module):
             h = layer(h, cos, sin, masks[is_global], cache, i, start)
         if cache is not None:
             cache.length = start + T
+        if last_only:  # prefill needs only the next token's logits: skip T-1 vocab projections
+            h = h[:, -1:]  # (B, 1, dim)
         h = self.norm(h)
         # Call the output module when there is one, so swapped (quantized) projections run their own forward.
         logits = (F.linear(h, self.tok_embeddings.weight) if c.tie_embeddings else self.output(h)).float()

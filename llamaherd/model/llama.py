@@ -110,6 +110,7 @@ class Transformer(nn.Module):
 
     `positions` (B, T) are rotary positions (default: the cache's next slots). `key_mask` (B, start+T) marks
     real tokens among cached slots, for left-padded batches. With a cache, T new tokens are appended to it.
+    `last_only` computes logits for the last position only, (B, 1, vocab): what prefill needs.
     """
 
     def __init__(self, config: ModelConfig) -> None:
@@ -139,6 +140,7 @@ class Transformer(nn.Module):
         positions: torch.Tensor | None = None,
         cache: KVCache | None = None,
         key_mask: torch.Tensor | None = None,
+        last_only: bool = False,
     ) -> torch.Tensor:
         B, T = tokens.shape
         start = cache.length if cache is not None else 0
@@ -151,5 +153,7 @@ class Transformer(nn.Module):
             h = layer(h, cos, sin, mask, cache, i, start)
         if cache is not None:
             cache.length = start + T
+        if last_only:  # prefill needs only the next token's logits: skip T-1 vocab projections
+            h = h[:, -1:]  # (B, 1, dim)
         h = self.norm(h)
         return F.linear(h, self.output_weight()).float()

@@ -191,6 +191,7 @@ class Transformer(nn.Module):
         positions: torch.Tensor | None = None,
         cache: KVCache | None = None,
         key_mask: torch.Tensor | None = None,
+        last_only: bool = False,
     ) -> torch.Tensor:
         B, T = tokens.shape
         start = cache.length if cache is not None else 0
@@ -203,6 +204,8 @@ class Transformer(nn.Module):
             h = layer(h, cos, sin, positions, masks, cache, i, start)
         if cache is not None:
             cache.length = start + T
+        if last_only:  # prefill needs only the next token's logits: skip T-1 vocab projections
+            h = h[:, -1:]  # (B, 1, dim)
         h = self.norm(h)
         return F.linear(h, self.output_weight()).float()
 
