@@ -99,3 +99,49 @@ def test_stop_token_and_max_tokens_end_a_sequence():
     first = ref.index(stop)
     assert [e.token for e in events] == ref[: first + 1]
     assert events[-1].finish_reason == "stop"
+
+
+class FailingOnce(torch.nn.Module):
+    """The real model, except that its next forward raises (a fault injected into an engine step)."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net, self.armed = net, False
+
+    def forward(self, *args, **kwargs):
+        if self.armed:
+            self.armed = False
+            raise RuntimeError("injected fault")
+        return self.net(*args, **kwargs)
+
+
+def test_failed_step_fails_its_requests_and_the_engine_goes_on():
+    import threading
+
+    net = random_model(CONFIG)
+    wrapped = FailingOnce(net)
+    engine = Engine(wrapped, CONFIG, num_blocks=64, block_size=8)
+    stop = threading.Event()
+    thread = threading.Thread(target=engine.run, args=(stop,), daemon=True)
+    p = prompts(2, 5)
+    done = [threading.Event(), threading.Event()]
+    events: list[list] = [[], []]
+
+    def sink(k):
+        def put(e):
+            events[k].append(e)
+            if e.finish_reason:
+                done[k].set()
+        return put
+
+    wrapped.armed = True
+    engine.submit(p[0], GREEDY, frozenset(), sink(0))
+    thread.start()
+    assert done[0].wait(30)
+    assert events[0][-1].finish_reason == "error" and "injected fault" in events[0][-1].error
+    engine.submit(p[1], GREEDY, frozenset(), sink(1))
+    assert done[1].wait(60)
+    stop.set()
+    thread.join(10)
+    assert [e.token for e in events[1]] == reference_greedy(net, p[1], 12)
+    assert engine.cache.allocator.num_free == 64

@@ -208,3 +208,21 @@ def test_non_streaming_request_abandoned_by_its_client_is_cancelled(live, path, 
     assert served.engine.num_running == 0 and served.engine.num_waiting == 0
     assert served.engine.stats["generated_tokens"] - generated_before < 1500  # far from 1900 (x n)
     assert served.engine.cache.allocator.num_free == served.engine.cache.allocator.num_blocks
+
+
+def test_failed_engine_step_is_a_500_and_the_server_goes_on(live):
+    server, served = live
+    net = served.engine.net
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("injected fault")
+
+    served.engine.net = broken
+    try:
+        r = httpx.post(server.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 3}, timeout=60)
+    finally:
+        served.engine.net = net
+    assert r.status_code == 500 and "injected fault" in r.json()["error"]["message"]
+    assert r.json()["error"]["type"] == "server_error"
+    ok = httpx.post(server.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 3}, timeout=60)
+    assert ok.status_code == 200 and served.engine.cache.allocator.num_free == served.engine.cache.allocator.num_blocks

@@ -10,6 +10,7 @@ the next step. Token-level stops live here; text-level stops (stop strings) belo
 from __future__ import annotations
 
 import itertools
+import logging
 import threading
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -23,9 +24,15 @@ from ..errors import ContextLengthError, LlamaherdError
 from .paged import OutOfBlocks, PagedKVCache, block_hashes
 from .sampling import Sampler, SamplingParams
 
+log = logging.getLogger("llamaherd.engine")
+
 
 class QueueFull(LlamaherdError):
     """The engine's waiting queue is at capacity; retry later."""
+
+
+class GenerationError(LlamaherdError):
+    """A request could not be generated (its KV-cache need exceeds the cache, or an engine step failed)."""
 
 
 @dataclass
@@ -269,7 +276,21 @@ class Engine:
 
     # -- background loop ---------------------------------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:
-        """Step until `stop` is set and no work is left (graceful: in-flight requests finish)."""
+        """Step until `stop` is set and no work is left (graceful: in-flight requests finish).
+
+        A step that raises fails the sequences it was running (their sinks get an "error" event and their
+        blocks are freed) and the loop goes on: one bad step must not leave every client waiting forever."""
         while not (stop.is_set() and not (self.waiting or self.running)):
-            if not self.step():
+            try:
+                progressed = self.step()
+            except Exception as exc:  # noqa: BLE001 - reported to each affected request, then serving goes on
+                log.exception("engine step failed; failing %d running request(s)", len(self.running))
+                self.fail_running(f"generation failed: {type(exc).__name__}: {exc}")
+                progressed = True
+            if not progressed:
                 self.wait_for_work(timeout=0.05)
+
+    def fail_running(self, message: str) -> None:
+        with self._lock:
+            for seq in list(self.running):
+                self._finish(seq, "error", message)

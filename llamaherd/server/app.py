@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..engine.sampling import SamplingError
-from ..engine.scheduler import QueueFull
+from ..engine.scheduler import GenerationError, QueueFull
 from ..errors import ChatFormatError, ContextLengthError, LlamaherdError, TokenizerError
 from .runtime import ServedModel
 
@@ -44,6 +44,8 @@ def error_response(status: int, message: str, type_: str = "invalid_request_erro
 def _status_of(exc: Exception) -> tuple[int, str | None]:
     if isinstance(exc, QueueFull):
         return 429, "queue_full"
+    if isinstance(exc, GenerationError):
+        return 500, "generation_failed"
     if isinstance(exc, ContextLengthError):
         return 400, "context_length_exceeded"
     if isinstance(exc, (SamplingError, ChatFormatError, TokenizerError)):
@@ -101,7 +103,8 @@ def create_app(served: ServedModel, *, api_key: str | None = None, max_body_byte
     @app.exception_handler(LlamaherdError)
     async def _domain_error(request: Request, exc: LlamaherdError):
         status, code = _status_of(exc)
-        return error_response(status, str(exc), code=code)
+        return error_response(status, str(exc), "server_error" if status >= 500 else "invalid_request_error",
+                              code=code)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):

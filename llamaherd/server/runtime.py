@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..engine.sampling import Sampler, SamplingParams, resolve_stop_ids
-from ..engine.scheduler import Engine, Event, QueueFull
+from ..engine.scheduler import Engine, Event, GenerationError, QueueFull
 from ..engine.text import TextStream
 from ..errors import ContextLengthError
 from .metrics import Metrics
@@ -125,6 +125,9 @@ class ServedModel:
                 elif event.token is not None:  # the stop token itself: counted, never shown
                     usage.completion_tokens += 1
                     yield Chunk(text.flush(), None, finish_reason="stop")
+                elif event.finish_reason == "error":
+                    finish = "error"
+                    raise GenerationError(event.error or "generation failed")
                 else:
                     yield Chunk(text.flush(), None, finish_reason=event.finish_reason)
                 if event.finish_reason:
