@@ -158,7 +158,22 @@ static void gemv1_q8_0(const uint8_t *W, int64_t N, int64_t stride, int64_t K, c
     for (int64_t n = 0; n < N; n++) {
         const uint8_t *row = W + n * stride;
         float acc = 0.0f;
-        for (int64_t b = 0; b < nb; b++) {
+        int64_t b = 0;
+#ifdef __AVX512F__
+        /* 16 lanes; the block scale multiplies the block's 16-lane partial products, one reduction per row. */
+        __m512 vacc = _mm512_setzero_ps();
+        for (; b < nb; b++) {
+            const uint8_t *blk = row + b * 34;
+            const __m128i *qs = (const __m128i *)(blk + 2);
+            const float *xb = x + b * 32;
+            const __m512 q0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(qs)));
+            const __m512 q1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(qs + 1)));
+            const __m512 p = _mm512_fmadd_ps(q1, _mm512_loadu_ps(xb + 16), _mm512_mul_ps(q0, _mm512_loadu_ps(xb)));
+            vacc = _mm512_fmadd_ps(_mm512_set1_ps(h2f(blk)), p, vacc);
+        }
+        acc = _mm512_reduce_add_ps(vacc);
+#endif
+        for (; b < nb; b++) {
             const uint8_t *blk = row + b * 34;
             const int8_t *qs = (const int8_t *)(blk + 2);
             const float *xb = x + b * 32;
@@ -170,6 +185,43 @@ static void gemv1_q8_0(const uint8_t *W, int64_t N, int64_t stride, int64_t K, c
     }
 }
 
+#ifdef __AVX512F__
+/* Q4_0 / Q5_0 rows against one x, 16 lanes: element j is the low nibble of byte j, element j+16 the high one;
+ * Q5_0's fifth bits come from its little-endian u32 (bit j -> element j). One reduction per row. */
+static void gemv1_q4_q5(int five, const uint8_t *W, int64_t N, int64_t stride, int64_t K, const float *x, float *y,
+                        int nthreads) {
+    const int64_t nb = K / 32;
+    const int ts = five ? 22 : 18, off = five ? 6 : 2;
+    const __m512i lo_idx = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512i hi_idx = _mm512_add_epi32(lo_idx, _mm512_set1_epi32(16));
+    const __m512i nib = _mm512_set1_epi32(0x0F), one = _mm512_set1_epi32(1);
+    const __m512i centre = _mm512_set1_epi32(five ? 16 : 8);
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t n = 0; n < N; n++) {
+        const uint8_t *row = W + n * stride;
+        __m512 vacc = _mm512_setzero_ps();
+        for (int64_t b = 0; b < nb; b++) {
+            const uint8_t *blk = row + b * ts;
+            const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(blk + off)));
+            __m512i q0 = _mm512_and_si512(v, nib), q1 = _mm512_srli_epi32(v, 4);
+            if (five) {
+                uint32_t qh;
+                memcpy(&qh, blk + 2, 4);
+                const __m512i h = _mm512_set1_epi32((int)qh);
+                q0 = _mm512_or_si512(q0, _mm512_slli_epi32(_mm512_and_si512(_mm512_srlv_epi32(h, lo_idx), one), 4));
+                q1 = _mm512_or_si512(q1, _mm512_slli_epi32(_mm512_and_si512(_mm512_srlv_epi32(h, hi_idx), one), 4));
+            }
+            const __m512 f0 = _mm512_cvtepi32_ps(_mm512_sub_epi32(q0, centre));
+            const __m512 f1 = _mm512_cvtepi32_ps(_mm512_sub_epi32(q1, centre));
+            const float *xb = x + b * 32;
+            const __m512 p = _mm512_fmadd_ps(f1, _mm512_loadu_ps(xb + 16), _mm512_mul_ps(f0, _mm512_loadu_ps(xb)));
+            vacc = _mm512_fmadd_ps(_mm512_set1_ps(h2f(blk)), p, vacc);
+        }
+        y[n] = _mm512_reduce_add_ps(vacc);
+    }
+}
+#endif
+
 /* Y (M, N) = X (M, K) . W^T; each block decoded once into L1 and used for every row of X (M <= 64).
  * One copy per type (a macro) so the decoder inlines and the dot loops vectorise with the block size known. */
 #define GEMV_IMPL(NAME, DEQ, QK, TS)                                                                          \
@@ -180,6 +232,20 @@ static void gemv1_q8_0(const uint8_t *W, int64_t N, int64_t stride, int64_t K, c
         for (int64_t n = 0; n < N; n++) {                                                                     \
             float buf[QK] __attribute__((aligned(64)));                                                       \
             float acc[64];                                                                                    \
+            if (M == 1) { /* lane-wise accumulators: no horizontal sum per block */                           \
+                float av[QK] __attribute__((aligned(64)));                                                    \
+                for (int j = 0; j < QK; j++) av[j] = 0.0f;                                                    \
+                const uint8_t *r1 = W + n * stride;                                                           \
+                for (int64_t b = 0; b < nb; b++) {                                                            \
+                    DEQ(r1 + b * TS, buf);                                                                    \
+                    const float *xb = X + b * QK;                                                             \
+                    for (int j = 0; j < QK; j++) av[j] += buf[j] * xb[j];                                     \
+                }                                                                                             \
+                float s1 = 0.0f;                                                                              \
+                for (int j = 0; j < QK; j++) s1 += av[j];                                                     \
+                Y[n] = s1;                                                                                    \
+                continue;                                                                                     \
+            }                                                                                                 \
             for (int64_t m = 0; m < M; m++) acc[m] = 0.0f;                                                    \
             const uint8_t *row = W + n * stride;                                                              \
             for (int64_t b = 0; b < nb; b++) {                                                                \
@@ -206,8 +272,13 @@ int lh_gemv(int type, const uint8_t *W, int64_t N, int64_t stride, int64_t K, co
             float *Y, int nthreads) {
     if (M > 64 || M < 1) return -1;
     switch (type) {
+#ifdef __AVX512F__
+    case T_Q4_0: if (M == 1) gemv1_q4_q5(0, W, N, stride, K, X, Y, nthreads); else gemv_q4_0(W, N, stride, K, X, M, Y, nthreads); return 0;
+    case T_Q5_0: if (M == 1) gemv1_q4_q5(1, W, N, stride, K, X, Y, nthreads); else gemv_q5_0(W, N, stride, K, X, M, Y, nthreads); return 0;
+#else
     case T_Q4_0: gemv_q4_0(W, N, stride, K, X, M, Y, nthreads); return 0;
     case T_Q5_0: gemv_q5_0(W, N, stride, K, X, M, Y, nthreads); return 0;
+#endif
     case T_Q8_0:
         if (M == 1) gemv1_q8_0(W, N, stride, K, X, Y, nthreads);
         else gemv_q8_0(W, N, stride, K, X, M, Y, nthreads);
