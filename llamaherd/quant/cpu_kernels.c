@@ -106,17 +106,21 @@ static inline void deq_q6_k(const uint8_t *b, float *y) {
     const uint8_t *ql = b, *qh = b + 128;
     const int8_t *sc = (const int8_t *)(b + 192);
     const float d = h2f(b + 208);
-    for (int n = 0; n < 2; n++) {  /* two halves of 128 elements */
-        for (int l = 0; l < 32; l++) {
-            const int is = l / 16;
-            const int q1 = (int)((ql[l] & 0x0F) | (((qh[l] >> 0) & 3) << 4)) - 32;
-            const int q2 = (int)((ql[l + 32] & 0x0F) | (((qh[l] >> 2) & 3) << 4)) - 32;
-            const int q3 = (int)((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32;
-            const int q4 = (int)((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32;
-            y[l] = (d * (float)sc[is]) * (float)q1;
-            y[l + 32] = (d * (float)sc[is + 2]) * (float)q2;
-            y[l + 64] = (d * (float)sc[is + 4]) * (float)q3;
-            y[l + 96] = (d * (float)sc[is + 6]) * (float)q4;
+    for (int n = 0; n < 2; n++) {  /* two halves of 128 elements, each 2 x 16-element runs per scale */
+        for (int h = 0; h < 2; h++) {  /* h: which 16 of the 32 bytes, i.e. which scale of each pair */
+            const float s1 = d * (float)sc[h], s2 = d * (float)sc[h + 2];
+            const float s3 = d * (float)sc[h + 4], s4 = d * (float)sc[h + 6];
+            for (int i = 0; i < 16; i++) {
+                const int l = 16 * h + i;
+                const int q1 = (int)((ql[l] & 0x0F) | (((qh[l] >> 0) & 3) << 4)) - 32;
+                const int q2 = (int)((ql[l + 32] & 0x0F) | (((qh[l] >> 2) & 3) << 4)) - 32;
+                const int q3 = (int)((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32;
+                const int q4 = (int)((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32;
+                y[l] = s1 * (float)q1;
+                y[l + 32] = s2 * (float)q2;
+                y[l + 64] = s3 * (float)q3;
+                y[l + 96] = s4 * (float)q4;
+            }
         }
         y += 128; ql += 64; qh += 32; sc += 8;
     }
