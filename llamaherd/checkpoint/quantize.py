@@ -53,8 +53,14 @@ def _signed_absmax(x: torch.Tensor) -> torch.Tensor:
     return x.gather(-1, idx).squeeze(-1)
 
 
+def _safe_div(a: torch.Tensor | float, d: torch.Tensor) -> torch.Tensor:
+    """a / d where d != 0, else 0 (the C code's `d ? a/d : 0`), dividing as C does rather than via 1/d."""
+    ok = d != 0
+    return torch.where(ok, a / torch.where(ok, d, torch.ones_like(d)), torch.zeros_like(d))
+
+
 def _safe_inv(d: torch.Tensor) -> torch.Tensor:
-    return torch.where(d != 0, 1.0 / torch.where(d != 0, d, torch.ones_like(d)), torch.zeros_like(d))
+    return _safe_div(1.0, d)
 
 
 def _u8(x: torch.Tensor) -> torch.Tensor:
@@ -178,7 +184,7 @@ def make_qx_quants(x, nmax: int):
         return l, (w * x * l).sum(-1), (w * l * l).sum(-1)
 
     L, sumlx, suml2 = fit(-nmax / mxs)
-    scale = torch.where(suml2 > 0, sumlx / torch.where(suml2 > 0, suml2, torch.ones_like(suml2)), torch.zeros_like(sumlx))
+    scale = _safe_div(sumlx, suml2)  # suml2 >= 0
     best = scale * sumlx
     for step in range(-9, 10):
         if step == 0:
@@ -222,8 +228,8 @@ def _k_asym(x: torch.Tensor, nmax: int, rmin: float, nstep: int):
     scales, mins = scales.view(-1, 8), mins.view(-1, 8)
     max_scale = scales.amax(-1).clamp(min=0)
     max_min = mins.amax(-1).clamp(min=0)
-    inv_scale = torch.where(max_scale > 0, 63 / torch.where(max_scale > 0, max_scale, torch.ones_like(max_scale)), torch.zeros_like(max_scale))
-    inv_min = torch.where(max_min > 0, 63 / torch.where(max_min > 0, max_min, torch.ones_like(max_min)), torch.zeros_like(max_min))
+    inv_scale = _safe_div(63.0, max_scale)  # max_* >= 0 here, so "nonzero" is "positive" as in the C code
+    inv_min = _safe_div(63.0, max_min)
     ls = torch.round(inv_scale[:, None] * scales).clamp(max=63)
     lm = torch.round(inv_min[:, None] * mins).clamp(max=63)
     d, dmin = max_scale / 63, max_min / 63
