@@ -223,7 +223,8 @@ class Engine:
     def _forward(self, seqs: list[SeqState], new: int) -> torch.Tensor:
         view = self.cache.view([s.table for s in seqs], [s.cached for s in seqs], new)
         tokens = torch.tensor([s.tokens[s.cached : s.cached + new] for s in seqs], device=view.key_mask.device)
-        logits = self.net(tokens, positions=view.positions, cache=view, key_mask=view.key_mask)
+        # Only each row's last position is sampled: skip the vocabulary projection of the rest of a prefill chunk.
+        logits = self.net(tokens, positions=view.positions, cache=view, key_mask=view.key_mask, last_only=True)
         for s in seqs:
             if s.cached < s.prompt_len:
                 self.stats["prompt_tokens"] += min(new, s.prompt_len - s.cached)
