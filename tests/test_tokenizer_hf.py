@@ -147,7 +147,10 @@ def test_spm_style_ids_match_library(spm_style, name):
 
 def test_spm_style_byte_fallback_and_stream(spm_style):
     ours, lib = spm_style
-    assert [lib.id_to_token(i) for i in ours.encode("🦙")][-4:] == ["<0xF0>", "<0x9F>", "<0xA6>", "<0x99>"]
+    # A private-use character no training corpus holds must fall back to its UTF-8 bytes.
+    # (An emoji from the corpus may be learned as a piece, depending on the trainer's tie-breaking.)
+    rare = "\U000F0041"
+    assert [lib.id_to_token(i) for i in ours.encode(rare)][-4:] == [f"<0x{b:02X}>" for b in rare.encode()]
     for name, text in sorted(CORPUS.items()):
         for ids in (ours.encode(text), ours.encode(text, bos=True, eos=True)):
             stream = StreamDecoder(ours)
