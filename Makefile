@@ -34,7 +34,6 @@ test: install-test
 	$(PY) -m pytest -q
 
 test-all: install-test
-	$(PIP) install -e ".[interop]"
 	$(PY) -m pytest -q -m "slow or not slow"
 
 bench: install-test
