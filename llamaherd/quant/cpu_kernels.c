@@ -226,6 +226,51 @@ static void gemv1_q4_q5(int five, const uint8_t *W, int64_t N, int64_t stride, i
 }
 #endif
 
+#ifdef __AVX512F__
+/* Q6_K rows against one x: per half of 128 and per 16-run, four 16-lane groups of 6-bit values (low nibble from
+ * ql, two high bits from qh), each with its own int8 sub-block scale; one reduction per row. */
+static void gemv1_q6_k(const uint8_t *W, int64_t N, int64_t stride, int64_t K, const float *x, float *y, int nthreads) {
+    const int64_t nb = K / 256;
+    const __m512i nib = _mm512_set1_epi32(0x0F), two = _mm512_set1_epi32(3), centre = _mm512_set1_epi32(32);
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t n = 0; n < N; n++) {
+        const uint8_t *row = W + n * stride;
+        __m512 vacc = _mm512_setzero_ps();
+        for (int64_t b = 0; b < nb; b++) {
+            const uint8_t *blk = row + b * 210;
+            const float d = h2f(blk + 208);
+            for (int half = 0; half < 2; half++) {
+                const uint8_t *ql = blk + 64 * half, *qh = blk + 128 + 32 * half;
+                const int8_t *sc = (const int8_t *)(blk + 192) + 8 * half;
+                const float *xh = x + b * 256 + 128 * half;
+                for (int h = 0; h < 2; h++) {
+                    const __m512i a = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(ql + 16 * h)));
+                    const __m512i c = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(ql + 32 + 16 * h)));
+                    const __m512i hb = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(qh + 16 * h)));
+                    const __m512i q1 = _mm512_or_si512(_mm512_and_si512(a, nib), _mm512_slli_epi32(_mm512_and_si512(hb, two), 4));
+                    const __m512i q2 = _mm512_or_si512(_mm512_and_si512(c, nib),
+                                                       _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(hb, 2), two), 4));
+                    const __m512i q3 = _mm512_or_si512(_mm512_srli_epi32(a, 4),
+                                                       _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(hb, 4), two), 4));
+                    const __m512i q4 = _mm512_or_si512(_mm512_srli_epi32(c, 4),
+                                                       _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(hb, 6), two), 4));
+                    const float *xb = xh + 16 * h;
+#define Q6_ACC(Q, OFF, S)                                                                                          \
+    vacc = _mm512_fmadd_ps(_mm512_set1_ps(d * (float)sc[S]),                                                       \
+                           _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(Q, centre)), _mm512_loadu_ps(xb + OFF)), vacc)
+                    Q6_ACC(q1, 0, h);
+                    Q6_ACC(q2, 32, h + 2);
+                    Q6_ACC(q3, 64, h + 4);
+                    Q6_ACC(q4, 96, h + 6);
+#undef Q6_ACC
+                }
+            }
+        }
+        y[n] = _mm512_reduce_add_ps(vacc);
+    }
+}
+#endif
+
 /* Y (M, N) = X (M, K) . W^T; each block decoded once into L1 and used for every row of X (M <= 64).
  * One copy per type (a macro) so the decoder inlines and the dot loops vectorise with the block size known. */
 #define GEMV_IMPL(NAME, DEQ, QK, TS)                                                                          \
@@ -289,7 +334,11 @@ int lh_gemv(int type, const uint8_t *W, int64_t N, int64_t stride, int64_t K, co
         return 0;
     case T_Q4_K: gemv_q4_k(W, N, stride, K, X, M, Y, nthreads); return 0;
     case T_Q5_K: gemv_q5_k(W, N, stride, K, X, M, Y, nthreads); return 0;
-    case T_Q6_K: gemv_q6_k(W, N, stride, K, X, M, Y, nthreads); return 0;
+    case T_Q6_K:
+#ifdef __AVX512F__
+        if (M == 1) { gemv1_q6_k(W, N, stride, K, X, Y, nthreads); return 0; }
+#endif
+        gemv_q6_k(W, N, stride, K, X, M, Y, nthreads); return 0;
     default: return -1;
     }
 }
