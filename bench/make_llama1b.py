@@ -2,12 +2,16 @@
 
 The shape is the preset row `llama-3.2-1b` (dim 2048, 16 layers, 32/8 heads, ffn 8192, vocab 128256, tied
 embeddings). Weights are random (N(0, 0.02)): speed does not depend on their values. The HF folder is written
-by transformers itself; the GGUF files by `herd quantize`, the same files llama.cpp then reads.
+by transformers itself, plus Meta's Llama 3 `tokenizer.model` from the installed llama_models package (llama.cpp
+refuses a GGUF without a vocabulary); the GGUF files by `herd quantize`, the same files llama.cpp then reads.
+A GGUF lacking `tokenizer.ggml.model` (written before the tokenizer was copied) is rewritten with the vocabulary
+added by the GGUF writer's `add_vocab`, tensors copied byte for byte.
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -37,13 +41,47 @@ def main() -> int:
             model = LlamaForCausalLM(cfg).to(torch.bfloat16)
         model.save_pretrained(hf)
         print("wrote", hf, flush=True)
+    if not (hf / "tokenizer.model").exists():
+        import llama_models
+
+        shutil.copy(Path(llama_models.__file__).parent / "llama3" / "tokenizer.model", hf / "tokenizer.model")
     for qtype in ("q8_0", "q4_0"):
         dst = out / f"{qtype}.gguf"
         if not dst.exists():
             subprocess.run([sys.executable, "-m", "llamaherd", "quantize", "--quiet", "--type", qtype, str(hf), str(dst)],
                            check=True)
             print("wrote", dst, flush=True)
+        ensure_vocab(dst)
     return 0
+
+
+def ensure_vocab(path: Path) -> None:
+    """Rewrite `path` with the Llama 3 vocabulary when it has none (metadata and tensor bytes kept)."""
+    from gguf import GGUFReader, GGUFValueType, GGUFWriter
+
+    from llamaherd.checkpoint.gguf_write import add_vocab
+    from llamaherd.tokenizer import Tokenizer
+
+    r = GGUFReader(str(path))
+    if "tokenizer.ggml.model" in r.fields:
+        return
+    tmp = path.with_suffix(".vocab.tmp")
+    w = GGUFWriter(str(tmp), "llama")
+    for name, f in r.fields.items():
+        if name.startswith("GGUF.") or name == "general.architecture":
+            continue
+        vt = f.types[0]
+        w.add_key_value(name, f.contents(), vt, sub_type=f.types[-1] if vt == GGUFValueType.ARRAY else None)
+    add_vocab(w, Tokenizer.llama3(), 128256)
+    for t in r.tensors:
+        w.add_tensor(t.name, t.data, raw_shape=t.data.shape, raw_dtype=t.tensor_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    del r
+    tmp.replace(path)
+    print("added the Llama 3 vocabulary to", path, flush=True)
 
 
 if __name__ == "__main__":
