@@ -118,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
     ceiling = bw / wbytes
     pp = prompt_speed(net, args.prompt_tokens, args.repeat, act)
     tg = decode_speed(net, args.gen_tokens, args.repeat, act)
-    print(f"model: {args.model} ({model.config.architecture if hasattr(model.config, 'architecture') else ''})")
+    print(f"model: {args.model} (arch {model.config.arch})")
     print(f"threads: {torch.get_num_threads()}  dtype: {act}  load: {load_s:.1f} s")
     print(f"weights read per token: {wbytes / 1e6:.1f} MB   memory bandwidth (copy probe): {bw / 1e9:.1f} GB/s")
     print(f"{'test':>8} {'tokens/s':>10}")
