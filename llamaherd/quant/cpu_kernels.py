@@ -7,12 +7,14 @@ int8 kernel has one scale per output row (ggml has one per 32 or 16 elements) an
 
 The library is compiled on first use into `$LLAMAHERD_HOME/kernels/` (`-O3 -march=native -fopenmp`; the OpenMP
 runtime resolves to the libgomp torch has already loaded, so both share one thread pool). No compiler, or a
-failed build, leaves `available()` False and callers keep the pure-torch path. `LLAMAHERD_NO_NATIVE=1` turns the
-kernels off (a switch for benchmarking the fallback; it never changes results beyond float summation order).
+failed build, leaves `available()` False and callers keep the pure-torch path. `ENABLED = False` (or the
+`disabled()` context) turns the kernels off, to benchmark or test the fallback; results differ only in float
+summation order.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import os
@@ -30,6 +32,8 @@ _FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-fno-math-err
 # ggml ids (ggml.h `enum ggml_type`) the C file decodes.
 SUPPORTED = frozenset({2, 6, 8, 12, 13, 14})  # Q4_0, Q5_0, Q8_0, Q4_K, Q5_K, Q6_K
 MAX_GEMV_ROWS = 64  # lh_gemv's bound; more rows go through dequantize + torch GEMM
+
+ENABLED = True  # module switch, not an environment variable: the math never depends on the environment
 
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
@@ -68,7 +72,7 @@ def _build() -> ctypes.CDLL | None:
 def library() -> ctypes.CDLL | None:
     """The loaded kernel library, building it on first call; None when it cannot be built or is switched off."""
     global _lib, _tried
-    if os.environ.get("LLAMAHERD_NO_NATIVE"):
+    if not ENABLED:
         return None
     if not _tried:
         with _lock:
@@ -79,6 +83,17 @@ def library() -> ctypes.CDLL | None:
                     _lib = None
                 _tried = True
     return _lib
+
+
+@contextlib.contextmanager
+def disabled():
+    """Run the enclosed code on the pure-torch path."""
+    global ENABLED
+    before, ENABLED = ENABLED, False
+    try:
+        yield
+    finally:
+        ENABLED = before
 
 
 def available(type_id: int) -> bool:
