@@ -36,8 +36,9 @@ test: install-test
 test-all: install-test
 	$(PY) -m pytest -q -m "slow or not slow"
 
+# The default model against llama.cpp, side by side (bench/side_by_side.py; more in BENCHMARKS.md).
 bench: install-test
-	$(PY) -m bench
+	$(PY) bench/side_by_side.py --threads 2 --gguf gemma-3-270m-q4_k_m
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
