@@ -19,6 +19,7 @@ How the readers hook this (keyed on config.arch == "llama4"):
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any
 
@@ -204,6 +205,60 @@ def config_from_params(params: dict[str, Any], *, source: str = "params.json") -
         )
     except KeyError as exc:
         raise CheckpointError(source, f"Llama 4 params.json lacks field {exc.args[0]!r}; add it from the release") from None
+
+
+def params_from_config(config: ModelConfig) -> dict[str, Any]:
+    """ModelConfig -> a Meta Llama 4 params.json dict that llama-models' ModelArgs reads back into the same widths.
+
+    Meta's file states no widths, only the rules' inputs (llama4/model.py dense FeedForward, llama4/moe.py MoE):
+    multiple_of, ffn_dim_multiplier and ffn_exp are chosen so both rules give back hidden_dim and moe.hidden_dim.
+    """
+    c = config
+    if c.arch != "llama4" or c.moe is None:
+        raise CheckpointError(None, f"a Llama 4 params.json needs arch 'llama4' with moe set, not {c.arch!r}")
+    if c.head_dim * c.n_heads != c.dim:
+        raise CheckpointError(None, f"Meta's format derives head_dim = dim / n_heads; head_dim {c.head_dim} differs")
+    multiple_of, mult, ffn_exp, auto_scale = _width_params(c)
+    params: dict[str, Any] = {
+        "dim": c.dim, "n_layers": c.n_layers, "n_heads": c.n_heads, "n_kv_heads": c.n_kv_heads,
+        "vocab_size": c.vocab_size, "multiple_of": multiple_of, "ffn_dim_multiplier": mult, "ffn_exp": ffn_exp,
+        "norm_eps": c.norm_eps, "rope_theta": c.rope_theta, "use_scaled_rope": c.rope_scaling is not None,
+        "attention_chunk_size": c.attention_chunk_size, "nope_layer_interval": c.nope_layer_interval,
+        "use_qk_norm": c.use_qk_norm, "attn_temperature_tuning": c.attn_temperature_tuning,
+        "floor_scale": c.floor_scale, "attn_scale": c.attn_scale, "max_seq_len": c.max_seq_len,
+        "moe_args": {"num_experts": c.moe.num_experts, "capacity_factor": 1.0, "auto_scale_F": auto_scale,
+                     "top_k": c.moe.top_k, "interleave_moe_layer_step": c.moe.interleave_step},
+    }
+    s = c.rope_scaling
+    if s is not None:
+        # llama4/model.py::apply_scaling fixes low_freq_factor 1 and the original context 8192.
+        if (s.kind, s.low_freq_factor, s.original_max_position) != ("llama3", 1.0, 8192):
+            raise CheckpointError(None, f"Meta's Llama 4 format can only express Scout-style rope scaling, not {s}")
+        params.update(rope_scaling_factor=s.factor, rope_high_freq_factor=s.high_freq_factor)
+    return params
+
+
+def _width_params(c: ModelConfig) -> tuple[int, float | None, float, bool]:
+    """(multiple_of, ffn_dim_multiplier, ffn_exp, auto_scale_F) reproducing c.hidden_dim and c.moe.hidden_dim."""
+    from ..model.moe import moe_hidden_dim
+
+    H, F = c.hidden_dim, c.moe.hidden_dim
+    base = int(2 * (4 * c.dim) / 3)
+    # The config's own inputs first (read from params.json, they hold); else a common multiple of both widths
+    # and the multiplier that scales the dense rule's base onto H (a config read from config.json).
+    m = math.gcd(H, F)
+    for multiple_of, mult in ((c.multiple_of, c.ffn_dim_multiplier), (m, H / base if H != base else None)):
+        if ffn_hidden_dim(c.dim, multiple_of, mult) != H:
+            continue
+        for auto_scale in (True, False):
+            # Released files say ffn_exp 4.0; otherwise any x / dim with x = int(ffn_exp * dim) will do.
+            for x in (4 * c.dim, *range(1, 16 * c.dim + 1)):
+                if moe_hidden_dim(c.dim, x / c.dim, multiple_of, mult, 1.0, auto_scale) == F:
+                    return multiple_of, mult, x / c.dim, auto_scale
+    raise CheckpointError(
+        None, f"no multiple_of / ffn_dim_multiplier / ffn_exp of Meta's width rules gives dense width {H} and "
+        f"expert width {F}; Meta's format cannot describe this model, write --to hf instead",
+    )
 
 
 def _released_context(params: dict[str, Any]) -> int:

@@ -14,7 +14,7 @@ import torch
 from ..config import ConfigError, ModelConfig, RopeScaling, ffn_hidden_dim
 from ..errors import CheckpointError
 from .base import Checkpoint
-from .transforms import META_IGNORED, merge_shards, split_shards
+from .transforms import META_IGNORED, merge_shards, shard_dim, split_shards
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
 
@@ -199,16 +199,20 @@ def read(path: str | Path) -> Checkpoint:
 
 
 def _read_llama4(path: Path, params: dict[str, Any], files: list[Path], shards: list[dict]) -> Checkpoint:
-    """Llama 4 (params.json with moe_args): names and layouts from engineer H's llama4_names."""
+    """Llama 4 (params.json with moe_args): names and layouts from llama4_names, shards merged by Llama 4's rules."""
     from . import llama4_names
 
-    if len(shards) > 1:
-        raise CheckpointError(
-            path, f"{len(shards)} model-parallel shards of a Llama 4 checkpoint: merging MoE shards is not supported "
-            "yet; convert the checkpoint from its Hugging Face release instead",
-        )
     config = llama4_names.config_from_params(params, source=str(path / "params.json"))
-    sd = llama4_names.normalize_meta(shards[0], config)
+    n = len(files)
+    if n > 1 and (config.n_heads % n or config.n_kv_heads % n or config.moe.hidden_dim % n):
+        raise CheckpointError(
+            path, f"{n} shards cannot split {config.n_heads} query / {config.n_kv_heads} key-value heads and expert "
+            f"width {config.moe.hidden_dim} evenly; the shard count does not belong to this params.json",
+        )
+    # Old spellings and flattened (E*D, F/n) expert matrices are normalised per shard: the split axis of the
+    # canonical (E, D, F) layout is only well defined once each piece has its 3-D shape.
+    sd = merge_shards([llama4_names.normalize_meta(s, config) for s in shards], config.dim, files, arch="llama4")
+    _check_llama4_shapes(sd, config, files)
     out, emb = sd.get("output.weight"), sd.get("tok_embeddings.weight")
     same = out is not None and emb is not None and out.shape == emb.shape and torch.equal(out, emb)
     if config.tie_embeddings or same:
@@ -216,8 +220,36 @@ def _read_llama4(path: Path, params: dict[str, Any], files: list[Path], shards: 
         config = config.replace(tie_embeddings=True)
     return Checkpoint(
         config=config, state_dict=sd, source=path, tokenizer=_attach_tokenizer(path),
-        metadata={"format": "meta", "shards": len(files), "params": params},
+        metadata={"format": "meta", "shards": n, "params": params},
     )
+
+
+def _check_llama4_shapes(sd: dict[str, torch.Tensor], config: ModelConfig, files: list[Path]) -> None:
+    """Merged tensors must have the shapes params.json implies; a mismatch on a split tensor means a shard count
+    other than the one the checkpoint was written with (e.g. half of an 8-file folder)."""
+    from ..model import build
+
+    expected = {k: tuple(t.shape) for k, t in build(config, device="meta").state_dict().items()}
+    n = len(files)
+    for name, t in sd.items():
+        want = expected.get(name)
+        if want is None or tuple(t.shape) == want:
+            continue  # unknown names are left to the strict load, which lists them all
+        axis = shard_dim(name, "llama4")
+        others_agree = axis is not None and len(want) == t.dim() and all(
+            a == b for d, (a, b) in enumerate(zip(t.shape, want)) if d != axis)
+        piece = t.shape[axis] // n if others_agree else 0
+        if piece and want[axis] % piece == 0:
+            written = want[axis] // piece
+            raise CheckpointError(
+                files[0], f"{name} is {t.shape[axis] // n} wide on dim {axis} in each of the "
+                f"{n} shards, merging to {tuple(t.shape)}, but params.json implies {want}: the checkpoint was "
+                f"written as {written} shards and this folder holds {n}; get the complete folder",
+            )
+        raise CheckpointError(
+            files[0], f"{name} merges to shape {tuple(t.shape)} but params.json implies {want}; "
+            "params.json does not belong to these weights",
+        )
 
 
 # -- writing -------------------------------------------------------------------------------------
@@ -226,11 +258,22 @@ def _read_llama4(path: Path, params: dict[str, Any], files: list[Path], shards: 
 def write(ckpt: Checkpoint, dst: str | Path, *, shards: int = 1, embedding_dim: int = 0, **_: Any) -> Path:
     """Write params.json + consolidated.NN.pth (split over `shards` files as fairscale would) + tokenizer.
 
-    `embedding_dim` 0 splits tok_embeddings by vocabulary (Llama 3), 1 by embedding width (Llama 2).
+    `embedding_dim` 0 splits tok_embeddings by vocabulary (Llama 3), 1 by embedding width (Llama 2);
+    Llama 4 always splits it by vocabulary (its reference builds a VocabParallelEmbedding).
     """
     dst = Path(dst)
     c = ckpt.config
-    params = params_from_config(c)
+    if c.arch == "llama4":
+        from . import llama4_names
+
+        params = llama4_names.params_from_config(c)
+        if shards >= 1 and c.moe.hidden_dim % shards:
+            raise CheckpointError(
+                dst, f"--shards {shards} must divide the expert width {c.moe.hidden_dim} (Meta's Experts divide it "
+                "exactly per rank); pick a divisor",
+            )
+    else:
+        params = params_from_config(c)
     if shards < 1 or c.n_heads % shards or c.n_kv_heads % shards:
         raise CheckpointError(
             dst, f"--shards {shards} must divide n_heads {c.n_heads} and n_kv_heads {c.n_kv_heads}; pick a divisor"
@@ -239,7 +282,7 @@ def write(ckpt: Checkpoint, dst: str | Path, *, shards: int = 1, embedding_dim: 
     if c.tie_embeddings and "output.weight" not in sd:
         sd["output.weight"] = sd["tok_embeddings.weight"]  # Meta's format always carries output
     dst.mkdir(parents=True, exist_ok=True)
-    for i, part in enumerate(split_shards(sd, shards, embedding_dim=embedding_dim)):
+    for i, part in enumerate(split_shards(sd, shards, embedding_dim=embedding_dim, arch=c.arch)):
         torch.save(part, dst / f"consolidated.{i:02d}.pth")
     (dst / "params.json").write_text(json.dumps(params, indent=2) + "\n")
     _copy_tokenizer(ckpt.source, dst)

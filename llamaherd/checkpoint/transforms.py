@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -37,30 +38,56 @@ def unpermute_from_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 # -- model-parallel shards -----------------------------------------------------------------------
 # How fairscale's layers in Meta's reference split each weight over model-parallel ranks
-# (llama-models llama3/model.py; fairscale nn/model_parallel/layers.py):
-#   ColumnParallelLinear (wq, wk, wv, w1, w3, output): output features, dim 0
+# (llama-models llama3/model.py, llama4/model.py, llama4/moe.py, llama4/ffn.py; fairscale nn/model_parallel/layers.py):
+#   ColumnParallelLinear (wq, wk, wv, w1, w3, output): output features, dim 0 of the (out, in) weight
 #   RowParallelLinear (wo, w2): input features, dim 1
-#   VocabParallelEmbedding (Llama 3 tok_embeddings): vocabulary, dim 0
+#   VocabParallelEmbedding (Llama 3 and 4 tok_embeddings): vocabulary, dim 0
 #   ParallelEmbedding (Llama 2's original tok_embeddings): embedding dim, dim 1
-#   RMSNorm weights: replicated on every rank.
-_COLUMN = ("attention.wq.weight", "attention.wk.weight", "attention.wv.weight",
-           "feed_forward.w1.weight", "feed_forward.w3.weight")
-_ROW = ("attention.wo.weight", "feed_forward.w2.weight")
+#   RMSNorm weights, Llama 4's router_DE: replicated on every rank.
+# Rank r holds the r-th of n equal contiguous pieces: fairscale `_initialize_affine_weight` splits the master
+# weight into per-partition chunks and gives rank r chunks[r::world_size] (stride 1: just chunks[r]).
+# Llama 4's MoE (llama4/moe.py) keeps all E experts on every rank and divides each expert's hidden width F
+# by the world size (`Experts.__init__`: divide_exact(hidden_dim, world_size)); the partial outputs are summed
+# by reduce_from_model_parallel_region, so F is cut like w1/w3's rows and w2's columns: (E, D, F) on dim 2,
+# (E, F, D) on dim 1. The shared expert is a FeedForward (w1/w3 column-, w2 row-parallel) of the same F.
+_LLAMA_SPLITS: dict[str, int] = {
+    "attention.wq.weight": 0, "attention.wk.weight": 0, "attention.wv.weight": 0, "attention.wo.weight": 1,
+    "feed_forward.w1.weight": 0, "feed_forward.w3.weight": 0, "feed_forward.w2.weight": 1,
+    "output.weight": 0,
+}
+_LLAMA4_SPLITS: dict[str, int] = {
+    **_LLAMA_SPLITS,
+    "tok_embeddings.weight": 0,  # llama4/model.py builds a VocabParallelEmbedding
+    "feed_forward.shared_expert.w1.weight": 0, "feed_forward.shared_expert.w3.weight": 0,
+    "feed_forward.shared_expert.w2.weight": 1,
+    "feed_forward.experts.moe_w_in_eD_F": 2, "feed_forward.experts.moe_w_swiglu_eD_F": 2,
+    "feed_forward.experts.moe_w_out_eF_D": 1,
+}
+# arch (ModelConfig.arch) -> canonical name (without `layers.N.`) -> split dim. Names absent are replicated.
+# Llama 1-3 leave tok_embeddings out: Llama 2 and 3 split it differently (see `embedding_shard_dim`).
+SHARD_RULES: dict[str, dict[str, int]] = {"llama": _LLAMA_SPLITS, "llama4": _LLAMA4_SPLITS}
+_LAYER_PREFIX = re.compile(r"^layers\.\d+\.")
 
 # Buffers some Meta checkpoints carry that are not weights (Llama 2 ships `rope.freqs`).
 META_IGNORED = ("rope.freqs",)
 
 
-def shard_dim(name: str) -> int | None:
+def _rules(arch: str) -> dict[str, int]:
+    try:
+        return SHARD_RULES[arch]
+    except KeyError:
+        raise CheckpointError(
+            None, f"no model-parallel shard rules for arch {arch!r}; known: {', '.join(SHARD_RULES)}"
+        ) from None
+
+
+def shard_dim(name: str, arch: str = "llama") -> int | None:
     """The dimension a model-parallel split cuts for this tensor; None when replicated.
 
-    tok_embeddings is not decided here: Llama 2 and Llama 3 split it differently (see `embedding_shard_dim`).
+    For arch "llama", tok_embeddings is not decided here: Llama 2 and Llama 3 split it differently
+    (see `embedding_shard_dim`).
     """
-    if name == "output.weight" or name.endswith(_COLUMN):
-        return 0
-    if name.endswith(_ROW):
-        return 1
-    return None
+    return _rules(arch).get(_LAYER_PREFIX.sub("", name))
 
 
 def embedding_shard_dim(shard_shape: tuple[int, ...], n_shards: int, dim: int, source: Path) -> int:
@@ -76,10 +103,13 @@ def embedding_shard_dim(shard_shape: tuple[int, ...], n_shards: int, dim: int, s
     )
 
 
-def merge_shards(shards: list[dict[str, torch.Tensor]], dim: int, files: list[Path]) -> dict[str, torch.Tensor]:
-    """Join model-parallel state dicts into one, exactly inverting fairscale's split.
+def merge_shards(
+    shards: list[dict[str, torch.Tensor]], dim: int, files: list[Path], *, arch: str = "llama"
+) -> dict[str, torch.Tensor]:
+    """Join model-parallel state dicts into one, exactly inverting fairscale's split (rules: `SHARD_RULES[arch]`).
 
-    Every shard must hold the same names; replicated tensors must agree. `files` name the shards in errors.
+    Every shard must hold the same names; replicated tensors must agree and split ones have equal pieces.
+    `files` name the shards in errors.
     """
     if len(shards) == 1:
         return dict(shards[0])
@@ -95,8 +125,8 @@ def merge_shards(shards: list[dict[str, torch.Tensor]], dim: int, files: list[Pa
     merged: dict[str, torch.Tensor] = {}
     for name in shards[0]:
         parts = [sd[name] for sd in shards]
-        axis = shard_dim(name)
-        if name == "tok_embeddings.weight":
+        axis = shard_dim(name, arch)
+        if name == "tok_embeddings.weight" and axis is None:
             axis = embedding_shard_dim(tuple(parts[0].shape), len(parts), dim, files[0])
         if axis is None:
             for f, p in zip(files[1:], parts[1:]):
@@ -107,21 +137,30 @@ def merge_shards(shards: list[dict[str, torch.Tensor]], dim: int, files: list[Pa
                     )
             merged[name] = parts[0]
         else:
+            for f, p in zip(files[1:], parts[1:]):
+                if p.shape != parts[0].shape:
+                    raise CheckpointError(
+                        f, f"holds {name} as {tuple(p.shape)} but {files[0].name} as {tuple(parts[0].shape)}; "
+                        "model-parallel pieces are equal, so the shards come from different checkpoints",
+                    )
             merged[name] = torch.cat(parts, dim=axis)
     return merged
 
 
 def split_shards(
-    state_dict: dict[str, torch.Tensor], n: int, *, embedding_dim: int = 0
+    state_dict: dict[str, torch.Tensor], n: int, *, embedding_dim: int = 0, arch: str = "llama"
 ) -> list[dict[str, torch.Tensor]]:
     """Split one state dict into `n` model-parallel shards, the way fairscale's layers would hold them.
 
-    `embedding_dim` picks the Llama 3 (0) or Llama 2 (1) embedding split. Each piece is made contiguous
-    so torch.save writes only its own bytes (saving a view would write the whole parent storage).
+    `embedding_dim` picks the Llama 3 (0) or Llama 2 (1) embedding split for arch "llama"; Llama 4's rules fix
+    it. Each piece is made contiguous so torch.save writes only its own bytes (saving a view would write the
+    whole parent storage).
     """
     shards: list[dict[str, torch.Tensor]] = [{} for _ in range(n)]
     for name, t in state_dict.items():
-        axis = embedding_dim if name == "tok_embeddings.weight" else shard_dim(name)
+        axis = shard_dim(name, arch)
+        if axis is None and name == "tok_embeddings.weight":
+            axis = embedding_dim
         if axis is None or n == 1:
             for sd in shards:
                 sd[name] = t.contiguous() if n == 1 else t.clone()
