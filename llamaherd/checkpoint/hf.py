@@ -1,7 +1,8 @@
-"""Hugging Face Llama checkpoints: config.json + *.safetensors (+ index, generation config, tokenizer), both ways."""
+"""Hugging Face checkpoints, both ways: config.json + safetensors; Llama here, Llama 4 / Gemma 3 via name modules."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import shutil
 from pathlib import Path
@@ -20,7 +21,14 @@ from .transforms import permute_to_hf, unpermute_from_hf
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
                    "chat_template.jinja")
-LLAMA4_MODEL_TYPES = ("llama4", "llama4_text")  # Llama4ForConditionalGeneration / Llama4ForCausalLM
+# Families whose names, layouts and config.json live in their own module (config_from_hf, hf_to_meta,
+# meta_to_hf, config_to_hf): arch -> (module, class and model_type written). Llama 1-3 stay in this file.
+HF_FAMILIES = {
+    "llama4": ("llama4_names", "Llama4ForCausalLM", "llama4_text"),
+    "gemma3": ("gemma3_names", "Gemma3ForCausalLM", "gemma3_text"),
+}
+# config.json model_type -> arch: the multimodal types ("llama4", "gemma3") are read for their text decoder.
+HF_MODEL_TYPES = {"llama4": "llama4", "llama4_text": "llama4", "gemma3": "gemma3", "gemma3_text": "gemma3"}
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30  # transformers' save_pretrained default ("5GB")
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
@@ -214,11 +222,11 @@ def read(path: str | Path) -> Checkpoint:
     cfg = _json(cfile)
     if not isinstance(cfg, dict):
         raise CheckpointError(cfile, "must hold a JSON object")
-    if cfg.get("model_type") in LLAMA4_MODEL_TYPES:
-        from . import llama4_names  # Llama 4's names and layouts are engineer H's table
-
-        config = llama4_names.config_from_hf(cfg, source=str(cfile))
-        sd = llama4_names.hf_to_meta(_load_weights(path), config)
+    arch = HF_MODEL_TYPES.get(cfg.get("model_type"))
+    if arch is not None:
+        names = _family(arch)
+        config = names.config_from_hf(cfg, source=str(cfile))
+        sd = names.hf_to_meta(_load_weights(path), config)
     else:
         config, sd = _llama_from_hf(cfg, cfile, path)
     return Checkpoint(
@@ -257,10 +265,8 @@ def _llama_from_hf(cfg: dict[str, Any], cfile: Path, path: Path) -> tuple[ModelC
 
 def _hf_state_dict(ckpt: Checkpoint) -> dict[str, torch.Tensor]:
     c = ckpt.config
-    if c.arch == "llama4":
-        from . import llama4_names
-
-        return {k: t.contiguous() for k, t in llama4_names.meta_to_hf(ckpt.state_dict, c).items()}
+    if c.arch in HF_FAMILIES:
+        return {k: t.contiguous() for k, t in _family(c.arch).meta_to_hf(ckpt.state_dict, c).items()}
     out: dict[str, torch.Tensor] = {}
     for name, t in ckpt.state_dict.items():
         if name == "output.weight" and c.tie_embeddings:
@@ -316,13 +322,18 @@ def write(ckpt: Checkpoint, dst: str | Path, *, max_shard_bytes: int = DEFAULT_M
 
 
 def _config_json(ckpt: Checkpoint, dtype: torch.dtype) -> dict[str, Any]:
-    if ckpt.config.arch != "llama4":
+    arch = ckpt.config.arch
+    if arch not in HF_FAMILIES:
         return hf_config(ckpt.config, ckpt.generation, dtype)
-    from . import llama4_names
-
-    cfg = llama4_names.config_to_hf(ckpt.config)
-    cfg.update(architectures=["Llama4ForCausalLM"], model_type="llama4_text", torch_dtype=_DTYPE_NAMES.get(dtype))
+    _, cls, model_type = HF_FAMILIES[arch]
+    cfg = _family(arch).config_to_hf(ckpt.config)
+    cfg.update(architectures=[cls], model_type=model_type, torch_dtype=_DTYPE_NAMES.get(dtype))
     return cfg
+
+
+def _family(arch: str):
+    """The module holding `arch`'s Hugging Face names and config (imported on first use)."""
+    return importlib.import_module(f".{HF_FAMILIES[arch][0]}", __package__)
 
 
 def _copy_tokenizer(ckpt: Checkpoint, dst: Path) -> None:
