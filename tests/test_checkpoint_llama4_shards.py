@@ -200,3 +200,30 @@ def test_writer_refuses_a_shard_count_not_dividing_the_model(ours, tmp_path):
     ckpt = Checkpoint(config=CONFIG, state_dict=ours.state_dict(), source=Path("random"))
     with pytest.raises(CheckpointError, match="--shards 3"):
         meta_pth.write(ckpt, tmp_path / "x", shards=3)
+
+
+def test_params_json_reproduces_widths_of_a_config_read_from_hf():
+    """A config.json states widths, not Meta's rule inputs; the writer finds inputs that give them back."""
+    from llama_models.llama4.args import ModelArgs, MoEArgs
+    from llama_models.llama4.model import TransformerBlock
+
+    from llamaherd.checkpoint.llama4_names import params_from_config
+
+    hf_like = CONFIG.replace(multiple_of=256, ffn_dim_multiplier=None, hidden_dim=192,
+                             moe=CONFIG.moe.__class__(num_experts=4, top_k=1, hidden_dim=96, interleave_step=2))
+    params = params_from_config(hf_like)
+    back = config_from_params(params)
+    assert (back.hidden_dim, back.moe) == (192, hf_like.moe)
+    # Meta's own constructor, handed the file, builds the same widths (layer 0 dense, layer 1 MoE).
+    import fairscale.nn.model_parallel.initialize as fs_init
+    import fairscale.nn.model_parallel.layers as fs_layers
+
+    args = ModelArgs(**{**params, "moe_args": MoEArgs(**params["moe_args"])})
+    with pytest.MonkeyPatch.context() as m, torch.device("meta"):
+        m.setattr(fs_init, "get_model_parallel_world_size", lambda: 1)
+        m.setattr(fs_layers, "get_model_parallel_world_size", lambda: 1)
+        m.setattr(torch.Tensor, "cuda", lambda self, *a, **k: self)
+        dense, moe = TransformerBlock(0, args), TransformerBlock(1, args)
+    assert tuple(dense.feed_forward.w1.weight.shape) == (192, 64)
+    assert tuple(moe.feed_forward.experts.w1.shape) == (4, 64, 96)
+    assert tuple(moe.feed_forward.shared_expert.w1.weight.shape) == (96, 64)
