@@ -4,7 +4,8 @@
  * block_q6_K) and `ggml-quants.c` (dequantize_row_*); each decoder does its float arithmetic in the same order
  * as llamaherd/checkpoint/ggml_quants.py so that `lh_dequant` agrees with it bit for bit.
  * `lh_gemv` computes Y (M, N) = X (M, K) . W (N, K)^T for a few rows of X: memory-bound decode reads each
- * weight block once, decodes it into registers/L1 and uses it for all M rows. Built by cpu_kernels.py with
+ * weight block once, decodes it into registers/L1 and uses it for all M rows; `lh_gemv_many` applies several
+ * weights to one X inside a single OpenMP region (one fork/join). Built by cpu_kernels.py with
  * the host's -march and OpenMP (the libgomp torch already loaded), called through ctypes.
  */
 #include <stdint.h>
@@ -156,9 +157,9 @@ int lh_dequant(int type, const uint8_t *W, int64_t N, int64_t stride, int64_t K,
 }
 
 /* Q8_0 rows against one x: fused, the block scale applied to each block's partial sum. */
-static void gemv1_q8_0(const uint8_t *W, int64_t N, int64_t stride, int64_t K, const float *x, float *y, int nthreads) {
+static void gemv1_q8_0(const uint8_t *W, int64_t N, int64_t stride, int64_t K, const float *x, float *y) {
     const int64_t nb = K / 32;
-#pragma omp parallel for schedule(static) num_threads(nthreads)
+#pragma omp for schedule(static) nowait
     for (int64_t n = 0; n < N; n++) {
         const uint8_t *row = W + n * stride;
         float acc = 0.0f;
@@ -192,15 +193,14 @@ static void gemv1_q8_0(const uint8_t *W, int64_t N, int64_t stride, int64_t K, c
 #ifdef __AVX512F__
 /* Q4_0 / Q5_0 rows against one x, 16 lanes: element j is the low nibble of byte j, element j+16 the high one;
  * Q5_0's fifth bits come from its little-endian u32 (bit j -> element j). One reduction per row. */
-static void gemv1_q4_q5(int five, const uint8_t *W, int64_t N, int64_t stride, int64_t K, const float *x, float *y,
-                        int nthreads) {
+static void gemv1_q4_q5(int five, const uint8_t *W, int64_t N, int64_t stride, int64_t K, const float *x, float *y) {
     const int64_t nb = K / 32;
     const int ts = five ? 22 : 18, off = five ? 6 : 2;
     const __m512i lo_idx = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     const __m512i hi_idx = _mm512_add_epi32(lo_idx, _mm512_set1_epi32(16));
     const __m512i nib = _mm512_set1_epi32(0x0F), one = _mm512_set1_epi32(1);
     const __m512i centre = _mm512_set1_epi32(five ? 16 : 8);
-#pragma omp parallel for schedule(static) num_threads(nthreads)
+#pragma omp for schedule(static) nowait
     for (int64_t n = 0; n < N; n++) {
         const uint8_t *row = W + n * stride;
         __m512 vacc = _mm512_setzero_ps();
@@ -229,10 +229,10 @@ static void gemv1_q4_q5(int five, const uint8_t *W, int64_t N, int64_t stride, i
 #ifdef __AVX512F__
 /* Q6_K rows against one x: per half of 128 and per 16-run, four 16-lane groups of 6-bit values (low nibble from
  * ql, two high bits from qh), each with its own int8 sub-block scale; one reduction per row. */
-static void gemv1_q6_k(const uint8_t *W, int64_t N, int64_t stride, int64_t K, const float *x, float *y, int nthreads) {
+static void gemv1_q6_k(const uint8_t *W, int64_t N, int64_t stride, int64_t K, const float *x, float *y) {
     const int64_t nb = K / 256;
     const __m512i nib = _mm512_set1_epi32(0x0F), two = _mm512_set1_epi32(3), centre = _mm512_set1_epi32(32);
-#pragma omp parallel for schedule(static) num_threads(nthreads)
+#pragma omp for schedule(static) nowait
     for (int64_t n = 0; n < N; n++) {
         const uint8_t *row = W + n * stride;
         __m512 vacc = _mm512_setzero_ps();
@@ -275,9 +275,9 @@ static void gemv1_q6_k(const uint8_t *W, int64_t N, int64_t stride, int64_t K, c
  * One copy per type (a macro) so the decoder inlines and the dot loops vectorise with the block size known. */
 #define GEMV_IMPL(NAME, DEQ, QK, TS)                                                                          \
     static void NAME(const uint8_t *W, int64_t N, int64_t stride, int64_t K, const float *X, int64_t M,      \
-                     float *Y, int nthreads) {                                                                \
+                     float *Y) {                                                                              \
         const int64_t nb = K / QK;                                                                            \
-        _Pragma("omp parallel for schedule(static) num_threads(nthreads)")                                   \
+        _Pragma("omp for schedule(static) nowait")                                   \
         for (int64_t n = 0; n < N; n++) {                                                                     \
             float buf[QK] __attribute__((aligned(64)));                                                       \
             float acc[64];                                                                                    \
@@ -317,28 +317,42 @@ GEMV_IMPL(gemv_q4_k, deq_q4_k, 256, 144)
 GEMV_IMPL(gemv_q5_k, deq_q5_k, 256, 176)
 GEMV_IMPL(gemv_q6_k, deq_q6_k, 256, 210)
 
-int lh_gemv(int type, const uint8_t *W, int64_t N, int64_t stride, int64_t K, const float *X, int64_t M,
-            float *Y, int nthreads) {
-    if (M > 64 || M < 1) return -1;
+/* One product, called inside the caller's parallel region (each kernel's rows are an orphaned `omp for`). */
+static void gemv_in_region(int type, const uint8_t *W, int64_t N, int64_t stride, int64_t K, const float *X,
+                           int64_t M, float *Y) {
     switch (type) {
 #ifdef __AVX512F__
-    case T_Q4_0: if (M == 1) gemv1_q4_q5(0, W, N, stride, K, X, Y, nthreads); else gemv_q4_0(W, N, stride, K, X, M, Y, nthreads); return 0;
-    case T_Q5_0: if (M == 1) gemv1_q4_q5(1, W, N, stride, K, X, Y, nthreads); else gemv_q5_0(W, N, stride, K, X, M, Y, nthreads); return 0;
+    case T_Q4_0: if (M == 1) gemv1_q4_q5(0, W, N, stride, K, X, Y); else gemv_q4_0(W, N, stride, K, X, M, Y); return;
+    case T_Q5_0: if (M == 1) gemv1_q4_q5(1, W, N, stride, K, X, Y); else gemv_q5_0(W, N, stride, K, X, M, Y); return;
+    case T_Q6_K: if (M == 1) gemv1_q6_k(W, N, stride, K, X, Y); else gemv_q6_k(W, N, stride, K, X, M, Y); return;
 #else
-    case T_Q4_0: gemv_q4_0(W, N, stride, K, X, M, Y, nthreads); return 0;
-    case T_Q5_0: gemv_q5_0(W, N, stride, K, X, M, Y, nthreads); return 0;
+    case T_Q4_0: gemv_q4_0(W, N, stride, K, X, M, Y); return;
+    case T_Q5_0: gemv_q5_0(W, N, stride, K, X, M, Y); return;
+    case T_Q6_K: gemv_q6_k(W, N, stride, K, X, M, Y); return;
 #endif
-    case T_Q8_0:
-        if (M == 1) gemv1_q8_0(W, N, stride, K, X, Y, nthreads);
-        else gemv_q8_0(W, N, stride, K, X, M, Y, nthreads);
-        return 0;
-    case T_Q4_K: gemv_q4_k(W, N, stride, K, X, M, Y, nthreads); return 0;
-    case T_Q5_K: gemv_q5_k(W, N, stride, K, X, M, Y, nthreads); return 0;
-    case T_Q6_K:
-#ifdef __AVX512F__
-        if (M == 1) { gemv1_q6_k(W, N, stride, K, X, Y, nthreads); return 0; }
-#endif
-        gemv_q6_k(W, N, stride, K, X, M, Y, nthreads); return 0;
-    default: return -1;
+    case T_Q8_0: if (M == 1) gemv1_q8_0(W, N, stride, K, X, Y); else gemv_q8_0(W, N, stride, K, X, M, Y); return;
+    case T_Q4_K: gemv_q4_k(W, N, stride, K, X, M, Y); return;
+    case T_Q5_K: gemv_q5_k(W, N, stride, K, X, M, Y); return;
     }
+}
+
+int lh_gemv(int type, const uint8_t *W, int64_t N, int64_t stride, int64_t K, const float *X, int64_t M,
+            float *Y, int nthreads) {
+    if (M > 64 || M < 1 || !lh_supported(type)) return -1;
+#pragma omp parallel num_threads(nthreads)
+    gemv_in_region(type, W, N, stride, K, X, M, Y);
+    return 0;
+}
+
+/* Several weights applied to the same X (M, K) in ONE parallel region: Y[s] (M, N[s]) = X . W[s]^T. The rows of
+ * each weight are split across the threads with `nowait`, so a thread moves straight on to the next weight:
+ * one fork/join for, say, wq/wk/wv instead of three (bench/PROFILE.md). Types may differ between weights. */
+int lh_gemv_many(int nseg, const int *types, const uint8_t *const *W, const int64_t *N, const int64_t *stride,
+                 int64_t K, const float *X, int64_t M, float *const *Y, int nthreads) {
+    if (M > 64 || M < 1 || nseg < 1) return -1;
+    for (int s = 0; s < nseg; s++)
+        if (!lh_supported(types[s])) return -1;
+#pragma omp parallel num_threads(nthreads)
+    for (int s = 0; s < nseg; s++) gemv_in_region(types[s], W[s], N[s], stride[s], K, X, M, Y[s]);
+    return 0;
 }

@@ -9,6 +9,8 @@ values; other operations see the raw bytes (row slices and device moves stay GGM
 
 from __future__ import annotations
 
+import threading
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -118,12 +120,90 @@ class GGMLLinear(nn.Module):
             raise CheckpointError(None, f"{self.qtype.name} rows need a multiple of {self.qtype.block_size} columns, got {in_features}")
         packed = torch.empty(out_features, self.qtype.row_bytes(in_features), dtype=torch.uint8, device=device)
         self.register_buffer("weight", GGMLWeight(packed, self.qtype))
+        self.shared_input: SharedInput | None = None  # set by `group_shared_inputs`
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _native(x, self.qtype):
+            # Straight to the kernel: F.linear on the subclass would pay __torch_function__ dispatch per call.
+            if self.shared_input is not None:
+                return self.shared_input.project(self, x)
+            return cpu_kernels.linear(x, self.weight.plain(), self.qtype.id, self.in_features)
         return F.linear(x, self.weight)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, qtype={self.qtype.name}"
+
+
+def _native(x: torch.Tensor, qtype: GGMLType) -> bool:
+    """Whether `cpu_kernels` can take this product (the condition `_linear` also applies)."""
+    return x.device.type == "cpu" and not x.requires_grad and cpu_kernels.available(qtype.id)
+
+
+# Sibling projections that every architecture here feeds the same input (Meta names: llama-models
+# `llama3/model.py` Attention.forward and FeedForward.forward; gemma3.py and llama4.py alike).
+SHARED_INPUT_NAMES = (("wq", "wk", "wv"), ("w1", "w3"))
+
+
+class SharedInput:
+    """GGMLLinears that are applied to one tensor in turn: the first call computes all of them in one native call.
+
+    The other members' results wait in a per-thread stash keyed by the input tensor object (and its version
+    counter where it has one; inference tensors have none) and are handed out when the same tensor comes to
+    them; any other input, or several rows past `cpu_kernels.MAX_GEMV_ROWS`, is computed by the member alone,
+    so the values never depend on the call order. The members keep their names and buffers: the state dict
+    is unchanged. Saves one OpenMP fork/join and one Python round trip per extra member (bench/PROFILE.md).
+    """
+
+    def __init__(self, members: list[GGMLLinear]) -> None:
+        self.members = members
+        self._local = threading.local()
+
+    def __getstate__(self) -> dict:  # copy.deepcopy / pickle: the stash is per thread and transient
+        return {"members": self.members}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["members"])
+
+    def project(self, member: GGMLLinear, x: torch.Tensor) -> torch.Tensor:
+        version = None if x.is_inference() else x._version
+        stash = getattr(self._local, "stash", None)
+        if stash is not None and stash[0] is x and stash[1] == version and member in stash[2]:
+            out = stash[2].pop(member)
+            if not stash[2]:
+                self._local.stash = None
+            return out
+        K = member.in_features
+        x2 = x.reshape(-1, K)  # (M, K)
+        if x2.shape[0] > cpu_kernels.MAX_GEMV_ROWS:
+            self._local.stash = None
+            return cpu_kernels.linear(x, member.weight.plain(), member.qtype.id, K)
+        outs = cpu_kernels.gemv_many(x2.float(), [(m.weight.plain(), m.qtype.id) for m in self.members], K)
+        lead = x.shape[:-1]
+        results = {m: o.view(*lead, m.out_features).to(x.dtype) for m, o in zip(self.members, outs)}
+        mine = results.pop(member)
+        self._local.stash = (x, version, results)
+        return mine
+
+
+def group_shared_inputs(net: nn.Module) -> int:
+    """Join sibling GGMLLinears named in SHARED_INPUT_NAMES (same in_features, native types) into SharedInputs.
+
+    A swap applied after the model is built: the model code still calls each projection by its own name.
+    Returns the number of groups formed.
+    """
+    groups = 0
+    for parent in net.modules():
+        for names in SHARED_INPUT_NAMES:
+            members = [getattr(parent, n, None) for n in names]
+            if not all(isinstance(m, GGMLLinear) for m in members):
+                continue
+            if len({m.in_features for m in members}) != 1 or not all(m.qtype.id in cpu_kernels.SUPPORTED for m in members):
+                continue
+            group = SharedInput(members)
+            for m in members:
+                m.shared_input = group
+            groups += 1
+    return groups
 
 
 class GGMLEmbedding(nn.Module):
@@ -159,7 +239,8 @@ class GGMLEmbedding(nn.Module):
 def swap_ggml(net: nn.Module, qtypes: dict[str, GGMLType]) -> None:
     """Replace the modules owning each quantized `<module>.weight` by their ggml counterparts, in place.
 
-    Run on the weightless (meta-device) model before the packed weights are assigned.
+    Run on the weightless (meta-device) model before the packed weights are assigned. Sibling projections
+    that share an input are then grouped for one native call (`group_shared_inputs`).
     """
     for name, qtype in qtypes.items():
         path, _, attr = name.rpartition(".")
@@ -174,3 +255,4 @@ def swap_ggml(net: nn.Module, qtypes: dict[str, GGMLType]) -> None:
                                   "only those may stay quantized")
         parent_path, _, child = path.rpartition(".")
         setattr(net.get_submodule(parent_path) if parent_path else net, child, new)
+    group_shared_inputs(net)
