@@ -165,3 +165,13 @@ def test_ops_routes(live):
         assert c.get("/").text == "Ollama is running"
         assert "version" in c.get("/api/version").json()
         assert c.get("/api/ps").json()["models"][0]["name"] == "tiny-llama3"
+
+
+def test_json_body_without_json_content_type_is_accepted(live):
+    # `curl URL -d '{...}'` (Ollama's documented usage) sends application/x-www-form-urlencoded.
+    body = b'{"model": "tiny-llama3", "prompt": "Hi", "stream": false, "options": {"num_predict": 2}}'
+    with httpx.Client(base_url=live[0].url, timeout=60) as c:
+        for ctype in ("application/x-www-form-urlencoded", None):
+            headers = {"content-type": ctype} if ctype else {}
+            r = c.post("/api/generate", content=body, headers=headers)
+            assert r.status_code == 200 and r.json()["done"] is True, r.text[:200]

@@ -76,6 +76,8 @@ def create_app(served: ServedModel, *, api_key: str | None = None, max_body_byte
                                           "authentication_error", code="invalid_api_key")
                 _log(request, response.status_code, started)
                 return response
+        if request.method == "POST" and "json" not in request.headers.get("content-type", ""):
+            _treat_body_as_json(request)
         length = request.headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > max_body_bytes):
             response = error_response(413, f"request body over {max_body_bytes} bytes", code="body_too_large")
@@ -117,6 +119,13 @@ def create_app(served: ServedModel, *, api_key: str | None = None, max_body_byte
     app.include_router(ollama.router)
     app.include_router(ops.router)
     return app
+
+
+def _treat_body_as_json(request: Request) -> None:
+    """Every POST body here is JSON. Ollama's own examples send it with plain `curl -d`, whose content type is
+    form-urlencoded, and Ollama reads it as JSON regardless: do the same."""
+    headers = [(k, v) for k, v in request.scope["headers"] if k != b"content-type"]
+    request.scope["headers"] = headers + [(b"content-type", b"application/json")]
 
 
 def _log(request: Request, status: int, started: float) -> None:
