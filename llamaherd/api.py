@@ -132,6 +132,15 @@ class Model:
     def chat_format_name(self) -> str:
         return chat_format_name(self.checkpoint)
 
+    @property
+    def has_chat_format(self) -> bool:
+        """False for models that only complete text (a base model whose checkpoint carries no chat template)."""
+        try:
+            chat_format_name(self.checkpoint)
+        except ChatFormatError:
+            return False
+        return True
+
     def chat_format(self):
         from .chat import get_format
 

@@ -175,3 +175,25 @@ def test_json_body_without_json_content_type_is_accepted(live):
             headers = {"content-type": ctype} if ctype else {}
             r = c.post("/api/generate", content=body, headers=headers)
             assert r.status_code == 200 and r.json()["done"] is True, r.text[:200]
+
+
+def test_base_model_without_chat_format_completes_raw_prompts(tmp_path):
+    """Ollama's /api/generate on a model with no template uses the prompt as it is ({{ .Prompt }});
+    the chat routes answer 400 saying the model has no chat format."""
+    from llamaherd import load
+    from llamaherd.server import ServedModel
+
+    from .server_fixtures import LiveServer
+    from .store_fixtures import random_gemma_state, write_tiny_gemma_gguf
+
+    model = load(write_tiny_gemma_gguf(tmp_path / "base.gguf", random_gemma_state()))
+    assert not model.has_chat_format
+    server = LiveServer(ServedModel(model, "base", kv_cache_bytes=8 << 20))
+    try:
+        with httpx.Client(base_url=server.url, timeout=60) as c:
+            r = c.post("/api/generate", json={"prompt": "ab", "stream": False, "options": {"num_predict": 3}})
+            assert r.status_code == 200 and r.json()["prompt_eval_count"] == len(model.tokenizer.encode("ab", bos=True))
+            r = c.post(CHAT, json={"messages": MSG, "max_tokens": 2})
+            assert r.status_code == 400 and "chat format" in r.json()["error"]["message"]
+    finally:
+        server.stop()

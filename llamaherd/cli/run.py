@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..errors import ChatFormatError, LlamaherdError, ModelNotFoundError
+from ..errors import LlamaherdError, ModelNotFoundError
 from ._generation import add_sampling_flags, allow_intermixed, load_model, sampling_from_args, write_stream
 
 
@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
 
     stats = GenerationStats(load_seconds=load_seconds)
     sampling = {"max_tokens": None, **sampling}  # until the model stops (Ollama's num_predict -1)
-    chat = not args.raw and _has_chat_format(model)
+    chat = not args.raw and model.has_chat_format
     if chat:
         messages = ([{"role": "system", "content": args.system}] if args.system else [])
         messages.append({"role": "user", "content": prompt})
@@ -81,12 +81,3 @@ def run(args: argparse.Namespace) -> int:
     if args.verbose:
         print("\n" + stats.format(), file=sys.stderr)
     return 0
-
-
-def _has_chat_format(model) -> bool:
-    """Whether a one-turn chat is possible; otherwise `herd run` completes the raw prompt."""
-    try:
-        model.chat_format()
-    except ChatFormatError:
-        return False
-    return True

@@ -8,7 +8,6 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 
-import torch
 
 from ..config import ConfigError, ModelConfig
 

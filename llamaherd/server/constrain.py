@@ -104,8 +104,6 @@ def tool_call_schema(tools: list[dict], only: str | None = None) -> dict:
 
 
 def constraint_for_request(served, body) -> GrammarConstraint | None:
-    from .prompting import chat_format_name
-
     rf = body.response_format
     if rf is not None and rf.type == "json_object":
         return json_constraint(served, {"type": "object"})
@@ -113,7 +111,7 @@ def constraint_for_request(served, body) -> GrammarConstraint | None:
         return json_constraint(served, rf.json_schema["schema"])
     choice = body.tool_choice
     if body.tools and (choice == "required" or isinstance(choice, dict)):
-        if chat_format_name(served.model) != "llama3":
+        if served.model.chat_format_name != "llama3":
             raise APIError(400, "tool_choice 'required' or a named tool is enforced for Llama 3.x JSON tool calls "
                                 "only; use tool_choice 'auto' with this model", param="tool_choice")
         tools = [t.model_dump() for t in body.tools]

@@ -14,7 +14,7 @@ from fastapi.responses import PlainTextResponse, StreamingResponse
 from .. import __version__
 from ..presets import count_parameters
 from .app import APIError, check_model, served_of, unless_disconnected
-from .prompting import chat_format, messages_for_format, ollama_tool_calls, sampling_params
+from .prompting import messages_for_format, ollama_tool_calls, sampling_params
 from .runtime import ServedModel, Usage
 from .schemas import OllamaChatRequest, OllamaGenerateRequest, OllamaOptions, OllamaShowRequest
 
@@ -82,12 +82,14 @@ async def generate(body: OllamaGenerateRequest, request: Request):
     base = {"model": served.name}
     if not body.prompt:  # Ollama answers an empty prompt by loading the model: report it loaded
         return {**base, "created_at": _now(), "response": "", "done": True, "done_reason": "load"}
-    if body.raw:
+    # A model without a chat format (a base model with no template) takes the prompt as it is, as Ollama's
+    # default template `{{ .Prompt }}` does.
+    if body.raw or not served.model.has_chat_format:
         prompt = served.tokenizer.encode(body.prompt, bos=True)
     else:
         messages = ([{"role": "system", "content": body.system}] if body.system else []) + [
             {"role": "user", "content": body.prompt}]
-        prompt = chat_format(served.model).encode_dialog(messages, add_generation_prompt=True)
+        prompt = served.model.chat_format().encode_dialog(messages, add_generation_prompt=True)
     params = _params(served, body.options)
     constraint = _format_constraint(served, body.format)
     usage = Usage()
@@ -116,7 +118,7 @@ async def chat(body: OllamaChatRequest, request: Request):
     if not body.messages:
         return {**base, "created_at": _now(), "message": {"role": "assistant", "content": ""}, "done": True,
                 "done_reason": "load"}
-    fmt = chat_format(served.model)
+    fmt = served.model.chat_format()
     tools = [t.model_dump() for t in body.tools] if body.tools else None
     messages = messages_for_format([m.model_dump(exclude={"images"}) for m in body.messages])
     prompt = fmt.encode_dialog(messages, tools=tools, add_generation_prompt=True)

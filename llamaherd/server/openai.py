@@ -12,7 +12,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from .app import APIError, check_model, served_of, unless_disconnected
-from .prompting import chat_format, messages_for_format, openai_tool_calls, sampling_params
+from .prompting import messages_for_format, openai_tool_calls, sampling_params
 from .runtime import Chunk, ServedModel, Usage, interleave
 from .schemas import ChatCompletionRequest, CompletionRequest
 
@@ -64,7 +64,7 @@ def _chat_logprobs(served: ServedModel, chunks: list[Chunk]) -> dict:
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     served = served_of(request)
     check_model(served, body.model)
-    fmt = chat_format(served.model)
+    fmt = served.model.chat_format()
     messages = messages_for_format([m.model_dump() for m in body.messages])
     tools = [t.model_dump() for t in body.tools] if body.tools and body.tool_choice != "none" else None
     prompt = fmt.encode_dialog(messages, tools=tools, add_generation_prompt=True)

@@ -1,4 +1,4 @@
-"""From API requests to engine inputs: the model's chat format, sampling parameters, tool-call messages."""
+"""From API requests to engine inputs: sampling parameters and tool-call messages in both APIs' shapes."""
 
 from __future__ import annotations
 
@@ -7,14 +7,6 @@ import uuid
 from typing import Any
 
 from ..engine.sampling import SamplingParams
-
-
-def chat_format_name(model) -> str:
-    return model.chat_format_name
-
-
-def chat_format(model):
-    return model.chat_format()
 
 
 def sampling_params(defaults, **fields: Any) -> SamplingParams:
