@@ -1,3 +1,5 @@
+"""`python -m llamaherd` is `herd`."""
+
 import sys
 
 from .cli import main
