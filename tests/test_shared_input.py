@@ -51,7 +51,7 @@ def wants(a: Attn, x: torch.Tensor) -> dict[str, torch.Tensor]:
 def test_gemv_many_mixed_types_equals_reference():
     x = torch.randn(3, K, generator=torch.Generator().manual_seed(0))
     packed = {n: random_blocks(n, r, K, seed=i) for i, (n, r) in enumerate(TYPES.values())}
-    outs = cpu_kernels.gemv_many(x, [(p, gguf.GGMLQuantizationType[n].value) for n, p in packed.items()], K)
+    outs = cpu_kernels.gemv_many(x, cpu_kernels.Weights([(p, gguf.GGMLQuantizationType[n].value) for n, p in packed.items()]), K)
     for (n, p), got in zip(packed.items(), outs):
         assert got.is_contiguous()
         close(got, reference(p, n, x))

@@ -344,15 +344,22 @@ int lh_gemv(int type, const uint8_t *W, int64_t N, int64_t stride, int64_t K, co
     return 0;
 }
 
-/* Several weights applied to the same X (M, K) in ONE parallel region: Y[s] (M, N[s]) = X . W[s]^T. The rows of
+/* Several weights applied to the same X (M, K) in ONE parallel region: Y_s (M, N[s]) = X . W[s]^T, where Y_s
+ * follow each other in Y (Y_0 at Y, Y_1 at Y + M * N[0], ...). The rows of
  * each weight are split across the threads with `nowait`, so a thread moves straight on to the next weight:
  * one fork/join for, say, wq/wk/wv instead of three (bench/PROFILE.md). Types may differ between weights. */
 int lh_gemv_many(int nseg, const int *types, const uint8_t *const *W, const int64_t *N, const int64_t *stride,
-                 int64_t K, const float *X, int64_t M, float *const *Y, int nthreads) {
+                 int64_t K, const float *X, int64_t M, float *Y, int nthreads) {
     if (M > 64 || M < 1 || nseg < 1) return -1;
     for (int s = 0; s < nseg; s++)
         if (!lh_supported(types[s])) return -1;
 #pragma omp parallel num_threads(nthreads)
-    for (int s = 0; s < nseg; s++) gemv_in_region(types[s], W[s], N[s], stride[s], K, X, M, Y[s]);
+    {
+        float *ys = Y;
+        for (int s = 0; s < nseg; s++) {
+            gemv_in_region(types[s], W[s], N[s], stride[s], K, X, M, ys);
+            ys += M * N[s];
+        }
+    }
     return 0;
 }

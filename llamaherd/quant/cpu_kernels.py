@@ -134,29 +134,39 @@ def gemv(x: torch.Tensor, packed: torch.Tensor, type_id: int, n_cols: int) -> to
     return y
 
 
-def gemv_many(x: torch.Tensor, weights: list[tuple[torch.Tensor, int]], n_cols: int) -> list[torch.Tensor]:
-    """[gemv(x, packed, type_id, n_cols) for each (packed, type_id)], in one native call and one OpenMP region.
+class Weights:
+    """Several packed weights (packed (N_s, row_bytes) uint8, ggml type id) as the argument arrays of one native call.
+
+    Built once per group of projections (`quant.ggml.SharedInput`) so that a call does not rebuild them.
+    """
+
+    def __init__(self, weights: list[tuple[torch.Tensor, int]]) -> None:
+        for packed, _ in weights:
+            _check(packed)
+        S = len(weights)
+        self.tensors = [p for p, _ in weights]  # keeps the bytes alive while the pointers are held
+        self.types = [t for _, t in weights]
+        self.sizes = [p.shape[0] for p, _ in weights]
+        i64s = ctypes.c_int64 * S
+        self.args = (S, (ctypes.c_int * S)(*self.types), (ctypes.c_void_p * S)(*(p.data_ptr() for p in self.tensors)),
+                     i64s(*self.sizes), i64s(*(p.stride(0) for p in self.tensors)))
+
+
+def gemv_many(x: torch.Tensor, weights: Weights, n_cols: int) -> list[torch.Tensor]:
+    """[gemv(x, packed, type_id, n_cols) for each weight], in one native call and one OpenMP region.
 
     For weights that share an input (wq/wk/wv, w1/w3): one fork/join and one Python round trip instead of one
     per weight. Each result is its own contiguous (M, N_s) tensor, as `gemv` returns.
     """
     x = x.contiguous()
-    M, S = x.shape[0], len(weights)
+    M = x.shape[0]
     if x.dtype != torch.float32 or x.shape[1] != n_cols or M > MAX_GEMV_ROWS:
         raise ValueError(f"gemv_many wants float32 (M <= {MAX_GEMV_ROWS}, {n_cols}), got {x.dtype} {tuple(x.shape)}")
-    for packed, _ in weights:
-        _check(packed)
-    sizes = [packed.shape[0] for packed, _ in weights]
-    flat = torch.empty(M * sum(sizes), dtype=torch.float32)
-    outs = [part.view(M, n) for part, n in zip(flat.split([M * n for n in sizes]), sizes)]
-    i64s, ptrs = ctypes.c_int64 * S, ctypes.c_void_p * S
-    rc = library().lh_gemv_many(
-        S, (ctypes.c_int * S)(*(t for _, t in weights)), ptrs(*(p.data_ptr() for p, _ in weights)), i64s(*sizes),
-        i64s(*(p.stride(0) for p, _ in weights)), n_cols, x.data_ptr(), M, ptrs(*(o.data_ptr() for o in outs)),
-        torch.get_num_threads())
+    flat = torch.empty(M * sum(weights.sizes), dtype=torch.float32)  # the results, one after another
+    rc = library().lh_gemv_many(*weights.args, n_cols, x.data_ptr(), M, flat.data_ptr(), torch.get_num_threads())
     if rc != 0:
-        raise ValueError(f"ggml types {[t for _, t in weights]}: one has no native matrix-vector kernel")
-    return outs
+        raise ValueError(f"ggml types {weights.types}: one has no native matrix-vector kernel")
+    return [part.view(M, n) for part, n in zip(flat.split([M * n for n in weights.sizes]), weights.sizes)]
 
 
 # Weight elements decoded per chunk on the GEMM path: bounds the float32 scratch to 8 MiB.

@@ -157,6 +157,7 @@ class SharedInput:
     def __init__(self, members: list[GGMLLinear]) -> None:
         self.members = members
         self._local = threading.local()
+        self._native: tuple[tuple[torch.Tensor, ...], cpu_kernels.Weights] | None = None
 
     def __getstate__(self) -> dict:  # copy.deepcopy / pickle: the stash is per thread and transient
         return {"members": self.members}
@@ -177,12 +178,20 @@ class SharedInput:
         if x2.shape[0] > cpu_kernels.MAX_GEMV_ROWS:
             self._local.stash = None
             return cpu_kernels.linear(x, member.weight.plain(), member.qtype.id, K)
-        outs = cpu_kernels.gemv_many(x2.float(), [(m.weight.plain(), m.qtype.id) for m in self.members], K)
+        outs = cpu_kernels.gemv_many(x2.float(), self._weights(), K)
         lead = x.shape[:-1]
         results = {m: o.view(*lead, m.out_features).to(x.dtype) for m, o in zip(self.members, outs)}
         mine = results.pop(member)
         self._local.stash = (x, version, results)
         return mine
+
+
+    def _weights(self) -> cpu_kernels.Weights:
+        """The members' packed weights as native call arguments, rebuilt only when a weight tensor is replaced."""
+        current = tuple(m.weight for m in self.members)
+        if self._native is None or any(a is not b for a, b in zip(current, self._native[0])):
+            self._native = (current, cpu_kernels.Weights([(w.plain(), m.qtype.id) for w, m in zip(current, self.members)]))
+        return self._native[1]
 
 
 def group_shared_inputs(net: nn.Module) -> int:
