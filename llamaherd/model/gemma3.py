@@ -25,6 +25,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from .cache import KVCache
+from . import llama
 from .llama import attention_mask, sdpa
 from .rope import inv_frequencies, rope_angles
 
@@ -181,18 +182,11 @@ class FeedForward(nn.Module):
         return self.w2(F.gelu(self.w1(x), approximate="tanh") * self.w3(x))
 
 
-class Attention(nn.Module):
+class Attention(llama.Attention):
     """Grouped-query attention with per-head RMSNorm on q and k, scaled by query_pre_attn_scalar ** -0.5."""
 
     def __init__(self, config: ModelConfig) -> None:
-        super().__init__()
-        self.n_heads = config.n_heads
-        self.n_kv_heads = config.n_kv_heads
-        self.head_dim = config.head_dim
-        self.wq = nn.Linear(config.dim, config.n_heads * config.head_dim, bias=False)
-        self.wk = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
-        self.wv = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
-        self.wo = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=False)
+        super().__init__(config)  # the wq, wk, wv, wo projections
         self.q_norm = GemmaRMSNorm(config.head_dim, config.norm_eps)
         self.k_norm = GemmaRMSNorm(config.head_dim, config.norm_eps)
         scalar = config.query_pre_attn_scalar or config.head_dim

@@ -16,6 +16,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from .cache import KVCache
+from . import llama
 from .llama import FeedForward, RMSNorm, attention_mask, sdpa
 from .moe import MoE
 from .rope import apply_rope, inv_frequencies, rope_angles
@@ -83,12 +84,9 @@ def chunked_mask(
     return allowed[:, None]  # (B, 1, T, S)
 
 
-class Attention(nn.Module):
+class Attention(llama.Attention):
     def __init__(self, config: ModelConfig, layer: int) -> None:
-        super().__init__()
-        self.n_heads = config.n_heads
-        self.n_kv_heads = config.n_kv_heads
-        self.head_dim = config.head_dim
+        super().__init__(config)  # the wq, wk, wv, wo projections
         self.use_rope = not is_nope_layer(config, layer)
         self.use_qk_norm = config.use_qk_norm and self.use_rope
         self.temperature_tuning = config.attn_temperature_tuning and not self.use_rope
@@ -96,10 +94,6 @@ class Attention(nn.Module):
         self.norm_eps = config.norm_eps
         self.floor_scale = config.floor_scale
         self.attn_scale = config.attn_scale
-        self.wq = nn.Linear(config.dim, config.n_heads * config.head_dim, bias=False)
-        self.wk = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
-        self.wv = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
-        self.wo = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=False)
 
     def forward(self, x, cos, sin, positions, masks, cache: KVCache | None, layer: int, start: int) -> torch.Tensor:
         B, T, _ = x.shape
