@@ -98,7 +98,7 @@ class Model:
                         context_limit=limit, stats=stats)
 
     def generate(self, prompt: str | Sequence[int] | Sequence[str] | Sequence[Sequence[int]], stream: bool = False,
-                 *, stats=None, **sampling: Any) -> str | list[str] | Iterator[str]:
+                 *, stats=None, skip_special_tokens: bool = False, **sampling: Any) -> str | list[str] | Iterator[str]:
         """Continue `prompt` (text, or token ids); with stream=True yield pieces of valid UTF-8 text as they come.
 
         A list of prompts (texts or id lists) runs as one left-padded batch and returns one text per prompt.
@@ -106,6 +106,7 @@ class Model:
         repetition_penalty, presence_penalty, frequency_penalty, logit_bias, seed, stop, stop_token_ids,
         max_tokens, ...), defaulting to the checkpoint's generation config; `num_ctx` narrows the context window.
         Prompts longer than the window raise `ContextLengthError`; nothing is truncated.
+        With stream=True, `skip_special_tokens` leaves control tokens out of the pieces (as llama.cpp's output).
         """
         if _is_batch(prompt):
             if stream:
@@ -124,7 +125,8 @@ class Model:
         ids = self.encode_prompt(prompt)
         check_context(len(ids), limit)  # now, not at the first next() of the stream
         return (p.text for p in stream_pieces(self.net, self.tokenizer, ids, sampler, stop_ids=stop_ids,
-                                               context_limit=limit, stats=stats) if p.text)
+                                               context_limit=limit, stats=stats, skip_special=skip_special_tokens)
+                if p.text)
 
     # -- chat ---------------------------------------------------------------------------------------------------
 

@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
         messages.append({"role": "user", "content": prompt})
         pieces = model.chat(messages, stream=True, stats=stats, **sampling)
     else:
-        pieces = model.generate(prompt, stream=True, stats=stats, **sampling)
+        pieces = model.generate(prompt, stream=True, stats=stats, skip_special_tokens=True, **sampling)
     write_stream(pieces, sys.stdout)
     sys.stdout.write("\n")
     sys.stdout.flush()

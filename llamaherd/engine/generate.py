@@ -218,9 +218,12 @@ class Completion:
 
 def stream(net: nn.Module, tokenizer, prompt: Sequence[int], sampler: Sampler, *,
            stop_ids: frozenset[int] = frozenset(), context_limit: int | None = None,
-           stats: GenerationStats | None = None) -> Iterator[Piece]:
-    """One prompt -> pieces of valid UTF-8 text. Stop strings are never emitted, even when they span tokens."""
-    text = TextStream(tokenizer, sampler.params.stop, prompt_tail=prompt)
+           stats: GenerationStats | None = None, skip_special: bool = False) -> Iterator[Piece]:
+    """One prompt -> pieces of valid UTF-8 text. Stop strings are never emitted, even when they span tokens.
+
+    skip_special drops control tokens from the text (for display); chat parsing needs them, so it is off by default.
+    """
+    text = TextStream(tokenizer, sampler.params.stop, prompt_tail=prompt, skip_special=skip_special)
     want_lp = sampler.params.logprobs or sampler.params.top_logprobs
     for step in generate_tokens(net, [prompt], sampler, stop_ids=stop_ids, context_limit=context_limit, stats=stats):
         reason = step.finished.get(0)

@@ -22,12 +22,14 @@ class TextStream:
     string appears, the text before it is released, `stopped` becomes True and everything after is dropped.
     """
 
-    def __init__(self, tokenizer, stop: Sequence[str] = (), prompt_tail: Sequence[int] = ()) -> None:
+    def __init__(self, tokenizer, stop: Sequence[str] = (), prompt_tail: Sequence[int] = (),
+                 skip_special: bool = False) -> None:
         self.tokenizer = tokenizer
+        self.skip_special = skip_special  # drop control tokens (<start_of_image>, <|eot_id|>...) from the text
         self.stop = tuple(stop)
-        self.bytes_decoder = _byte_decoder(tokenizer)
+        self.bytes_decoder = _byte_decoder(tokenizer, skip_special)
         tail = list(prompt_tail)[-_PROMPT_TAIL:] if tokenizer is not None else []
-        if tail and tokenizer.decode(tail).endswith(_INCOMPLETE):
+        if tail and self._decode(tail).endswith(_INCOMPLETE):
             tail = []  # a prompt cut inside a character would shift the offsets below
         self.ids: list[int] = tail
         self.prefix = 0  # window start
@@ -42,8 +44,8 @@ class TextStream:
             self.pending += self.bytes_decoder.push(token)
             return self._release(final=False)
         self.ids.append(token)
-        before = self.tokenizer.decode(self.ids[self.prefix : self.read])
-        now = self.tokenizer.decode(self.ids[self.prefix :])
+        before = self._decode(self.ids[self.prefix : self.read])
+        now = self._decode(self.ids[self.prefix :])
         if len(now) > len(before) and not now.endswith(_INCOMPLETE):
             self.pending += now[len(before) :]
             self.prefix, self.read = self.read, len(self.ids)
@@ -56,11 +58,14 @@ class TextStream:
         if self.bytes_decoder is not None:
             self.pending += self.bytes_decoder.flush()
             return self._release(final=True)
-        before = self.tokenizer.decode(self.ids[self.prefix : self.read])
-        now = self.tokenizer.decode(self.ids[self.prefix :])
+        before = self._decode(self.ids[self.prefix : self.read])
+        now = self._decode(self.ids[self.prefix :])
         self.pending += now[len(before) :]
         self.prefix = self.read = len(self.ids)
         return self._release(final=True)
+
+    def _decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special=True) if self.skip_special else self.tokenizer.decode(ids)
 
     def _release(self, final: bool) -> str:
         text = self.pending
@@ -78,7 +83,7 @@ class TextStream:
         return text
 
 
-def _byte_decoder(tokenizer):
+def _byte_decoder(tokenizer, skip_special: bool = False):
     """The tokenizer package's byte-level StreamDecoder, when this tokenizer can give a token's bytes."""
     if tokenizer is None:
         return None
@@ -88,7 +93,7 @@ def _byte_decoder(tokenizer):
         tokenizer.token_bytes(0)
     except (ImportError, NotImplementedError, AttributeError):
         return None
-    return StreamDecoder(tokenizer)
+    return StreamDecoder(tokenizer, skip_special=skip_special)
 
 
 def _overlap(text: str, stop: str) -> int:
