@@ -76,3 +76,13 @@ def _abbrev(names: list[str], n: int = 6) -> str:
         return "none"
     more = f" (+{len(names) - n} more)" if len(names) > n else ""
     return ", ".join(names[:n]) + more
+
+
+def attach_tokenizer(path: Path, names: tuple[str, ...]):
+    """The tokenizer in a checkpoint folder (the first of `names` present), or None when it carries none."""
+    from ..tokenizer import Tokenizer
+
+    for name in names:
+        if (path / name).exists():
+            return Tokenizer.from_file(path / name)
+    return None

@@ -21,6 +21,7 @@ import gguf
 from gguf import GGMLQuantizationType as Q, LlamaFileType, TokenType
 
 from ..errors import CheckpointError
+from ..tokenizer.gguf_vocab import byte_to_unicode
 from .base import Checkpoint
 from .quantize import block_shape, nbytes, quantize
 
@@ -112,23 +113,6 @@ def tensor_type(name: str, shape: tuple[int, ...], ftype: str, *, layer: int | N
 
 
 # --- vocabulary ----------------------------------------------------------------------------------------------
-def byte_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible byte -> printable character map (openai/gpt-2 `encoder.py::bytes_to_unicode`).
-
-    Printable Latin-1 bytes stand for themselves; the other 68 bytes map to U+0100 onwards, in byte order.
-    Byte-level BPE vocabularies in GGUF ("gpt2" model) spell tokens and merges with these characters.
-    """
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    table, extra = {}, 0
-    for b in range(256):
-        if b in keep:
-            table[b] = chr(b)
-        else:
-            table[b] = chr(256 + extra)
-            extra += 1
-    return table
-
-
 def bpe_merges(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
     """The merge list equivalent to tiktoken ranks, in the order GGUF's "gpt2" model applies merges.
 

@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 
 from ..config import ConfigError, GenerationDefaults, ModelConfig, RopeScaling
 from ..errors import CheckpointError
-from .base import Checkpoint
+from .base import Checkpoint, attach_tokenizer
 from .meta_pth import load_pth
 from .names import HF_IGNORED, hf_to_meta, is_rope_projection, meta_to_hf
 from .transforms import permute_to_hf, unpermute_from_hf
@@ -188,17 +188,6 @@ def _load_weights(path: Path) -> dict[str, torch.Tensor]:
     return raw
 
 
-def _attach_tokenizer(path: Path):
-    for name in ("tokenizer.json", "tokenizer.model"):
-        if (path / name).exists():
-            try:
-                from ..tokenizer import Tokenizer
-            except ImportError:  # the tokenizer package is optional for reading weights
-                return None
-            return Tokenizer.from_file(path / name)
-    return None
-
-
 def chat_template_from_hf(path: Path) -> str | None:
     """chat_template.jinja (transformers >= 4.43 saves it apart) or tokenizer_config.json's chat_template."""
     if (path / "chat_template.jinja").exists():
@@ -230,7 +219,7 @@ def read(path: str | Path) -> Checkpoint:
     else:
         config, sd = _llama_from_hf(cfg, cfile, path)
     return Checkpoint(
-        config=config, state_dict=sd, source=path, tokenizer=_attach_tokenizer(path),
+        config=config, state_dict=sd, source=path, tokenizer=attach_tokenizer(path, ("tokenizer.json", "tokenizer.model")),
         generation=generation_from_hf(path, cfg), chat_template=chat_template_from_hf(path),
         metadata={"format": "hf", "config": cfg},
     )

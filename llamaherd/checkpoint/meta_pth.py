@@ -13,7 +13,7 @@ import torch
 
 from ..config import ConfigError, ModelConfig, RopeScaling, ffn_hidden_dim
 from ..errors import CheckpointError
-from .base import Checkpoint
+from .base import Checkpoint, attach_tokenizer
 from .transforms import META_IGNORED, merge_shards, shard_dim, split_shards
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
@@ -145,17 +145,6 @@ def _shard_files(path: Path) -> list[Path]:
     return files
 
 
-def _attach_tokenizer(path: Path):
-    for name in TOKENIZER_FILES:
-        if (path / name).exists():
-            try:
-                from ..tokenizer import Tokenizer
-            except ImportError:  # the tokenizer package is optional for reading weights
-                return None
-            return Tokenizer.from_file(path / name)
-    return None
-
-
 def read(path: str | Path) -> Checkpoint:
     """Read a Meta checkpoint folder; shards are merged, a tied output (equal to tok_embeddings) dropped."""
     path = Path(path)
@@ -193,7 +182,7 @@ def read(path: str | Path) -> Checkpoint:
         del sd["output.weight"]
         config = config.replace(tie_embeddings=True)
     return Checkpoint(
-        config=config, state_dict=sd, source=path, tokenizer=_attach_tokenizer(path),
+        config=config, state_dict=sd, source=path, tokenizer=attach_tokenizer(path, TOKENIZER_FILES),
         metadata={"format": "meta", "shards": len(files), "params": params},
     )
 
@@ -219,7 +208,7 @@ def _read_llama4(path: Path, params: dict[str, Any], files: list[Path], shards: 
         sd.pop("output.weight", None)
         config = config.replace(tie_embeddings=True)
     return Checkpoint(
-        config=config, state_dict=sd, source=path, tokenizer=_attach_tokenizer(path),
+        config=config, state_dict=sd, source=path, tokenizer=attach_tokenizer(path, TOKENIZER_FILES),
         metadata={"format": "meta", "shards": n, "params": params},
     )
 

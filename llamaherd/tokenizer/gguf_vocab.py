@@ -261,7 +261,7 @@ class BPEVocab(_GGUFVocab):
              pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
         )
         self._hf.decoder = decoders.ByteLevel()
-        self._byte_decoder = {c: b for b, c in _bytes_to_unicode().items()}
+        self._byte_decoder = {c: b for b, c in byte_to_unicode().items()}
 
     def _encode_raw(self, text: str, prev_special: bool) -> list[int]:
         return self._hf.encode(text, add_special_tokens=False).ids
@@ -273,9 +273,13 @@ class BPEVocab(_GGUFVocab):
         return bytes(self._byte_decoder.get(c, 0x3F) for c in text)
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible byte -> printable character map (openai/gpt-2 `encoder.py::bytes_to_unicode`)."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+def byte_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character map (openai/gpt-2 `encoder.py::bytes_to_unicode`).
+
+    Printable Latin-1 bytes stand for themselves; the other 68 bytes map to U+0100 onwards, in byte order.
+    Byte-level BPE vocabularies in GGUF ("gpt2" model) spell tokens and merges with these characters.
+    """
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     table, extra = {}, 0
     for b in range(256):
         if b in keep:
