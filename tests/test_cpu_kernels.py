@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from llamaherd.checkpoint.ggml_quants import dequantize, ggml_type
+from llamaherd import native
 from llamaherd.quant import GGMLWeight, cpu_kernels
 
 pytestmark = pytest.mark.skipif(cpu_kernels.library() is None, reason="no C compiler: native kernels not built")
@@ -66,9 +67,9 @@ def test_packed_weight_linear_uses_native_path_and_off_switch(monkeypatch):
     packed = random_blocks("Q8_0", 40, 256, seed=4)
     w = GGMLWeight(packed, "Q8_0")
     x = torch.randn(2, 3, 256)
-    native = F.linear(x, w)
-    monkeypatch.setattr(cpu_kernels, "ENABLED", False)
+    fast = F.linear(x, w)
+    monkeypatch.setattr(native, "ENABLED", False)
     assert not cpu_kernels.available(8)
     fallback = F.linear(x, w)
-    torch.testing.assert_close(native, fallback, atol=1e-5, rtol=1e-5)
-    assert native.shape == (2, 3, 40)
+    torch.testing.assert_close(fast, fallback, atol=1e-5, rtol=1e-5)
+    assert fast.shape == (2, 3, 40)

@@ -11,6 +11,7 @@ from gguf import GGMLQuantizationType as QT
 
 from llamaherd.checkpoint import ggml_quants as gq
 from llamaherd.checkpoint import gguf as reader
+from llamaherd import native
 from llamaherd.quant import GGMLWeight, cpu_kernels, ggml as qmod
 from tests.gguf_read_fixtures import gemma_gguf
 
@@ -92,7 +93,7 @@ def test_packed_linear_and_embedding_equal_float_ops(monkeypatch):
     want = F.linear(x, dense)
     # The native kernels (quant/cpu_kernels.py) sum in another order than torch's GEMM: a few float32 ulps.
     torch.testing.assert_close(F.linear(x, pw), want, atol=1e-5, rtol=1e-5)
-    monkeypatch.setattr(cpu_kernels, "ENABLED", False)  # the pure-torch path below
+    monkeypatch.setattr(native, "ENABLED", False)  # the pure-torch path below
     torch.testing.assert_close(F.linear(x, pw), want, atol=1e-5, rtol=1e-5)
     monkeypatch.setattr(qmod, "CHUNK_ELEMENTS", 64 * 7)  # 7 rows per chunk: exercises the chunked path
     # Only the matmul's blocking differs between chunk shapes: float32 rounding, not decoding.

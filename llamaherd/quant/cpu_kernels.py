@@ -1,100 +1,44 @@
-"""Native CPU kernels for packed ggml weights: built once from cpu_kernels.c with the host compiler, used via ctypes.
+"""Matrix products on packed ggml weights through the native library (llamaherd/native/ggml.c).
 
 Why native: a decode step is memory-bound, and the torch route (decode a chunk of blocks into a float matrix,
 then `F.linear`) writes and re-reads 4-8x the packed bytes. PyTorch's own weight-only kernels do not fit: its
 int8 kernel has one scale per output row (ggml has one per 32 or 16 elements) and its int4 CPU kernel measured
 42 ms for one 262144 x 640 product here (bench/PROFILE.md). `lh_gemv` reads each packed block once.
-
-The library is compiled on first use into `$LLAMAHERD_HOME/kernels/` (`-O3 -march=native -fopenmp`; the OpenMP
-runtime resolves to the libgomp torch has already loaded, so both share one thread pool). No compiler, or a
-failed build, leaves `available()` False and callers keep the pure-torch path. `ENABLED = False` (or the
-`disabled()` context) turns the kernels off, to benchmark or test the fallback; results differ only in float
-summation order.
+Without a C compiler, or with `llamaherd.native.disabled()`, `available()` is False and callers keep the
+pure-torch path; results differ only in float summation order.
 """
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
-import hashlib
-import os
-import shutil
-import subprocess
-import threading
-from pathlib import Path
 
 import torch
 
-_SOURCE = Path(__file__).with_name("cpu_kernels.c")
-_FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-fno-math-errno", "-fno-trapping-math",
-          # reassociation lets the compiler vectorise the dot-product reductions (order differs from numpy's)
-          "-fassociative-math", "-fno-signed-zeros", "-ffp-contract=fast"]
+from .. import native
+
 # ggml ids (ggml.h `enum ggml_type`) the C file decodes.
 SUPPORTED = frozenset({2, 6, 8, 12, 13, 14})  # Q4_0, Q5_0, Q8_0, Q4_K, Q5_K, Q6_K
 MAX_GEMV_ROWS = 64  # lh_gemv's bound; more rows go through dequantize + torch GEMM
 
-ENABLED = True  # module switch, not an environment variable: the math never depends on the environment
-
-_lock = threading.Lock()
-_lib: ctypes.CDLL | None = None
-_tried = False
-
-
-def _cache_dir() -> Path:
-    from ..store import home
-
-    return home() / "kernels"
+_i64, _ptr, _int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+_SIGNATURES = {
+    "lh_supported": [_int],
+    "lh_dequant": [_int, _ptr, _i64, _i64, _i64, _ptr, _int],
+    "lh_gemv": [_int, _ptr, _i64, _i64, _i64, _ptr, _i64, _ptr, _int],
+    "lh_gemv_many": [_int, _ptr, _ptr, _ptr, _ptr, _i64, _ptr, _i64, _ptr, _int],
+}
 
 
-def _build() -> ctypes.CDLL | None:
-    cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
-    if cc is None:
-        return None
-    src = _SOURCE.read_bytes()
-    key = hashlib.sha256(src + " ".join([cc, *_FLAGS]).encode()).hexdigest()[:16]
-    target = _cache_dir() / f"cpu_kernels-{key}.so"
-    if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_suffix(f".{os.getpid()}.tmp")
-        done = subprocess.run([cc, *_FLAGS, str(_SOURCE), "-o", str(tmp)], capture_output=True, text=True)
-        if done.returncode != 0:
-            tmp.unlink(missing_ok=True)
-            return None
-        os.replace(tmp, target)  # atomic: concurrent builders never load a half-written library
-    lib = ctypes.CDLL(str(target))
-    i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    lib.lh_supported.argtypes = [ctypes.c_int]
-    lib.lh_dequant.argtypes = [ctypes.c_int, ptr, i64, i64, i64, ptr, ctypes.c_int]
-    lib.lh_gemv.argtypes = [ctypes.c_int, ptr, i64, i64, i64, ptr, i64, ptr, ctypes.c_int]
-    lib.lh_gemv_many.argtypes = [ctypes.c_int, ptr, ptr, ptr, ptr, i64, ptr, i64, ptr, ctypes.c_int]
-    return lib
+def _fn(name: str):
+    return native.function(name, _SIGNATURES[name])
 
 
-def library() -> ctypes.CDLL | None:
-    """The loaded kernel library, building it on first call; None when it cannot be built or is switched off."""
-    global _lib, _tried
-    if not ENABLED:
-        return None
-    if not _tried:
-        with _lock:
-            if not _tried:
-                try:
-                    _lib = _build()
-                except OSError:
-                    _lib = None
-                _tried = True
-    return _lib
+def library():
+    """The native library, or None (no compiler, failed build, or switched off)."""
+    return native.library()
 
 
-@contextlib.contextmanager
-def disabled():
-    """Run the enclosed code on the pure-torch path."""
-    global ENABLED
-    before, ENABLED = ENABLED, False
-    try:
-        yield
-    finally:
-        ENABLED = before
+disabled = native.disabled
 
 
 def available(type_id: int) -> bool:
@@ -110,9 +54,8 @@ def _check(packed: torch.Tensor) -> None:
 def dequantize(packed: torch.Tensor, type_id: int, n_cols: int) -> torch.Tensor:
     """(N, row_bytes) packed rows -> (N, n_cols) float32, bit-identical to checkpoint.ggml_quants.dequantize."""
     _check(packed)
-    lib = library()
     out = torch.empty(packed.shape[0], n_cols, dtype=torch.float32)
-    rc = lib.lh_dequant(type_id, packed.data_ptr(), packed.shape[0], packed.stride(0), n_cols, out.data_ptr(),
+    rc = _fn("lh_dequant")(type_id, packed.data_ptr(), packed.shape[0], packed.stride(0), n_cols, out.data_ptr(),
                         torch.get_num_threads())
     if rc != 0:
         raise ValueError(f"ggml type {type_id} has no native decoder")
@@ -127,7 +70,7 @@ def gemv(x: torch.Tensor, packed: torch.Tensor, type_id: int, n_cols: int) -> to
     if x.dtype != torch.float32 or x.shape[1] != n_cols or M > MAX_GEMV_ROWS:
         raise ValueError(f"gemv wants float32 (M <= {MAX_GEMV_ROWS}, {n_cols}), got {x.dtype} {tuple(x.shape)}")
     y = torch.empty(M, N, dtype=torch.float32)
-    rc = library().lh_gemv(type_id, packed.data_ptr(), N, packed.stride(0), n_cols, x.data_ptr(), M, y.data_ptr(),
+    rc = _fn("lh_gemv")(type_id, packed.data_ptr(), N, packed.stride(0), n_cols, x.data_ptr(), M, y.data_ptr(),
                            torch.get_num_threads())
     if rc != 0:
         raise ValueError(f"ggml type {type_id} has no native matrix-vector kernel")
@@ -163,7 +106,7 @@ def gemv_many(x: torch.Tensor, weights: Weights, n_cols: int) -> list[torch.Tens
     if x.dtype != torch.float32 or x.shape[1] != n_cols or M > MAX_GEMV_ROWS:
         raise ValueError(f"gemv_many wants float32 (M <= {MAX_GEMV_ROWS}, {n_cols}), got {x.dtype} {tuple(x.shape)}")
     flat = torch.empty(M * sum(weights.sizes), dtype=torch.float32)  # the results, one after another
-    rc = library().lh_gemv_many(*weights.args, n_cols, x.data_ptr(), M, flat.data_ptr(), torch.get_num_threads())
+    rc = _fn("lh_gemv_many")(*weights.args, n_cols, x.data_ptr(), M, flat.data_ptr(), torch.get_num_threads())
     if rc != 0:
         raise ValueError(f"ggml types {weights.types}: one has no native matrix-vector kernel")
     return [part.view(M, n) for part, n in zip(flat.split([M * n for n in weights.sizes]), weights.sizes)]

@@ -5,7 +5,7 @@
  * as llamaherd/checkpoint/ggml_quants.py so that `lh_dequant` agrees with it bit for bit.
  * `lh_gemv` computes Y (M, N) = X (M, K) . W (N, K)^T for a few rows of X: memory-bound decode reads each
  * weight block once, decodes it into registers/L1 and uses it for all M rows; `lh_gemv_many` applies several
- * weights to one X inside a single OpenMP region (one fork/join). Built by cpu_kernels.py with
+ * weights to one X inside a single OpenMP region (one fork/join). Built by llamaherd/native/__init__.py with
  * the host's -march and OpenMP (the libgomp torch already loaded), called through ctypes.
  */
 #include <stdint.h>
