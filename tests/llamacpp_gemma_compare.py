@@ -4,8 +4,9 @@ distributions and greedy continuations. Prints the numbers; `tests/test_llamacpp
     .venv/bin/python -m tests.llamacpp_gemma_compare
 
 llama.cpp runs through llama-cpp-python on the same file. Our side is the model as `llamaherd.load` builds
-it, with each packed ggml weight decoded once into a float32 copy (the runtime decodes the same rows on
-every call; the numbers are identical, the float copy only saves time over many prompts).
+it, either with each packed ggml weight decoded once into a float32 copy (`runtime=False`: float32
+activations everywhere, the exact arithmetic of the decoded weights) or as the runtime runs it (`--runtime`:
+packed weights and the fast kernels' activation precision, quant/cpu_kernels.py).
 """
 
 from __future__ import annotations
@@ -87,7 +88,7 @@ class Report:
         ])
 
 
-def compare(model_path, prompts=PROMPTS, n_threads: int = 2, log=print, **llama_kwargs) -> Report:
+def compare(model_path, prompts=PROMPTS, n_threads: int = 2, log=print, runtime: bool = False, **llama_kwargs) -> Report:
     import llama_cpp
 
     import llamaherd
@@ -95,7 +96,7 @@ def compare(model_path, prompts=PROMPTS, n_threads: int = 2, log=print, **llama_
 
     t0 = time.time()
     ours = llamaherd.load(model_path)
-    net = dequantized(ours.net)
+    net = ours.net if runtime else dequantized(ours.net)
     tok = ours.tokenizer
     llm = llama_cpp.Llama(str(model_path), logits_all=True, n_threads=n_threads, n_ctx=1024, verbose=False, **llama_kwargs)
     log(f"loaded both in {time.time() - t0:.1f}s")
@@ -137,7 +138,7 @@ def compare(model_path, prompts=PROMPTS, n_threads: int = 2, log=print, **llama_
 def main() -> int:
     from llamaherd import store
 
-    rep = compare(store.default_model())
+    rep = compare(store.default_model(), runtime="--runtime" in sys.argv)
     print(rep.summary())
     return 0
 

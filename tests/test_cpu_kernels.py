@@ -51,8 +51,38 @@ def test_gemv_equals_decode_then_matmul(name, m):
     torch.testing.assert_close(got.double(), want, atol=2e-6 * want.abs().max().item(), rtol=0)
 
 
-def test_linear_many_rows_and_strided_rows():
+@pytest.mark.parametrize("name", sorted(F16_AT))
+def test_dequantize_to_bf16_rounds_like_torch(name):
+    t = ggml_type(name)
+    packed = random_blocks(name, 64, 512, seed=5)
+    got = cpu_kernels.dequantize(packed, t.id, 512, torch.bfloat16)
+    assert got.dtype == torch.bfloat16
+    assert torch.equal(got.view(torch.int16), dequantize(packed, t).bfloat16().view(torch.int16))
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_bf16_prefill_products(monkeypatch, chunked):
+    # Many rows with BF16_PREFILL: bf16 operands (x rounded, weights decoded and rounded) and a bf16 GEMM that
+    # accumulates in float32, then rounds each output to bf16: the float64 product of the rounded operands
+    # within bf16's half-ulp (2^-9 relative) plus float32 summation error.
+    monkeypatch.setattr(cpu_kernels, "BF16_PREFILL", True)
+    if chunked:
+        monkeypatch.setattr(cpu_kernels, "_CHUNK_ELEMENTS", 1024 * 7)  # 7 weight rows per chunk, a ragged last one
+    t = ggml_type("Q6_K")
+    packed = random_blocks("Q6_K", 50, 1024, seed=6)
+    x = torch.randn(100, 1024, generator=torch.Generator().manual_seed(7))
+    want = x.bfloat16().double() @ dequantize(packed, t).bfloat16().double().T
+    got = cpu_kernels.linear(x, packed, t.id, 1024)
+    assert got.dtype == torch.float32 and got.shape == (100, 50)
+    torch.testing.assert_close(got.double(), want, atol=1e-5 * want.abs().max().item(), rtol=2**-8)
+    # and it is not the float32 product: the switch does change the arithmetic
+    monkeypatch.setattr(cpu_kernels, "BF16_PREFILL", False)
+    assert not torch.equal(cpu_kernels.linear(x, packed, t.id, 1024), got)
+
+
+def test_linear_many_rows_and_strided_rows(monkeypatch):
     # 100 rows takes the decode + GEMM path; a row slice of a bigger matrix has a row stride > row bytes.
+    monkeypatch.setattr(cpu_kernels, "BF16_PREFILL", False)  # float32 products, compared in float32
     t = ggml_type("Q4_K")
     packed = random_blocks("Q4_K", 50, 1024, seed=3)
     dense = dequantize(packed, t)

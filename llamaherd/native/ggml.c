@@ -156,6 +156,33 @@ int lh_dequant(int type, const uint8_t *W, int64_t N, int64_t stride, int64_t K,
     return 0;
 }
 
+/* float -> bfloat16, round to nearest even (NaN kept quiet): the rounding torch's `.bfloat16()` does. */
+static inline uint16_t f2bf(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7FFFFFFF) > 0x7F800000) return (uint16_t)((u >> 16) | 0x40);
+    return (uint16_t)((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
+}
+
+/* As lh_dequant, but the decoded values rounded to bfloat16: the weight operand of a bf16 GEMM (prefill on
+ * CPUs with AVX-512 BF16, where oneDNN's bf16 GEMM is ~5x its fp32 one; quant/cpu_kernels.py `linear`).
+ * Every ggml value with <= 8 significant bits (Q4_0..Q8_0 codes times an f16 scale) may still round here. */
+int lh_dequant_bf16(int type, const uint8_t *W, int64_t N, int64_t stride, int64_t K, uint16_t *out, int nthreads) {
+    deq_fn fn; int qk, ts;
+    if (layout(type, &fn, &qk, &ts)) return -1;
+    const int64_t nb = K / qk;
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t n = 0; n < N; n++) {
+        float buf[256] __attribute__((aligned(64)));
+        for (int64_t b = 0; b < nb; b++) {
+            fn(W + n * stride + b * ts, buf);
+            uint16_t *o = out + n * K + b * qk;
+            for (int j = 0; j < qk; j++) o[j] = f2bf(buf[j]);
+        }
+    }
+    return 0;
+}
+
 /* Q8_0 rows against one x: fused, the block scale applied to each block's partial sum. */
 static void gemv1_q8_0(const uint8_t *W, int64_t N, int64_t stride, int64_t K, const float *x, float *y) {
     const int64_t nb = K / 32;

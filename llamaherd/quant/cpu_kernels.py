@@ -11,6 +11,7 @@ pure-torch path; results differ only in float summation order.
 from __future__ import annotations
 
 import ctypes
+from pathlib import Path
 
 import torch
 
@@ -24,6 +25,7 @@ _i64, _ptr, _int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
 _SIGNATURES = {
     "lh_supported": [_int],
     "lh_dequant": [_int, _ptr, _i64, _i64, _i64, _ptr, _int],
+    "lh_dequant_bf16": [_int, _ptr, _i64, _i64, _i64, _ptr, _int],
     "lh_gemv": [_int, _ptr, _i64, _i64, _i64, _ptr, _i64, _ptr, _int],
     "lh_gemv_many": [_int, _ptr, _ptr, _ptr, _ptr, _i64, _ptr, _i64, _ptr, _int],
 }
@@ -51,12 +53,16 @@ def _check(packed: torch.Tensor) -> None:
                          f"got {packed.dtype} {tuple(packed.shape)} on {packed.device}")
 
 
-def dequantize(packed: torch.Tensor, type_id: int, n_cols: int) -> torch.Tensor:
-    """(N, row_bytes) packed rows -> (N, n_cols) float32, bit-identical to checkpoint.ggml_quants.dequantize."""
+def dequantize(packed: torch.Tensor, type_id: int, n_cols: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(N, row_bytes) packed rows -> (N, n_cols) float32 bit-identical to checkpoint.ggml_quants.dequantize,
+    or those values rounded to bfloat16 (`dtype=torch.bfloat16`, as `.bfloat16()` would round them)."""
     _check(packed)
-    out = torch.empty(packed.shape[0], n_cols, dtype=torch.float32)
-    rc = _fn("lh_dequant")(type_id, packed.data_ptr(), packed.shape[0], packed.stride(0), n_cols, out.data_ptr(),
-                        torch.get_num_threads())
+    if dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"native dequantize writes float32 or bfloat16, not {dtype}")
+    out = torch.empty(packed.shape[0], n_cols, dtype=dtype)
+    name = "lh_dequant" if dtype == torch.float32 else "lh_dequant_bf16"
+    rc = _fn(name)(type_id, packed.data_ptr(), packed.shape[0], packed.stride(0), n_cols, out.data_ptr(),
+                   torch.get_num_threads())
     if rc != 0:
         raise ValueError(f"ggml type {type_id} has no native decoder")
     return out
@@ -112,24 +118,41 @@ def gemv_many(x: torch.Tensor, weights: Weights, n_cols: int) -> list[torch.Tens
     return [part.view(M, n) for part, n in zip(flat.split([M * n for n in weights.sizes]), weights.sizes)]
 
 
-# Weight elements decoded per chunk on the GEMM path: bounds the float32 scratch to 8 MiB.
+def _cpu_has_bf16() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AVX-512 BF16 or AMX), where oneDNN's bf16 GEMM is fast."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return torch.backends.mkldnn.is_available() and any(f in flags for f in (" avx512_bf16", " amx_bf16"))
+
+
+# Prefill products in bfloat16: the weight chunks decoded to bf16, the activations rounded to bf16, oneDNN's
+# bf16 GEMM accumulating in float32 (bench/PROFILE.md section 11: ~5x torch's float32 GEMM on this CPU).
+# This is the same kind of trade llama.cpp makes, which quantizes activations to int8 blocks for every
+# product; False keeps float32 activations and outputs (torch's float32 GEMM on the decoded weights).
+BF16_PREFILL = _cpu_has_bf16()
+
+# Weight elements decoded per chunk on the GEMM path: bounds the scratch to 8 MiB (float32) / 4 MiB (bf16).
 _CHUNK_ELEMENTS = 1 << 21
 
 
 def linear(x: torch.Tensor, packed: torch.Tensor, type_id: int, n_cols: int) -> torch.Tensor:
     """F.linear(x, W) for a packed ggml W (N, row_bytes): native gemv for a few rows, else decode + GEMM."""
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, n_cols).float()  # (M, K)
+    x2 = x.reshape(-1, n_cols)  # (M, K)
     M, N = x2.shape[0], packed.shape[0]
     if M <= MAX_GEMV_ROWS:
-        y = gemv(x2, packed, type_id, n_cols)
+        y = gemv(x2.float(), packed, type_id, n_cols)
     else:
         # Many rows (prefill): decode bounded chunks of weight rows once and hand them to torch's GEMM.
+        dtype = torch.bfloat16 if BF16_PREFILL else torch.float32
+        x2 = x2.to(dtype)
         step = max(1, _CHUNK_ELEMENTS // n_cols)
         if step >= N:
-            y = x2 @ dequantize(packed, type_id, n_cols).t()
+            y = x2 @ dequantize(packed, type_id, n_cols, dtype).t()
         else:
-            y = torch.empty(M, N, dtype=torch.float32)
+            y = torch.empty(M, N, dtype=dtype)
             for i in range(0, N, step):
-                y[:, i : i + step] = x2 @ dequantize(packed[i : i + step], type_id, n_cols).t()
+                torch.mm(x2, dequantize(packed[i : i + step], type_id, n_cols, dtype).t(), out=y[:, i : i + step])
     return y.reshape(*lead, N).to(x.dtype)
