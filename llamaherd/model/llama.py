@@ -123,6 +123,10 @@ class Transformer(nn.Module):
             self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
         self._inv_freq: torch.Tensor | None = None  # computed lazily on the device of the first input
 
+    # The vocab projection, F.linear-like (h, weight) -> logits. A post-load swap may replace it per instance
+    # (llamaherd/native/dense.py `swap_dense`: a native bf16 kernel returning float32 logits directly).
+    project = staticmethod(F.linear)
+
     def rope_frequencies(self, device: torch.device) -> torch.Tensor:
         # Not a buffer: models are built on the meta device and loaded by assignment, which leaves
         # non-persistent buffers unmaterialised. Computing on first use sidesteps that.
@@ -156,4 +160,4 @@ class Transformer(nn.Module):
         if last_only:  # prefill needs only the next token's logits: skip T-1 vocab projections
             h = h[:, -1:]  # (B, 1, dim)
         h = self.norm(h)
-        return F.linear(h, self.output_weight()).float()
+        return self.project(h, self.output_weight()).float()
