@@ -12,6 +12,14 @@ from llamaherd.quant import GGMLWeight, cpu_kernels
 
 pytestmark = pytest.mark.skipif(cpu_kernels.library() is None, reason="no C compiler: native kernels not built")
 
+
+@pytest.fixture(autouse=True)
+def float_activations(monkeypatch):
+    # These compare the float-activation kernels (native/ggml.c) with float64 math at float32 tolerances; the
+    # default int8-activation path (cpu_kernels.INT8_ACTIVATIONS) rounds x to int8 codes first and is tested
+    # against float64 math on the quantized x in tests/test_q8_kernels.py.
+    monkeypatch.setattr(cpu_kernels, "INT8_ACTIVATIONS", False)
+
 # Byte offsets of each type's float16 scale fields (ggml-common.h block layouts).
 F16_AT = {"Q4_0": (0,), "Q5_0": (0,), "Q8_0": (0,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}
 

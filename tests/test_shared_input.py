@@ -12,6 +12,14 @@ from tests.test_cpu_kernels import random_blocks
 
 pytestmark = pytest.mark.skipif(cpu_kernels.library() is None, reason="no C compiler: native kernels not built")
 
+
+@pytest.fixture(autouse=True)
+def float_activations(monkeypatch):
+    # These compare the float-activation kernels (native/ggml.c) with float64 math at float32 tolerances; the
+    # default int8-activation path (cpu_kernels.INT8_ACTIVATIONS) rounds x to int8 codes first and is tested
+    # against float64 math on the quantized x in tests/test_q8_kernels.py.
+    monkeypatch.setattr(cpu_kernels, "INT8_ACTIVATIONS", False)
+
 K = 512
 # Mixed types in one group, as Q4_K_M files mix them (attn_v is often Q6_K beside Q5_0/Q4_K q and k).
 TYPES = {"wq": ("Q5_0", 96), "wk": ("Q4_K", 40), "wv": ("Q6_K", 40)}

@@ -6,6 +6,15 @@ int8 kernel has one scale per output row (ggml has one per 32 or 16 elements) an
 42 ms for one 262144 x 640 product here (bench/PROFILE.md). `lh_gemv` reads each packed block once.
 Without a C compiler, or with `llamaherd.native.disabled()`, `available()` is False and callers keep the
 pure-torch path; results differ only in float summation order.
+
+Int8 activations (`INT8_ACTIVATIONS`, default True): `gemv` / `gemv_many` quantize each activation row once
+per call to int8 blocks of 32 (d = amax/127, q = round(x/d), the codes of llama.cpp's `quantize_row_q8_0`) and
+multiply integer codes with AVX-512 VNNI dot products (native/ggml_q8.c): 2-4x the float kernels' speed per
+packed byte for the 4-6 bit types. The price is llama.cpp's: the product is that of the weights with the
+quantized activations, each activation off by up to half a code step (amax/254 of its block of 32), so
+outputs move by ~1e-3 relative (ggml_q8.c's scales stay float32, never coarser than llama.cpp's). False
+keeps the float-activation kernels (native/ggml.c), exact float32 activations, for comparisons with float
+math. Many-row products (prefill, `linear` past MAX_GEMV_ROWS) do not use this switch.
 """
 
 from __future__ import annotations
@@ -28,7 +37,20 @@ _SIGNATURES = {
     "lh_dequant_bf16": [_int, _ptr, _i64, _i64, _i64, _ptr, _int],
     "lh_gemv": [_int, _ptr, _i64, _i64, _i64, _ptr, _i64, _ptr, _int],
     "lh_gemv_many": [_int, _ptr, _ptr, _ptr, _ptr, _i64, _ptr, _i64, _ptr, _int],
+    "lh_q8_gemv": [_int, _ptr, _i64, _i64, _i64, _ptr, _i64, _ptr, _int],
+    "lh_q8_gemv_many": [_int, _ptr, _ptr, _ptr, _ptr, _i64, _ptr, _i64, _ptr, _int],
+    "lh_q8_quantize": [_ptr, _i64, _i64, _ptr, _ptr, _ptr],
+    "lh_q8_vnni": [],
 }
+
+# Matrix-vector products with int8-quantized activations (llama.cpp's arithmetic, native/ggml_q8.c) when True;
+# float32 activations (native/ggml.c) when False. The module docstring weighs the two.
+INT8_ACTIVATIONS = True
+
+
+def _gemv_names() -> tuple[str, str]:
+    """The (one weight, many weights) native entry points that INT8_ACTIVATIONS selects."""
+    return ("lh_q8_gemv", "lh_q8_gemv_many") if INT8_ACTIVATIONS else ("lh_gemv", "lh_gemv_many")
 
 
 def _fn(name: str):
@@ -69,14 +91,16 @@ def dequantize(packed: torch.Tensor, type_id: int, n_cols: int, dtype: torch.dty
 
 
 def gemv(x: torch.Tensor, packed: torch.Tensor, type_id: int, n_cols: int) -> torch.Tensor:
-    """x (M, n_cols) float32, M <= MAX_GEMV_ROWS, times the packed (N, row_bytes) weight transposed -> (M, N)."""
+    """x (M, n_cols) float32, M <= MAX_GEMV_ROWS, times the packed (N, row_bytes) weight transposed -> (M, N).
+
+    With INT8_ACTIVATIONS the rows of x are first quantized to int8 blocks of 32 (llama.cpp's Q8_0 codes)."""
     _check(packed)
     x = x.contiguous()
     M, N = x.shape[0], packed.shape[0]
     if x.dtype != torch.float32 or x.shape[1] != n_cols or M > MAX_GEMV_ROWS:
         raise ValueError(f"gemv wants float32 (M <= {MAX_GEMV_ROWS}, {n_cols}), got {x.dtype} {tuple(x.shape)}")
     y = torch.empty(M, N, dtype=torch.float32)
-    rc = _fn("lh_gemv")(type_id, packed.data_ptr(), N, packed.stride(0), n_cols, x.data_ptr(), M, y.data_ptr(),
+    rc = _fn(_gemv_names()[0])(type_id, packed.data_ptr(), N, packed.stride(0), n_cols, x.data_ptr(), M, y.data_ptr(),
                            torch.get_num_threads())
     if rc != 0:
         raise ValueError(f"ggml type {type_id} has no native matrix-vector kernel")
@@ -112,7 +136,7 @@ def gemv_many(x: torch.Tensor, weights: Weights, n_cols: int) -> list[torch.Tens
     if x.dtype != torch.float32 or x.shape[1] != n_cols or M > MAX_GEMV_ROWS:
         raise ValueError(f"gemv_many wants float32 (M <= {MAX_GEMV_ROWS}, {n_cols}), got {x.dtype} {tuple(x.shape)}")
     flat = torch.empty(M * sum(weights.sizes), dtype=torch.float32)  # the results, one after another
-    rc = _fn("lh_gemv_many")(*weights.args, n_cols, x.data_ptr(), M, flat.data_ptr(), torch.get_num_threads())
+    rc = _fn(_gemv_names()[1])(*weights.args, n_cols, x.data_ptr(), M, flat.data_ptr(), torch.get_num_threads())
     if rc != 0:
         raise ValueError(f"ggml types {weights.types}: one has no native matrix-vector kernel")
     return [part.view(M, n) for part, n in zip(flat.split([M * n for n in weights.sizes]), weights.sizes)]

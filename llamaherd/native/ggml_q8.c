@@ -1,0 +1,517 @@
+/* Matrix-vector products on packed ggml weights with int8 activations: llama.cpp's decode arithmetic.
+ *
+ * Why: the float-activation kernels in ggml.c widen every 4-6 bit weight code to int32, convert it to float
+ * and FMA it: several instructions per weight byte, so Q4_0/Q5_0/K-quant products ran at 4-10 GB/s of packed
+ * bytes, far below the memory bandwidth (bench/PROFILE.md sections 4 and 8). llama.cpp instead quantizes the
+ * activation row once per product to int8 blocks (`quantize_row_q8_0` / `quantize_row_q8_K`, ggml
+ * `ggml-quants.c`) and multiplies integer codes with integer dot-product instructions (ggml-cpu
+ * `arch/x86/quants.c`). Here that is AVX-512 VNNI `vpdpbusd` (Intel intrinsics guide `_mm512_dpbusd_epi32`):
+ * 64 u8 x s8 products per instruction, each group of 4 summed into one int32 lane. The unsigned weight codes
+ * (nibbles, 5- and 6-bit codes) are the u8 operand and the int8 activations the s8 one; the code offset (8, 16,
+ * 32) and the K-quants' mins are folded in afterwards through per-block sums of the activation codes. Q8_0's
+ * signed weights use |w| and x * sign(w) (AVX-512 has no `vpsignb` on zmm: a masked subtract from zero).
+ *
+ * Activation quantization, per 32 elements as `quantize_row_q8_0_ref`: d = amax / 127, q = roundf(x / d)
+ * (computed as x * (1/d), half away from zero): the int8 codes are byte-exact with gguf-py's
+ * `quantize(x, Q8_0)`. Unlike llama.cpp (which stores d as float16 for Q8_0 and uses per-256 Q8_K blocks
+ * for the K-quants) the scale stays float32 and the blocks are 32 elements for every weight type: never less
+ * accurate than llama.cpp's activations, and one layout for all types.
+ *
+ * Products: per 32 (Q6_K: 16) elements the integer dot is exact; it is scaled by (weight scale x activation
+ * scale) in float32 and accumulated in float32 lanes, one horizontal reduction per output. The offset terms
+ * (code offset x weight scale x activation scale x sum of activation codes) accumulate separately and are
+ * subtracted at the end: the same float arithmetic as decode-then-dot up to rounding order.
+ *
+ * Block layouts (llama.cpp `ggml/src/ggml-common.h`):
+ *   block_q4_0 (18 B): f16 d, u8 qs[16]; x[j] = d * ((qs[j] & 15) - 8), x[j+16] = d * ((qs[j] >> 4) - 8)
+ *   block_q5_0 (22 B): f16 d, u32 qh, u8 qs[16]; as Q4_0 with bit j of qh the fifth bit of x[j], offset 16
+ *   block_q8_0 (34 B): f16 d, s8 qs[32]; x[j] = d * qs[j]
+ *   block_q4_K (144 B): f16 d, f16 dmin, u8 scales[12] (8 six-bit scales and mins), u8 qs[128];
+ *     chunk c of 64: x[64c+l] = d*sc[2c]*(qs[32c+l] & 15) - dmin*m[2c], x[64c+32+l] = ... >> 4 with [2c+1]
+ *   block_q5_K (176 B): f16 d, f16 dmin, scales[12], u8 qh[32], u8 qs[128]; as Q4_K with bit (2c) / (2c+1)
+ *     of qh[l] the fifth bit
+ *   block_q6_K (210 B): u8 ql[128], u8 qh[64], s8 scales[16], f16 d; per half h of 128, l < 32:
+ *     x[l] = d*sc[l/16] * ((ql[l] & 15 | (qh[l] & 3) << 4) - 32), x[l+32]: ql[l+32] & 15, qh bits 2-3,
+ *     x[l+64]: ql[l] >> 4, bits 4-5, x[l+96]: ql[l+32] >> 4, bits 6-7 (ql += 64, qh += 32, sc += 8 per half)
+ *
+ * Exported: `lh_q8_gemv` and `lh_q8_gemv_many` with the arguments of ggml.c's `lh_gemv` / `lh_gemv_many`
+ * (one OpenMP region per call: the activation rows are quantized in an `omp for`, then each weight's rows are
+ * an `omp for nowait`), and `lh_q8_quantize` (the activation codes, for tests). Compiled with -DLH_Q8_PORTABLE,
+ * or without AVX-512 VNNI, the same arithmetic runs in portable C.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if !defined(LH_Q8_PORTABLE) && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && \
+    defined(__AVX512VL__) && defined(__AVX512VNNI__) && defined(__F16C__)
+#define LH_Q8_VNNI 1
+#endif
+#if defined(LH_Q8_VNNI) || defined(__F16C__)
+#include <immintrin.h>
+#endif
+
+enum { Q4_0 = 2, Q5_0 = 6, Q8_0 = 8, Q4_K = 12, Q5_K = 13, Q6_K = 14 };
+#define MAX_ROWS 64 /* rows of X per call, as lh_gemv */
+
+static inline float q8_h2f(const uint8_t *p) {
+    uint16_t h;
+    memcpy(&h, p, 2);
+#ifdef __F16C__
+    return _cvtsh_ss(h);
+#else
+    uint32_t s = (uint32_t)(h & 0x8000) << 16, e = (h >> 10) & 0x1F, m = h & 0x3FF, bits;
+    if (e == 0) {
+        if (m == 0) { bits = s; }
+        else { e = 127 - 15 + 1; while (!(m & 0x400)) { m <<= 1; e--; } m &= 0x3FF; bits = s | (e << 23) | (m << 13); }
+    } else if (e == 31) { bits = s | 0x7F800000 | (m << 13); }
+    else { bits = s | ((e + 127 - 15) << 23) | (m << 13); }
+    float f; memcpy(&f, &bits, 4); return f;
+#endif
+}
+
+static int q8_layout(int type, int *qk, int *tsize) {
+    switch (type) {
+    case Q4_0: *qk = 32; *tsize = 18; return 0;
+    case Q5_0: *qk = 32; *tsize = 22; return 0;
+    case Q8_0: *qk = 32; *tsize = 34; return 0;
+    case Q4_K: *qk = 256; *tsize = 144; return 0;
+    case Q5_K: *qk = 256; *tsize = 176; return 0;
+    case Q6_K: *qk = 256; *tsize = 210; return 0;
+    default: return -1;
+    }
+}
+
+/* ---- quantized activations ---------------------------------------------------------------------------------
+ * One row of X: int8 codes, and per 32-element block the scale d, the code sum s and d*s; per 16 elements the
+ * scale and code sum again (Q6_K's sub-blocks are 16 long). Arrays are padded with zeros to a multiple of 16
+ * blocks so that the 32-block kernels, which take blocks 16 at a time, may read a whole group. */
+typedef struct {
+    int8_t *q;
+    float *d, *s, *ds, *d16, *s16;
+} qrow;
+
+typedef struct {
+    int64_t nbp; /* padded block count */
+    void *mem;
+    qrow rows[MAX_ROWS];
+} qact;
+
+static int qact_alloc(qact *a, int64_t K, int64_t M) {
+    const int64_t nb = K / 32, nbp = (nb + 15) / 16 * 16;
+    const size_t per_row = (size_t)nbp * 32 + sizeof(float) * (size_t)nbp * 7;
+    a->nbp = nbp;
+    a->mem = aligned_alloc(64, per_row * (size_t)M);
+    if (!a->mem) return -1;
+    uint8_t *p = a->mem;
+    for (int64_t m = 0; m < M; m++) {
+        qrow *r = &a->rows[m];
+        r->q = (int8_t *)p; p += nbp * 32;
+        r->d = (float *)p; p += 4 * nbp;
+        r->s = (float *)p; p += 4 * nbp;
+        r->ds = (float *)p; p += 4 * nbp;
+        r->d16 = (float *)p; p += 8 * nbp;
+        r->s16 = (float *)p; p += 8 * nbp;
+    }
+    return 0;
+}
+
+/* x (K floats) -> r; the rounding of `quantize_row_q8_0_ref` (roundf: half away from zero). */
+static void quantize_row(const float *x, int64_t K, int64_t nbp, qrow *r) {
+    const int64_t nb = K / 32;
+    for (int64_t b = 0; b < nbp; b++) {
+        int8_t *q = r->q + 32 * b;
+        if (b >= nb) {
+            memset(q, 0, 32);
+            r->d[b] = r->s[b] = r->ds[b] = 0.0f;
+            r->d16[2 * b] = r->d16[2 * b + 1] = r->s16[2 * b] = r->s16[2 * b + 1] = 0.0f;
+            continue;
+        }
+        const float *xb = x + 32 * b;
+        int s0 = 0, s1 = 0;
+#ifdef LH_Q8_VNNI
+        const __m512 x0 = _mm512_loadu_ps(xb), x1 = _mm512_loadu_ps(xb + 16);
+        const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(x0), _mm512_abs_ps(x1)));
+        const float d = amax / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
+        /* |v| = floor(|v|) + frac exactly; round up when frac >= 0.5; sign put back */
+        const __m512 vid = _mm512_set1_ps(id), half = _mm512_set1_ps(0.5f), one = _mm512_set1_ps(1.0f);
+        __m512i qi[2];
+        for (int h = 0; h < 2; h++) {
+            const __m512 v = _mm512_mul_ps(h ? x1 : x0, vid), a = _mm512_abs_ps(v);
+            const __m512 f = _mm512_roundscale_ps(a, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+            const __mmask16 up = _mm512_cmp_ps_mask(_mm512_sub_ps(a, f), half, _CMP_GE_OQ);
+            const __m512 rnd = _mm512_mask_add_ps(f, up, f, one);
+            const __mmask16 neg = _mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_LT_OQ);
+            qi[h] = _mm512_cvttps_epi32(_mm512_mask_sub_ps(rnd, neg, _mm512_setzero_ps(), rnd));
+            _mm_storeu_si128((__m128i *)(q + 16 * h), _mm512_cvtepi32_epi8(qi[h]));
+        }
+        s0 = _mm512_reduce_add_epi32(qi[0]);
+        s1 = _mm512_reduce_add_epi32(qi[1]);
+#else
+        float amax = 0.0f;
+        for (int j = 0; j < 32; j++) amax = fmaxf(amax, fabsf(xb[j]));
+        const float d = amax / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
+        for (int j = 0; j < 32; j++) {
+            q[j] = (int8_t)roundf(xb[j] * id);
+            if (j < 16) s0 += q[j]; else s1 += q[j];
+        }
+#endif
+        r->d[b] = d;
+        r->s[b] = (float)(s0 + s1); /* |s| <= 32 * 127: exact in float */
+        r->ds[b] = d * (float)(s0 + s1);
+        r->d16[2 * b] = r->d16[2 * b + 1] = d;
+        r->s16[2 * b] = (float)s0;
+        r->s16[2 * b + 1] = (float)s1;
+    }
+}
+
+/* six-bit scales and mins of Q4_K/Q5_K (ggml `get_scale_min_k4`) as 8 bytes each, four at a time in u32s:
+ * j < 4: sc = q[j] & 63, m = q[j+4] & 63; j >= 4: sc = q[j+4] & 15 | (q[j-4] >> 6) << 4,
+ * m = q[j+4] >> 4 | (q[j] >> 6) << 4. */
+static inline void q8_scale_min(const uint8_t *q, uint64_t *sc, uint64_t *mn) {
+    uint32_t w0, w1, w2;
+    memcpy(&w0, q, 4); memcpy(&w1, q + 4, 4); memcpy(&w2, q + 8, 4);
+    const uint32_t sc_lo = w0 & 0x3F3F3F3Fu, m_lo = w1 & 0x3F3F3F3Fu;
+    const uint32_t sc_hi = (w2 & 0x0F0F0F0Fu) | (((w0 >> 6) & 0x03030303u) << 4);
+    const uint32_t m_hi = ((w2 >> 4) & 0x0F0F0F0Fu) | (((w1 >> 6) & 0x03030303u) << 4);
+    *sc = (uint64_t)sc_lo | (uint64_t)sc_hi << 32;
+    *mn = (uint64_t)m_lo | (uint64_t)m_hi << 32;
+}
+
+#ifdef LH_Q8_VNNI
+/* ---- AVX-512 VNNI kernels ----------------------------------------------------------------------------------
+ * Each takes one weight row and M activation rows (always inlined: M == 1 becomes its own copy with the
+ * accumulators in registers) and writes y[m * ldy]. */
+#define INLINE static inline __attribute__((always_inline))
+
+INLINE float hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
+
+/* Q4_0 / Q5_0 / Q8_0: blocks 16 at a time (their 16 float16 scales fetched by one gather), two blocks per zmm.
+ * Lane k of a dot holds 4 products of block 2p + k/8; its scale is lane 2p + k/8 of the 16-block scale vector. */
+INLINE void row_32(const int T, const uint8_t *row, int64_t nb, const qrow *x, const int64_t M, float *y,
+                   int64_t ldy) {
+    const int TS = T == Q4_0 ? 18 : T == Q5_0 ? 22 : 34;
+    const __m512i gidx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                            _mm512_set1_epi32(TS));
+    const __m512i pair0 = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1), two = _mm512_set1_epi32(2);
+    const __m512i nib = _mm512_set1_epi8(0x0F), sixteen = _mm512_set1_epi8(16);
+    __m512 acc[MAX_ROWS], off[MAX_ROWS], S[MAX_ROWS];
+    for (int64_t m = 0; m < M; m++) acc[m] = off[m] = _mm512_setzero_ps();
+    for (int64_t b0 = 0; b0 < nb; b0 += 16) {
+        const int g = nb - b0 < 16 ? (int)(nb - b0) : 16;
+        const __mmask16 gm = (__mmask16)(g == 16 ? 0xFFFF : (1u << g) - 1);
+        const uint8_t *blk = row + b0 * TS;
+        /* 4 bytes at each block start: the float16 d in the low half */
+        const __m512i raw = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), gm, gidx, blk, 1);
+        const __m512 dw = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(raw));
+        for (int64_t m = 0; m < M; m++) {
+            S[m] = _mm512_mul_ps(dw, _mm512_loadu_ps(x[m].d + b0));
+            if (T != Q8_0) off[m] = _mm512_fmadd_ps(S[m], _mm512_loadu_ps(x[m].s + b0), off[m]);
+        }
+        __m512i idx = pair0;
+        for (int p = 0; p < g; p += 2, blk += 2 * TS, idx = _mm512_add_epi32(idx, two)) {
+            const int hasb = p + 1 < g;
+            __m512i w;
+            __mmask64 neg = 0;
+            if (T == Q8_0) {
+                const __m256i a = _mm256_loadu_si256((const __m256i *)(blk + 2));
+                const __m256i b = hasb ? _mm256_loadu_si256((const __m256i *)(blk + TS + 2)) : _mm256_setzero_si256();
+                w = _mm512_inserti64x4(_mm512_castsi256_si512(a), b, 1);
+                neg = _mm512_movepi8_mask(w);
+                w = _mm512_abs_epi8(w); /* -128 -> 0x80, which is 128 read as u8 */
+            } else {
+                const int qo = T == Q5_0 ? 6 : 2;
+                /* 128-bit lanes [A, A, B, B]; lanes 1 and 3 shifted to the high nibbles: A's elements 0-15, 16-31,
+                 * then B's, the activation order */
+                const __m256i a = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(blk + qo)));
+                const __m256i b = hasb ? _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(blk + TS + qo)))
+                                       : _mm256_setzero_si256();
+                w = _mm512_inserti64x4(_mm512_castsi256_si512(a), b, 1);
+                w = _mm512_and_si512(_mm512_mask_srli_epi16(w, 0xFF00FF00u, w, 4), nib);
+                if (T == Q5_0) { /* bit j of qh is the fifth bit of element j */
+                    uint32_t ha, hb = 0;
+                    memcpy(&ha, blk + 2, 4);
+                    if (hasb) memcpy(&hb, blk + TS + 2, 4);
+                    w = _mm512_mask_add_epi8(w, (__mmask64)ha | (__mmask64)hb << 32, w, sixteen);
+                }
+            }
+            for (int64_t m = 0; m < M; m++) {
+                __m512i xq = _mm512_loadu_si512((const void *)(x[m].q + (b0 + p) * 32));
+                if (T == Q8_0) xq = _mm512_mask_sub_epi8(xq, neg, _mm512_setzero_si512(), xq);
+                const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, xq);
+                acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_permutexvar_ps(idx, S[m]), acc[m]);
+            }
+        }
+    }
+    const float c = T == Q4_0 ? 8.0f : T == Q5_0 ? 16.0f : 0.0f;
+    for (int64_t m = 0; m < M; m++) y[m * ldy] = hsum(acc[m]) - c * hsum(off[m]);
+}
+
+/* Q4_K / Q5_K: per super-block of 256, four chunks of 64 codes ([low nibbles | high nibbles] of 32 bytes), lanes
+ * 0-7 of a chunk's dot in sub-block 2c and 8-15 in 2c+1. The 16-float vector per super-block holds the 8
+ * dot scales d*sc*dx (lanes 0-7) and the 8 min terms dmin*m*dx*sum(q) (lanes 8-15). */
+INLINE void row_k45(const int T, const uint8_t *row, int64_t nsb, const qrow *x, const int64_t M, float *y,
+                    int64_t ldy) {
+    const int TS = T == Q4_K ? 144 : 176, qo = T == Q4_K ? 16 : 48;
+    const __m512i nib = _mm512_set1_epi8(0x0F), sixteen = _mm512_set1_epi8(16);
+    __m512i cidx[4], hbit[4];
+    for (int c = 0; c < 4; c++) {
+        cidx[c] = _mm512_mask_blend_epi32(0xFF00, _mm512_set1_epi32(2 * c), _mm512_set1_epi32(2 * c + 1));
+        hbit[c] = _mm512_mask_blend_epi64(0xF0, _mm512_set1_epi8((char)(1 << (2 * c))), _mm512_set1_epi8((char)(1 << (2 * c + 1))));
+    }
+    __m512 acc[MAX_ROWS], off[MAX_ROWS];
+    for (int64_t m = 0; m < M; m++) acc[m] = off[m] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nsb; b++) {
+        const uint8_t *blk = row + b * TS;
+        uint64_t sc, mn;
+        q8_scale_min(blk + 4, &sc, &mn);
+        const __m512 scm = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_set_epi64x((long long)mn, (long long)sc)));
+        const __m512 dd = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(q8_h2f(blk)), _mm512_set1_ps(q8_h2f(blk + 2)));
+        const __m512 wsc = _mm512_mul_ps(scm, dd);
+        __m512 S[MAX_ROWS];
+        for (int64_t m = 0; m < M; m++) {
+            const __m512 xs = _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_loadu_ps(x[m].d + 8 * b)),
+                                                 _mm256_loadu_ps(x[m].ds + 8 * b), 1);
+            S[m] = _mm512_mul_ps(wsc, xs);
+            off[m] = _mm512_mask_add_ps(off[m], 0xFF00, off[m], S[m]);
+        }
+        __m512i H = _mm512_setzero_si512();
+        if (T == Q5_K) H = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(blk + 16)));
+        for (int c = 0; c < 4; c++) {
+            __m512i w = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(blk + qo + 32 * c)));
+            w = _mm512_and_si512(_mm512_mask_srli_epi16(w, 0xFFFF0000u, w, 4), nib);
+            if (T == Q5_K) w = _mm512_mask_add_epi8(w, _mm512_test_epi8_mask(H, hbit[c]), w, sixteen);
+            for (int64_t m = 0; m < M; m++) {
+                const __m512i xq = _mm512_loadu_si512((const void *)(x[m].q + 256 * b + 64 * c));
+                const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, xq);
+                acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_permutexvar_ps(cidx[c], S[m]), acc[m]);
+            }
+        }
+    }
+    for (int64_t m = 0; m < M; m++) y[m * ldy] = hsum(acc[m]) - hsum(off[m]);
+}
+
+/* Q6_K: per half of 128, two zmm of 64 six-bit codes (elements in order); lane k of vector v (0-3) covers
+ * sub-block 4v + k/4 of 16 elements, whose scale is d * sc * dx16. */
+INLINE void row_q6k(const uint8_t *row, int64_t nsb, const qrow *x, const int64_t M, float *y, int64_t ldy) {
+    const __m512i nib = _mm512_set1_epi8(0x0F), top = _mm512_set1_epi8(0x30);
+    __m512i vidx[4];
+    for (int v = 0; v < 4; v++)
+        vidx[v] = _mm512_setr_epi32(4 * v, 4 * v, 4 * v, 4 * v, 4 * v + 1, 4 * v + 1, 4 * v + 1, 4 * v + 1, 4 * v + 2,
+                                    4 * v + 2, 4 * v + 2, 4 * v + 2, 4 * v + 3, 4 * v + 3, 4 * v + 3, 4 * v + 3);
+    __m512 acc[MAX_ROWS], off[MAX_ROWS];
+    for (int64_t m = 0; m < M; m++) acc[m] = off[m] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nsb; b++) {
+        const uint8_t *blk = row + b * 210;
+        const __m512 wsc = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(blk + 192)))),
+                                         _mm512_set1_ps(q8_h2f(blk + 208)));
+        __m512 S[MAX_ROWS];
+        for (int64_t m = 0; m < M; m++) {
+            S[m] = _mm512_mul_ps(wsc, _mm512_loadu_ps(x[m].d16 + 16 * b));
+            off[m] = _mm512_fmadd_ps(S[m], _mm512_loadu_ps(x[m].s16 + 16 * b), off[m]);
+        }
+        for (int h = 0; h < 2; h++) {
+            const __m512i L = _mm512_loadu_si512((const void *)(blk + 64 * h));
+            const __m512i H = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(blk + 128 + 32 * h)));
+            /* high bits to bits 4-5: [qh << 4 | qh << 2] for elements 0-63, [qh | qh >> 2] for 64-127 of the half
+             * (16-bit shifts: bits crossing into the neighbour byte are masked off by 0x30) */
+            const __m512i h0 = _mm512_and_si512(_mm512_mask_slli_epi16(_mm512_slli_epi16(H, 2), 0x0000FFFFu, H, 4), top);
+            const __m512i h1 = _mm512_and_si512(_mm512_mask_srli_epi16(H, 0xFFFF0000u, H, 2), top);
+            /* ternary logic 0xEC: (a & c) | b */
+            const __m512i w0 = _mm512_ternarylogic_epi32(L, h0, nib, 0xEC);
+            const __m512i w1 = _mm512_ternarylogic_epi32(_mm512_srli_epi16(L, 4), h1, nib, 0xEC);
+            for (int64_t m = 0; m < M; m++) {
+                const int8_t *xq = x[m].q + 256 * b + 128 * h;
+                const __m512i d0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w0, _mm512_loadu_si512((const void *)xq));
+                const __m512i d1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w1, _mm512_loadu_si512((const void *)(xq + 64)));
+                acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d0), _mm512_permutexvar_ps(vidx[2 * h], S[m]), acc[m]);
+                acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d1), _mm512_permutexvar_ps(vidx[2 * h + 1], S[m]), acc[m]);
+            }
+        }
+    }
+    for (int64_t m = 0; m < M; m++) y[m * ldy] = hsum(acc[m]) - 32.0f * hsum(off[m]);
+}
+
+static void q8_row(int type, const uint8_t *row, int64_t K, const qrow *x, int64_t M, float *y, int64_t ldy) {
+#define Q8_CASE(CALL1, CALLM) if (M == 1) CALL1; else CALLM; return
+    switch (type) {
+    case Q4_0: Q8_CASE(row_32(Q4_0, row, K / 32, x, 1, y, ldy), row_32(Q4_0, row, K / 32, x, M, y, ldy));
+    case Q5_0: Q8_CASE(row_32(Q5_0, row, K / 32, x, 1, y, ldy), row_32(Q5_0, row, K / 32, x, M, y, ldy));
+    case Q8_0: Q8_CASE(row_32(Q8_0, row, K / 32, x, 1, y, ldy), row_32(Q8_0, row, K / 32, x, M, y, ldy));
+    case Q4_K: Q8_CASE(row_k45(Q4_K, row, K / 256, x, 1, y, ldy), row_k45(Q4_K, row, K / 256, x, M, y, ldy));
+    case Q5_K: Q8_CASE(row_k45(Q5_K, row, K / 256, x, 1, y, ldy), row_k45(Q5_K, row, K / 256, x, M, y, ldy));
+    case Q6_K: Q8_CASE(row_q6k(row, K / 256, x, 1, y, ldy), row_q6k(row, K / 256, x, M, y, ldy));
+    }
+#undef Q8_CASE
+}
+
+#else /* ---- portable C: the same arithmetic, one sub-block of 16 at a time -------------------------------- */
+
+/* One super-block of weights as unsigned codes and, per 16 elements, a scale and a min: w = scale*code - min. */
+static void q8_codes(int type, const uint8_t *b, uint8_t *code, float *wsc, float *wmin) {
+    switch (type) {
+    case Q4_0: case Q5_0: {
+        const float d = q8_h2f(b);
+        const int five = type == Q5_0;
+        uint32_t qh = 0;
+        if (five) memcpy(&qh, b + 2, 4);
+        const uint8_t *qs = b + (five ? 6 : 2);
+        for (int j = 0; j < 16; j++) {
+            code[j] = (uint8_t)((qs[j] & 15) | ((qh >> j) & 1) << 4);
+            code[j + 16] = (uint8_t)((qs[j] >> 4) | ((qh >> (j + 16)) & 1) << 4);
+        }
+        wsc[0] = wsc[1] = d;
+        wmin[0] = wmin[1] = d * (five ? 16.0f : 8.0f);
+        return;
+    }
+    case Q8_0: /* codes kept signed: the caller reads them as int8 */
+        memcpy(code, b + 2, 32);
+        wsc[0] = wsc[1] = q8_h2f(b);
+        wmin[0] = wmin[1] = 0.0f;
+        return;
+    case Q4_K: case Q5_K: {
+        const float d = q8_h2f(b), dmin = q8_h2f(b + 2);
+        uint64_t sc, mn;
+        q8_scale_min(b + 4, &sc, &mn);
+        const int five = type == Q5_K;
+        const uint8_t *qh = b + 16, *qs = b + (five ? 48 : 16);
+        for (int c = 0; c < 4; c++) {
+            for (int l = 0; l < 32; l++) {
+                code[64 * c + l] = (uint8_t)((qs[32 * c + l] & 15) | (five ? ((qh[l] >> (2 * c)) & 1) << 4 : 0));
+                code[64 * c + 32 + l] = (uint8_t)((qs[32 * c + l] >> 4) | (five ? ((qh[l] >> (2 * c + 1)) & 1) << 4 : 0));
+            }
+        }
+        for (int j = 0; j < 8; j++) {
+            wsc[2 * j] = wsc[2 * j + 1] = d * (float)((sc >> (8 * j)) & 0xFF);
+            wmin[2 * j] = wmin[2 * j + 1] = dmin * (float)((mn >> (8 * j)) & 0xFF);
+        }
+        return;
+    }
+    case Q6_K: {
+        const float d = q8_h2f(b + 208);
+        const int8_t *sc = (const int8_t *)(b + 192);
+        for (int h = 0; h < 2; h++) {
+            const uint8_t *ql = b + 64 * h, *qh = b + 128 + 32 * h;
+            uint8_t *c = code + 128 * h;
+            for (int l = 0; l < 32; l++) {
+                c[l] = (uint8_t)((ql[l] & 15) | (qh[l] & 3) << 4);
+                c[l + 32] = (uint8_t)((ql[l + 32] & 15) | ((qh[l] >> 2) & 3) << 4);
+                c[l + 64] = (uint8_t)((ql[l] >> 4) | ((qh[l] >> 4) & 3) << 4);
+                c[l + 96] = (uint8_t)((ql[l + 32] >> 4) | ((qh[l] >> 6) & 3) << 4);
+            }
+        }
+        for (int s = 0; s < 16; s++) {
+            wsc[s] = d * (float)sc[s];
+            wmin[s] = 32.0f * wsc[s];
+        }
+        return;
+    }
+    }
+}
+
+static void q8_row(int type, const uint8_t *row, int64_t K, const qrow *x, int64_t M, float *y, int64_t ldy) {
+    int qk = 32, ts = 0;
+    if (q8_layout(type, &qk, &ts)) return;
+    uint8_t code[256];
+    float wsc[16], wmin[16];
+    for (int64_t m = 0; m < M; m++) y[m * ldy] = 0.0f;
+    for (int64_t b = 0; b < K / qk; b++) {
+        q8_codes(type, row + b * ts, code, wsc, wmin);
+        for (int64_t m = 0; m < M; m++) {
+            float acc = 0.0f;
+            for (int s = 0; s < qk / 16; s++) {
+                const int64_t e = b * qk + 16 * s; /* element index of this sub-block */
+                const int8_t *xq = x[m].q + e;
+                int32_t dot = 0;
+                for (int j = 0; j < 16; j++)
+                    dot += (type == Q8_0 ? (int32_t)(int8_t)code[16 * s + j] : (int32_t)code[16 * s + j]) * xq[j];
+                const float dx = x[m].d16[e / 16];
+                acc += wsc[s] * dx * (float)dot - wmin[s] * dx * x[m].s16[e / 16];
+            }
+            y[m * ldy] += acc;
+        }
+    }
+}
+#endif
+
+/* ---- exported ---------------------------------------------------------------------------------------------- */
+
+int lh_q8_supported(int type) { int qk, ts; return q8_layout(type, &qk, &ts) == 0; }
+
+/* Whether the VNNI kernels were compiled in (else the portable C ones). */
+int lh_q8_vnni(void) {
+#ifdef LH_Q8_VNNI
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* The activation quantization on its own (tests): q (M, K) int8, d (M, K/32) float32, s16 (M, K/16) float32. */
+int lh_q8_quantize(const float *X, int64_t M, int64_t K, int8_t *q, float *d, float *s16) {
+    if (K % 32 || M < 1) return -1;
+    qact a;
+    if (qact_alloc(&a, K, 1)) return -1;
+    for (int64_t m = 0; m < M; m++) {
+        quantize_row(X + m * K, K, a.nbp, &a.rows[0]);
+        memcpy(q + m * K, a.rows[0].q, (size_t)K);
+        memcpy(d + m * (K / 32), a.rows[0].d, sizeof(float) * (size_t)(K / 32));
+        memcpy(s16 + m * (K / 16), a.rows[0].s16, sizeof(float) * (size_t)(K / 16));
+    }
+    free(a.mem);
+    return 0;
+}
+
+/* Rows of one weight against the quantized X, inside the caller's parallel region (an orphaned omp for). */
+static void q8_weight(int type, const uint8_t *W, int64_t N, int64_t stride, int64_t K, const qact *a, int64_t M,
+                      float *Y) {
+#pragma omp for schedule(static) nowait
+    for (int64_t n = 0; n < N; n++) q8_row(type, W + n * stride, K, a->rows, M, Y + n, N);
+}
+
+static int q8_check(int nseg, const int *types, int64_t K, int64_t M) {
+    if (M > MAX_ROWS || M < 1 || nseg < 1) return -1;
+    for (int s = 0; s < nseg; s++) {
+        int qk, ts;
+        if (q8_layout(types[s], &qk, &ts) || K % qk) return -1;
+    }
+    return 0;
+}
+
+/* Y (M, N) = X (M, K) . W (N, K)^T, X quantized to int8 blocks once; arguments as ggml.c's lh_gemv. */
+int lh_q8_gemv(int type, const uint8_t *W, int64_t N, int64_t stride, int64_t K, const float *X, int64_t M,
+               float *Y, int nthreads) {
+    if (q8_check(1, &type, K, M)) return -1;
+    qact a;
+    if (qact_alloc(&a, K, M)) return -1;
+#pragma omp parallel num_threads(nthreads)
+    {
+#pragma omp for schedule(static)
+        for (int64_t m = 0; m < M; m++) quantize_row(X + m * K, K, a.nbp, &a.rows[m]);
+        q8_weight(type, W, N, stride, K, &a, M, Y);
+    }
+    free(a.mem);
+    return 0;
+}
+
+/* Several weights against one X in one parallel region (X quantized once); arguments and the layout of Y as
+ * ggml.c's lh_gemv_many: Y_s (M, N[s]) follow each other. */
+int lh_q8_gemv_many(int nseg, const int *types, const uint8_t *const *W, const int64_t *N, const int64_t *stride,
+                    int64_t K, const float *X, int64_t M, float *Y, int nthreads) {
+    if (q8_check(nseg, types, K, M)) return -1;
+    qact a;
+    if (qact_alloc(&a, K, M)) return -1;
+#pragma omp parallel num_threads(nthreads)
+    {
+#pragma omp for schedule(static)
+        for (int64_t m = 0; m < M; m++) quantize_row(X + m * K, K, a.nbp, &a.rows[m]);
+        float *ys = Y;
+        for (int s = 0; s < nseg; s++) {
+            q8_weight(types[s], W[s], N[s], stride[s], K, &a, M, ys);
+            ys += M * N[s];
+        }
+    }
+    free(a.mem);
+    return 0;
+}
