@@ -176,3 +176,41 @@ def test_gemv_rejects_what_it_cannot_read():
         dense.gemv(torch.randn(1, 64), w)
     with pytest.raises(ValueError):
         dense.gemv(torch.randn(1, 64).bfloat16(), w, torch.float16)
+
+
+def test_grouped_projections_in_any_order():
+    """wq/wk/wv share one native call; a member given another tensor, or called twice, still gets its own product."""
+    net = tiny_bf16("llama3")
+    dense.swap_dense(net)
+    att = net.layers[0].attention
+    assert att.wq.group is att.wk.group is att.wv.group is not None
+    assert net.layers[0].feed_forward.w1.group is net.layers[0].feed_forward.w3.group is not None
+    assert net.layers[0].feed_forward.w2.group is None
+    torch.manual_seed(3)
+    x, y = torch.randn(2, 1, 64).bfloat16(), torch.randn(2, 1, 64).bfloat16()
+    with torch.inference_mode():
+        want = {n: F.linear(t, getattr(att, n).weight) for n in ("wq", "wk", "wv") for t in (x,)}
+        got_q = att.wq(x)
+        got_k_other = att.wk(y)  # another input: computed alone, the stash for x dropped
+        got_v = att.wv(x)
+        got_q2, got_k, got_q3 = att.wq(x), att.wk(x), att.wq(x)
+    for g, w in [(got_q, want["wq"]), (got_v, want["wv"]), (got_q2, want["wq"]), (got_k, want["wk"]), (got_q3, want["wq"])]:
+        # bf16 outputs: both are float32 sums rounded once; they may differ by one bf16 rounding step
+        torch.testing.assert_close(g, w, atol=2.0**-7 * w.abs().max().item(), rtol=0)
+    want_other = F.linear(y, att.wk.weight)
+    torch.testing.assert_close(got_k_other, want_other, atol=2.0**-7 * want_other.abs().max().item(), rtol=0)
+    assert got_q.shape == (2, 1, att.wq.out_features) and got_k.is_contiguous()
+
+
+def test_swapped_model_deepcopies():
+    import copy
+
+    net = tiny_bf16("llama3.2")
+    dense.swap_dense(net)
+    twin = copy.deepcopy(net)
+    att = twin.layers[1].attention
+    assert att.wq.group is att.wv.group and att.wq.group is not net.layers[1].attention.wq.group
+    assert att.wq.group.members[0] is att.wq
+    x = torch.tensor([[5, 6, 7]])
+    with torch.inference_mode():
+        assert torch.equal(twin(x), net(x))

@@ -11,13 +11,15 @@ training, prefill of long prompts and machines without a compiler keep the torch
 torch's only in float32 summation order (and, for bf16 outputs, in the rounding that follows).
 
 `swap_dense(net)` is applied once loading finishes (checkpoint/base.materialize): bias-free `nn.Linear`
-modules become `DenseLinear` (same parameter object, same state dict) and a model's vocab projection hook
+modules become `DenseLinear` (same parameter object, same state dict), siblings fed one input (wq/wk/wv,
+w1/w3) are grouped into one native call (`DenseGroup`), and a model's vocab projection hook
 `project` (model/llama.py) becomes `logits`, which also skips the bf16 -> float32 conversion of the logits.
 """
 
 from __future__ import annotations
 
 import ctypes
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +35,8 @@ _SIGNATURES = {
     "lh_bf16_gemv_many": [_int, _ptr, _i64, _i64, _ptr, _ptr, _ptr, _i64, _ptr, _ptr, _int, _int],
     "lh_bf16_native": [],
 }
+# Sibling projections fed the same input (Meta names, llama-models `llama3/model.py`), as quant/ggml.py groups them.
+SHARED_INPUT_NAMES = (("wq", "wk", "wv"), ("w1", "w3"))
 _PLAIN = (torch.Tensor, nn.Parameter)  # subclasses (packed ggml weights) bring their own F.linear
 
 
@@ -106,11 +110,77 @@ def logits(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 class DenseLinear(nn.Linear):
     """A bias-free `nn.Linear` that sends few-row bf16 CPU products to `lh_bf16_gemv` (else `F.linear`)."""
 
+    group: DenseGroup | None = None  # set by `swap_dense` for projections sharing their input
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
         if self.bias is None and applies(x, w):
-            return gemv(x, w)
+            return gemv(x, w) if self.group is None else self.group.project(self, x)
         return F.linear(x, w, self.bias)
+
+
+class DenseGroup:
+    """DenseLinears applied to one tensor in turn (wq/wk/wv, w1/w3): the first call computes all in one native call.
+
+    The same protocol as `quant.ggml.SharedInput`: the other members' results wait in a per-thread stash keyed
+    by the input tensor object (and its version counter where it has one) and are handed out when that tensor
+    comes to them; any other input is computed by the member alone, so the values never depend on the call
+    order. Saves one OpenMP fork/join (and its end-of-matrix load imbalance) and one Python round trip per
+    extra member (bench/PROFILE.md section 9).
+    """
+
+    def __init__(self, members: list[DenseLinear]) -> None:
+        self.members = members
+        self._local = threading.local()
+        self._args: tuple[tuple[torch.Tensor, ...], tuple] | None = None
+
+    def __getstate__(self) -> dict:  # copy.deepcopy / pickle: the stash and ctypes arrays are transient
+        return {"members": self.members}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["members"])
+
+    def project(self, member: DenseLinear, x: torch.Tensor) -> torch.Tensor:
+        version = None if x.is_inference() else x._version
+        stash = getattr(self._local, "stash", None)
+        if stash is not None and stash[0] is x and stash[1] == version and member in stash[2]:
+            out = stash[2].pop(member)
+            if not stash[2]:
+                self._local.stash = None
+            return out
+        self._local.stash = None
+        if not all(applies(x, m.weight) for m in self.members):
+            return gemv(x, member.weight)
+        weights, ns, lds, total = self._weights()
+        K = member.in_features
+        x2 = x.reshape(-1, K)
+        if x2.stride(-1) != 1:
+            x2 = x2.contiguous()
+        M = x2.shape[0]
+        buf = torch.empty(M * total, dtype=torch.bfloat16)  # one allocation; each member's (M, N) is a slice
+        base, outs, offset = buf.data_ptr(), [], 0
+        for m in self.members:
+            outs.append(buf[offset : offset + M * m.out_features].view(*x.shape[:-1], m.out_features))
+            offset += M * m.out_features
+        ptrs = (ctypes.c_void_p * len(outs))(*(base + 2 * M * o for o in self._offsets))
+        _fn("lh_bf16_gemv_many")(len(outs), x2.data_ptr(), x2.stride(0), M, weights, lds, ns, K, ptrs, ns, 1,
+                                 torch.get_num_threads())
+        results = dict(zip(self.members, outs))
+        mine = results.pop(member)
+        self._local.stash = (x, version, results)
+        return mine
+
+    def _weights(self):
+        """The members' weights as native call arguments, rebuilt only when a weight tensor is replaced."""
+        current = tuple(m.weight for m in self.members)
+        if self._args is None or any(a is not b for a, b in zip(current, self._args[0])):
+            n = len(current)
+            ns = [w.shape[0] for w in current]
+            self._offsets = [sum(ns[:i]) for i in range(n)]
+            self._args = (current, ((ctypes.c_void_p * n)(*(w.data_ptr() for w in current)),
+                                    (ctypes.c_int64 * n)(*ns), (ctypes.c_int64 * n)(*(w.stride(0) for w in current)),
+                                    sum(ns)))
+        return self._args[1]
 
 
 def swap_dense(net: nn.Module) -> int:
@@ -135,6 +205,13 @@ def swap_dense(net: nn.Module) -> int:
             new.train(mod.training)
             setattr(parent, name, new)
             swapped += 1
+    for parent in net.modules():
+        for names in SHARED_INPUT_NAMES:
+            members = [getattr(parent, n, None) for n in names]
+            if all(type(m) is DenseLinear for m in members) and len({m.in_features for m in members}) == 1:
+                group = DenseGroup(members)
+                for m in members:
+                    m.group = group
     if callable(getattr(net, "project", None)):
         net.project = logits
         swapped += 1
