@@ -1,8 +1,11 @@
-"""Int8-activation kernels (native/ggml_q8.c): codes byte-exact with gguf-py's Q8_0, products equal to float64 math.
+"""Int8-activation kernels (native/ggml_q8.c): llama.cpp's activation codes, products equal to float64 math.
 
-The reference for a product is gguf-py's decode of the packed weight times the DEQUANTIZED int8 activations
-(codes x float32 block scale), in float64: the kernels compute exactly that, with exact integer dots per block
-and float32 scaling and accumulation, so the only difference is float32 rounding.
+Activations are quantized as llama.cpp does for each weight type: Q8_0 blocks (byte-exact with gguf-py's
+`quantize(x, Q8_0)`) for Q4_0/Q5_0/Q8_0 weights, Q8_K blocks (against a numpy transcription of llama.cpp's
+`quantize_row_q8_K_ref`; gguf-py has no Q8_K) for the K-quants. The reference for a product is gguf-py's decode
+of the packed weight times the DEQUANTIZED int8 activations (codes x block scale), in float64: the kernels
+compute exactly that, with exact integer dots per block and float32 scaling and accumulation, so the only
+difference is float32 rounding.
 """
 
 import ctypes
@@ -35,17 +38,30 @@ def activations(m: int, k: int, seed: int = 0) -> torch.Tensor:
     return x
 
 
-def quantize(x: torch.Tensor, lib=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The kernels' activation quantization: codes (M, K) int8, scales (M, K/32), per-16 code sums (M, K/16)."""
+def quantize(x: torch.Tensor, name: str, lib=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The kernels' activations for weights of type `name`: codes (M, K) int8, scale per 32 (M, K/32), per-16
+    code sums (M, K/16)."""
     M, K = x.shape
     q, d, s16 = torch.empty(M, K, dtype=torch.int8), torch.empty(M, K // 32), torch.empty(M, K // 16)
     fn = cpu_kernels._fn("lh_q8_quantize") if lib is None else lib.lh_q8_quantize
-    assert fn(x.data_ptr(), M, K, q.data_ptr(), d.data_ptr(), s16.data_ptr()) == 0
+    assert fn(ggml_type(name).id, x.data_ptr(), M, K, q.data_ptr(), d.data_ptr(), s16.data_ptr()) == 0
     return q, d, s16
 
 
-def dequantized(x: torch.Tensor) -> torch.Tensor:
-    q, d, _ = quantize(x)
+def q8_k_reference(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """llama.cpp `quantize_row_q8_K_ref` (ggml-quants.c) in numpy float32: codes (..., K) and d (..., K/256)."""
+    b = x.astype(np.float32).reshape(-1, 256)
+    first_max = b[np.arange(len(b)), np.abs(b).argmax(axis=1)]  # argmax: the first of equal magnitudes
+    with np.errstate(divide="ignore"):
+        iscale = np.where(first_max == 0, np.float32(0), np.float32(-127.0) / first_max).astype(np.float32)
+    q = np.minimum(np.rint(iscale[:, None] * b), 127).astype(np.int8)  # nearest_int: half to even
+    with np.errstate(divide="ignore"):
+        d = np.where(iscale == 0, np.float32(0), np.float32(1.0) / iscale).astype(np.float32)
+    return q.reshape(x.shape), d.reshape(*x.shape[:-1], -1)
+
+
+def dequantized(x: torch.Tensor, name: str) -> torch.Tensor:
+    q, d, _ = quantize(x, name)
     M, K = x.shape
     return (q.double().view(M, K // 32, 32) * d.double()[..., None]).view(M, K)
 
@@ -60,23 +76,40 @@ def assert_product(got: torch.Tensor, packed: torch.Tensor, name: str, x: torch.
     # float32 accumulation over K/64 vectors (plus the separately summed offset terms, at most ~2x sum|w||x|)
     # adds ~K/64 * 2^-24 relative each: for K = 768, < 3e-6 of sum|w||x| in the worst case. 1e-5 leaves room
     # and still fails on any wrong code, scale or offset (one code step of one weight is ~1e-3 of the sum).
-    w, xd = dense(packed, name), dequantized(x)
+    w, xd = dense(packed, name), dequantized(x, name)
     want, scale = xd @ w.T, xd.abs() @ w.abs().T
     err = (got.double() - want).abs() / scale.clamp_min(1e-30)
     assert err.max().item() < 1e-5, f"{name}: max relative error {err.max().item():.2e}"
 
 
-def test_quantized_codes_byte_exact_with_gguf_py():
+@pytest.mark.parametrize("name", ["Q4_0", "Q5_0", "Q8_0"])
+def test_q8_0_activations_byte_exact_with_gguf_py(name):
     x = activations(3, 1024)
     x[0, 128:160] = torch.tensor([127.0, 2.5, -2.5, 0.5, -0.5, 1.5, -1.5, 126.5] * 4)  # d = 1: ties round away from 0
-    q, d, s16 = quantize(x)
+    q, d, s16 = quantize(x, name)
     ref = gguf.quants.quantize(x.numpy(), Q8_0).reshape(3, 32, 34)
     assert np.array_equal(q.numpy(), ref[..., 2:].view(np.int8).reshape(3, 1024))
-    # the float32 scale, rounded to float16, is the Q8_0 scale field
-    assert np.array_equal(d.numpy().astype(np.float16), ref[..., :2].copy().view(np.float16)[..., 0])
+    # the products use the float16 scale field itself, as llama.cpp's vec_dot_q*_0_q8_0 do
+    assert np.array_equal(d.numpy(), ref[..., :2].copy().view(np.float16)[..., 0].astype(np.float32))
     assert q[0, 128:136].tolist() == [127, 3, -3, 1, -1, 2, -2, 127]
     assert torch.equal(s16, q.view(3, 64, 16).sum(-1).float())
     assert (d[:, 1] == 0).all() and (q[:, 32:64] == 0).all()
+
+
+@pytest.mark.parametrize("name", ["Q4_K", "Q5_K", "Q6_K"])
+def test_q8_k_activations_equal_llama_cpp_reference(name):
+    x = activations(3, 1024)
+    x[0, :256] = 0.0  # an all-zero super-block
+    x[1, 256:512] = torch.tensor([-2.0, 2.0, 1.0, -1.0] * 64)  # the first of equal magnitudes sets the sign
+    x[1, 512:768] = torch.tensor([127.0, 2.5, -2.5, 0.5, -0.5, 1.5, -1.5, 126.5] * 32)  # iscale -1: ties to even
+    q, d, s16 = quantize(x, name)
+    want_q, want_d = q8_k_reference(x.numpy())
+    assert np.array_equal(q.numpy(), want_q)
+    assert np.array_equal(d.numpy(), np.repeat(want_d, 8, axis=1))
+    assert q[1, 512:520].tolist() == [-127, -2, 2, 0, 0, -2, 2, -126] and d[1, 16].item() == -1.0
+    assert q[1, 256:260].tolist() == [-127, 127, 64, -64]  # iscale = -127 / -2: 63.5 -> 64 (even)
+    assert torch.equal(s16, q.view(3, 64, 16).sum(-1).float())
+    assert (q[0, :256] == 0).all() and (d[0, :8] == 0).all()
 
 
 @pytest.mark.parametrize("name", TYPES)
@@ -123,9 +156,9 @@ def test_switch_selects_float_activations(monkeypatch):
     want = x.double() @ dense(packed, "Q4_K").T
     torch.testing.assert_close(fp.double(), want, atol=2e-6 * want.abs().max().item(), rtol=0)  # exact x
     assert not torch.equal(int8, fp)
-    # int8 codes move each x by at most half a code step, d/2 of its block (d = amax/127)
-    _, d, _ = quantize(x)
-    half_step = (d.double() / 2).repeat_interleave(32, dim=1)
+    # int8 codes move each x by at most half a code step, |d|/2 of its block
+    _, d, _ = quantize(x, "Q4_K")
+    half_step = (d.double().abs() / 2).repeat_interleave(32, dim=1)
     assert ((int8.double() - want).abs() <= half_step @ dense(packed, "Q4_K").abs().T * (1 + 1e-5)).all()
 
 
@@ -142,7 +175,7 @@ def portable(tmp_path_factory):
     lib = ctypes.CDLL(str(out))
     _i64, _ptr, _int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
     lib.lh_q8_gemv.argtypes = [_int, _ptr, _i64, _i64, _i64, _ptr, _i64, _ptr, _int]
-    lib.lh_q8_quantize.argtypes = [_ptr, _i64, _i64, _ptr, _ptr, _ptr]
+    lib.lh_q8_quantize.argtypes = [_int, _ptr, _i64, _i64, _ptr, _ptr, _ptr]
     assert lib.lh_q8_vnni() == 0
     return lib
 
@@ -152,8 +185,8 @@ def test_portable_build_same_arithmetic(portable, name):
     K, m = 512, 3
     packed = random_blocks(name, 33, K, seed=8)
     x = activations(m, K, seed=9)
-    q, d, s16 = quantize(x, portable)
-    assert all(torch.equal(a, b) for a, b in zip((q, d, s16), quantize(x)))
+    q, d, s16 = quantize(x, name, portable)
+    assert all(torch.equal(a, b) for a, b in zip((q, d, s16), quantize(x, name)))
     y = torch.empty(m, 33)
     assert portable.lh_q8_gemv(ggml_type(name).id, packed.data_ptr(), 33, packed.stride(0), K, x.data_ptr(), m,
                                y.data_ptr(), 1) == 0

@@ -11,11 +11,17 @@
  * 32) and the K-quants' mins are folded in afterwards through per-block sums of the activation codes. Q8_0's
  * signed weights use |w| and x * sign(w) (AVX-512 has no `vpsignb` on zmm: a masked subtract from zero).
  *
- * Activation quantization, per 32 elements as `quantize_row_q8_0_ref`: d = amax / 127, q = roundf(x / d)
- * (computed as x * (1/d), half away from zero): the int8 codes are byte-exact with gguf-py's
- * `quantize(x, Q8_0)`. Unlike llama.cpp (which stores d as float16 for Q8_0 and uses per-256 Q8_K blocks
- * for the K-quants) the scale stays float32 and the blocks are 32 elements for every weight type: never less
- * accurate than llama.cpp's activations, and one layout for all types.
+ * Activation quantization is llama.cpp's, per weight type (its `vec_dot_type`), so that a product is the one
+ * llama.cpp computes up to float summation order:
+ *   Q4_0, Q5_0, Q8_0 weights: Q8_0 activations, `quantize_row_q8_0_ref`: per 32 elements d = amax / 127,
+ *     q = roundf(x * (1/d)) (half away from zero), d stored as float16 and used as such. The codes and d are
+ *     byte-exact with gguf-py's `quantize(x, Q8_0)`.
+ *   Q4_K, Q5_K, Q6_K weights: Q8_K activations, `quantize_row_q8_K_ref`: per 256 elements iscale = -127 / max
+ *     (max: the first element of largest magnitude, sign kept), q = nearest_int(iscale * x) (half to even),
+ *     d = 1 / iscale in float32.
+ * Per-32 float32 scales for every type were tried first (finer than Q8_K, never less accurate): their rounding
+ * differs from llama.cpp's, and greedy continuations of the default model agreed with llama.cpp's for fewer
+ * prompts (4/9 against 6/9 with float activations; tests/test_llamacpp_gemma.py), so llama.cpp's formats won.
  *
  * Products: per 32 (Q6_K: 16) elements the integer dot is exact; it is scaled by (weight scale x activation
  * scale) in float32 and accumulated in float32 lanes, one horizontal reduction per output. The offset terms
@@ -92,21 +98,25 @@ typedef struct {
     float *d, *s, *ds, *d16, *s16;
 } qrow;
 
+enum { FLAVOUR_Q8_0 = 0, FLAVOUR_Q8_K = 1 };
+
 typedef struct {
     int64_t nbp; /* padded block count */
     void *mem;
-    qrow rows[MAX_ROWS];
+    qrow rows[2][MAX_ROWS]; /* [FLAVOUR_Q8_0 / FLAVOUR_Q8_K][row of X] */
 } qact;
+
+static int q8_flavour(int type) { return type == Q4_K || type == Q5_K || type == Q6_K ? FLAVOUR_Q8_K : FLAVOUR_Q8_0; }
 
 static int qact_alloc(qact *a, int64_t K, int64_t M) {
     const int64_t nb = K / 32, nbp = (nb + 15) / 16 * 16;
     const size_t per_row = (size_t)nbp * 32 + sizeof(float) * (size_t)nbp * 7;
     a->nbp = nbp;
-    a->mem = aligned_alloc(64, per_row * (size_t)M);
+    a->mem = aligned_alloc(64, per_row * (size_t)M * 2);
     if (!a->mem) return -1;
     uint8_t *p = a->mem;
-    for (int64_t m = 0; m < M; m++) {
-        qrow *r = &a->rows[m];
+    for (int64_t m = 0; m < 2 * M; m++) {
+        qrow *r = &a->rows[m / M][m % M];
         r->q = (int8_t *)p; p += nbp * 32;
         r->d = (float *)p; p += 4 * nbp;
         r->s = (float *)p; p += 4 * nbp;
@@ -117,7 +127,21 @@ static int qact_alloc(qact *a, int64_t K, int64_t M) {
     return 0;
 }
 
-/* x (K floats) -> r; the rounding of `quantize_row_q8_0_ref` (roundf: half away from zero). */
+/* A float rounded to the nearest float16 (half to even) and back: the Q8_0 scale as llama.cpp stores it. */
+static inline float q8_f16_round(float f) {
+#ifdef __F16C__
+    return _cvtsh_ss(_cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT));
+#else
+    const float a = fabsf(f);
+    if (a >= 65520.0f) return copysignf(INFINITY, f);
+    int e;
+    frexpf(a, &e); /* a = m 2^e, m in [0.5, 1): float16 keeps 11 bits, a step of 2^(e-11), at least 2^-24 */
+    const float step = ldexpf(1.0f, e - 11 < -24 ? -24 : e - 11);
+    return copysignf(nearbyintf(a / step) * step, f);
+#endif
+}
+
+/* x (K floats) -> r as Q8_0 blocks, the rounding of `quantize_row_q8_0_ref` (roundf: half away from zero). */
 static void quantize_row(const float *x, int64_t K, int64_t nbp, qrow *r) {
     const int64_t nb = K / 32;
     for (int64_t b = 0; b < nbp; b++) {
@@ -157,12 +181,56 @@ static void quantize_row(const float *x, int64_t K, int64_t nbp, qrow *r) {
             if (j < 16) s0 += q[j]; else s1 += q[j];
         }
 #endif
-        r->d[b] = d;
+        const float dh = q8_f16_round(d); /* the codes come from d, the products use its float16 value */
+        r->d[b] = dh;
         r->s[b] = (float)(s0 + s1); /* |s| <= 32 * 127: exact in float */
-        r->ds[b] = d * (float)(s0 + s1);
-        r->d16[2 * b] = r->d16[2 * b + 1] = d;
+        r->ds[b] = dh * (float)(s0 + s1);
+        r->d16[2 * b] = r->d16[2 * b + 1] = dh;
         r->s16[2 * b] = (float)s0;
         r->s16[2 * b + 1] = (float)s1;
+    }
+}
+
+/* x (K floats, K % 256 == 0) -> r as Q8_K blocks (`quantize_row_q8_K_ref`), written into the per-32 and per-16
+ * arrays with the block's one scale repeated, so the K-quant kernels read either flavour alike. */
+static void quantize_row_k(const float *x, int64_t K, qrow *r) {
+    for (int64_t b = 0; b < K / 256; b++) {
+        const float *xb = x + 256 * b;
+        int8_t *q = r->q + 256 * b;
+        float amax = 0.0f, max = 0.0f;
+        for (int j = 0; j < 256; j++) { /* the first element of largest magnitude */
+            const float ax = fabsf(xb[j]);
+            if (ax > amax) { amax = ax; max = xb[j]; }
+        }
+        float d = 0.0f;
+        if (amax == 0.0f) {
+            memset(q, 0, 256);
+        } else {
+            const float iscale = -127.0f / max;
+#ifdef LH_Q8_VNNI
+            for (int j = 0; j < 256; j += 16) /* cvtps rounds half to even, as nearest_int; saturation: MIN(127, v) */
+                _mm_storeu_si128((__m128i *)(q + j),
+                                 _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_set1_ps(iscale), _mm512_loadu_ps(xb + j)))));
+#else
+            for (int j = 0; j < 256; j++) {
+                const float v = nearbyintf(iscale * xb[j]);
+                q[j] = (int8_t)(v > 127.0f ? 127.0f : v);
+            }
+#endif
+            d = 1.0f / iscale;
+        }
+        for (int s = 0; s < 16; s++) {
+            int sum = 0;
+            for (int j = 0; j < 16; j++) sum += q[16 * s + j];
+            r->s16[16 * b + s] = (float)sum;
+            r->d16[16 * b + s] = d;
+        }
+        for (int i = 0; i < 8; i++) {
+            const int64_t blk = 8 * b + i;
+            r->d[blk] = d;
+            r->s[blk] = r->s16[2 * blk] + r->s16[2 * blk + 1];
+            r->ds[blk] = d * r->s[blk];
+        }
     }
 }
 
@@ -448,26 +516,42 @@ int lh_q8_vnni(void) {
 #endif
 }
 
-/* The activation quantization on its own (tests): q (M, K) int8, d (M, K/32) float32, s16 (M, K/16) float32. */
-int lh_q8_quantize(const float *X, int64_t M, int64_t K, int8_t *q, float *d, float *s16) {
-    if (K % 32 || M < 1) return -1;
+/* The activation quantization on its own (tests), for weights of `type`: q (M, K) int8, and per 32 elements
+ * the scale d (M, K/32) float32 (Q8_K: its per-256 scale repeated), per 16 the code sums s16 (M, K/16). */
+int lh_q8_quantize(int type, const float *X, int64_t M, int64_t K, int8_t *q, float *d, float *s16) {
+    const int fl = q8_flavour(type);
+    if (K % (fl == FLAVOUR_Q8_K ? 256 : 32) || M < 1 || !lh_q8_supported(type)) return -1;
     qact a;
     if (qact_alloc(&a, K, 1)) return -1;
+    qrow *r = &a.rows[0][0];
     for (int64_t m = 0; m < M; m++) {
-        quantize_row(X + m * K, K, a.nbp, &a.rows[0]);
-        memcpy(q + m * K, a.rows[0].q, (size_t)K);
-        memcpy(d + m * (K / 32), a.rows[0].d, sizeof(float) * (size_t)(K / 32));
-        memcpy(s16 + m * (K / 16), a.rows[0].s16, sizeof(float) * (size_t)(K / 16));
+        if (fl == FLAVOUR_Q8_K) quantize_row_k(X + m * K, K, r);
+        else quantize_row(X + m * K, K, a.nbp, r);
+        memcpy(q + m * K, r->q, (size_t)K);
+        memcpy(d + m * (K / 32), r->d, sizeof(float) * (size_t)(K / 32));
+        memcpy(s16 + m * (K / 16), r->s16, sizeof(float) * (size_t)(K / 16));
     }
     free(a.mem);
     return 0;
+}
+
+/* Both flavours' rows as one worksharing loop (inside the caller's region): those the weights' types need. */
+static void q8_quantize_in_region(qact *a, const float *X, int64_t K, int64_t M, const int need[2]) {
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < 2 * M; i++) {
+        const int fl = (int)(i / M);
+        const int64_t m = i % M;
+        if (!need[fl]) continue;
+        if (fl == FLAVOUR_Q8_K) quantize_row_k(X + m * K, K, &a->rows[fl][m]);
+        else quantize_row(X + m * K, K, a->nbp, &a->rows[fl][m]);
+    }
 }
 
 /* Rows of one weight against the quantized X, inside the caller's parallel region (an orphaned omp for). */
 static void q8_weight(int type, const uint8_t *W, int64_t N, int64_t stride, int64_t K, const qact *a, int64_t M,
                       float *Y) {
 #pragma omp for schedule(static) nowait
-    for (int64_t n = 0; n < N; n++) q8_row(type, W + n * stride, K, a->rows, M, Y + n, N);
+    for (int64_t n = 0; n < N; n++) q8_row(type, W + n * stride, K, a->rows[q8_flavour(type)], M, Y + n, N);
 }
 
 static int q8_check(int nseg, const int *types, int64_t K, int64_t M) {
@@ -485,10 +569,11 @@ int lh_q8_gemv(int type, const uint8_t *W, int64_t N, int64_t stride, int64_t K,
     if (q8_check(1, &type, K, M)) return -1;
     qact a;
     if (qact_alloc(&a, K, M)) return -1;
+    int need[2] = {0, 0};
+    need[q8_flavour(type)] = 1;
 #pragma omp parallel num_threads(nthreads)
     {
-#pragma omp for schedule(static)
-        for (int64_t m = 0; m < M; m++) quantize_row(X + m * K, K, a.nbp, &a.rows[m]);
+        q8_quantize_in_region(&a, X, K, M, need);
         q8_weight(type, W, N, stride, K, &a, M, Y);
     }
     free(a.mem);
@@ -502,10 +587,11 @@ int lh_q8_gemv_many(int nseg, const int *types, const uint8_t *const *W, const i
     if (q8_check(nseg, types, K, M)) return -1;
     qact a;
     if (qact_alloc(&a, K, M)) return -1;
+    int need[2] = {0, 0};
+    for (int s = 0; s < nseg; s++) need[q8_flavour(types[s])] = 1;
 #pragma omp parallel num_threads(nthreads)
     {
-#pragma omp for schedule(static)
-        for (int64_t m = 0; m < M; m++) quantize_row(X + m * K, K, a.nbp, &a.rows[m]);
+        q8_quantize_in_region(&a, X, K, M, need);
         float *ys = Y;
         for (int s = 0; s < nseg; s++) {
             q8_weight(types[s], W[s], N[s], stride[s], K, &a, M, ys);

@@ -8,13 +8,13 @@ Without a C compiler, or with `llamaherd.native.disabled()`, `available()` is Fa
 pure-torch path; results differ only in float summation order.
 
 Int8 activations (`INT8_ACTIVATIONS`, default True): `gemv` / `gemv_many` quantize each activation row once
-per call to int8 blocks of 32 (d = amax/127, q = round(x/d), the codes of llama.cpp's `quantize_row_q8_0`) and
-multiply integer codes with AVX-512 VNNI dot products (native/ggml_q8.c): 2-4x the float kernels' speed per
-packed byte for the 4-6 bit types. The price is llama.cpp's: the product is that of the weights with the
-quantized activations, each activation off by up to half a code step (amax/254 of its block of 32), so
-outputs move by ~1e-3 relative (ggml_q8.c's scales stay float32, never coarser than llama.cpp's). False
-keeps the float-activation kernels (native/ggml.c), exact float32 activations, for comparisons with float
-math. Many-row products (prefill, `linear` past MAX_GEMV_ROWS) do not use this switch.
+per call to int8 blocks exactly as llama.cpp does (Q8_0 blocks of 32 for Q4_0/Q5_0/Q8_0 weights, Q8_K blocks
+of 256 for the K-quants) and multiply integer codes with AVX-512 VNNI dot products (native/ggml_q8.c): up to
+2-4x the float kernels' speed per packed byte for the 4-6 bit types (bench/PROFILE.md section 8). The price is
+llama.cpp's: the product is that of the weights with the quantized activations, each activation off by up to
+half a code step (amax/254 of its block), so outputs move by ~1e-3 of sum|w||x|. False keeps the
+float-activation kernels (native/ggml.c), exact float32 activations, for comparisons with float math.
+Many-row products (prefill, `linear` past MAX_GEMV_ROWS) do not use this switch.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ _SIGNATURES = {
     "lh_gemv_many": [_int, _ptr, _ptr, _ptr, _ptr, _i64, _ptr, _i64, _ptr, _int],
     "lh_q8_gemv": [_int, _ptr, _i64, _i64, _i64, _ptr, _i64, _ptr, _int],
     "lh_q8_gemv_many": [_int, _ptr, _ptr, _ptr, _ptr, _i64, _ptr, _i64, _ptr, _int],
-    "lh_q8_quantize": [_ptr, _i64, _i64, _ptr, _ptr, _ptr],
+    "lh_q8_quantize": [_int, _ptr, _i64, _i64, _ptr, _ptr, _ptr],
     "lh_q8_vnni": [],
 }
 
@@ -93,7 +93,7 @@ def dequantize(packed: torch.Tensor, type_id: int, n_cols: int, dtype: torch.dty
 def gemv(x: torch.Tensor, packed: torch.Tensor, type_id: int, n_cols: int) -> torch.Tensor:
     """x (M, n_cols) float32, M <= MAX_GEMV_ROWS, times the packed (N, row_bytes) weight transposed -> (M, N).
 
-    With INT8_ACTIVATIONS the rows of x are first quantized to int8 blocks of 32 (llama.cpp's Q8_0 codes)."""
+    With INT8_ACTIVATIONS the rows of x are first quantized to int8 blocks (llama.cpp's Q8_0 / Q8_K codes)."""
     _check(packed)
     x = x.contiguous()
     M, N = x.shape[0], packed.shape[0]
