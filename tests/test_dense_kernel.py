@@ -122,9 +122,9 @@ def test_swapped_model_logits_match_torch(name):
         # scale; a wrong kernel (a dropped row, a wrong tail) moves logits by their whole magnitude.
         torch.testing.assert_close(g, w, atol=4 * 2.0**-8 * w.abs().max().item(), rtol=0)
         assert torch.equal(g.argmax(-1), w.argmax(-1))
-    with native.disabled():  # switched off: bit for bit the torch path
-        off = run(swapped, prompt, 6)
-    for g, w in zip(off, want):
+    with native.disabled():  # switched off: bit for bit the unswapped model's torch path
+        off, plain_off = run(swapped, prompt, 6), run(plain, prompt, 6)
+    for g, w in zip(off, plain_off):
         assert torch.equal(g, w)
 
 
@@ -142,15 +142,12 @@ def test_swap_keeps_the_state_dict():
 
 
 def test_swap_leaves_float32_models_alone():
-    net = random_model(TINY["llama3"]).eval()
+    net, plain = random_model(TINY["llama3"]).eval(), random_model(TINY["llama3"]).eval()
     assert dense.swap_dense(net) == 1  # only the `project` hook, which falls back to F.linear for float32
     assert type(net.layers[0].attention.wq) is torch.nn.Linear
     x = torch.tensor([[1, 2, 3]])
     with torch.inference_mode():
-        got = net(x)
-    with native.disabled(), torch.inference_mode():
-        want = net(x)
-    assert torch.equal(got, want)
+        assert torch.equal(net(x), plain(x))
 
 
 def test_autograd_takes_the_torch_path():
@@ -214,3 +211,33 @@ def test_swapped_model_deepcopies():
     x = torch.tensor([[5, 6, 7]])
     with torch.inference_mode():
         assert torch.equal(twin(x), net(x))
+
+
+def test_portable_fallback_matches_float64(tmp_path):
+    """The `#else` path (no AVX512_BF16): dense.c built alone without it, called directly through ctypes."""
+    import ctypes
+    import shutil
+    import subprocess
+
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("no C compiler")
+    src = native.sources()[[p.name for p in native.sources()].index("dense.c")]
+    lib_path = tmp_path / "dense_portable.so"
+    flags = ["-O3", "-fopenmp", "-shared", "-fPIC", "-march=native", "-mno-avx512bf16"]
+    done = subprocess.run([cc, *flags, str(src), "-o", str(lib_path)], capture_output=True, text=True)
+    if done.returncode != 0:  # a compiler without -mno-avx512bf16: build for the baseline ISA instead
+        done = subprocess.run([cc, "-O3", "-fopenmp", "-shared", "-fPIC", str(src), "-o", str(lib_path)],
+                              capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    lib = ctypes.CDLL(str(lib_path))
+    assert lib.lh_bf16_native() == 0
+    fn = lib.lh_bf16_gemv
+    fn.argtypes, fn.restype = dense._SIGNATURES["lh_bf16_gemv"], ctypes.c_int
+    torch.manual_seed(4)
+    for M, N, K in [(1, 7, 33), (5, 13, 100), (16, 9, 64)]:
+        x = torch.randn(M, K).bfloat16()
+        w = torch.randn(N, K + 3).bfloat16()[:, :K]
+        y = torch.empty(M, N)
+        assert fn(x.data_ptr(), K, M, w.data_ptr(), w.stride(0), N, K, y.data_ptr(), N, 0, 2) == 0
+        check(y, x, w)
