@@ -241,3 +241,25 @@ def test_portable_fallback_matches_float64(tmp_path):
         y = torch.empty(M, N)
         assert fn(x.data_ptr(), K, M, w.data_ptr(), w.stride(0), N, K, y.data_ptr(), N, 0, 2) == 0
         check(y, x, w)
+
+
+def other_architectures():
+    from tests.test_gemma3 import tiny as gemma3_tiny
+    from tests.test_llama4 import CONFIG as llama4_config
+
+    return {"gemma3": gemma3_tiny(), "llama4": llama4_config}
+
+
+@pytest.mark.parametrize("arch", ["gemma3", "llama4"])
+def test_swap_on_other_architectures(arch):
+    """Every architecture loads through `materialize`, so every one gets the swap: Gemma 3 and Llama 4 too."""
+    config = other_architectures()[arch]
+    plain = random_model(config, std=0.05).to(torch.bfloat16).eval()
+    swapped = random_model(config, std=0.05).to(torch.bfloat16).eval()
+    assert dense.swap_dense(swapped) > 0
+    assert any(isinstance(m, dense.DenseLinear) for m in swapped.modules())
+    prompt = torch.tensor([[3, 17, 99, 5], [1, 2, 3, 4]])
+    got, want = run(swapped, prompt, 4), run(plain, prompt, 4)
+    for g, w in zip(got, want):
+        # as in test_swapped_model_logits_match_torch: one bf16 rounding per product, through a few layers
+        torch.testing.assert_close(g, w, atol=4 * 2.0**-8 * w.abs().max().item(), rtol=0)
