@@ -263,3 +263,24 @@ def test_swap_on_other_architectures(arch):
     for g, w in zip(got, want):
         # as in test_swapped_model_logits_match_torch: one bf16 rounding per product, through a few layers
         torch.testing.assert_close(g, w, atol=4 * 2.0**-8 * w.abs().max().item(), rtol=0)
+
+
+def test_group_follows_weights_moved_by_module_to():
+    """`.to(dtype)` keeps each Parameter object but gives it new memory: the grouped call must read the new one."""
+    net = tiny_bf16("llama3")
+    dense.swap_dense(net)
+    att = net.layers[0].attention
+    x = torch.randn(1, 1, 64).bfloat16()
+    with torch.inference_mode():
+        att.wq(x), att.wk(x), att.wv(x)  # caches the group's native arguments
+    params = [att.wq.weight, att.wk.weight]
+    net.float()
+    with torch.no_grad():
+        att.wk.weight.mul_(-1.0)  # float32 now: the torch path; the new values must be read after the round trip
+    net.to(torch.bfloat16)
+    assert att.wq.weight is params[0] and att.wk.weight is params[1]
+    with torch.inference_mode():
+        got = att.wq(x), att.wk(x), att.wv(x)
+    for g, lin in zip(got, (att.wq, att.wk, att.wv)):
+        want = F.linear(x, lin.weight)
+        torch.testing.assert_close(g, want, atol=2.0**-7 * want.abs().max().item(), rtol=0)

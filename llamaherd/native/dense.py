@@ -1,8 +1,9 @@
 """bf16 matrix-vector products on CPU through the native library (llamaherd/native/dense.c), and the swap using them.
 
 Why: decoding multiplies one activation row (or a few) by every weight matrix, so a step is bound by how fast
-the weights stream from memory. torch's bf16 `F.linear` for one row reads ~22 GB/s here, `lh_bf16_gemv`
-reads ~58 GB/s, the machine's streaming bandwidth (bench/PROFILE.md section 9, bench/dense_gemv.py).
+the weights stream from memory. `lh_bf16_gemv` reads weights at about the machine's streaming read bandwidth
+(40-46 GB/s measured beside a 42-44 GB/s plain read), torch's bf16 `F.linear` for one row at 25-31 GB/s
+(bench/PROFILE.md section 9, bench/dense_gemv.py).
 
 `applies(x, w)` is the one condition for the native path: CPU tensors, bf16 weight and input, the weight a plain
 2-D tensor with unit stride along K, no autograd graph to record, at most MAX_ROWS rows, and the library built
@@ -132,7 +133,7 @@ class DenseGroup:
     def __init__(self, members: list[DenseLinear]) -> None:
         self.members = members
         self._local = threading.local()
-        self._args: tuple[tuple[torch.Tensor, ...], tuple] | None = None
+        self._args: tuple[tuple, tuple] | None = None
 
     def __getstate__(self) -> dict:  # copy.deepcopy / pickle: the stash and ctypes arrays are transient
         return {"members": self.members}
@@ -171,13 +172,18 @@ class DenseGroup:
         return mine
 
     def _weights(self):
-        """The members' weights as native call arguments, rebuilt only when a weight tensor is replaced."""
+        """The members' weights as native call arguments, rebuilt only when a weight's memory changes.
+
+        Keyed by address, shape and row stride, not by the Parameter object: `module.to(dtype)` keeps the
+        Parameter and swaps its storage, and a stale address would be read after it was freed.
+        """
         current = tuple(m.weight for m in self.members)
-        if self._args is None or any(a is not b for a, b in zip(current, self._args[0])):
+        key = tuple((w.data_ptr(), w.shape[0], w.stride(0)) for w in current)
+        if self._args is None or key != self._args[0]:
             n = len(current)
             ns = [w.shape[0] for w in current]
             self._offsets = [sum(ns[:i]) for i in range(n)]
-            self._args = (current, ((ctypes.c_void_p * n)(*(w.data_ptr() for w in current)),
+            self._args = (key, ((ctypes.c_void_p * n)(*(w.data_ptr() for w in current)),
                                     (ctypes.c_int64 * n)(*ns), (ctypes.c_int64 * n)(*(w.stride(0) for w in current)),
                                     sum(ns)))
         return self._args[1]
