@@ -8,6 +8,11 @@ rounds; a round repeats the product for at least --min-ms. The native call is ma
 (~1 us of overhead, which matters only for the smallest shapes).
 
     .venv/bin/python bench/kernels.py [--threads 1 2] [--rounds 7] [--only gemma|llama1b]
+
+With --decode MODEL it instead times whole decode steps of MODEL (as bench/profile_decode.py's "plain"
+figure), INT8_ACTIVATIONS on and off alternating in one process, and prints the median ms/token of each:
+
+    .venv/bin/python bench/kernels.py --decode gemma-3-270m-q4_k_m --threads 2 --rounds 7 -n 32
 """
 
 from __future__ import annotations
@@ -62,6 +67,38 @@ def time_call(fn, args, min_s: float) -> float:
             return el / n
 
 
+def decode_ab(model: str, threads: int, rounds: int, n: int) -> None:
+    """Median ms per decode step with int8 and with float activations, alternating in one process."""
+    from llamaherd.checkpoint.load import load
+    from llamaherd.engine.generate import decode_one, prefill
+    from llamaherd.model.cache import KVCache
+
+    torch.set_num_threads(threads)
+    net = load(model).net.eval()
+    dtype = next(p.dtype for p in net.parameters() if p.is_floating_point())
+
+    @torch.inference_mode()
+    def steps() -> float:
+        cache = KVCache.for_model(net.config, 1, n + 2, dtype=dtype)
+        tok = prefill(net, torch.tensor([[2]]), cache).argmax(-1)
+        t = time.perf_counter()
+        for _ in range(n):
+            tok = decode_one(net, tok, cache).argmax(-1)
+        return (time.perf_counter() - t) / n * 1e3
+
+    res: dict[bool, list[float]] = {True: [], False: []}
+    for r in range(rounds + 1):
+        for on in (True, False):
+            cpu_kernels.INT8_ACTIVATIONS = on
+            ms = steps()
+            if r:  # the first round warms up both
+                res[on].append(ms)
+    cpu_kernels.INT8_ACTIVATIONS = True
+    print(f"{model}, {threads} threads, {n} steps x {rounds} rounds, load average {os.getloadavg()[0]:.2f}: "
+          f"int8 activations {statistics.median(res[True]):.2f} ms/token, float {statistics.median(res[False]):.2f} "
+          f"(all: int8 {[round(v, 2) for v in res[True]]}, float {[round(v, 2) for v in res[False]]})")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
@@ -69,9 +106,14 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=1, help="activation rows M (1..64)")
     ap.add_argument("--min-ms", type=float, default=40.0)
     ap.add_argument("--only", choices=["gemma", "llama1b"])
+    ap.add_argument("--decode", metavar="MODEL", help="time decode steps of MODEL instead (int8 vs float)")
+    ap.add_argument("-n", type=int, default=32, help="decode steps per round (--decode)")
     a = ap.parse_args()
     if cpu_kernels.library() is None:
         raise SystemExit("native library unavailable (no C compiler?)")
+    if a.decode:
+        decode_ab(a.decode, a.threads[0], a.rounds, a.n)
+        return
     paths = {"float": cpu_kernels._fn("lh_gemv"), "int8": cpu_kernels._fn("lh_q8_gemv")}
     print(f"load average {os.getloadavg()[0]:.2f}; M = {a.rows}; GB/s of packed bytes, median of {a.rounds} rounds")
     print(f"| model | product | type | N x K | MB | " + " | ".join(f"{p} {t}T" for t in a.threads for p in paths) + " | int8/float |")

@@ -255,7 +255,40 @@ static inline void q8_scale_min(const uint8_t *q, uint64_t *sc, uint64_t *mn) {
 
 INLINE float hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
 
-/* Q4_0 / Q5_0 / Q8_0: blocks 16 at a time (their 16 float16 scales fetched by one gather), two blocks per zmm.
+/* Blocks A (at blk) and B (the next; zero when !hasb) of a Q4_0/Q5_0/Q8_0 pair as 64 weight codes in element
+ * order: unsigned codes, or for Q8_0 |w| with the sign mask of w in *negp. */
+INLINE __m512i unpack_pair(const int T, const uint8_t *blk, int hasb, __mmask64 *negp) {
+    const int TS = T == Q4_0 ? 18 : T == Q5_0 ? 22 : 34;
+    const __m512i nib = _mm512_set1_epi8(0x0F), sixteen = _mm512_set1_epi8(16);
+    __m512i w;
+    __mmask64 neg = 0;
+    if (T == Q8_0) {
+        const __m256i a = _mm256_loadu_si256((const __m256i *)(blk + 2));
+        const __m256i b = hasb ? _mm256_loadu_si256((const __m256i *)(blk + TS + 2)) : _mm256_setzero_si256();
+        w = _mm512_inserti64x4(_mm512_castsi256_si512(a), b, 1);
+        neg = _mm512_movepi8_mask(w);
+        w = _mm512_abs_epi8(w); /* -128 -> 0x80, which is 128 read as u8 */
+    } else {
+        const int qo = T == Q5_0 ? 6 : 2;
+        /* 128-bit lanes [A, A, B, B]; lanes 1 and 3 shifted to the high nibbles: A's elements 0-15, 16-31,
+         * then B's, the activation order */
+        const __m256i a = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(blk + qo)));
+        const __m256i b = hasb ? _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(blk + TS + qo)))
+                               : _mm256_setzero_si256();
+        w = _mm512_inserti64x4(_mm512_castsi256_si512(a), b, 1);
+        w = _mm512_and_si512(_mm512_mask_srli_epi16(w, 0xFF00FF00u, w, 4), nib);
+        if (T == Q5_0) { /* bit j of qh is the fifth bit of element j */
+            uint32_t ha, hb = 0;
+            memcpy(&ha, blk + 2, 4);
+            if (hasb) memcpy(&hb, blk + TS + 2, 4);
+            w = _mm512_mask_add_epi8(w, (__mmask64)ha | (__mmask64)hb << 32, w, sixteen);
+        }
+    }
+    *negp = neg;
+    return w;
+}
+
+/* Q4_0 / Q5_0 / Q8_0, several activation rows: blocks 16 at a time (their 16 float16 scales fetched by one gather), two blocks per zmm.
  * Lane k of a dot holds 4 products of block 2p + k/8; its scale is lane 2p + k/8 of the 16-block scale vector. */
 INLINE void row_32(const int T, const uint8_t *row, int64_t nb, const qrow *x, const int64_t M, float *y,
                    int64_t ldy) {
@@ -263,7 +296,6 @@ INLINE void row_32(const int T, const uint8_t *row, int64_t nb, const qrow *x, c
     const __m512i gidx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
                                             _mm512_set1_epi32(TS));
     const __m512i pair0 = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1), two = _mm512_set1_epi32(2);
-    const __m512i nib = _mm512_set1_epi8(0x0F), sixteen = _mm512_set1_epi8(16);
     __m512 acc[MAX_ROWS], off[MAX_ROWS], S[MAX_ROWS];
     for (int64_t m = 0; m < M; m++) acc[m] = off[m] = _mm512_setzero_ps();
     for (int64_t b0 = 0; b0 < nb; b0 += 16) {
@@ -280,30 +312,8 @@ INLINE void row_32(const int T, const uint8_t *row, int64_t nb, const qrow *x, c
         __m512i idx = pair0;
         for (int p = 0; p < g; p += 2, blk += 2 * TS, idx = _mm512_add_epi32(idx, two)) {
             const int hasb = p + 1 < g;
-            __m512i w;
             __mmask64 neg = 0;
-            if (T == Q8_0) {
-                const __m256i a = _mm256_loadu_si256((const __m256i *)(blk + 2));
-                const __m256i b = hasb ? _mm256_loadu_si256((const __m256i *)(blk + TS + 2)) : _mm256_setzero_si256();
-                w = _mm512_inserti64x4(_mm512_castsi256_si512(a), b, 1);
-                neg = _mm512_movepi8_mask(w);
-                w = _mm512_abs_epi8(w); /* -128 -> 0x80, which is 128 read as u8 */
-            } else {
-                const int qo = T == Q5_0 ? 6 : 2;
-                /* 128-bit lanes [A, A, B, B]; lanes 1 and 3 shifted to the high nibbles: A's elements 0-15, 16-31,
-                 * then B's, the activation order */
-                const __m256i a = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(blk + qo)));
-                const __m256i b = hasb ? _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(blk + TS + qo)))
-                                       : _mm256_setzero_si256();
-                w = _mm512_inserti64x4(_mm512_castsi256_si512(a), b, 1);
-                w = _mm512_and_si512(_mm512_mask_srli_epi16(w, 0xFF00FF00u, w, 4), nib);
-                if (T == Q5_0) { /* bit j of qh is the fifth bit of element j */
-                    uint32_t ha, hb = 0;
-                    memcpy(&ha, blk + 2, 4);
-                    if (hasb) memcpy(&hb, blk + TS + 2, 4);
-                    w = _mm512_mask_add_epi8(w, (__mmask64)ha | (__mmask64)hb << 32, w, sixteen);
-                }
-            }
+            const __m512i w = unpack_pair(T, blk, hasb, &neg);
             for (int64_t m = 0; m < M; m++) {
                 __m512i xq = _mm512_loadu_si512((const void *)(x[m].q + (b0 + p) * 32));
                 if (T == Q8_0) xq = _mm512_mask_sub_epi8(xq, neg, _mm512_setzero_si512(), xq);
@@ -401,12 +411,63 @@ INLINE void row_q6k(const uint8_t *row, int64_t nsb, const qrow *x, const int64_
     for (int64_t m = 0; m < M; m++) y[m * ldy] = hsum(acc[m]) - 32.0f * hsum(off[m]);
 }
 
+/* One activation row (M == 1, decode): the 8 pair dots of a 16-block group are summed into one lane per block by
+ * a tree of lane-pair additions (two `vpermt2d` and an add per level: lanes 2i and 2i+1 of two vectors), so the
+ * group needs one int->float conversion and one FMA with its 16 scales instead of one per pair (A/B, 1 thread:
+ * +8-10% on rows of 8192, unchanged on rows of 640; bench/PROFILE.md section 8). */
+INLINE __m512i pairsum(__m512i a, __m512i b, __m512i ev, __m512i od) {
+    return _mm512_add_epi32(_mm512_permutex2var_epi32(a, ev, b), _mm512_permutex2var_epi32(a, od, b));
+}
+
+INLINE void row_32_one(const int T, const uint8_t *row, int64_t nb, const qrow *x, float *y) {
+    const int TS = T == Q4_0 ? 18 : T == Q5_0 ? 22 : 34;
+    const __m512i gidx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                            _mm512_set1_epi32(TS));
+    const __m512i ev = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    const __m512i od = _mm512_add_epi32(ev, _mm512_set1_epi32(1));
+    __m512 acc = _mm512_setzero_ps(), off = _mm512_setzero_ps();
+    for (int64_t b0 = 0; b0 < nb; b0 += 16) {
+        const int g = nb - b0 < 16 ? (int)(nb - b0) : 16;
+        const __mmask16 gm = (__mmask16)(g == 16 ? 0xFFFF : (1u << g) - 1);
+        const uint8_t *blk = row + b0 * TS;
+        const __m512i raw = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), gm, gidx, blk, 1);
+        const __m512 S = _mm512_mul_ps(_mm512_cvtph_ps(_mm512_cvtepi32_epi16(raw)), _mm512_loadu_ps(x->d + b0));
+        if (T != Q8_0) off = _mm512_fmadd_ps(S, _mm512_loadu_ps(x->s + b0), off);
+        if (g < 16) { /* a row's last, partial group: each pair's 16 lanes scaled on their own */
+            __m512i idx = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+            for (int p = 0; p < g; p += 2, idx = _mm512_add_epi32(idx, _mm512_set1_epi32(2))) {
+                __mmask64 neg = 0;
+                const __m512i w = unpack_pair(T, blk + p * TS, p + 1 < g, &neg);
+                __m512i xq = _mm512_loadu_si512((const void *)(x->q + (b0 + p) * 32));
+                if (T == Q8_0) xq = _mm512_mask_sub_epi8(xq, neg, _mm512_setzero_si512(), xq);
+                const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, xq);
+                acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_permutexvar_ps(idx, S), acc);
+            }
+            continue;
+        }
+        __m512i dot[8];
+        for (int p = 0; p < 8; p++) {
+            __mmask64 neg = 0;
+            const __m512i w = unpack_pair(T, blk + 2 * p * TS, 1, &neg);
+            __m512i xq = _mm512_loadu_si512((const void *)(x->q + (b0 + 2 * p) * 32));
+            if (T == Q8_0) xq = _mm512_mask_sub_epi8(xq, neg, _mm512_setzero_si512(), xq);
+            dot[p] = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, xq);
+        }
+        const __m512i l0 = pairsum(dot[0], dot[1], ev, od), l1 = pairsum(dot[2], dot[3], ev, od);
+        const __m512i l2 = pairsum(dot[4], dot[5], ev, od), l3 = pairsum(dot[6], dot[7], ev, od);
+        const __m512i sums = pairsum(pairsum(l0, l1, ev, od), pairsum(l2, l3, ev, od), ev, od);
+        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), S, acc);
+    }
+    const float c = T == Q4_0 ? 8.0f : T == Q5_0 ? 16.0f : 0.0f;
+    *y = hsum(acc) - c * hsum(off);
+}
+
 static void q8_row(int type, const uint8_t *row, int64_t K, const qrow *x, int64_t M, float *y, int64_t ldy) {
 #define Q8_CASE(CALL1, CALLM) if (M == 1) CALL1; else CALLM; return
     switch (type) {
-    case Q4_0: Q8_CASE(row_32(Q4_0, row, K / 32, x, 1, y, ldy), row_32(Q4_0, row, K / 32, x, M, y, ldy));
-    case Q5_0: Q8_CASE(row_32(Q5_0, row, K / 32, x, 1, y, ldy), row_32(Q5_0, row, K / 32, x, M, y, ldy));
-    case Q8_0: Q8_CASE(row_32(Q8_0, row, K / 32, x, 1, y, ldy), row_32(Q8_0, row, K / 32, x, M, y, ldy));
+    case Q4_0: Q8_CASE(row_32_one(Q4_0, row, K / 32, x, y), row_32(Q4_0, row, K / 32, x, M, y, ldy));
+    case Q5_0: Q8_CASE(row_32_one(Q5_0, row, K / 32, x, y), row_32(Q5_0, row, K / 32, x, M, y, ldy));
+    case Q8_0: Q8_CASE(row_32_one(Q8_0, row, K / 32, x, y), row_32(Q8_0, row, K / 32, x, M, y, ldy));
     case Q4_K: Q8_CASE(row_k45(Q4_K, row, K / 256, x, 1, y, ldy), row_k45(Q4_K, row, K / 256, x, M, y, ldy));
     case Q5_K: Q8_CASE(row_k45(Q5_K, row, K / 256, x, 1, y, ldy), row_k45(Q5_K, row, K / 256, x, M, y, ldy));
     case Q6_K: Q8_CASE(row_q6k(row, K / 256, x, 1, y, ldy), row_q6k(row, K / 256, x, M, y, ldy));
