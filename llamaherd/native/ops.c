@@ -1,0 +1,161 @@
+/* Per-layer float32 glue of the decoders, fused: RMSNorm rows, and a one-token attention step (optional
+ * per-head norm of q and k, rotary embedding, KV-cache write, softmax attention over the cached slots).
+ *
+ * Why: in a decode step these are tiny (640 or 4 x 256 values) and torch runs each as 5-15 aten ops of ~1 us
+ * dispatch each (bench/PROFILE.md sections 5, 7 and 10); one ctypes call does the arithmetic in well under
+ * that. The Python side (llamaherd/native/ops.py) decides when these apply; the torch code in the model files
+ * is the reference they are tested against (tests/test_native_ops.py).
+ *
+ * Arithmetic follows the torch reference's order of operations (norm: mean of squares, + eps, 1/sqrt, x * r,
+ * then the weight or (1 + weight); rotary: x0*c - x1*s, x1*c + x0*s); only the order of summation in the
+ * reductions differs (the library is built with -fassociative-math so those loops vectorise). The rotary
+ * layouts are Meta's adjacent pairs (llama-models `apply_rotary_emb`, ggml's normal mode) and the "rotate
+ * half" pairs (x[i], x[i + D/2]) of HF `rotate_half` / ggml's GGML_ROPE_TYPE_NEOX (ggml-cpu `rope_f32`).
+ * Exported symbols are prefixed lh_ops_ (every C file under native/ lands in one library).
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+enum { LH_OPS_NO_WEIGHT = 0, LH_OPS_WEIGHT = 1, LH_OPS_ONE_PLUS_WEIGHT = 2 };
+enum { LH_OPS_ROPE_NONE = 0, LH_OPS_ROPE_PAIRS = 1, LH_OPS_ROPE_HALVES = 2 };
+
+/* One row: y = x / sqrt(mean(x^2) + eps), then times w, or (1 + w), or nothing. y may alias x. */
+static inline void norm_row(const float *x, const float *w, int mode, float eps, int64_t n, float *y) {
+    float ss = 0.0f;
+    for (int64_t j = 0; j < n; j++) ss += x[j] * x[j];
+    const float r = 1.0f / sqrtf(ss / (float)n + eps);
+    if (mode == LH_OPS_WEIGHT) {
+        for (int64_t j = 0; j < n; j++) y[j] = (x[j] * r) * w[j];
+    } else if (mode == LH_OPS_ONE_PLUS_WEIGHT) {
+        for (int64_t j = 0; j < n; j++) y[j] = (x[j] * r) * (1.0f + w[j]);
+    } else {
+        for (int64_t j = 0; j < n; j++) y[j] = x[j] * r;
+    }
+}
+
+/* rows x dim, contiguous: out[i] = norm_row(x[i]). Many rows (prefill) are split across threads. */
+int lh_ops_rms_norm(const float *x, const float *w, int mode, float eps, int64_t rows, int64_t dim, float *out,
+                    int nthreads) {
+    if (rows * dim >= (1 << 16) && nthreads > 1) {
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+        for (int64_t i = 0; i < rows; i++) norm_row(x + i * dim, w, mode, eps, dim, out + i * dim);
+    } else {
+        for (int64_t i = 0; i < rows; i++) norm_row(x + i * dim, w, mode, eps, dim, out + i * dim);
+    }
+    return 0;
+}
+
+/* Rotate one head's D values by angles (c[i], s[i]), i < D/2, in the given layout. y may not alias x. */
+static inline void rope_row(const float *x, const float *c, const float *s, int layout, int64_t D, float *y) {
+    const int64_t h = D / 2;
+    if (layout == LH_OPS_ROPE_HALVES) {
+        for (int64_t i = 0; i < h; i++) {
+            const float x0 = x[i], x1 = x[i + h];
+            y[i] = x0 * c[i] - x1 * s[i];
+            y[i + h] = x1 * c[i] + x0 * s[i];
+        }
+    } else if (layout == LH_OPS_ROPE_PAIRS) {
+        for (int64_t i = 0; i < h; i++) {
+            const float x0 = x[2 * i], x1 = x[2 * i + 1];
+            y[2 * i] = x0 * c[i] - x1 * s[i];
+            y[2 * i + 1] = x0 * s[i] + x1 * c[i];
+        }
+    } else {
+        memcpy(y, x, (size_t)D * sizeof(float));
+    }
+}
+
+/* A head's vector as attention uses it: per-head norm (norm_mode, weight w) first, then the rotation. */
+static inline void prepare_head(const float *x, const float *w, int norm_mode, int use_norm, float eps,
+                                const float *c, const float *s, int layout, int64_t D, float *tmp, float *y) {
+    if (use_norm) {
+        norm_row(x, w, norm_mode, eps, D, tmp);
+        x = tmp;
+    }
+    rope_row(x, c, s, layout, D, y);
+}
+
+/* One new token per batch row through attention, for one layer:
+ *
+ *   q (B, Hq, D), k and v (B, Hkv, D): the projections of the new token (float32, contiguous);
+ *   qk_norm: when nonzero, q and k heads are first RMS-normalised with weights qw / kw (norm_mode, q_eps and
+ *   k_eps), before the rotation (Gemma 3's order);
+ *   cos, sin: D/2 angles per batch row, rows cs_stride floats apart (0: one row for every batch row);
+ *   kc, vc (B, Hkv, max_len, D): this layer's cache; the rotated k and v are written at `slot`;
+ *   keys [0, slot] are attended to, minus those whose mask byte is 0 (mask rows mask_stride bytes apart,
+ *   NULL: all), with scores scale * q.k and query head h reading key/value head h / (Hq / Hkv) (grouped-query
+ *   attention as torch's enable_gqa and llama-models' repeat_kv);
+ *   out (B, Hq, D): softmax-weighted sum of values.
+ *
+ * A query that sees no key gets zeros (the mask contract, llama.attention_mask, always shows its own slot).
+ * Returns 0, or -1 when scratch memory cannot be had.
+ */
+int lh_ops_attend_decode(const float *q, const float *k, const float *v, int64_t B, int64_t Hq, int64_t Hkv,
+                         int64_t D, int qk_norm, const float *qw, const float *kw, int norm_mode, float q_eps,
+                         float k_eps,
+                         const float *cos, const float *sin, int64_t cs_stride, int layout, float *kc, float *vc,
+                         int64_t max_len, int64_t slot, const uint8_t *mask, int64_t mask_stride, float scale,
+                         float *out, int nthreads) {
+    const int64_t S = slot + 1, group = Hq / Hkv;
+    float *tmp = malloc((size_t)D * sizeof(float));
+    if (tmp == NULL) return -1;
+    for (int64_t b = 0; b < B; b++) {  /* the new keys and values into the cache */
+        for (int64_t h = 0; h < Hkv; h++) {
+            const int64_t at = ((b * Hkv + h) * max_len + slot) * D;
+            prepare_head(k + (b * Hkv + h) * D, kw, norm_mode, qk_norm, k_eps, cos + b * cs_stride,
+                         sin + b * cs_stride, layout, D, tmp, kc + at);
+            memcpy(vc + at, v + (b * Hkv + h) * D, (size_t)D * sizeof(float));
+        }
+    }
+    free(tmp);
+    const int64_t tasks = B * Hq;
+    /* Split heads across threads only when there is enough work to pay for the fork/join (~1-2 us). */
+    const int threads = (tasks > 1 && S * D * tasks >= (1 << 18)) ? nthreads : 1;
+    int failed = 0;
+#pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+        float *scores = malloc((size_t)S * sizeof(float));
+        float *buf = malloc((size_t)2 * D * sizeof(float));
+        if (scores == NULL || buf == NULL) {
+#pragma omp atomic write
+            failed = 1;
+        } else {
+            float *qr = buf, *qtmp = buf + D;
+#pragma omp for schedule(static)
+            for (int64_t t = 0; t < tasks; t++) {
+                const int64_t b = t / Hq, h = t % Hq, hk = h / group;
+                prepare_head(q + t * D, qw, norm_mode, qk_norm, q_eps, cos + b * cs_stride, sin + b * cs_stride,
+                             layout, D, qtmp, qr);
+                const float *keys = kc + (b * Hkv + hk) * max_len * D, *vals = vc + (b * Hkv + hk) * max_len * D;
+                const uint8_t *m = mask ? mask + b * mask_stride : NULL;
+                float best = -INFINITY;
+                for (int64_t j = 0; j < S; j++) {
+                    if (m && !m[j]) { scores[j] = -INFINITY; continue; }
+                    const float *kj = keys + j * D;
+                    float dot = 0.0f;
+                    for (int64_t d = 0; d < D; d++) dot += qr[d] * kj[d];
+                    scores[j] = dot * scale;
+                    if (scores[j] > best) best = scores[j];
+                }
+                float *o = out + t * D;
+                memset(o, 0, (size_t)D * sizeof(float));
+                if (best == -INFINITY) continue;  /* no visible key */
+                float total = 0.0f;
+                for (int64_t j = 0; j < S; j++) {
+                    if (scores[j] == -INFINITY) continue;
+                    const float p = expf(scores[j] - best);
+                    total += p;
+                    const float *vj = vals + j * D;
+                    for (int64_t d = 0; d < D; d++) o[d] += p * vj[d];
+                }
+                const float inv = 1.0f / total;
+                for (int64_t d = 0; d < D; d++) o[d] *= inv;
+            }
+        }
+        free(scores);
+        free(buf);
+    }
+    return failed ? -1 : 0;
+}
