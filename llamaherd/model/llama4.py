@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from ..native import ops
 from .cache import KVCache
 from . import llama
 from .llama import FeedForward, RMSNorm, attention_mask, sdpa
@@ -30,6 +31,8 @@ def is_nope_layer(config: ModelConfig, layer: int) -> bool:
 
 def rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
     """Parameter-free RMS norm over the last axis in float32 (Meta's `rmsnorm`, used as Llama 4's QK-norm)."""
+    if ops.usable(x):  # float32 on the CPU: one native call instead of ~7 aten ops
+        return ops.rms_norm(x, None, eps)
     xf = x.float()
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x)
 
