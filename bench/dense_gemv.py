@@ -112,8 +112,9 @@ def main() -> int:
         times: dict[str, list[float]] = {"kernel": [], "torch": []}
         fns = {"kernel": lambda w: dense.gemv(x, w, torch.float32), "torch": lambda w: F.linear(x, w)}
         with torch.inference_mode():
-            for name, fn in fns.items():  # warm-up: page faults, library build, oneDNN primitive caches
-                fn(ws[0])
+            for name, fn in fns.items():  # warm-up over every copy: library build, oneDNN primitive caches,
+                for w in ws:  # and the kernel's first touch of freshly allocated pages (slow here: ~1 GB/s)
+                    fn(w)
             for _ in range(args.rounds):
                 for name, fn in fns.items():
                     t = time.perf_counter()
