@@ -194,23 +194,23 @@ def swap_dense(net: nn.Module) -> int:
 
     A swap, not a fork of the model: the model code still calls `self.wq(x)` and `self.project(h, w)`; the
     new modules hold the very same Parameter objects, so the state dict keys and tensors are unchanged.
-    Nothing is swapped when the library is unavailable (no compiler, or switched off).
+    Models without such Linears (float32, GPU, packed GGUF weights) are left alone without building the
+    library; nothing is swapped when it is unavailable (no compiler, or switched off).
     """
-    if not available():
+    found = [
+        (parent, name, mod)
+        for parent in net.modules()
+        for name, mod in parent.named_children()
+        if type(mod) is nn.Linear and mod.bias is None
+        and mod.weight.dtype == torch.bfloat16 and mod.weight.device.type == "cpu"
+    ]
+    if not found or not available():
         return 0
-    swapped = 0
-    for parent in list(net.modules()):
-        for name, mod in list(parent.named_children()):
-            if type(mod) is not nn.Linear or mod.bias is not None:
-                continue
-            w = mod.weight
-            if w.dtype != torch.bfloat16 or w.device.type != "cpu":
-                continue
-            new = DenseLinear(mod.in_features, mod.out_features, bias=False, device="meta")
-            new.weight = w  # the same Parameter: state dict values and identity unchanged
-            new.train(mod.training)
-            setattr(parent, name, new)
-            swapped += 1
+    for parent, name, mod in found:
+        new = DenseLinear(mod.in_features, mod.out_features, bias=False, device="meta")
+        new.weight = mod.weight  # the same Parameter: state dict values and identity unchanged
+        new.train(mod.training)
+        setattr(parent, name, new)
     for parent in net.modules():
         for names in SHARED_INPUT_NAMES:
             members = [getattr(parent, n, None) for n in names]
@@ -218,7 +218,8 @@ def swap_dense(net: nn.Module) -> int:
                 group = DenseGroup(members)
                 for m in members:
                     m.group = group
-    if callable(getattr(net, "project", None)):
+    swapped = len(found)
+    if callable(getattr(net, "project", None)):  # the vocab projection (a tied one is no Linear)
         net.project = logits
         swapped += 1
     return swapped
