@@ -174,6 +174,10 @@ def test_gemv_rejects_what_it_cannot_read():
         dense.gemv(torch.randn(1, 64), w)
     with pytest.raises(ValueError):
         dense.gemv(torch.randn(1, 64).bfloat16(), w, torch.float16)
+    with pytest.raises(ValueError):  # K mismatch, even where the element count would fit
+        dense.gemv(torch.randn(1, 128).bfloat16(), w)
+    with pytest.raises(ValueError):  # K = 0: no rows to speak of
+        dense.gemv(torch.randn(1, 0).bfloat16(), torch.randn(8, 0).bfloat16())
 
 
 def test_grouped_projections_in_any_order():

@@ -79,24 +79,22 @@ def gemv(x: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype = torch.bfloat
 
     Callers check `applies(x, w)` first; this only re-checks what would make the C code read out of bounds.
     """
+    if w.dim() != 2 or x.dim() < 1 or x.shape[-1] != w.shape[1] or w.stride(1) != 1 \
+            or x.dtype != torch.bfloat16 or w.dtype != torch.bfloat16 or not (x.is_cpu and w.is_cpu) \
+            or not 1 <= x.numel() // max(w.shape[1], 1) <= MAX_ROWS:
+        raise ValueError(f"lh_bf16_gemv wants CPU bf16 x (1..{MAX_ROWS} rows, K) and w (N, K) with unit K stride, "
+                         f"got {x.dtype} {tuple(x.shape)} on {x.device} and {w.dtype} {tuple(w.shape)} on {w.device}")
     K, N = w.shape[1], w.shape[0]
     x2 = x.reshape(-1, K)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     M = x2.shape[0]
-    if not (1 <= M <= MAX_ROWS) or w.stride(1) != 1 or x2.dtype != torch.bfloat16 or w.dtype != torch.bfloat16:
-        raise ValueError(f"lh_bf16_gemv wants bf16 x (1..{MAX_ROWS}, {K}) and bf16 w (N, {K}) with unit K stride")
     if out_dtype not in (torch.float32, torch.bfloat16):
         raise ValueError(f"lh_bf16_gemv writes float32 or bfloat16, not {out_dtype}")
     y = torch.empty(*x.shape[:-1], N, dtype=out_dtype)
     _fn("lh_bf16_gemv")(x2.data_ptr(), x2.stride(0), M, w.data_ptr(), w.stride(0), N, K, y.data_ptr(), N,
                         int(out_dtype == torch.bfloat16), torch.get_num_threads())
     return y
-
-
-def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """`F.linear(x, w)` without bias, through the kernel when it applies (bf16 out, as torch's)."""
-    return gemv(x, w) if applies(x, w) else F.linear(x, w)
 
 
 def logits(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
