@@ -4,12 +4,15 @@
 
 Rounds alternate on/off (the matrix kernels stay on in both), each round a fresh cache: prefill a short
 prompt, then n greedy decode steps timed together. Prints the median ms/token of each side, and how far the
-two sides' logits are apart on the first steps (same tokens fed to both).
+two sides' logits are apart on the first steps (same tokens fed to both), with float activations into the
+quantized products: with int8 activations (the default) an ulp-level change in a norm can flip the rounding of
+an activation code, so that gap measures the int8 rounding's sensitivity rather than the glue's accuracy.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
@@ -24,6 +27,7 @@ from llamaherd.checkpoint.load import load  # noqa: E402
 from llamaherd.engine.generate import decode_one, prefill  # noqa: E402
 from llamaherd.model.cache import KVCache  # noqa: E402
 from llamaherd.native import ops  # noqa: E402
+from llamaherd.quant import cpu_kernels  # noqa: E402
 
 PROMPT = [2, 651, 6037, 576, 6081, 603]  # a few ids valid in every vocabulary here
 
@@ -38,20 +42,42 @@ def decode_ms(net, dtype, n: int) -> float:
     return (time.perf_counter() - t) / n * 1e3
 
 
+@contextlib.contextmanager
+def glue(net, on: bool, nudge: bool = False):
+    """Glue on or off; `nudge` moves every norm's input up by one ulp (a control for rounding sensitivity)."""
+    hooks = []
+    if nudge:
+        for m in net.modules():
+            if type(m).__name__.endswith("RMSNorm"):
+                hooks.append(m.register_forward_pre_hook(lambda _, a: (torch.nextafter(a[0], a[0] + 1),)))
+    ops.ENABLED = on
+    try:
+        yield
+    finally:
+        ops.ENABLED = True
+        for h in hooks:
+            h.remove()
+
+
 @torch.inference_mode()
-def logits_gap(net, dtype, n: int = 8) -> float:
-    """Max |logit difference| between glue on and off over n teacher-forced decode steps (on's greedy tokens)."""
-    caches = {on: KVCache.for_model(net.config, 1, len(PROMPT) + n + 1, dtype=dtype) for on in (True, False)}
+def logits_gap(net, dtype, a: dict, b: dict, n: int = 8) -> float:
+    """Max |logit difference| between two settings of `glue` over n teacher-forced decode steps (a's tokens)."""
+    caches = [KVCache.for_model(net.config, 1, len(PROMPT) + n + 1, dtype=dtype) for _ in (a, b)]
     tok, gap = None, 0.0
     for step in range(n + 1):
-        outs = {}
-        for on, cache in caches.items():
-            ops.ENABLED = on
-            outs[on] = prefill(net, torch.tensor([PROMPT]), cache) if step == 0 else decode_one(net, tok, cache)
-        ops.ENABLED = True
-        gap = max(gap, float((outs[True] - outs[False]).abs().max()))
-        tok = outs[True].argmax(-1)
+        outs = []
+        for setting, cache in zip((a, b), caches):
+            with glue(net, **setting):
+                outs.append(prefill(net, torch.tensor([PROMPT]), cache) if step == 0 else decode_one(net, tok, cache))
+        gap = max(gap, float((outs[0] - outs[1]).abs().max()))
+        tok = outs[0].argmax(-1)
     return gap
+
+
+@torch.inference_mode()
+def decode_logits_scale(net, dtype) -> torch.Tensor:
+    cache = KVCache.for_model(net.config, 1, len(PROMPT) + 1, dtype=dtype)
+    return prefill(net, torch.tensor([PROMPT]), cache).abs().max()
 
 
 def main() -> int:
@@ -65,7 +91,14 @@ def main() -> int:
     net = load(args.model).net.eval()
     dtype = next(p.dtype for p in net.parameters() if p.is_floating_point())
     print(f"load average at start: {os.getloadavg()[0]:.2f}")
-    print(f"max |logit gap| on vs off, 8 steps: {logits_gap(net, dtype):.3g}")
+    scale = float(decode_logits_scale(net, dtype))
+    for int8 in (False, True):
+        before, cpu_kernels.INT8_ACTIVATIONS = cpu_kernels.INT8_ACTIVATIONS, int8
+        gap = logits_gap(net, dtype, {"on": True}, {"on": False})
+        control = logits_gap(net, dtype, {"on": False}, {"on": False, "nudge": True})
+        cpu_kernels.INT8_ACTIVATIONS = before
+        print(f"{'int8' if int8 else 'float'} activations, max |logit gap| over 8 steps (max |logit| {scale:.3g}): "
+              f"glue on vs off {gap:.3g}; control, torch glue vs norm inputs nudged by one ulp {control:.3g}")
     decode_ms(net, dtype, 4)  # warm up both sides
     times: dict[bool, list[float]] = {True: [], False: []}
     for _ in range(args.rounds):

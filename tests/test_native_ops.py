@@ -20,6 +20,7 @@ from llamaherd.config import ModelConfig
 from llamaherd.model import gemma3, llama
 from llamaherd.model.cache import KVCache
 from llamaherd.model.llama4 import rms_normalize
+from llamaherd.model.rope import apply_rope
 from llamaherd.native import ops
 
 pytestmark = pytest.mark.skipif(native.library() is None, reason="no C compiler: the native ops cannot be built")
@@ -64,6 +65,43 @@ def test_parameter_free_norm_matches_torch(shape):
 def test_rms_norm_rejects_a_weight_of_another_width():
     with pytest.raises(ValueError):
         ops.rms_norm(torch.randn(2, 8), torch.ones(7), 1e-6)
+
+
+# ---- rotary embedding ----------------------------------------------------------------------------------------
+
+ROPE_SHAPES = [  # x (B, T, H, D), angle rows (1 or B)
+    ((1, 1, 4, 256), 1), ((2, 5, 3, 6), 1), ((2, 5, 3, 6), 2), ((3, 7, 1, 2), 3), ((1, 300, 4, 64), 1),  # threaded
+]
+
+
+@pytest.mark.parametrize("shape,angle_rows", ROPE_SHAPES)
+@pytest.mark.parametrize("reference,layout", [(apply_rope, ops.PAIRS), (gemma3.apply_rope_halves, ops.HALVES)])
+def test_rope_matches_torch(shape, angle_rows, reference, layout):
+    g = torch.Generator().manual_seed(5)
+    B, T, H, D = shape
+    x = torch.randn(shape, generator=g)
+    angles = torch.rand(angle_rows, T, D // 2, generator=g) * 50.0
+    cos, sin = torch.cos(angles), torch.sin(angles)
+    with torch.inference_mode():
+        assert ops.rope_applies(x, cos, sin)
+        with ops.disabled():
+            want = reference(x, cos, sin)
+        got = reference(x, cos, sin)
+    _close(got, want)
+
+
+def test_rope_falls_back_for_other_shapes_and_strides():
+    x, cos, sin = torch.randn(2, 5, 3, 8), torch.randn(2, 5, 4), torch.randn(2, 5, 4)
+    with torch.inference_mode():
+        assert ops.rope_applies(x, cos, sin)
+        assert not ops.rope_applies(x.transpose(1, 2), cos, sin)  # (B, H, T, D) view
+        assert not ops.rope_applies(x, cos[:, :4], sin[:, :4])
+        assert not ops.rope_applies(x, cos[None], sin[None])
+        assert not ops.rope_applies(x[..., :7], cos, sin)
+        strided = x.transpose(1, 2).contiguous().transpose(1, 2)  # same values, (B, T, H, D) strides differ
+        with ops.disabled():
+            want = apply_rope(strided, cos, sin)
+        assert torch.equal(apply_rope(strided, cos, sin), want)
 
 
 # ---- fallbacks -----------------------------------------------------------------------------------------------

@@ -141,6 +141,8 @@ def apply_rope_halves(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> 
 
     The "rotate half" layout of HF's `apply_rotary_pos_emb` and llama.cpp's GGML_ROPE_TYPE_NEOX.
     """
+    if ops.rope_applies(x, cos, sin):  # float32 on the CPU: one native call instead of ~8 aten ops
+        return ops.rope(x, cos, sin, layout=ops.HALVES)
     xf = x.float()
     x0, x1 = xf.chunk(2, dim=-1)  # each (B, T, H, D/2)
     c, s = cos[:, :, None, :], sin[:, :, None, :]

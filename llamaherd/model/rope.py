@@ -7,6 +7,7 @@ import math
 import torch
 
 from ..config import RopeScaling
+from ..native import ops
 
 
 def inv_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None = None) -> torch.Tensor:
@@ -48,6 +49,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
     This is Meta's interleaved layout (complex multiplication on adjacent pairs), computed in float32.
     """
+    if ops.rope_applies(x, cos, sin):  # float32 on the CPU: one native call instead of ~10 aten ops
+        return ops.rope(x, cos, sin, layout=ops.PAIRS)
     xf = x.float().unflatten(-1, (-1, 2))  # (B, T, H, D/2, 2)
     x0, x1 = xf[..., 0], xf[..., 1]
     c, s = cos[:, :, None, :], sin[:, :, None, :]

@@ -1,9 +1,10 @@
-/* Per-layer float32 glue of the decoders, fused: RMSNorm rows, and a one-token attention step (optional
- * per-head norm of q and k, rotary embedding, KV-cache write, softmax attention over the cached slots).
+/* Per-layer float32 glue of the decoders, fused: RMSNorm rows, rotary embedding rows, and a one-token attention
+ * step (optional per-head norm of q and k, rotary embedding, KV-cache write, softmax attention over the cached
+ * slots).
  *
  * Why: in a decode step these are tiny (640 or 4 x 256 values) and torch runs each as 5-15 aten ops of ~1 us
  * dispatch each (bench/PROFILE.md sections 5, 7 and 10); one ctypes call does the arithmetic in well under
- * that. The Python side (llamaherd/native/ops.py) decides when these apply; the torch code in the model files
+ * that. Over many rows (prefill) the same loops also beat torch's ops, which write several temporaries. The Python side (llamaherd/native/ops.py) decides when these apply; the torch code in the model files
  * is the reference they are tested against (tests/test_native_ops.py).
  *
  * Arithmetic follows the torch reference's order of operations (norm: mean of squares, + eps, 1/sqrt, x * r,
@@ -65,6 +66,22 @@ static inline void rope_row(const float *x, const float *c, const float *s, int 
     } else {
         memcpy(y, x, (size_t)D * sizeof(float));
     }
+}
+
+/* Rotary embedding of `tokens` tokens of `heads` heads of D values (x and out: (tokens, heads, D) contiguous).
+ * Token i uses angle row (i % T) of cos/sin (D/2 each) when `broadcast` (one row of angles per position, shared
+ * by every batch row), else row i. Many tokens (prefill) are split across threads. */
+int lh_ops_rope(const float *x, int64_t tokens, int64_t heads, int64_t D, const float *cos, const float *sin,
+                int64_t T, int broadcast, int layout, float *out, int nthreads) {
+    const int64_t half = D / 2;
+    const int threads = (tokens > 1 && tokens * heads * D >= (1 << 15)) ? nthreads : 1;
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+    for (int64_t i = 0; i < tokens; i++) {
+        const int64_t row = broadcast ? i % T : i;
+        for (int64_t h = 0; h < heads; h++)
+            rope_row(x + (i * heads + h) * D, cos + row * half, sin + row * half, layout, D, out + (i * heads + h) * D);
+    }
+    return 0;
 }
 
 /* A head's vector as attention uses it: per-head norm (norm_mode, weight w) first, then the rotation. */

@@ -1,9 +1,10 @@
-"""Fused per-layer glue of the decoders in native code (llamaherd/native/ops.c): RMSNorm, and one token's
-attention step (per-head q/k norm, rotary embedding, KV-cache write, softmax attention) in one call.
+"""Fused per-layer glue of the decoders in native code (llamaherd/native/ops.c): RMSNorm, rotary embedding, and
+one token's attention step (per-head q/k norm, rotary embedding, KV-cache write, softmax attention) in one call.
 
 Why: a decode step runs these on a few hundred values per layer, and in torch each is 5-15 aten ops of ~1 us
 dispatch apiece (one Gemma norm ~15 us, the attention glue ~80 us per layer); one ctypes call (~2 us) does the
-arithmetic in less. Measured in bench/PROFILE.md section 10.
+arithmetic in less. Over many rows (prefill) the native loops are also faster than torch's chains of
+temporaries, so norms and rotary use them at every length. Measured in bench/PROFILE.md section 10.
 
 The model files keep their torch code as the reference, readable in place, and ask this module first:
 
@@ -37,6 +38,7 @@ NO_ROPE, PAIRS, HALVES = 0, 1, 2  # rotary layouts: none, Meta's adjacent pairs,
 _i64, _ptr, _int, _f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_float
 _SIGNATURES = {
     "lh_ops_rms_norm": [_ptr, _ptr, _int, _f32, _i64, _i64, _ptr, _int],
+    "lh_ops_rope": [_ptr, _i64, _i64, _i64, _ptr, _ptr, _i64, _int, _int, _ptr, _int],
     "lh_ops_attend_decode": [_ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _int, _ptr, _ptr, _int, _f32, _f32,
                              _ptr, _ptr, _i64, _int, _ptr, _ptr, _i64, _i64, _ptr, _i64, _f32, _ptr, _int],
 }
@@ -82,6 +84,28 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float, *, plus_o
     mode = _NO_WEIGHT if weight is None else _ONE_PLUS_WEIGHT if plus_one else _WEIGHT
     _fn("lh_ops_rms_norm")(x.data_ptr(), None if weight is None else weight.data_ptr(), mode, eps,
                            x.numel() // dim if dim else 0, dim, out.data_ptr(), torch.get_num_threads())
+    return out
+
+
+def rope_applies(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
+    """Whether `rope` takes x (B, T, H, D) with angles (B or 1, T, D/2): shapes as the models pass them, `usable`."""
+    if x.dim() != 4 or cos.dim() != 3 or x.shape[-1] % 2:
+        return False
+    B, T, _, D = x.shape
+    if cos.shape[1:] != (T, D // 2) or cos.shape[0] not in (1, B) or sin.shape != cos.shape:
+        return False
+    return usable(x, cos, sin)
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, layout: int) -> torch.Tensor:
+    """x (B, T, H, D) rotated by the angles cos/sin (B or 1, T, D/2) in `layout` (PAIRS or HALVES): a new tensor.
+
+    For inputs that pass `rope_applies`.
+    """
+    B, T, H, D = x.shape
+    out = torch.empty_like(x)
+    _fn("lh_ops_rope")(x.data_ptr(), B * T, H, D, cos.data_ptr(), sin.data_ptr(), T, cos.shape[0] == 1, layout,
+                       out.data_ptr(), torch.get_num_threads())
     return out
 
 
