@@ -19,9 +19,9 @@
  *   Q4_K, Q5_K, Q6_K weights: Q8_K activations, `quantize_row_q8_K_ref`: per 256 elements iscale = -127 / max
  *     (max: the first element of largest magnitude, sign kept), q = nearest_int(iscale * x) (half to even),
  *     d = 1 / iscale in float32.
- * Per-32 float32 scales for every type were tried first (finer than Q8_K, never less accurate): their rounding
- * differs from llama.cpp's, and greedy continuations of the default model agreed with llama.cpp's for fewer
- * prompts (4/9 against 6/9 with float activations; tests/test_llamacpp_gemma.py), so llama.cpp's formats won.
+ * Per-32 float32 scales for every type were tried first (finer than Q8_K, never less accurate, no faster or
+ * slower): llama.cpp's formats were kept so that the products are llama.cpp's own arithmetic, the reference
+ * the runtime is compared with (tests/test_llamacpp_gemma.py; bench/PROFILE.md section 8).
  *
  * Products: per 32 (Q6_K: 16) elements the integer dot is exact; it is scaled by (weight scale x activation
  * scale) in float32 and accumulated in float32 lanes, one horizontal reduction per output. The offset terms
