@@ -88,6 +88,31 @@ def test_bf16_prefill_products(monkeypatch, chunked):
     assert not torch.equal(cpu_kernels.linear(x, packed, t.id, 1024), got)
 
 
+def test_row_count_routing(monkeypatch):
+    # With bf16 GEMMs a product of more than BF16_GEMM_MIN_ROWS - 1 rows is decoded and multiplied in bf16
+    # (measured crossover); without them the matrix-vector kernels take up to MAX_GEMV_ROWS rows.
+    monkeypatch.setattr(cpu_kernels, "BF16_PREFILL", True)
+    assert cpu_kernels.use_gemv(cpu_kernels.BF16_GEMM_MIN_ROWS - 1)
+    assert not cpu_kernels.use_gemv(cpu_kernels.BF16_GEMM_MIN_ROWS)
+    t = ggml_type("Q8_0")
+    packed = random_blocks("Q8_0", 40, 256, seed=8)
+    x = torch.randn(cpu_kernels.BF16_GEMM_MIN_ROWS, 256, generator=torch.Generator().manual_seed(9))
+    want = x.bfloat16().float() @ dequantize(packed, t).bfloat16().float().T
+    torch.testing.assert_close(cpu_kernels.linear(x, packed, t.id, 256), want, atol=1e-2, rtol=2**-8)
+    monkeypatch.setattr(cpu_kernels, "BF16_PREFILL", False)
+    assert cpu_kernels.use_gemv(cpu_kernels.MAX_GEMV_ROWS) and not cpu_kernels.use_gemv(cpu_kernels.MAX_GEMV_ROWS + 1)
+
+
+def test_dequantize_into_buffer_checks_it():
+    t = ggml_type("Q4_0")
+    packed = random_blocks("Q4_0", 4, 64, seed=10)
+    buf = torch.empty(4 * 64, dtype=torch.bfloat16)
+    got = cpu_kernels.dequantize(packed, t.id, 64, torch.bfloat16, out=buf)
+    assert got.shape == (4, 64) and got.data_ptr() == buf.data_ptr()
+    with pytest.raises(ValueError, match="contiguous"):
+        cpu_kernels.dequantize(packed, t.id, 64, torch.bfloat16, out=torch.empty(3, dtype=torch.bfloat16))
+
+
 def test_linear_many_rows_and_strided_rows(monkeypatch):
     # 100 rows takes the decode + GEMM path; a row slice of a bigger matrix has a row stride > row bytes.
     monkeypatch.setattr(cpu_kernels, "BF16_PREFILL", False)  # float32 products, compared in float32

@@ -9,6 +9,7 @@
  * the host's -march and OpenMP (the libgomp torch already loaded), called through ctypes.
  */
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #ifdef __F16C__
 #include <immintrin.h>
@@ -171,16 +172,33 @@ int lh_dequant_bf16(int type, const uint8_t *W, int64_t N, int64_t stride, int64
     deq_fn fn; int qk, ts;
     if (layout(type, &fn, &qk, &ts)) return -1;
     const int64_t nb = K / qk;
-#pragma omp parallel for schedule(static) num_threads(nthreads)
-    for (int64_t n = 0; n < N; n++) {
-        float buf[256] __attribute__((aligned(64)));
-        for (int64_t b = 0; b < nb; b++) {
-            fn(W + n * stride + b * ts, buf);
-            uint16_t *o = out + n * K + b * qk;
-            for (int j = 0; j < qk; j++) o[j] = f2bf(buf[j]);
+    int failed = 0;
+#pragma omp parallel num_threads(nthreads)
+    {
+        /* A whole row decoded first, then converted in one pass: converting each block straight after its
+         * scalar stores reloads them too early (store-forwarding stalls; measured 2x slower for Q8_0). */
+        float *row = malloc((size_t)K * sizeof(float));
+        if (row == NULL) {
+#pragma omp atomic write
+            failed = 1;
         }
+#pragma omp for schedule(static)
+        for (int64_t n = 0; n < N; n++) {
+            if (row == NULL) continue;
+            for (int64_t b = 0; b < nb; b++) fn(W + n * stride + b * ts, row + b * qk);
+            uint16_t *o = out + n * K;
+            int64_t j = 0;
+#ifdef __AVX512BF16__
+            /* vcvtneps2bf16 rounds to nearest even like f2bf; it flushes float denormals, which no ggml value
+             * is (the smallest is an f16 subnormal scale, ~6e-8, times a small integer). */
+            for (; j + 16 <= K; j += 16)
+                _mm256_storeu_si256((__m256i *)(o + j), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(row + j)));
+#endif
+            for (; j < K; j++) o[j] = f2bf(row[j]);
+        }
+        free(row);
     }
-    return 0;
+    return failed ? -2 : 0;
 }
 
 /* Q8_0 rows against one x: fused, the block scale applied to each block's partial sum. */

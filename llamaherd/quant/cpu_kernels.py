@@ -20,6 +20,7 @@ Many-row products (prefill, `linear` past MAX_GEMV_ROWS) do not use this switch.
 from __future__ import annotations
 
 import ctypes
+import threading
 from pathlib import Path
 
 import torch
@@ -75,16 +76,25 @@ def _check(packed: torch.Tensor) -> None:
                          f"got {packed.dtype} {tuple(packed.shape)} on {packed.device}")
 
 
-def dequantize(packed: torch.Tensor, type_id: int, n_cols: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def dequantize(packed: torch.Tensor, type_id: int, n_cols: int, dtype: torch.dtype = torch.float32,
+               out: torch.Tensor | None = None) -> torch.Tensor:
     """(N, row_bytes) packed rows -> (N, n_cols) float32 bit-identical to checkpoint.ggml_quants.dequantize,
-    or those values rounded to bfloat16 (`dtype=torch.bfloat16`, as `.bfloat16()` would round them)."""
+    or those values rounded to bfloat16 (`dtype=torch.bfloat16`, as `.bfloat16()` would round them); written
+    into `out` (contiguous, N * n_cols elements of dtype) when given."""
     _check(packed)
     if dtype not in (torch.float32, torch.bfloat16):
         raise ValueError(f"native dequantize writes float32 or bfloat16, not {dtype}")
-    out = torch.empty(packed.shape[0], n_cols, dtype=dtype)
+    shape = (packed.shape[0], n_cols)
+    if out is None:
+        out = torch.empty(shape, dtype=dtype)
+    elif out.dtype != dtype or not out.is_contiguous() or out.numel() != shape[0] * shape[1]:
+        raise ValueError(f"out must be a contiguous {dtype} tensor of {shape[0] * shape[1]} elements")
+    out = out.view(shape)
     name = "lh_dequant" if dtype == torch.float32 else "lh_dequant_bf16"
     rc = _fn(name)(type_id, packed.data_ptr(), packed.shape[0], packed.stride(0), n_cols, out.data_ptr(),
                    torch.get_num_threads())
+    if rc == -2:
+        raise MemoryError(f"no memory for a {n_cols}-value row buffer while decoding")
     if rc != 0:
         raise ValueError(f"ggml type {type_id} has no native decoder")
     return out
@@ -159,6 +169,25 @@ BF16_PREFILL = _cpu_has_bf16()
 
 # Weight elements decoded per chunk on the GEMM path: bounds the scratch to 8 MiB (float32) / 4 MiB (bf16).
 _CHUNK_ELEMENTS = 1 << 21
+# With bf16 GEMMs, products of more rows than this go to the GEMM: measured crossover ~24 rows for every type
+# on Gemma's and the 1B's shapes (bench/PROFILE.md section 11); fewer stay on the int8 matrix-vector kernels.
+BF16_GEMM_MIN_ROWS = 17
+
+_scratch = threading.local()
+
+
+def use_gemv(rows: int) -> bool:
+    """Whether a product of this many activation rows goes to `gemv` rather than decode + GEMM."""
+    return rows <= (BF16_GEMM_MIN_ROWS - 1 if BF16_PREFILL else MAX_GEMV_ROWS)
+
+
+def _chunk_buffer(dtype: torch.dtype, numel: int) -> torch.Tensor:
+    """A per-thread decode buffer reused across calls: a fresh multi-MiB tensor per chunk costs a page fault
+    per 4 KiB (measured: most of a Q4_0 8192 x 2048 product at 32 rows)."""
+    buf = getattr(_scratch, "buf", None)
+    if buf is None or buf.dtype != dtype or buf.numel() < numel:
+        buf = _scratch.buf = torch.empty(max(numel, _CHUNK_ELEMENTS), dtype=dtype)
+    return buf[:numel]
 
 
 def linear(x: torch.Tensor, packed: torch.Tensor, type_id: int, n_cols: int) -> torch.Tensor:
@@ -166,17 +195,16 @@ def linear(x: torch.Tensor, packed: torch.Tensor, type_id: int, n_cols: int) -> 
     lead = x.shape[:-1]
     x2 = x.reshape(-1, n_cols)  # (M, K)
     M, N = x2.shape[0], packed.shape[0]
-    if M <= MAX_GEMV_ROWS:
+    if use_gemv(M):
         y = gemv(x2.float(), packed, type_id, n_cols)
     else:
         # Many rows (prefill): decode bounded chunks of weight rows once and hand them to torch's GEMM.
         dtype = torch.bfloat16 if BF16_PREFILL else torch.float32
         x2 = x2.to(dtype)
         step = max(1, _CHUNK_ELEMENTS // n_cols)
-        if step >= N:
-            y = x2 @ dequantize(packed, type_id, n_cols, dtype).t()
-        else:
-            y = torch.empty(M, N, dtype=dtype)
-            for i in range(0, N, step):
-                torch.mm(x2, dequantize(packed[i : i + step], type_id, n_cols, dtype).t(), out=y[:, i : i + step])
+        y = torch.empty(M, N, dtype=dtype)
+        for i in range(0, N, step):
+            rows = packed[i : i + step]
+            w = dequantize(rows, type_id, n_cols, dtype, out=_chunk_buffer(dtype, rows.shape[0] * n_cols))
+            torch.mm(x2, w.t(), out=y[:, i : i + step])
     return y.reshape(*lead, N).to(x.dtype)

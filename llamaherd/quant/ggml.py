@@ -149,7 +149,7 @@ class SharedInput:
 
     The other members' results wait in a per-thread stash keyed by the input tensor object (and its version
     counter where it has one; inference tensors have none) and are handed out when the same tensor comes to
-    them; any other input, or several rows past `cpu_kernels.MAX_GEMV_ROWS`, is computed by the member alone,
+    them; any other input, or more rows than `cpu_kernels.use_gemv` takes, is computed by the member alone,
     so the values never depend on the call order. The members keep their names and buffers: the state dict
     is unchanged. Saves one OpenMP fork/join and one Python round trip per extra member (bench/PROFILE.md).
     """
@@ -175,7 +175,7 @@ class SharedInput:
             return out
         K = member.in_features
         x2 = x.reshape(-1, K)  # (M, K)
-        if x2.shape[0] > cpu_kernels.MAX_GEMV_ROWS:
+        if not cpu_kernels.use_gemv(x2.shape[0]):
             self._local.stash = None
             return cpu_kernels.linear(x, member.weight.plain(), member.qtype.id, K)
         outs = cpu_kernels.gemv_many(x2.float(), self._weights(), K)
