@@ -20,13 +20,13 @@ w1/w3) are grouped into one native call (`DenseGroup`), and a model's vocab proj
 from __future__ import annotations
 
 import ctypes
-import threading
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .. import native
+from .siblings import SiblingResults
 
 MAX_ROWS = 16  # lh_bf16_gemv's bound; more rows (prefill) are a GEMM, where oneDNN's bf16 kernels win
 
@@ -121,33 +121,28 @@ class DenseLinear(nn.Linear):
 class DenseGroup:
     """DenseLinears applied to one tensor in turn (wq/wk/wv, w1/w3): the first call computes all in one native call.
 
-    The same protocol as `quant.ggml.SharedInput`: the other members' results wait in a per-thread stash keyed
-    by the input tensor object (and its version counter where it has one) and are handed out when that tensor
-    comes to them; any other input is computed by the member alone, so the values never depend on the call
-    order. Saves one OpenMP fork/join (and its end-of-matrix load imbalance) and one Python round trip per
+    The same protocol as `quant.ggml.SharedInput` (`native.siblings.SiblingResults`): the other members'
+    results are kept for that very input tensor; any other input is computed by the member alone, so the
+    values never depend on the call order. Saves one OpenMP fork/join (and its end-of-matrix load imbalance) and one Python round trip per
     extra member (bench/PROFILE.md section 9).
     """
 
     def __init__(self, members: list[DenseLinear]) -> None:
         self.members = members
-        self._local = threading.local()
+        self._results = SiblingResults()
         self._args: tuple[tuple, tuple] | None = None
 
-    def __getstate__(self) -> dict:  # copy.deepcopy / pickle: the stash and ctypes arrays are transient
+    def __getstate__(self) -> dict:  # copy.deepcopy / pickle: the kept results and ctypes arrays are transient
         return {"members": self.members}
 
     def __setstate__(self, state: dict) -> None:
         self.__init__(state["members"])
 
     def project(self, member: DenseLinear, x: torch.Tensor) -> torch.Tensor:
-        version = None if x.is_inference() else x._version
-        stash = getattr(self._local, "stash", None)
-        if stash is not None and stash[0] is x and stash[1] == version and member in stash[2]:
-            out = stash[2].pop(member)
-            if not stash[2]:
-                self._local.stash = None
-            return out
-        self._local.stash = None
+        kept = self._results.take(member, x)
+        if kept is not None:
+            return kept
+        self._results.clear()
         if not all(applies(x, m.weight) for m in self.members):
             return gemv(x, member.weight)
         weights, ns, lds, total = self._weights()
@@ -166,7 +161,7 @@ class DenseGroup:
                                  torch.get_num_threads())
         results = dict(zip(self.members, outs))
         mine = results.pop(member)
-        self._local.stash = (x, version, results)
+        self._results.keep(x, results)
         return mine
 
     def _weights(self):

@@ -9,7 +9,6 @@ values; other operations see the raw bytes (row slices and device moves stay GGM
 
 from __future__ import annotations
 
-import threading
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +16,7 @@ from torch import nn
 
 from ..checkpoint.ggml_quants import GGMLType, dequantize, ggml_type
 from ..errors import CheckpointError
+from ..native.siblings import SiblingResults
 from . import cpu_kernels
 
 # Elements decoded at once by a linear layer: 256K float32 = 1 MiB of scratch per chunk. Larger chunks
@@ -147,42 +147,37 @@ SHARED_INPUT_NAMES = (("wq", "wk", "wv"), ("w1", "w3"))
 class SharedInput:
     """GGMLLinears that are applied to one tensor in turn: the first call computes all of them in one native call.
 
-    The other members' results wait in a per-thread stash keyed by the input tensor object (and its version
-    counter where it has one; inference tensors have none) and are handed out when the same tensor comes to
-    them; any other input, or more rows than `cpu_kernels.use_gemv` takes, is computed by the member alone,
+    The other members' results are kept for that very input tensor (`native.siblings.SiblingResults`); any
+    other input, or more rows than `cpu_kernels.use_gemv` takes, is computed by the member alone,
     so the values never depend on the call order. The members keep their names and buffers: the state dict
     is unchanged. Saves one OpenMP fork/join and one Python round trip per extra member (bench/PROFILE.md).
     """
 
     def __init__(self, members: list[GGMLLinear]) -> None:
         self.members = members
-        self._local = threading.local()
+        self._results = SiblingResults()
         self._native: tuple[tuple[torch.Tensor, ...], cpu_kernels.Weights] | None = None
 
-    def __getstate__(self) -> dict:  # copy.deepcopy / pickle: the stash is per thread and transient
+    def __getstate__(self) -> dict:  # copy.deepcopy / pickle: the kept results are per thread and transient
         return {"members": self.members}
 
     def __setstate__(self, state: dict) -> None:
         self.__init__(state["members"])
 
     def project(self, member: GGMLLinear, x: torch.Tensor) -> torch.Tensor:
-        version = None if x.is_inference() else x._version
-        stash = getattr(self._local, "stash", None)
-        if stash is not None and stash[0] is x and stash[1] == version and member in stash[2]:
-            out = stash[2].pop(member)
-            if not stash[2]:
-                self._local.stash = None
-            return out
+        kept = self._results.take(member, x)
+        if kept is not None:
+            return kept
         K = member.in_features
         x2 = x.reshape(-1, K)  # (M, K)
         if not cpu_kernels.use_gemv(x2.shape[0]):
-            self._local.stash = None
+            self._results.clear()
             return cpu_kernels.linear(x, member.weight.plain(), member.qtype.id, K)
         outs = cpu_kernels.gemv_many(x2.float(), self._weights(), K)
         lead = x.shape[:-1]
         results = {m: o.view(*lead, m.out_features).to(x.dtype) for m, o in zip(self.members, outs)}
         mine = results.pop(member)
-        self._local.stash = (x, version, results)
+        self._results.keep(x, results)
         return mine
 
 
