@@ -54,7 +54,7 @@ def _build() -> ctypes.CDLL | None:
         return None
     srcs = sources()
     digest = hashlib.sha256(" ".join([cc, *_FLAGS]).encode())
-    for src in srcs:
+    for src in [*srcs, *sorted(_DIR.glob("*.h"))]:  # headers too: a changed header must rebuild
         digest.update(src.name.encode() + b"\0" + src.read_bytes())
     target = _cache_dir() / f"llamaherd-native-{digest.hexdigest()[:16]}.so"
     if not target.exists():

@@ -20,6 +20,8 @@
  */
 #include <stdint.h>
 #include <string.h>
+
+#include "common.h"
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
 #include <immintrin.h>
 #define LH_BF16_NATIVE 1
@@ -31,16 +33,8 @@
 #define LH_BF16_RB 4     /* weight rows per inner block: 4 streams per thread, 16 accumulators for 4 X rows */
 #define LH_BF16_MB 4     /* X rows per inner block (more X rows re-read the RB weight rows from L1/L2) */
 
-static inline uint16_t lh_bf16_round(float f) {
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7FFFFFFFu) > 0x7F800000u) return (uint16_t)((u >> 16) | 0x40); /* NaN stays a quiet NaN */
-    u += 0x7FFFu + ((u >> 16) & 1u);                                        /* round to nearest even */
-    return (uint16_t)(u >> 16);
-}
-
 static inline void lh_bf16_store(void *Y, int y_bf16, int64_t i, float v) {
-    if (y_bf16) ((uint16_t *)Y)[i] = lh_bf16_round(v);
+    if (y_bf16) ((uint16_t *)Y)[i] = lh_f2bf(v);
     else ((float *)Y)[i] = v;
 }
 
@@ -78,13 +72,6 @@ static inline __attribute__((always_inline)) void lh_bf16_tile(const uint16_t *X
 
 #else
 
-static inline float lh_bf16_widen(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
 static inline __attribute__((always_inline)) void lh_bf16_tile(const uint16_t *X, int64_t ldx, const int mb,
                                                                const uint16_t *W, int64_t ldw, const int rb,
                                                                int64_t K, float *out) {
@@ -95,9 +82,9 @@ static inline __attribute__((always_inline)) void lh_bf16_tile(const uint16_t *X
             float part[16] = {0};
             int64_t k = 0;
             for (; k + 16 <= K; k += 16)
-                for (int l = 0; l < 16; l++) part[l] += lh_bf16_widen(x[k + l]) * lh_bf16_widen(w[k + l]);
+                for (int l = 0; l < 16; l++) part[l] += lh_bf2f(x[k + l]) * lh_bf2f(w[k + l]);
             float s = 0.0f;
-            for (; k < K; k++) s += lh_bf16_widen(x[k]) * lh_bf16_widen(w[k]);
+            for (; k < K; k++) s += lh_bf2f(x[k]) * lh_bf2f(w[k]);
             for (int l = 0; l < 16; l++) s += part[l];
             out[i * rb + r] = s;
         }

@@ -11,33 +11,18 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include "common.h"
 #ifdef __F16C__
 #include <immintrin.h>
 #endif
-
-static inline float h2f(const uint8_t *p) {
-    uint16_t h;
-    memcpy(&h, p, 2);
-#ifdef __F16C__
-    return _cvtsh_ss(h);
-#else
-    /* IEEE half -> float by hand (sign, 5-bit exponent, 10-bit mantissa). */
-    uint32_t s = (uint32_t)(h & 0x8000) << 16, e = (h >> 10) & 0x1F, m = h & 0x3FF, bits;
-    if (e == 0) {
-        if (m == 0) { bits = s; }
-        else { e = 127 - 15 + 1; while (!(m & 0x400)) { m <<= 1; e--; } m &= 0x3FF; bits = s | (e << 23) | (m << 13); }
-    } else if (e == 31) { bits = s | 0x7F800000 | (m << 13); }
-    else { bits = s | ((e + 127 - 15) << 23) | (m << 13); }
-    float f; memcpy(&f, &bits, 4); return f;
-#endif
-}
 
 enum { T_Q4_0 = 2, T_Q5_0 = 6, T_Q8_0 = 8, T_Q4_K = 12, T_Q5_K = 13, T_Q6_K = 14 };
 
 /* ---- one block -> floats, in the reference's order of operations ------------------------------------------ */
 
 static inline void deq_q4_0(const uint8_t *b, float *y) {
-    const float d = h2f(b);
+    const float d = lh_h2f(b);
     const uint8_t *qs = b + 2;
     for (int j = 0; j < 16; j++) {
         y[j] = d * (float)((int)(qs[j] & 0x0F) - 8);
@@ -46,7 +31,7 @@ static inline void deq_q4_0(const uint8_t *b, float *y) {
 }
 
 static inline void deq_q5_0(const uint8_t *b, float *y) {
-    const float d = h2f(b);
+    const float d = lh_h2f(b);
     uint32_t qh;
     memcpy(&qh, b + 2, 4);
     const uint8_t *qs = b + 6;
@@ -59,7 +44,7 @@ static inline void deq_q5_0(const uint8_t *b, float *y) {
 }
 
 static inline void deq_q8_0(const uint8_t *b, float *y) {
-    const float d = h2f(b);
+    const float d = lh_h2f(b);
     const int8_t *qs = (const int8_t *)(b + 2);
     for (int j = 0; j < 32; j++) y[j] = (float)qs[j] * d;
 }
@@ -71,7 +56,7 @@ static inline void scale_min_k4(int j, const uint8_t *q, int *sc, int *m) {
 }
 
 static inline void deq_q4_k(const uint8_t *b, float *y) {
-    const float d = h2f(b), dmin = h2f(b + 2);
+    const float d = lh_h2f(b), dmin = lh_h2f(b + 2);
     const uint8_t *scales = b + 4, *q = b + 16;
     for (int j = 0; j < 4; j++) {  /* 4 chunks of 64: low nibbles then high nibbles of 32 bytes */
         int sc, m;
@@ -85,7 +70,7 @@ static inline void deq_q4_k(const uint8_t *b, float *y) {
 }
 
 static inline void deq_q5_k(const uint8_t *b, float *y) {
-    const float d = h2f(b), dmin = h2f(b + 2);
+    const float d = lh_h2f(b), dmin = lh_h2f(b + 2);
     const uint8_t *scales = b + 4, *qh = b + 16, *ql = b + 48;
     for (int j = 0; j < 4; j++) {
         int sc, m;
@@ -107,7 +92,7 @@ static inline void deq_q5_k(const uint8_t *b, float *y) {
 static inline void deq_q6_k(const uint8_t *b, float *y) {
     const uint8_t *ql = b, *qh = b + 128;
     const int8_t *sc = (const int8_t *)(b + 192);
-    const float d = h2f(b + 208);
+    const float d = lh_h2f(b + 208);
     for (int n = 0; n < 2; n++) {  /* two halves of 128 elements, each 2 x 16-element runs per scale */
         for (int h = 0; h < 2; h++) {  /* h: which 16 of the 32 bytes, i.e. which scale of each pair */
             const float s1 = d * (float)sc[h], s2 = d * (float)sc[h + 2];
@@ -157,14 +142,6 @@ int lh_dequant(int type, const uint8_t *W, int64_t N, int64_t stride, int64_t K,
     return 0;
 }
 
-/* float -> bfloat16, round to nearest even (NaN kept quiet): the rounding torch's `.bfloat16()` does. */
-static inline uint16_t f2bf(float f) {
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7FFFFFFF) > 0x7F800000) return (uint16_t)((u >> 16) | 0x40);
-    return (uint16_t)((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
-}
-
 /* As lh_dequant, but the decoded values rounded to bfloat16: the weight operand of a bf16 GEMM (prefill on
  * CPUs with AVX-512 BF16, where oneDNN's bf16 GEMM is ~5x its fp32 one; quant/cpu_kernels.py `linear`).
  * Every ggml value with <= 8 significant bits (Q4_0..Q8_0 codes times an f16 scale) may still round here. */
@@ -189,12 +166,12 @@ int lh_dequant_bf16(int type, const uint8_t *W, int64_t N, int64_t stride, int64
             uint16_t *o = out + n * K;
             int64_t j = 0;
 #ifdef __AVX512BF16__
-            /* vcvtneps2bf16 rounds to nearest even like f2bf; it flushes float denormals, which no ggml value
+            /* vcvtneps2bf16 rounds to nearest even like lh_f2bf; it flushes float denormals, which no ggml value
              * is (the smallest is an f16 subnormal scale, ~6e-8, times a small integer). */
             for (; j + 16 <= K; j += 16)
                 _mm256_storeu_si256((__m256i *)(o + j), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(row + j)));
 #endif
-            for (; j < K; j++) o[j] = f2bf(row[j]);
+            for (; j < K; j++) o[j] = lh_f2bf(row[j]);
         }
         free(row);
     }
@@ -219,7 +196,7 @@ static void gemv1_q8_0(const uint8_t *W, int64_t N, int64_t stride, int64_t K, c
             const __m512 q0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(qs)));
             const __m512 q1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(qs + 1)));
             const __m512 p = _mm512_fmadd_ps(q1, _mm512_loadu_ps(xb + 16), _mm512_mul_ps(q0, _mm512_loadu_ps(xb)));
-            vacc = _mm512_fmadd_ps(_mm512_set1_ps(h2f(blk)), p, vacc);
+            vacc = _mm512_fmadd_ps(_mm512_set1_ps(lh_h2f(blk)), p, vacc);
         }
         acc = _mm512_reduce_add_ps(vacc);
 #endif
@@ -229,7 +206,7 @@ static void gemv1_q8_0(const uint8_t *W, int64_t N, int64_t stride, int64_t K, c
             const float *xb = x + b * 32;
             float s = 0.0f;
             for (int j = 0; j < 32; j++) s += (float)qs[j] * xb[j];
-            acc += h2f(blk) * s;
+            acc += lh_h2f(blk) * s;
         }
         y[n] = acc;
     }
@@ -264,7 +241,7 @@ static void gemv1_q4_q5(int five, const uint8_t *W, int64_t N, int64_t stride, i
             const __m512 f1 = _mm512_cvtepi32_ps(_mm512_sub_epi32(q1, centre));
             const float *xb = x + b * 32;
             const __m512 p = _mm512_fmadd_ps(f1, _mm512_loadu_ps(xb + 16), _mm512_mul_ps(f0, _mm512_loadu_ps(xb)));
-            vacc = _mm512_fmadd_ps(_mm512_set1_ps(h2f(blk)), p, vacc);
+            vacc = _mm512_fmadd_ps(_mm512_set1_ps(lh_h2f(blk)), p, vacc);
         }
         y[n] = _mm512_reduce_add_ps(vacc);
     }
@@ -283,7 +260,7 @@ static void gemv1_q6_k(const uint8_t *W, int64_t N, int64_t stride, int64_t K, c
         __m512 vacc = _mm512_setzero_ps();
         for (int64_t b = 0; b < nb; b++) {
             const uint8_t *blk = row + b * 210;
-            const float d = h2f(blk + 208);
+            const float d = lh_h2f(blk + 208);
             for (int half = 0; half < 2; half++) {
                 const uint8_t *ql = blk + 64 * half, *qh = blk + 128 + 32 * half;
                 const int8_t *sc = (const int8_t *)(blk + 192) + 8 * half;

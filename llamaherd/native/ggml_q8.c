@@ -50,6 +50,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "common.h"
+
 #if !defined(LH_Q8_PORTABLE) && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && \
     defined(__AVX512VL__) && defined(__AVX512VNNI__) && defined(__F16C__)
 #define LH_Q8_VNNI 1
@@ -60,22 +62,6 @@
 
 enum { Q4_0 = 2, Q5_0 = 6, Q8_0 = 8, Q4_K = 12, Q5_K = 13, Q6_K = 14 };
 #define MAX_ROWS 64 /* rows of X per call, as lh_gemv */
-
-static inline float q8_h2f(const uint8_t *p) {
-    uint16_t h;
-    memcpy(&h, p, 2);
-#ifdef __F16C__
-    return _cvtsh_ss(h);
-#else
-    uint32_t s = (uint32_t)(h & 0x8000) << 16, e = (h >> 10) & 0x1F, m = h & 0x3FF, bits;
-    if (e == 0) {
-        if (m == 0) { bits = s; }
-        else { e = 127 - 15 + 1; while (!(m & 0x400)) { m <<= 1; e--; } m &= 0x3FF; bits = s | (e << 23) | (m << 13); }
-    } else if (e == 31) { bits = s | 0x7F800000 | (m << 13); }
-    else { bits = s | ((e + 127 - 15) << 23) | (m << 13); }
-    float f; memcpy(&f, &bits, 4); return f;
-#endif
-}
 
 static int q8_layout(int type, int *qk, int *tsize) {
     switch (type) {
@@ -345,7 +331,7 @@ INLINE void row_k45(const int T, const uint8_t *row, int64_t nsb, const qrow *x,
         uint64_t sc, mn;
         q8_scale_min(blk + 4, &sc, &mn);
         const __m512 scm = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_set_epi64x((long long)mn, (long long)sc)));
-        const __m512 dd = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(q8_h2f(blk)), _mm512_set1_ps(q8_h2f(blk + 2)));
+        const __m512 dd = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(lh_h2f(blk)), _mm512_set1_ps(lh_h2f(blk + 2)));
         const __m512 wsc = _mm512_mul_ps(scm, dd);
         __m512 S[MAX_ROWS];
         for (int64_t m = 0; m < M; m++) {
@@ -383,7 +369,7 @@ INLINE void row_q6k(const uint8_t *row, int64_t nsb, const qrow *x, const int64_
     for (int64_t b = 0; b < nsb; b++) {
         const uint8_t *blk = row + b * 210;
         const __m512 wsc = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(blk + 192)))),
-                                         _mm512_set1_ps(q8_h2f(blk + 208)));
+                                         _mm512_set1_ps(lh_h2f(blk + 208)));
         __m512 S[MAX_ROWS];
         for (int64_t m = 0; m < M; m++) {
             S[m] = _mm512_mul_ps(wsc, _mm512_loadu_ps(x[m].d16 + 16 * b));
@@ -481,7 +467,7 @@ static void q8_row(int type, const uint8_t *row, int64_t K, const qrow *x, int64
 static void q8_codes(int type, const uint8_t *b, uint8_t *code, float *wsc, float *wmin) {
     switch (type) {
     case Q4_0: case Q5_0: {
-        const float d = q8_h2f(b);
+        const float d = lh_h2f(b);
         const int five = type == Q5_0;
         uint32_t qh = 0;
         if (five) memcpy(&qh, b + 2, 4);
@@ -496,11 +482,11 @@ static void q8_codes(int type, const uint8_t *b, uint8_t *code, float *wsc, floa
     }
     case Q8_0: /* codes kept signed: the caller reads them as int8 */
         memcpy(code, b + 2, 32);
-        wsc[0] = wsc[1] = q8_h2f(b);
+        wsc[0] = wsc[1] = lh_h2f(b);
         wmin[0] = wmin[1] = 0.0f;
         return;
     case Q4_K: case Q5_K: {
-        const float d = q8_h2f(b), dmin = q8_h2f(b + 2);
+        const float d = lh_h2f(b), dmin = lh_h2f(b + 2);
         uint64_t sc, mn;
         q8_scale_min(b + 4, &sc, &mn);
         const int five = type == Q5_K;
@@ -518,7 +504,7 @@ static void q8_codes(int type, const uint8_t *b, uint8_t *code, float *wsc, floa
         return;
     }
     case Q6_K: {
-        const float d = q8_h2f(b + 208);
+        const float d = lh_h2f(b + 208);
         const int8_t *sc = (const int8_t *)(b + 192);
         for (int h = 0; h < 2; h++) {
             const uint8_t *ql = b + 64 * h, *qh = b + 128 + 32 * h;
