@@ -22,6 +22,7 @@ import hashlib
 import os
 import shutil
 import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -98,11 +99,16 @@ def function(name: str, argtypes: list, restype=ctypes.c_int):
 
 
 @contextlib.contextmanager
-def disabled():
-    """Run the enclosed code on the pure-torch paths."""
-    global ENABLED
-    before, ENABLED = ENABLED, False
+def switched_off(module, name: str = "ENABLED"):
+    """Set a module's boolean switch to False for the enclosed code, restoring it after."""
+    before = getattr(module, name)
+    setattr(module, name, False)
     try:
         yield
     finally:
-        ENABLED = before
+        setattr(module, name, before)
+
+
+def disabled():
+    """Run the enclosed code on the pure-torch paths."""
+    return switched_off(sys.modules[__name__])

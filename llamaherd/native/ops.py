@@ -21,8 +21,8 @@ glue can be benchmarked on and off while the matrix kernels stay on.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
+import sys
 
 import torch
 
@@ -61,15 +61,9 @@ def usable(*tensors: torch.Tensor | None) -> bool:
     return native.library() is not None  # None also under native.disabled()
 
 
-@contextlib.contextmanager
 def disabled():
     """Run the enclosed code with the torch glue (the native matrix kernels stay on)."""
-    global ENABLED
-    before, ENABLED = ENABLED, False
-    try:
-        yield
-    finally:
-        ENABLED = before
+    return native.switched_off(sys.modules[__name__])
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float, *, plus_one: bool = False) -> torch.Tensor:
