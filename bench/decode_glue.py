@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from llamaherd.checkpoint.load import load  # noqa: E402
+from llamaherd import load  # noqa: E402
 from llamaherd.engine.generate import decode_one, prefill  # noqa: E402
 from llamaherd.model.cache import KVCache  # noqa: E402
 from llamaherd.native import ops  # noqa: E402

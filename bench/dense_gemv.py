@@ -34,7 +34,7 @@ SHAPES = [(2048, 2048), (512, 2048), (8192, 2048), (2048, 8192), (128256, 2048)]
 
 def decode_ab(model: str, steps: int, rounds: int) -> None:
     from llamaherd import native
-    from llamaherd.checkpoint.load import load
+    from llamaherd import load
     from llamaherd.engine.generate import decode_one, prefill
     from llamaherd.model.cache import KVCache
 

@@ -69,7 +69,7 @@ def time_call(fn, args, min_s: float) -> float:
 
 def decode_ab(model: str, threads: int, rounds: int, n: int) -> None:
     """Median ms per decode step with int8 and with float activations, alternating in one process."""
-    from llamaherd.checkpoint.load import load
+    from llamaherd import load
     from llamaherd.engine.generate import decode_one, prefill
     from llamaherd.model.cache import KVCache
 

@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from llamaherd.checkpoint.load import load, resolve  # noqa: E402
+from llamaherd import load, resolve  # noqa: E402
 from llamaherd.cli.bench import decode_speed, memory_bandwidth, prompt_speed, weight_bytes_per_token  # noqa: E402
 
 

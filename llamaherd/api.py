@@ -1,16 +1,33 @@
-"""The user-facing Model: a loaded network with its configuration, tokenizer and generation defaults."""
+"""The user-facing entry point: `load` a source into a `Model` (network, configuration, tokenizer, defaults)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from .checkpoint.base import Checkpoint
+from .checkpoint import Checkpoint, materialize, read
 from .config import GenerationDefaults, ModelConfig
 from .errors import ChatFormatError, ContextLengthError, TokenizerError
+from .store import resolve_name
+
+
+def resolve(source: str | Path) -> Path:
+    """A path as given, or a model name looked up in the local store."""
+    path = Path(source).expanduser()
+    if path.exists():
+        return path
+    return resolve_name(str(source))
+
+
+def load(source: str | Path, *, dtype: torch.dtype | None = None, device: str | torch.device | None = None) -> Model:
+    """Load a model from a Meta folder, a Hugging Face folder, a .gguf file, or a name in the local store."""
+    ckpt = read(resolve(source))
+    net = materialize(ckpt, dtype=dtype, device=device)
+    return Model(net, ckpt)
 
 
 class Model:

@@ -100,7 +100,7 @@ class Spinner:
 
 def load_model(source: str, dtype: str | None = None):
     """Load with a progress line; returns (model, seconds)."""
-    from ..checkpoint.load import load, resolve
+    from ..api import load, resolve
     from ..checkpoint.save import parse_dtype
 
     t0 = time.perf_counter()

@@ -103,7 +103,7 @@ def decode_speed(net: nn.Module, n: int = 128, repeat: int = 3, dtype: torch.dty
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..checkpoint.load import load
+    from ..api import load
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -20,7 +20,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..checkpoint.load import read, resolve
+    from ..api import resolve
+    from ..checkpoint import read
     from ..checkpoint.save import save
 
     from ..errors import CheckpointError

@@ -23,7 +23,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..checkpoint.gguf_write import print_progress, write
-    from ..checkpoint.load import read, resolve
+    from ..api import resolve
+    from ..checkpoint import read
 
     start = time.perf_counter()
     src = resolve(args.src)

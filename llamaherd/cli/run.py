@@ -32,7 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _is_model(word: str) -> bool:
-    from ..checkpoint.load import resolve
+    from ..api import resolve
 
     try:
         resolve(word)

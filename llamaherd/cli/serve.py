@@ -32,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
     import uvicorn
 
-    from ..checkpoint import load
+    from ..api import load
     from ..server import ServedModel, create_app
 
     if args.threads is not None:

@@ -41,7 +41,8 @@ def describe(name: str) -> tuple[ModelConfig, dict]:
         if p.notes:
             facts["notes"] = p.notes
         return p.config, facts
-    from ..checkpoint.load import read, resolve
+    from ..api import resolve
+    from ..checkpoint import read
     from ..errors import ModelNotFoundError
 
     try:
@@ -92,7 +93,8 @@ def show_template(name: str, facts: dict) -> int:
 
         fmt = _format_for(fmt_name)
     else:
-        from ..checkpoint.load import read, resolve
+        from ..api import resolve
+        from ..checkpoint import read
         from ..api import chat_format_name
         from ..chat import get_format
 
