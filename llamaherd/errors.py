@@ -36,3 +36,11 @@ class ContextLengthError(LlamaherdError):
 
 class ModelNotFoundError(LlamaherdError):
     """A model name is neither a path nor known to the local store."""
+
+
+class DatasetError(LlamaherdError):
+    """A training data file is malformed or an example cannot be trained on (the message names file and line)."""
+
+
+class TrainingError(LlamaherdError):
+    """A training run cannot start or resume: bad options, a checkpoint or adapter that does not fit the model."""
