@@ -153,12 +153,17 @@ class Model:
 
     @property
     def has_chat_format(self) -> bool:
-        """False for models that only complete text (a base model whose checkpoint carries no chat template)."""
+        """False for models that cannot chat: no chat template and no built-in format for their architecture."""
         try:
             chat_format_name(self.checkpoint)
         except ChatFormatError:
             return False
         return True
+
+    @property
+    def chat_format_choice(self):
+        """The chat format and why (`llamaherd.chat.FormatChoice`): `builtin` when inferred, not carried."""
+        return chat_format_choice(self.checkpoint)
 
     def chat_format(self):
         from .chat import get_format
@@ -199,27 +204,16 @@ def _is_batch(prompt) -> bool:
         all(isinstance(p, str) or (isinstance(p, Sequence) and not isinstance(p, (str, bytes))) for p in prompt)
 
 
-def chat_format_name(ckpt: Checkpoint) -> str:
-    """Which chat format a checkpoint speaks, from explicit metadata, then its tokenizer's special tokens.
+def chat_format_choice(ckpt: Checkpoint):
+    """Which chat format a checkpoint speaks (`llamaherd.chat.choose_format`): explicit metadata
+    (`metadata["chat_format"]`, what `--chat-format` sets), Llama 3/4 header tokens, the checkpoint's own
+    template, else a format built in for its architecture and vocabulary."""
+    from .chat import choose_format
 
-    Llama 3 and 4 are recognised by their header tokens (their native formats carry Meta's tool-call
-    conventions); a checkpoint with its own Jinja chat_template otherwise uses it ("hf"); a SentencePiece
-    Llama tokenizer without a template speaks Llama 2's [INST] format.
-    """
     explicit = ckpt.metadata.get("chat_format") if ckpt.metadata else None
-    if explicit:
-        return str(explicit)
-    tok = ckpt.tokenizer
-    specials = set(getattr(tok, "special_tokens", {}) or {})
-    if "<|header_start|>" in specials:
-        return "llama4"
-    if "<|start_header_id|>" in specials:
-        return "llama3"
-    # Gemma's turn markers without a template: a pretrained (base) GGUF; the instruction-tuned ones ship
-    # their template. Base models get plain completion; `metadata["chat_format"] = "gemma3"` opts in.
-    if ckpt.chat_template:
-        return "hf"
-    if tok is not None and getattr(tok, "kind", None) == "sentencepiece":
-        return "llama2"
-    raise ChatFormatError(f"{ckpt.source}: cannot tell this checkpoint's chat format (no chat_template and no "
-                          "Llama 3/4 header tokens); use generate() with a prompt you format yourself")
+    return choose_format(ckpt.config.arch, ckpt.tokenizer, ckpt.chat_template, explicit)
+
+
+def chat_format_name(ckpt: Checkpoint) -> str:
+    """The name of the chat format a checkpoint speaks (see `chat_format_choice`)."""
+    return chat_format_choice(ckpt).name
