@@ -6,7 +6,6 @@ an optional API key on every route but /health, a request-body size limit, one l
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import secrets
 import time
@@ -14,31 +13,18 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..engine.sampling import SamplingError
 from ..engine.scheduler import GenerationError, QueueFull
-from ..errors import ChatFormatError, ContextLengthError, LlamaherdError, TokenizerError
+from ..errors import ContextLengthError, LlamaherdError
+from . import admin, ollama, openai
+from .http import APIError, ClientGone, error_response
 from .runtime import ServedModel
 
 log = logging.getLogger("llamaherd.server")
 
 MAX_BODY_BYTES = 8 << 20
-
-
-class APIError(Exception):
-    """An error with an HTTP status, rendered as OpenAI's error JSON."""
-
-    def __init__(self, status: int, message: str, *, type_: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
-
-
-def error_response(status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
-                   code: str | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": type_, "param": param, "code": code}}, status_code=status)
 
 
 def _status_of(exc: Exception) -> tuple[int, str | None]:
@@ -48,9 +34,7 @@ def _status_of(exc: Exception) -> tuple[int, str | None]:
         return 500, "generation_failed"
     if isinstance(exc, ContextLengthError):
         return 400, "context_length_exceeded"
-    if isinstance(exc, (SamplingError, ChatFormatError, TokenizerError)):
-        return 400, None
-    return 400, None
+    return 400, None  # every other domain error (sampling, chat format, tokenizer...) is the request's fault
 
 
 def create_app(served: ServedModel, *, api_key: str | None = None, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
@@ -113,11 +97,9 @@ def create_app(served: ServedModel, *, api_key: str | None = None, max_body_byte
         return error_response(exc.status_code, str(exc.detail), "not_found_error" if exc.status_code == 404 else
                               "invalid_request_error")
 
-    from . import ollama, openai, ops
-
     app.include_router(openai.router)
     app.include_router(ollama.router)
-    app.include_router(ops.router)
+    app.include_router(admin.router)
     return app
 
 
@@ -130,41 +112,3 @@ def _treat_body_as_json(request: Request) -> None:
 
 def _log(request: Request, status: int, started: float) -> None:
     log.info("%s %s %d %.1fms", request.method, request.url.path, status, (time.perf_counter() - started) * 1e3)
-
-
-async def unless_disconnected(request: Request, awaitable):
-    """Await a non-streaming generation, cancelling it (and so its engine requests) if the client goes away
-    first. Streaming responses get this from Starlette; plain ones do not, so a task waits on the ASGI receive
-    channel, which (the body being read) yields nothing until the disconnect, as Starlette's own listener."""
-
-    async def disconnected() -> None:
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
-
-    task = asyncio.ensure_future(awaitable)
-    watcher = asyncio.ensure_future(disconnected())
-    try:
-        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-        if task in done:
-            return task.result()
-        raise ClientGone()
-    finally:
-        for t in (task, watcher):
-            if not t.done():
-                t.cancel()
-        await asyncio.gather(task, watcher, return_exceptions=True)
-
-
-class ClientGone(Exception):
-    """The client closed its connection before its answer was ready (logged as 499, nginx's code)."""
-
-
-def served_of(request: Request) -> ServedModel:
-    return request.app.state.served
-
-
-def check_model(served: ServedModel, name: str | None) -> None:
-    """Requests may omit the model or name the served one; anything else is a 404 naming what is served."""
-    if name and name not in (served.name, served.name.split(":")[0]):
-        raise APIError(404, f"model {name!r} is not served here; this server serves {served.name!r}",
-                       type_="not_found_error", param="model", code="model_not_found")

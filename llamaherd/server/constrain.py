@@ -12,7 +12,7 @@ from functools import lru_cache
 
 import torch
 
-from .app import APIError
+from .http import APIError
 
 
 class GrammarConstraint:

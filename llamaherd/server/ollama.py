@@ -13,7 +13,7 @@ from fastapi.responses import PlainTextResponse, StreamingResponse
 
 from .. import __version__
 from ..presets import count_parameters
-from .app import APIError, check_model, served_of, unless_disconnected
+from .http import APIError, check_model, served_of, unless_disconnected
 from .prompting import messages_for_format, ollama_tool_calls, sampling_params
 from .runtime import ServedModel, Usage
 from .schemas import OllamaChatRequest, OllamaGenerateRequest, OllamaOptions, OllamaShowRequest
@@ -106,8 +106,7 @@ async def generate(body: OllamaGenerateRequest, request: Request):
         served.check(prompt, params)  # errors as a status code now, not after the 200 is sent
         return _ndjson(events())
     out, _, finish = await unless_disconnected(request, served.complete(prompt, params, usage, constraint=constraint))
-    text = [out]
-    return {**base, "created_at": _now(), "response": "".join(text), **_stats(usage, finish)}
+    return {**base, "created_at": _now(), "response": out, **_stats(usage, finish)}
 
 
 @router.post("/api/chat")
@@ -156,8 +155,7 @@ async def chat(body: OllamaChatRequest, request: Request):
         served.check(prompt, params)  # errors as a status code now, not after the 200 is sent
         return _ndjson(events())
     out, _, finish = await unless_disconnected(request, served.complete(prompt, params, usage, constraint=constraint))
-    text = [out]
-    return {**base, "created_at": _now(), "message": final_message("".join(text)), **_stats(usage, finish)}
+    return {**base, "created_at": _now(), "message": final_message(out), **_stats(usage, finish)}
 
 
 def _details(served: ServedModel) -> dict:

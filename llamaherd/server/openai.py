@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from .app import APIError, check_model, served_of, unless_disconnected
+from .http import APIError, check_model, served_of, unless_disconnected
 from .prompting import messages_for_format, openai_tool_calls, sampling_params
 from .runtime import Chunk, ServedModel, Usage, interleave
 from .schemas import ChatCompletionRequest, CompletionRequest

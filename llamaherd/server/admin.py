@@ -1,11 +1,11 @@
-"""Operations routes: /health, /tokenize, /detokenize (llama.cpp and vLLM field names), /metrics (Prometheus)."""
+"""Operations (admin) routes: /health, /tokenize, /detokenize (llama.cpp and vLLM field names), /metrics (Prometheus)."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
 from fastapi.responses import PlainTextResponse
 
-from .app import APIError, served_of
+from .http import APIError, served_of
 from .schemas import DetokenizeRequest, TokenizeRequest
 
 router = APIRouter()
