@@ -60,6 +60,47 @@ class MoEConfig:
 
 
 @dataclass(frozen=True)
+class VisionConfig:
+    """Llama 3.2 Vision's tiled ViT encoder and the cross-attention layers that read it.
+
+    Defaults are the released encoder (llama-models `llama3/multimodal/model.py::CrossAttentionTransformerVision`
+    hard-codes ViT-H/14: width 1280, 32 local + 8 global layers, 16 heads, intermediate layers 3,7,15,23,30,
+    at most 4 tiles); `image_size` is one tile's side (Meta's `vision_chunk_size`, 560 in the releases).
+    """
+
+    image_size: int = 560
+    patch_size: int = 14
+    max_num_tiles: int = 4
+    width: int = 1280
+    n_layers: int = 32
+    n_global_layers: int = 8
+    n_heads: int = 16
+    mlp_ratio: float = 4.0
+    intermediate_layers: tuple[int, ...] = (3, 7, 15, 23, 30)
+    n_cross_attention_layers: int = 8
+    norm_eps: float = 1e-5
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "intermediate_layers", tuple(self.intermediate_layers))
+        if self.image_size % self.patch_size:
+            raise ConfigError(f"vision image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        if self.width % self.n_heads:
+            raise ConfigError(f"vision width {self.width} is not divisible by n_heads {self.n_heads}")
+        if any(not 0 <= i < self.n_layers for i in self.intermediate_layers):
+            raise ConfigError(f"vision intermediate_layers {self.intermediate_layers} outside 0..{self.n_layers - 1}")
+
+    @property
+    def tokens_per_tile(self) -> int:
+        """Patches of one tile plus its class token."""
+        return (self.image_size // self.patch_size) ** 2 + 1
+
+    @property
+    def output_dim(self) -> int:
+        """Width of the encoder output: the final layer concatenated with each intermediate layer."""
+        return self.width * (len(self.intermediate_layers) + 1)
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """The architecture of one decoder. Batch size, device and cache length are runtime choices, not here.
 
@@ -99,6 +140,9 @@ class ModelConfig:
     query_pre_attn_scalar: float | None = None
     final_logit_softcap: float | None = None
     attn_logit_softcap: float | None = None
+
+    # Llama 3.2 Vision (arch "mllama"): the encoder and the cross-attention layers
+    vision: VisionConfig | None = None
 
     def __post_init__(self) -> None:
         # Derived fields are stored once so every consumer sees the same numbers.
@@ -142,6 +186,8 @@ class ModelConfig:
             data["rope_scaling"] = RopeScaling(**data["rope_scaling"])
         if isinstance(data.get("moe"), dict):
             data["moe"] = MoEConfig(**data["moe"])
+        if isinstance(data.get("vision"), dict):
+            data["vision"] = VisionConfig(**data["vision"])
         return cls(**data)
 
 
