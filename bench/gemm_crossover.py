@@ -17,7 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from llamaherd.checkpoint.ggml_quants import ggml_type  # noqa: E402
+from llamaherd.quant.ggml_quants import ggml_type  # noqa: E402
 from llamaherd.quant import cpu_kernels  # noqa: E402
 from tests.test_cpu_kernels import random_blocks  # noqa: E402
 

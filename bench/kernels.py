@@ -24,7 +24,7 @@ import time
 
 import torch
 
-from llamaherd.checkpoint.ggml_quants import ggml_type
+from llamaherd.quant.ggml_quants import ggml_type
 from llamaherd.quant import cpu_kernels
 
 # (model, role, type, N, K)

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llamaherd.checkpoint.ggml_quants import dequantize, ggml_type
+from llamaherd.quant.ggml_quants import dequantize, ggml_type
 from llamaherd import native
 from llamaherd.quant import GGMLWeight, cpu_kernels
 

@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from gguf import GGMLQuantizationType as QT
 
-from llamaherd.checkpoint import ggml_quants as gq
+from llamaherd.quant import ggml_quants as gq
+from llamaherd import gguf_file
 from llamaherd.checkpoint import gguf as reader
 from llamaherd import native
 from llamaherd.quant import GGMLWeight, cpu_kernels, ggml as qmod
@@ -32,7 +33,7 @@ def test_real_gemma_tensors_decode_like_gguf_py(gemma_path):
     Tensor bytes are located by our header parser (gguf-py's reader takes ~40 s on this vocabulary; the
     parser is checked against it in test_gguf_fuzz.py); the decoding reference is gguf-py's.
     """
-    header, mm = reader.open_gguf(gemma_path)
+    header, mm = gguf_file.open_gguf(gemma_path)
     seen = {}
     for info in header.tensors.values():
         if info.type.name in seen or not info.type.quantized:

@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import llamaherd
+from llamaherd import gguf_file
 from llamaherd.checkpoint import gguf as reader
 from llamaherd.errors import GGUFError
 from tests.conftest import TINY, random_model
@@ -53,7 +54,7 @@ def rejects(blob: bytes, match: str | None = None, max_alloc: int = 2 << 20) -> 
     tracemalloc.start()
     try:
         with pytest.raises(GGUFError, match=match):
-            reader.parse_header(blob)
+            gguf_file.parse_header(blob)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
@@ -76,7 +77,7 @@ def tiny_file(tmp_path_factory):
 
 def test_parser_agrees_with_gguf_py(tiny_file):
     ref = gguf.GGUFReader(tiny_file)
-    ours = reader.parse_header(tiny_file.read_bytes())
+    ours = gguf_file.parse_header(tiny_file.read_bytes())
     assert list(ours.tensors) == [t.name for t in ref.tensors]
     for t in ref.tensors:
         mine = ours.tensors[t.name]
@@ -101,7 +102,7 @@ def test_parser_agrees_with_gguf_py(tiny_file):
 
 def test_truncated_at_many_offsets(tiny_file, tmp_path):
     blob = tiny_file.read_bytes()
-    header = reader.parse_header(blob)
+    header = gguf_file.parse_header(blob)
     data_end = max(t.offset + t.nbytes for t in header.tensors.values())
     cuts = sorted(set(range(0, header.data_offset, 13)) | set(range(header.data_offset, data_end, 997)) | {data_end - 1})
     for cut in cuts:
@@ -141,7 +142,7 @@ def test_huge_string_and_array_lengths():
 def test_bad_tensor_infos():
     good = tinfo("token_embd.weight", [32, 4], int(QT.F32), 0)
     data = b"\0" * 512
-    reader.parse_header(build([arch_kv()], [good], data))  # the baseline parses
+    gguf_file.parse_header(build([arch_kv()], [good], data))  # the baseline parses
     rejects(build([arch_kv()], [tinfo("t", [32, 4], int(QT.F32), 4096)], data), "truncated")  # past the end
     rejects(build([arch_kv()], [tinfo("t", [32, 1 << 50], int(QT.F32), 0)], data), "absurd|truncated")
     rejects(build([arch_kv()], [tinfo("t", [32, 4], 99, 0)], data), "ggml type #99")
@@ -191,7 +192,7 @@ def mutate(blob: bytes, edits: list[tuple[int, int, int]]) -> bytes:
 def check_one(blob: bytes) -> None:
     """The parser's whole contract on arbitrary bytes: a header or GGUFError, nothing else."""
     try:
-        reader.parse_header(blob)
+        gguf_file.parse_header(blob)
     except GGUFError:
         pass
 
@@ -211,7 +212,7 @@ def test_random_bytes_after_magic(tail):
 @pytest.fixture(scope="module")
 def tiny_header(tiny_file):
     blob = tiny_file.read_bytes()
-    return blob[: reader.parse_header(blob).data_offset + 64]
+    return blob[: gguf_file.parse_header(blob).data_offset + 64]
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -221,7 +222,7 @@ def test_mutated_files_read_or_raise_typed_errors(tiny_file, tmp_path_factory, e
     from llamaherd.errors import LlamaherdError
 
     blob = tiny_file.read_bytes()
-    header_end = reader.parse_header(blob).data_offset
+    header_end = gguf_file.parse_header(blob).data_offset
     edits = [(k, p % header_end, v) for k, p, v in edits]  # aim at the header, where the parsing is
     path = tmp_path_factory.mktemp("mut") / "m.gguf"
     path.write_bytes(mutate(blob, edits))

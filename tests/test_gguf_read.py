@@ -8,6 +8,7 @@ import torch
 from gguf import GGMLQuantizationType as QT
 
 import llamaherd
+from llamaherd import gguf_file
 from llamaherd.checkpoint import gguf as reader
 from llamaherd.quant import GGMLEmbedding, GGMLLinear, cpu_kernels
 from tests.conftest import TINY, random_model
@@ -72,7 +73,7 @@ def test_tensors_are_memory_mapped_not_copied(tmp_path):
     c = TINY["llama3"]
     path = tmp_path / "tiny.gguf"
     write_llama_gguf(path, c, random_model(c).state_dict(), QT.Q8_0)
-    header, mm = reader.open_gguf(path)
+    header, mm = gguf_file.open_gguf(path)
     ck = reader.read(path)
     base = np.frombuffer(ck.metadata["_mmap"], dtype=np.uint8)
     lo, hi = base.ctypes.data, base.ctypes.data + base.size

@@ -12,11 +12,12 @@ from gguf import GGMLQuantizationType as Q
 from llama_models.llama3.model import apply_scaling
 from transformers.convert_slow_tokenizer import TikTokenConverter
 
-from llamaherd.checkpoint import ggml_quants, meta_pth
+from llamaherd.checkpoint import meta_pth
+from llamaherd.quant import ggml_quants
 from llamaherd.checkpoint.gguf import read as gguf_read
 from llamaherd.quant.ggml import GGMLWeight
 from llamaherd.checkpoint.gguf_write import byte_to_unicode, bpe_merges, gguf_name, tensor_type, write
-from llamaherd.checkpoint.quantize import quantize
+from llamaherd.quant.quantize import quantize
 from llamaherd.cli import main as herd
 from llamaherd.errors import CheckpointError
 from llamaherd.tokenizer import Tokenizer

@@ -8,8 +8,8 @@ import torch
 import gguf
 from gguf import GGMLQuantizationType as Q
 
-from llamaherd.checkpoint import ggml_quants
-from llamaherd.checkpoint.quantize import QUANTIZERS, quantize
+from llamaherd.quant import ggml_quants
+from llamaherd.quant.quantize import QUANTIZERS, quantize
 
 ALL = sorted(QUANTIZERS, key=lambda q: q.name)
 

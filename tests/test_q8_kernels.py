@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from llamaherd import native
-from llamaherd.checkpoint.ggml_quants import ggml_type
+from llamaherd.quant.ggml_quants import ggml_type
 from llamaherd.quant import cpu_kernels
 from tests.test_cpu_kernels import random_blocks
 

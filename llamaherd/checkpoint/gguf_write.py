@@ -23,7 +23,7 @@ from gguf import GGMLQuantizationType as Q, LlamaFileType, TokenType
 from ..errors import CheckpointError
 from ..tokenizer.gguf_vocab import byte_to_unicode
 from .base import Checkpoint
-from .quantize import block_shape, nbytes, quantize
+from ..quant.quantize import block_shape, nbytes, quantize
 
 # --- file types ----------------------------------------------------------------------------------------------
 # name -> (base tensor type, general.file_type)

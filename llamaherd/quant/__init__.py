@@ -1,9 +1,5 @@
-"""Weight-only quantization as module swaps applied after the model is built (the model file knows none)."""
+"""ggml quantization: the codecs (ggml_quants decode, quantize encode) and the GGUF runtime swaps over the built model."""
 
 from .ggml import GGMLEmbedding, GGMLLinear, GGMLWeight, swap_ggml
 
-# The names the design guide uses for the GGUF runtime swaps.
-QuantizedLinear = GGMLLinear
-QuantizedEmbedding = GGMLEmbedding
-
-__all__ = ["GGMLEmbedding", "GGMLLinear", "GGMLWeight", "QuantizedEmbedding", "QuantizedLinear", "swap_ggml"]
+__all__ = ["GGMLEmbedding", "GGMLLinear", "GGMLWeight", "swap_ggml"]

@@ -78,7 +78,7 @@ def _check(packed: torch.Tensor) -> None:
 
 def dequantize(packed: torch.Tensor, type_id: int, n_cols: int, dtype: torch.dtype = torch.float32,
                out: torch.Tensor | None = None) -> torch.Tensor:
-    """(N, row_bytes) packed rows -> (N, n_cols) float32 bit-identical to checkpoint.ggml_quants.dequantize,
+    """(N, row_bytes) packed rows -> (N, n_cols) float32 bit-identical to quant.ggml_quants.dequantize,
     or those values rounded to bfloat16 (`dtype=torch.bfloat16`, as `.bfloat16()` would round them); written
     into `out` (contiguous, N * n_cols elements of dtype) when given."""
     _check(packed)

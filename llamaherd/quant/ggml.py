@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checkpoint.ggml_quants import GGMLType, dequantize, ggml_type
+from .ggml_quants import GGMLType, dequantize, ggml_type
 from ..errors import CheckpointError
 from ..native.siblings import SiblingResults
 from . import cpu_kernels

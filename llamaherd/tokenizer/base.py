@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
+from typing import ClassVar
 
 from ..errors import TokenizerError
 
@@ -38,6 +39,9 @@ class Tokenizer:
     stop_ids: frozenset[int] = frozenset()
     vocab_size: int = 0
     source: Path | None = None
+    # detect_kind's answer -> the reader of a file of that kind. Filled by tokenizer/__init__.py, which imports
+    # every kind's module; this module imports none of them.
+    readers: ClassVar[dict[str, Callable[[Path], Tokenizer]]] = {}
 
     # ---- the interface -------------------------------------------------------------------------
 
@@ -111,26 +115,7 @@ class Tokenizer:
             )
         if not path.is_file():
             raise TokenizerError(f"{path}: tokenizer file not found; check the path")
-        kind = detect_kind(path)
-        if kind == "tiktoken":
-            from .tiktoken_bpe import TiktokenTokenizer
-
-            return TiktokenTokenizer.from_file(path)
-        if kind == "sentencepiece":
-            from .spm import SentencePieceTokenizer
-
-            return SentencePieceTokenizer.from_file(path)
-        if kind == "hf":
-            from .hf_json import HFTokenizer
-
-            return HFTokenizer.from_file(path)
-        if kind == "gguf":
-            try:
-                from . import gguf_vocab
-            except ImportError as e:  # engineer E's module; absent in a partial install
-                raise TokenizerError(f"{path}: GGUF tokenizers need llamaherd.tokenizer.gguf_vocab ({e})") from e
-            return gguf_vocab.from_gguf(path)
-        raise AssertionError(kind)
+        return cls.readers[detect_kind(path)](path)
 
     @classmethod
     def llama3(cls) -> Tokenizer:

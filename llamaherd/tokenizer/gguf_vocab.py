@@ -13,7 +13,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from ..errors import TokenizerError
+from ..errors import GGUFError, TokenizerError
+from ..gguf_file import open_gguf
 from .base import Tokenizer
 
 # llama.cpp `llama_token_type` / gguf-py `TokenType`.
@@ -35,9 +36,6 @@ PRE_SPLITS = {"llama-bpe": (LLAMA3_SPLIT, True), "llama3": (LLAMA3_SPLIT, True),
 
 def from_gguf(path: str | Path) -> Tokenizer:
     """The tokenizer stored in a GGUF file's metadata."""
-    from ..checkpoint.gguf import open_gguf
-    from ..errors import GGUFError
-
     try:
         header, mm = open_gguf(path)
     except GGUFError as e:

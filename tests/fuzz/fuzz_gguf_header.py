@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import gguf  # noqa: E402
 from gguf import GGMLQuantizationType as QT  # noqa: E402
 
+from llamaherd import gguf_file  # noqa: E402
 from llamaherd.checkpoint import gguf as reader  # noqa: E402
 from llamaherd.errors import LlamaherdError  # noqa: E402
 from tests.conftest import TINY, random_model  # noqa: E402
@@ -39,7 +40,7 @@ def main(n: int = 100_000, seed: int = 0) -> int:
     src = tmp / "tiny.gguf"
     write_llama_gguf(src, c, random_model(c).state_dict(), QT.Q8_0, vocab=vocab)
     blob = src.read_bytes()
-    header_end = reader.parse_header(blob).data_offset
+    header_end = gguf_file.parse_header(blob).data_offset
     resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
     outcomes: collections.Counter[str] = collections.Counter()
     crashes = 0

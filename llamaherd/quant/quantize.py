@@ -15,7 +15,8 @@ import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
 
-QK_K = 256  # super-block size of the k-quants (ggml-common.h QK_K)
+from .ggml_quants import QK_K
+
 GROUP_MAX_EPS = 1e-15  # ggml-quants.c: a group whose largest |x| is below this is all zero
 CHUNK_ELEMS = 1 << 18  # elements quantized per step; bounds the temporaries of the k-quant searches
 
