@@ -60,5 +60,15 @@ class KVCache:
         self.v[layer, :, :, start:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
+    def grow(self, max_len: int) -> None:
+        """Reallocate to `max_len` slots, keeping the filled ones (a generation whose length is not known ahead)."""
+        if max_len <= self.max_len:
+            return
+        for name in ("k", "v"):
+            old = getattr(self, name)
+            new = old.new_zeros(*old.shape[:3], max_len, old.shape[4])
+            new[:, :, :, : self.length] = old[:, :, :, : self.length]
+            setattr(self, name, new)
+
     def reset(self) -> None:
         self.length = 0
