@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import itertools
+import re
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any, TextIO
+
+from ..errors import ModelNotFoundError
 
 # flag -> SamplingParams field (or num_ctx), with the Ollama / llama.cpp spelling users already know.
 SAMPLING_FLAGS: list[tuple[str, str, type, str]] = [
@@ -52,7 +57,31 @@ def add_sampling_flags(p: argparse.ArgumentParser) -> None:
         g.add_argument(flag, dest=dest, type=typ, default=None, help=help_, metavar=flag[2:].upper())
     g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     p.add_argument("--verbose", action="store_true", help="print timings and token rates after each reply")
-    p.add_argument("--dtype", default=None, help="load weights as f32, bf16 or f16 (default: as stored)")
+    add_dtype_flag(p)
+
+
+def add_dtype_flag(p: argparse.ArgumentParser, default_help: str = "as stored") -> None:
+    """--dtype, spelled and parsed the same in every verb (checkpoint.save.DTYPES: f32/float32, bf16/bfloat16,
+    f16/float16)."""
+    from ..checkpoint.save import DTYPES
+
+    p.add_argument("--dtype", default=None, choices=list(DTYPES), metavar="DTYPE",
+                   help=f"load weights as {', '.join(DTYPES)} (default: {default_help})")
+
+
+def add_chat_format_flag(p: argparse.ArgumentParser) -> None:
+    from ..chat import FORMAT_HELP
+
+    p.add_argument("--chat-format", default=None, choices=list(FORMAT_HELP), metavar="NAME",
+                   help="chat format to use instead of the checkpoint's own or built-in one: "
+                        + "; ".join(f"{k} ({v})" for k, v in FORMAT_HELP.items()))
+
+
+def apply_chat_format(model, name: str | None) -> None:
+    """Make `model` speak the chat format `name` (the --chat-format flag): explicit metadata wins over detection."""
+    if name:
+        model.checkpoint.metadata["chat_format"] = name
+        model.chat_format()  # an unusable choice ('hf' without a template) fails now, with the reason
 
 
 def sampling_from_args(args: argparse.Namespace) -> dict[str, Any]:
@@ -98,13 +127,68 @@ class Spinner:
             self.stream.flush()
 
 
+# ---- the model argument -------------------------------------------------------------------------------
+
+_MODEL_SUFFIXES = (".gguf", ".pth", ".safetensors", ".bin", ".pt")
+# A store-like name with a digit and a letter in dot/dash/underscore-joined parts ("gemma-3-270m", "llama3.2").
+_NAME_LIKE = re.compile(r"(?=.*[A-Za-z])(?=.*\d)[A-Za-z0-9]+(?:[._-][A-Za-z0-9]+)+")
+_OLLAMA_LIKE = re.compile(r"[A-Za-z0-9][\w./-]*:[\w.-]+")  # model:tag
+
+
+def known_model_names() -> list[str]:
+    from ..store import PACKAGED, list_models
+
+    return sorted({m.name for m in list_models()} | set(PACKAGED))
+
+
+def looks_like_model(word: str) -> bool:
+    """Whether a word is meant as a model (a path, a file name, a store or Ollama name) rather than prompt text."""
+    if not word or any(c.isspace() for c in word):
+        return False
+    if "/" in word or "\\" in word or word.startswith(("~", "./")) or word.lower().endswith(_MODEL_SUFFIXES):
+        return True
+    if _OLLAMA_LIKE.fullmatch(word) or _NAME_LIKE.fullmatch(word):
+        return True
+    return bool(difflib.get_close_matches(word, known_model_names(), n=1, cutoff=0.75))
+
+
+def model_not_found(word: str) -> ModelNotFoundError:
+    """The error for a model argument that names nothing: what was looked for, and the closest known names."""
+    path = Path(word).expanduser()
+    if "/" in word or word.lower().endswith(_MODEL_SUFFIXES):
+        parent = path.parent
+        siblings = sorted(p.name for p in parent.iterdir()) if parent.is_dir() else []
+        close = [str(parent / n) if str(parent) != "." else n
+                 for n in difflib.get_close_matches(path.name, siblings, n=3, cutoff=0.6)]
+        close += difflib.get_close_matches(word, known_model_names(), n=3, cutoff=0.6)
+        what = f"no such file or folder: {word}"
+    else:
+        close = difflib.get_close_matches(word, known_model_names(), n=3, cutoff=0.5)
+        what = f"no model named {word!r} in the store or Ollama's"
+    hint = f"; did you mean {' or '.join(close)}?" if close else ""
+    return ModelNotFoundError(f"{what}{hint} (`herd list` shows the store; a model is a checkpoint folder, "
+                              "a .gguf file or a store name)")
+
+
+def resolve_model(word: str) -> Path:
+    """The file or folder a model argument names; a miss is a ModelNotFoundError with the closest names."""
+    from ..api import resolve
+
+    if not word.strip():
+        raise ModelNotFoundError("the model argument is empty; give a checkpoint folder, .gguf file or store name")
+    try:
+        return resolve(word)
+    except ModelNotFoundError:
+        raise model_not_found(word) from None
+
+
 def load_model(source: str, dtype: str | None = None):
     """Load with a progress line; returns (model, seconds)."""
-    from ..api import load, resolve
+    from ..api import load
     from ..checkpoint.save import parse_dtype
 
     t0 = time.perf_counter()
-    path = resolve(source)  # a missing model is one error line, before any progress line
+    path = resolve_model(source)  # a missing model is one error line, before any progress line
     with Spinner(f"loading {source}"):
         model = load(path, dtype=parse_dtype(dtype))
     return model, time.perf_counter() - t0

@@ -17,6 +17,7 @@ from torch import nn
 
 from ..engine.generate import decode_one, prefill
 from ..model.cache import KVCache
+from ._generation import add_dtype_flag, resolve_model
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -26,8 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-n", "--gen-tokens", type=int, default=128, help="decode steps of the tg test (default 128)")
     p.add_argument("-r", "--repeat", type=int, default=3, help="repetitions; the best is reported (default 3)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads); default torch's")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                   help="activation/weight dtype (default: the checkpoint's; float32 for GGUF)")
+    add_dtype_flag(p, "the checkpoint's; float32 for GGUF")
     p.set_defaults(func=run)
 
 
@@ -104,12 +104,12 @@ def decode_speed(net: nn.Module, n: int = 128, repeat: int = 3, dtype: torch.dty
 
 def run(args: argparse.Namespace) -> int:
     from ..api import load
+    from ..checkpoint.save import parse_dtype
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    dtype = getattr(torch, args.dtype) if args.dtype else None
     t = time.perf_counter()
-    model = load(args.model, dtype=dtype)
+    model = load(resolve_model(args.model), dtype=parse_dtype(args.dtype))
     load_s = time.perf_counter() - t
     net = model.net.eval()
     act = next((p.dtype for p in net.parameters() if p.is_floating_point()), torch.float32)

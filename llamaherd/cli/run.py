@@ -5,16 +5,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..errors import LlamaherdError, ModelNotFoundError
-from ._generation import add_sampling_flags, allow_intermixed, load_model, sampling_from_args, write_stream
+from ..errors import LlamaherdError
+from ._generation import (add_chat_format_flag, add_sampling_flags, allow_intermixed, apply_chat_format, load_model,
+                          looks_like_model, model_not_found, sampling_from_args, write_stream)
 
 
-def default_model() -> str | None:
-    """The model `herd run` uses when none is named.
-
-    The store's default model (Gemma 3 270M, assembled from its installed package on first use, with
-    progress shown); `split_model_and_prompt` treats every word as the prompt when the first is not a model.
-    """
+def default_model() -> str:
+    """The model `herd run` uses when none is named: the store's default model (Gemma 3 270M, assembled from
+    its installed package on first use, with progress shown)."""
     from ..store import DEFAULT_MODEL
 
     return DEFAULT_MODEL
@@ -22,10 +20,13 @@ def default_model() -> str | None:
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("run", help="run a model on a prompt, or chat with it when no prompt is given")
-    p.add_argument("words", nargs="*", metavar="MODEL [PROMPT]",
-                   help="checkpoint folder, .gguf file or store name, then the prompt (or pipe it on stdin)")
+    p.add_argument("words", nargs="*", metavar="[MODEL] [PROMPT]",
+                   help="checkpoint folder, .gguf file or store name (default: the default model), then the "
+                        "prompt (or pipe it on stdin); a first word that looks like a model but names none is an "
+                        "error, never prompt text")
     p.add_argument("--system", default=None, help="system message for chat models")
     p.add_argument("--raw", action="store_true", help="complete the prompt as plain text, without the chat format")
+    add_chat_format_flag(p)
     add_sampling_flags(p)
     allow_intermixed(p)
     p.set_defaults(func=run)
@@ -34,29 +35,40 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _is_model(word: str) -> bool:
     from ..api import resolve
 
+    if not word.strip():
+        return False  # Path("") is the current folder: an empty word is never a model
     try:
         resolve(word)
         return True
-    except (ModelNotFoundError, LlamaherdError, OSError):
+    except (LlamaherdError, OSError):
         return False
 
 
 def split_model_and_prompt(words: list[str]) -> tuple[str, str | None]:
-    """(model, prompt): the first word is the model, unless it is not one and a default model exists."""
-    default = default_model()
-    if words and (default is None or _is_model(words[0])):
-        return words[0], " ".join(words[1:]) or None
-    if default is None:
-        raise ModelNotFoundError("no model given: herd run MODEL [PROMPT] (a checkpoint folder, .gguf file or a "
-                                 "name from `herd list`)")
-    return default, " ".join(words) or None
+    """(model, prompt): the first word is the model when it names one; a first word that looks like a model
+    (a path, a file name, a store or Ollama name, or close to a known name) but names none is an error;
+    otherwise every word is the prompt for the default model. The prompt is None when no words follow."""
+    if not words:
+        return default_model(), None
+    first = words[0]
+    if _is_model(first):
+        return first, " ".join(words[1:]) if len(words) > 1 else None
+    if looks_like_model(first):
+        raise model_not_found(first)
+    return default_model(), " ".join(words)
 
 
 def run(args: argparse.Namespace) -> int:
     model_name, prompt = split_model_and_prompt(list(args.words))
     if prompt is None and not sys.stdin.isatty():
         prompt = sys.stdin.read()
+        if not prompt.strip():
+            raise LlamaherdError("no prompt: stdin was empty; give the prompt as an argument or pipe text in")
+    if prompt is not None and not prompt.strip():
+        # The same rule as the HTTP APIs: an empty prompt is refused, not completed from nothing (README).
+        raise LlamaherdError("the prompt is empty; give text to complete, or no prompt at all to chat")
     model, load_seconds = load_model(model_name, args.dtype)
+    apply_chat_format(model, args.chat_format)
     sampling = sampling_from_args(args)
     if prompt is None:
         from ._repl import ChatSession
@@ -68,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
 
     stats = GenerationStats(load_seconds=load_seconds)
     sampling = {"max_tokens": None, **sampling}  # until the model stops (Ollama's num_predict -1)
-    chat = not args.raw and model.has_chat_format
+    chat = not args.raw and _chats(model)
     if chat:
         messages = ([{"role": "system", "content": args.system}] if args.system else [])
         messages.append({"role": "user", "content": prompt})
@@ -81,3 +93,12 @@ def run(args: argparse.Namespace) -> int:
     if args.verbose:
         print("\n" + stats.format(), file=sys.stderr)
     return 0
+
+
+def _chats(model) -> bool:
+    """Whether a one-shot prompt is a chat turn: not for a base model (no format, or a built-in one chosen for
+    a checkpoint whose instruction-tuned releases carry their template), which completes it as text."""
+    try:
+        return not model.chat_format_choice.completes
+    except LlamaherdError:
+        return False

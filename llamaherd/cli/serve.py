@@ -7,6 +7,18 @@ import logging
 import os
 import signal
 
+from ..errors import LlamaherdError
+from ._generation import add_chat_format_flag, add_dtype_flag, apply_chat_format, resolve_model
+
+
+def chat_note(model) -> str:
+    """What the start line says about chat: the built-in format in use, or that the model cannot chat."""
+    try:
+        choice = model.chat_format_choice
+    except LlamaherdError:
+        return "; this model has no chat format: the chat routes answer 400 (--chat-format NAME gives it one)"
+    return f"; {choice.reason}" if choice.builtin else ""
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serve a model over OpenAI- and Ollama-compatible HTTP APIs")
@@ -21,8 +33,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-waiting", type=int, default=64, help="queued requests before answering 429")
     p.add_argument("--kv-cache-gb", type=float, default=1.0, help="memory for the paged KV cache")
     p.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens processed per step and sequence")
-    p.add_argument("--ctx", type=int, default=None, help="context window to serve (default: the model's)")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--num-ctx", type=int, default=None,
+                   help="context window in tokens (at most the model's max_seq_len; default: the model's)")
+    add_dtype_flag(p)
+    add_chat_format_flag(p)
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for the model's math (default: torch's choice); 1 is fastest on a busy machine")
     p.set_defaults(func=run)
@@ -33,6 +47,7 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from ..api import load
+    from ..checkpoint.save import parse_dtype
     from ..server import ServedModel, create_app
 
     if args.threads is not None:
@@ -45,12 +60,14 @@ def run(args: argparse.Namespace) -> int:
 
         source = DEFAULT_MODEL
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    model = load(source, dtype=getattr(torch, args.dtype) if args.dtype else None)
+    model = load(resolve_model(source), dtype=parse_dtype(args.dtype))
+    apply_chat_format(model, args.chat_format)
     name = args.name or os.path.basename(str(source).rstrip("/")).removesuffix(".gguf")
     served = ServedModel(model, name, kv_cache_bytes=int(args.kv_cache_gb * (1 << 30)), max_batch=args.max_batch,
-                         prefill_chunk=args.prefill_chunk, max_waiting=args.max_waiting, max_context=args.ctx)
+                         prefill_chunk=args.prefill_chunk, max_waiting=args.max_waiting, max_context=args.num_ctx)
     app = create_app(served, api_key=args.api_key)
-    print(f"serving {name} on http://{args.host}:{args.port} (OpenAI: /v1, Ollama: /api)", flush=True)
+    print(f"serving {name} on http://{args.host}:{args.port} (OpenAI: /v1, Ollama: /api, "
+          f"web chat: http://{args.host}:{args.port}/ui){chat_note(model)}", flush=True)
     # uvicorn catches SIGTERM, lets in-flight requests finish (up to 30 s), then re-raises the signal once it is
     # done; a no-op handler for that re-raise makes a graceful stop exit 0, as process supervisors expect.
     signal.signal(signal.SIGTERM, lambda *_: None)

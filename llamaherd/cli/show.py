@@ -13,7 +13,7 @@ from ..config import ModelConfig
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("show", help="show a model's configuration and size (a preset name or a checkpoint)")
-    p.add_argument("model", help="preset name (see `herd show --list`), checkpoint folder, .gguf file or store name")
+    p.add_argument("model", help="preset name (see `herd presets`), checkpoint folder, .gguf file or store name")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
     p.add_argument("--template", action="store_true", help="print how a dialog is rendered for this model")
     p.set_defaults(func=run)
@@ -41,18 +41,28 @@ def describe(name: str) -> tuple[ModelConfig, dict]:
         if p.notes:
             facts["notes"] = p.notes
         return p.config, facts
-    from ..api import resolve
+    import difflib
+
     from ..checkpoint import read
-    from ..errors import ModelNotFoundError
+    from ..errors import LlamaherdError, ModelNotFoundError
+    from ._generation import resolve_model
 
     try:
-        path = resolve(name)
-    except ModelNotFoundError:
-        raise ModelNotFoundError(
-            f"{name!r} is neither a preset (see `herd presets`), nor a file or folder, nor a model in the local store"
-        ) from None
+        path = resolve_model(name)
+    except ModelNotFoundError as exc:
+        close = difflib.get_close_matches(name.lower(), list(presets.PRESETS), n=3, cutoff=0.6)
+        hint = f" Presets close to it: {', '.join(close)}." if close else " `herd presets` lists the presets."
+        raise ModelNotFoundError(f"{exc}.{hint}") from None
     ckpt = read(path)
-    return ckpt.config, {"checkpoint": str(Path(path).resolve())}
+    facts = {"checkpoint": str(Path(path).resolve())}
+    from ..api import chat_format_choice
+
+    try:
+        choice = chat_format_choice(ckpt)
+        facts["chat format"] = choice.name + (f" ({choice.reason})" if choice.builtin else "")
+    except LlamaherdError:
+        facts["chat format"] = "none (completion only; --chat-format NAME gives it one)"
+    return ckpt.config, facts
 
 
 def run(args: argparse.Namespace) -> int:
@@ -106,6 +116,9 @@ def show_template(name: str, facts: dict) -> int:
 
 
 def run_list(args: argparse.Namespace) -> int:
-    for name, p in sorted(presets.PRESETS.items()):
-        print(f"{name:<32} {p.published_params:>7}  {p.config.arch}")
+    rows = [("NAME", "PARAMETERS", "ARCH", "CHAT FORMAT")]
+    rows += [(name, p.published_params, p.config.arch, p.chat_format or "-") for name, p in sorted(presets.PRESETS.items())]
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    for name, params, arch, fmt in rows:
+        print(f"{name:<{widths[0]}}  {params:>{widths[1]}}  {arch:<{widths[2]}}  {fmt}")
     return 0
