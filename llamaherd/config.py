@@ -24,6 +24,22 @@ def ffn_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None 
     return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
 
 
+def moe_hidden_dim(dim: int, ffn_exp: float, multiple_of: int, ffn_dim_multiplier: float | None,
+                   capacity_factor: float = 1.0, auto_scale: bool = True) -> int:
+    """Width of each routed (and the shared) expert, Meta's rule (llama-models `llama4/moe.py::MoE.__init__`).
+
+    ffn_exp * dim, two thirds of it, times ffn_dim_multiplier, divided by (capacity_factor + 1) when
+    auto-scaled so the active parameters equal a dense layer's, rounded up to `multiple_of`.
+    """
+    hidden = int(ffn_exp * dim)
+    hidden = int(2 * hidden / 3)
+    if ffn_dim_multiplier is not None:
+        hidden = int(ffn_dim_multiplier * hidden)
+    if auto_scale:
+        hidden = int(hidden / (capacity_factor + 1))
+    return hidden + (-hidden % multiple_of)
+
+
 @dataclass(frozen=True)
 class RopeScaling:
     """Rotary-frequency scaling.
@@ -163,11 +179,6 @@ class ModelConfig:
             raise ConfigError(f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
 
     # -- derived views -------------------------------------------------------------------------
-    @property
-    def n_rep(self) -> int:
-        """Query heads per key/value head (grouped-query attention)."""
-        return self.n_heads // self.n_kv_heads
-
     def replace(self, **changes: Any) -> ModelConfig:
         """A copy with some fields changed (derived fields such as hidden_dim keep their values)."""
         return dataclasses.replace(self, **changes)

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from ..config import ConfigError, ModelConfig, MoEConfig, RopeScaling, ffn_hidden_dim
+from ..config import ConfigError, ModelConfig, MoEConfig, RopeScaling, ffn_hidden_dim, moe_hidden_dim
 from ..errors import CheckpointError
 
 Tensors = dict[str, torch.Tensor]
@@ -170,8 +170,6 @@ def normalize_meta(state_dict: Tensors, config: ModelConfig) -> Tensors:
 # -- configurations ------------------------------------------------------------------------------------------
 def config_from_params(params: dict[str, Any], *, source: str = "params.json") -> ModelConfig:
     """A Meta Llama 4 params.json -> ModelConfig (fields as llama-models `llama4/args.py::ModelArgs`)."""
-    from ..model.moe import moe_hidden_dim
-
     try:
         dim, multiple_of = params["dim"], params.get("multiple_of", 256)
         mult = params.get("ffn_dim_multiplier")
@@ -240,8 +238,6 @@ def params_from_config(config: ModelConfig) -> dict[str, Any]:
 
 def _width_params(c: ModelConfig) -> tuple[int, float | None, float, bool]:
     """(multiple_of, ffn_dim_multiplier, ffn_exp, auto_scale_F) reproducing c.hidden_dim and c.moe.hidden_dim."""
-    from ..model.moe import moe_hidden_dim
-
     H, F = c.hidden_dim, c.moe.hidden_dim
     base = int(2 * (4 * c.dim) / 3)
     # The config's own inputs first (read from params.json, they hold); else a common multiple of both widths

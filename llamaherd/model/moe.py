@@ -15,22 +15,6 @@ from ..config import ModelConfig
 from .llama import FeedForward
 
 
-def moe_hidden_dim(dim: int, ffn_exp: float, multiple_of: int, ffn_dim_multiplier: float | None,
-                   capacity_factor: float = 1.0, auto_scale: bool = True) -> int:
-    """Width of each routed (and the shared) expert, Meta's rule (llama-models `llama4/moe.py::MoE.__init__`).
-
-    ffn_exp * dim, two thirds of it, times ffn_dim_multiplier, divided by (capacity_factor + 1) when
-    auto-scaled so the active parameters equal a dense layer's, rounded up to `multiple_of`.
-    """
-    hidden = int(ffn_exp * dim)
-    hidden = int(2 * hidden / 3)
-    if ffn_dim_multiplier is not None:
-        hidden = int(ffn_dim_multiplier * hidden)
-    if auto_scale:
-        hidden = int(hidden / (capacity_factor + 1))
-    return hidden + (-hidden % multiple_of)
-
-
 class Experts(nn.Module):
     """E SwiGLU experts stored as stacked tensors; `forward` runs one expert on the tokens routed to it."""
 

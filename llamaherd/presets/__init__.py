@@ -5,38 +5,16 @@ Rows live in per-family modules (`llama.py`, `llama4.py`, ...) and are merged in
 
 from __future__ import annotations
 
-import importlib
-from dataclasses import dataclass
-
-
 from ..config import ConfigError, ModelConfig
+from . import gemma3, llama, llama4
+from .preset import Preset
 
-FAMILY_MODULES = ("llama", "llama4", "gemma3")
-
-
-@dataclass(frozen=True)
-class Preset:
-    name: str  # exact, lower-case, e.g. "llama-3.1-8b-instruct"
-    config: ModelConfig
-    source: str  # where the numbers come from: params.json / config.json of the release
-    published_params: str  # the size the release announces, as written there: "8.03B", "406B"
-    published_active_params: str | None = None  # MoE models: parameters used per token, e.g. "17B"
-    chat_format: str | None = None  # "llama2", "llama3", "llama4", ... for instruct models
-    notes: str = ""
-    # Parameters the published size counts that this row's model does not build (Llama 4: the vision tower
-    # and projector of a multimodal release whose text decoder is the row); added before comparing sizes.
-    unbuilt_params: int = 0
+FAMILIES = (llama, llama4, gemma3)
 
 
 def _collect() -> dict[str, Preset]:
     table: dict[str, Preset] = {}
-    for family in FAMILY_MODULES:
-        try:
-            module = importlib.import_module(f"{__name__}.{family}")
-        except ModuleNotFoundError as exc:
-            if exc.name == f"{__name__}.{family}":
-                continue  # that family's rows are not written yet
-            raise
+    for module in FAMILIES:
         for preset in module.PRESETS:
             if preset.name in table:
                 raise ConfigError(f"preset {preset.name!r} defined twice")

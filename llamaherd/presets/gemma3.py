@@ -10,7 +10,7 @@ Instruction-tuned rows chat through the checkpoint's own Jinja chat template (fo
 from __future__ import annotations
 
 from ..config import ModelConfig, RopeScaling
-from . import Preset
+from .preset import Preset
 
 _COMMON = dict(
     arch="gemma3", head_dim=256, norm_eps=1e-6, rope_theta=1_000_000.0, rope_local_theta=10_000.0,

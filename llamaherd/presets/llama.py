@@ -7,7 +7,7 @@ names the file. `published` is the size the release states (model card / paper),
 from __future__ import annotations
 
 from ..config import ModelConfig, RopeScaling
-from . import Preset
+from .preset import Preset
 
 # Llama 3.1's frequency scaling as released (params.json "use_scaled_rope": true; the factors are those of
 # llama-models llama3/model.py::apply_scaling and of config.json "rope_scaling" of Llama-3.1-8B).

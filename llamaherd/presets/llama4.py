@@ -22,7 +22,7 @@ is 109B / 402B to the digit (the card's "400B" rounds 401.58B to two figures).
 from __future__ import annotations
 
 from ..config import ModelConfig, MoEConfig, RopeScaling
-from . import Preset
+from .preset import Preset
 
 _COMMON = dict(
     arch="llama4", dim=5120, n_layers=48, n_heads=40, n_kv_heads=8, vocab_size=202048, multiple_of=2048,
