@@ -14,6 +14,7 @@ ARCHITECTURES: dict[str, str] = {
     "llama": "llamaherd.model.llama:Transformer",
     "llama4": "llamaherd.model.llama4:Transformer",
     "gemma3": "llamaherd.model.gemma3:Transformer",
+    "mllama": "llamaherd.model.mllama:Transformer",  # Llama 3.2 Vision
 }
 
 
