@@ -10,7 +10,7 @@ PROMPT ?= Why is the sky blue? Answer in two sentences.
 # The default model (Gemma 3 270M, pretrained) completes text; bound the reply so `make run` always ends.
 RUN_FLAGS ?= --max-tokens 128
 
-.PHONY: run test test-all install install-test bench clean
+.PHONY: run test test-all install install-test browser bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,10 +30,18 @@ install-test: $(VENV)/.installed-test
 run: install
 	$(HERD) run $(RUN_FLAGS) "$(PROMPT)"
 
-test: install-test
+# The web chat page's browser test drives Debian's chromium through chromium-driver: installed here when apt
+# is available (as root), else that test skips saying why.
+browser:
+	@command -v chromedriver >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+		apt-get update -qq >/dev/null 2>&1 && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null 2>&1; } || \
+		echo "make: chromium/chromium-driver not installed; the web page's browser test will skip"
+
+test: install-test browser
 	$(PY) -m pytest -q
 
-test-all: install-test
+test-all: install-test browser
 	$(PY) -m pytest -q -m "slow or not slow"
 
 # The default model against llama.cpp, side by side (bench/side_by_side.py; more in BENCHMARKS.md).
