@@ -18,7 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..engine.scheduler import GenerationError, QueueFull
 from ..errors import ContextLengthError, LlamaherdError
-from . import admin, ollama, openai
+from . import admin, ollama, openai, page
 from .http import APIError, ClientGone, error_response
 from .runtime import ServedModel
 
@@ -52,7 +52,7 @@ def create_app(served: ServedModel, *, api_key: str | None = None, max_body_byte
     @app.middleware("http")
     async def guard(request: Request, call_next):
         started = time.perf_counter()
-        if api_key and request.url.path != "/health":
+        if api_key and not _public(request):
             given = request.headers.get("authorization", "")
             token = given[7:] if given.lower().startswith("bearer ") else request.headers.get("x-api-key", "")
             if not secrets.compare_digest(token.encode(), api_key.encode()):
@@ -100,7 +100,16 @@ def create_app(served: ServedModel, *, api_key: str | None = None, max_body_byte
     app.include_router(openai.router)
     app.include_router(ollama.router)
     app.include_router(admin.router)
+    app.include_router(page.router)
     return app
+
+
+def _public(request: Request) -> bool:
+    """Routes open without the API key: /health, the "is it running" root, and the web page's static files
+    (which hold nothing secret and must load before the user can type a key)."""
+    path = request.url.path
+    return path == "/health" or (request.method in ("GET", "HEAD") and
+                                 (path == "/" or path == page.PAGE_PATH or path.startswith(page.PAGE_PATH + "/")))
 
 
 def _treat_body_as_json(request: Request) -> None:

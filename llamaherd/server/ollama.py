@@ -216,5 +216,10 @@ async def version():
 
 @router.get("/", response_class=PlainTextResponse)
 @router.head("/", response_class=PlainTextResponse)
-async def root():
+async def root(request: Request):
+    """What Ollama answers to clients probing whether it runs; a browser is sent to the web chat page."""
+    from .page import page_redirect, wants_page
+
+    if wants_page(request):
+        return page_redirect()
     return "Ollama is running"
