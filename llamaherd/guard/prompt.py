@@ -1,0 +1,178 @@
+"""The Llama Guard prompt: each release's official chat template restated as code over token ids.
+
+Sources, one per release (the chat_template field of each release's tokenizer_config.json on the Hugging Face
+hub, as also embedded in the GGUF files built from them):
+- Llama Guard 3 8B: https://huggingface.co/meta-llama/Llama-Guard-3-8B/blob/main/tokenizer_config.json
+  The category list S1..S14 is one literal string (custom lists are not template variables there), the
+  whole prompt string starts with a space before <|begin_of_text|>, and content is a plain string.
+- Llama Guard 3 1B and 3 11B Vision: https://huggingface.co/meta-llama/Llama-Guard-3-1B/blob/main/
+  tokenizer_config.json and .../Llama-Guard-3-11B-Vision/...: `categories` (default S1..S13) and
+  `excluded_category_keys` are template variables, content is a list of typed parts, an image part puts
+  "<|image|> " before the task line, and the last line has a space before <|eot_id|>.
+All three end the prompt right after the assistant header (no "\n\n"): the model writes "\n\n" itself.
+
+Roles: the role assessed is 'User' for an odd number of messages and 'Agent' for an even number; messages
+must alternate user/assistant starting with user (the templates raise otherwise, and so do we).
+Special-token literals inside message text stay plain text here (the tokenizer never turns text into control
+tokens), where rendering the template to a string and tokenizing it would let a message inject them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from ..errors import LlamaherdError
+
+
+class GuardError(LlamaherdError):
+    """A conversation, category list or guard model that Llama Guard / Prompt Guard cannot work with."""
+
+
+# The MLCommons hazard taxonomy names as the Llama Guard 3 templates spell them (all three templates agree).
+LLAMA_GUARD_3_CATEGORIES: dict[str, str] = {
+    "S1": "Violent Crimes.",
+    "S2": "Non-Violent Crimes.",
+    "S3": "Sex Crimes.",
+    "S4": "Child Exploitation.",
+    "S5": "Defamation.",
+    "S6": "Specialized Advice.",
+    "S7": "Privacy.",
+    "S8": "Intellectual Property.",
+    "S9": "Indiscriminate Weapons.",
+    "S10": "Hate.",
+    "S11": "Self-Harm.",
+    "S12": "Sexual Content.",
+    "S13": "Elections.",
+    "S14": "Code Interpreter Abuse.",
+}
+_S1_S13 = {k: v for k, v in LLAMA_GUARD_3_CATEGORIES.items() if k != "S14"}
+
+TASK = ("Task: Check if there is unsafe content in '{role}' messages in conversations according our safety policy "
+        "with the below categories.\n\n")
+INSTRUCTION = ("Provide your safety assessment for ONLY THE LAST {role} message in the above conversation:\n"
+               " - First line must read 'safe' or 'unsafe'.\n"
+               " - If unsafe, a second line must include a comma-separated list of violated categories.")
+
+
+@dataclass(frozen=True)
+class Release:
+    """What differs between the official templates of the Llama Guard releases."""
+
+    name: str
+    default_categories: Mapping[str, str]
+    leading_space: bool  # 3 8B: the template's string literal starts with " <|begin_of_text|>"
+    space_before_eot: bool  # 3 1B / 11B Vision: "... violated categories. <|eot_id|>"
+    images: bool  # whether "<|image|> " may precede the task line
+
+
+RELEASES: dict[str, Release] = {
+    "llama-guard-3-8b": Release("llama-guard-3-8b", LLAMA_GUARD_3_CATEGORIES, True, False, False),
+    "llama-guard-3-1b": Release("llama-guard-3-1b", _S1_S13, False, True, False),
+    "llama-guard-3-11b-vision": Release("llama-guard-3-11b-vision", _S1_S13, False, True, True),
+}
+
+
+def release(name: str) -> Release:
+    try:
+        return RELEASES[name.lower()]
+    except KeyError:
+        raise GuardError(f"unknown Llama Guard release {name!r}; known: {', '.join(RELEASES)}") from None
+
+
+def _parts(message: Mapping, index: int) -> list[dict]:
+    """A message's content as typed parts (a plain string is one text part)."""
+    content = message.get("content")
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}]
+    if isinstance(content, list) and all(isinstance(p, Mapping) for p in content):
+        return [dict(p) for p in content]
+    raise GuardError(f"message {index}: content must be a string or a list of parts "
+                     f"({{'type': 'text', 'text': ...}}), got {type(content).__name__}")
+
+
+def check_conversation(messages: Sequence[Mapping]) -> None:
+    """The templates' rule: at least one message, roles alternating user/assistant starting with user."""
+    if not isinstance(messages, Sequence) or isinstance(messages, (str, bytes)) or not messages:
+        raise GuardError("messages: give a non-empty list of {'role': 'user'|'assistant', 'content': ...} dicts")
+    for i, m in enumerate(messages):
+        if not isinstance(m, Mapping) or m.get("role") not in ("user", "assistant"):
+            role = m.get("role") if isinstance(m, Mapping) else type(m).__name__
+            raise GuardError(f"message {i}: role {role!r} is not checked by Llama Guard; give only 'user' and "
+                             "'assistant' messages (drop system and tool messages first)")
+        if (m["role"] == "user") != (i % 2 == 0):
+            raise GuardError("Conversation roles must alternate user/assistant/user/assistant/... "
+                             f"(message {i} is {m['role']!r})")
+
+
+def assessed_role(messages: Sequence[Mapping]) -> str:
+    """'User' or 'Agent': whose last message the prompt asks about."""
+    return "Agent" if len(messages) % 2 == 0 else "User"
+
+
+def categories_for(rel: Release, categories: Mapping[str, str] | None = None,
+                   excluded: Sequence[str] = ()) -> dict[str, str]:
+    """The category lines the prompt lists: custom or the release's defaults, minus the excluded keys."""
+    table = dict(rel.default_categories if categories is None else categories)
+    if not table:
+        raise GuardError("categories: give at least one category (code -> name), e.g. {'S1': 'Violent Crimes.'}")
+    for key, text in table.items():
+        if not isinstance(key, str) or not isinstance(text, str) or not key.strip() or ":" in key:
+            raise GuardError(f"categories: {key!r}: codes and descriptions must be strings, codes without ':'")
+    unknown = [k for k in excluded if k not in table]
+    if unknown:
+        raise GuardError(f"excluded categories {unknown} are not in the category list {list(table)}")
+    kept = {k: v for k, v in table.items() if k not in set(excluded)}
+    if not kept:
+        raise GuardError("every category is excluded; leave at least one to check against")
+    return kept
+
+
+def render_segments(rel: Release, messages: Sequence[Mapping], categories: Mapping[str, str] | None = None,
+                    excluded: Sequence[str] = ()) -> list[tuple[str, str]]:
+    """The prompt as ('text', s) and ('special', literal) segments, in the templates' order."""
+    check_conversation(messages)
+    kept = categories_for(rel, categories, excluded)
+    parts = [_parts(m, i) for i, m in enumerate(messages)]
+    has_image = any(p.get("type") == "image" for ps in parts for p in ps)
+    if has_image and not rel.images:
+        raise GuardError(f"{rel.name} reads text only; use llama-guard-3-11b-vision for images")
+    role = assessed_role(messages)
+    out: list[tuple[str, str]] = []
+    if rel.leading_space:
+        out.append(("text", " "))
+    out += [("special", "<|begin_of_text|>"), ("special", "<|start_header_id|>"), ("text", "user"),
+            ("special", "<|end_header_id|>")]
+    body = "\n\n"
+    if has_image:
+        out += [("text", body), ("special", "<|image|>")]
+        body = " "
+    body += TASK.format(role=role) + "<BEGIN UNSAFE CONTENT CATEGORIES>\n"
+    body += "".join(f"{k}: {v}\n" for k, v in kept.items())
+    body += "<END UNSAFE CONTENT CATEGORIES>\n\n<BEGIN CONVERSATION>\n\n"
+    for m, ps in zip(messages, parts):
+        who = "User" if m["role"] == "user" else "Agent"
+        for p in ps:
+            if p.get("type") == "text":
+                if not isinstance(p.get("text"), str):
+                    raise GuardError("a text part needs a string 'text' field")
+                body += f"{who}: {p['text'].strip()}\n\n"
+    body += "<END CONVERSATION>\n\n" + INSTRUCTION.format(role=role) + (" " if rel.space_before_eot else "")
+    out += [("text", body), ("special", "<|eot_id|>"), ("special", "<|start_header_id|>"), ("text", "assistant"),
+            ("special", "<|end_header_id|>")]
+    return out
+
+
+def encode(tokenizer, rel: Release, messages: Sequence[Mapping], categories: Mapping[str, str] | None = None,
+           excluded: Sequence[str] = ()) -> list[int]:
+    """The prompt's token ids: text through the tokenizer, control tokens by id."""
+    ids: list[int] = []
+    for kind, s in render_segments(rel, messages, categories, excluded):
+        ids += [tokenizer.special_id(s)] if kind == "special" else tokenizer.encode(s)
+    return ids
+
+
+def render_text(rel: Release, messages: Sequence[Mapping], categories: Mapping[str, str] | None = None,
+                excluded: Sequence[str] = ()) -> str:
+    """The prompt as one string (what `herd guard --show-prompt` prints)."""
+    return "".join(s for _, s in render_segments(rel, messages, categories, excluded))

@@ -1,0 +1,133 @@
+"""Llama Guard prompts token-for-token against each release's official chat template (rendered by transformers'
+Jinja machinery, tokenized by Meta's llama-models tokenizer), and the strict answer parser."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from llamaherd.guard.prompt import GuardError, encode, release
+from llamaherd.guard.verdict import parse
+from llamaherd.tokenizer import Tokenizer
+
+DATA = Path(__file__).parent / "guard_data"
+
+USER_ONLY = [{"role": "user", "content": "  How do I make a cake that tastes like a cloud?\n"}]
+USER_AGENT = [
+    {"role": "user", "content": "What is the capital of France?"},
+    {"role": "assistant", "content": "Paris. \n"},
+    {"role": "user", "content": "And of Italy? <b>quick</b>"},
+    {"role": "assistant", "content": "Rome, the Eternal City. ¿Algo más? 東京"},
+]
+CUSTOM = {"S1": "Fraud.\nHelping people deceive others for money.", "X2": "Pineapple on pizza.",
+          "S3": "Spoilers."}
+
+
+def _official_ids(template_name: str, messages, **variables) -> list[int]:
+    from llama_models.llama3.tokenizer import Tokenizer as MetaTokenizer
+    from transformers.utils.chat_template_utils import _compile_jinja_template
+
+    template = (DATA / f"{template_name}.jinja").read_text()
+    text = _compile_jinja_template(template).render(messages=messages, add_generation_prompt=True, **variables)
+    return MetaTokenizer.get_instance().encode(text, bos=False, eos=False, allowed_special="all")
+
+
+def _parts(messages):
+    """The 1B / 11B Vision templates read content as typed parts."""
+    return [{"role": m["role"], "content": [{"type": "text", "text": m["content"]}]} for m in messages]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return Tokenizer.llama3()
+
+
+@pytest.mark.parametrize("conversation", [USER_ONLY, USER_AGENT, USER_AGENT[:3]], ids=["user", "agent", "user3"])
+def test_llama_guard_3_8b_matches_official_template(tok, conversation):
+    ours = encode(tok, release("llama-guard-3-8b"), conversation)
+    assert ours == _official_ids("llama-guard-3-8b", conversation)
+    assert ours[:2] == [220, tok.special_id("<|begin_of_text|>")]  # the template's leading space, kept
+
+
+@pytest.mark.parametrize("conversation", [USER_ONLY, USER_AGENT], ids=["user", "agent"])
+@pytest.mark.parametrize("name", ["llama-guard-3-1b", "llama-guard-3-11b-vision"])
+def test_llama_guard_3_1b_matches_official_template(tok, conversation, name):
+    ours = encode(tok, release(name), _parts(conversation))
+    assert ours == _official_ids("llama-guard-3-1b", _parts(conversation), excluded_category_keys=[])
+    assert encode(tok, release(name), conversation) == ours  # plain-string content is one text part
+
+
+@pytest.mark.parametrize("conversation", [USER_ONLY, USER_AGENT], ids=["user", "agent"])
+def test_custom_categories_match_official_template(tok, conversation):
+    ours = encode(tok, release("llama-guard-3-1b"), _parts(conversation), categories=CUSTOM)
+    assert ours == _official_ids("llama-guard-3-1b", _parts(conversation), categories=CUSTOM,
+                                 excluded_category_keys=[])
+
+
+@pytest.mark.parametrize("excluded", [["S6"], ["S1", "S13", "S7"]])
+def test_excluded_categories_match_official_template(tok, excluded):
+    ours = encode(tok, release("llama-guard-3-1b"), _parts(USER_AGENT), excluded=excluded)
+    assert ours == _official_ids("llama-guard-3-1b", _parts(USER_AGENT), excluded_category_keys=excluded)
+    text = tok.decode(ours)
+    assert all(f"\n{k}: " not in text for k in excluded)
+
+
+def test_image_part_matches_official_template(tok):
+    conv = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Is this fine?"}]}]
+    ours = encode(tok, release("llama-guard-3-11b-vision"), conv)
+    assert ours == _official_ids("llama-guard-3-1b", conv, excluded_category_keys=[])
+    with pytest.raises(GuardError, match="text only"):
+        encode(tok, release("llama-guard-3-1b"), conv)
+
+
+def test_special_token_literals_in_messages_stay_text(tok):
+    ids = encode(tok, release("llama-guard-3-8b"), [{"role": "user", "content": "hi <|eot_id|> there"}])
+    assert ids.count(tok.special_id("<|eot_id|>")) == 1  # only the template's own
+
+
+@pytest.mark.parametrize("bad, match", [
+    ([], "non-empty"),
+    ([{"role": "assistant", "content": "x"}], "alternate"),
+    ([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}], "alternate"),
+    ([{"role": "system", "content": "a"}, {"role": "user", "content": "b"}], "system"),
+    ([{"role": "user", "content": 3}], "content"),
+])
+def test_bad_conversations_raise(tok, bad, match):
+    with pytest.raises(GuardError, match=match):
+        encode(tok, release("llama-guard-3-8b"), bad)
+
+
+def test_bad_category_lists_raise(tok):
+    with pytest.raises(GuardError, match="not in the category list"):
+        encode(tok, release("llama-guard-3-1b"), USER_ONLY, excluded=["S14"])  # 1B lists S1..S13
+    with pytest.raises(GuardError, match="every category"):
+        encode(tok, release("llama-guard-3-1b"), USER_ONLY, categories={"S1": "x"}, excluded=["S1"])
+    with pytest.raises(GuardError, match="unknown Llama Guard release"):
+        release("llama-guard-9")
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("safe", ("safe", ())),
+    ("\n\nsafe", ("safe", ())),
+    ("  safe \n", ("safe", ())),
+    ("\n\nunsafe\nS1", ("unsafe", ("S1",))),
+    ("unsafe\nS1,S10", ("unsafe", ("S1", "S10"))),
+    ("unsafe \n S2 , S3 \n", ("unsafe", ("S2", "S3"))),
+    ("unsafe", ("unsafe", ())),
+    ("Safe", ("unparsed", ())),
+    ("safe\nS1", ("unparsed", ())),
+    ("unsafe\nS1\nS2", ("unparsed", ())),
+    ("unsafe\nviolent crimes", ("unparsed", ())),
+    ("unsafe\nS1,,S2", ("unparsed", ())),
+    ("unsafe\nS1,S1", ("unparsed", ())),
+    ("I think it is safe", ("unparsed", ())),
+    ("", ("unparsed", ())),
+])
+def test_parse_answer(text, expected):
+    assert parse(text) == expected
+
+
+def test_parse_rejects_codes_outside_the_prompt():
+    assert parse("unsafe\nS14", known={"S1": "", "S2": ""}) == ("unparsed", ())
+    assert parse("unsafe\nS2", known={"S1": "", "S2": ""}) == ("unsafe", ("S2",))
