@@ -28,7 +28,7 @@ from llamaherd import load  # noqa: E402
 from llamaherd.engine.generate import decode_one, prefill  # noqa: E402
 from llamaherd.model.cache import KVCache  # noqa: E402
 from llamaherd.native import ops  # noqa: E402
-from llamaherd.quant import cpu_kernels  # noqa: E402
+from llamaherd.native import ggml_kernels  # noqa: E402
 
 PROMPT = [2, 651, 6037, 576, 6081, 603]  # a few ids valid in every vocabulary here
 
@@ -140,10 +140,10 @@ def main() -> int:
     dtype = next(p.dtype for p in net.parameters() if p.is_floating_point())
     scale = float(decode_logits_scale(net, dtype))
     for int8 in (False, True):
-        before, cpu_kernels.INT8_ACTIVATIONS = cpu_kernels.INT8_ACTIVATIONS, int8
+        before, ggml_kernels.INT8_ACTIVATIONS = ggml_kernels.INT8_ACTIVATIONS, int8
         gap = logits_gap(net, dtype, {"on": True}, {"on": False})
         control = logits_gap(net, dtype, {"on": False}, {"on": False, "nudge": True})
-        cpu_kernels.INT8_ACTIVATIONS = before
+        ggml_kernels.INT8_ACTIVATIONS = before
         print(f"{'int8' if int8 else 'float'} activations, max |logit gap| over 8 steps (max |logit| {scale:.3g}): "
               f"glue on vs off {gap:.3g}; control, torch glue vs norm inputs nudged by one ulp {control:.3g}")
     decode_ms(net, dtype, 4)  # warm up both sides

@@ -2,8 +2,8 @@
 
   .venv/bin/python bench/gemm_crossover.py --threads 2
 
-Median ms of `cpu_kernels.gemv` (int8 activations) vs `cpu_kernels.linear` forced onto the GEMM path, on
-Gemma 3 270M's and Llama 3.2 1B's shapes; sets `BF16_GEMM_MIN_ROWS` (quant/cpu_kernels.py).
+Median ms of `ggml_kernels.gemv` (int8 activations) vs `ggml_kernels.linear` forced onto the GEMM path, on
+Gemma 3 270M's and Llama 3.2 1B's shapes; sets `BF16_GEMM_MIN_ROWS` (native/ggml_kernels.py).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from llamaherd.quant.ggml_quants import ggml_type  # noqa: E402
-from llamaherd.quant import cpu_kernels  # noqa: E402
+from llamaherd.native import ggml_kernels  # noqa: E402
 from tests.test_cpu_kernels import random_blocks  # noqa: E402
 
 SHAPES = [("Q8_0", 2048, 2048), ("Q4_0", 8192, 2048), ("Q5_0", 2048, 640), ("Q4_K", 640, 2048), ("Q6_K", 640, 2048)]
@@ -46,11 +46,11 @@ def main() -> int:
         packed = random_blocks(name, N, K)
         for M in args.rows:
             x = torch.randn(M, K)
-            gemv = median_ms(lambda: cpu_kernels.gemv(x, packed, t.id, K))
-            saved, cpu_kernels.MAX_GEMV_ROWS, cpu_kernels.BF16_GEMM_MIN_ROWS = (
-                (cpu_kernels.MAX_GEMV_ROWS, cpu_kernels.BF16_GEMM_MIN_ROWS), 0, 1)
-            gemm = median_ms(lambda: cpu_kernels.linear(x, packed, t.id, K))
-            cpu_kernels.MAX_GEMV_ROWS, cpu_kernels.BF16_GEMM_MIN_ROWS = saved
+            gemv = median_ms(lambda: ggml_kernels.gemv(x, packed, t.id, K))
+            saved, ggml_kernels.MAX_GEMV_ROWS, ggml_kernels.BF16_GEMM_MIN_ROWS = (
+                (ggml_kernels.MAX_GEMV_ROWS, ggml_kernels.BF16_GEMM_MIN_ROWS), 0, 1)
+            gemm = median_ms(lambda: ggml_kernels.linear(x, packed, t.id, K))
+            ggml_kernels.MAX_GEMV_ROWS, ggml_kernels.BF16_GEMM_MIN_ROWS = saved
             print(f"| {name} | {N} x {K} | {M} | {gemv:.3f} | {gemm:.3f} |")
     return 0
 

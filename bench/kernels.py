@@ -25,7 +25,7 @@ import time
 import torch
 
 from llamaherd.quant.ggml_quants import ggml_type
-from llamaherd.quant import cpu_kernels
+from llamaherd.native import ggml_kernels
 
 # (model, role, type, N, K)
 SHAPES = [
@@ -89,11 +89,11 @@ def decode_ab(model: str, threads: int, rounds: int, n: int) -> None:
     res: dict[bool, list[float]] = {True: [], False: []}
     for r in range(rounds + 1):
         for on in (True, False):
-            cpu_kernels.INT8_ACTIVATIONS = on
+            ggml_kernels.INT8_ACTIVATIONS = on
             ms = steps()
             if r:  # the first round warms up both
                 res[on].append(ms)
-    cpu_kernels.INT8_ACTIVATIONS = True
+    ggml_kernels.INT8_ACTIVATIONS = True
     print(f"{model}, {threads} threads, {n} steps x {rounds} rounds, load average {os.getloadavg()[0]:.2f}: "
           f"int8 activations {statistics.median(res[True]):.2f} ms/token, float {statistics.median(res[False]):.2f} "
           f"(all: int8 {[round(v, 2) for v in res[True]]}, float {[round(v, 2) for v in res[False]]})")
@@ -109,12 +109,12 @@ def main() -> None:
     ap.add_argument("--decode", metavar="MODEL", help="time decode steps of MODEL instead (int8 vs float)")
     ap.add_argument("-n", type=int, default=32, help="decode steps per round (--decode)")
     a = ap.parse_args()
-    if cpu_kernels.library() is None:
+    if ggml_kernels.library() is None:
         raise SystemExit("native library unavailable (no C compiler?)")
     if a.decode:
         decode_ab(a.decode, a.threads[0], a.rounds, a.n)
         return
-    paths = {"float": cpu_kernels._fn("lh_gemv"), "int8": cpu_kernels._fn("lh_q8_gemv")}
+    paths = {"float": ggml_kernels._fn("lh_gemv"), "int8": ggml_kernels._fn("lh_q8_gemv")}
     print(f"load average {os.getloadavg()[0]:.2f}; M = {a.rows}; GB/s of packed bytes, median of {a.rounds} rounds")
     print(f"| model | product | type | N x K | MB | " + " | ".join(f"{p} {t}T" for t in a.threads for p in paths) + " | int8/float |")
     print("|---|---|---|---|---:|" + "---:|" * (2 * len(a.threads) + 1))

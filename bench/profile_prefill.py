@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from llamaherd import load  # noqa: E402
 from llamaherd.engine.generate import prefill  # noqa: E402
 from llamaherd.model.cache import KVCache  # noqa: E402
-from llamaherd.quant import cpu_kernels  # noqa: E402
+from llamaherd.native import ggml_kernels  # noqa: E402
 
 
 def main() -> int:
@@ -32,7 +32,7 @@ def main() -> int:
     ap.add_argument("--float", action="store_true", help="float32 GEMMs instead of bf16")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    cpu_kernels.BF16_PREFILL = cpu_kernels.BF16_PREFILL and not args.float
+    ggml_kernels.BF16_PREFILL = ggml_kernels.BF16_PREFILL and not args.float
     net = load(args.model).net.eval()
     tokens = torch.arange(args.p)[None] * 7919 % 32000 + 100
 
@@ -45,7 +45,7 @@ def main() -> int:
 
     once()
     times = [once() for _ in range(3)]
-    print(f"pp{args.p}: {[round(args.p / t, 1) for t in times]} tok/s (bf16 GEMMs: {cpu_kernels.BF16_PREFILL})")
+    print(f"pp{args.p}: {[round(args.p / t, 1) for t in times]} tok/s (bf16 GEMMs: {ggml_kernels.BF16_PREFILL})")
     with torch.profiler.profile() as prof:
         once()
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=10))

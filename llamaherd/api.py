@@ -12,6 +12,7 @@ from torch import nn
 from .checkpoint import Checkpoint, materialize, read
 from .config import GenerationDefaults, ModelConfig
 from .errors import ChatFormatError, ContextLengthError, TokenizerError
+from .native import swaps as native_swaps
 from .store import resolve_name
 
 
@@ -27,6 +28,7 @@ def load(source: str | Path, *, dtype: torch.dtype | None = None, device: str | 
     """Load a model from a Meta folder, a Hugging Face folder, a .gguf file, or a name in the local store."""
     ckpt = read(resolve(source))
     net = materialize(ckpt, dtype=dtype, device=device)
+    native_swaps.apply(net)  # the fast CPU paths, as module swaps over the reference model (native/swaps.py)
     return Model(net, ckpt)
 
 

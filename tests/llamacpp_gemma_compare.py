@@ -6,7 +6,7 @@ distributions and greedy continuations. Prints the numbers; `tests/test_llamacpp
 llama.cpp runs through llama-cpp-python on the same file. Our side is the model as `llamaherd.load` builds
 it, either with each packed ggml weight decoded once into a float32 copy (`runtime=False`: float32
 activations everywhere, the exact arithmetic of the decoded weights) or as the runtime runs it (`--runtime`:
-packed weights and the fast kernels' activation precision, quant/cpu_kernels.py).
+packed weights and the fast kernels' activation precision, native/ggml_kernels.py).
 """
 
 from __future__ import annotations

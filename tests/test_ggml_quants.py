@@ -13,7 +13,8 @@ from llamaherd.quant import ggml_quants as gq
 from llamaherd import gguf_file
 from llamaherd.checkpoint import gguf as reader
 from llamaherd import native
-from llamaherd.quant import GGMLWeight, cpu_kernels, ggml as qmod
+from llamaherd.native import ggml_kernels
+from llamaherd.quant import GGMLWeight, ggml as qmod
 from tests.gguf_read_fixtures import gemma_gguf
 
 
@@ -94,8 +95,8 @@ def test_packed_linear_and_embedding_equal_float_ops(monkeypatch):
     want = F.linear(x, dense)
     # Float math at float32 tolerance: the float-activation kernels, not the default int8 activations
     # (llama.cpp's rounding of x, tested in tests/test_q8_kernels.py).
-    monkeypatch.setattr(cpu_kernels, "INT8_ACTIVATIONS", False)
-    # The native kernels (quant/cpu_kernels.py) sum in another order than torch's GEMM: a few float32 ulps.
+    monkeypatch.setattr(ggml_kernels, "INT8_ACTIVATIONS", False)
+    # The native kernels (native/ggml_kernels.py) sum in another order than torch's GEMM: a few float32 ulps.
     torch.testing.assert_close(F.linear(x, pw), want, atol=1e-5, rtol=1e-5)
     monkeypatch.setattr(native, "ENABLED", False)  # the pure-torch path below
     torch.testing.assert_close(F.linear(x, pw), want, atol=1e-5, rtol=1e-5)

@@ -10,7 +10,8 @@ from gguf import GGMLQuantizationType as QT
 import llamaherd
 from llamaherd import gguf_file
 from llamaherd.checkpoint import gguf as reader
-from llamaherd.quant import GGMLEmbedding, GGMLLinear, cpu_kernels
+from llamaherd.native import ggml_kernels
+from llamaherd.quant import GGMLEmbedding, GGMLLinear
 from tests.conftest import TINY, random_model
 from tests.gguf_read_fixtures import write_llama_gguf
 
@@ -36,7 +37,7 @@ def test_f32_gguf_logits_match_our_model(tmp_path, family):
 def test_q8_0_gguf_keeps_packed_weights_and_matches_dequantized_model(tmp_path, family, monkeypatch):
     # Compared with float math at float32 tolerance: the float-activation kernels, not the default int8
     # activations (llama.cpp's rounding of x, tested in tests/test_q8_kernels.py).
-    monkeypatch.setattr(cpu_kernels, "INT8_ACTIVATIONS", False)
+    monkeypatch.setattr(ggml_kernels, "INT8_ACTIVATIONS", False)
     c = TINY[family]
     net = random_model(c)
     path = tmp_path / "tiny-q8.gguf"
@@ -54,7 +55,7 @@ def test_q8_0_gguf_keeps_packed_weights_and_matches_dequantized_model(tmp_path, 
     with torch.no_grad():
         want = ref(torch.tensor(TOKENS))
     got = model.logits(TOKENS)
-    # Same weight values; the native CPU kernels (quant/cpu_kernels.py) sum each dot product in another order
+    # Same weight values; the native CPU kernels (native/ggml_kernels.py) sum each dot product in another order
     # than torch's GEMM, which moves float32 logits by a few ulps of their magnitude.
     torch.testing.assert_close(got, want, atol=5e-5, rtol=1e-5)
 
@@ -136,7 +137,7 @@ def test_llama_gguf_logits_match_llama_cpp(tmp_path, qtype):
     print(f"{qtype.name}: logit scale {scale:.2f}, max |ours - llama.cpp| {(got - want).abs().max():.2e}, "
           f"mean {(got - want).abs().mean():.2e}")
     if qtype != QT.F32:  # llama.cpp multiplies Q8_0 weights with Q8_0-quantized activations, as our default
-        # int8 activations do (cpu_kernels.INT8_ACTIVATIONS; float32 block scales where llama.cpp rounds them to f16)
+        # int8 activations do (ggml_kernels.INT8_ACTIVATIONS; float32 block scales where llama.cpp rounds them to f16)
         # measured: max 1.4%, mean 0.30% of the logit scale (float activations: 1.7%, 0.35%); decoding itself is
         # pinned exactly by the test above
         assert (got - want).abs().max() < 0.05 * scale and (got - want).abs().mean() < 0.01 * scale

@@ -37,17 +37,17 @@ def test_default_model_matches_its_preset(default_gguf):
                          ids=["float-copy", "runtime", "runtime-int8"])
 def test_agrees_with_llamacpp(default_gguf, runtime, int8, monkeypatch):
     """Both our exact float arithmetic on the decoded weights and the runtime users get (packed weights, the
-    fast kernels' activation precision: bf16 prefill products, quant/cpu_kernels.py) stay as close to
+    fast kernels' activation precision: bf16 prefill products, native/ggml_kernels.py) stay as close to
     llama.cpp as the float copy was measured to be."""
     pytest.importorskip("llama_cpp", reason="install llamaherd[interop] (llama-cpp-python)")
-    from llamaherd.quant import cpu_kernels
+    from llamaherd.native import ggml_kernels
 
     # "runtime" pins float activations for the few-row products; "runtime-int8" is the default (int8
     # activations quantized as llama.cpp does, native/ggml_q8.c). Int8 codes turn ulp-level differences in
     # the activations into whole code steps, so which prompts' 16-token greedy continuations stay identical
     # to llama.cpp's moved from run to run as unrelated float code changed (measured 6/9, 4/9, 3/9 prompts on
     # the same kernels; float activations: 6/9 each time): that count is checked on the float runtime only.
-    monkeypatch.setattr(cpu_kernels, "INT8_ACTIVATIONS", int8)
+    monkeypatch.setattr(ggml_kernels, "INT8_ACTIVATIONS", int8)
     rep = compare(default_gguf, log=lambda *_: None, runtime=runtime)
     print(rep.summary())
     assert rep.tokens_equal == len(PROMPTS)
@@ -90,11 +90,11 @@ def test_agrees_with_transformers_on_the_same_gguf(default_gguf):
 def test_packed_runtime_equals_the_decoded_copy(default_gguf, monkeypatch):
     """The GGUF runtime (packed weights decoded per call) computes what the comparison's float copy does."""
     import llamaherd
-    from llamaherd.quant import cpu_kernels
+    from llamaherd.native import ggml_kernels
 
     # Float math at float32 tolerance: the float-activation kernels, not the default int8 activations
     # (llama.cpp's rounding of x; the runtime with them is compared with llama.cpp above).
-    monkeypatch.setattr(cpu_kernels, "INT8_ACTIVATIONS", False)
+    monkeypatch.setattr(ggml_kernels, "INT8_ACTIVATIONS", False)
 
     packed = llamaherd.load(default_gguf)
     ids = packed.tokenizer.encode("The capital of France is", bos=True)

@@ -1,7 +1,7 @@
 """The native per-layer glue (llamaherd/native/ops.py, ops.c) against the torch code of the model files.
 
-Every comparison runs the same inputs through the model's torch path (with `ops.disabled()`) and through the
-native call. Tolerances, float32: the native code does the same operations in the same order except the
+Every comparison runs the same inputs through the model's reference module (or the swapped module with
+`ops.disabled()`, which falls back to it) and through the native module of native/swaps.py. Tolerances, float32: the native code does the same operations in the same order except the
 summations (sum of squares over a row, q.k over a head, softmax denominator and weighted sum of values),
 which it adds in a different (vectorised) order than ATen. Reordering a float32 sum of n terms of one sign
 moves it by at most ~n * 2^-24 relative and in practice by a few ulps; the outputs are within a few ulps of
@@ -19,9 +19,10 @@ from llamaherd import native
 from llamaherd.config import ModelConfig
 from llamaherd.model import gemma3, llama
 from llamaherd.model.cache import KVCache
-from llamaherd.model.llama4 import rms_normalize
-from llamaherd.model.rope import apply_rope
+from llamaherd.model.llama4 import L2Norm
+from llamaherd.model.rope import Rotary, apply_rope
 from llamaherd.native import ops
+from llamaherd.native.swaps import native_module
 
 pytestmark = pytest.mark.skipif(native.library() is None, reason="no C compiler: the native ops cannot be built")
 
@@ -44,11 +45,14 @@ def test_rms_norm_matches_torch(shape, module):
     with torch.no_grad():
         norm.weight.normal_(0.0, 0.5)
     x = torch.randn(shape) * 3.0
+    fast = native_module(norm)
+    assert type(fast) is not module and fast.weight is norm.weight
     with torch.inference_mode():
         assert ops.usable(x, norm.weight)
+        want = norm(x)
         with ops.disabled():
-            want = norm(x)
-        got = norm(x)
+            assert torch.equal(fast(x), want)  # switched off: the reference itself
+        got = fast(x)
     assert got.shape == want.shape and got.dtype == torch.float32
     _close(got, want)
 
@@ -57,8 +61,8 @@ def test_rms_norm_matches_torch(shape, module):
 def test_parameter_free_norm_matches_torch(shape):
     x = torch.randn(shape, generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
-        want = rms_normalize(x, 1e-6)
-        got = ops.rms_norm(x, None, 1e-6)
+        want = L2Norm(1e-6)(x)
+        got = native_module(L2Norm(1e-6))(x)
     _close(got, want)
 
 
@@ -84,9 +88,8 @@ def test_rope_matches_torch(shape, angle_rows, reference, layout):
     cos, sin = torch.cos(angles), torch.sin(angles)
     with torch.inference_mode():
         assert ops.rope_applies(x, cos, sin)
-        with ops.disabled():
-            want = reference(x, cos, sin)
-        got = reference(x, cos, sin)
+        want = reference(x, cos, sin)
+        got = ops.rope(x, cos, sin, layout=layout)
     _close(got, want)
 
 
@@ -99,9 +102,9 @@ def test_rope_falls_back_for_other_shapes_and_strides():
         assert not ops.rope_applies(x, cos[None], sin[None])
         assert not ops.rope_applies(x[..., :7], cos, sin)
         strided = x.transpose(1, 2).contiguous().transpose(1, 2)  # same values, (B, T, H, D) strides differ
-        with ops.disabled():
-            want = apply_rope(strided, cos, sin)
-        assert torch.equal(apply_rope(strided, cos, sin), want)
+        fast = native_module(Rotary())
+        assert type(fast) is not Rotary
+        assert torch.equal(fast(strided, cos, sin), apply_rope(strided, cos, sin))
 
 
 # ---- fallbacks -----------------------------------------------------------------------------------------------
@@ -133,11 +136,12 @@ def test_norm_falls_back_for_strided_bf16_and_grad(module):
         norm.weight.normal_()
     x = torch.randn(4, 3, 16)
     strided = x.transpose(0, 1)
+    fast = native_module(norm)
     with torch.inference_mode():
-        with ops.disabled():
-            want, want_bf16 = norm(strided), norm(x.bfloat16())
-        assert torch.equal(norm(strided), want)  # the torch path itself, bit for bit
-        assert torch.equal(norm(x.bfloat16()), want_bf16)
+        want, want_bf16 = norm(strided), norm(x.bfloat16())
+        assert torch.equal(fast(strided), want)  # the torch path itself, bit for bit
+        assert torch.equal(fast(x.bfloat16()), want_bf16)
+    norm = fast
     out = norm(x)  # grad enabled, weight requires grad: the torch path, differentiable
     assert out.grad_fn is not None
     out.sum().backward()
@@ -180,6 +184,7 @@ def step_inputs(c: ModelConfig, B: int, start: int, per_row: bool, seed: int = 1
 
 def run_both(attn, cache, x, cos, sin, mask, layer, start):
     """(native output, native cache) and (torch output, torch cache) for the same step."""
+    attn = native_module(attn)
     results = []
     for on in (True, False):
         c = KVCache(cache.k.shape[0], cache.batch, cache.max_len, cache.k.shape[2], cache.k.shape[4])
@@ -190,7 +195,7 @@ def run_both(attn, cache, x, cos, sin, mask, layer, start):
             v = attn.wv(x).view(x.shape[0], 1, attn.n_kv_heads, attn.head_dim)
             weights = (attn.q_norm.weight, attn.k_norm.weight) if isinstance(attn, gemma3.Attention) else ()
             if on:  # the native side must really take the native path
-                assert ops.attend_decode_applies(q, k, v, cos, sin, c, start, mask, *weights)
+                assert ops.attend_decode_applies(q, k, v, cos, sin, c.k, c.v, start, mask, *weights)
             ops.ENABLED = on
             try:
                 out = attn(x, cos, sin, mask, c, layer, start)
@@ -242,21 +247,22 @@ def test_attend_decode_applies_only_to_its_case():
     c, attn = attention("llama", 4, 2, 8)
     cache, x, cos, sin = step_inputs(c, 1, 5, per_row=False)
     q, k, v = torch.randn(1, 1, 4, 8), torch.randn(1, 1, 2, 8), torch.randn(1, 1, 2, 8)
+    kv = cache.k, cache.v
     with torch.inference_mode():
-        assert ops.attend_decode_applies(q, k, v, cos, sin, cache, 5, None)
-        assert not ops.attend_decode_applies(q, k, v, cos, sin, None, 5, None)  # no cache
-        assert not ops.attend_decode_applies(q, k, v, cos, sin, cache, cache.max_len, None)  # overflow: torch raises
+        assert ops.attend_decode_applies(q, k, v, cos, sin, *kv, 5, None)
+        assert not ops.attend_decode_applies(q, k, v, cos, sin, *kv, cache.max_len, None)  # overflow: torch raises
+        assert not ops.attend_decode_applies(q, k, v, cos, sin, cache.k[:, :, :1], cache.v[:, :, :1], 5, None)  # heads
         two = torch.randn(1, 2, 4, 8)
-        assert not ops.attend_decode_applies(two, k, v, cos, sin, cache, 5, None)  # two tokens (prefill)
-        assert not ops.attend_decode_applies(q, k, v, cos, sin, cache, 5, torch.ones(1, 1, 1, 6))  # float mask
-        assert not ops.attend_decode_applies(q, k, v, cos, sin, cache, 5, torch.ones(1, 1, 1, 5, dtype=torch.bool))
+        assert not ops.attend_decode_applies(two, k, v, cos, sin, *kv, 5, None)  # two tokens (prefill)
+        assert not ops.attend_decode_applies(q, k, v, cos, sin, *kv, 5, torch.ones(1, 1, 1, 6))  # float mask
+        assert not ops.attend_decode_applies(q, k, v, cos, sin, *kv, 5, torch.ones(1, 1, 1, 5, dtype=torch.bool))
         bf16 = KVCache.for_model(c, 1, 8, dtype=torch.bfloat16)
-        assert not ops.attend_decode_applies(q, k, v, cos, sin, bf16, 5, None)
-        assert not ops.attend_decode_applies(q.transpose(2, 3).contiguous().transpose(2, 3), k, v, cos, sin, cache,
+        assert not ops.attend_decode_applies(q, k, v, cos, sin, bf16.k, bf16.v, 5, None)
+        assert not ops.attend_decode_applies(q.transpose(2, 3).contiguous().transpose(2, 3), k, v, cos, sin, *kv,
                                              5, None)  # strided heads
         with ops.disabled():
-            assert not ops.attend_decode_applies(q, k, v, cos, sin, cache, 5, None)
-    assert not ops.attend_decode_applies(q, k, v, cos, sin, cache, 5, None, torch.nn.Parameter(torch.ones(8)))
+            assert not ops.attend_decode_applies(q, k, v, cos, sin, *kv, 5, None)
+    assert not ops.attend_decode_applies(q, k, v, cos, sin, *kv, 5, None, torch.nn.Parameter(torch.ones(8)))
 
 
 def test_tolerance_catches_mistakes():
@@ -266,9 +272,10 @@ def test_tolerance_catches_mistakes():
     with torch.inference_mode():
         q = attn.wq(x).view(1, 1, 4, 8)
         k, v = attn.wk(x).view(1, 1, 2, 8), attn.wv(x).view(1, 1, 2, 8)
-        pairs = ops.attend_decode(q, k, v, cos, sin, cache, 0, 5, None, layout=ops.PAIRS)
-        halves = ops.attend_decode(q, k, v, cos, sin, cache, 0, 5, None, layout=ops.HALVES)
-        other_slot = ops.attend_decode(q, k, v, cos, sin, cache, 0, 4, None, layout=ops.PAIRS)
+        kv = cache.k, cache.v
+        pairs = ops.attend_decode(q, k, v, cos, sin, *kv, 0, 5, None, layout=ops.PAIRS)
+        halves = ops.attend_decode(q, k, v, cos, sin, *kv, 0, 5, None, layout=ops.HALVES)
+        other_slot = ops.attend_decode(q, k, v, cos, sin, *kv, 0, 4, None, layout=ops.PAIRS)
         xs = torch.randn(3, 640) * 1e-3
         with pytest.raises(AssertionError):
             _close(ops.rms_norm(xs, None, 1e-6), ops.rms_norm(xs, None, 1.01e-6))
@@ -294,6 +301,9 @@ def test_cached_decode_of_a_model_matches_torch_glue(arch):
     with torch.no_grad():
         for p in net.parameters():
             p.normal_(0.0, 0.2)
+    from llamaherd.native import swaps
+
+    assert swaps.apply(net) > 0
     logits = {}
     with torch.inference_mode():
         for on in (True, False):

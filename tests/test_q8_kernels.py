@@ -20,10 +20,10 @@ import torch
 
 from llamaherd import native
 from llamaherd.quant.ggml_quants import ggml_type
-from llamaherd.quant import cpu_kernels
+from llamaherd.native import ggml_kernels
 from tests.test_cpu_kernels import random_blocks
 
-pytestmark = pytest.mark.skipif(cpu_kernels.library() is None, reason="no C compiler: native kernels not built")
+pytestmark = pytest.mark.skipif(ggml_kernels.library() is None, reason="no C compiler: native kernels not built")
 
 TYPES = ["Q4_0", "Q5_0", "Q8_0", "Q4_K", "Q5_K", "Q6_K"]
 Q8_0 = gguf.GGMLQuantizationType.Q8_0
@@ -43,7 +43,7 @@ def quantize(x: torch.Tensor, name: str, lib=None) -> tuple[torch.Tensor, torch.
     code sums (M, K/16)."""
     M, K = x.shape
     q, d, s16 = torch.empty(M, K, dtype=torch.int8), torch.empty(M, K // 32), torch.empty(M, K // 16)
-    fn = cpu_kernels._fn("lh_q8_quantize") if lib is None else lib.lh_q8_quantize
+    fn = ggml_kernels._fn("lh_q8_quantize") if lib is None else lib.lh_q8_quantize
     assert fn(ggml_type(name).id, x.data_ptr(), M, K, q.data_ptr(), d.data_ptr(), s16.data_ptr()) == 0
     return q, d, s16
 
@@ -118,7 +118,7 @@ def test_product_equals_float64_math_on_quantized_x(name, m):
     K = 768 if name.endswith("_K") else 544  # 544: 17 blocks of 32, a partial group of 16 and an odd block
     packed = random_blocks(name, 75, K, seed=1)
     x = activations(m, K, seed=2)
-    got = cpu_kernels.gemv(x, packed, ggml_type(name).id, K)
+    got = ggml_kernels.gemv(x, packed, ggml_type(name).id, K)
     assert got.shape == (m, 75)
     assert_product(got, packed, name, x)
 
@@ -130,8 +130,8 @@ def test_row_stride_larger_than_row_bytes(name):
     wide = torch.cat([packed, packed.flip(0)], dim=1)[:, : packed.shape[1]]
     assert wide.stride(0) == 2 * packed.shape[1]
     x = activations(2, K, seed=4)
-    got = cpu_kernels.gemv(x, wide, ggml_type(name).id, K)
-    assert torch.equal(got, cpu_kernels.gemv(x, packed, ggml_type(name).id, K))
+    got = ggml_kernels.gemv(x, wide, ggml_type(name).id, K)
+    assert torch.equal(got, ggml_kernels.gemv(x, packed, ggml_type(name).id, K))
     assert_product(got, packed, name, x)
 
 
@@ -140,9 +140,9 @@ def test_many_weights_equal_separate_calls():
     packed = {n: random_blocks(n, 24 + 8 * i, K, seed=10 + i) for i, n in enumerate(TYPES)}
     x = activations(3, K, seed=5)
     ids = [ggml_type(n).id for n in packed]
-    outs = cpu_kernels.gemv_many(x, cpu_kernels.Weights([(p, i) for p, i in zip(packed.values(), ids)]), K)
+    outs = ggml_kernels.gemv_many(x, ggml_kernels.Weights([(p, i) for p, i in zip(packed.values(), ids)]), K)
     for (n, p), i, got in zip(packed.items(), ids, outs):
-        assert torch.equal(got, cpu_kernels.gemv(x, p, i, K)), n  # same code, same quantized x: same bits
+        assert torch.equal(got, ggml_kernels.gemv(x, p, i, K)), n  # same code, same quantized x: same bits
 
 
 def test_switch_selects_float_activations(monkeypatch):
@@ -150,9 +150,9 @@ def test_switch_selects_float_activations(monkeypatch):
     packed = random_blocks("Q4_K", 64, K, seed=6)
     x = torch.randn(2, K, generator=torch.Generator().manual_seed(7))
     t = ggml_type("Q4_K").id
-    int8 = cpu_kernels.gemv(x, packed, t, K)
-    monkeypatch.setattr(cpu_kernels, "INT8_ACTIVATIONS", False)
-    fp = cpu_kernels.gemv(x, packed, t, K)
+    int8 = ggml_kernels.gemv(x, packed, t, K)
+    monkeypatch.setattr(ggml_kernels, "INT8_ACTIVATIONS", False)
+    fp = ggml_kernels.gemv(x, packed, t, K)
     want = x.double() @ dense(packed, "Q4_K").T
     torch.testing.assert_close(fp.double(), want, atol=2e-6 * want.abs().max().item(), rtol=0)  # exact x
     assert not torch.equal(int8, fp)

@@ -6,19 +6,20 @@ import pytest
 import torch
 from torch import nn
 
-from llamaherd.quant import GGMLLinear, GGMLWeight, cpu_kernels
+from llamaherd.native import ggml_kernels
+from llamaherd.quant import GGMLLinear, GGMLWeight
 from llamaherd.quant.ggml import group_shared_inputs
 from tests.test_cpu_kernels import random_blocks
 
-pytestmark = pytest.mark.skipif(cpu_kernels.library() is None, reason="no C compiler: native kernels not built")
+pytestmark = pytest.mark.skipif(ggml_kernels.library() is None, reason="no C compiler: native kernels not built")
 
 
 @pytest.fixture(autouse=True)
 def float_activations(monkeypatch):
     # These compare the float-activation kernels (native/ggml.c) with float64 math at float32 tolerances; the
-    # default int8-activation path (cpu_kernels.INT8_ACTIVATIONS) rounds x to int8 codes first and is tested
+    # default int8-activation path (ggml_kernels.INT8_ACTIVATIONS) rounds x to int8 codes first and is tested
     # against float64 math on the quantized x in tests/test_q8_kernels.py.
-    monkeypatch.setattr(cpu_kernels, "INT8_ACTIVATIONS", False)
+    monkeypatch.setattr(ggml_kernels, "INT8_ACTIVATIONS", False)
 
 K = 512
 # Mixed types in one group, as Q4_K_M files mix them (attn_v is often Q6_K beside Q5_0/Q4_K q and k).
@@ -59,7 +60,7 @@ def wants(a: Attn, x: torch.Tensor) -> dict[str, torch.Tensor]:
 def test_gemv_many_mixed_types_equals_reference():
     x = torch.randn(3, K, generator=torch.Generator().manual_seed(0))
     packed = {n: random_blocks(n, r, K, seed=i) for i, (n, r) in enumerate(TYPES.values())}
-    outs = cpu_kernels.gemv_many(x, cpu_kernels.Weights([(p, gguf.GGMLQuantizationType[n].value) for n, p in packed.items()]), K)
+    outs = ggml_kernels.gemv_many(x, ggml_kernels.Weights([(p, gguf.GGMLQuantizationType[n].value) for n, p in packed.items()]), K)
     for (n, p), got in zip(packed.items(), outs):
         assert got.is_contiguous()
         close(got, reference(p, n, x))
@@ -88,12 +89,12 @@ def test_stash_is_not_reused_for_another_input_or_after_in_place_change(attn):
 
 
 def test_many_rows_and_no_kernels_fall_back(attn, monkeypatch):
-    monkeypatch.setattr(cpu_kernels, "BF16_PREFILL", False)  # the float32 GEMM, compared at float32 tolerance
-    x = torch.randn(1, cpu_kernels.MAX_GEMV_ROWS + 6, K, generator=torch.Generator().manual_seed(3))
+    monkeypatch.setattr(ggml_kernels, "BF16_PREFILL", False)  # the float32 GEMM, compared at float32 tolerance
+    x = torch.randn(1, ggml_kernels.MAX_GEMV_ROWS + 6, K, generator=torch.Generator().manual_seed(3))
     want = wants(attn, x)
     for attr in ("wq", "wk", "wv"):
         close(getattr(attn, attr)(x), want[attr], tol=1e-5)  # decode + float32 GEMM path
-    with cpu_kernels.disabled():
+    with ggml_kernels.disabled():
         for attr in ("wk", "wq"):
             close(getattr(attn, attr)(x[:, :1]), want[attr][:, :1], tol=1e-5)
 

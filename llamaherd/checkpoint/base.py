@@ -68,11 +68,6 @@ def materialize(ckpt: Checkpoint, *, dtype: torch.dtype | None = None, device: s
             t = t.to(device=device)
         converted[name] = t
     net.load_state_dict(converted, strict=True, assign=True)
-    # A swap after loading, as the GGUF reader's `prepare` before it: bf16 CPU linears (and the vocab projection)
-    # call a native matrix-vector kernel for few-row products; a no-op for other dtypes/devices or no compiler.
-    from ..native.dense import swap_dense
-
-    swap_dense(net)
     return net.eval()
 
 

@@ -10,8 +10,7 @@ Gemma's additional norms are named here:
     post_ffn_norm                        RMSNorm on the feed-forward output before the residual add
 
 Every Gemma norm scales by (1 + weight): its stored weight is an offset from one, as in HF and Google's
-checkpoints. llama.cpp's converter writes (1 + weight) into GGUF instead (convert_hf_to_gguf.py, Gemma
-models: `data_torch = data_torch + 1` for every `norm.weight`), so `from_gguf` / `to_gguf` move by one.
+checkpoints (llama.cpp's GGUF files store 1 + weight; checkpoint/gemma3.py converts).
 
 Rotary embeddings here rotate halves (HF/Google layout, llama.cpp's NEOX mode), not Meta's adjacent pairs:
 Gemma weights are never permuted by any converter, so no permutation appears anywhere for this family.
@@ -24,88 +23,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from ..native import ops
 from .cache import KVCache
 from . import llama
-from .llama import attention_mask, sdpa
+from .llama import VocabProjection, attention_mask, sdpa
 from .rope import inv_frequencies, rope_angles
-
-# ---- name tables ---------------------------------------------------------------------------------
-
-# GGUF tensor name -> canonical name ("{i}" is the layer index). llama.cpp `gguf-py/gguf/tensor_mapping.py`.
-GGUF_NAMES: dict[str, str] = {
-    "token_embd.weight": "tok_embeddings.weight",
-    "output_norm.weight": "norm.weight",
-    "output.weight": "output.weight",  # absent in GGUF files of tied models (all released Gemma 3)
-    "blk.{i}.attn_norm.weight": "layers.{i}.attention_norm.weight",
-    "blk.{i}.attn_q.weight": "layers.{i}.attention.wq.weight",
-    "blk.{i}.attn_k.weight": "layers.{i}.attention.wk.weight",
-    "blk.{i}.attn_v.weight": "layers.{i}.attention.wv.weight",
-    "blk.{i}.attn_output.weight": "layers.{i}.attention.wo.weight",
-    "blk.{i}.attn_q_norm.weight": "layers.{i}.attention.q_norm.weight",
-    "blk.{i}.attn_k_norm.weight": "layers.{i}.attention.k_norm.weight",
-    "blk.{i}.post_attention_norm.weight": "layers.{i}.post_attention_norm.weight",
-    "blk.{i}.ffn_norm.weight": "layers.{i}.ffn_norm.weight",
-    "blk.{i}.ffn_gate.weight": "layers.{i}.feed_forward.w1.weight",
-    "blk.{i}.ffn_up.weight": "layers.{i}.feed_forward.w3.weight",
-    "blk.{i}.ffn_down.weight": "layers.{i}.feed_forward.w2.weight",
-    "blk.{i}.post_ffw_norm.weight": "layers.{i}.post_ffn_norm.weight",
-}
-
-# HF Gemma3ForCausalLM name -> canonical name. transformers `models/gemma3/modeling_gemma3.py`.
-HF_NAMES: dict[str, str] = {
-    "model.embed_tokens.weight": "tok_embeddings.weight",
-    "model.norm.weight": "norm.weight",
-    "lm_head.weight": "output.weight",
-    "model.layers.{i}.input_layernorm.weight": "layers.{i}.attention_norm.weight",
-    "model.layers.{i}.self_attn.q_proj.weight": "layers.{i}.attention.wq.weight",
-    "model.layers.{i}.self_attn.k_proj.weight": "layers.{i}.attention.wk.weight",
-    "model.layers.{i}.self_attn.v_proj.weight": "layers.{i}.attention.wv.weight",
-    "model.layers.{i}.self_attn.o_proj.weight": "layers.{i}.attention.wo.weight",
-    "model.layers.{i}.self_attn.q_norm.weight": "layers.{i}.attention.q_norm.weight",
-    "model.layers.{i}.self_attn.k_norm.weight": "layers.{i}.attention.k_norm.weight",
-    "model.layers.{i}.post_attention_layernorm.weight": "layers.{i}.post_attention_norm.weight",
-    "model.layers.{i}.pre_feedforward_layernorm.weight": "layers.{i}.ffn_norm.weight",
-    "model.layers.{i}.mlp.gate_proj.weight": "layers.{i}.feed_forward.w1.weight",
-    "model.layers.{i}.mlp.up_proj.weight": "layers.{i}.feed_forward.w3.weight",
-    "model.layers.{i}.mlp.down_proj.weight": "layers.{i}.feed_forward.w2.weight",
-    "model.layers.{i}.post_feedforward_layernorm.weight": "layers.{i}.post_ffn_norm.weight",
-}
-
-# What llama.cpp's converter adds to every Gemma norm weight when it writes GGUF.
-GGUF_NORM_OFFSET = 1.0
-
-
-def is_norm(canonical_name: str) -> bool:
-    return canonical_name.endswith("norm.weight")
-
-
-def from_gguf(canonical_name: str, tensor: torch.Tensor) -> torch.Tensor:
-    """A GGUF tensor (already renamed to `canonical_name`) as this model stores it: norms lose llama.cpp's +1."""
-    if is_norm(canonical_name):
-        return tensor.float() - GGUF_NORM_OFFSET
-    return tensor
-
-
-def to_gguf(canonical_name: str, tensor: torch.Tensor) -> torch.Tensor:
-    """The inverse of `from_gguf`, for GGUF writers: norms gain llama.cpp's +1 (in float32)."""
-    if is_norm(canonical_name):
-        return tensor.float() + GGUF_NORM_OFFSET
-    return tensor
-
-
-def rename(name: str, table: dict[str, str]) -> str | None:
-    """Map one tensor name through a table with "{i}" layer placeholders; None when the table lacks it."""
-    if name in table:
-        return table[name]
-    parts = name.split(".")
-    for i, part in enumerate(parts):
-        if part.isdigit():
-            key = ".".join(parts[:i] + ["{i}"] + parts[i + 1 :])
-            if key in table:
-                return table[key].replace("{i}", part)
-    return None
-
 
 def is_global_layer(config: ModelConfig, layer: int) -> bool:
     """Global (full) attention layers: every `sliding_window_pattern`-th one; all of them without a window.
@@ -129,8 +50,6 @@ class GemmaRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.zeros(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if ops.usable(x, self.weight):  # float32 on the CPU: one native call instead of ~9 aten ops
-            return ops.rms_norm(x, self.weight, self.eps, plus_one=True)
         xf = x.float()
         normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return (normed * (1.0 + self.weight.float())).type_as(x)
@@ -141,12 +60,17 @@ def apply_rope_halves(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> 
 
     The "rotate half" layout of HF's `apply_rotary_pos_emb` and llama.cpp's GGML_ROPE_TYPE_NEOX.
     """
-    if ops.rope_applies(x, cos, sin):  # float32 on the CPU: one native call instead of ~8 aten ops
-        return ops.rope(x, cos, sin, layout=ops.HALVES)
     xf = x.float()
     x0, x1 = xf.chunk(2, dim=-1)  # each (B, T, H, D/2)
     c, s = cos[:, :, None, :], sin[:, :, None, :]
     return torch.cat((x0 * c - x1 * s, x1 * c + x0 * s), dim=-1).type_as(x)
+
+
+class RotaryHalves(nn.Module):
+    """`apply_rope_halves` as a module (no parameters), so that a post-load swap can replace it."""
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        return apply_rope_halves(x, cos, sin)
 
 
 def window_mask(
@@ -192,6 +116,7 @@ class Attention(llama.Attention):
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__(config)  # the wq, wk, wv, wo projections
+        self.rope = RotaryHalves()
         self.q_norm = GemmaRMSNorm(config.head_dim, config.norm_eps)
         self.k_norm = GemmaRMSNorm(config.head_dim, config.norm_eps)
         scalar = config.query_pre_attn_scalar or config.head_dim
@@ -204,13 +129,7 @@ class Attention(llama.Attention):
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
-        qn, kn = self.q_norm, self.k_norm
-        if ops.attend_decode_applies(q, k, v, cos, sin, cache, start, mask, qn.weight, kn.weight):
-            # One token on the CPU: the lines below (q/k norms, rotary, cache write, attention) as one native call.
-            out = ops.attend_decode(q, k, v, cos, sin, cache, layer, start, mask, layout=ops.HALVES, scale=self.scale,
-                                    q_norm=(qn.weight, qn.eps), k_norm=(kn.weight, kn.eps), plus_one=True)
-            return self.wo(out)
-        q, k = apply_rope_halves(qn(q), cos, sin), apply_rope_halves(kn(k), cos, sin)
+        q, k = self.rope(self.q_norm(q), cos, sin), self.rope(self.k_norm(k), cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
         if cache is not None:
             k, v = cache.update(layer, start, k, v)  # (B, Hkv, start+T, D)
@@ -254,6 +173,7 @@ class Transformer(nn.Module):
         self.norm = GemmaRMSNorm(config.dim, config.norm_eps)
         if not config.tie_embeddings:
             self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.project = VocabProjection()
         self._freqs: dict[str, torch.Tensor] = {}  # computed lazily on the input's device (see llama.py)
 
     def rope_frequencies(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -299,8 +219,7 @@ class Transformer(nn.Module):
         if last_only:  # prefill needs only the next token's logits: skip T-1 vocab projections
             h = h[:, -1:]  # (B, 1, dim)
         h = self.norm(h)
-        # Call the output module when there is one, so swapped (quantized) projections run their own forward.
-        logits = (F.linear(h, self.tok_embeddings.weight) if c.tie_embeddings else self.output(h)).float()
+        logits = self.project(h, self.output_weight())
         if c.final_logit_softcap is not None:
             logits = softcap(logits, c.final_logit_softcap)
         return logits

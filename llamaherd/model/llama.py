@@ -10,9 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from ..native import ops
 from .cache import KVCache
-from .rope import apply_rope, inv_frequencies, rope_angles
+from .rope import Rotary, inv_frequencies, rope_angles
 
 
 class RMSNorm(nn.Module):
@@ -24,8 +23,6 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if ops.usable(x, self.weight):  # float32 on the CPU: one native call instead of ~8 aten ops
-            return ops.rms_norm(x, self.weight, self.eps)
         xf = x.float()
         normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return normed.type_as(x) * self.weight
@@ -81,21 +78,30 @@ class Attention(nn.Module):
         self.wk = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
         self.wv = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
         self.wo = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=False)
+        self.rope = Rotary()
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None, layer: int, start: int) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
-        if ops.attend_decode_applies(q, k, v, cos, sin, cache, start, mask):
-            # One token on the CPU: the lines below (rotary, cache write, attention) as one native call.
-            return self.wo(ops.attend_decode(q, k, v, cos, sin, cache, layer, start, mask, layout=ops.PAIRS))
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = self.rope(q, cos, sin), self.rope(k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
         if cache is not None:
             k, v = cache.update(layer, start, k, v)  # (B, Hkv, start+T, D)
         out = sdpa(q, k, v, mask)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class VocabProjection(nn.Module):
+    """The output layer: final hidden states (..., dim) times the vocabulary matrix (vocab, dim) -> float32 logits.
+
+    A module of its own (no parameters: the matrix is `output.weight` or, tied, `tok_embeddings.weight`) so
+    that every family projects through one place, and a post-load swap can replace it.
+    """
+
+    def forward(self, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return F.linear(h, weight).float()
 
 
 class TransformerBlock(nn.Module):
@@ -127,11 +133,8 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(config.dim, config.norm_eps)
         if not config.tie_embeddings:
             self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.project = VocabProjection()
         self._inv_freq: torch.Tensor | None = None  # computed lazily on the device of the first input
-
-    # The vocab projection, F.linear-like (h, weight) -> logits. A post-load swap may replace it per instance
-    # (llamaherd/native/dense.py `swap_dense`: a native bf16 kernel returning float32 logits directly).
-    project = staticmethod(F.linear)
 
     def rope_frequencies(self, device: torch.device) -> torch.Tensor:
         # Not a buffer: models are built on the meta device and loaded by assignment, which leaves
@@ -166,4 +169,4 @@ class Transformer(nn.Module):
         if last_only:  # prefill needs only the next token's logits: skip T-1 vocab projections
             h = h[:, -1:]  # (B, 1, dim)
         h = self.norm(h)
-        return self.project(h, self.output_weight()).float()
+        return self.project(h, self.output_weight())

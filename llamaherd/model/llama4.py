@@ -15,12 +15,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from ..native import ops
 from .cache import KVCache
 from . import llama
-from .llama import FeedForward, RMSNorm, attention_mask, sdpa
+from .llama import FeedForward, RMSNorm, VocabProjection, attention_mask, sdpa
 from .moe import MoE
-from .rope import apply_rope, inv_frequencies, rope_angles
+from .rope import inv_frequencies, rope_angles
 
 
 def is_nope_layer(config: ModelConfig, layer: int) -> bool:
@@ -29,12 +28,16 @@ def is_nope_layer(config: ModelConfig, layer: int) -> bool:
     return n is not None and (layer + 1) % n == 0
 
 
-def rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """Parameter-free RMS norm over the last axis in float32 (Meta's `rmsnorm`, used as Llama 4's QK-norm)."""
-    if ops.usable(x):  # float32 on the CPU: one native call instead of ~7 aten ops
-        return ops.rms_norm(x, None, eps)
-    xf = x.float()
-    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x)
+class L2Norm(nn.Module):
+    """Parameter-free RMS norm over the last axis in float32: Llama 4's QK-norm (llama-models `llama4/model.py`)."""
+
+    def __init__(self, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x)
 
 
 def temperature_scales(positions: torch.Tensor, floor_scale: float, attn_scale: float) -> torch.Tensor:
@@ -91,10 +94,9 @@ class Attention(llama.Attention):
     def __init__(self, config: ModelConfig, layer: int) -> None:
         super().__init__(config)  # the wq, wk, wv, wo projections
         self.use_rope = not is_nope_layer(config, layer)
-        self.use_qk_norm = config.use_qk_norm and self.use_rope
+        self.qk_norm = L2Norm(config.norm_eps) if config.use_qk_norm and self.use_rope else None
         self.temperature_tuning = config.attn_temperature_tuning and not self.use_rope
         self.chunk = config.attention_chunk_size if self.use_rope else None
-        self.norm_eps = config.norm_eps
         self.floor_scale = config.floor_scale
         self.attn_scale = config.attn_scale
 
@@ -104,9 +106,9 @@ class Attention(llama.Attention):
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
         if self.use_rope:
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if self.use_qk_norm:  # after the rotation, as Meta's reference does
-            q, k = rms_normalize(q, self.norm_eps), rms_normalize(k, self.norm_eps)
+            q, k = self.rope(q, cos, sin), self.rope(k, cos, sin)
+        if self.qk_norm is not None:  # after the rotation, as Meta's reference does
+            q, k = self.qk_norm(q), self.qk_norm(k)
         if self.temperature_tuning:
             scales = temperature_scales(positions, self.floor_scale, self.attn_scale)  # (B, T)
             q = (q * scales[:, :, None, None]).to(q.dtype)
@@ -156,6 +158,7 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(config.dim, config.norm_eps)
         if not config.tie_embeddings:
             self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.project = VocabProjection()
         self._inv_freq: torch.Tensor | None = None  # lazily, for models built on the meta device
 
     def rope_frequencies(self, device: torch.device) -> torch.Tensor:
@@ -204,7 +207,7 @@ class Transformer(nn.Module):
         if last_only:  # prefill needs only the next token's logits: skip T-1 vocab projections
             h = h[:, -1:]  # (B, 1, dim)
         h = self.norm(h)
-        return F.linear(h, self.output_weight()).float()
+        return self.project(h, self.output_weight())
 
 
 __all__ = ["Transformer", "is_nope_layer", "temperature_scales", "chunked_mask", "key_positions"]

@@ -5,9 +5,9 @@ from __future__ import annotations
 import math
 
 import torch
+from torch import nn
 
 from ..config import RopeScaling
-from ..native import ops
 
 
 def inv_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None = None) -> torch.Tensor:
@@ -49,10 +49,15 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
     This is Meta's interleaved layout (complex multiplication on adjacent pairs), computed in float32.
     """
-    if ops.rope_applies(x, cos, sin):  # float32 on the CPU: one native call instead of ~10 aten ops
-        return ops.rope(x, cos, sin, layout=ops.PAIRS)
     xf = x.float().unflatten(-1, (-1, 2))  # (B, T, H, D/2, 2)
     x0, x1 = xf[..., 0], xf[..., 1]
     c, s = cos[:, :, None, :], sin[:, :, None, :]
     out = torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1)
     return out.flatten(-2).type_as(x)
+
+
+class Rotary(nn.Module):
+    """`apply_rope` as a module (no parameters), so that a post-load swap can replace it."""
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        return apply_rope(x, cos, sin)

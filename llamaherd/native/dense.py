@@ -11,10 +11,10 @@ and switched on (`llamaherd.native.disabled()` turns it off). Anything else goes
 training, prefill of long prompts and machines without a compiler keep the torch path. Results differ from
 torch's only in float32 summation order (and, for bf16 outputs, in the rounding that follows).
 
-`swap_dense(net)` is applied once loading finishes (checkpoint/base.materialize): bias-free `nn.Linear`
-modules become `DenseLinear` (same parameter object, same state dict), siblings fed one input (wq/wk/wv,
-w1/w3) are grouped into one native call (`DenseGroup`), and a model's vocab projection hook
-`project` (model/llama.py) becomes `logits`, which also skips the bf16 -> float32 conversion of the logits.
+`swap_dense(net)` is one of the post-load swaps (`native/swaps.py`, applied by `llamaherd.load`): bias-free
+`nn.Linear` modules become `DenseLinear` (same parameter object, same state dict), and siblings fed one input
+(wq/wk/wv, w1/w3) are grouped into one native call (`DenseGroup`). The vocabulary projection is swapped
+there too (`swaps.NativeVocabProjection`, float32 logits straight from the kernel's sums).
 """
 
 from __future__ import annotations
@@ -97,15 +97,6 @@ def gemv(x: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype = torch.bfloat
     return y
 
 
-def logits(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """The vocab projection: float32 straight from the kernel's sums when it applies, else `F.linear`'s dtype.
-
-    Returning float32 is both cheaper (no bf16 rounding then widening of the logits) and closer to the exact
-    product; the model's `.float()` is then a no-op.
-    """
-    return gemv(h, w, torch.float32) if applies(h, w) else F.linear(h, w)
-
-
 class DenseLinear(nn.Linear):
     """A bias-free `nn.Linear` that sends few-row bf16 CPU products to `lh_bf16_gemv` (else `F.linear`)."""
 
@@ -183,10 +174,9 @@ class DenseGroup:
 
 
 def swap_dense(net: nn.Module) -> int:
-    """Point a loaded model's bf16 CPU bias-free Linears (and its `project` hook) at the kernel; return how many.
+    """Point a loaded model's bf16 CPU bias-free Linears at the kernel; return how many.
 
-    A swap, not a fork of the model: the model code still calls `self.wq(x)` and `self.project(h, w)`; the
-    new modules hold the very same Parameter objects, so the state dict keys and tensors are unchanged.
+    A swap, not a fork of the model: the model code still calls `self.wq(x)`; the new modules hold the very same Parameter objects, so the state dict keys and tensors are unchanged.
     Models without such Linears (float32, GPU, packed GGUF weights) are left alone without building the
     library; nothing is swapped when it is unavailable (no compiler, or switched off).
     """
@@ -211,8 +201,4 @@ def swap_dense(net: nn.Module) -> int:
                 group = DenseGroup(members)
                 for m in members:
                     m.group = group
-    swapped = len(found)
-    if callable(getattr(net, "project", None)):  # the vocab projection (a tied one is no Linear)
-        net.project = logits
-        swapped += 1
-    return swapped
+    return len(found)

@@ -6,11 +6,8 @@ dispatch apiece (one Gemma norm ~15 us, the attention glue ~80 us per layer); on
 arithmetic in less. Over many rows (prefill) the native loops are also faster than torch's chains of
 temporaries, so norms and rotary use them at every length. Measured in bench/PROFILE.md section 10.
 
-The model files keep their torch code as the reference, readable in place, and ask this module first:
-
-    if ops.usable(x, self.weight):
-        return ops.rms_norm(x, self.weight, self.eps)
-    ... the torch code ...
+The model files hold only the torch code, the reference; `native/swaps.py` substitutes, after loading, modules
+that call these functions when they apply and the reference code otherwise.
 
 `usable` (and `attend_decode_applies`, which builds on it) is the one condition: this module switched on
 (`ENABLED`, and the whole native library: `llamaherd.native.ENABLED`), the library built, and every tensor
@@ -27,7 +24,6 @@ import sys
 import torch
 
 from .. import native
-from ..model.cache import KVCache
 
 ENABLED = True  # module switch for the fused glue only; llamaherd.native.ENABLED switches off everything
 
@@ -104,11 +100,12 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, layout: int) 
 
 
 def attend_decode_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                          cache: object, start: int, mask: torch.Tensor | None, *norm_weights: torch.Tensor) -> bool:
-    """Whether `attend_decode` can take this attention step: one token per row, a float32 `KVCache` with room
-    (other caches, such as the paged one, have their own `update`), and a mask that is None or a boolean
+                          cache_k: torch.Tensor, cache_v: torch.Tensor, start: int, mask: torch.Tensor | None,
+                          *norm_weights: torch.Tensor) -> bool:
+    """Whether `attend_decode` can take this attention step: one token per row, float32 cache buffers
+    (n_layers, B, Hkv, max_len, D) with room for slot `start`, and a mask that is None or a boolean
     (B or 1, 1, 1, start + 1); plus `usable` on every tensor."""
-    if type(cache) is not KVCache or q.dim() != 4 or q.shape[1] != 1 or start + 1 > cache.max_len:
+    if q.dim() != 4 or q.shape[1] != 1 or cache_k.dim() != 5 or start + 1 > cache_k.shape[3]:
         return False
     B, _, Hq, D = q.shape
     Hkv = k.shape[2]
@@ -117,18 +114,20 @@ def attend_decode_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos
     if mask is not None and (mask.dtype != torch.bool or mask.shape[1:] != (1, 1, start + 1)
                              or mask.shape[0] not in (1, B) or not mask.is_contiguous()):
         return False
-    return usable(q, k, v, cos, sin, cache.k, cache.v, *norm_weights)
+    if cache_k.shape != cache_v.shape or cache_k.shape[1:3] != (B, Hkv) or cache_k.shape[4] != D:
+        return False
+    return usable(q, k, v, cos, sin, cache_k, cache_v, *norm_weights)
 
 
-def attend_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache,
-                  layer: int, start: int, mask: torch.Tensor | None, *, layout: int, scale: float | None = None,
+def attend_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                  cache_k: torch.Tensor, cache_v: torch.Tensor, layer: int, start: int, mask: torch.Tensor | None, *, layout: int, scale: float | None = None,
                   q_norm: tuple[torch.Tensor, float] | None = None, k_norm: tuple[torch.Tensor, float] | None = None,
                   plus_one: bool = False) -> torch.Tensor:
     """One token's attention for one layer, when `attend_decode_applies`: (B, 1, Hq * D) attention outputs.
 
     q (B, 1, Hq, D), k and v (B, 1, Hkv, D) are the new token's projections. Optionally q and k are first
     RMS-normalised per head (`q_norm` / `k_norm`: weight and eps; `plus_one` scales by 1 + weight), then rotated
-    by cos/sin (B or 1, 1, D/2) in `layout`; the rotated key and the value are written into `cache` at slot
+    by cos/sin (B or 1, 1, D/2) in `layout`; the rotated key and the value are written into the cache buffers at slot
     `start` of `layer`, and the query attends to slots [0, start] (less those `mask` hides) with scores
     `scale` * q.k (default D ** -0.5, as torch's sdpa).
     """
@@ -138,7 +137,8 @@ def attend_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.
         raise ValueError("q_norm and k_norm go together")
     qw, q_eps = q_norm if q_norm is not None else (None, 0.0)
     kw, k_eps = k_norm if k_norm is not None else (None, 0.0)
-    kc, vc = cache.k, cache.v
+    kc, vc = cache_k, cache_v
+    max_len = kc.shape[3]
     layer_bytes = kc.stride(0) * kc.element_size()  # cache tensors are (n_layers, B, Hkv, max_len, D)
     out = torch.empty(B, 1, Hq * D, dtype=torch.float32)
     rc = _fn("lh_ops_attend_decode")(
@@ -146,7 +146,7 @@ def attend_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.
         q_norm is not None, None if qw is None else qw.data_ptr(), None if kw is None else kw.data_ptr(),
         _ONE_PLUS_WEIGHT if plus_one else _WEIGHT, q_eps, k_eps,
         cos.data_ptr(), sin.data_ptr(), 0 if cos.shape[0] == 1 else D // 2, layout,
-        kc.data_ptr() + layer * layer_bytes, vc.data_ptr() + layer * layer_bytes, cache.max_len, start,
+        kc.data_ptr() + layer * layer_bytes, vc.data_ptr() + layer * layer_bytes, max_len, start,
         None if mask is None else mask.data_ptr(), 0 if mask is None or mask.shape[0] == 1 else start + 1,
         D**-0.5 if scale is None else scale, out.data_ptr(), torch.get_num_threads(),
     )

@@ -17,7 +17,7 @@ from torch import nn
 from .ggml_quants import GGMLType, dequantize, ggml_type
 from ..errors import CheckpointError
 from ..native.siblings import SiblingResults
-from . import cpu_kernels
+from ..native import ggml_kernels
 
 # Elements decoded at once by a linear layer: 256K float32 = 1 MiB of scratch per chunk. Larger chunks
 # (16 MiB) left glibc holding ~250 MB of freed heap after one forward of Gemma 3 270M (measured).
@@ -85,10 +85,10 @@ def _linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) 
     if not isinstance(w, GGMLWeight):
         raise TypeError("a packed ggml weight may only be the weight argument of F.linear")
     packed, rows = w.plain(), w.shape[0]
-    if x.device.type == "cpu" and not x.requires_grad and cpu_kernels.available(w.qtype.id):
+    if x.device.type == "cpu" and not x.requires_grad and ggml_kernels.available(w.qtype.id):
         # Native kernels read the packed blocks directly (engineer I, bench/PROFILE.md); same values, faster.
         with torch._C.DisableTorchFunctionSubclass():
-            out = cpu_kernels.linear(x, packed, w.qtype.id, w.n_cols)
+            out = ggml_kernels.linear(x, packed, w.qtype.id, w.n_cols)
             return out if bias is None else out + bias
     step = max(1, CHUNK_ELEMENTS // w.n_cols)
     with torch._C.DisableTorchFunctionSubclass():
@@ -127,7 +127,7 @@ class GGMLLinear(nn.Module):
             # Straight to the kernel: F.linear on the subclass would pay __torch_function__ dispatch per call.
             if self.shared_input is not None:
                 return self.shared_input.project(self, x)
-            return cpu_kernels.linear(x, self.weight.plain(), self.qtype.id, self.in_features)
+            return ggml_kernels.linear(x, self.weight.plain(), self.qtype.id, self.in_features)
         return F.linear(x, self.weight)
 
     def extra_repr(self) -> str:
@@ -135,8 +135,8 @@ class GGMLLinear(nn.Module):
 
 
 def _native(x: torch.Tensor, qtype: GGMLType) -> bool:
-    """Whether `cpu_kernels` can take this product (the condition `_linear` also applies)."""
-    return x.device.type == "cpu" and not x.requires_grad and cpu_kernels.available(qtype.id)
+    """Whether `ggml_kernels` can take this product (the condition `_linear` also applies)."""
+    return x.device.type == "cpu" and not x.requires_grad and ggml_kernels.available(qtype.id)
 
 
 # Sibling projections that every architecture here feeds the same input (Meta names: llama-models
@@ -148,7 +148,7 @@ class SharedInput:
     """GGMLLinears that are applied to one tensor in turn: the first call computes all of them in one native call.
 
     The other members' results are kept for that very input tensor (`native.siblings.SiblingResults`); any
-    other input, or more rows than `cpu_kernels.use_gemv` takes, is computed by the member alone,
+    other input, or more rows than `ggml_kernels.use_gemv` takes, is computed by the member alone,
     so the values never depend on the call order. The members keep their names and buffers: the state dict
     is unchanged. Saves one OpenMP fork/join and one Python round trip per extra member (bench/PROFILE.md).
     """
@@ -156,7 +156,7 @@ class SharedInput:
     def __init__(self, members: list[GGMLLinear]) -> None:
         self.members = members
         self._results = SiblingResults()
-        self._native: tuple[tuple[torch.Tensor, ...], cpu_kernels.Weights] | None = None
+        self._native: tuple[tuple[torch.Tensor, ...], ggml_kernels.Weights] | None = None
 
     def __getstate__(self) -> dict:  # copy.deepcopy / pickle: the kept results are per thread and transient
         return {"members": self.members}
@@ -170,10 +170,10 @@ class SharedInput:
             return kept
         K = member.in_features
         x2 = x.reshape(-1, K)  # (M, K)
-        if not cpu_kernels.use_gemv(x2.shape[0]):
+        if not ggml_kernels.use_gemv(x2.shape[0]):
             self._results.clear()
-            return cpu_kernels.linear(x, member.weight.plain(), member.qtype.id, K)
-        outs = cpu_kernels.gemv_many(x2.float(), self._weights(), K)
+            return ggml_kernels.linear(x, member.weight.plain(), member.qtype.id, K)
+        outs = ggml_kernels.gemv_many(x2.float(), self._weights(), K)
         lead = x.shape[:-1]
         results = {m: o.view(*lead, m.out_features).to(x.dtype) for m, o in zip(self.members, outs)}
         mine = results.pop(member)
@@ -181,11 +181,11 @@ class SharedInput:
         return mine
 
 
-    def _weights(self) -> cpu_kernels.Weights:
+    def _weights(self) -> ggml_kernels.Weights:
         """The members' packed weights as native call arguments, rebuilt only when a weight tensor is replaced."""
         current = tuple(m.weight for m in self.members)
         if self._native is None or any(a is not b for a, b in zip(current, self._native[0])):
-            self._native = (current, cpu_kernels.Weights([(w.plain(), m.qtype.id) for w, m in zip(current, self.members)]))
+            self._native = (current, ggml_kernels.Weights([(w.plain(), m.qtype.id) for w, m in zip(current, self.members)]))
         return self._native[1]
 
 
@@ -201,7 +201,7 @@ def group_shared_inputs(net: nn.Module) -> int:
             members = [getattr(parent, n, None) for n in names]
             if not all(isinstance(m, GGMLLinear) for m in members):
                 continue
-            if len({m.in_features for m in members}) != 1 or not all(m.qtype.id in cpu_kernels.SUPPORTED for m in members):
+            if len({m.in_features for m in members}) != 1 or not all(m.qtype.id in ggml_kernels.SUPPORTED for m in members):
                 continue
             group = SharedInput(members)
             for m in members:

@@ -19,6 +19,8 @@ Many-row products (prefill, `linear` past MAX_GEMV_ROWS) do not use this switch.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import ctypes
 import threading
 from pathlib import Path
@@ -173,6 +175,23 @@ _CHUNK_ELEMENTS = 1 << 21
 # on Gemma's and the 1B's shapes (bench/PROFILE.md section 11); fewer stay on the int8 matrix-vector kernels.
 BF16_GEMM_MIN_ROWS = 17
 
+# Inside `float32_products()`, many-row products use float32 weights and GEMM even where BF16_PREFILL is on.
+# torch's CPU bf16 GEMM writes bf16 outputs only (no bf16 x bf16 -> float32 `mm` on CPU), and rounding the
+# vocabulary projection's outputs to bf16 leaves logits 1/16 apart (issue 17): the vocabulary projection
+# (`native.swaps.NativeVocabProjection`) opens this scope so `Model.logits` stays float32 at every length.
+_float32_products = contextvars.ContextVar("float32_products", default=False)
+
+
+@contextlib.contextmanager
+def float32_products():
+    """Products on the GEMM path inside this scope keep float32 activations, weights and outputs."""
+    token = _float32_products.set(True)
+    try:
+        yield
+    finally:
+        _float32_products.reset(token)
+
+
 _scratch = threading.local()
 
 
@@ -195,11 +214,12 @@ def linear(x: torch.Tensor, packed: torch.Tensor, type_id: int, n_cols: int) -> 
     lead = x.shape[:-1]
     x2 = x.reshape(-1, n_cols)  # (M, K)
     M, N = x2.shape[0], packed.shape[0]
-    if use_gemv(M):
+    bf16 = BF16_PREFILL and not _float32_products.get()
+    if M <= (BF16_GEMM_MIN_ROWS - 1 if bf16 else MAX_GEMV_ROWS):  # `use_gemv`, in this scope
         y = gemv(x2.float(), packed, type_id, n_cols)
     else:
         # Many rows (prefill): decode bounded chunks of weight rows once and hand them to torch's GEMM.
-        dtype = torch.bfloat16 if BF16_PREFILL else torch.float32
+        dtype = torch.bfloat16 if bf16 else torch.float32
         x2 = x2.to(dtype)
         step = max(1, _CHUNK_ELEMENTS // n_cols)
         y = torch.empty(M, N, dtype=dtype)
