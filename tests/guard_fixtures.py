@@ -47,3 +47,19 @@ def forced_guard(answer: str, *, split: float | None = None, seed: int = 0, temp
                       generation=GenerationDefaults(eos_token_ids=(tok.special_id("<|eot_id|>"),)),
                       chat_template=template)
     return Model(net, ckpt)
+
+
+def save_forced_guard(model: Model, dst: Path) -> Path:
+    """The forced model as a Hugging Face folder (config.json, safetensors, the official tokenizer.model)."""
+    import shutil
+    from importlib import resources
+
+    from llamaherd.checkpoint.save import save
+
+    ckpt = Checkpoint(model.config, {k: v.detach().clone() for k, v in model.net.state_dict().items()},
+                      dst, tokenizer=model.tokenizer, generation=model.generation_defaults,
+                      chat_template=model.checkpoint.chat_template)
+    save(ckpt, dst, "hf")
+    with resources.as_file(resources.files("llama_models.llama3").joinpath("tokenizer.model")) as p:
+        shutil.copyfile(p, dst / "tokenizer.model")
+    return dst
