@@ -33,6 +33,11 @@ LLAMA3_OUTPUTS = [
     "The 100th decimal of pi is 7.<|eot_id|>",
     '"What is a helpful assistant?"<|eot_id|>',
     "Plain answer with no end token",
+    # Single-quoted (Python-literal) arguments in a function tag: llama-models' decoder reads them as calls.
+    "<function=get_time>{'tz': 'UTC'}</function>",
+    "<function=f>{'n': 3, 'x': -1.5, 'ok': true, 'no': null, 'l': ['a', 2]}</function><|eot_id|>",
+    "<function=f>{\"a\": 'b', 'c': \"d\"}",
+    "<function=f>{'a': 'x', 'b': false}</function><|eom_id|>",
 ]
 LLAMA4_OUTPUTS = [
     "[get_weather(city='Paris', metric=\"celsius\")]<|eot|>",
@@ -40,6 +45,7 @@ LLAMA4_OUTPUTS = [
     "<|python_start|>print(2 + 2)<|python_end|><|eom|>",
     '{"name": "f", "parameters": {"a": 1}}<|eom|>',
     "Just text.<|eot|>",
+    "<function=get_time>{'tz': 'UTC'}</function><|eot|>",
 ]
 
 
@@ -87,6 +93,11 @@ def test_pythonic_multiple_calls_match_reference_list_parser():
     "[f(x=a.b)]", "[f(1)]", "[f(**kw)]", "[f(x=1) + 1]", "[(f(x=1),)]", "[]", "[f(x=1)", '{"name": 3}',
     "<function=f>{not json}</function>", "<function=>{}</function>", '<|python_tag|>brave_search.call(query=x)',
     "[" * 5000, "{" * 5000, '{"a": ' * 3000,
+    "<function=f>{'x': __import__('os').system('echo hi')}</function>", "<function=f>{'x': 1 + 1}</function>",
+    "<function=f>{**{'a': 1}}</function>", "<function=f>{'a', 'b'}</function>", "<function=f>{'a': 'b</function>",
+    "<function=f>{'a': " + "[" * 100 + "]" * 100 + "}</function>",  # deeper than any tool call
+    "<function=f>{'a': '" + "x" * 70000 + "'}</function>",  # over the size bound of literal arguments
+    "<function=f>{" + "'a': 'b', " * 100000 + "}</function>",
 ])
 def test_malformed_or_unsafe_calls_stay_content(text):
     msg = parse_tool_output(text)
@@ -144,7 +155,7 @@ def test_streaming_releases_plain_text_early():
 
 @pytest.mark.parametrize("unit", ["<function=f>{", "[f(", '{"name": ', "<|python_tag|>", "brave_search.call(",
                                   "<function=", "a" * 7 + ".call(", "[[[[", '"\\',
-                                  '<function=f>{"a": "', "<|eo"])
+                                  '<function=f>{"a": "', "<|eo", "<function=f>{'a': '", "<function=f>{'a': ["])
 def test_adversarial_megabyte_is_linear(unit):
     def run(n):
         text = unit * (n // len(unit))
@@ -156,8 +167,9 @@ def test_adversarial_megabyte_is_linear(unit):
         p.flush()
         return time.perf_counter() - t0
 
-    t1 = run(1 << 19)
-    t2 = run(1 << 20)
+    # Best of three: the machine is shared, and one descheduled run must not read as quadratic growth.
+    t1 = min(run(1 << 19) for _ in range(3))
+    t2 = min(run(1 << 20) for _ in range(3))
     assert t2 < 5.0, f"1 MB took {t2:.2f}s"
     assert t2 < 3.5 * t1 + 0.2, f"not linear: 0.5 MB {t1:.3f}s, 1 MB {t2:.3f}s"
 

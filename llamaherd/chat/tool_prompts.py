@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import math
 
 from ..errors import ChatFormatError
 from .tools import BUILTIN_TOOLS
@@ -111,26 +112,63 @@ def pythonic_system(custom: list[dict], system_text: str) -> str:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _py_value(v) -> str:
-    """A Python literal for a JSON value (strings double-quoted, as llama-models writes them)."""
+# llama-models writes past pythonic calls with `format_value` (`llama3/tool_utils.py::ToolUtils.encode_tool_call`):
+# strings in double quotes exactly as they are, scalars with `str()`, lists as `[a, b]` and dicts as `{k=v}`.
+# That is what Meta's own stack shows the model, so it is the default ("reference"). It is not always Python:
+# `{k=v}`, and a string holding a double quote, a backslash or a newline, do not parse back (not even with
+# llama-models' own `parse_python_list_for_function_calls`). `literals="python"` writes real Python literals
+# (strings escaped, dicts as `{"k": v}`) for callers who need the dialog to read back as Python.
+LITERAL_STYLES = ("reference", "python")
+
+
+def _reference_value(v) -> str:
+    """llama-models' `format_value`, type for type."""
     if isinstance(v, str):
-        return json.dumps(v, ensure_ascii=False)
-    if isinstance(v, bool) or v is None:
-        return repr(v)
-    if isinstance(v, (int, float)):
-        return repr(v)
+        return f'"{v}"'
+    if isinstance(v, (int, float, bool)) or v is None:
+        return str(v)
     if isinstance(v, list):
-        return "[" + ", ".join(_py_value(x) for x in v) + "]"
+        return "[" + ", ".join(_reference_value(x) for x in v) + "]"
     if isinstance(v, dict):
-        return "{" + ", ".join(f"{_py_value(str(k))}: {_py_value(x)}" for k, x in v.items()) + "}"
+        return "{" + ", ".join(f"{k}={_reference_value(x)}" for k, x in v.items()) + "}"
     raise ChatFormatError(f"tool-call argument of type {type(v).__name__} cannot be written as a Python literal")
 
 
-def encode_call(name: str, args: dict, tool_format: str) -> str:
-    """One past call as the model writes it (llama-models `ToolUtils.encode_tool_call`)."""
+def _python_value(v) -> str:
+    """A Python literal that `ast.literal_eval` reads back as `v` (JSON string escapes are Python's too)."""
+    if isinstance(v, str):
+        return json.dumps(v, ensure_ascii=False)
+    if isinstance(v, bool) or v is None or isinstance(v, int):
+        return repr(v)
+    if isinstance(v, float):
+        if not math.isfinite(v):
+            raise ChatFormatError(f"tool-call argument {v} has no Python literal; use literals='reference'")
+        return repr(v)
+    if isinstance(v, list):
+        return "[" + ", ".join(_python_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{_python_value(str(k))}: {_python_value(x)}" for k, x in v.items()) + "}"
+    raise ChatFormatError(f"tool-call argument of type {type(v).__name__} cannot be written as a Python literal")
+
+
+def _value_writer(literals: str):
+    if literals == "reference":
+        return _reference_value
+    if literals == "python":
+        return _python_value
+    raise ChatFormatError(f"unknown literals style {literals!r}; expected one of {', '.join(LITERAL_STYLES)}")
+
+
+def encode_call(name: str, args: dict, tool_format: str, literals: str = "reference") -> str:
+    """One past call as the model writes it (llama-models `ToolUtils.encode_tool_call`).
+
+    `literals` picks how values are written in built-in and pythonic calls (see LITERAL_STYLES above).
+    """
+    value = _value_writer(literals)
     if name in ("brave_search", "wolfram_alpha", "photogen"):
         q = args.get("query", "")
-        return f"{name}.call(query={json.dumps(q, ensure_ascii=False)})"
+        # The reference writes `query="{q}"` whatever the value; the python style writes its literal.
+        return f'{name}.call(query="{q}")' if literals == "reference" else f"{name}.call(query={value(q)})"
     if name == "code_interpreter":
         return str(args.get("code", ""))
     if tool_format == "json":
@@ -138,9 +176,11 @@ def encode_call(name: str, args: dict, tool_format: str) -> str:
     if tool_format == "function_tag":
         return f"<function={name}>{json.dumps(args)}</function>"
     if tool_format == "python_list":
-        return "[" + pythonic_call(name, args) + "]"
+        return "[" + pythonic_call(name, args, literals) + "]"
     raise ChatFormatError(f"unknown tool_format {tool_format!r}; expected one of {', '.join(TOOL_FORMATS)}")
 
 
-def pythonic_call(name: str, args: dict) -> str:
-    return f"{name}(" + ", ".join(f"{k}={_py_value(v)}" for k, v in args.items()) + ")"
+def pythonic_call(name: str, args: dict, literals: str = "reference") -> str:
+    """`name(k=v, ...)`, values written in the `literals` style."""
+    value = _value_writer(literals)
+    return f"{name}(" + ", ".join(f"{k}={value(v)}" for k, v in args.items()) + ")"

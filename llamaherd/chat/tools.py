@@ -5,7 +5,8 @@ Formats recognised (see llama-models `llama3_1/prompt_format.md`, `llama3_2/text
 
 * JSON: `{"name": "f", "parameters": {...}}` (also `"type": "function"`, `"arguments"`), several may
   follow each other separated by `;` or whitespace.
-* function tag: `<function=f>{"a": 1}</function>`, anywhere in the text.
+* function tag: `<function=f>{"a": 1}</function>`, anywhere in the text; the arguments may also be a Python
+  literal dict (`{'tz': 'UTC'}`), which llama-models' decoder accepts too.
 * built-in: `brave_search.call(query="...")` (also `wolfram_alpha`, `photogen`, or any name after the
   python tag).
 * pythonic list (Llama 3.2, Llama 4): `[f(a=1), g(b="x")]`, parsed with `ast.parse` and a strict walk that
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import ast
 import json
+import re
 import uuid
 from dataclasses import dataclass, field
 
@@ -30,6 +32,10 @@ _FUNCTION_OPEN = "<function="
 _FUNCTION_CLOSE = "</function>"
 # A function name longer than this is not a function name; bounds the scan after each `<function=`.
 _MAX_NAME = 256
+# Nesting deeper than this is not a tool call (bounds recursion in the literal walk and the parser).
+_MAX_DEPTH = 64
+# `<function=f>{'a': 1}</function>` arguments that are not JSON are read as a Python literal up to this size.
+_MAX_LITERAL_ARGS = 1 << 16
 _json = json.JSONDecoder()
 
 
@@ -75,27 +81,35 @@ class _NotLiteral(Exception):
     pass
 
 
-def _literal(node: ast.AST, depth: int = 0):
-    """The value of a literal AST node; anything else (names, calls, operators) is rejected."""
-    if depth > 64:
+_JSON_NAMES = {"true": True, "false": False, "null": None}
+
+
+def _literal(node: ast.AST, depth: int = 0, json_names: bool = False):
+    """The value of a literal AST node; anything else (names, calls, operators) is rejected.
+
+    `json_names` also reads the bare names `true`, `false` and `null` as JSON's constants.
+    """
+    if depth > _MAX_DEPTH:
         raise _NotLiteral("too deep")
     if isinstance(node, ast.Constant) and isinstance(node.value, (str, int, float, bool, type(None))):
         return node.value
+    if json_names and isinstance(node, ast.Name) and node.id in _JSON_NAMES:
+        return _JSON_NAMES[node.id]
     if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
         if isinstance(node.operand, ast.Constant) and type(node.operand.value) in (int, float):
             return -node.operand.value if isinstance(node.op, ast.USub) else node.operand.value
         raise _NotLiteral("unary operator on a non-number")
     if isinstance(node, (ast.List, ast.Tuple)):
-        return [_literal(e, depth + 1) for e in node.elts]
+        return [_literal(e, depth + 1, json_names) for e in node.elts]
     if isinstance(node, ast.Dict):
         out = {}
         for k, v in zip(node.keys, node.values):
             if k is None:  # `**spread`
                 raise _NotLiteral("dict spread")
-            key = _literal(k, depth + 1)
+            key = _literal(k, depth + 1, json_names)
             if not isinstance(key, (str, int, float, bool)) and key is not None:
                 raise _NotLiteral("unhashable key")
-            out[key] = _literal(v, depth + 1)
+            out[key] = _literal(v, depth + 1, json_names)
         return out
     raise _NotLiteral(type(node).__name__)
 
@@ -200,6 +214,43 @@ def parse_json_calls(text: str) -> list[tuple[str, dict]] | None:
     return calls or None
 
 
+# One token of a Python-literal dict: a quoted string (either quote, backslash escapes, one line), a bracket,
+# or a run of anything else. Alternatives are disjoint, so matching is linear.
+_LITERAL_TOKEN = re.compile(r"""'(?:[^'\\\n]|\\.)*'|"(?:[^"\\\n]|\\.)*"|[{}\[\]()]|[^'"{}\[\]()]+""")
+
+
+def _literal_object(segment: str) -> tuple[dict, int] | None:
+    """A Python-literal dict at the start of `segment` (`{'tz': 'UTC'}`, JSON's true/false/null allowed).
+
+    llama-models' `maybe_extract_custom_tool_call` accepts these arguments by swapping every `'` for `"` and
+    decoding JSON; here the dict is delimited by a bracket scan that skips quoted strings, parsed with
+    `ast.parse` and read by the strict literal walk (never `eval`). Returns (dict, characters used) or None.
+    Bounded: at most _MAX_LITERAL_ARGS characters and _MAX_DEPTH brackets deep.
+    """
+    depth, pos, limit = 0, 0, min(len(segment), _MAX_LITERAL_ARGS)
+    while pos < limit:
+        m = _LITERAL_TOKEN.match(segment, pos, limit)
+        if m is None:  # an unterminated string
+            return None
+        tok, pos = m.group(), m.end()
+        if tok in "{[(":
+            depth += 1
+            if depth > _MAX_DEPTH:
+                return None
+        elif tok in "}])":
+            depth -= 1
+            if depth == 0:
+                break
+    else:
+        return None
+    try:
+        tree = ast.parse(segment[:pos], mode="eval")
+        value = _literal(tree.body, json_names=True)
+    except (SyntaxError, ValueError, RecursionError, MemoryError, _NotLiteral):
+        return None
+    return (value, pos) if isinstance(value, dict) else None
+
+
 def extract_function_tags(text: str) -> tuple[list[tuple[str, dict]], str] | None:
     """`<function=f>{...}</function>` anywhere; returns (calls, text outside them) or None if there are none.
 
@@ -232,6 +283,8 @@ def extract_function_tags(text: str) -> tuple[list[tuple[str, dict]], str] | Non
                     args, used = _json.raw_decode(segment)
                 except (ValueError, RecursionError):
                     args = None
+                if not isinstance(args, dict):  # single-quoted arguments, as the reference also accepts
+                    args, used = _literal_object(segment) or (None, 0)
                 if isinstance(args, dict):
                     end = k + used
                     if text.startswith(_FUNCTION_CLOSE, end):
