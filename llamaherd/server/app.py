@@ -10,6 +10,7 @@ import logging
 import secrets
 import time
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -89,8 +90,8 @@ def create_app(served: ServedModel, *, api_key: str | None = None, max_body_byte
     @app.exception_handler(LlamaherdError)
     async def _domain_error(request: Request, exc: LlamaherdError):
         status, code = _status_of(exc)
-        return error_response(status, str(exc), "server_error" if status >= 500 else "invalid_request_error",
-                              code=code)
+        return error_response(status, _without_paths(exc, served), "server_error" if status >= 500 else
+                              "invalid_request_error", code=code)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
@@ -102,6 +103,17 @@ def create_app(served: ServedModel, *, api_key: str | None = None, max_body_byte
     app.include_router(admin.router)
     app.include_router(page.router)
     return app
+
+
+def _without_paths(exc: LlamaherdError, served: ServedModel) -> str:
+    """An error's message as clients see it: the server's file paths (the model's source and its folder) are
+    replaced by the served model's name; a checkpoint error gives only its problem."""
+    text = getattr(exc, "problem", None) or str(exc)
+    source = Path(served.model.checkpoint.source)
+    paths = {str(p) for p in (source, source.resolve(), source.parent.resolve()) if p.is_absolute()}
+    for p in sorted((p for p in paths if p != "/"), key=len, reverse=True):
+        text = text.replace(p, served.name)
+    return text
 
 
 def _public(request: Request) -> bool:
