@@ -175,7 +175,8 @@ _CHUNK_ELEMENTS = 1 << 21
 # on Gemma's and the 1B's shapes (bench/PROFILE.md section 11); fewer stay on the int8 matrix-vector kernels.
 BF16_GEMM_MIN_ROWS = 17
 
-# Inside `float32_products()`, many-row products use float32 weights and GEMM even where BF16_PREFILL is on.
+# Inside `float32_products()`, the products `use_gemv` sends to the GEMM take float32 weights, activations and
+# outputs even where BF16_PREFILL is on.
 # torch's CPU bf16 GEMM writes bf16 outputs only (no bf16 x bf16 -> float32 `mm` on CPU), and rounding the
 # vocabulary projection's outputs to bf16 leaves logits 1/16 apart (issue 17): the vocabulary projection
 # (`native.swaps.NativeVocabProjection`) opens this scope so `Model.logits` stays float32 at every length.
@@ -214,12 +215,11 @@ def linear(x: torch.Tensor, packed: torch.Tensor, type_id: int, n_cols: int) -> 
     lead = x.shape[:-1]
     x2 = x.reshape(-1, n_cols)  # (M, K)
     M, N = x2.shape[0], packed.shape[0]
-    bf16 = BF16_PREFILL and not _float32_products.get()
-    if M <= (BF16_GEMM_MIN_ROWS - 1 if bf16 else MAX_GEMV_ROWS):  # `use_gemv`, in this scope
+    if use_gemv(M):
         y = gemv(x2.float(), packed, type_id, n_cols)
     else:
         # Many rows (prefill): decode bounded chunks of weight rows once and hand them to torch's GEMM.
-        dtype = torch.bfloat16 if bf16 else torch.float32
+        dtype = torch.bfloat16 if BF16_PREFILL and not _float32_products.get() else torch.float32
         x2 = x2.to(dtype)
         step = max(1, _CHUNK_ELEMENTS // n_cols)
         y = torch.empty(M, N, dtype=dtype)
