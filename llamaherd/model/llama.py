@@ -46,6 +46,9 @@ def attention_mask(
 ) -> torch.Tensor | None:
     """Boolean mask (B or 1, 1, T, S) for T queries at slots [start, start+T) over S = start+T keys.
 
+    `key_mask` is (B, S), the real slots of a left-padded batch, or (B, T, S), which keys each query may see
+    (block-diagonal for packed training rows); causality is applied on top of either.
+
     None means plain causal attention handled by the caller's fast path. Each query may always see its own
     slot, so padded rows never softmax over nothing (and never turn into NaN that would leak through values).
     """
@@ -55,7 +58,9 @@ def attention_mask(
     k_slots = torch.arange(start + q_len, device=device)[None, :]
     allowed = k_slots <= q_slots  # (T, S)
     if key_mask is not None:
-        allowed = (allowed & key_mask[:, None, :].to(torch.bool)) | (k_slots == q_slots)
+        # (B, S): real slots of a padded batch; (B, T, S): per-query visibility (packed training examples)
+        seen = key_mask[:, None, :] if key_mask.dim() == 2 else key_mask
+        allowed = (allowed & seen.to(torch.bool)) | (k_slots == q_slots)
         return allowed[:, None]  # (B, 1, T, S)
     return allowed[None, None]
 
