@@ -56,3 +56,9 @@ async def moderations(body: ModerationRequest, request: Request):
 
     results = await run_in_threadpool(run)
     return {"id": f"modr-{uuid.uuid4().hex}", "model": name, "results": results}
+
+
+def install(app, shields, guard_name: str) -> None:
+    """Give a created app its shields: /v1/moderations answers with them and the chat routes consult them."""
+    app.state.shields = shields
+    app.state.guard_name = guard_name
