@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from llamaherd.config import ModelConfig
-from llamaherd.model.gemma3 import GGUF_NAMES, to_gguf
+from llamaherd.checkpoint.gemma3 import GGUF_NAMES, to_gguf
 
 # A tiny Gemma 3 with what a GGUF cannot state set as llama.cpp assumes it (llama-model.cpp, LLM_ARCH_GEMMA3):
 # every 6th layer global, local rope base 1e4, queries scaled by 1/sqrt(head_dim). Window 4, 256 tokens.
@@ -31,8 +31,10 @@ def random_gemma_state(config: ModelConfig = TINY_GEMMA, seed: int = 0) -> dict[
     return {k: v.detach().clone() for k, v in net.state_dict().items()}
 
 
-def write_tiny_gemma_gguf(path: Path, state: dict[str, torch.Tensor], config: ModelConfig = TINY_GEMMA) -> Path:
-    """A float32 Gemma 3 GGUF laid out as llama.cpp's converter writes one (names, +1 on norms, metadata)."""
+def write_tiny_gemma_gguf(path: Path, state: dict[str, torch.Tensor], config: ModelConfig = TINY_GEMMA,
+                          extra_specials: tuple[str, ...] = ()) -> Path:
+    """A float32 Gemma 3 GGUF laid out as llama.cpp's converter writes one (names, +1 on norms, metadata);
+    `extra_specials` adds control tokens (Gemma's "<start_of_turn>", "<end_of_turn>") after the first four."""
     import gguf
 
     inverse = {v: k for k, v in GGUF_NAMES.items()}
@@ -50,7 +52,7 @@ def write_tiny_gemma_gguf(path: Path, state: dict[str, torch.Tensor], config: Mo
     w.add_rope_freq_base(config.rope_theta)
     w.add_sliding_window(config.sliding_window)
     w.add_file_type(gguf.LlamaFileType.ALL_F32)
-    specials = ["<pad>", "<eos>", "<bos>", "<unk>"]
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>", *extra_specials]
     tokens = specials + [f"t{i}" for i in range(config.vocab_size - len(specials))]
     w.add_tokenizer_model("llama")
     w.add_token_list(tokens)

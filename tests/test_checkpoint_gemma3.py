@@ -10,7 +10,7 @@ import torch
 
 import llamaherd
 from llamaherd.checkpoint import hf
-from llamaherd.checkpoint.gemma3_names import config_from_hf, config_to_hf, hf_to_meta
+from llamaherd.checkpoint.gemma3 import config_from_hf, config_to_hf, hf_to_meta
 from llamaherd.errors import CheckpointError
 
 transformers = pytest.importorskip("transformers")
@@ -126,7 +126,7 @@ def test_multimodal_checkpoint_loads_its_text_decoder(tmp_path, caplog):
     ref = randomize(transformers.Gemma3ForConditionalGeneration(cfg))
     ref.save_pretrained(tmp_path)
     assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "gemma3"
-    with caplog.at_level(logging.INFO, logger="llamaherd.checkpoint.gemma3_names"):
+    with caplog.at_level(logging.INFO, logger="llamaherd.checkpoint.gemma3"):
         model = llamaherd.load(tmp_path)
     assert "vision tensors" in caplog.text
     ids = tokens(seed=3)

@@ -10,7 +10,7 @@ import torch
 
 from llamaherd.checkpoint import meta_pth
 from llamaherd.checkpoint.base import Checkpoint
-from llamaherd.checkpoint.llama4_names import config_from_params
+from llamaherd.checkpoint.llama4 import config_from_params
 from llamaherd.errors import CheckpointError
 from llamaherd.model import build
 
@@ -207,7 +207,7 @@ def test_params_json_reproduces_widths_of_a_config_read_from_hf():
     from llama_models.llama4.args import ModelArgs, MoEArgs
     from llama_models.llama4.model import TransformerBlock
 
-    from llamaherd.checkpoint.llama4_names import params_from_config
+    from llamaherd.checkpoint.llama4 import params_from_config
 
     hf_like = CONFIG.replace(multiple_of=256, ffn_dim_multiplier=None, hidden_dim=192,
                              moe=CONFIG.moe.__class__(num_experts=4, top_k=1, hidden_dim=96, interleave_step=2))

@@ -150,7 +150,7 @@ def test_gguf_entry_in_writers_table():
 
 
 def test_llama4_through_meta_and_hf_readers(tmp_path):
-    """Llama 4 folders go through the same readers/writers (names from llama4_names); transformers runs ours."""
+    """Llama 4 folders go through the same readers/writers (names from checkpoint/llama4.py); transformers runs ours."""
     from transformers import Llama4ForCausalLM
 
     from tests.test_llama4 import CONFIG, PARAMS

@@ -7,7 +7,9 @@ import torch
 
 from llamaherd.config import ModelConfig, RopeScaling
 from llamaherd.model import KVCache, build
-from llamaherd.model.gemma3 import GGUF_NAMES, HF_NAMES, from_gguf, is_global_layer, rename, to_gguf
+from llamaherd.checkpoint.gemma3 import GGUF_NAMES, HF_NAMES, from_gguf, to_gguf
+from llamaherd.checkpoint.names import rename
+from llamaherd.model.gemma3 import is_global_layer
 
 transformers = pytest.importorskip("transformers")
 

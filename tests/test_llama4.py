@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llamaherd.checkpoint.llama4_names import config_from_params, config_to_hf, meta_to_hf
+from llamaherd.checkpoint.llama4 import config_from_params, config_to_hf, meta_to_hf
 from llamaherd.model import build
 from llamaherd.model.cache import KVCache
 from llamaherd.model.llama4 import is_nope_layer

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from llamaherd import presets
-from llamaherd.checkpoint import llama4_names as names
+from llamaherd.checkpoint import llama4 as names
 from llamaherd.config import ConfigError
 from llamaherd.errors import CheckpointError, LlamaherdError
 from llamaherd.presets.llama4 import MAVERICK, SCOUT, VISION_PARAMS

@@ -18,45 +18,14 @@ from ..gguf_file import TensorInfo, open_gguf, tensor_view
 from ..quant.ggml import GGMLWeight, swap_ggml
 from ..quant.ggml_quants import GGMLType, dequantize
 from ..tokenizer.gguf_vocab import from_metadata
+from . import gemma3, llama
 from .base import Checkpoint
+from .names import rename
 
 # ---- metadata -> ModelConfig ---------------------------------------------------------------------
 
-# Meta name tables per architecture ("{i}" is the layer index). gguf-py `tensor_mapping.py` / `constants.py`.
-LLAMA_NAMES: dict[str, str] = {
-    "token_embd.weight": "tok_embeddings.weight",
-    "output_norm.weight": "norm.weight",
-    "output.weight": "output.weight",
-    "blk.{i}.attn_norm.weight": "layers.{i}.attention_norm.weight",
-    "blk.{i}.attn_q.weight": "layers.{i}.attention.wq.weight",  # GGUF keeps Meta's adjacent-pair q/k rows:
-    "blk.{i}.attn_k.weight": "layers.{i}.attention.wk.weight",  # convert_hf_to_gguf.py un-permutes HF's
-    "blk.{i}.attn_v.weight": "layers.{i}.attention.wv.weight",
-    "blk.{i}.attn_output.weight": "layers.{i}.attention.wo.weight",
-    "blk.{i}.ffn_norm.weight": "layers.{i}.ffn_norm.weight",
-    "blk.{i}.ffn_gate.weight": "layers.{i}.feed_forward.w1.weight",
-    "blk.{i}.ffn_up.weight": "layers.{i}.feed_forward.w3.weight",
-    "blk.{i}.ffn_down.weight": "layers.{i}.feed_forward.w2.weight",
-}
-
-
-def _names(arch: str) -> dict[str, str]:
-    if arch == "gemma3":
-        from ..model.gemma3 import GGUF_NAMES  # engineer F's table, next to the model it describes
-
-        return GGUF_NAMES
-    return LLAMA_NAMES
-
-
-def canonical_name(name: str, table: dict[str, str]) -> str | None:
-    """'blk.7.ffn_up.weight' -> 'layers.7.feed_forward.w3.weight' through `table`; None if unknown."""
-    if name in table:
-        return table[name]
-    parts = name.split(".")
-    if len(parts) > 2 and parts[0] == "blk" and parts[1].isdigit():
-        key = ".".join(["blk", "{i}", *parts[2:]])
-        if key in table:
-            return table[key].replace("{i}", parts[1])
-    return None
+# general.architecture -> the module with its GGUF_NAMES table and from_gguf tensor transform.
+FAMILIES = {"llama": llama, "gemma3": gemma3}
 
 
 class _Meta:
@@ -82,8 +51,9 @@ class _Meta:
 
 def config_from_metadata(md: dict[str, Any], tensors: dict[str, TensorInfo], path: Path) -> ModelConfig:
     arch = md.get("general.architecture")
-    if arch not in ("llama", "gemma3"):
-        raise GGUFError(path, f"general.architecture = {arch!r} is not supported by the GGUF reader; supported: 'llama', 'gemma3'")
+    if arch not in FAMILIES:
+        raise GGUFError(path, f"general.architecture = {arch!r} is not supported by the GGUF reader; supported: "
+                        f"{', '.join(map(repr, FAMILIES))}")
     m = _Meta(md, arch, path)
     if "token_embd.weight" not in tensors:
         raise GGUFError(path, "tensor 'token_embd.weight' is missing; the file holds no embedding table")
@@ -172,7 +142,7 @@ def read(path: str | Path) -> Checkpoint:
     path = Path(path)
     header, mm = open_gguf(path)
     config = config_from_metadata(header.metadata, header.tensors, path)
-    table = _names(config.arch)
+    family = FAMILIES[config.arch]
     state: dict[str, torch.Tensor] = {}
     qtypes: dict[str, GGMLType] = {}
     unknown = []
@@ -182,7 +152,7 @@ def read(path: str | Path) -> Checkpoint:
             t = dequantize(t, info.type) if info.type.quantized else t
             config = config.replace(rope_scaling=rope_scaling_from_factors(t, config.head_dim, config.rope_theta, path))
             continue
-        name = canonical_name(info.name, table)
+        name = rename(info.name, family.GGUF_NAMES)
         if name is None:
             unknown.append(info.name)
             continue
@@ -192,10 +162,8 @@ def read(path: str | Path) -> Checkpoint:
                 raise GGUFError(path, f"quantized tensor {info.name!r} has shape {info.shape}; only 2-D quantized weights are supported")
             qtypes[name] = info.type
             t = GGMLWeight(t, info.type)
-        elif config.arch == "gemma3":
-            from ..model.gemma3 import from_gguf
-
-            t = from_gguf(name, t)
+        else:
+            t = family.from_gguf(name, t)
         state[name] = t
     if unknown:
         raise GGUFError(path, f"tensors {unknown[:6]} have no {config.arch} counterpart in llamaherd; the file is for another architecture")

@@ -22,8 +22,10 @@ from gguf import GGMLQuantizationType as Q, LlamaFileType, TokenType
 
 from ..errors import CheckpointError
 from ..tokenizer.gguf_vocab import byte_to_unicode
-from .base import Checkpoint
 from ..quant.quantize import block_shape, nbytes, quantize
+from . import llama
+from .base import Checkpoint
+from .names import invert, rename
 
 # --- file types ----------------------------------------------------------------------------------------------
 # name -> (base tensor type, general.file_type)
@@ -42,32 +44,16 @@ FILE_TYPES: dict[str, tuple[Q, LlamaFileType]] = {
 FALLBACK: dict[Q, Q] = {Q.Q4_K: Q.Q5_0, Q.Q5_K: Q.Q5_1, Q.Q6_K: Q.Q8_0}
 
 # --- tensor names --------------------------------------------------------------------------------------------
-# Meta name -> GGUF name (gguf-py constants.py TENSOR_NAMES for MODEL_ARCH.LLAMA); "{}" is the layer.
-META_TO_GGUF: dict[str, str] = {
-    "tok_embeddings.weight": "token_embd.weight",
-    "norm.weight": "output_norm.weight",
-    "output.weight": "output.weight",
-    "layers.{}.attention.wq.weight": "blk.{}.attn_q.weight",
-    "layers.{}.attention.wk.weight": "blk.{}.attn_k.weight",
-    "layers.{}.attention.wv.weight": "blk.{}.attn_v.weight",
-    "layers.{}.attention.wo.weight": "blk.{}.attn_output.weight",
-    "layers.{}.feed_forward.w1.weight": "blk.{}.ffn_gate.weight",
-    "layers.{}.feed_forward.w2.weight": "blk.{}.ffn_down.weight",
-    "layers.{}.feed_forward.w3.weight": "blk.{}.ffn_up.weight",
-    "layers.{}.attention_norm.weight": "blk.{}.attn_norm.weight",
-    "layers.{}.ffn_norm.weight": "blk.{}.ffn_norm.weight",
-}
-_LAYER = re.compile(r"^layers\.(\d+)\.")
+META_TO_GGUF = invert(llama.GGUF_NAMES)  # the reader's table, read the other way
 
 
 def gguf_name(meta_name: str, source: Any = None) -> tuple[str, int | None]:
     """('blk.3.attn_v.weight', 3) for 'layers.3.attention.wv.weight'."""
-    m = _LAYER.match(meta_name)
-    layer = int(m.group(1)) if m else None
-    template = _LAYER.sub("layers.{}.", meta_name) if m else meta_name
-    if template not in META_TO_GGUF:
+    name = rename(meta_name, META_TO_GGUF)
+    if name is None:
         raise CheckpointError(source, f"tensor {meta_name!r} has no GGUF name for arch 'llama'; known: {sorted(META_TO_GGUF)}")
-    return META_TO_GGUF[template].format(layer), layer
+    layer = meta_name.split(".")[1] if meta_name.startswith("layers.") else None
+    return name, None if layer is None else int(layer)
 
 
 # --- the quantization mix ------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import torch
 
 from ..config import ConfigError, ModelConfig, RopeScaling, ffn_hidden_dim
 from ..errors import CheckpointError
+from . import llama4
 from .base import Checkpoint, attach_tokenizer
 from .transforms import META_IGNORED, merge_shards, shard_dim, split_shards
 
@@ -188,10 +189,8 @@ def read(path: str | Path) -> Checkpoint:
 
 
 def _read_llama4(path: Path, params: dict[str, Any], files: list[Path], shards: list[dict]) -> Checkpoint:
-    """Llama 4 (params.json with moe_args): names and layouts from llama4_names, shards merged by Llama 4's rules."""
-    from . import llama4_names
-
-    config = llama4_names.config_from_params(params, source=str(path / "params.json"))
+    """Llama 4 (params.json with moe_args): names and layouts from checkpoint/llama4.py, shards merged by Llama 4's rules."""
+    config = llama4.config_from_params(params, source=str(path / "params.json"))
     n = len(files)
     if n > 1 and (config.n_heads % n or config.n_kv_heads % n or config.moe.hidden_dim % n):
         raise CheckpointError(
@@ -200,7 +199,7 @@ def _read_llama4(path: Path, params: dict[str, Any], files: list[Path], shards: 
         )
     # Old spellings and flattened (E*D, F/n) expert matrices are normalised per shard: the split axis of the
     # canonical (E, D, F) layout is only well defined once each piece has its 3-D shape.
-    sd = merge_shards([llama4_names.normalize_meta(s, config) for s in shards], config.dim, files, arch="llama4")
+    sd = merge_shards([llama4.normalize_meta(s, config) for s in shards], config.dim, files, arch="llama4")
     _check_llama4_shapes(sd, config, files)
     out, emb = sd.get("output.weight"), sd.get("tok_embeddings.weight")
     same = out is not None and emb is not None and out.shape == emb.shape and torch.equal(out, emb)
@@ -253,9 +252,7 @@ def write(ckpt: Checkpoint, dst: str | Path, *, shards: int = 1, embedding_dim: 
     dst = Path(dst)
     c = ckpt.config
     if c.arch == "llama4":
-        from . import llama4_names
-
-        params = llama4_names.params_from_config(c)
+        params = llama4.params_from_config(c)
         if shards >= 1 and c.moe.hidden_dim % shards:
             raise CheckpointError(
                 dst, f"--shards {shards} must divide the expert width {c.moe.hidden_dim} (Meta's Experts divide it "

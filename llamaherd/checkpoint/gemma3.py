@@ -1,10 +1,10 @@
-"""Gemma 3 text checkpoints: Hugging Face (Gemma3ForCausalLM, ...ForConditionalGeneration) <-> canonical names, configs.
+"""Gemma 3 text checkpoints: HF (Gemma3ForCausalLM, ...ForConditionalGeneration) <-> canonical <-> GGUF names, configs.
 
-Tensors map one to one through the model's `HF_NAMES` table (`llamaherd/model/gemma3.py`, next to the model
-it describes), with no transform at all:
+HF tensors map one to one through `HF_NAMES`, with no transform at all:
   * norms: HF's `Gemma3RMSNorm` stores w and scales by (1 + w) (transformers `modeling_gemma3.py`); our
     `GemmaRMSNorm` does the same, so norm weights are copied unchanged. (Only GGUF differs: llama.cpp's
-    converter stores 1 + w; `model/gemma3.py::from_gguf` handles that format.)
+    converter stores 1 + w, `data_torch = data_torch + 1` for every Gemma `norm.weight` in
+    convert_hf_to_gguf.py; `from_gguf` / `to_gguf` move by one.)
   * q/k: Gemma's rotary embedding rotates halves in HF, Google's checkpoints and our model alike: no permute.
 Multimodal checkpoints (model_type "gemma3", Gemma3ForConditionalGeneration: 4B, 12B, 27B) nest the decoder:
 tensors `language_model.model.*` (transformers 4 and 5 `save_pretrained`) or `model.language_model.*`
@@ -12,9 +12,7 @@ tensors `language_model.model.*` (transformers 4 and 5 `save_pretrained`) or `mo
 projector (`multi_modal_projector.*`) are NOT loaded: llamaherd runs Gemma 3's text decoder only, so image
 inputs are unsupported; `hf_to_meta` drops them and logs how many it dropped.
 
-How hf.py hooks this (keyed on config.json model_type / config.arch == "gemma3"):
-  hf.read:   config = config_from_hf(config_json);  state_dict = hf_to_meta(state_dict, config)
-  hf.write:  state_dict = meta_to_hf(state_dict, config); config.json = config_to_hf(config) (+ architectures)
+hf.py and gguf.py read and write through this module's tables and functions (keyed on config.arch).
 """
 
 from __future__ import annotations
@@ -26,12 +24,75 @@ import torch
 
 from ..config import ConfigError, ModelConfig, RopeScaling
 from ..errors import CheckpointError
-from ..model.gemma3 import HF_NAMES, rename
+from ..model.gemma3 import is_global_layer
+from .names import invert, rename
 
 Tensors = dict[str, torch.Tensor]
 log = logging.getLogger(__name__)
 
 MODEL_TYPES = ("gemma3_text", "gemma3")  # Gemma3ForCausalLM / Gemma3ForConditionalGeneration
+HF_CLASS, HF_MODEL_TYPE = "Gemma3ForCausalLM", "gemma3_text"  # what the writer states (a text-only checkpoint)
+
+# GGUF tensor name -> canonical name ("{i}" is the layer index). llama.cpp `gguf-py/gguf/tensor_mapping.py`.
+GGUF_NAMES: dict[str, str] = {
+    "token_embd.weight": "tok_embeddings.weight",
+    "output_norm.weight": "norm.weight",
+    "output.weight": "output.weight",  # absent in GGUF files of tied models (all released Gemma 3)
+    "blk.{i}.attn_norm.weight": "layers.{i}.attention_norm.weight",
+    "blk.{i}.attn_q.weight": "layers.{i}.attention.wq.weight",
+    "blk.{i}.attn_k.weight": "layers.{i}.attention.wk.weight",
+    "blk.{i}.attn_v.weight": "layers.{i}.attention.wv.weight",
+    "blk.{i}.attn_output.weight": "layers.{i}.attention.wo.weight",
+    "blk.{i}.attn_q_norm.weight": "layers.{i}.attention.q_norm.weight",
+    "blk.{i}.attn_k_norm.weight": "layers.{i}.attention.k_norm.weight",
+    "blk.{i}.post_attention_norm.weight": "layers.{i}.post_attention_norm.weight",
+    "blk.{i}.ffn_norm.weight": "layers.{i}.ffn_norm.weight",
+    "blk.{i}.ffn_gate.weight": "layers.{i}.feed_forward.w1.weight",
+    "blk.{i}.ffn_up.weight": "layers.{i}.feed_forward.w3.weight",
+    "blk.{i}.ffn_down.weight": "layers.{i}.feed_forward.w2.weight",
+    "blk.{i}.post_ffw_norm.weight": "layers.{i}.post_ffn_norm.weight",
+}
+
+# HF Gemma3ForCausalLM name -> canonical name. transformers `models/gemma3/modeling_gemma3.py`.
+HF_NAMES: dict[str, str] = {
+    "model.embed_tokens.weight": "tok_embeddings.weight",
+    "model.norm.weight": "norm.weight",
+    "lm_head.weight": "output.weight",
+    "model.layers.{i}.input_layernorm.weight": "layers.{i}.attention_norm.weight",
+    "model.layers.{i}.self_attn.q_proj.weight": "layers.{i}.attention.wq.weight",
+    "model.layers.{i}.self_attn.k_proj.weight": "layers.{i}.attention.wk.weight",
+    "model.layers.{i}.self_attn.v_proj.weight": "layers.{i}.attention.wv.weight",
+    "model.layers.{i}.self_attn.o_proj.weight": "layers.{i}.attention.wo.weight",
+    "model.layers.{i}.self_attn.q_norm.weight": "layers.{i}.attention.q_norm.weight",
+    "model.layers.{i}.self_attn.k_norm.weight": "layers.{i}.attention.k_norm.weight",
+    "model.layers.{i}.post_attention_layernorm.weight": "layers.{i}.post_attention_norm.weight",
+    "model.layers.{i}.pre_feedforward_layernorm.weight": "layers.{i}.ffn_norm.weight",
+    "model.layers.{i}.mlp.gate_proj.weight": "layers.{i}.feed_forward.w1.weight",
+    "model.layers.{i}.mlp.up_proj.weight": "layers.{i}.feed_forward.w3.weight",
+    "model.layers.{i}.mlp.down_proj.weight": "layers.{i}.feed_forward.w2.weight",
+    "model.layers.{i}.post_feedforward_layernorm.weight": "layers.{i}.post_ffn_norm.weight",
+}
+
+# What llama.cpp's converter adds to every Gemma norm weight when it writes GGUF.
+GGUF_NORM_OFFSET = 1.0
+
+
+def is_norm(canonical_name: str) -> bool:
+    return canonical_name.endswith("norm.weight")
+
+
+def from_gguf(canonical_name: str, tensor: torch.Tensor) -> torch.Tensor:
+    """A GGUF tensor (already renamed to `canonical_name`) as this model stores it: norms lose llama.cpp's +1."""
+    if is_norm(canonical_name):
+        return tensor.float() - GGUF_NORM_OFFSET
+    return tensor
+
+
+def to_gguf(canonical_name: str, tensor: torch.Tensor) -> torch.Tensor:
+    """The inverse of `from_gguf`, for GGUF writers: norms gain llama.cpp's +1 (in float32)."""
+    if is_norm(canonical_name):
+        return tensor.float() + GGUF_NORM_OFFSET
+    return tensor
 
 # Values transformers' Gemma3TextConfig takes for fields a config.json leaves out (`configuration_gemma3.py`).
 # Released multimodal configs rely on them: google/gemma-3-4b-it's text_config states only hidden_size,
@@ -52,13 +113,13 @@ _TEXT_PREFIXES = {
 }
 _VISION_PREFIXES = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.")
 
-_TO_HF = {canonical: hf for hf, canonical in HF_NAMES.items()}
+_TO_HF = invert(HF_NAMES)
 
 
 # -- state dicts ---------------------------------------------------------------------------------------------
 
 
-def hf_to_meta(state_dict: Tensors, config: ModelConfig) -> Tensors:
+def hf_to_meta(state_dict: Tensors, config: ModelConfig, source: object = None) -> Tensors:
     """Gemma3ForCausalLM (or the text decoder of Gemma3ForConditionalGeneration) tensors -> canonical names."""
     out: Tensors = {}
     skipped = 0
@@ -72,9 +133,9 @@ def hf_to_meta(state_dict: Tensors, config: ModelConfig) -> Tensors:
                 break
         canonical = rename(name, HF_NAMES)
         if canonical is None:
-            raise CheckpointError(None, f"tensor {name!r} is not part of a Gemma 3 text model (Gemma3ForCausalLM)")
+            raise CheckpointError(source, f"tensor {name!r} is not part of a Gemma 3 text model (Gemma3ForCausalLM)")
         if canonical in out:
-            raise CheckpointError(None, f"tensor {name!r} appears twice (under two prefixes); remove the duplicate")
+            raise CheckpointError(source, f"tensor {name!r} appears twice (under two prefixes); remove the duplicate")
         out[canonical] = t
     if skipped:
         log.info("Gemma 3: skipped %d vision tensors (vision_tower.*, multi_modal_projector.*); "
@@ -82,12 +143,12 @@ def hf_to_meta(state_dict: Tensors, config: ModelConfig) -> Tensors:
     if config.tie_embeddings:
         lm_head = out.pop("output.weight", None)  # some tied checkpoints still save it: it must be the embedding
         if lm_head is not None and not torch.equal(lm_head, out.get("tok_embeddings.weight", lm_head.new_empty(0))):
-            raise CheckpointError(None, "tie_word_embeddings is true but lm_head.weight differs from embed_tokens; "
+            raise CheckpointError(source, "tie_word_embeddings is true but lm_head.weight differs from embed_tokens; "
                                   "set tie_word_embeddings false in config.json")
     return out
 
 
-def meta_to_hf(state_dict: Tensors, config: ModelConfig) -> Tensors:
+def meta_to_hf(state_dict: Tensors, config: ModelConfig, source: object = None) -> Tensors:
     """Canonical Gemma 3 tensors -> Gemma3ForCausalLM names (a text-only checkpoint), unchanged in value."""
     out: Tensors = {}
     for name, t in state_dict.items():
@@ -95,7 +156,7 @@ def meta_to_hf(state_dict: Tensors, config: ModelConfig) -> Tensors:
             continue
         hf = rename(name, _TO_HF)
         if hf is None:
-            raise CheckpointError(None, f"tensor {name!r} is not part of a Gemma 3 text model")
+            raise CheckpointError(source, f"tensor {name!r} is not part of a Gemma 3 text model")
         out[hf] = t
     return out
 
@@ -202,8 +263,6 @@ def config_to_hf(config: ModelConfig) -> dict[str, Any]:
     """
     if config.arch != "gemma3":
         raise ConfigError(f"config_to_hf needs a Gemma 3 config, got arch {config.arch!r}")
-    from ..model.gemma3 import is_global_layer
-
     full: dict[str, Any] = {"rope_type": "default", "rope_theta": config.rope_theta}
     scaling = None
     if config.rope_scaling is not None:

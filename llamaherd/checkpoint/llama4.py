@@ -11,52 +11,54 @@ Canonical names are Meta's (llama-models `llama4/model.py`, `moe.py`). The trans
 Meta's own checkpoints also come in older spellings (`experts.w1`, 2-D expert matrices, `w_in_shared_FD`);
 `normalize_meta` maps them onto the canonical ones.
 
-How the readers hook this (keyed on config.arch == "llama4"):
-  meta_pth.read: config = config_from_params(params_json); state_dict = normalize_meta(state_dict, config)
-  hf.read:       config = config_from_hf(config_json);   state_dict = hf_to_meta(state_dict, config)
-  hf writer:     state_dict = meta_to_hf(state_dict, config); config_json = config_to_hf(config)
+meta_pth.py (config_from_params, normalize_meta, params_from_config) and hf.py (config_from_hf, hf_to_meta,
+meta_to_hf, config_to_hf) read and write Llama 4 through this module (keyed on config.arch == "llama4").
 """
 
 from __future__ import annotations
 
 import math
-import re
 from typing import Any
 
 import torch
 
 from ..config import ConfigError, ModelConfig, MoEConfig, RopeScaling, ffn_hidden_dim, moe_hidden_dim
 from ..errors import CheckpointError
+from .names import invert, rename
 
 Tensors = dict[str, torch.Tensor]
 
-# Per-layer names without transform: Meta suffix -> HF suffix (under layers.N. / model.layers.N.).
-_LAYER_PLAIN = {
-    "attention.wq.weight": "self_attn.q_proj.weight",
-    "attention.wk.weight": "self_attn.k_proj.weight",
-    "attention.wv.weight": "self_attn.v_proj.weight",
-    "attention.wo.weight": "self_attn.o_proj.weight",
-    "attention_norm.weight": "input_layernorm.weight",
-    "ffn_norm.weight": "post_attention_layernorm.weight",
+MODEL_TYPES = ("llama4_text", "llama4")  # Llama4ForCausalLM / Llama4ForConditionalGeneration
+HF_CLASS, HF_MODEL_TYPE = "Llama4ForCausalLM", "llama4_text"  # what the writer states (a text-only checkpoint)
+
+# HF Llama4ForCausalLM name -> Meta name (transformers `models/llama4/modeling_llama4.py`; llama-models
+# `llama4/model.py`, `moe.py`). The router is transposed on the way; HF's fused gate_up_proj is split into
+# the two Meta tensors below, which this table does not list.
+HF_NAMES: dict[str, str] = {
+    "model.embed_tokens.weight": "tok_embeddings.weight",
+    "model.norm.weight": "norm.weight",
+    "lm_head.weight": "output.weight",
+    "model.layers.{i}.self_attn.q_proj.weight": "layers.{i}.attention.wq.weight",
+    "model.layers.{i}.self_attn.k_proj.weight": "layers.{i}.attention.wk.weight",
+    "model.layers.{i}.self_attn.v_proj.weight": "layers.{i}.attention.wv.weight",
+    "model.layers.{i}.self_attn.o_proj.weight": "layers.{i}.attention.wo.weight",
+    "model.layers.{i}.input_layernorm.weight": "layers.{i}.attention_norm.weight",
+    "model.layers.{i}.post_attention_layernorm.weight": "layers.{i}.ffn_norm.weight",
     # dense layers
-    "feed_forward.w1.weight": "feed_forward.gate_proj.weight",
-    "feed_forward.w3.weight": "feed_forward.up_proj.weight",
-    "feed_forward.w2.weight": "feed_forward.down_proj.weight",
-    # MoE layers: shared expert and the down projections of the routed experts
-    "feed_forward.shared_expert.w1.weight": "feed_forward.shared_expert.gate_proj.weight",
-    "feed_forward.shared_expert.w3.weight": "feed_forward.shared_expert.up_proj.weight",
-    "feed_forward.shared_expert.w2.weight": "feed_forward.shared_expert.down_proj.weight",
-    "feed_forward.experts.moe_w_out_eF_D": "feed_forward.experts.down_proj",
+    "model.layers.{i}.feed_forward.gate_proj.weight": "layers.{i}.feed_forward.w1.weight",
+    "model.layers.{i}.feed_forward.up_proj.weight": "layers.{i}.feed_forward.w3.weight",
+    "model.layers.{i}.feed_forward.down_proj.weight": "layers.{i}.feed_forward.w2.weight",
+    # MoE layers: the shared expert, the routed experts' down projections, the router (transposed)
+    "model.layers.{i}.feed_forward.shared_expert.gate_proj.weight": "layers.{i}.feed_forward.shared_expert.w1.weight",
+    "model.layers.{i}.feed_forward.shared_expert.up_proj.weight": "layers.{i}.feed_forward.shared_expert.w3.weight",
+    "model.layers.{i}.feed_forward.shared_expert.down_proj.weight": "layers.{i}.feed_forward.shared_expert.w2.weight",
+    "model.layers.{i}.feed_forward.experts.down_proj": "layers.{i}.feed_forward.experts.moe_w_out_eF_D",
+    "model.layers.{i}.feed_forward.router.weight": "layers.{i}.feed_forward.router_DE",
 }
-_TOP_PLAIN = {
-    "tok_embeddings.weight": "model.embed_tokens.weight",
-    "norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-}
+_TO_HF = invert(HF_NAMES)
 _GATE, _UP = "feed_forward.experts.moe_w_in_eD_F", "feed_forward.experts.moe_w_swiglu_eD_F"
+_GATE_UP = "feed_forward.experts.gate_up_proj"
 _ROUTER = "feed_forward.router_DE"
-_LAYER = re.compile(r"^layers\.(\d+)\.(.+)$")
-_HF_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 # Parts of a multimodal Llama4ForConditionalGeneration checkpoint that the text decoder does not use.
 _HF_NON_TEXT = ("vision_model.", "multi_modal_projector.", "model.vision_model.", "model.multi_modal_projector.")
 
@@ -74,39 +76,30 @@ def split_gate_up(gate_up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 # -- state dicts ---------------------------------------------------------------------------------------------
-def meta_to_hf(state_dict: Tensors, config: ModelConfig) -> Tensors:
+def meta_to_hf(state_dict: Tensors, config: ModelConfig, source: object = None) -> Tensors:
     """Canonical (Meta) Llama 4 text state dict -> Llama4ForCausalLM names and layouts."""
     out: Tensors = {}
     fused: dict[str, dict[str, torch.Tensor]] = {}
     for name, t in state_dict.items():
-        if name in _TOP_PLAIN:
-            out[_TOP_PLAIN[name]] = t
+        if name == "output.weight" and config.tie_embeddings:
             continue
-        m = _LAYER.match(name)
-        if m is None:
-            raise CheckpointError(None, f"tensor {name!r} is not part of a Llama 4 text model")
-        i, rest = m.groups()
-        if rest in _LAYER_PLAIN:
-            out[f"model.layers.{i}.{_LAYER_PLAIN[rest]}"] = t
-        elif rest == _ROUTER:
-            out[f"model.layers.{i}.feed_forward.router.weight"] = t.t().contiguous()  # (D, E) -> (E, D)
-        elif rest in (_GATE, _UP):
-            fused.setdefault(i, {})[rest] = t
-        else:
-            raise CheckpointError(None, f"tensor {name!r} is not part of a Llama 4 text model")
+        layer, _, rest = name.removeprefix("layers.").partition(".")
+        if name.startswith("layers.") and rest in (_GATE, _UP):
+            fused.setdefault(layer, {})[rest] = t
+            continue
+        hf = rename(name, _TO_HF)
+        if hf is None:
+            raise CheckpointError(source, f"tensor {name!r} is not part of a Llama 4 text model")
+        out[hf] = t.t().contiguous() if name.endswith(_ROUTER) else t  # router (D, E) -> nn.Linear (E, D)
     for i, parts in fused.items():
         if len(parts) != 2:
-            raise CheckpointError(None, f"layer {i}: {_GATE} and {_UP} must both be present to fuse gate_up_proj")
-        out[f"model.layers.{i}.feed_forward.experts.gate_up_proj"] = fuse_gate_up(parts[_GATE], parts[_UP])
-    if config.tie_embeddings:
-        out.pop("lm_head.weight", None)
+            raise CheckpointError(source, f"layer {i}: {_GATE} and {_UP} must both be present to fuse gate_up_proj")
+        out[f"model.layers.{i}.{_GATE_UP}"] = fuse_gate_up(parts[_GATE], parts[_UP])
     return out
 
 
-def hf_to_meta(state_dict: Tensors, config: ModelConfig) -> Tensors:
+def hf_to_meta(state_dict: Tensors, config: ModelConfig, source: object = None) -> Tensors:
     """Llama4ForCausalLM (or the text part of Llama4ForConditionalGeneration) -> canonical Meta names."""
-    top = {hf: meta for meta, hf in _TOP_PLAIN.items()}
-    layer = {hf: meta for meta, hf in _LAYER_PLAIN.items()}
     out: Tensors = {}
     for name, t in state_dict.items():
         if name.startswith(_HF_NON_TEXT):
@@ -115,20 +108,14 @@ def hf_to_meta(state_dict: Tensors, config: ModelConfig) -> Tensors:
             name = name[len("language_model."):]
         elif name.startswith("model.language_model."):  # transformers >= 5 layout of the same
             name = "model." + name[len("model.language_model."):]
-        if name in top:
-            out[top[name]] = t
+        if name.startswith("model.layers.") and name.endswith("." + _GATE_UP):
+            layer = name.split(".")[2]
+            out[f"layers.{layer}.{_GATE}"], out[f"layers.{layer}.{_UP}"] = split_gate_up(t)
             continue
-        m = _HF_LAYER.match(name)
-        rest = m.group(2) if m else None
-        if rest in layer:
-            out[f"layers.{m.group(1)}.{layer[rest]}"] = t
-        elif rest == "feed_forward.router.weight":
-            out[f"layers.{m.group(1)}.{_ROUTER}"] = t.t().contiguous()  # (E, D) -> (D, E)
-        elif rest == "feed_forward.experts.gate_up_proj":
-            gate, up = split_gate_up(t)
-            out[f"layers.{m.group(1)}.{_GATE}"], out[f"layers.{m.group(1)}.{_UP}"] = gate, up
-        else:
-            raise CheckpointError(None, f"tensor {name!r} is not part of a Llama 4 text model (Llama4ForCausalLM)")
+        meta = rename(name, HF_NAMES)
+        if meta is None:
+            raise CheckpointError(source, f"tensor {name!r} is not part of a Llama 4 text model (Llama4ForCausalLM)")
+        out[meta] = t.t().contiguous() if meta.endswith(_ROUTER) else t  # nn.Linear (E, D) -> router (D, E)
     if config.tie_embeddings:
         out.pop("output.weight", None)
     return out
