@@ -1,4 +1,5 @@
-"""Decode ms/token with the native per-layer glue (llamaherd/native/ops.py) on and off, in one process.
+"""Decode ms/token with the native per-layer glue (llamaherd/native/ops.py, swapped in by native/swaps.py) on
+and off, in one process.
 
   .venv/bin/python bench/decode_glue.py gemma-3-270m-q4_k_m --threads 1 --rounds 5 -n 64 [--prefill 512]
   .venv/bin/python bench/decode_glue.py --micro --threads 1     # the single ops, torch vs native, in us
@@ -46,7 +47,8 @@ def prefill_ms(net, dtype, T: int) -> float:
 def micro() -> None:
     """Best-of-5 microseconds per call of each glue op on Gemma 270M / Llama 1B shapes, torch vs native."""
     from llamaherd.model import gemma3, llama
-    from llamaherd.model.rope import apply_rope
+    from llamaherd.model.rope import Rotary
+    from llamaherd.native.swaps import native_module
 
     def best_us(f, n: int) -> float:
         f()
@@ -64,13 +66,13 @@ def micro() -> None:
             cases.append((f"{cls.__name__}{shape}", cls(shape[-1]), (torch.randn(shape),), shape[1]))
     for T, H, D in [(512, 4, 256), (512, 32, 64)]:
         cos, sin = torch.randn(1, T, D // 2), torch.randn(1, T, D // 2)
-        cases.append((f"apply_rope_halves{(1, T, H, D)}", gemma3.apply_rope_halves, (torch.randn(1, T, H, D), cos, sin), T))
-        cases.append((f"apply_rope{(1, T, H, D)}", apply_rope, (torch.randn(1, T, H, D), cos, sin), T))
-    for name, fn, args, T in cases:
+        cases.append((f"RotaryHalves{(1, T, H, D)}", gemma3.RotaryHalves(), (torch.randn(1, T, H, D), cos, sin), T))
+        cases.append((f"Rotary{(1, T, H, D)}", Rotary(), (torch.randn(1, T, H, D), cos, sin), T))
+    for name, reference, args, T in cases:
         n = 2000 if T == 1 else 50
-        on = best_us(lambda: fn(*args), n)
-        with ops.disabled():
-            off = best_us(lambda: fn(*args), n)
+        fast = native_module(reference)
+        on = best_us(lambda: fast(*args), n)
+        off = best_us(lambda: reference(*args), n)
         print(f"{name:34s} torch {off:8.1f} us   native {on:8.1f} us")
 
 

@@ -11,7 +11,6 @@ Follows llama-models `llama4/model.py` (Meta names are canonical). Per layer i:
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig

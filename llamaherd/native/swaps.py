@@ -21,7 +21,6 @@ computes; a model loaded under them is not swapped at all. Packed GGUF weights a
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .. import native
