@@ -14,8 +14,9 @@ from pathlib import Path
 import torch
 
 
-def redraw(model: torch.nn.Module, seed: int = 0, std: float = 0.2) -> torch.nn.Module:
-    """Every parameter random: norm scales near 1, gates well away from 0, the rest N(0, std)."""
+def redraw(model: torch.nn.Module, seed: int = 0, std: float = 0.2, vision_std: float | None = None) -> torch.nn.Module:
+    """Every parameter random: norm scales near 1, gates well away from 0, the rest N(0, std) (N(0, vision_std)
+    in the vision encoder when given: Meta's 1280-wide encoder needs smaller weights to stay in range)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -28,7 +29,8 @@ def redraw(model: torch.nn.Module, seed: int = 0, std: float = 0.2) -> torch.nn.
             elif is_norm and leaf == "bias":
                 p.copy_(0.1 * torch.randn(p.shape, generator=g))
             else:
-                p.copy_(std * torch.randn(p.shape, generator=g))
+                scale = vision_std if vision_std is not None and "vision" in name else std
+                p.copy_(scale * torch.randn(p.shape, generator=g))
     return model.eval()
 
 
@@ -128,16 +130,50 @@ def import_torchvision():
     site.addsitedir(str(VISION_EXTRA))
     real = torch.library.register_fake
 
-    def tolerant(op, *args, **kwargs):
+    def skip_missing(call, *args, **kwargs):
         try:
-            return real(op, *args, **kwargs)
+            return call(*args, **kwargs)
         except RuntimeError as exc:
             if "does not exist" not in str(exc):
                 raise
-            return lambda fn: fn
+            return None
+
+    def tolerant(op, func=None, **kwargs):
+        if func is not None:
+            return skip_missing(real, op, func, **kwargs)
+
+        def decorate(fn):  # `@register_fake("torchvision::nms")` fails when applied
+            skip_missing(real, op, fn, **kwargs)
+            return fn
+
+        return decorate
 
     torch.library.register_fake = tolerant
     try:
         return importlib.import_module("torchvision")
     finally:
         torch.library.register_fake = real
+
+
+def meta_params(vocab: int = VOCAB) -> dict:
+    """A tiny Llama 3.2 Vision params.json: Meta's real encoder (its sizes are constants) on 28-pixel tiles, and a
+    4-layer text decoder with 2 cross-attention layers."""
+    return {
+        "dim": 64, "n_layers": 4, "n_heads": 4, "n_kv_heads": 2, "vocab_size": vocab, "multiple_of": 32,
+        "ffn_dim_multiplier": 1.3, "norm_eps": 1e-5, "rope_theta": 500000.0, "use_scaled_rope": True,
+        "vision_chunk_size": 28, "vision_max_num_chunks": 4, "vision_num_cross_attention_layers": 2,
+    }
+
+
+def meta_reference(seed: int = 0):
+    """llama-models' CrossAttentionTransformer (needs the meta_parallel fixture), every weight redrawn."""
+    import_torchvision()
+    from llama_models.llama3.args import ModelArgs
+    from llama_models.llama3.multimodal.model import CrossAttentionTransformer
+
+    args = ModelArgs(**meta_params(), max_seq_len=64, max_batch_size=1)
+    torch.manual_seed(seed)
+    ref = CrossAttentionTransformer(args)
+    redraw(ref, seed, std=0.2, vision_std=0.02)
+    ref.setup_cache(1, torch.device("cpu"), torch.float32)
+    return ref
