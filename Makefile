@@ -21,6 +21,10 @@ $(VENV)/.installed: pyproject.toml
 
 $(VENV)/.installed-test: $(VENV)/.installed
 	$(PIP) install -e ".[serve,models,test]"
+	# torchvision for Meta's image transforms (the vision tests' reference): the registries hold only CUDA builds,
+	# whose import breaks `import transformers` inside the environment, so it lives beside it and only
+	# tests/vision_fixtures.py puts it on the path.
+	$(PIP) install --no-deps --target $(VENV)/vision-extra torchvision==0.28.0
 	touch $@
 
 install: $(VENV)/.installed
