@@ -44,3 +44,7 @@ class DatasetError(LlamaherdError):
 
 class TrainingError(LlamaherdError):
     """A training run cannot start or resume: bad options, a checkpoint or adapter that does not fit the model."""
+
+
+class ImageError(LlamaherdError):
+    """An image cannot be used: unreadable, corrupt, too large, a refused URL, or sent to a text-only model."""
