@@ -86,27 +86,35 @@ class LlamaGuard:
         return Verdict(status, codes, score, text, self.threshold if threshold is None else threshold,
                        {c: names[c] for c in codes})
 
-    @torch.inference_mode()
     def answer(self, ids: Sequence[int]) -> tuple[str, float | None]:
         """Greedy answer text and P(first word = 'unsafe'), read at the first step that is not whitespace."""
-        net, tok = self.model.net, self.model.tokenizer
-        limit = self.model.context_limit()
-        check_context(len(ids), limit, "the guard model's context window")
-        device = self.model.device
-        dtype = next(net.parameters()).dtype
-        steps = min(MAX_ANSWER_TOKENS, limit - len(ids))
-        cache = KVCache.for_model(net.config, 1, len(ids) + steps,
-                                  dtype=dtype if dtype.is_floating_point else torch.float32, device=device)
-        logits = prefill(net, torch.tensor([list(ids)], device=device), cache)[0]
-        out: list[int] = []
-        score: float | None = None
-        for step in range(steps):
-            pick = int(logits.argmax())
-            if score is None and (pick in self.stop_ids or tok.decode([pick]).strip()):
-                score = float(torch.softmax(logits.float(), -1)[self.unsafe_id])
-            if pick in self.stop_ids:
-                break
-            out.append(pick)
-            if step + 1 < steps:
-                logits = decode_one(net, torch.tensor([pick], device=device), cache)[0]
-        return tok.decode(out), score
+        out, score = greedy_answer(self.model, ids, MAX_ANSWER_TOKENS, self.stop_ids, self.unsafe_id)
+        return self.model.tokenizer.decode(out), score
+
+
+@torch.inference_mode()
+def greedy_answer(model, ids: Sequence[int], max_tokens: int, stop_ids: frozenset[int],
+                  score_id: int) -> tuple[list[int], float | None]:
+    """Up to `max_tokens` greedy tokens after `ids` (prefill, then one cached step per token), and the
+    probability of `score_id` at the first step whose pick is not whitespace (or a stop)."""
+    net, tok = model.net, model.tokenizer
+    limit = model.context_limit()
+    check_context(len(ids), limit, "the guard model's context window")
+    device = model.device
+    dtype = next(net.parameters()).dtype
+    steps = min(max_tokens, limit - len(ids))
+    cache = KVCache.for_model(net.config, 1, len(ids) + steps,
+                              dtype=dtype if dtype.is_floating_point else torch.float32, device=device)
+    logits = prefill(net, torch.tensor([list(ids)], device=device), cache)[0]
+    out: list[int] = []
+    score: float | None = None
+    for step in range(steps):
+        pick = int(logits.argmax())
+        if score is None and (pick in stop_ids or tok.decode([pick]).strip()):
+            score = float(torch.softmax(logits.float(), -1)[score_id])
+        if pick in stop_ids:
+            break
+        out.append(pick)
+        if step + 1 < steps:
+            logits = decode_one(net, torch.tensor([pick], device=device), cache)[0]
+    return out, score
