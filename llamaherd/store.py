@@ -266,6 +266,59 @@ def _ollama_models() -> list[StoredModel]:
     return found
 
 
+# ---- sizes and digests of model files -------------------------------------------------------------
+
+DIGESTS = "digests.json"  # in home(): {resolved path: [size, mtime_ns, sha256 hex]}
+
+
+def model_files(path: Path) -> list[Path]:
+    """The files a model consists of: the file itself, or every file under a checkpoint folder (name order)."""
+    path = Path(path)
+    return [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+
+
+def model_size(path: Path) -> int:
+    """Bytes of a model's files on disk (what Ollama's /api/tags reports as `size`)."""
+    return sum(p.stat().st_size for p in model_files(path))
+
+
+def model_digest(path: Path) -> str:
+    """The sha256 hex of a model as `herd list` shows it: the store manifest's or the Ollama blob's for stored
+    models, else hashed once (a folder: each file's name and bytes in name order) and cached in
+    `home()/digests.json` under the file's size and mtime, so a changed file is hashed again."""
+    path = Path(path).resolve()
+    for m in list_models():
+        if m.digest and m.path.resolve() == path:
+            return m.digest
+    files = model_files(path)
+    stamp = [sum(p.stat().st_size for p in files), max((p.stat().st_mtime_ns for p in files), default=0)]
+    cache_file = home() / DIGESTS
+    try:
+        cache = json.loads(cache_file.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    hit = cache.get(str(path)) if isinstance(cache, dict) else None
+    if isinstance(hit, list) and hit[:2] == stamp:
+        return hit[2]
+    digest = hashlib.sha256()
+    for f in files:
+        if path.is_dir():
+            digest.update(str(f.relative_to(path)).encode() + b"\0")
+        with open(f, "rb") as fh:
+            while block := fh.read(1 << 22):
+                digest.update(block)
+    cache = cache if isinstance(cache, dict) else {}
+    cache[str(path)] = [*stamp, digest.hexdigest()]
+    try:
+        home().mkdir(parents=True, exist_ok=True)
+        tmp = cache_file.with_name(f"{DIGESTS}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(cache, indent=1) + "\n")
+        tmp.replace(cache_file)
+    except OSError:
+        pass  # a read-only home: the digest is still right, only computed again next time
+    return digest.hexdigest()
+
+
 # ---- public lookups ------------------------------------------------------------------------------
 
 

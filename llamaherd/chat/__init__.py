@@ -62,7 +62,7 @@ def choose_format(arch: str, tokenizer, template: str | None = None, explicit: s
         return FormatChoice("llama3")
     if template:
         return FormatChoice("hf")
-    if arch == "gemma3":
+    if arch == "gemma3" and {"<start_of_turn>", "<end_of_turn>"} <= specials:
         return FormatChoice("gemma3", builtin=True, completes=True,
                             reason="no chat template in the checkpoint: using the built-in gemma3 format")
     spm = getattr(tokenizer, "kind", None) == "sentencepiece" or type(tokenizer).__name__ == "SPMVocab"

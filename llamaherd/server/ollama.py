@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import time
 from collections.abc import AsyncIterator
 from datetime import datetime, timezone
 
+import torch
 from fastapi import APIRouter, Request
 from fastapi.responses import PlainTextResponse, StreamingResponse
 
 from .. import __version__
+from ..errors import LlamaherdError
 from ..presets import count_parameters
 from .http import APIError, check_model, served_of, unless_disconnected
 from .prompting import messages_for_format, ollama_tool_calls, sampling_params
@@ -42,6 +45,15 @@ def _params(served: ServedModel, options: OllamaOptions | None, fmt_constraint: 
         presence_penalty=o.presence_penalty, frequency_penalty=o.frequency_penalty, seed=o.seed,
         stop=tuple(o.stop or ()), num_predict=max_tokens if max_tokens is not None else -1,
     )
+
+
+def _chats(model) -> bool:
+    """Whether /api/generate wraps the prompt in the chat format: not for a base model (no format, or a built-in
+    one for a checkpoint without the template its instruction-tuned releases carry), as Ollama's {{ .Prompt }}."""
+    try:
+        return not model.chat_format_choice.completes
+    except LlamaherdError:
+        return False
 
 
 def _format_constraint(served: ServedModel, fmt):
@@ -84,7 +96,7 @@ async def generate(body: OllamaGenerateRequest, request: Request):
         return {**base, "created_at": _now(), "response": "", "done": True, "done_reason": "load"}
     # A model without a chat format (a base model with no template) takes the prompt as it is, as Ollama's
     # default template `{{ .Prompt }}` does.
-    if body.raw or not served.model.has_chat_format:
+    if body.raw or not _chats(served.model):
         prompt = served.tokenizer.encode(body.prompt, bos=True)
     else:
         messages = ([{"role": "system", "content": body.system}] if body.system else []) + [
@@ -168,20 +180,72 @@ def _details(served: ServedModel) -> dict:
             "quantization_level": str(quant)}
 
 
-def _digest(served: ServedModel) -> str:
-    return hashlib.sha256(str(served.model.checkpoint.source).encode()).hexdigest()
+# ---- metadata: what /api/tags, /api/ps and /api/show report -------------------------------------------------
+
+_FACTS: dict[int, tuple[int, str, float]] = {}  # id(ServedModel) -> (size, digest, mtime), computed once
 
 
-def _size(served: ServedModel) -> int:
-    return sum(p.numel() * p.element_size() for p in served.model.net.parameters())
+def _files_facts(served: ServedModel) -> tuple[int, str, float]:
+    """(bytes of the model's files, their sha256 as `herd list` shows it, the files' mtime). A model built in
+    memory (no files) reports its tensors' bytes and their sha256, and the server's start time."""
+    from pathlib import Path
+
+    from .. import store
+
+    source = Path(served.model.checkpoint.source)
+    if source.exists():
+        files = store.model_files(source)
+        return store.model_size(source), store.model_digest(source), max(f.stat().st_mtime for f in files)
+    seen, size, digest = set(), 0, hashlib.sha256()
+    for t in [*served.model.net.parameters(), *served.model.net.buffers()]:
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.numel())
+        if key in seen or t.device.type == "meta":
+            continue
+        seen.add(key)
+        size += t.numel() * t.element_size()
+        digest.update(t.detach().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return size, digest.hexdigest(), float(served.created)
+
+
+async def _facts(served: ServedModel) -> tuple[int, str, float]:
+    key = id(served)
+    if key not in _FACTS:  # hashing a large file takes seconds: off the event loop, once per served model
+        _FACTS[key] = await asyncio.to_thread(_files_facts, served)
+    return _FACTS[key]
+
+
+def _time(t: float) -> str:
+    return datetime.fromtimestamp(t, timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def capabilities(model) -> list[str]:
+    """What the model can do, in Ollama's words: completion always, embedding (mean pooling) always; chat when
+    it has a chat format, tools when that format renders tool definitions, vision with an image encoder."""
+    caps = ["completion"]
+    if model.has_chat_format:
+        caps.append("chat")
+        fmt = model.chat_format()
+        probe = "capability_probe_tool"
+        tool = {"type": "function", "function": {"name": probe, "description": "d",
+                                                 "parameters": {"type": "object", "properties": {}}}}
+        try:  # a format that can call tools shows their definitions to the model; others refuse or drop them
+            rendered = fmt.render([{"role": "user", "content": "x"}], tools=[tool])
+        except LlamaherdError:
+            rendered = ""
+        if probe in rendered:
+            caps.append("tools")
+    if getattr(model.config, "vision", None) is not None:
+        caps.append("vision")
+    caps.append("embedding")
+    return caps
 
 
 @router.get("/api/tags")
 async def tags(request: Request):
     served = served_of(request)
-    modified = datetime.fromtimestamp(served.created, timezone.utc).isoformat().replace("+00:00", "Z")
-    return {"models": [{"name": served.name, "model": served.name, "modified_at": modified, "size": _size(served),
-                        "digest": _digest(served), "details": _details(served)}]}
+    size, digest, mtime = await _facts(served)
+    return {"models": [{"name": served.name, "model": served.name, "modified_at": _time(mtime), "size": size,
+                        "digest": digest, "details": _details(served)}]}
 
 
 @router.post("/api/show")
@@ -197,15 +261,17 @@ async def show(body: OllamaShowRequest, request: Request):
             f"{config.arch}.block_count": config.n_layers, f"{config.arch}.attention.head_count": config.n_heads,
             f"{config.arch}.attention.head_count_kv": config.n_kv_heads}
     template = served.model.checkpoint.chat_template or ""
-    return {"modelfile": f"FROM {served.model.checkpoint.source}\n", "parameters": "", "template": template,
-            "details": _details(served), "model_info": info, "capabilities": ["completion", "tools"],
-            "modified_at": _now()}
+    _, _, mtime = await _facts(served)
+    return {"modelfile": f"FROM {served.name}\n", "parameters": "", "template": template,
+            "details": _details(served), "model_info": info, "capabilities": capabilities(served.model),
+            "modified_at": _time(mtime)}
 
 
 @router.get("/api/ps")
 async def ps(request: Request):
     served = served_of(request)
-    return {"models": [{"name": served.name, "model": served.name, "size": _size(served), "digest": _digest(served),
+    size, digest, _ = await _facts(served)
+    return {"models": [{"name": served.name, "model": served.name, "size": size, "digest": digest,
                         "details": _details(served), "expires_at": "2999-01-01T00:00:00Z", "size_vram": 0}]}
 
 
