@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import gguf
 import numpy as np
 import torch
 
@@ -202,10 +203,8 @@ def _tensor_info(path, name, ne, type_id, offset, alignment, data_offset, data_s
 
 def _type_name(type_id: int) -> str:
     try:
-        import gguf
-
         return f"{gguf.GGMLQuantizationType(type_id).name} ({type_id})"
-    except (ImportError, ValueError):
+    except ValueError:
         return f"#{type_id}"
 
 

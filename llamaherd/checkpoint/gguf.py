@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import gguf
 import numpy as np
 import torch
 
@@ -200,10 +201,8 @@ def read(path: str | Path) -> Checkpoint:
 def _file_type(value: Any) -> str | None:
     """general.file_type (llama.cpp `llama_ftype`, e.g. 15) as its name ("Q4_K_M"), None when absent or unknown."""
     try:
-        import gguf
-
         return gguf.LlamaFileType(int(value)).name.removeprefix("MOSTLY_")
-    except (ImportError, TypeError, ValueError):
+    except (TypeError, ValueError):
         return None
 
 

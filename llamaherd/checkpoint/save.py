@@ -3,21 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..errors import CheckpointError
+from . import gguf_write, hf, meta_pth
 from .base import Checkpoint
 
-# format -> "module:function" with signature write(ckpt: Checkpoint, dst: Path, **options) -> Path.
-WRITERS: dict[str, str] = {
-    "meta": "llamaherd.checkpoint.meta_pth:write",
-    "hf": "llamaherd.checkpoint.hf:write",
-    "gguf": "llamaherd.checkpoint.gguf_write:write",
-}
+# format -> write(ckpt: Checkpoint, dst: Path, **options) -> Path.
+WRITERS = {"meta": meta_pth.write, "hf": hf.write, "gguf": gguf_write.write}
 
 DTYPES: dict[str, torch.dtype] = {
     "f32": torch.float32, "float32": torch.float32,
@@ -46,7 +42,7 @@ def save(
 ) -> Path:
     """Write `ckpt` to `dst` as `fmt` ("meta", "hf", "gguf"); `dtype` casts float tensors first (meta/hf)."""
     try:
-        target = WRITERS[fmt]
+        writer = WRITERS[fmt]
     except KeyError:
         raise CheckpointError(dst, f"unknown output format {fmt!r}; known: {', '.join(WRITERS)}") from None
     if ckpt.prepare is not None and fmt != "gguf":
@@ -54,11 +50,6 @@ def save(
             ckpt.source, f"holds quantized tensors that need a model swap; {fmt} output needs float weights: "
             "convert from a float checkpoint, or write gguf",
         )
-    module, fn = target.split(":")
-    try:
-        writer = getattr(importlib.import_module(module), fn)
-    except ImportError as exc:
-        raise CheckpointError(dst, f"the {fmt} writer ({target}) is not available: {exc}") from None
     torch_dtype = parse_dtype(dtype)
     if torch_dtype is not None and fmt != "gguf":
         ckpt = cast(ckpt, torch_dtype)
