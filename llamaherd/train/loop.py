@@ -308,7 +308,7 @@ class Trainer:
             for b, ix in batches:
                 loss_sum, _ = self._loss_sum(b, [self.train_set[i] for i in ix], ix)
                 (loss_sum / denom).backward()
-                step_loss += float(loss_sum) / denom
+                step_loss += float(loss_sum.detach()) / denom
                 tokens += int((b.labels != -100).sum()) if c.method != "dpo" else int(b.tokens.numel())
             grad_norm = None
             if c.clip:
