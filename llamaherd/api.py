@@ -196,6 +196,19 @@ class Model:
             text += self.tokenizer.decode([done.stop_token])
         return fmt.parse_assistant(text)
 
+    # -- embeddings ---------------------------------------------------------------------------------------------
+
+    def embed(self, texts: str | Sequence[str], *, normalize: bool = True) -> torch.Tensor:
+        """Embeddings of texts: float32 (N, dim), or (dim,) for one str. Each is the mean of the final hidden
+        states (after the output norm) over the text's tokens, BOS included, L2-normalised, as llama.cpp's
+        `--pooling mean`. A text longer than the context window raises ContextLengthError."""
+        from .engine.embedding import embed
+
+        one = isinstance(texts, str)
+        ids = [self.encode_prompt(t) for t in ([texts] if one else list(texts))]
+        out = embed(self.net, ids, self.config.max_seq_len, normalize=normalize)
+        return out[0] if one else out
+
     def __repr__(self) -> str:
         c = self.config
         return f"Model(arch={c.arch!r}, dim={c.dim}, n_layers={c.n_layers}, source={str(self.checkpoint.source)!r})"
