@@ -1,4 +1,4 @@
-"""Llama 1, Llama 2, Code Llama, Llama 3 / 3.1 / 3.2 / 3.3 and Llama Guard 3: one row per released text model.
+"""Llama 1, Llama 2, Code Llama, Llama 3 / 3.1 / 3.2 (with Vision) / 3.3 and Llama Guard 3: one row per release.
 
 Each row gives the numbers of the release's params.json (Meta) or config.json (Hugging Face); `source`
 names the file. `published` is the size the release states (model card / paper), checked by tests.
@@ -6,7 +6,7 @@ names the file. `published` is the size the release states (model card / paper),
 
 from __future__ import annotations
 
-from ..config import ModelConfig, RopeScaling
+from ..config import ModelConfig, RopeScaling, VisionConfig
 from .preset import Preset
 
 # Llama 3.1's frequency scaling as released (params.json "use_scaled_rope": true; the factors are those of
@@ -101,5 +101,22 @@ PRESETS: list[Preset] = [
     _row("llama-guard-3-1b", "meta-llama/Llama-Guard-3-1B config.json", "1.50B", chat_format="llama3",
          max_seq_len=131072, rope_scaling=LLAMA31_ROPE, **_L3, **_L32_1B),
     _row("llama-guard-3-8b", "meta-llama/Llama-Guard-3-8B params.json", "8.03B", chat_format="llama3",
+         max_seq_len=131072, rope_scaling=LLAMA31_ROPE, **_L3, **_L3_8B),
+    # Llama 3.2 Vision: the Llama 3.1 8B / 70B decoder plus 8 / 20 gated cross-attention layers and the ViT-H/14
+    # tiled encoder on 560-pixel tiles (params.json vision_chunk_size 560, vision_num_cross_attention_layers;
+    # the encoder's sizes are constants of llama-models). Sizes: the model card states 10.6B and 88.8B; the
+    # released weights count 10.67B and 88.6B (Hugging Face model pages), which the 90B rows cite. The counts
+    # here store the aspect-ratio embeddings per supported ratio (model/vision_mllama.py), 16.4M fewer than
+    # Meta's 4x4 grids and 8.2M fewer than transformers' tables with a padding row.
+    *_variants("llama-3.2-11b-vision", {"": None, "-instruct": "llama3"},
+               "meta-llama/Llama-3.2-11B-Vision{suffix} params.json", "10.6B", arch="mllama",
+               vision=VisionConfig(image_size=560, n_cross_attention_layers=8), max_seq_len=131072,
+               rope_scaling=LLAMA31_ROPE, **_L3, **_L3_8B),
+    *_variants("llama-3.2-90b-vision", {"": None, "-instruct": "llama3"},
+               "meta-llama/Llama-3.2-90B-Vision{suffix} params.json (size: Hugging Face model page)", "88.6B",
+               arch="mllama", vision=VisionConfig(image_size=560, n_cross_attention_layers=20), max_seq_len=131072,
+               rope_scaling=LLAMA31_ROPE, **_L3, **_L3_70B),
+    _row("llama-guard-3-11b-vision", "meta-llama/Llama-Guard-3-11B-Vision params.json (size: model page)", "10.7B",
+         chat_format="llama3", arch="mllama", vision=VisionConfig(image_size=560, n_cross_attention_layers=8),
          max_seq_len=131072, rope_scaling=LLAMA31_ROPE, **_L3, **_L3_8B),
 ]
