@@ -1,4 +1,4 @@
-"""The GGUF container: a bounded header parser, typed metadata, and memory-mapped tensor views.
+"""The GGUF container: ggml type sizes, a bounded header parser, typed metadata, memory-mapped tensor views.
 
 The format (llama.cpp `docs/gguf.md`, `ggml/src/gguf.cpp`): magic "GGUF", u32 version, u64 tensor count,
 u64 key/value count, typed key/values, tensor infos (name, dims, ggml type, offset), then the data section at
@@ -21,7 +21,68 @@ import numpy as np
 import torch
 
 from .errors import GGUFError
-from .quant.ggml_quants import FLOAT_DTYPES, TYPES, GGMLType
+
+# ---- ggml tensor types: ids, block sizes, bytes per block ------------------------------------------
+
+QK_K = 256  # super-block size of the k-quants (ggml-common.h)
+
+
+@dataclass(frozen=True)
+class GGMLType:
+    """One ggml tensor type: its id in GGUF files, elements per block and bytes per block."""
+
+    name: str
+    id: int
+    block_size: int
+    type_size: int
+
+    @property
+    def quantized(self) -> bool:
+        return self.name not in FLOAT_DTYPES
+
+    def row_bytes(self, n_cols: int) -> int:
+        """Bytes of one row of `n_cols` elements (n_cols must be a multiple of block_size)."""
+        return n_cols // self.block_size * self.type_size
+
+
+# The types llamaherd reads (quant/ggml_quants.py decodes each quantized one). Ids and sizes: gguf-py
+# `constants.py` (GGMLQuantizationType, GGML_QUANT_SIZES) = ggml.h `enum ggml_type`; layouts ggml-common.h.
+TYPES: dict[int, GGMLType] = {
+    t.id: t
+    for t in (
+        GGMLType("F32", 0, 1, 4),
+        GGMLType("F16", 1, 1, 2),
+        GGMLType("Q4_0", 2, 32, 18),
+        GGMLType("Q4_1", 3, 32, 20),
+        GGMLType("Q5_0", 6, 32, 22),
+        GGMLType("Q5_1", 7, 32, 24),
+        GGMLType("Q8_0", 8, 32, 34),
+        GGMLType("Q2_K", 10, QK_K, 84),
+        GGMLType("Q3_K", 11, QK_K, 110),
+        GGMLType("Q4_K", 12, QK_K, 144),
+        GGMLType("Q5_K", 13, QK_K, 176),
+        GGMLType("Q6_K", 14, QK_K, 210),
+        GGMLType("IQ4_NL", 20, 32, 18),
+        GGMLType("IQ4_XS", 23, QK_K, 136),
+        GGMLType("BF16", 30, 1, 2),
+    )
+}
+BY_NAME: dict[str, GGMLType] = {t.name: t for t in TYPES.values()}
+FLOAT_DTYPES: dict[str, torch.dtype] = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def ggml_type(t: int | str | GGMLType) -> GGMLType:
+    """Look a type up by id, name or value; KeyError names the supported ones."""
+    if isinstance(t, GGMLType):
+        return t
+    table = BY_NAME if isinstance(t, str) else TYPES
+    try:
+        return table[t.upper() if isinstance(t, str) else int(t)]
+    except KeyError:
+        raise KeyError(f"ggml type {t!r} is not supported; supported: {', '.join(BY_NAME)}") from None
+
+
+# ---- the bounded header parser -------------------------------------------------------------------
 
 MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
@@ -41,9 +102,6 @@ _SCALARS: dict[int, np.dtype] = {
     12: np.dtype("<f8"),
 }
 _BOOL, _STRING, _ARRAY = 7, 8, 9
-
-
-# ---- the bounded header parser -------------------------------------------------------------------
 
 
 @dataclass(frozen=True)

@@ -80,7 +80,7 @@ def test_random_valid_blocks_decode_like_gguf_py(qtype):
 
 
 def test_every_supported_type_matches_gguf_py_sizes():
-    for t in gq.TYPES.values():
+    for t in gguf_file.TYPES.values():
         assert gguf.GGML_QUANT_SIZES[QT(t.id)] == (t.block_size, t.type_size), t.name
         assert QT(t.id).name == t.name
 

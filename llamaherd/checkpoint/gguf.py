@@ -15,9 +15,9 @@ import torch
 
 from ..config import GenerationDefaults, ModelConfig, RopeScaling
 from ..errors import GGUFError, TokenizerError
-from ..gguf_file import TensorInfo, open_gguf, tensor_view
+from ..gguf_file import GGMLType, TensorInfo, open_gguf, tensor_view
 from ..quant.ggml import GGMLWeight, swap_ggml
-from ..quant.ggml_quants import GGMLType, dequantize
+from ..quant.ggml_quants import dequantize
 from ..tokenizer.gguf_vocab import from_metadata
 from . import gemma3, llama
 from .base import Checkpoint

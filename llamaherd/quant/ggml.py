@@ -14,10 +14,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .ggml_quants import GGMLType, dequantize, ggml_type
 from ..errors import CheckpointError
-from ..native.siblings import SiblingResults
+from ..gguf_file import GGMLType, ggml_type
 from ..native import ggml_kernels
+from ..native.siblings import SiblingResults
+from .ggml_quants import dequantize
 
 # Elements decoded at once by a linear layer: 256K float32 = 1 MiB of scratch per chunk. Larger chunks
 # (16 MiB) left glibc holding ~250 MB of freed heap after one forward of Gemma 3 270M (measured).

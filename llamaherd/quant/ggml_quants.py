@@ -1,4 +1,4 @@
-"""ggml tensor types: block layouts, byte sizes and vectorised torch dequantization of every supported type.
+"""ggml dequantization: vectorised torch decoders of every supported block type (the types are in gguf_file).
 
 Layouts follow llama.cpp `ggml/src/ggml-common.h` (block_q4_0 ... block_q6_K, block_iq4_xs) and the reference
 decoders `dequantize_row_*` in `ggml/src/ggml-quants.c`; gguf-py's `gguf/quants.py` decodes the same bytes in
@@ -10,34 +10,15 @@ results agree bit for bit.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 
-QK_K = 256  # super-block size of the k-quants (ggml-common.h)
+from ..gguf_file import FLOAT_DTYPES, QK_K, GGMLType, ggml_type
+
 K_SCALE_SIZE = 12  # packed 6-bit scales + mins of Q4_K / Q5_K
 
 # IQ4_NL's non-linear 4-bit code book (ggml-common.h `kvalues_iq4nl`).
 IQ4_NL_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
-
-
-@dataclass(frozen=True)
-class GGMLType:
-    """One ggml tensor type: its id in GGUF files, elements per block and bytes per block."""
-
-    name: str
-    id: int
-    block_size: int
-    type_size: int
-    decode: Callable[[torch.Tensor], torch.Tensor] | None  # None: plain float type, viewed not decoded
-
-    @property
-    def quantized(self) -> bool:
-        return self.decode is not None
-
-    def row_bytes(self, n_cols: int) -> int:
-        """Bytes of one row of `n_cols` elements (n_cols must be a multiple of block_size)."""
-        return n_cols // self.block_size * self.type_size
 
 
 # ---- helpers -------------------------------------------------------------------------------------
@@ -209,42 +190,22 @@ def _iq4_xs(b: torch.Tensor) -> torch.Tensor:
     return (dl * torch.tensor(IQ4_NL_VALUES, dtype=torch.int8)[idx].float()).reshape(n, QK_K)
 
 
-# ---- the type table ------------------------------------------------------------------------------
+# ---- the decoders by type -----------------------------------------------------------------------
 
-# Ids and sizes: gguf-py `constants.py` (GGMLQuantizationType, GGML_QUANT_SIZES) = ggml.h `enum ggml_type`.
-TYPES: dict[int, GGMLType] = {
-    t.id: t
-    for t in (
-        GGMLType("F32", 0, 1, 4, None),
-        GGMLType("F16", 1, 1, 2, None),
-        GGMLType("Q4_0", 2, 32, 18, _q4_0),
-        GGMLType("Q4_1", 3, 32, 20, _q4_1),
-        GGMLType("Q5_0", 6, 32, 22, _q5_0),
-        GGMLType("Q5_1", 7, 32, 24, _q5_1),
-        GGMLType("Q8_0", 8, 32, 34, _q8_0),
-        GGMLType("Q2_K", 10, QK_K, 84, _q2_k),
-        GGMLType("Q3_K", 11, QK_K, 110, _q3_k),
-        GGMLType("Q4_K", 12, QK_K, 144, _q4_k),
-        GGMLType("Q5_K", 13, QK_K, 176, _q5_k),
-        GGMLType("Q6_K", 14, QK_K, 210, _q6_k),
-        GGMLType("IQ4_NL", 20, 32, 18, _iq4_nl),
-        GGMLType("IQ4_XS", 23, QK_K, 136, _iq4_xs),
-        GGMLType("BF16", 30, 1, 2, None),
-    )
+DECODERS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "Q4_0": _q4_0,
+    "Q4_1": _q4_1,
+    "Q5_0": _q5_0,
+    "Q5_1": _q5_1,
+    "Q8_0": _q8_0,
+    "Q2_K": _q2_k,
+    "Q3_K": _q3_k,
+    "Q4_K": _q4_k,
+    "Q5_K": _q5_k,
+    "Q6_K": _q6_k,
+    "IQ4_NL": _iq4_nl,
+    "IQ4_XS": _iq4_xs,
 }
-BY_NAME: dict[str, GGMLType] = {t.name: t for t in TYPES.values()}
-FLOAT_DTYPES: dict[str, torch.dtype] = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-
-
-def ggml_type(t: int | str | GGMLType) -> GGMLType:
-    """Look a type up by id, name or value; KeyError names the supported ones."""
-    if isinstance(t, GGMLType):
-        return t
-    table = BY_NAME if isinstance(t, str) else TYPES
-    try:
-        return table[t.upper() if isinstance(t, str) else int(t)]
-    except KeyError:
-        raise KeyError(f"ggml type {t!r} is not supported; supported: {', '.join(BY_NAME)}") from None
 
 
 def dequantize(packed: torch.Tensor, qtype: int | str | GGMLType, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -263,5 +224,5 @@ def dequantize(packed: torch.Tensor, qtype: int | str | GGMLType, dtype: torch.d
         out = packed.contiguous().view(FLOAT_DTYPES[t.name])
     else:
         blocks = packed.reshape(-1, t.type_size)  # (n_blocks, type_size)
-        out = t.decode(blocks)  # (n_blocks, block_size) float32
+        out = DECODERS[t.name](blocks)  # (n_blocks, block_size) float32
     return out.reshape(*lead, n_cols).to(dtype)

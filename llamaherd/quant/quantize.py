@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
 
-from .ggml_quants import QK_K
+from ..gguf_file import QK_K
 
 GROUP_MAX_EPS = 1e-15  # ggml-quants.c: a group whose largest |x| is below this is all zero
 CHUNK_ELEMS = 1 << 18  # elements quantized per step; bounds the temporaries of the k-quant searches
