@@ -80,6 +80,7 @@ class Shields:
     prompt_guard: PromptGuard | None = None
     prompt_threshold: float = 0.5  # Prompt Guard: refuse when P(not benign) of the last user text reaches this
     on_input: str = "content_filter"  # or "error": a 400 instead of an empty content_filter answer
+    check_input: bool = True
     check_output: bool = True
     stream_every: int = 16  # tokens between checks of a streamed reply
     allow_opt_out: bool = False  # may a request skip the shields ("guard": false)?
@@ -99,6 +100,8 @@ class Shields:
         """The conversation so far, its last user turn assessed (blocking: call it off the event loop)."""
         convo = _guardable(messages)
         result = ShieldResult(True)
+        if not self.check_input:
+            return result
         with self._lock:
             if self.prompt_guard is not None and convo:
                 scores = self.prompt_guard.classify(_text(convo[-1]))
@@ -134,10 +137,21 @@ class Shields:
         return verdict
 
     def metrics(self) -> dict[str, dict[str, int]]:
+        """Verdict counts per check ("input", "output", "moderations"): by status and by category code."""
         out: dict[str, dict[str, int]] = {"input": {}, "output": {}, "moderations": {}}
         for (where, key), n in sorted(self.counts.items()):
             out[where][key] = n
         return out
+
+    def prometheus(self) -> str:
+        """The counts in Prometheus' text format (served at /guard/metrics)."""
+        lines = ["# HELP llamaherd_guard_verdicts_total Guard verdicts by check and status or category.",
+                 "# TYPE llamaherd_guard_verdicts_total counter"]
+        for where, counts in self.metrics().items():
+            for key, n in counts.items():
+                label = "category" if key.startswith("S") or key.startswith("prompt_guard:") else "status"
+                lines.append(f'llamaherd_guard_verdicts_total{{check="{where}",{label}="{key}"}} {n}')
+        return "\n".join(lines) + "\n"
 
 
 def _text(message: Mapping) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 
 from fastapi import APIRouter, Request
+from fastapi.responses import PlainTextResponse
 from pydantic import BaseModel, ConfigDict
 from starlette.concurrency import run_in_threadpool
 
@@ -56,6 +57,16 @@ async def moderations(body: ModerationRequest, request: Request):
 
     results = await run_in_threadpool(run)
     return {"id": f"modr-{uuid.uuid4().hex}", "model": name, "results": results}
+
+
+@router.get("/guard/metrics", response_class=PlainTextResponse)
+async def guard_metrics(request: Request):
+    """Verdict counters of the shields and of /v1/moderations, per check and category (Prometheus text)."""
+    shields = getattr(request.app.state, "shields", None)
+    if shields is None:
+        raise APIError(404, "this server has no guard model: start it with `herd serve MODEL --guard GUARD_MODEL`",
+                       type_="not_found_error", code="no_guard_model")
+    return PlainTextResponse(shields.prometheus(), media_type="text/plain; version=0.0.4")
 
 
 def install(app, shields, guard_name: str) -> None:
