@@ -158,7 +158,8 @@ def test_stop_ids():
 
 @pytest.mark.parametrize("bad,match", [
     ([{"role": "robot", "content": "x"}], "role"),
-    ([{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}], "image_url"),
+    # (image parts render as <|image|> in the Llama 3 format: tests/test_vision_chat.py)
+    ([{"role": "user", "content": [{"type": "input_audio", "input_audio": "x"}]}], "input_audio"),
     ([{"role": "assistant", "content": None, "tool_calls": [{"function": {"name": "f", "arguments": "{oops"}}]}],
      "arguments"),
     ("hello", "list"),

@@ -70,6 +70,24 @@ def content_parts(message: dict, index: int) -> list[str]:
     )
 
 
+def content_pieces(message: dict, index: int, image_literal: str | None = None) -> list[Piece]:
+    """A message's content as pieces: text parts as text, image parts (`image_url` / `image`) as the format's
+    image token `image_literal` (Meta's `_encode_content` appends one vision token per image item)."""
+    content = message.get("content")
+    if not isinstance(content, list):
+        return [T(part) for part in content_parts(message, index)]
+    out: list[Piece] = []
+    for part in content:
+        if isinstance(part, dict) and part.get("type") in ("image_url", "image"):
+            if image_literal is None:
+                raise ChatFormatError(f"messages[{index}].content has an image part; this chat format takes no "
+                                      "images (a vision model's format does)")
+            out.append(S(image_literal))
+        else:
+            out += [T(text) for text in content_parts({"content": [part]}, index)]
+    return out
+
+
 def content_text(message: dict, index: int) -> str:
     """A message's content as one string."""
     return "".join(content_parts(message, index))

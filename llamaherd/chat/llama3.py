@@ -15,7 +15,7 @@ Two choices where Meta's sources disagree, both documented in the tests:
 from __future__ import annotations
 
 from ..errors import ChatFormatError
-from .base import ChatFormat, Piece, S, T, content_parts, content_text, tool_calls_of
+from .base import ChatFormat, Piece, S, T, content_pieces, content_text, tool_calls_of
 from .tool_prompts import (
     TOOL_FORMATS,
     encode_call,
@@ -38,6 +38,7 @@ class HeaderChatFormat(ChatFormat):
     HEADER_END = "<|end_header_id|>"
     EOT = "<|eot_id|>"
     EOM = "<|eom_id|>"
+    IMAGE: str | None = None  # the image token of formats that take images in content parts
     default_tool_format = "json"
 
     def __init__(self, tokenizer, tool_format: str | None = None, today=None) -> None:
@@ -64,7 +65,7 @@ class HeaderChatFormat(ChatFormat):
         out = self.header(role)
         calls = tool_calls_of(m, index) if role == "assistant" else []
         out += self.call_prefix(calls)
-        out += [T(part) for part in content_parts(m, index)]
+        out += content_pieces(m, index, self.IMAGE)
         if self.tool_format == "python_list" and len(calls) > 1 and not any(n in BUILTIN_TOOLS for n, _ in calls):
             # Several pythonic calls are one list, as the model writes them: [f(a=1), g(b=2)].
             out.append(T("[" + ", ".join(pythonic_call(n, a) for n, a in calls) + "]"))
@@ -116,6 +117,7 @@ class Llama3Format(HeaderChatFormat):
 
     name = "llama3"
     PYTHON_TAG = "<|python_tag|>"
+    IMAGE = "<|image|>"  # Llama 3.2 Vision (llama-models llama3/chat_format.py `vision_token`)
     syntax = LLAMA3_SYNTAX
     stop_literals = ("<|eot_id|>", "<|eom_id|>", "<|end_of_text|>")
 
