@@ -11,7 +11,7 @@ from torch import nn
 
 from .checkpoint import Checkpoint, materialize, read
 from .config import GenerationDefaults, ModelConfig
-from .errors import ChatFormatError, ContextLengthError, TokenizerError
+from .errors import ChatFormatError, ContextLengthError, ImageError, TokenizerError
 from .native import swaps as native_swaps
 from .store import resolve_name
 
@@ -56,15 +56,30 @@ class Model:
         return next(self.net.parameters()).device
 
     @torch.inference_mode()
-    def logits(self, token_ids: Sequence[int] | Sequence[Sequence[int]] | torch.Tensor) -> torch.Tensor:
+    def logits(self, token_ids: Sequence[int] | Sequence[Sequence[int]] | torch.Tensor,
+               images: Sequence[Any] | None = None) -> torch.Tensor:
         """Full forward from position 0 without a cache: float32 logits [..., T, vocab].
 
-        A flat sequence gives (T, vocab); a batch of equal-length sequences gives (B, T, vocab).
+        A flat sequence gives (T, vocab); a batch of equal-length sequences gives (B, T, vocab). `images`
+        (paths, bytes, data: URLs or PIL images; vision models, one flat sequence) stand for the prompt's
+        `<|image|>` tokens in order.
         """
         ids = torch.as_tensor(token_ids, dtype=torch.long, device=self.device)
         flat = ids.dim() == 1
-        out = self.net(ids[None] if flat else ids)
+        if images and not flat:
+            raise ImageError("images go with one token sequence, not a batch; call logits once per prompt")
+        net = self._with_images(ids.tolist(), images) if flat else self.net
+        out = net(ids[None] if flat else ids)
         return out[0] if flat else out
+
+    def _with_images(self, ids: list[int], images: Sequence[Any] | None) -> nn.Module:
+        """The network, with a request's images encoded once and bound to it when there are any
+        (llamaherd/vision_inputs.py); images for a text-only model raise ImageError."""
+        if not images:
+            return self.net
+        from .vision_inputs import bind_images
+
+        return bind_images(self.net, self.tokenizer, ids, list(images))
 
     # -- generation (engine/generate.py does the work) -------------------------------------------------------
 
@@ -108,16 +123,19 @@ class Model:
         return sampler, stop_ids, self.context_limit(num_ctx)
 
     def complete(self, prompt: str | Sequence[int], *, stats=None, extra_stop_ids: Sequence[int] = (),
-                 **sampling: Any):
-        """One completion with everything known about it: text, token ids, finish reason, logprobs, stats."""
+                 images: Sequence[Any] | None = None, **sampling: Any):
+        """One completion with everything known about it: text, token ids, finish reason, logprobs, stats.
+        `images` stand for the prompt's image tokens, in order (vision models)."""
         from .engine.generate import complete
 
         sampler, stop_ids, limit = self._run_setup(sampling, extra_stop_ids)
-        return complete(self.net, self.tokenizer, self.encode_prompt(prompt), sampler, stop_ids=stop_ids,
+        ids = self.encode_prompt(prompt)
+        return complete(self._with_images(ids, images), self.tokenizer, ids, sampler, stop_ids=stop_ids,
                         context_limit=limit, stats=stats)
 
     def generate(self, prompt: str | Sequence[int] | Sequence[str] | Sequence[Sequence[int]], stream: bool = False,
-                 *, stats=None, skip_special_tokens: bool = False, **sampling: Any) -> str | list[str] | Iterator[str]:
+                 *, stats=None, skip_special_tokens: bool = False, images: Sequence[Any] | None = None,
+                 **sampling: Any) -> str | list[str] | Iterator[str]:
         """Continue `prompt` (text, or token ids); with stream=True yield pieces of valid UTF-8 text as they come.
 
         A list of prompts (texts or id lists) runs as one left-padded batch and returns one text per prompt.
@@ -126,8 +144,11 @@ class Model:
         max_tokens, ...), defaulting to the checkpoint's generation config; `num_ctx` narrows the context window.
         Prompts longer than the window raise `ContextLengthError`; nothing is truncated.
         With stream=True, `skip_special_tokens` leaves control tokens out of the pieces (as llama.cpp's output).
+        `images` (vision models, one prompt) stand for the prompt's `<|image|>` tokens, in order.
         """
         if _is_batch(prompt):
+            if images:
+                raise ImageError("images go with one prompt, not a batch; call generate once per prompt")
             if stream:
                 raise ValueError("stream=True takes one prompt; call generate once per prompt to stream several")
             from .engine.generate import complete_batch
@@ -137,13 +158,14 @@ class Model:
             return [c.text for c in complete_batch(self.net, self.tokenizer, ids, sampler, stop_ids=stop_ids,
                                                    context_limit=limit)]
         if not stream:
-            return self.complete(prompt, stats=stats, **sampling).text
+            return self.complete(prompt, stats=stats, images=images, **sampling).text
         from .engine.generate import check_context, stream as stream_pieces
 
         sampler, stop_ids, limit = self._run_setup(sampling)
         ids = self.encode_prompt(prompt)
         check_context(len(ids), limit)  # now, not at the first next() of the stream
-        return (p.text for p in stream_pieces(self.net, self.tokenizer, ids, sampler, stop_ids=stop_ids,
+        net = self._with_images(ids, images)
+        return (p.text for p in stream_pieces(net, self.tokenizer, ids, sampler, stop_ids=stop_ids,
                                                context_limit=limit, stats=stats, skip_special=skip_special_tokens)
                 if p.text)
 
@@ -180,16 +202,20 @@ class Model:
         with stream=True yields the reply's text pieces instead. A conversation longer than the context
         window raises `ContextLengthError` (see README, "Context policy").
         """
+        from .vision_inputs import message_images
+
         fmt = self.chat_format()
         ids = fmt.encode_dialog(list(messages), tools=list(tools) if tools else None, add_generation_prompt=True)
+        images = message_images(list(messages))  # image parts (image_url / image), in the order of their tokens
         if stream:
             from .engine.generate import check_context, stream as stream_pieces
 
             sampler, stop_ids, limit = self._run_setup(sampling, fmt.stop_ids)
             check_context(len(ids), limit)
-            return (p.text for p in stream_pieces(self.net, self.tokenizer, ids, sampler, stop_ids=stop_ids,
+            net = self._with_images(ids, images)
+            return (p.text for p in stream_pieces(net, self.tokenizer, ids, sampler, stop_ids=stop_ids,
                                                    context_limit=limit, stats=stats) if p.text)
-        done = self.complete(ids, stats=stats, extra_stop_ids=fmt.stop_ids, **sampling)
+        done = self.complete(ids, stats=stats, extra_stop_ids=fmt.stop_ids, images=images, **sampling)
         text = done.text
         if done.stop_token is not None and self.tokenizer is not None:
             # The end token tells end-of-turn from end-of-message (<|eot_id|> vs <|eom_id|> after a tool call).
