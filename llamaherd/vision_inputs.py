@@ -1,0 +1,102 @@
+"""A request's images into a vision model: image parts of chat messages, the image token, and the model with the
+request's encoded images bound to it (so the text engine runs it unchanged)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import ImageError
+
+MAX_IMAGES = 8  # per request; each Llama 3.2 Vision image is up to 4 x 1601 cross-attention keys per layer
+IMAGE_LITERAL = "<|image|>"
+
+
+def message_images(messages: list[dict]) -> list[Any]:
+    """The image sources of OpenAI-shaped messages, in order: `{"type": "image_url", "image_url": {"url": ...}}`
+    (data: URLs or local paths) and `{"type": "image", "image": <path, bytes or PIL image>}` parts."""
+    out = []
+    for m in messages:
+        content = m.get("content") if isinstance(m, dict) else None
+        if not isinstance(content, list):
+            continue
+        for part in content:
+            source = image_source(part)
+            if source is not None:
+                out.append(source)
+    return out
+
+
+def image_source(part: Any) -> Any:
+    """The image an OpenAI / Hugging Face content part carries, or None for any other part."""
+    if not isinstance(part, dict):
+        return None
+    kind = part.get("type")
+    if kind == "image_url":
+        url = part.get("image_url")
+        url = url.get("url") if isinstance(url, dict) else url
+        if not isinstance(url, str):
+            raise ImageError("an image_url part needs {'image_url': {'url': 'data:image/...;base64,...'}}")
+        return url
+    if kind == "image":
+        if part.get("image") is None:
+            raise ImageError("an image part needs {'image': <path, bytes or PIL image>}")
+        return part["image"]
+    return None
+
+
+def image_token_id(tokenizer) -> int | None:
+    """The tokenizer's id of `<|image|>` (Meta's tiktoken file: 128010; Hugging Face's tokenizer.json: 128256)."""
+    if tokenizer is None:
+        return None
+    try:
+        return tokenizer.special_id(IMAGE_LITERAL)
+    except Exception:  # the tokenizer's own error type: it has no image token
+        return None
+
+
+class WithImages(nn.Module):
+    """The model with one request's images bound: `forward(tokens, **kw)` is `net(tokens, images=context, **kw)`,
+    with the tokenizer's image token mapped to the model's (Meta's chat format does the same mapping)."""
+
+    def __init__(self, net: nn.Module, context, token_id: int | None) -> None:
+        super().__init__()
+        self.net = net
+        self.context = context
+        self.config = net.config
+        self.token_id = token_id
+
+    def _model_ids(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.token_id is None or self.token_id == self.net.image_token_id:
+            return tokens
+        return torch.where(tokens == self.token_id, torch.full_like(tokens, self.net.image_token_id), tokens)
+
+    def forward(self, tokens: torch.Tensor, **kwargs) -> torch.Tensor:
+        return self.net(self._model_ids(tokens), images=self.context, **kwargs)
+
+
+def bind_images(net: nn.Module, tokenizer, token_ids: list[int], images: list[Any]) -> nn.Module:
+    """`net` ready for a prompt whose image tokens stand for `images`: the images are read, tiled and encoded,
+    and every cross-attention layer's keys/values computed, once. Mismatched counts, too many images, or images
+    for a text-only model raise ImageError."""
+    from .image import mllama_batch
+
+    if getattr(net, "config", None) is None or net.config.vision is None:
+        raise ImageError("this model reads no images (text-only); remove the image or load a vision model")
+    if len(images) > MAX_IMAGES:
+        raise ImageError(f"{len(images)} images in one request; at most {MAX_IMAGES} are accepted")
+    tok = image_token_id(tokenizer)
+    marks = sum(1 for t in token_ids if t in (tok, net.image_token_id))
+    if marks != len(images):
+        raise ImageError(f"the prompt has {marks} image tokens ({IMAGE_LITERAL}) but {len(images)} images were "
+                         "given; give one image per image token")
+    v = net.config.vision
+    device = next(net.parameters()).device
+    dtype = next(net.parameters()).dtype
+    tiles, grids = mllama_batch(images, v.image_size, v.max_num_tiles)
+    wrapper = WithImages(net, None, tok)
+    ids = wrapper._model_ids(torch.tensor([token_ids], device=device))
+    wrapper.context = net.image_context(ids, tiles.to(device=device, dtype=dtype), grids.to(device))
+    return wrapper
