@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 from ..config import GenerationDefaults
 from ..errors import CheckpointError
-from . import gemma3, llama, llama4
+from . import gemma3, llama, llama4, mllama
 from .base import Checkpoint, attach_tokenizer
 from .meta_pth import load_pth
 
@@ -21,7 +21,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
                    "chat_template.jinja")
 # arch -> the module with its HF names (HF_NAMES), configs (config_from_hf, config_to_hf), state-dict
 # conversion (hf_to_meta, meta_to_hf) and the model_type / class it reads and writes.
-FAMILIES = {"llama": llama, "llama4": llama4, "gemma3": gemma3}
+FAMILIES = {"llama": llama, "llama4": llama4, "gemma3": gemma3, "mllama": mllama}
 # config.json model_type -> family; the multimodal types ("llama4", "gemma3") are read for their text decoder.
 HF_MODEL_TYPES = {model_type: f for f in FAMILIES.values() for model_type in f.MODEL_TYPES}
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30  # transformers' save_pretrained default ("5GB")

@@ -160,6 +160,10 @@ def read(path: str | Path) -> Checkpoint:
         raise CheckpointError(pfile, f"is not valid JSON ({exc}); restore the file from the release") from None
     if not isinstance(params, dict):
         raise CheckpointError(pfile, "must hold a JSON object of model parameters")
+    if params.get("vision_chunk_size", -1) > 0:  # Llama 3.2 Vision (llama-models llama3/args.py)
+        from .mllama import read_meta
+
+        return read_meta(path, params)
     files = _shard_files(path)
     shards = [load_pth(f) for f in files]
     if "moe_args" in params:

@@ -17,8 +17,10 @@ from ..errors import CheckpointError
 from ..model.mllama import N_LEARNABLE_EMBEDDINGS, fusion_schedule
 from ..model.vision_mllama import supported_aspect_ratios
 from .llama import rope_from_hf
-from .transforms import unpermute_from_hf
+from .transforms import permute_to_hf, unpermute_from_hf
 
+MODEL_TYPES = ("mllama",)  # MllamaForConditionalGeneration
+HF_CLASS, HF_MODEL_TYPE = "MllamaForConditionalGeneration", "mllama"
 VE = "vision_model.vision_encoder."
 # Meta's per-grid embeddings, converted to per-ratio tables.
 GRID_TABLES = (VE + "pre_tile_pos_embed.embedding", VE + "post_tile_pos_embed.embedding",
@@ -107,7 +109,7 @@ def grid_to_ratios(grid: torch.Tensor, max_num_tiles: int) -> torch.Tensor:
     return out
 
 
-def from_meta(state_dict: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+def normalize_meta(state_dict: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
     """A Meta Llama 3.2 Vision state dict (one shard, or merged) in our names and layouts."""
     T = config.vision.max_num_tiles
     out = {}
@@ -120,6 +122,21 @@ def from_meta(state_dict: dict[str, torch.Tensor], config: ModelConfig) -> dict[
                 t = t[:, :, 0]  # (ratios, tiles, 1, width) -> (ratios, tiles, width)
         out[name] = t
     return out
+
+
+def read_meta(path: Path, params: dict[str, Any]):
+    """A Meta Llama 3.2 Vision folder: params.json and one consolidated.pth (or consolidated.00.pth)."""
+    from .base import Checkpoint, attach_tokenizer
+    from .meta_pth import TOKENIZER_FILES, _shard_files, load_pth
+
+    files = [path / "consolidated.pth"] if (path / "consolidated.pth").exists() else _shard_files(path)
+    if len(files) > 1:
+        raise CheckpointError(path, f"{len(files)} model-parallel shards: merging Llama 3.2 Vision shards is not "
+                              "supported yet; convert the folder with Meta's or transformers' tools first")
+    config = config_from_meta_params(params, source=path / "params.json")
+    sd = normalize_meta(load_pth(files[0]), config)
+    return Checkpoint(config=config, state_dict=sd, source=path, tokenizer=attach_tokenizer(path, TOKENIZER_FILES),
+                      metadata={"format": "meta", "shards": 1, "params": params})
 
 
 # -- Hugging Face -> ours ------------------------------------------------------------------------------
@@ -157,7 +174,7 @@ _HF_CROSS_LAYER = {
 _LAYER = re.compile(r"^(model\.vision_model\.(?:global_)?transformer|model\.language_model)\.layers\.(\d+)\.(.+)$")
 
 
-def from_hf(state_dict: dict[str, torch.Tensor], config: ModelConfig, *, source: object = None) -> dict[str, torch.Tensor]:
+def hf_to_meta(state_dict: dict[str, torch.Tensor], config: ModelConfig, source: object = None) -> dict[str, torch.Tensor]:
     """An MllamaForConditionalGeneration state dict (transformers 4.45+ or 5 names) in our names and layouts."""
     c, v = config, config.vision
     sched = fusion_schedule(c.n_layers, v.n_cross_attention_layers)
@@ -207,6 +224,94 @@ def from_hf(state_dict: dict[str, torch.Tensor], config: ModelConfig, *, source:
         else:
             raise CheckpointError(source, f"unknown Llama 3.2 Vision tensor name {name!r}")
     return out
+
+
+# -- ours -> Hugging Face ------------------------------------------------------------------------------
+
+
+def meta_to_hf(state_dict: dict[str, torch.Tensor], config: ModelConfig, source: object = None) -> dict[str, torch.Tensor]:
+    """Our state dict in transformers 5's MllamaForConditionalGeneration names (what its save_pretrained writes)."""
+    c, v = config, config.vision
+    sched = fusion_schedule(c.n_layers, v.n_cross_attention_layers)
+    hf_cross = [j + k for k, j in enumerate(sched)]
+    hf_text = [i for i in range(c.n_layers + len(sched)) if i not in hf_cross]
+    inv = {"vision": {b: a for a, b in _HF_VISION.items()}, "vlayer": {b: a for a, b in _HF_VISION_LAYER.items()},
+           "text": {b: a for a, b in _HF_TEXT_LAYER.items()}, "cross": {b: a for a, b in _HF_CROSS_LAYER.items()}}
+    out: dict[str, torch.Tensor] = {}
+    for name, t in state_dict.items():
+        if name.startswith("text_model.layers."):
+            i, leaf = name[len("text_model.layers."):].split(".", 1)
+            if leaf == "attention.wq.weight":
+                t = permute_to_hf(t, c.n_heads)
+            elif leaf == "attention.wk.weight":
+                t = permute_to_hf(t, c.n_kv_heads)
+            out[f"model.language_model.layers.{hf_text[int(i)]}.{inv['text'][leaf]}"] = t
+        elif name.startswith("text_model.cross_attention_layers."):
+            k, leaf = name[len("text_model.cross_attention_layers."):].split(".", 1)
+            out[f"model.language_model.layers.{hf_cross[int(k)]}.{inv['cross'][leaf]}"] = t
+        elif name in ("text_model.tok_embeddings.weight", "text_model.learnable_embedding.weight"):
+            continue  # joined below
+        elif name == "text_model.norm.weight":
+            out["model.language_model.norm.weight"] = t
+        elif name == "text_model.output.weight":
+            out["lm_head.weight"] = t
+        elif name.startswith("vision_model.vision_projection."):
+            out["model.multi_modal_projector." + name.rsplit(".", 1)[1]] = t
+        elif name == VE + "conv1._linear.weight":
+            out["model.vision_model.patch_embedding.weight"] = t.reshape(t.shape[0], 3, v.patch_size, v.patch_size)
+        elif name == VE + "gated_positional_embedding":
+            out["model.vision_model.gated_positional_embedding.tile_embedding.weight"] = _with_padding_row(t)
+        elif name.endswith("_tile_pos_embed.embedding"):
+            which = "pre" if ".pre_tile" in name else "post"
+            out[f"model.vision_model.{which}_tile_positional_embedding.embedding.weight"] = _with_padding_row(t)
+        elif m := re.match(rf"^{re.escape(VE)}(global_transformer|transformer)\.resblocks\.(\d+)\.(.+)$", name):
+            out[f"model.vision_model.{m.group(1)}.layers.{m.group(2)}.{inv['vlayer'][m.group(3)]}"] = t
+        elif name.startswith(VE) and name[len(VE):] in inv["vision"]:
+            out["model.vision_model." + inv["vision"][name[len(VE):]]] = t
+        else:
+            raise CheckpointError(source, f"no Hugging Face name for {name!r}")
+    out["model.language_model.embed_tokens.weight"] = torch.cat(
+        [state_dict["text_model.tok_embeddings.weight"], state_dict["text_model.learnable_embedding.weight"]]
+    )
+    return out
+
+
+def _with_padding_row(table: torch.Tensor) -> torch.Tensor:
+    """(ratios, ...) -> (1 + ratios, prod(...)): transformers' row 0 is the padding id, never read."""
+    flat = table.reshape(table.shape[0], -1)
+    return torch.cat([flat.new_zeros(1, flat.shape[1]), flat])
+
+
+def config_to_hf(config: ModelConfig) -> dict[str, Any]:
+    """An MllamaConfig config.json for the architecture (transformers 5 `rope_parameters` spelling)."""
+    c, v = config, config.vision
+    sched = fusion_schedule(c.n_layers, v.n_cross_attention_layers)
+    rope: dict[str, Any] = {"rope_type": "default", "rope_theta": c.rope_theta}
+    if c.rope_scaling is not None:
+        s = c.rope_scaling
+        rope = {"rope_type": s.kind, "rope_theta": c.rope_theta, "factor": s.factor}
+        if s.kind == "llama3":
+            rope.update(low_freq_factor=s.low_freq_factor, high_freq_factor=s.high_freq_factor,
+                        original_max_position_embeddings=s.original_max_position)
+    return {
+        "image_token_index": c.vocab_size,
+        "text_config": {
+            "model_type": "mllama_text_model", "vocab_size": c.vocab_size, "hidden_size": c.dim,
+            "num_hidden_layers": c.n_layers + len(sched), "cross_attention_layers": [j + k for k, j in enumerate(sched)],
+            "num_attention_heads": c.n_heads, "num_key_value_heads": c.n_kv_heads, "intermediate_size": c.hidden_dim,
+            "rms_norm_eps": c.norm_eps, "max_position_embeddings": c.max_seq_len, "rope_parameters": rope,
+            "rope_theta": c.rope_theta, "hidden_act": "silu", "tie_word_embeddings": False,
+        },
+        "vision_config": {
+            "model_type": "mllama_vision_model", "hidden_size": v.width, "num_hidden_layers": v.n_layers,
+            "num_global_layers": v.n_global_layers, "attention_heads": v.n_heads,
+            "intermediate_size": int(v.mlp_ratio * v.width), "vision_output_dim": v.output_dim,
+            "image_size": v.image_size, "patch_size": v.patch_size, "max_num_tiles": v.max_num_tiles,
+            "intermediate_layers_indices": list(v.intermediate_layers), "norm_eps": v.norm_eps,
+            "supported_aspect_ratios": [list(r) for r in supported_aspect_ratios(v.max_num_tiles)],
+            "hidden_act": "gelu",
+        },
+    }
 
 
 def _hf(table: dict[str, str], leaf: str, name: str, source: object) -> str:
