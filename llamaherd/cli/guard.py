@@ -105,3 +105,44 @@ def run(args) -> int:
         print(f"  P(unsafe) = {verdict.score:.4f}" + (f" (threshold {verdict.threshold})" if verdict.threshold
                                                        is not None else ""))
     return 0
+
+
+# -- `herd serve` flags (serve.py calls these) ------------------------------------------------------------------
+
+
+def add_serve_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("shields (Llama Guard / Prompt Guard)")
+    g.add_argument("--guard", metavar="GUARD_MODEL", help="check requests and replies with this Llama Guard model; "
+                                                          "also serves /v1/moderations")
+    g.add_argument("--guard-release", help="the guard's release when its checkpoint carries no chat template")
+    g.add_argument("--prompt-guard", metavar="PG_FOLDER", help="also screen the last user message with Prompt Guard")
+    g.add_argument("--prompt-guard-threshold", type=float, default=0.5,
+                   help="refuse when Prompt Guard's non-benign probability reaches this (default 0.5)")
+    g.add_argument("--guard-refusal", choices=("content_filter", "error"), default="content_filter",
+                   help="an unsafe request gets an empty answer with finish_reason content_filter, or a 400")
+    g.add_argument("--guard-checks", default="input,output", help="which shields run: input, output or both")
+    g.add_argument("--guard-every", type=int, default=16, help="streamed replies are checked every N tokens")
+    g.add_argument("--guard-opt-out", action="store_true", help="let a request skip the shields (header X-Guard: off)")
+
+
+def install_serve_shields(app, args) -> str:
+    """Attach the shields `herd serve`'s flags ask for; returns a note for the start line ("" when none)."""
+    if not getattr(args, "guard", None) and not getattr(args, "prompt_guard", None):
+        return ""
+    from ..guard import load_llama_guard, load_prompt_guard
+    from ..guard.shield import Shields
+    from ..server.moderations import install
+
+    checks = {c.strip() for c in args.guard_checks.split(",") if c.strip()}
+    if not checks or checks - {"input", "output"}:
+        raise GuardUsageError(f"--guard-checks {args.guard_checks!r}: give input, output or input,output")
+    if args.guard_every < 1:
+        raise GuardUsageError("--guard-every must be at least 1")
+    guard = load_llama_guard(args.guard, args.guard_release) if args.guard else None
+    pg = load_prompt_guard(args.prompt_guard) if args.prompt_guard else None
+    shields = Shields(guard=guard, prompt_guard=pg, prompt_threshold=args.prompt_guard_threshold,
+                      on_input=args.guard_refusal, check_input="input" in checks, check_output="output" in checks,
+                      stream_every=args.guard_every, allow_opt_out=args.guard_opt_out)
+    name = Path(str(args.guard or args.prompt_guard).rstrip("/")).name.removesuffix(".gguf")
+    install(app, shields, name)
+    return f"; guarded by {name} ({', '.join(sorted(checks))}), /v1/moderations"

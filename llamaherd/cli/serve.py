@@ -9,6 +9,7 @@ import signal
 
 from ..errors import LlamaherdError
 from ._generation import add_chat_format_flag, add_dtype_flag, apply_chat_format, resolve_model
+from .guard import add_serve_flags, install_serve_shields
 
 
 def chat_note(model) -> str:
@@ -39,6 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_chat_format_flag(p)
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for the model's math (default: torch's choice); 1 is fastest on a busy machine")
+    add_serve_flags(p)
     p.set_defaults(func=run)
 
 
@@ -66,8 +68,9 @@ def run(args: argparse.Namespace) -> int:
     served = ServedModel(model, name, kv_cache_bytes=int(args.kv_cache_gb * (1 << 30)), max_batch=args.max_batch,
                          prefill_chunk=args.prefill_chunk, max_waiting=args.max_waiting, max_context=args.num_ctx)
     app = create_app(served, api_key=args.api_key)
+    guarded = install_serve_shields(app, args)
     print(f"serving {name} on http://{args.host}:{args.port} (OpenAI: /v1, Ollama: /api, "
-          f"web chat: http://{args.host}:{args.port}/ui){chat_note(model)}", flush=True)
+          f"web chat: http://{args.host}:{args.port}/ui){chat_note(model)}{guarded}", flush=True)
     # uvicorn catches SIGTERM, lets in-flight requests finish (up to 30 s), then re-raises the signal once it is
     # done; a no-op handler for that re-raise makes a graceful stop exit 0, as process supervisors expect.
     signal.signal(signal.SIGTERM, lambda *_: None)
