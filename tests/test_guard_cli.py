@@ -54,3 +54,24 @@ def test_prompt_guard_folder(tmp_path, capsys):
     result = json.loads(capsys.readouterr().out)
     assert set(result["scores"]) == {"BENIGN", "INJECTION", "JAILBREAK"} and result["windows"] == 1
     assert sum(result["scores"].values()) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_serve_flags_install_shields(guard_dir):
+    from llamaherd.cli import build_parser
+    from llamaherd.cli.guard import GuardUsageError, install_serve_shields
+    from llamaherd.server import ServedModel, create_app
+
+    from .server_fixtures import tiny_llama3
+
+    app = create_app(ServedModel(tiny_llama3(), "tiny", kv_cache_bytes=1 << 20))
+    args = build_parser().parse_args(["serve", "tiny", "--guard", str(guard_dir), "--guard-checks", "input",
+                                      "--guard-refusal", "error", "--guard-every", "4"])
+    assert "guarded by" in install_serve_shields(app, args)
+    shields = app.state.shields
+    assert shields.check_input and not shields.check_output and shields.on_input == "error"
+    assert shields.stream_every == 4 and not shields.allow_opt_out
+    assert shields.guard.release.name == "llama-guard-3-8b" and app.state.guard_name == guard_dir.name
+    args = build_parser().parse_args(["serve", "tiny", "--guard", str(guard_dir), "--guard-checks", "both"])
+    with pytest.raises(GuardUsageError, match="--guard-checks"):
+        install_serve_shields(app, args)
+    assert install_serve_shields(app, build_parser().parse_args(["serve", "tiny"])) == ""
