@@ -10,11 +10,14 @@ from ..errors import ChatFormatError
 
 
 def register(subparsers) -> None:
+    from ..chat import FORMAT_HELP
+
+    formats = "; ".join(f"{k}: {v}" for k, v in FORMAT_HELP.items() if k != "hf")
     p = subparsers.add_parser("prompt-format", help="show how a sample dialog renders in a chat format",
-                              description="Render a sample dialog in a chat format (llama2, llama3, llama3.2, "
-                                          "llama4) or with a model folder's own chat_template.")
-    p.add_argument("target", help="format name (llama2, llama3, llama3.2, llama4) or a model folder with "
-                                  "tokenizer_config.json")
+                              description=f"Render a sample dialog in a chat format ({formats}) or with a model "
+                                          "folder's own chat_template (the 'hf' format).")
+    p.add_argument("target", help="format name (" + ", ".join(k for k in FORMAT_HELP if k != "hf") +
+                                  ") or a model folder with tokenizer_config.json (its template: 'hf')")
     p.add_argument("--tools", action="store_true", help="include a tool definition, a tool call and its result")
     p.add_argument("--color", choices=("auto", "always", "never"), default="auto",
                    help="highlight special tokens (default: when stdout is a terminal)")

@@ -169,6 +169,10 @@ def _echo(served: ServedModel, prompt: list[int]) -> str:
 
 def _prompts(served: ServedModel, prompt) -> list[list[int]]:
     tok, vocab = served.tokenizer, served.model.config.vocab_size
+    if isinstance(prompt, str) or all(isinstance(p, str) for p in prompt):
+        # An empty prompt is refused, as `herd run ""` is (README): nothing to complete is a mistake, not a request.
+        if any(not p.strip() for p in ([prompt] if isinstance(prompt, str) else prompt)):
+            raise APIError(400, "prompt is empty: give the text to complete", param="prompt")
     if isinstance(prompt, str):
         return [tok.encode(prompt, bos=True)]
     if all(isinstance(p, int) for p in prompt):
