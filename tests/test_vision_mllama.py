@@ -1,17 +1,16 @@
 """Llama 3.2 Vision against transformers' MllamaForConditionalGeneration: float32 logits within 1e-4.
 
-Weights pass through our converter (checkpoint/mllama.py `from_hf`, `config_from_hf`); references are built
-with every parameter redrawn (gates included); masks and aspect-ratio ids come from transformers' own helpers.
+Weights pass through our converter (checkpoint/mllama.py `hf_to_meta`, `config_from_hf`); references are built
+with every parameter redrawn (gates included); masks and aspect-ratio ids come from transformers' own helpers;
+the reference reads Meta's intermediate features (vision_fixtures.with_meta_intermediate_layers).
 """
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 
-from llamaherd.checkpoint.mllama import config_from_hf, from_hf
+from llamaherd.checkpoint.mllama import config_from_hf, hf_to_meta
 from llamaherd.model import build
 from llamaherd.model.mllama import image_spans
 
@@ -35,27 +34,12 @@ CASES = {
 }
 
 
-def _hf_intermediate_shift(ref) -> int:
-    """0 if transformers' vision encoder picks the input of each listed layer (Meta's rule, transformers 4), 1 if
-    it picks the output (the installed transformers 5 appends hidden states after each layer again, the
-    regression transformers PR #40083 once fixed). Probed on the reference, never assumed."""
-    enc = ref.model.vision_model.transformer
-    x = torch.randn(1, 8, enc.config.hidden_size)
-    with torch.no_grad():
-        states = enc(x).hidden_states
-    return 0 if torch.equal(states[0], x) else 1
-
-
 @pytest.fixture(scope="module")
 def pair():
     ref = hf_reference()
     config = config_from_hf(hf_config_dict())
-    shift = _hf_intermediate_shift(ref)
-    if shift:
-        v = config.vision
-        config = config.replace(vision=dataclasses.replace(v, intermediate_layers=tuple(i + shift for i in v.intermediate_layers)))
     ours = build(config)
-    ours.load_state_dict(from_hf(ref.state_dict(), config), strict=True)
+    ours.load_state_dict(hf_to_meta(ref.state_dict(), config), strict=True)
     return ref, ours
 
 

@@ -70,7 +70,23 @@ def hf_reference(seed: int = 0):
                        image_token_index=d["image_token_index"])
     cfg._attn_implementation = "eager"
     torch.manual_seed(seed)
-    return redraw(MllamaForConditionalGeneration(cfg), seed)
+    return with_meta_intermediate_layers(redraw(MllamaForConditionalGeneration(cfg), seed))
+
+
+def with_meta_intermediate_layers(ref):
+    """Make transformers' vision encoder read the intermediate features Meta's does: the input of each listed
+    layer (llama-models `ImageTransformer.forward` appends x before running block idx; transformers 4 did the
+    same). The installed transformers 5 appends hidden states after each layer again, the regression its PR
+    #40083 once fixed; probed here, never assumed, and undone by reading one layer earlier. Only the module's
+    attribute changes: the config (and what save_pretrained writes) keeps the released indices."""
+    vision = ref.model.vision_model
+    x = torch.randn(1, 8, vision.config.hidden_size)
+    with torch.no_grad():
+        states = vision.transformer(x).hidden_states
+    if not torch.equal(states[0], x):  # states[i] is layer i's output
+        assert min(vision.intermediate_layers_indices) > 0
+        vision.intermediate_layers_indices = [i - 1 for i in vision.intermediate_layers_indices]
+    return ref
 
 
 def hf_inputs(tokens: list[int], aspect_ratios: list[tuple[int, int]], tiles: torch.Tensor | None) -> dict:
