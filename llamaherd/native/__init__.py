@@ -11,7 +11,8 @@ its pure-torch path. `ENABLED = False` (or the `disabled()` context) turns the k
 test the fallback.
 
 Each C file exports `lh_*` functions; the Python module that wraps a file declares their ctypes signatures
-with `function(name, argtypes)`.
+with `function(name, argtypes)`: `ops.py` (ops.c), `dense.py` (dense.c), `ggml_kernels.py` (ggml.c, ggml_q8.c).
+`swaps.py` puts them into a loaded model, as module swaps that `llamaherd.load` applies once.
 """
 
 from __future__ import annotations
