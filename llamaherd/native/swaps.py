@@ -65,7 +65,11 @@ class NativeRotaryHalves(gemma3.RotaryHalves):
 
 
 def _decoding(x: torch.Tensor, cache: object) -> bool:
-    """One float32 token per row on the CPU into a float32 `KVCache` (the paged cache has its own `update`)."""
+    """One float32 token per row on the CPU into a float32 `KVCache` (the paged cache has its own `update`).
+
+    The cheap check before the projections; `ops.attend_decode_applies` checks the rest after them. When that
+    one fails (autograd, unusual strides) the reference `forward` runs and projects again.
+    """
     return x.shape[1] == 1 and x.dtype == torch.float32 and x.is_cpu and type(cache) is KVCache \
         and cache.k.dtype == torch.float32
 
