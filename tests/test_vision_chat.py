@@ -185,3 +185,32 @@ def test_images_for_a_text_only_model_raise_image_error(tmp_path):
     net = build(ModelConfig(dim=32, n_layers=1, n_heads=2, vocab_size=64, multiple_of=16))
     with pytest.raises(ImageError, match="text-only"):
         bind_images(net, None, [1, 2], [_png(8, 8, 1)])
+
+
+def test_herd_run_with_image(folder, tmp_path, capsys):
+    from llamaherd.cli import main
+
+    path, _ = folder
+    cat = tmp_path / "cat.png"
+    cat.write_bytes(_png(33, 21, 8))
+    model = llamaherd.load(path)
+    flags = ["--image", str(cat), "--max-tokens", "3", "--temperature", "0"]
+    # A Llama 3 tokenizer: a chat turn whose user content is the image, then the text.
+    assert main(["run", str(path), "describe this", *flags]) == 0
+    messages = [{"role": "user", "content": [{"type": "image", "image": str(cat)},
+                                             {"type": "text", "text": "describe this"}]}]
+    assert capsys.readouterr().out == "".join(model.chat(messages, stream=True, max_tokens=3, temperature=0)) + "\n"
+    # --raw: BOS, <|image|>, the text, completed as is.
+    assert main(["run", str(path), "describe this", "--raw", *flags]) == 0
+    ids = model.encode_prompt("describe this")
+    expected = "".join(model.generate([ids[0], IMAGE_TOKEN] + ids[1:], stream=True, images=[str(cat)],
+                                      skip_special_tokens=True, max_tokens=3, temperature=0))
+    assert capsys.readouterr().out == expected + "\n"
+
+
+def test_herd_run_refuses_a_missing_image(folder, capsys):
+    from llamaherd.cli import main
+
+    assert main(["run", str(folder[0]), "describe", "--image", "/no/such/cat.png", "--max-tokens", "2"]) == 1
+    err = capsys.readouterr().err
+    assert "no such image file" in err and "Traceback" not in err

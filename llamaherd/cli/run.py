@@ -26,6 +26,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "error, never prompt text")
     p.add_argument("--system", default=None, help="system message for chat models")
     p.add_argument("--raw", action="store_true", help="complete the prompt as plain text, without the chat format")
+    p.add_argument("--image", action="append", default=[], metavar="PATH",
+                   help="an image for a vision model (repeatable), placed before the prompt's text")
     add_chat_format_flag(p)
     add_sampling_flags(p)
     allow_intermixed(p)
@@ -81,18 +83,36 @@ def run(args: argparse.Namespace) -> int:
     stats = GenerationStats(load_seconds=load_seconds)
     sampling = {"max_tokens": None, **sampling}  # until the model stops (Ollama's num_predict -1)
     chat = not args.raw and _chats(model)
+    images = list(args.image)
     if chat:
         messages = ([{"role": "system", "content": args.system}] if args.system else [])
-        messages.append({"role": "user", "content": prompt})
+        content = [{"type": "image", "image": path} for path in images] + [{"type": "text", "text": prompt}]
+        messages.append({"role": "user", "content": content if images else prompt})
         pieces = model.chat(messages, stream=True, stats=stats, **sampling)
     else:
-        pieces = model.generate(prompt, stream=True, stats=stats, skip_special_tokens=True, **sampling)
+        text = _with_image_tokens(model, prompt, len(images)) if images else prompt
+        pieces = model.generate(text, stream=True, stats=stats, skip_special_tokens=True, images=images or None,
+                                **sampling)
     write_stream(pieces, sys.stdout)
     sys.stdout.write("\n")
     sys.stdout.flush()
     if args.verbose:
         print("\n" + stats.format(), file=sys.stderr)
     return 0
+
+
+def _with_image_tokens(model, prompt: str, n: int) -> list[int]:
+    """A base vision model's prompt: BOS, one <|image|> per image, then the text (transformers' mllama
+    examples write "<|image|>" ahead of the text)."""
+    from ..errors import ImageError
+    from ..vision_inputs import IMAGE_LITERAL, image_token_id
+
+    token = image_token_id(model.tokenizer)
+    if token is None:
+        raise ImageError(f"this model's tokenizer has no {IMAGE_LITERAL} token: it reads no images")
+    ids = model.encode_prompt(prompt)
+    head = 1 if ids and ids[0] == model.tokenizer.bos_id else 0
+    return ids[:head] + [token] * n + ids[head:]
 
 
 def _chats(model) -> bool:
