@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 
 import numpy as np
@@ -21,7 +22,7 @@ from llamaherd.quant.quantize import quantize
 from llamaherd.cli import main as herd
 from llamaherd.errors import CheckpointError
 from llamaherd.tokenizer import Tokenizer
-from tests.gguf_write_fixtures import KQ_LLAMA3, KQ_LLAMA31, checkpoint, read_field, read_tensors
+from tests.gguf_write_fixtures import KQ_LLAMA3, KQ_LLAMA31, checkpoint, dequantized, read_field, read_tensors
 
 FILE_TYPES = ["f32", "f16", "q8_0", "q4_0", "q4_k_m"]
 
@@ -188,8 +189,41 @@ def test_herd_quantize_from_f16_gguf_keeps_config_and_vocab(tmp_path):
     assert types["blk.0.attn_q.weight"] == Q.Q8_0 and types["output.weight"] == Q.Q8_0
 
 
-def test_requantizing_a_quantized_gguf_is_refused(ckpt, tmp_path, capsys):
+def test_requantizing_a_quantized_gguf_warns_once_and_matches_gguf_py(ckpt, tmp_path, caplog):
+    """Q8_0 -> Q4_0 as `llama-quantize --allow-requantize` does it: every tensor decoded, then quantized again.
+
+    The bytes must equal gguf-py's own dequantize of the source file followed by its quantize, and one warning
+    line names the source types and the compounded error.
+    """
     src = write(ckpt, tmp_path / "q8.gguf", qtype="q8_0")
-    assert herd(["quantize", str(src), str(tmp_path / "q4.gguf"), "--type", "q4_0", "--quiet"]) == 1
-    err = capsys.readouterr().err
-    assert "already-quantized" in err and "F32/F16/BF16" in err
+    out = tmp_path / "q4.gguf"
+    with caplog.at_level(logging.WARNING):
+        assert herd(["quantize", str(src), str(out), "--type", "q4_0", "--quiet"]) == 0
+    warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warned) == 1 and "Q8_0" in warned[0] and "rounding error" in warned[0], warned
+    source, result = read_tensors(src), read_tensors(out)
+    assert set(source) == set(result)
+    checked = 0
+    for name, (qtype, raw) in result.items():
+        if qtype not in (Q.Q4_0, Q.Q8_0):  # the output tensor gets Q6_K, which gguf-py does not quantize
+            continue
+        values = gguf.quants.dequantize(source[name][1], source[name][0])
+        assert np.array_equal(gguf.quants.quantize(values, qtype), raw), name
+        checked += 1
+    assert checked >= 14
+
+
+def test_float_output_from_a_quantized_gguf_decodes_with_one_warning(ckpt, tmp_path, caplog):
+    """`herd convert q8.gguf --to hf --dtype bf16`: the weights are gguf-py's decoding of the file, rounded to bf16."""
+    from llamaherd.checkpoint import hf
+
+    src = write(ckpt, tmp_path / "q8.gguf", qtype="q8_0")
+    with caplog.at_level(logging.WARNING):
+        assert herd(["convert", str(src), str(tmp_path / "hf"), "--to", "hf", "--dtype", "bf16"]) == 0
+    warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warned) == 1 and "Q8_0" in warned[0] and "hf output" in warned[0], warned
+    back = hf.read(tmp_path / "hf")
+    reference = dequantized(src)  # gguf-py's decoder, GGUF names
+    assert back.state_dict["layers.1.attention.wv.weight"].dtype == torch.bfloat16
+    torch.testing.assert_close(back.state_dict["layers.1.attention.wv.weight"],
+                               reference["blk.1.attn_v.weight"].to(torch.bfloat16), rtol=0, atol=0)

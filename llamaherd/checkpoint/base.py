@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,6 +15,9 @@ from torch import nn
 from ..config import GenerationDefaults, ModelConfig
 from ..errors import CheckpointError
 from ..model import build
+from ..quant.ggml import GGMLWeight
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -69,6 +74,29 @@ def materialize(ckpt: Checkpoint, *, dtype: torch.dtype | None = None, device: s
         converted[name] = t
     net.load_state_dict(converted, strict=True, assign=True)
     return net.eval()
+
+
+def as_float(t: torch.Tensor) -> torch.Tensor:
+    """A checkpoint tensor as float32: packed ggml rows are decoded, float tensors converted."""
+    return t.dequantize() if isinstance(t, GGMLWeight) else t.to(torch.float32)
+
+
+def warn_requantize(ckpt: Checkpoint, purpose: str) -> None:
+    """One line, as `llama-quantize --allow-requantize` accepts it: the output keeps the source's rounding error."""
+    types = sorted({t.qtype.name for t in ckpt.state_dict.values() if isinstance(t, GGMLWeight)})
+    if types:
+        log.warning("%s holds %s tensors: dequantizing them for %s; the result keeps their rounding error "
+                    "(start from an F32/F16/BF16 checkpoint for full quality)", Path(ckpt.source).name,
+                    "/".join(types), purpose)
+
+
+def dequantized(ckpt: Checkpoint, purpose: str) -> Checkpoint:
+    """A copy of a quantized (GGUF) checkpoint with every packed weight decoded to float32, warning once."""
+    if not any(isinstance(t, GGMLWeight) for t in ckpt.state_dict.values()):
+        return ckpt
+    warn_requantize(ckpt, purpose)
+    sd = {k: as_float(t) if isinstance(t, GGMLWeight) else t for k, t in ckpt.state_dict.items()}
+    return dataclasses.replace(ckpt, state_dict=sd, prepare=None, metadata={**ckpt.metadata, "quantized": {}})
 
 
 def _abbrev(names: list[str], n: int = 6) -> str:

@@ -1,9 +1,11 @@
-"""Write a Llama checkpoint as GGUF (arch "llama") in F32, F16 or a llama.cpp quantization mix.
+"""Write a checkpoint as GGUF (arch "llama" or "gemma3") in F32, F16 or a llama.cpp quantization mix.
 
 Metadata keys, tensor names and the per-tensor type choice follow llama.cpp: gguf-py `constants.py` (keys,
-names), `convert_hf_to_gguf.py` (LlamaModel: hyperparameters, Llama 3.1 `rope_freqs`, vocabularies) and
-`src/llama-quant.cpp::llama_tensor_get_type` (which tensors get more bits). q/k stay in Meta's interleaved
-rotary layout: llama.cpp's converter un-permutes HF q/k back to it, so that is what GGUF holds.
+names), `convert_hf_to_gguf.py` (LlamaModel, Gemma3Model: hyperparameters, Llama 3.1 `rope_freqs`,
+vocabularies) and `src/llama-quant.cpp::llama_tensor_get_type` (which tensors get more bits). Names and
+tensor transforms are the GGUF reader's, inverted (the family modules' GGUF_NAMES and to_gguf). A quantized
+source (a GGUF file) is decoded tensor by tensor and quantized again, with one warning, as
+`llama-quantize --allow-requantize` does.
 """
 
 from __future__ import annotations
@@ -22,9 +24,10 @@ from gguf import GGMLQuantizationType as Q, LlamaFileType, TokenType
 
 from ..errors import CheckpointError
 from ..tokenizer.gguf_vocab import byte_to_unicode
+from ..quant.ggml import GGMLWeight
 from ..quant.quantize import block_shape, nbytes, quantize
-from . import llama
-from .base import Checkpoint
+from . import gemma3, llama
+from .base import Checkpoint, as_float, warn_requantize
 from .names import invert, rename
 
 # --- file types ----------------------------------------------------------------------------------------------
@@ -44,14 +47,15 @@ FILE_TYPES: dict[str, tuple[Q, LlamaFileType]] = {
 FALLBACK: dict[Q, Q] = {Q.Q4_K: Q.Q5_0, Q.Q5_K: Q.Q5_1, Q.Q6_K: Q.Q8_0}
 
 # --- tensor names --------------------------------------------------------------------------------------------
-META_TO_GGUF = invert(llama.GGUF_NAMES)  # the reader's table, read the other way
+FAMILIES = {"llama": llama, "gemma3": gemma3}  # general.architecture -> names (GGUF_NAMES) and to_gguf
 
 
-def gguf_name(meta_name: str, source: Any = None) -> tuple[str, int | None]:
-    """('blk.3.attn_v.weight', 3) for 'layers.3.attention.wv.weight'."""
-    name = rename(meta_name, META_TO_GGUF)
+def gguf_name(meta_name: str, arch: str = "llama", source: Any = None) -> tuple[str, int | None]:
+    """('blk.3.attn_v.weight', 3) for 'layers.3.attention.wv.weight': the reader's table read the other way."""
+    table = invert(FAMILIES[arch].GGUF_NAMES)
+    name = rename(meta_name, table)
     if name is None:
-        raise CheckpointError(source, f"tensor {meta_name!r} has no GGUF name for arch 'llama'; known: {sorted(META_TO_GGUF)}")
+        raise CheckpointError(source, f"tensor {meta_name!r} has no GGUF name for arch {arch!r}; known: {sorted(table)}")
     layer = meta_name.split(".")[1] if meta_name.startswith("layers.") else None
     return name, None if layer is None else int(layer)
 
@@ -255,8 +259,30 @@ def add_hparams(w: gguf.GGUFWriter, ckpt: Checkpoint, file_type: LlamaFileType, 
     if c.rope_scaling is not None and c.rope_scaling.kind == "linear":
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(c.rope_scaling.factor)
+    if c.arch == "gemma3":
+        _add_gemma3_hparams(w, c)
     if file_type not in (LlamaFileType.ALL_F32, LlamaFileType.MOSTLY_F16):
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+def _add_gemma3_hparams(w: gguf.GGUFWriter, c: Any) -> None:
+    """Gemma 3 keys (convert_hf_to_gguf.py Gemma3Model); what llama.cpp hard-codes must match, not be written.
+
+    llama.cpp `llama-model.cpp` (LLM_ARCH_GEMMA3) fixes the local rope base at 10000 and the query scale at
+    1/sqrt(head_dim) (1/sqrt(dim / n_heads) for the 62-layer 27B); the reader assumes the same.
+    """
+    scale = c.dim // c.n_heads if c.n_layers == 62 else c.head_dim
+    if (c.rope_local_theta or 10000.0) != 10000.0 or (c.query_pre_attn_scalar or c.head_dim) != scale:
+        raise CheckpointError(None, f"GGUF cannot state this Gemma 3's local rope base {c.rope_local_theta} or query "
+                              f"scale {c.query_pre_attn_scalar}; llama.cpp assumes 10000 and {scale}: write --to hf")
+    if c.sliding_window is not None:
+        w.add_sliding_window(c.sliding_window)
+    if c.sliding_window_pattern and c.sliding_window_pattern != 6:  # llama.cpp assumes 6; our reader reads the key
+        w.add_uint32(f"{w.arch}.attention.sliding_window_pattern", c.sliding_window_pattern)
+    if c.final_logit_softcap is not None:
+        w.add_float32(f"{w.arch}.final_logit_softcapping", c.final_logit_softcap)
+    if c.attn_logit_softcap is not None:
+        w.add_float32(f"{w.arch}.attn_logit_softcapping", c.attn_logit_softcap)
 
 
 # --- the writer ----------------------------------------------------------------------------------------------
@@ -270,12 +296,10 @@ def plan(ckpt: Checkpoint, ftype: str) -> list[tuple[str, str | None, tuple[int,
     has_output = "output.weight" in sd
     rows = []
     for meta_name, t in sd.items():
-        if not t.is_floating_point():
-            raise CheckpointError(
-                ckpt.source, f"tensor {meta_name} is {t.dtype}, not a float tensor; quantize from an F32/F16/BF16 checkpoint"
-            )
-        name, layer = gguf_name(meta_name, ckpt.source)
-        shape = tuple(t.shape)
+        if not (t.is_floating_point() or isinstance(t, GGMLWeight)):
+            raise CheckpointError(ckpt.source, f"tensor {meta_name} is {t.dtype}, not a float or ggml tensor")
+        name, layer = gguf_name(meta_name, c.arch, ckpt.source)
+        shape = (t.shape[0], t.n_cols) if isinstance(t, GGMLWeight) else tuple(t.shape)
         rows.append((name, meta_name, shape, tensor_type(name, shape, ftype, layer=layer, n_layers=c.n_layers, has_output=has_output)))
     if c.rope_scaling is not None and c.rope_scaling.kind == "llama3":
         rows.append(("rope_freqs.weight", None, (c.head_dim // 2,), Q.F32))
@@ -299,7 +323,7 @@ def write(
     progress: ProgressFn | None = None,
     **options: Any,
 ) -> Path:
-    """Write `ckpt` (arch "llama") to the GGUF file `dst` with file type `qtype`.
+    """Write `ckpt` (arch "llama" or "gemma3") to the GGUF file `dst` with file type `qtype`.
 
     `qtype` is one of f32, f16, q8_0, q4_0, q4_k_m, q5_k_m, q6_k; `dtype` ("f32"/"f16", from `herd convert
     --dtype`) is accepted as an alias when `qtype` is left at its default. Tensors are quantized and written
@@ -314,17 +338,15 @@ def write(
     if qtype not in FILE_TYPES:
         raise CheckpointError(dst, f"unknown GGUF type {qtype!r}; known: {', '.join(FILE_TYPES)}")
     c = ckpt.config
-    if c.arch != "llama":
-        raise CheckpointError(ckpt.source, f"GGUF writing supports arch 'llama' only, this checkpoint is {c.arch!r}")
-    if ckpt.prepare is not None:
-        raise CheckpointError(
-            ckpt.source, "holds already-quantized tensors; requantizing would compound the error: start from an F32/F16/BF16 checkpoint"
-        )
+    if c.arch not in FAMILIES:
+        raise CheckpointError(ckpt.source, f"GGUF writing supports arch {', '.join(map(repr, FAMILIES))}, "
+                              f"this checkpoint is {c.arch!r}")
     rows = plan(ckpt, qtype)
+    warn_requantize(ckpt, f"{qtype} GGUF output")
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
 
-    w = gguf.GGUFWriter(dst, "llama")
+    w = gguf.GGUFWriter(dst, c.arch)
     add_hparams(w, ckpt, FILE_TYPES[qtype][1], name or ckpt.metadata.get("name") or Path(ckpt.source).name)
     if ckpt.tokenizer is not None:
         add_vocab(w, ckpt.tokenizer, c.vocab_size)
@@ -343,7 +365,8 @@ def write(
             if meta_name is None:
                 data = llama3_rope_factors(c.head_dim, c.rope_theta, c.rope_scaling)
             else:
-                data, _ = quantize(ckpt.state_dict[meta_name].to(torch.float32), t)
+                tensor = FAMILIES[c.arch].to_gguf(meta_name, as_float(ckpt.state_dict[meta_name]))
+                data, _ = quantize(tensor.to(torch.float32), t)
             w.write_tensor_data(np.ascontiguousarray(data))
     finally:
         w.close()

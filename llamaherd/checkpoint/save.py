@@ -10,7 +10,7 @@ import torch
 
 from ..errors import CheckpointError
 from . import gguf_write, hf, meta_pth
-from .base import Checkpoint
+from .base import Checkpoint, dequantized
 
 # format -> write(ckpt: Checkpoint, dst: Path, **options) -> Path.
 WRITERS = {"meta": meta_pth.write, "hf": hf.write, "gguf": gguf_write.write}
@@ -45,11 +45,8 @@ def save(
         writer = WRITERS[fmt]
     except KeyError:
         raise CheckpointError(dst, f"unknown output format {fmt!r}; known: {', '.join(WRITERS)}") from None
-    if ckpt.prepare is not None and fmt != "gguf":
-        raise CheckpointError(
-            ckpt.source, f"holds quantized tensors that need a model swap; {fmt} output needs float weights: "
-            "convert from a float checkpoint, or write gguf",
-        )
+    if fmt != "gguf":  # float formats: quantized (GGUF) weights are decoded first; the GGUF writer does it per tensor
+        ckpt = dequantized(ckpt, f"{fmt} output")
     torch_dtype = parse_dtype(dtype)
     if torch_dtype is not None and fmt != "gguf":
         ckpt = cast(ckpt, torch_dtype)
