@@ -68,7 +68,7 @@ def test_serve_flags_install_shields(guard_dir):
                                       "--guard-refusal", "error", "--guard-every", "4"])
     assert "guarded by" in install_serve_shields(app, args)
     shields = app.state.shields
-    assert shields.check_input and not shields.check_output and shields.on_input == "error"
+    assert shields.screen_input is True and shields.screen_output is False and shields.on_input == "error"
     assert shields.stream_every == 4 and not shields.allow_opt_out
     assert shields.guard.release.name == "llama-guard-3-8b" and app.state.guard_name == guard_dir.name
     args = build_parser().parse_args(["serve", "tiny", "--guard", str(guard_dir), "--guard-checks", "both"])

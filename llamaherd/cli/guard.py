@@ -141,7 +141,7 @@ def install_serve_shields(app, args) -> str:
     guard = load_llama_guard(args.guard, args.guard_release) if args.guard else None
     pg = load_prompt_guard(args.prompt_guard) if args.prompt_guard else None
     shields = Shields(guard=guard, prompt_guard=pg, prompt_threshold=args.prompt_guard_threshold,
-                      on_input=args.guard_refusal, check_input="input" in checks, check_output="output" in checks,
+                      on_input=args.guard_refusal, screen_input="input" in checks, screen_output="output" in checks,
                       stream_every=args.guard_every, allow_opt_out=args.guard_opt_out)
     name = Path(str(args.guard or args.prompt_guard).rstrip("/")).name.removesuffix(".gguf")
     install(app, shields, name)

@@ -1,6 +1,6 @@
 """Shields for serving: Llama Guard (and Prompt Guard) checks of a request's input and of the reply, with counters.
 
-The server calls `check_input` before generating and `check_output` on the reply (on the growing text every
+The server calls `check_input` before generating and `check_reply` on the reply (on the growing text every
 `stream_every` tokens when streaming). Guard models are run one request at a time under a lock, off the event
 loop; their verdicts are counted per category for the metrics route.
 """
@@ -80,8 +80,8 @@ class Shields:
     prompt_guard: PromptGuard | None = None
     prompt_threshold: float = 0.5  # Prompt Guard: refuse when P(not benign) of the last user text reaches this
     on_input: str = "content_filter"  # or "error": a 400 instead of an empty content_filter answer
-    check_input: bool = True
-    check_output: bool = True
+    screen_input: bool = True  # check the request before generating (a field, not the method check_input)
+    screen_output: bool = True  # check the reply
     stream_every: int = 16  # tokens between checks of a streamed reply
     allow_opt_out: bool = False  # may a request skip the shields ("guard": false)?
     counts: Counter = field(default_factory=Counter)
@@ -100,7 +100,7 @@ class Shields:
         """The conversation so far, its last user turn assessed (blocking: call it off the event loop)."""
         convo = _guardable(messages)
         result = ShieldResult(True)
-        if not self.check_input:
+        if not self.screen_input:
             return result
         with self._lock:
             if self.prompt_guard is not None and convo:
@@ -116,7 +116,7 @@ class Shields:
 
     def check_reply(self, messages: Sequence[Mapping], reply: str) -> ShieldResult:
         """The assistant's reply (possibly partial) after the conversation."""
-        if self.guard is None or not self.check_output:
+        if self.guard is None or not self.screen_output:
             return ShieldResult(True)
         convo = _guardable(messages)
         while convo and convo[-1]["role"] == "assistant":

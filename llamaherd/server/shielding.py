@@ -71,7 +71,7 @@ async def filter_reply(request: Request, messages: Sequence[Mapping], text: str,
                        ) -> tuple[str, str | None]:
     """A finished reply and its finish reason, or ("", "content_filter") when the output shield refuses it."""
     shields = shields_for(request)
-    if shields is None or not shields.check_output or not text:
+    if shields is None or not shields.screen_output or not text:
         return text, finish
     result = await run_in_threadpool(shields.check_reply, messages, text)
     return (text, finish) if result.allowed else ("", "content_filter")
@@ -85,7 +85,7 @@ async def shield_stream(request: Request, messages: Sequence[Mapping], pieces: A
     piece whose finish_reason is "content_filter" (the pieces since the last passing check are dropped).
     """
     shields = shields_for(request)
-    if shields is None or not shields.check_output or shields.guard is None:
+    if shields is None or not shields.screen_output or shields.guard is None:
         async for p in pieces:
             yield p
         return
