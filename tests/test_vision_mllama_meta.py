@@ -1,7 +1,7 @@
 """Llama 3.2 Vision against Meta's reference (llama-models `CrossAttentionTransformer`) at its real encoder sizes.
 
 Meta's encoder dimensions are constants (ViT-H/14, ~0.8 B parameters, ~3 GB in float32); the tiles are 28 pixels
-and the text decoder tiny, so the compute stays small. Weights pass through our converter (`from_meta`), images
+and the text decoder tiny, so the compute stays small. Weights pass through our converter (`normalize_meta`), images
 through Meta's own transform, masks through Meta's own helpers.
 """
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from llamaherd.checkpoint.mllama import config_from_meta_params, from_meta
+from llamaherd.checkpoint.mllama import config_from_meta_params, normalize_meta
 from llamaherd.model import build
 
 from .vision_fixtures import VOCAB, meta_params, meta_reference
@@ -39,7 +39,7 @@ def pair(meta_parallel):
     ref = meta_reference()
     config = config_from_meta_params(meta_params())
     ours = build(config, device="meta")
-    ours.load_state_dict(from_meta(ref.state_dict(), config), strict=True, assign=True)
+    ours.load_state_dict(normalize_meta(ref.state_dict(), config), strict=True, assign=True)
     return ref, ours.eval()
 
 
@@ -114,3 +114,25 @@ def test_prefill_then_cached_decode_matches_meta(pair):
         got = [ours(ids[:, :prompt], cache=cache, images=ctx)[0]]
         got += [ours(ids[:, t : t + 1], cache=cache, images=ctx)[0] for t in range(prompt, len(tokens))]
     torch.testing.assert_close(torch.cat(got), expected, atol=ATOL, rtol=0)
+
+
+def test_meta_folder_loads_through_llamaherd(pair, tmp_path):
+    """A Meta folder (params.json + consolidated.00.pth of the reference's weights) read by llamaherd.load gives
+    Meta's logits; the checkpoint is deleted afterwards (about 3 GB)."""
+    import json
+
+    import llamaherd
+
+    ref, _ = pair
+    folder = tmp_path / "Llama-3.2-Vision-tiny"
+    folder.mkdir()
+    (folder / "params.json").write_text(json.dumps(meta_params()))
+    try:
+        torch.save(ref.state_dict(), folder / "consolidated.00.pth")
+        model = llamaherd.load(folder)
+        tokens, specs = CASES["one image after text"]
+        images = [_image(*s) for s in specs]
+        got = model.logits(tokens, images=images)
+        torch.testing.assert_close(got, _meta(ref, tokens, images), atol=ATOL, rtol=0)
+    finally:
+        (folder / "consolidated.00.pth").unlink(missing_ok=True)
