@@ -6,9 +6,10 @@ PIP    := $(PY) -m pip --disable-pip-version-check -q
 HERD   := $(VENV)/bin/herd
 # The CPU wheel of torch, installed before the package so its `torch>=2.5` is already met.
 TORCH  := torch==2.13.0
-PROMPT ?= Why is the sky blue? Answer in two sentences.
-# The default model (Gemma 3 270M, pretrained) completes text; bound the reply so `make run` always ends.
-RUN_FLAGS ?= --max-tokens 128
+# The default model (Gemma 3 270M, pretrained) is a base model: it continues text rather than answering
+# questions, so the first run gives it a sentence to complete; the reply is bounded so `make run` always ends.
+PROMPT ?= The planets of the solar system, in order from the Sun, are Mercury,
+RUN_FLAGS ?= --max-tokens 40
 
 .PHONY: run test test-all install install-test browser bench clean
 
