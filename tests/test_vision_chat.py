@@ -214,3 +214,26 @@ def test_herd_run_refuses_a_missing_image(folder, capsys):
     assert main(["run", str(folder[0]), "describe", "--image", "/no/such/cat.png", "--max-tokens", "2"]) == 1
     err = capsys.readouterr().err
     assert "no such image file" in err and "Traceback" not in err
+
+
+def test_hf_folder_round_trip_through_our_writer(folder, tmp_path):
+    """HF folder -> llamaherd (our names) -> our HF writer -> transformers' from_pretrained: same logits as the
+    original model; and Meta's format refuses the architecture with a clear error instead of writing it wrong."""
+    from transformers import MllamaForConditionalGeneration
+
+    from llamaherd.checkpoint import read
+    from llamaherd.checkpoint.save import save
+    from llamaherd.errors import CheckpointError
+
+    path, ref = folder
+    out = save(read(path), tmp_path / "written", "hf")
+    again = with_meta_intermediate_layers(MllamaForConditionalGeneration.from_pretrained(out, attn_implementation="eager").eval())
+    ids = torch.tensor([[VOCAB, 40, 41, 42]])
+    px = _hf_pixels([_png(44, 22, 9)])
+    grids = _grids(px)
+    inputs = {**hf_inputs(ids[0].tolist(), grids, px["pixel_values"].float()),
+              "cross_attention_mask": _xmask(ids[0].tolist(), grids)}
+    with torch.no_grad():
+        torch.testing.assert_close(again(**inputs).logits, ref(**inputs).logits, atol=0, rtol=0)
+    with pytest.raises(CheckpointError):
+        save(read(path), tmp_path / "meta", "meta")
