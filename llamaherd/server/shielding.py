@@ -17,7 +17,6 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from ..engine.text import Piece
 from .http import APIError
 
 OPT_OUT_HEADER = "x-guard"
@@ -77,8 +76,7 @@ async def filter_reply(request: Request, messages: Sequence[Mapping], text: str,
     return (text, finish) if result.allowed else ("", "content_filter")
 
 
-async def shield_stream(request: Request, messages: Sequence[Mapping], pieces: AsyncIterator[Piece]
-                        ) -> AsyncIterator[Piece]:
+async def shield_stream(request: Request, messages: Sequence[Mapping], pieces: AsyncIterator) -> AsyncIterator:
     """Pieces of a streamed reply, released only after the text so far passed the output shield.
 
     The check runs every `stream_every` tokens and at the end; an unsafe check ends the stream with one empty
@@ -101,7 +99,7 @@ async def shield_stream(request: Request, messages: Sequence[Mapping], pieces: A
             if text.strip():
                 result = await run_in_threadpool(shields.check_reply, messages, text)
                 if not result.allowed:
-                    yield Piece("", None, finish_reason="content_filter")
+                    yield type(p)(text="", token=None, finish_reason="content_filter")
                     return
             for q in held:
                 yield q
