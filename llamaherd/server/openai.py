@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import time
 import uuid
@@ -15,6 +16,7 @@ from .http import APIError, check_model, served_of, unless_disconnected
 from .prompting import messages_for_format, openai_tool_calls, sampling_params
 from .runtime import Chunk, ServedModel, Usage, interleave
 from .schemas import ChatCompletionRequest, CompletionRequest
+from .shielding import filter_reply, refuse_input, shield_stream
 
 router = APIRouter()
 
@@ -79,12 +81,16 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     if body.max_tokens is None and body.max_completion_tokens is None:
         params = params.replace(max_tokens=None)
     constraint = _constraint_for(served, body)
+    refusal = await refuse_input(request, messages, model=served.name, n=body.n, stream=body.stream)
+    if refusal is not None:  # the server's guard refused the input (server/shielding.py)
+        return refusal
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     head = {"id": rid, "object": "chat.completion", "created": created, "model": served.name}
 
     if body.stream:
         served.check(prompt, params, body.n)  # errors as a status code now, not after the 200 is sent
-        return StreamingResponse(_chat_stream(served, fmt, prompt, params, body, head, tools, constraint),
+        shield = functools.partial(shield_stream, request, messages)
+        return StreamingResponse(_chat_stream(served, fmt, prompt, params, body, head, tools, constraint, shield),
                                  media_type="text/event-stream")
 
     usages = [Usage() for _ in range(body.n)]
@@ -92,6 +98,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         served.complete(prompt, _seeded(params, i), usages[i], constraint=_own(constraint, i)) for i in range(body.n))))
     choices = []
     for i, (text, chunks, finish) in enumerate(results):
+        text, finish = await filter_reply(request, messages, text, finish)
+        chunks = chunks if finish != "content_filter" else []
         message = fmt.parse_assistant(text) if tools else {"role": "assistant", "content": text}
         calls = openai_tool_calls(message)
         out = {"role": "assistant", "content": message.get("content") if not calls else (message.get("content") or None)}
@@ -108,7 +116,7 @@ def _finish(reason: str | None) -> str:
     return {"cancelled": "stop", "error": "stop", None: "stop"}.get(reason, reason)
 
 
-async def _chat_stream(served, fmt, prompt, params, body, head, tools, constraint) -> AsyncIterator[str]:
+async def _chat_stream(served, fmt, prompt, params, body, head, tools, constraint, shield) -> AsyncIterator[str]:
     head = {**head, "object": "chat.completion.chunk"}
     usages = [Usage() for _ in range(body.n)]
 
@@ -120,7 +128,7 @@ async def _chat_stream(served, fmt, prompt, params, body, head, tools, constrain
     # With tools, each choice's text goes through the format's streaming tool-call parser: plain content is
     # shown as it comes (held back only while it could still open a call), a tool call is sent whole at the end.
     parsers = [fmt.stream_parser() for _ in range(body.n)] if tools else None
-    streams = [served.stream(prompt, _seeded(params, i), usages[i], constraint=_own(constraint, i))
+    streams = [shield(served.stream(prompt, _seeded(params, i), usages[i], constraint=_own(constraint, i)))
                for i in range(body.n)]
     # n > 1: the choices decode together and their chunks interleave in arrival order, each tagged by index;
     # within one choice the order is the generation order, and its finish chunk comes last.
