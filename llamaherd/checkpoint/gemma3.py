@@ -26,6 +26,7 @@ from ..config import ConfigError, ModelConfig, RopeScaling
 from ..errors import CheckpointError
 from ..model.gemma3 import is_global_layer
 from .names import invert, rename
+from .transforms import drop_tied_output, renamed
 
 Tensors = dict[str, torch.Tensor]
 log = logging.getLogger(__name__)
@@ -140,25 +141,12 @@ def hf_to_meta(state_dict: Tensors, config: ModelConfig, source: object = None) 
     if skipped:
         log.info("Gemma 3: skipped %d vision tensors (vision_tower.*, multi_modal_projector.*); "
                  "llamaherd loads the text decoder only", skipped)
-    if config.tie_embeddings:
-        lm_head = out.pop("output.weight", None)  # some tied checkpoints still save it: it must be the embedding
-        if lm_head is not None and not torch.equal(lm_head, out.get("tok_embeddings.weight", lm_head.new_empty(0))):
-            raise CheckpointError(source, "tie_word_embeddings is true but lm_head.weight differs from embed_tokens; "
-                                  "set tie_word_embeddings false in config.json")
-    return out
+    return drop_tied_output(out, config.tie_embeddings, source)
 
 
 def meta_to_hf(state_dict: Tensors, config: ModelConfig, source: object = None) -> Tensors:
     """Canonical Gemma 3 tensors -> Gemma3ForCausalLM names (a text-only checkpoint), unchanged in value."""
-    out: Tensors = {}
-    for name, t in state_dict.items():
-        if name == "output.weight" and config.tie_embeddings:
-            continue
-        hf = rename(name, _TO_HF)
-        if hf is None:
-            raise CheckpointError(source, f"tensor {name!r} is not part of a Gemma 3 text model")
-        out[hf] = t
-    return out
+    return renamed(state_dict, _TO_HF, config.tie_embeddings, source, "a Gemma 3 text model")
 
 
 # -- configurations ------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import torch
 from ..config import ConfigError, ModelConfig, RopeScaling
 from ..errors import CheckpointError
 from .names import invert, rename
-from .transforms import permute_to_hf, unpermute_from_hf
+from .transforms import drop_tied_output, permute_to_hf, renamed, unpermute_from_hf
 
 Tensors = dict[str, torch.Tensor]
 
@@ -89,25 +89,14 @@ def hf_to_meta(state_dict: Tensors, config: ModelConfig, source: object = None) 
                 )
             t = unpermute_from_hf(t, heads)
         out[meta] = t
-    if config.tie_embeddings:
-        lm_head = out.pop("output.weight", None)  # some tied checkpoints still save lm_head: it must be the embedding
-        if lm_head is not None and not torch.equal(lm_head, out.get("tok_embeddings.weight", lm_head.new_empty(0))):
-            raise CheckpointError(source, "tie_word_embeddings is true but lm_head.weight differs from embed_tokens")
-    return out
+    return drop_tied_output(out, config.tie_embeddings, source)
 
 
 def meta_to_hf(state_dict: Tensors, config: ModelConfig, source: object = None) -> Tensors:
     """Meta tensors -> LlamaForCausalLM names, wq/wk permuted to HF's rotate-half layout; the inverse of hf_to_meta."""
-    out: Tensors = {}
-    for name, t in state_dict.items():
-        if name == "output.weight" and config.tie_embeddings:
-            continue
-        hf = rename(name, _TO_HF)
-        if hf is None:
-            raise CheckpointError(source, f"tensor {name!r} is not part of a Llama model; known: {sorted(_TO_HF)}")
-        heads = _rope_heads(name, config)
-        out[hf] = t if heads is None else permute_to_hf(t, heads)
-    return out
+    permuted = {name: t if (heads := _rope_heads(name, config)) is None else permute_to_hf(t, heads)
+                for name, t in state_dict.items()}
+    return renamed(permuted, _TO_HF, config.tie_embeddings, source, "a Llama model")
 
 
 def from_gguf(canonical_name: str, tensor: torch.Tensor) -> torch.Tensor:

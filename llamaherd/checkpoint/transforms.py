@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError
+from .names import rename
 
 # -- RoPE layout ---------------------------------------------------------------------------------
 # Meta rotates adjacent pairs (x[2i], x[2i+1]); HF's LlamaAttention rotates halves (x[i], x[i + D/2]).
@@ -34,6 +35,33 @@ def unpermute_from_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     rows, cols = w.shape
     # (n_heads, 2, head_dim/2, dim) -> (n_heads, head_dim/2, 2, dim)
     return w.view(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+# -- tied embeddings and renaming ----------------------------------------------------------------
+
+
+def drop_tied_output(state_dict: dict[str, torch.Tensor], tied: bool, source: object) -> dict[str, torch.Tensor]:
+    """With tied embeddings, drop the output projection some checkpoints still save; it must be the embedding."""
+    if tied:
+        out = state_dict.pop("output.weight", None)
+        if out is not None and not torch.equal(out, state_dict.get("tok_embeddings.weight", out.new_empty(0))):
+            raise CheckpointError(source, "tie_word_embeddings is true but lm_head.weight differs from embed_tokens; "
+                                  "set tie_word_embeddings false in config.json")
+    return state_dict
+
+
+def renamed(state_dict: dict[str, torch.Tensor], table: dict[str, str], tied: bool, source: object,
+            model: str) -> dict[str, torch.Tensor]:
+    """Canonical tensors under `table`'s names, leaving out a tied output projection; unknown names raise."""
+    out = {}
+    for name, t in state_dict.items():
+        if name == "output.weight" and tied:
+            continue
+        target = rename(name, table)
+        if target is None:
+            raise CheckpointError(source, f"tensor {name!r} is not part of {model}; known: {sorted(table)}")
+        out[target] = t
+    return out
 
 
 # -- model-parallel shards -----------------------------------------------------------------------
