@@ -11,10 +11,11 @@ TYPES = ("q4_k_m", "q5_k_m", "q6_k", "q8_0", "q4_0", "f16", "f32")
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "quantize", help="quantize a checkpoint to GGUF (llama.cpp mixes q4_k_m, q5_k_m, q6_k, q8_0, q4_0)",
-        description="Read SRC (Meta folder, Hugging Face folder, F16/F32 .gguf file or store name) and write a "
-        "GGUF file llama.cpp can run. k-quant mixes give attn_v/ffn_down/output more bits as llama.cpp does.",
+        description="Read SRC (Meta folder, Hugging Face folder, .gguf file or store name) and write a "
+        "GGUF file llama.cpp can run. k-quant mixes give attn_v/ffn_down/output more bits as llama.cpp does. "
+        "A quantized SRC is decoded and quantized again (with a warning: its rounding error stays).",
     )
-    p.add_argument("src", help="checkpoint folder, F16/F32 .gguf file, or model name")
+    p.add_argument("src", help="checkpoint folder, .gguf file, or model name")
     p.add_argument("dst", help="output .gguf file")
     p.add_argument("--type", dest="qtype", default="q4_k_m", choices=TYPES, help="file type (default q4_k_m)")
     p.add_argument("--quiet", action="store_true", help="no progress line")
