@@ -21,13 +21,12 @@ def reference_greedy(net, prompt, n):
 
 
 def run_all(engine, prompts, params=GREEDY):
-    outputs = {}
-    for p in prompts:
-        sid = engine.submit(p, params, frozenset(), lambda e, o=outputs: o.setdefault(e.seq_id, []).append(e))
-        outputs.setdefault(sid, [])
+    outputs = [[] for _ in prompts]
+    for p, out in zip(prompts, outputs):
+        engine.submit(p, params, frozenset(), out.append)
     while engine.step():
         pass
-    return [[e.token for e in outputs[sid] if e.token is not None] for sid in sorted(outputs)]
+    return [[t.id for t in out if t.id is not None] for out in outputs]
 
 
 def prompts(n, seed=0):
@@ -54,7 +53,7 @@ def test_chunked_prefill_and_preemption_keep_outputs():
     assert engine.stats["preemptions"] > 0
     for p, out in zip(ps, outs):
         assert out == reference_greedy(net, p, 12)
-    assert engine.cache.allocator.num_free == 16
+    assert engine.cache.num_free == 16
 
 
 def test_prefix_cache_reuses_blocks_and_keeps_outputs():
@@ -71,10 +70,10 @@ def test_prefix_cache_reuses_blocks_and_keeps_outputs():
 def test_cancelled_streams_return_every_block():
     net = random_model(CONFIG)
     engine = Engine(net, CONFIG, num_blocks=256, block_size=4, max_batch=64)
-    free_before = engine.cache.allocator.num_free
+    free_before = engine.cache.num_free
     events = {}
     ids = [engine.submit(p, SamplingParams(temperature=1.0, seed=i, max_tokens=50), frozenset(),
-                         lambda e: events.setdefault(e.seq_id, []).append(e)) for i, p in enumerate(prompts(50, 3))]
+                         events.setdefault(i, []).append) for i, p in enumerate(prompts(50, 3))]
     for _ in range(6):
         engine.step()
     for sid in ids:
@@ -82,8 +81,8 @@ def test_cancelled_streams_return_every_block():
     while engine.step():
         pass
     assert engine.num_running == engine.num_waiting == 0
-    assert engine.cache.allocator.num_free == free_before
-    assert all(events[sid][-1].finish_reason in ("cancelled", "length") for sid in ids)
+    assert engine.cache.num_free == free_before
+    assert all(events[i][-1].finish_reason in ("cancelled", "length") for i in range(len(ids)))
 
 
 def test_stop_token_and_max_tokens_end_a_sequence():
@@ -97,8 +96,8 @@ def test_stop_token_and_max_tokens_end_a_sequence():
     while engine.step():
         pass
     first = ref.index(stop)
-    assert [e.token for e in events] == ref[: first + 1]
-    assert events[-1].finish_reason == "stop"
+    assert [t.id for t in events] == ref[: first + 1]
+    assert events[-1].finish_reason == "stop" and events[-1].stop_token
 
 
 class FailingOnce(torch.nn.Module):
@@ -121,8 +120,7 @@ def test_failed_step_fails_its_requests_and_the_engine_goes_on():
     net = random_model(CONFIG)
     wrapped = FailingOnce(net)
     engine = Engine(wrapped, CONFIG, num_blocks=64, block_size=8)
-    stop = threading.Event()
-    thread = threading.Thread(target=engine.run, args=(stop,), daemon=True)
+    thread = threading.Thread(target=engine.run, daemon=True)
     p = prompts(2, 5)
     done = [threading.Event(), threading.Event()]
     events: list[list] = [[], []]
@@ -141,7 +139,8 @@ def test_failed_step_fails_its_requests_and_the_engine_goes_on():
     assert events[0][-1].finish_reason == "error" and "injected fault" in events[0][-1].error
     engine.submit(p[1], GREEDY, frozenset(), sink(1))
     assert done[1].wait(60)
-    stop.set()
+    engine.stop()
     thread.join(10)
-    assert [e.token for e in events[1]] == reference_greedy(net, p[1], 12)
-    assert engine.cache.allocator.num_free == 64
+    assert not thread.is_alive(), "engine.stop() did not end the loop"
+    assert [t.id for t in events[1]] == reference_greedy(net, p[1], 12)
+    assert engine.cache.num_free == 64

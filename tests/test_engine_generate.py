@@ -46,7 +46,8 @@ def _net(name, seed=0):
 
 
 def tokens_of(steps, row=0):
-    return [s.tokens[row] for s in steps if s.active[row] and s.finished.get(row) != "stop"]
+    """The row's output ids: the tokens it sampled, its end token (if one stopped it) left out."""
+    return [s.rows[row].id for s in steps if s.rows[row] is not None and not s.rows[row].stop_token]
 
 
 # The Llama 4 (MoE) and Gemma 3 tiny models decode several times slower on CPU: their 200-token runs are

@@ -65,8 +65,8 @@ def test_greedy_alone_equals_among_seven_concurrent_others(live):
 
 def test_fifty_aborted_streams_return_every_block(live):
     server, served = live
-    allocator = served.engine.cache.allocator
-    free_before = allocator.num_free
+    cache = served.engine.cache
+    free_before = cache.num_free
     generated_before = served.engine.stats["generated_tokens"]
     read_chunks: list[int] = []
 
@@ -91,11 +91,11 @@ def test_fifty_aborted_streams_return_every_block(live):
     asyncio.run(main())
     assert read_chunks == [3] * 50
     deadline = time.time() + 5
-    while (allocator.num_free != free_before or served.engine.num_running or served.engine.num_waiting) \
+    while (cache.num_free != free_before or served.engine.num_running or served.engine.num_waiting) \
             and time.time() < deadline:
         time.sleep(0.05)
     assert served.engine.num_running == 0 and served.engine.num_waiting == 0
-    assert allocator.num_free == free_before
+    assert cache.num_free == free_before
     # Cancellation reached the engine: far fewer tokens than 50 streams of 500 were generated.
     assert served.engine.stats["generated_tokens"] - generated_before < 50 * 40
     # ... and the server still answers.
@@ -207,7 +207,7 @@ def test_non_streaming_request_abandoned_by_its_client_is_cancelled(live, path, 
         time.sleep(0.05)
     assert served.engine.num_running == 0 and served.engine.num_waiting == 0
     assert served.engine.stats["generated_tokens"] - generated_before < 1500  # far from 1900 (x n)
-    assert served.engine.cache.allocator.num_free == served.engine.cache.allocator.num_blocks
+    assert served.engine.cache.num_free == served.engine.cache.num_blocks
 
 
 def test_failed_engine_step_is_a_500_and_the_server_goes_on(live):
@@ -225,4 +225,4 @@ def test_failed_engine_step_is_a_500_and_the_server_goes_on(live):
     assert r.status_code == 500 and "injected fault" in r.json()["error"]["message"]
     assert r.json()["error"]["type"] == "server_error"
     ok = httpx.post(server.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 3}, timeout=60)
-    assert ok.status_code == 200 and served.engine.cache.allocator.num_free == served.engine.cache.allocator.num_blocks
+    assert ok.status_code == 200 and served.engine.cache.num_free == served.engine.cache.num_blocks

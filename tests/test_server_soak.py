@@ -20,7 +20,7 @@ def test_short_soak_in_process():
     assert figures["unexpected"] == 0, figures["errors"]
     assert figures["completed"] >= 32 and figures["cancelled"] >= 5 and figures["rejected_as_expected"] >= 1
     assert figures["idle_running"] == figures["idle_waiting"] == 0 and figures["idle_kv_cache_usage"] == 0
-    assert served.engine.cache.allocator.num_free == served.engine.cache.allocator.num_blocks
+    assert served.engine.cache.num_free == served.engine.cache.num_blocks
 
 
 @pytest.mark.slow

@@ -19,7 +19,7 @@ from ..errors import ContextLengthError
 from ..model.cache import KVCache
 from .sampling import SampleOutput, Sampler, SamplingParams
 from .stats import GenerationStats
-from .text import TextStream
+from .text import Piece, TextStream, Token
 
 # When max_tokens is None the cache starts this much past the prompt and doubles as needed, so an
 # unbounded request on a 128k-context model does not allocate the whole window up front.
@@ -44,11 +44,6 @@ def decode_one(net: nn.Module, token: torch.Tensor, cache: KVCache, positions: t
     return net(token[:, None], positions=pos, cache=cache, key_mask=key_mask)[:, -1]
 
 
-def sample(logits: torch.Tensor, sampler: Sampler, context: Sequence[Sequence[int]],
-           generated: Sequence[Sequence[int]]) -> SampleOutput:
-    return sampler(logits, context, generated)
-
-
 @torch.inference_mode()
 def greedy_reference(net: nn.Module, prompt: Sequence[int], n: int) -> list[int]:
     """The reference: n greedy tokens, each from a full forward over everything so far (no cache, no batch)."""
@@ -67,30 +62,21 @@ def greedy_reference(net: nn.Module, prompt: Sequence[int], n: int) -> list[int]
 
 @dataclass
 class Step:
-    """One decoding step for every row: the sampled tokens and which rows just finished, and why."""
+    """One decoding step of the whole batch: what every row sampled, and what it means for each row."""
 
-    tokens: list[int]  # (B,) sampled ids; rows finished before this step repeat their last token
-    active: list[bool]  # rows that were still generating at this step (their token counts)
-    finished: dict[int, str]  # row -> "stop" | "length", for rows that finish at this step
-    sample: SampleOutput
+    tokens: list[int]  # (B,) ids fed back to the model; rows finished before this step repeat their last token
+    rows: list[Token | None]  # per row its token this step (finish_reason set on its last); None: ended before
 
 
 def check_context(prompt_len: int, limit: int, what: str = "the model's context window") -> None:
     """The context policy: a prompt must leave room for at least one new token. Never truncate silently."""
+    if prompt_len == 0:
+        raise ContextLengthError("empty prompt: give at least one token (a BOS token, for example)")
     if prompt_len >= limit:
         raise ContextLengthError(
             f"the prompt is {prompt_len} tokens but {what} is {limit} tokens (at least one must be left to "
             f"generate into); shorten the prompt or the conversation, or raise num_ctx up to the model's max_seq_len"
         )
-
-
-def _grow(cache: KVCache, new_len: int) -> KVCache:
-    bigger = KVCache(cache.k.shape[0], cache.batch, new_len, cache.k.shape[2], cache.k.shape[4],
-                     dtype=cache.k.dtype, device=cache.k.device)
-    bigger.k[:, :, :, : cache.length] = cache.k[:, :, :, : cache.length]
-    bigger.v[:, :, :, : cache.length] = cache.v[:, :, :, : cache.length]
-    bigger.length = cache.length
-    return bigger
 
 
 @torch.inference_mode()
@@ -99,7 +85,7 @@ def generate_tokens(net: nn.Module, prompts: Sequence[Sequence[int]], sampler: S
                     stats: GenerationStats | None = None) -> Iterator[Step]:
     """Yield one `Step` per decoding step until every row has stopped.
 
-    A row stops on a token in `stop_ids` (that token is reported in the step but is not part of the output),
+    A row stops on a token in `stop_ids` (reported with `stop_token` set: it is not part of the output),
     after `sampler.params.max_tokens` tokens, or when it reaches the context window (`context_limit`,
     default the model's max_seq_len).
     """
@@ -108,9 +94,7 @@ def generate_tokens(net: nn.Module, prompts: Sequence[Sequence[int]], sampler: S
     params: SamplingParams = sampler.params
     device = next(net.parameters()).device
     lengths = [len(p) for p in prompts]
-    if not prompts or min(lengths) == 0:
-        raise ContextLengthError("empty prompt: give at least one token (a BOS token, for example)")
-    for n in lengths:
+    for n in lengths or [0]:  # no prompt at all counts as an empty one
         check_context(n, limit)
     B, L = len(prompts), max(lengths)
     pads = [L - n for n in lengths]
@@ -138,6 +122,7 @@ def generate_tokens(net: nn.Module, prompts: Sequence[Sequence[int]], sampler: S
     context = [list(p) for p in prompts]
     generated: list[list[int]] = [[] for _ in prompts]
     active = [True] * B
+    want_logprobs = params.logprobs or params.top_logprobs
     if params.max_tokens == 0:
         return
 
@@ -151,33 +136,32 @@ def generate_tokens(net: nn.Module, prompts: Sequence[Sequence[int]], sampler: S
     last = [p[-1] for p in prompts]
     try:
         while True:
-            out = sample(logits, sampler, context, generated)
+            out = sampler(logits, context, generated)
             picked = out.tokens.tolist()
-            finished: dict[int, str] = {}
-            was_active = list(active)
+            rows: list[Token | None] = [None] * B
             for row in range(B):
                 if not active[row]:
                     picked[row] = last[row]
                     continue
-                tok = picked[row]
-                if tok in stop_ids:
-                    finished[row] = "stop"
+                tok = rows[row] = _token(out, row, picked[row], want_logprobs)
+                if tok.id in stop_ids:
+                    tok.finish_reason, tok.stop_token = "stop", True
+                    active[row] = False
                     continue
-                generated[row].append(tok)
-                context[row].append(tok)
+                generated[row].append(tok.id)
+                context[row].append(tok.id)
+                if stats is not None:
+                    stats.generated_tokens += 1
                 if (params.max_tokens is not None and len(generated[row]) >= params.max_tokens) or \
                         lengths[row] + len(generated[row]) >= limit:
-                    finished[row] = "length"
-            for row in finished:
-                active[row] = False
+                    tok.finish_reason = "length"
+                    active[row] = False
             last = picked
-            if stats is not None:
-                stats.generated_tokens += sum(1 for r in range(B) if was_active[r] and finished.get(r) != "stop")
-            yield Step(picked, was_active, finished, out)
+            yield Step(picked, rows)
             if not any(active):
                 break
             if cache.length >= cache.max_len:
-                cache = _grow(cache, min(cache.max_len * 2, cache_cap))
+                cache.grow(min(cache.max_len * 2, cache_cap))
             if key_mask is not None:
                 key_mask = torch.cat([key_mask, torch.ones(B, 1, dtype=torch.bool, device=device)], 1)  # (B, S+1)
             pos = next_pos if key_mask is not None else None
@@ -188,21 +172,18 @@ def generate_tokens(net: nn.Module, prompts: Sequence[Sequence[int]], sampler: S
             stats.eval_seconds += time.perf_counter() - t1
 
 
+def _token(out: SampleOutput, row: int, token_id: int, want_logprobs: bool) -> Token:
+    tok = Token(token_id)
+    if want_logprobs:
+        tok.logprob = float(out.logprobs[row])
+        if out.top_ids is not None:
+            tok.top_logprobs = list(zip(out.top_ids[row].tolist(), out.top_logprobs[row].tolist()))
+    return tok
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Text: completions and streams of valid UTF-8 pieces
 # --------------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Piece:
-    """A streamed piece of one completion: text released by one token (possibly empty), and that token."""
-
-    text: str
-    token: int | None
-    logprob: float | None = None
-    top_logprobs: list[tuple[int, float]] | None = None
-    finish_reason: str | None = None  # set on the last piece: "stop" or "length"
-    stop_token: int | None = None  # the end token that stopped generation (not part of the text)
 
 
 @dataclass
@@ -224,26 +205,11 @@ def stream(net: nn.Module, tokenizer, prompt: Sequence[int], sampler: Sampler, *
     skip_special drops control tokens from the text (for display); chat parsing needs them, so it is off by default.
     """
     text = TextStream(tokenizer, sampler.params.stop, prompt_tail=prompt, skip_special=skip_special)
-    want_lp = sampler.params.logprobs or sampler.params.top_logprobs
     for step in generate_tokens(net, [prompt], sampler, stop_ids=stop_ids, context_limit=context_limit, stats=stats):
-        reason = step.finished.get(0)
-        tok = step.tokens[0]
-        lp = top = None
-        if want_lp:
-            lp = float(step.sample.logprobs[0])
-            if step.sample.top_ids is not None:
-                top = list(zip(step.sample.top_ids[0].tolist(), step.sample.top_logprobs[0].tolist()))
-        if reason == "stop":
-            yield Piece(text.flush(), None, finish_reason="stop", stop_token=tok)
+        piece = text.feed(step.rows[0])
+        yield piece
+        if piece.finish_reason:  # also a stop string: leaving the loop stops generate_tokens
             return
-        piece = text.push(tok)
-        if text.stopped:
-            yield Piece(piece, tok, lp, top, finish_reason="stop")
-            return
-        if reason == "length":
-            yield Piece(piece + text.flush(), tok, lp, top, finish_reason="length")
-            return
-        yield Piece(piece, tok, lp, top)
 
 
 def complete(net: nn.Module, tokenizer, prompt: Sequence[int], sampler: Sampler, **kwargs) -> Completion:
@@ -266,23 +232,10 @@ def complete_batch(net: nn.Module, tokenizer, prompts: Sequence[Sequence[int]], 
                    stop_ids: frozenset[int] = frozenset(), context_limit: int | None = None) -> list[Completion]:
     """Several prompts in one left-padded batch; each row's text is cut at its own stop string."""
     texts = [TextStream(tokenizer, sampler.params.stop, prompt_tail=p) for p in prompts]
-    parts: list[list[str]] = [[] for _ in prompts]
-    ids: list[list[int]] = [[] for _ in prompts]
-    reasons: list[str | None] = [None] * len(prompts)
+    pieces: list[list[Piece]] = [[] for _ in prompts]
     for step in generate_tokens(net, prompts, sampler, stop_ids=stop_ids, context_limit=context_limit):
-        for row, tok in enumerate(step.tokens):
-            if not step.active[row] or reasons[row] is not None:
-                continue
-            why = step.finished.get(row)
-            if why == "stop":
-                parts[row].append(texts[row].flush())
-                reasons[row] = "stop"
-                continue
-            ids[row].append(tok)
-            parts[row].append(texts[row].push(tok))
-            if texts[row].stopped:
-                reasons[row] = "stop"
-            elif why == "length":
-                parts[row].append(texts[row].flush())
-                reasons[row] = "length"
-    return [Completion("".join(p), i, r or "length", len(q)) for p, i, r, q in zip(parts, ids, reasons, prompts)]
+        for row, tok in enumerate(step.rows):
+            if tok is not None and not (pieces[row] and pieces[row][-1].finish_reason):  # a stop string ends a row
+                pieces[row].append(texts[row].feed(tok))
+    return [Completion("".join(p.text for p in ps), [p.token for p in ps if p.token is not None],
+                       ps[-1].finish_reason if ps else "length", len(q)) for ps, q in zip(pieces, prompts)]

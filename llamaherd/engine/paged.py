@@ -1,4 +1,5 @@
-"""Paged KV cache for the serving engine: a block allocator with prefix caching, and per-step batch views.
+"""Paged KV cache for the serving engine: block allocator with prefix caching, storage, per-step batch views,
+and the manager that keeps each sequence's blocks.
 
 Keys and values live in fixed-size blocks (vLLM's PagedAttention, Kwon et al. 2023). A sequence owns a block
 table; full blocks are hashed by their token ids and their prefix, so a later request with the same prompt
@@ -103,9 +104,6 @@ class PagedKVCache:
         blocks = torch.as_tensor(table, dtype=torch.long)[pos // self.block_size]
         return blocks * self.block_size + pos % self.block_size
 
-    def view(self, tables: Sequence[Sequence[int]], cached: Sequence[int], new: int) -> BatchView:
-        return BatchView(self, tables, cached, new)
-
 
 class BatchView:
     """One forward step's window on the paged cache, speaking the model's cache protocol (`length`, `update`).
@@ -143,3 +141,73 @@ class BatchView:
         hist_k = K[:, self.gather].transpose(0, 1)  # (B, Hkv, S, D)
         hist_v = V[:, self.gather].transpose(0, 1)
         return torch.cat([hist_k, k], dim=2), torch.cat([hist_v, v], dim=2)
+
+
+class KVCacheManager:
+    """The engine's bookkeeping over the paged cache (vLLM v1's `KVCacheManager`): which blocks each sequence
+    holds, prefix lookup, reservation of blocks for a step, registration of full blocks, and release.
+
+    The scheduler decides who runs; this class decides where their keys and values live. Sequences are named
+    by the engine's ids; their block tables stay here.
+    """
+
+    def __init__(self, config: ModelConfig, num_blocks: int, block_size: int, *, dtype: torch.dtype,
+                 device: torch.device | str | None = None) -> None:
+        self.storage = PagedKVCache(config, num_blocks, block_size, dtype=dtype, device=device)
+        self.allocator = self.storage.allocator
+        self.block_size = block_size
+        self._tables: dict[int, list[int]] = {}
+        self._hashed: dict[int, int] = {}  # leading full blocks of a sequence registered for prefix caching
+
+    @property
+    def num_blocks(self) -> int:
+        return self.allocator.num_blocks
+
+    @property
+    def num_free(self) -> int:
+        return self.allocator.num_free
+
+    def usage(self) -> float:
+        """Fraction of blocks in use (cached prefixes nobody uses count as free)."""
+        return 1.0 - self.num_free / self.num_blocks
+
+    def take_prefix(self, seq_id: int, tokens: Sequence[int]) -> int:
+        """Give a new sequence the cached blocks of its longest known prefix, leaving at least one token to
+        compute (its logits give the next token). Returns how many tokens those blocks hold."""
+        assert seq_id not in self._tables, f"sequence {seq_id} already holds blocks"
+        table = self._tables[seq_id] = []
+        usable = (len(tokens) - 1) // self.block_size
+        for h in block_hashes(tokens[: usable * self.block_size], self.block_size):
+            block = self.allocator.take_cached(h)
+            if block is None:
+                break
+            table.append(block)
+        self._hashed[seq_id] = len(table)
+        return len(table) * self.block_size
+
+    def reserve(self, seq_id: int, tokens: int) -> None:
+        """Make the sequence's table cover `tokens` slots; OutOfBlocks if the cache cannot (blocks taken
+        before the failure stay with the sequence until it is released)."""
+        table = self._tables[seq_id]
+        while len(table) * self.block_size < tokens:
+            table.append(self.allocator.allocate())
+
+    def register(self, seq_id: int, tokens: Sequence[int], cached: int) -> None:
+        """The first `cached` tokens are in the cache now: offer the newly full blocks for prefix reuse."""
+        full, done = cached // self.block_size, self._hashed[seq_id]
+        if full > done:
+            hashes = block_hashes(tokens[: full * self.block_size], self.block_size)
+            table = self._tables[seq_id]
+            for i in range(done, full):
+                self.allocator.register(table[i], hashes[i])
+            self._hashed[seq_id] = full
+
+    def release(self, seq_id: int) -> None:
+        """Free a sequence's blocks (cached prefixes among them stay reusable until evicted)."""
+        for block in self._tables.pop(seq_id, ()):
+            self.allocator.release(block)
+        self._hashed.pop(seq_id, None)
+
+    def view(self, seq_ids: Sequence[int], cached: Sequence[int], new: int) -> BatchView:
+        """The window of one forward step over these sequences (see `BatchView`)."""
+        return BatchView(self.storage, [self._tables[i] for i in seq_ids], cached, new)

@@ -4,7 +4,11 @@ Each `step` decodes one token for every running sequence whose prompt is in the 
 and advances at most one prompt by a chunk of `prefill_chunk` tokens (chunked prefill, so a long prompt never
 stalls running streams). When blocks run out, the newest sequence is preempted: its blocks are freed and it
 is recomputed later from its tokens (vLLM's recompute preemption). Cancelled sequences free their blocks at
-the next step. Token-level stops live here; text-level stops (stop strings) belong to the caller.
+the next step. Token-level stops live here; text-level stops (stop strings) belong to the caller's `TextStream`.
+Where keys and values live is `paged.KVCacheManager`'s concern; this module decides who runs.
+
+Threads: `submit`, `check`, `cancel` and `stop` come from any thread, `step`/`run` from one engine thread. Every
+change of `waiting` and `running` (and every walk over them) happens under one lock; the forward pass does not.
 """
 
 from __future__ import annotations
@@ -14,15 +18,17 @@ import logging
 import threading
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from ..config import ModelConfig
-from ..errors import ContextLengthError, LlamaherdError
-from .paged import OutOfBlocks, PagedKVCache, block_hashes
+from ..errors import LlamaherdError
+from .generate import check_context
+from .paged import KVCacheManager, OutOfBlocks
 from .sampling import Sampler, SamplingParams
+from .text import Token
 
 log = logging.getLogger("llamaherd.engine")
 
@@ -35,19 +41,6 @@ class GenerationError(LlamaherdError):
     """A request could not be generated (its KV-cache need exceeds the cache, or an engine step failed)."""
 
 
-@dataclass
-class Event:
-    """One generated token (or the end) of one sequence, delivered to its sink on the engine thread."""
-
-    seq_id: int
-    token: int | None
-    finish_reason: str | None = None  # "stop", "length", "cancelled", "error"
-    logprob: float | None = None
-    top_logprobs: list[tuple[int, float]] | None = None
-    error: str | None = None
-    stop_token: bool = False  # the token is an end token: it ends the stream and is not part of the text
-
-
 @dataclass(eq=False)
 class SeqState:
     id: int
@@ -56,11 +49,9 @@ class SeqState:
     params: SamplingParams
     sampler: Sampler
     stop_ids: frozenset[int]
-    sink: Callable[[Event], None]
+    sink: Callable[[Token], None]  # gets every token of this sequence, then its end, on the engine thread
     constraint: object | None = None  # grammar: `mask(logits)` in place, `accept(token)`, `done`
-    table: list[int] = field(default_factory=list)
     cached: int = 0  # leading tokens whose keys/values are in the cache
-    hashed: int = 0  # leading full blocks registered for prefix caching
     cancelled: bool = False
 
     @property
@@ -80,49 +71,62 @@ class Engine:
                  max_context: int | None = None) -> None:
         p = next(net.parameters())
         self.net, self.config = net, config
-        self.cache = PagedKVCache(config, num_blocks, block_size, dtype=p.dtype if p.is_floating_point() else torch.float32,
-                                  device=p.device)
-        self.block_size = block_size
+        self.cache = KVCacheManager(config, num_blocks, block_size,
+                                    dtype=p.dtype if p.is_floating_point() else torch.float32, device=p.device)
         self.max_batch, self.prefill_chunk, self.max_waiting = max_batch, prefill_chunk, max_waiting
         self.max_context = min(max_context or config.max_seq_len, num_blocks * block_size)
         self.waiting: deque[SeqState] = deque()
         self.running: list[SeqState] = []
-        self._lock = threading.Lock()
+        # Re-entrant: a sink called under the lock may call back (cancel, submit) on the engine thread.
+        self._lock = threading.RLock()
         self._wake = threading.Condition(self._lock)
+        self._stopping = False
         self._ids = itertools.count()
         self.stats = {"prompt_tokens": 0, "generated_tokens": 0, "preemptions": 0, "prefix_hit_tokens": 0,
                       "peak_decode_batch": 0}  # most sequences decoded in one forward so far
 
     # -- submission (any thread) -------------------------------------------------------------------------------
+    def check(self, prompt: Sequence[int], params: SamplingParams, n: int = 1) -> None:
+        """Raise now what `submit` would raise for `n` such requests: a prompt that leaves no room in the
+        context, a full waiting queue, sampling parameters this vocabulary cannot take (logit_bias)."""
+        check_context(len(prompt), self.max_context, "this server's context")
+        if len(self.waiting) + n > self.max_waiting:
+            raise QueueFull(f"{len(self.waiting)} requests are already waiting; retry later")
+        Sampler(params, self.config.vocab_size)
+
     def submit(self, prompt: Sequence[int], params: SamplingParams, stop_ids: frozenset[int],
-               sink: Callable[[Event], None], constraint=None) -> int:
-        if not prompt:
-            raise ContextLengthError("the prompt is empty: give at least one token")
-        if len(prompt) >= self.max_context:
-            raise ContextLengthError(
-                f"the prompt has {len(prompt)} tokens; this server's context holds {self.max_context}: shorten it")
+               sink: Callable[[Token], None], constraint=None) -> int:
+        """Queue a request; its tokens go to `sink` as they are generated, the last with its finish_reason."""
+        check_context(len(prompt), self.max_context, "this server's context")
         sampler = Sampler(params, self.config.vocab_size)
         with self._wake:
             seq_id = next(self._ids)
             if params.max_tokens == 0:
-                sink(Event(seq_id, None, "length"))
+                sink(Token(None, "length"))
                 return seq_id
             if len(self.waiting) >= self.max_waiting:
                 raise QueueFull(f"{len(self.waiting)} requests are already waiting; retry later")
             seq = SeqState(seq_id, list(prompt), len(prompt), params, sampler, stop_ids, sink, constraint)
             self.waiting.append(seq)
             self._wake.notify()
-        return seq.id
+        return seq_id
 
     def cancel(self, seq_id: int) -> None:
+        """End a request at the next step (its sink gets a "cancelled" end); an id no longer known is ignored."""
         with self._lock:
             for seq in itertools.chain(self.waiting, self.running):
                 if seq.id == seq_id:
                     seq.cancelled = True
 
+    def stop(self) -> None:
+        """Let `run` return once the requests in flight are done (graceful shutdown)."""
+        with self._wake:
+            self._stopping = True
+            self._wake.notify_all()
+
     def wait_for_work(self, timeout: float | None = None) -> bool:
         with self._wake:
-            if not (self.waiting or self.running):
+            if not (self.waiting or self.running or self._stopping):
                 self._wake.wait(timeout)
             return bool(self.waiting or self.running)
 
@@ -135,17 +139,16 @@ class Engine:
         return len(self.running)
 
     def cache_usage(self) -> float:
-        a = self.cache.allocator
-        return 1.0 - a.num_free / a.num_blocks
+        return self.cache.usage()
 
     # -- one step (engine thread) ------------------------------------------------------------------------------
     @torch.inference_mode()
     def step(self) -> bool:
-        """Admit, schedule, run the model, sample, emit events. Returns whether anything ran."""
+        """Admit, schedule, run the model, sample, emit tokens. Returns whether anything ran."""
         with self._lock:
             self._drop_cancelled()
             self._admit()
-        plan = self._plan()
+            plan = self._plan()
         if plan is None:
             return False
         decode, prefill, chunk = plan
@@ -160,30 +163,20 @@ class Engine:
                 self._sample(prefill, logits[:, -1])
         return True
 
+    # The four below run under the lock.
     def _drop_cancelled(self) -> None:
         for seq in [s for s in self.running if s.cancelled]:
             self._finish(seq, "cancelled")
         for seq in [s for s in self.waiting if s.cancelled]:
             self.waiting.remove(seq)
-            seq.sink(Event(seq.id, None, "cancelled"))
+            seq.sink(Token(None, "cancelled"))
 
     def _admit(self) -> None:
         while self.waiting and len(self.running) < self.max_batch:
             seq = self.waiting.popleft()
-            self._reuse_prefix(seq)
+            seq.cached = self.cache.take_prefix(seq.id, seq.tokens)
+            self.stats["prefix_hit_tokens"] += seq.cached
             self.running.append(seq)
-
-    def _reuse_prefix(self, seq: SeqState) -> None:
-        """Take cached blocks for the longest known prefix, leaving at least one token to compute."""
-        usable = (len(seq.tokens) - 1) // self.block_size
-        for h in block_hashes(seq.tokens[: usable * self.block_size], self.block_size):
-            block = self.cache.allocator.take_cached(h)
-            if block is None:
-                break
-            seq.table.append(block)
-        seq.cached = seq.hashed = len(seq.table)
-        seq.cached *= self.block_size
-        self.stats["prefix_hit_tokens"] += seq.cached
 
     def _plan(self) -> tuple[list[SeqState], SeqState | None, int] | None:
         """Choose this step's work and reserve its blocks, preempting the newest sequences if they run out."""
@@ -193,9 +186,9 @@ class Engine:
             chunk = min(prefill.pending, self.prefill_chunk) if prefill else 0
             try:
                 for seq in decode:
-                    self._reserve(seq, seq.cached + 1)
+                    self.cache.reserve(seq.id, seq.cached + 1)
                 if prefill is not None:
-                    self._reserve(prefill, prefill.cached + chunk)
+                    self.cache.reserve(prefill.id, prefill.cached + chunk)
                 return decode, prefill, chunk
             except OutOfBlocks:
                 if len(self.running) == 1:
@@ -204,24 +197,25 @@ class Engine:
                 self._preempt(self.running[-1])
         return None
 
-    def _reserve(self, seq: SeqState, tokens: int) -> None:
-        while len(seq.table) * self.block_size < tokens:
-            seq.table.append(self.cache.allocator.allocate())
-
     def _preempt(self, seq: SeqState) -> None:
-        self._release(seq)
-        seq.cached = seq.hashed = 0
+        self.cache.release(seq.id)
+        seq.cached = 0
         self.running.remove(seq)
         self.waiting.appendleft(seq)
         self.stats["preemptions"] += 1
 
-    def _release(self, seq: SeqState) -> None:
-        for block in seq.table:
-            self.cache.allocator.release(block)
-        seq.table = []
+    def _finish(self, seq: SeqState, reason: str | None, error: str | None = None) -> None:
+        """Free a sequence's blocks and drop it; `reason` given means the sink still needs its end."""
+        with self._lock:
+            self.cache.release(seq.id)
+            if seq in self.running:
+                self.running.remove(seq)
+        if reason is not None:
+            seq.sink(Token(None, reason, error=error))
 
+    # -- the model and the sampler (engine thread, outside the lock) ---------------------------------------------
     def _forward(self, seqs: list[SeqState], new: int) -> torch.Tensor:
-        view = self.cache.view([s.table for s in seqs], [s.cached for s in seqs], new)
+        view = self.cache.view([s.id for s in seqs], [s.cached for s in seqs], new)
         tokens = torch.tensor([s.tokens[s.cached : s.cached + new] for s in seqs], device=view.key_mask.device)
         # Only each row's last position is sampled: skip the vocabulary projection of the rest of a prefill chunk.
         logits = self.net(tokens, positions=view.positions, cache=view, key_mask=view.key_mask, last_only=True)
@@ -229,59 +223,42 @@ class Engine:
             if s.cached < s.prompt_len:
                 self.stats["prompt_tokens"] += min(new, s.prompt_len - s.cached)
             s.cached += new
-            self._register_full_blocks(s)
+            self.cache.register(s.id, s.tokens, s.cached)
         return logits
-
-    def _register_full_blocks(self, seq: SeqState) -> None:
-        full = seq.cached // self.block_size
-        if full > seq.hashed:
-            hashes = block_hashes(seq.tokens[: full * self.block_size], self.block_size)
-            for i in range(seq.hashed, full):
-                self.cache.allocator.register(seq.table[i], hashes[i])
-            seq.hashed = full
 
     def _sample(self, seq: SeqState, logits: torch.Tensor) -> None:
         if seq.constraint is not None:
             logits = logits.clone()
             seq.constraint.mask(logits)
         out = seq.sampler(logits, [seq.tokens], [seq.generated])
-        token = int(out.tokens[0])
+        token = Token(int(out.tokens[0]))
         if seq.constraint is not None:
-            seq.constraint.accept(token)
-        event = Event(seq.id, token)
+            seq.constraint.accept(token.id)
         if out.logprobs is not None:
-            event.logprob = float(out.logprobs[0])
+            token.logprob = float(out.logprobs[0])
         if out.top_ids is not None:
-            event.top_logprobs = [(int(i), float(lp)) for i, lp in zip(out.top_ids[0], out.top_logprobs[0])]
-        seq.tokens.append(token)
+            token.top_logprobs = [(int(i), float(lp)) for i, lp in zip(out.top_ids[0], out.top_logprobs[0])]
+        seq.tokens.append(token.id)
         self.stats["generated_tokens"] += 1
-        if token in seq.stop_ids:
-            event.finish_reason, event.stop_token = "stop", True
+        if token.id in seq.stop_ids:
+            token.finish_reason, token.stop_token = "stop", True
         elif seq.constraint is not None and seq.constraint.done:
-            event.finish_reason = "stop"
+            token.finish_reason = "stop"
         elif seq.params.max_tokens is not None and len(seq.generated) >= seq.params.max_tokens:
-            event.finish_reason = "length"
+            token.finish_reason = "length"
         elif len(seq.tokens) >= self.max_context:
-            event.finish_reason = "length"
-        seq.sink(event)
-        if event.finish_reason:
+            token.finish_reason = "length"
+        seq.sink(token)
+        if token.finish_reason:
             self._finish(seq, None)
 
-    def _finish(self, seq: SeqState, reason: str | None, error: str | None = None) -> None:
-        """Free a sequence's blocks and drop it; `reason` given means the sink still needs its final event."""
-        self._release(seq)
-        if seq in self.running:
-            self.running.remove(seq)
-        if reason is not None:
-            seq.sink(Event(seq.id, None, reason, error=error))
-
     # -- background loop ---------------------------------------------------------------------------------------
-    def run(self, stop: threading.Event) -> None:
-        """Step until `stop` is set and no work is left (graceful: in-flight requests finish).
+    def run(self) -> None:
+        """Step until `stop` is called and no work is left (graceful: in-flight requests finish).
 
-        A step that raises fails the sequences it was running (their sinks get an "error" event and their
+        A step that raises fails the sequences it was running (their sinks get an "error" end and their
         blocks are freed) and the loop goes on: one bad step must not leave every client waiting forever."""
-        while not (stop.is_set() and not (self.waiting or self.running)):
+        while not (self._stopping and not (self.waiting or self.running)):
             try:
                 progressed = self.step()
             except Exception as exc:  # noqa: BLE001 - reported to each affected request, then serving goes on

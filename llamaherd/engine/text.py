@@ -1,8 +1,10 @@
-"""Token ids -> a stream of valid UTF-8 text pieces, with stop strings cut out even when they span tokens."""
+"""The one detokenize-and-stop stream: engine tokens -> pieces of valid UTF-8 text, stop strings cut out even
+when they span tokens. Both engines (generate.py, scheduler.py) report `Token`s; every caller reads `Piece`s."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 # How many prompt tokens to decode in front of the first generated token: enough context that tokenizers
 # which drop a leading space at the start of a decode (SentencePiece) render the continuation's spaces right.
@@ -10,8 +12,32 @@ _PROMPT_TAIL = 6
 _INCOMPLETE = "\ufffd"  # what decode gives for a byte sequence cut inside a character
 
 
+@dataclass
+class Token:
+    """One generated token of one sequence as an engine reports it; `id` None is an end without a new token."""
+
+    id: int | None
+    finish_reason: str | None = None  # set on a sequence's last record: "stop", "length", "cancelled", "error"
+    stop_token: bool = False  # `id` is an end token: it ends the sequence and is not part of the text
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
+    error: str | None = None  # what went wrong, with finish_reason "error"
+
+
+@dataclass
+class Piece:
+    """What a caller sees per token: the text it released (maybe ""), the token, and the end when it comes."""
+
+    text: str
+    token: int | None
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
+    finish_reason: str | None = None  # set on the last piece: "stop" (end token or stop string), "length", ...
+    stop_token: int | None = None  # the end token that stopped generation (not part of the text)
+
+
 class TextStream:
-    """Feed token ids one at a time with `push`; each call returns the text they completed (maybe "").
+    """Feed engine `Token`s with `feed` (a `Piece` back for each), or raw token ids with `push` (text back).
 
     Tokenizers that give each token's raw bytes go through the tokenizer package's `StreamDecoder` (bytes held
     until a character is whole). Others are decoded incrementally over a short window (as vLLM's
@@ -37,7 +63,20 @@ class TextStream:
         self.pending = ""  # decoded text not yet released (it might begin a stop string)
         self.stopped = False
 
+    def feed(self, token: Token) -> Piece:
+        """The piece this token releases. A stop string ends the piece with finish_reason "stop" (the caller
+        stops the engine: later tokens are dropped); an engine's own end flushes what is held back."""
+        if token.id is None or token.stop_token:  # the end, without text of its own
+            return Piece(self.flush(), None, finish_reason=token.finish_reason,
+                         stop_token=token.id if token.stop_token else None)
+        text = self.push(token.id)
+        reason = "stop" if self.stopped else token.finish_reason
+        if reason and not self.stopped:
+            text += self.flush()
+        return Piece(text, token.id, token.logprob, token.top_logprobs, reason)
+
     def push(self, token: int) -> str:
+        """The text this token id completes (maybe ""); after a stop string, always ""."""
         if self.stopped or self.tokenizer is None:
             return ""
         if self.bytes_decoder is not None:

@@ -1,4 +1,4 @@
-"""Operations (admin) routes: /health, /tokenize, /detokenize (llama.cpp and vLLM field names), /metrics (Prometheus)."""
+"""Operations routes: /health, /tokenize, /detokenize (llama.cpp and vLLM field names), /metrics (Prometheus)."""
 
 from __future__ import annotations
 

@@ -12,9 +12,10 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
+from ..engine.text import Piece
 from .http import APIError, check_model, served_of, unless_disconnected
 from .prompting import messages_for_format, openai_tool_calls, sampling_params
-from .runtime import Chunk, ServedModel, Usage, interleave
+from .runtime import ServedModel, Usage, interleave
 from .schemas import ChatCompletionRequest, CompletionRequest
 from .shielding import filter_reply, refuse_input, shield_stream
 
@@ -40,7 +41,7 @@ def _own(constraint, i: int):
     return constraint if constraint is None or i == 0 else constraint.fresh()
 
 
-def _chat_logprobs(served: ServedModel, chunks: list[Chunk]) -> dict:
+def _chat_logprobs(served: ServedModel, chunks: list[Piece]) -> dict:
     tok = served.tokenizer
 
     def entry(token_id: int, logprob: float) -> dict:
@@ -231,7 +232,7 @@ async def completions(body: CompletionRequest, request: Request):
                                                   "total_tokens": prompt_tokens + completion_tokens}}
 
 
-def _completion_logprobs(served: ServedModel, chunks: list[Chunk], offset: int = 0) -> dict:
+def _completion_logprobs(served: ServedModel, chunks: list[Piece], offset: int = 0) -> dict:
     tok = served.tokenizer
     out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
     for c in chunks:

@@ -10,22 +10,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..engine.sampling import Sampler, SamplingParams, resolve_stop_ids
-from ..engine.scheduler import Engine, Event, GenerationError, QueueFull
-from ..engine.text import TextStream
-from ..errors import ContextLengthError
+from ..engine.sampling import SamplingParams, resolve_stop_ids
+from ..engine.scheduler import Engine, GenerationError
+from ..engine.text import Piece, TextStream, Token
 from .metrics import Metrics
-
-
-@dataclass
-class Chunk:
-    """One step of a generation as a handler sees it: new text (maybe empty) and the token behind it."""
-
-    text: str
-    token: int | None = None
-    logprob: float | None = None
-    top_logprobs: list[tuple[int, float]] | None = None
-    finish_reason: str | None = None
 
 
 @dataclass
@@ -57,7 +45,6 @@ class ServedModel:
                              prefill_chunk=prefill_chunk, max_waiting=max_waiting, max_context=max_context)
         self.metrics = Metrics()
         self.created = int(time.time())
-        self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     @property
@@ -67,14 +54,12 @@ class ServedModel:
     # -- lifecycle ---------------------------------------------------------------------------------------------
     def start(self) -> None:
         if self._thread is None:
-            self._thread = threading.Thread(target=self.engine.run, args=(self._stop,), name="herd-engine", daemon=True)
+            self._thread = threading.Thread(target=self.engine.run, name="herd-engine", daemon=True)
             self._thread.start()
 
     def shutdown(self, timeout: float = 30.0) -> None:
         """Finish in-flight requests (up to `timeout`), then stop the engine thread."""
-        self._stop.set()
-        with self.engine._wake:
-            self.engine._wake.notify_all()
+        self.engine.stop()
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
@@ -88,10 +73,10 @@ class ServedModel:
         return self.stop_ids(SamplingParams())
 
     async def stream(self, prompt: Sequence[int], params: SamplingParams, usage: Usage | None = None,
-                     stop_ids: frozenset[int] | None = None, constraint=None) -> AsyncIterator[Chunk]:
-        """Submit a prompt; yield text chunks as tokens arrive. Closing the iterator cancels the request."""
+                     stop_ids: frozenset[int] | None = None, constraint=None) -> AsyncIterator[Piece]:
+        """Submit a prompt; yield text pieces as tokens arrive. Closing the iterator cancels the request."""
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[Event] = asyncio.Queue()
+        queue: asyncio.Queue[Token] = asyncio.Queue()
         usage = usage or Usage()
         usage.prompt_tokens = len(prompt)
         stops = self.stop_ids(params) if stop_ids is None else stop_ids
@@ -99,73 +84,56 @@ class ServedModel:
         seq_id = self.engine.submit(prompt, params, stops, lambda e: loop.call_soon_threadsafe(queue.put_nowait, e),
                                     constraint=constraint)
         self.metrics.request_started(len(prompt))
-        finish = "cancelled"
+        engine_done = False
         last_token_time = None
         try:
             while True:
-                event = await queue.get()
-                now = time.perf_counter()
-                if event.token is not None and not event.stop_token:
+                token = await queue.get()
+                engine_done = token.finish_reason is not None
+                if token.finish_reason == "error":
+                    raise GenerationError(token.error or "generation failed")
+                if token.id is not None:  # the end token too: counted, never shown
                     usage.completion_tokens += 1
+                if token.id is not None and not token.stop_token:
+                    now = time.perf_counter()
                     if usage.first_token is None:
                         usage.first_token = now
                         self.metrics.ttft.observe(now - usage.started)
                     elif last_token_time is not None:
                         self.metrics.itl.observe(now - last_token_time)
                     last_token_time = now
-                    piece = text.push(event.token)
-                    if text.stopped:  # a stop string appeared: end here, free the engine's blocks
-                        self.engine.cancel(seq_id)
-                        finish = "stop"
-                        yield Chunk(piece, event.token, event.logprob, event.top_logprobs, "stop")
-                        return
-                    if event.finish_reason:
-                        piece += text.flush()
-                    yield Chunk(piece, event.token, event.logprob, event.top_logprobs, event.finish_reason)
-                elif event.token is not None:  # the stop token itself: counted, never shown
-                    usage.completion_tokens += 1
-                    yield Chunk(text.flush(), None, finish_reason="stop")
-                elif event.finish_reason == "error":
-                    finish = "error"
-                    raise GenerationError(event.error or "generation failed")
-                else:
-                    yield Chunk(text.flush(), None, finish_reason=event.finish_reason)
-                if event.finish_reason:
-                    finish = event.finish_reason
+                piece = text.feed(token)
+                yield piece
+                if piece.finish_reason:  # the engine's end, or a stop string before it (the finally cancels)
                     return
         finally:
-            if finish == "cancelled":
+            if not engine_done:  # a stop string, or the consumer went away: free the engine's blocks now
                 self.engine.cancel(seq_id)
             self.metrics.request_finished(usage.completion_tokens)
 
     def check(self, prompt: Sequence[int], params: SamplingParams, n: int = 1) -> None:
         """Raise now what `stream` would raise at submission (too long, queue full, bad logit_bias), so a
         streaming handler can answer with an error status before it sends its 200 and first event."""
-        if len(prompt) >= self.engine.max_context:
-            raise ContextLengthError(f"the prompt has {len(prompt)} tokens; this server's context holds "
-                                     f"{self.engine.max_context}: shorten it")
-        if self.engine.num_waiting + n > self.engine.max_waiting:
-            raise QueueFull(f"{self.engine.num_waiting} requests are already waiting; retry later")
-        Sampler(params, self.model.config.vocab_size)  # validates logit_bias against the vocabulary
+        self.engine.check(prompt, params, n)
 
     async def complete(self, prompt: Sequence[int], params: SamplingParams, usage: Usage | None = None,
-                       constraint=None) -> tuple[str, list[Chunk], str]:
-        """Run to the end: (text, chunks, finish_reason)."""
-        chunks = [c async for c in self.stream(prompt, params, usage, constraint=constraint)]
-        return "".join(c.text for c in chunks), chunks, (chunks[-1].finish_reason if chunks else "stop")
+                       constraint=None) -> tuple[str, list[Piece], str]:
+        """Run to the end: (text, pieces, finish_reason)."""
+        pieces = [p async for p in self.stream(prompt, params, usage, constraint=constraint)]
+        return "".join(p.text for p in pieces), pieces, (pieces[-1].finish_reason if pieces else "stop")
 
 
-async def interleave(streams: Sequence[AsyncIterator[Chunk]]) -> AsyncIterator[tuple[int, Chunk]]:
-    """Chunks of several streams in arrival order, tagged with their stream's index (OpenAI interleaves the
+async def interleave(streams: Sequence[AsyncIterator[Piece]]) -> AsyncIterator[tuple[int, Piece]]:
+    """Pieces of several streams in arrival order, tagged with their stream's index (OpenAI interleaves the
     choices of an n > 1 stream). All streams run at once, so they share engine steps; closing this iterator
     (a client disconnect) closes every stream, which cancels their requests."""
     queue: asyncio.Queue = asyncio.Queue()
     end = object()
 
-    async def pump(i: int, stream: AsyncIterator[Chunk]) -> None:
+    async def pump(i: int, stream: AsyncIterator[Piece]) -> None:
         try:
-            async for chunk in stream:
-                queue.put_nowait((i, chunk))
+            async for piece in stream:
+                queue.put_nowait((i, piece))
         except Exception as exc:  # noqa: BLE001 - handed to the consumer, re-raised there
             queue.put_nowait((i, exc))
         finally:
