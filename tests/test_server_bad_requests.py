@@ -1,7 +1,5 @@
 """Every malformed request gets a 4xx with OpenAI's error JSON (never a 5xx), and the server keeps serving."""
 
-import json
-
 import httpx
 import pytest
 
@@ -32,7 +30,8 @@ CASES = {
     "unknown role": chat(messages=[{"role": "wizard", "content": "x"}]),
     "user message without content": chat(messages=[{"role": "user"}]),
     "content wrong type": chat(messages=[{"role": "user", "content": 42}]),
-    "image content part": chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]),
+    "audio content part": chat(messages=[{"role": "user", "content": [{"type": "input_audio",
+                                                                       "input_audio": {"data": "", "format": "wav"}}]}]),
     "unknown model": chat(model="gpt-4o"),
     "negative max_tokens": chat(max_tokens=-1),
     "huge max_tokens": chat(max_tokens=10**12),
