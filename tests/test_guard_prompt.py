@@ -59,18 +59,28 @@ def test_llama_guard_3_1b_matches_official_template(tok, conversation, name):
 
 
 @pytest.mark.parametrize("conversation", [USER_ONLY, USER_AGENT], ids=["user", "agent"])
-def test_custom_categories_match_official_template(tok, conversation):
-    ours = encode(tok, release("llama-guard-3-1b"), _parts(conversation), categories=CUSTOM)
+@pytest.mark.parametrize("name", ["llama-guard-3-1b", "llama-guard-3-11b-vision"])
+def test_custom_categories_match_official_template(tok, conversation, name):
+    ours = encode(tok, release(name), _parts(conversation), categories=CUSTOM)
     assert ours == _official_ids("llama-guard-3-1b", _parts(conversation), categories=CUSTOM,
                                  excluded_category_keys=[])
 
 
 @pytest.mark.parametrize("excluded", [["S6"], ["S1", "S13", "S7"]])
-def test_excluded_categories_match_official_template(tok, excluded):
-    ours = encode(tok, release("llama-guard-3-1b"), _parts(USER_AGENT), excluded=excluded)
-    assert ours == _official_ids("llama-guard-3-1b", _parts(USER_AGENT), excluded_category_keys=excluded)
+@pytest.mark.parametrize("conversation", [USER_ONLY, USER_AGENT], ids=["user", "agent"])
+@pytest.mark.parametrize("name", ["llama-guard-3-1b", "llama-guard-3-11b-vision"])
+def test_excluded_categories_match_official_template(tok, excluded, conversation, name):
+    ours = encode(tok, release(name), _parts(conversation), excluded=excluded)
+    assert ours == _official_ids("llama-guard-3-1b", _parts(conversation), excluded_category_keys=excluded)
     text = tok.decode(ours)
     assert all(f"\n{k}: " not in text for k in excluded)
+
+
+def test_custom_and_excluded_categories_together_match_official_template(tok):
+    ours = encode(tok, release("llama-guard-3-1b"), _parts(USER_AGENT[:3]), categories=CUSTOM, excluded=["X2"])
+    assert ours == _official_ids("llama-guard-3-1b", _parts(USER_AGENT[:3]), categories=CUSTOM,
+                                 excluded_category_keys=["X2"])
+    assert "Pineapple" not in tok.decode(ours)
 
 
 def test_image_part_matches_official_template(tok):
