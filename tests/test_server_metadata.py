@@ -140,3 +140,45 @@ def test_error_messages_lose_the_servers_paths(homes):
     assert _without_paths(CheckpointError(model.checkpoint.source, "truncated tensor data"), served) == \
         "truncated tensor data"
     assert str(homes) not in _without_paths(ChatFormatError(f"see {homes / 'private'}/other"), served)
+
+
+def test_serve_start_line_says_which_builtin_format(homes):
+    from llamaherd.cli.serve import chat_note
+
+    with_turns = load(write_tiny_gemma_gguf(homes / "t.gguf", random_gemma_state(), extra_specials=TURNS))
+    assert chat_note(with_turns) == "; no chat template in the checkpoint: using the built-in gemma3 format"
+    bare = load(write_tiny_gemma_gguf(homes / "b.gguf", random_gemma_state()))
+    assert "no chat format" in chat_note(bare) and "--chat-format" in chat_note(bare)
+
+
+@pytest.mark.slow
+def test_official_clients_chat_with_the_default_model(tmp_path_factory):
+    """The openai and ollama clients' chat calls on the default model (a base Gemma 3 GGUF without a template),
+    and /api/tags reporting the file's own size and sha256."""
+    openai = pytest.importorskip("openai")
+    ollama = pytest.importorskip("ollama")
+    from llamaherd import store
+
+    pytest.importorskip(store.PACKAGED[store.DEFAULT_MODEL].module, reason="install llamaherd[models]")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("LLAMAHERD_HOME", str(tmp_path_factory.mktemp("herd")))
+    try:
+        path = store.default_model(progress=lambda *_: None)
+        server = LiveServer(ServedModel(load(path), store.DEFAULT_MODEL, kv_cache_bytes=64 << 20))
+        try:
+            oa = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+            r = oa.chat.completions.create(model=store.DEFAULT_MODEL, max_tokens=8, temperature=0,
+                                           messages=[{"role": "user", "content": "Name a planet."}])
+            assert r.choices[0].message.role == "assistant" and r.usage.completion_tokens >= 1
+            ol = ollama.Client(host=server.url, timeout=120)
+            reply = ol.chat(model=store.DEFAULT_MODEL, messages=[{"role": "user", "content": "Name a planet."}],
+                            options={"num_predict": 8, "temperature": 0})
+            assert reply.done and reply.message.role == "assistant"
+            entry = ol.list().models[0]
+            assert entry.size == path.stat().st_size
+            assert entry.digest == hashlib.sha256(path.read_bytes()).hexdigest()
+            assert "chat" in ol.show(store.DEFAULT_MODEL).capabilities
+        finally:
+            server.stop()
+    finally:
+        mp.undo()
