@@ -123,13 +123,21 @@ def test_gguf_logits_over_many_positions_are_float32(tmp_path):
     assert_float32_products(logits, h, torch.from_numpy(written["output.weight"]))
 
 
-@pytest.mark.parametrize("name", ["llama3", "llama3.2"])  # separate output and tied output
-def test_bf16_model_logits_over_many_positions_are_float32(name):
-    """A bf16 model's logits over 32 positions (more rows than the matrix-vector kernel takes) in float32."""
+@pytest.mark.parametrize("rows", [1, 32])  # the matrix-vector kernel's case and a GEMM's
+@pytest.mark.parametrize("family", ["llama3", "llama3.2", "gemma3", "llama4"])  # llama3.2: tied output
+def test_bf16_model_logits_are_float32_products(family, rows):
+    """Every family's bf16 logits are float32 sums, for one position (the native kernel) and for 32 (more rows
+    than that kernel takes)."""
     assert dense.available()
-    net = random_model(TINY[name]).to(torch.bfloat16).eval()
+    config = TINY[family] if family in TINY else family_configs()[family]
+    net = random_model(config, std=0.1).to(torch.bfloat16).eval()
     swaps.apply(net)
-    ids = torch.arange(64).reshape(2, 32) * 5 % 256
+    assert type(net.project) is swaps.NativeVocabProjection
+    seen = []
+    hook = net.project.register_forward_hook(lambda _, args, out: seen.append((args[0], out)))
+    ids = torch.arange(2 * rows).reshape(2, rows) * 5 % config.vocab_size
     with torch.inference_mode():
-        logits, h = projection_input(net, ids, net)
+        net(ids)
+    hook.remove()
+    h, logits = seen[0]
     assert_float32_products(logits, h, net.output_weight())
