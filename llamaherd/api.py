@@ -24,11 +24,19 @@ def resolve(source: str | Path) -> Path:
     return resolve_name(str(source))
 
 
-def load(source: str | Path, *, dtype: torch.dtype | None = None, device: str | torch.device | None = None) -> Model:
-    """Load a model from a Meta folder, a Hugging Face folder, a .gguf file, or a name in the local store."""
+def load(source: str | Path, *, dtype: torch.dtype | None = None, device: str | torch.device | None = None,
+         adapter: str | Path | None = None) -> Model:
+    """Load a model from a Meta folder, a Hugging Face folder, a .gguf file, or a name in the local store.
+
+    `adapter` is a PEFT-format LoRA folder (adapter_config.json + adapter_model.safetensors) applied on top.
+    """
     ckpt = read(resolve(source))
     net = materialize(ckpt, dtype=dtype, device=device)
     native_swaps.apply(net)  # the fast CPU paths, as module swaps over the reference model (native/swaps.py)
+    if adapter is not None:
+        from .train.adapter import load_adapter  # LoRA wraps the projections: a swap like the ones above
+
+        load_adapter(net, ckpt.config, adapter)
     return Model(net, ckpt)
 
 
