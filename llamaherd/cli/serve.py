@@ -38,6 +38,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="context window in tokens (at most the model's max_seq_len; default: the model's)")
     add_dtype_flag(p)
     add_chat_format_flag(p)
+    p.add_argument("--adapter", default=None, metavar="DIR",
+                   help="apply a PEFT-format LoRA adapter (herd finetune's output) on top of the model")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for the model's math (default: torch's choice); 1 is fastest on a busy machine")
     add_serve_flags(p)
@@ -62,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
 
         source = DEFAULT_MODEL
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    model = load(resolve_model(source), dtype=parse_dtype(args.dtype))
+    model = load(resolve_model(source), dtype=parse_dtype(args.dtype), adapter=args.adapter)
     apply_chat_format(model, args.chat_format)
     name = args.name or os.path.basename(str(source).rstrip("/")).removesuffix(".gguf")
     served = ServedModel(model, name, kv_cache_bytes=int(args.kv_cache_gb * (1 << 30)), max_batch=args.max_batch,
