@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import ChatFormatError
-from .base import ChatFormat, Piece
+from .base import ChatFormat, Segment
 from .tools import ToolCallParser, ToolSyntax, parse_tool_output
 
 FORMATS = ("llama2", "llama3", "llama3.2", "llama4", "gemma3", "hf")
@@ -112,5 +112,5 @@ def get_format(name: str, tokenizer, template: str | None = None, **options) -> 
     raise ChatFormatError(f"unknown chat format {name!r}; expected one of {', '.join(FORMATS)}")
 
 
-__all__ = ["ChatFormat", "ChatFormatError", "FORMATS", "FORMAT_HELP", "FormatChoice", "Piece", "ToolCallParser",
+__all__ = ["ChatFormat", "ChatFormatError", "FORMATS", "FORMAT_HELP", "FormatChoice", "Segment", "ToolCallParser",
            "ToolSyntax", "choose_format", "get_format", "parse_tool_output"]

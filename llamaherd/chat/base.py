@@ -1,6 +1,6 @@
 """The chat-format contract: OpenAI-shaped messages -> pieces (special or text) -> string or token ids.
 
-Every format builds a list of `Piece`s. `render` joins them into a string; `encode_dialog` encodes each
+Every format builds a list of `Segment`s. `render` joins them into a string; `encode_dialog` encodes each
 text piece on its own with the tokenizer's plain `encode` (so special-token literals a user typed stay
 plain text) and maps each special piece to its id. Encoding piece by piece also reproduces the token
 boundaries of Meta's `ChatFormat`, which encodes header, role and content separately.
@@ -19,19 +19,19 @@ ROLES = ("system", "user", "assistant", "tool", "ipython")
 
 
 @dataclass(frozen=True)
-class Piece:
+class Segment:
     """One run of the prompt: a special token (by its literal) or plain text."""
 
     text: str
     special: bool = False
 
 
-def S(literal: str) -> Piece:
-    return Piece(literal, True)
+def S(literal: str) -> Segment:
+    return Segment(literal, True)
 
 
-def T(text: str) -> Piece:
-    return Piece(text, False)
+def T(text: str) -> Segment:
+    return Segment(text, False)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -70,13 +70,13 @@ def content_parts(message: dict, index: int) -> list[str]:
     )
 
 
-def content_pieces(message: dict, index: int, image_literal: str | None = None) -> list[Piece]:
+def content_pieces(message: dict, index: int, image_literal: str | None = None) -> list[Segment]:
     """A message's content as pieces: text parts as text, image parts (`image_url` / `image`) as the format's
     image token `image_literal` (Meta's `_encode_content` appends one vision token per image item)."""
     content = message.get("content")
     if not isinstance(content, list):
         return [T(part) for part in content_parts(message, index)]
-    out: list[Piece] = []
+    out: list[Segment] = []
     for part in content:
         if isinstance(part, dict) and part.get("type") in ("image_url", "image"):
             if image_literal is None:
@@ -149,7 +149,7 @@ class ChatFormat:
         self.tokenizer = tokenizer
 
     # -- to implement ------------------------------------------------------------------------------------
-    def pieces(self, messages: list[dict], tools: list | None = None, add_generation_prompt: bool = True) -> list[Piece]:
+    def pieces(self, messages: list[dict], tools: list | None = None, add_generation_prompt: bool = True) -> list[Segment]:
         raise NotImplementedError
 
     # -- shared ------------------------------------------------------------------------------------------
@@ -161,7 +161,7 @@ class ChatFormat:
         """The prompt as token ids."""
         return self.encode_pieces(self.pieces(check_messages(messages), tools, add_generation_prompt))
 
-    def encode_pieces(self, pieces: Iterable[Piece]) -> list[int]:
+    def encode_pieces(self, pieces: Iterable[Segment]) -> list[int]:
         ids: list[int] = []
         for p in pieces:
             if p.special:

@@ -9,7 +9,7 @@ surrounding whitespace; each turn ends with `<end_of_turn>` and a newline.
 from __future__ import annotations
 
 from ..errors import ChatFormatError
-from .base import ChatFormat, Piece, S, T, content_text
+from .base import ChatFormat, Segment, S, T, content_text
 
 START, END = "<start_of_turn>", "<end_of_turn>"
 
@@ -18,7 +18,7 @@ class GemmaFormat(ChatFormat):
     name = "gemma3"
     stop_literals = (END, "<eos>")
 
-    def pieces(self, messages, tools=None, add_generation_prompt=True) -> list[Piece]:
+    def pieces(self, messages, tools=None, add_generation_prompt=True) -> list[Segment]:
         if tools:
             raise ChatFormatError("the gemma3 chat format has no tool calling; drop `tools`")
         turns = []
@@ -28,7 +28,7 @@ class GemmaFormat(ChatFormat):
                                       "(system, user and assistant only)")
             turns.append((m["role"], content_text(m, i).strip()))
         system = turns.pop(0)[1] if turns and turns[0][0] == "system" else None
-        out: list[Piece] = [S("<bos>")]
+        out: list[Segment] = [S("<bos>")]
         for k, (role, text) in enumerate(turns):
             if role == "system":
                 raise ChatFormatError("gemma3 takes one system message, first in the dialog")

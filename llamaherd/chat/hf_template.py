@@ -28,7 +28,7 @@ import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from ..errors import ChatFormatError
-from .base import ChatFormat, Piece, S, T
+from .base import ChatFormat, Segment, S, T
 from .tools import LLAMA3_SYNTAX, LLAMA4_SYNTAX, ToolSyntax
 
 MAX_OPS = 2_000_000  # attribute/item lookups, calls and range items per render
@@ -235,9 +235,9 @@ class HFTemplateFormat(ChatFormat):
             b.active = False
         return "".join(out)
 
-    def pieces(self, messages, tools=None, add_generation_prompt=True) -> list[Piece]:
+    def pieces(self, messages, tools=None, add_generation_prompt=True) -> list[Segment]:
         text = self.render_raw(messages, tools, add_generation_prompt)
-        out: list[Piece] = []
+        out: list[Segment] = []
         pos = 0
         if self._split is not None:
             for m in self._split.finditer(text):

@@ -11,7 +11,7 @@ Rules from Meta's llama (v2) `llama/generation.py::Llama.chat_completion`:
 from __future__ import annotations
 
 from ..errors import ChatFormatError
-from .base import ChatFormat, Piece, S, T, content_text
+from .base import ChatFormat, Segment, S, T, content_text
 from .tools import LLAMA2_SYNTAX
 
 B_INST, E_INST = "[INST]", "[/INST]"
@@ -27,7 +27,7 @@ class Llama2Format(ChatFormat):
     syntax = LLAMA2_SYNTAX
     stop_literals = (EOS,)
 
-    def pieces(self, messages, tools=None, add_generation_prompt=True) -> list[Piece]:
+    def pieces(self, messages, tools=None, add_generation_prompt=True) -> list[Segment]:
         if tools:
             raise ChatFormatError("the llama2 chat format has no tool calling; drop `tools` or use a Llama 3/4 format")
         texts = []
@@ -56,7 +56,7 @@ class Llama2Format(ChatFormat):
                     f"llama2 dialogs alternate user/assistant starting with user (an optional system message "
                     f"first); turn {k} is {role!r}, expected {want!r}"
                 )
-        out: list[Piece] = []
+        out: list[Segment] = []
         for (_, prompt), (_, answer) in zip(texts[::2], texts[1::2]):
             out += [S(BOS), T(f"{B_INST} {prompt.strip()} {E_INST} {answer.strip()} "), S(EOS)]
         if len(texts) % 2 == 1:

@@ -15,7 +15,7 @@ Two choices where Meta's sources disagree, both documented in the tests:
 from __future__ import annotations
 
 from ..errors import ChatFormatError
-from .base import ChatFormat, Piece, S, T, content_pieces, content_text, tool_calls_of
+from .base import ChatFormat, Segment, S, T, content_pieces, content_text, tool_calls_of
 from .tool_prompts import (
     TOOL_FORMATS,
     encode_call,
@@ -49,10 +49,10 @@ class HeaderChatFormat(ChatFormat):
         self.today = today  # None: the current date when rendering; a str or date pins it (tests, caching)
 
     # -- pieces ------------------------------------------------------------------------------------------
-    def header(self, role: str) -> list[Piece]:
+    def header(self, role: str) -> list[Segment]:
         return [S(self.HEADER_START), T("ipython" if role in ("tool", "ipython") else role), S(self.HEADER_END), T("\n\n")]
 
-    def pieces(self, messages, tools=None, add_generation_prompt=True) -> list[Piece]:
+    def pieces(self, messages, tools=None, add_generation_prompt=True) -> list[Segment]:
         out = [S(self.BOS)]
         for index, m in self.with_tool_prompts(messages, tools):
             out += self.message_pieces(m, index)
@@ -60,7 +60,7 @@ class HeaderChatFormat(ChatFormat):
             out += self.header("assistant")
         return out
 
-    def message_pieces(self, m: dict, index: int) -> list[Piece]:
+    def message_pieces(self, m: dict, index: int) -> list[Segment]:
         role = m["role"]
         out = self.header(role)
         calls = tool_calls_of(m, index) if role == "assistant" else []
@@ -75,10 +75,10 @@ class HeaderChatFormat(ChatFormat):
         out.append(S(self.end_token(m, calls)))
         return out
 
-    def call_prefix(self, calls) -> list[Piece]:
+    def call_prefix(self, calls) -> list[Segment]:
         return []
 
-    def call_suffix(self, calls) -> list[Piece]:
+    def call_suffix(self, calls) -> list[Segment]:
         return []
 
     def end_token(self, m: dict, calls) -> str:
@@ -121,7 +121,7 @@ class Llama3Format(HeaderChatFormat):
     syntax = LLAMA3_SYNTAX
     stop_literals = ("<|eot_id|>", "<|eom_id|>", "<|end_of_text|>")
 
-    def call_prefix(self, calls) -> list[Piece]:
+    def call_prefix(self, calls) -> list[Segment]:
         return [S(self.PYTHON_TAG)] if calls and calls[0][0] in BUILTIN_TOOLS else []
 
     def end_token(self, m: dict, calls) -> str:
