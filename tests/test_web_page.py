@@ -75,7 +75,7 @@ def test_page_is_served_and_root_still_answers_clients(live):
         assert c.get("/v1/models").status_code == 401  # the API stays guarded
 
 
-def test_chat_in_the_browser_streams_stops_and_is_kept(live, browser):
+def test_chat_in_the_browser_streams_stops_and_is_kept(live, browser, tmp_path):
     from selenium.webdriver.common.by import By
 
     url = live[0].url
@@ -125,8 +125,8 @@ def test_chat_in_the_browser_streams_stops_and_is_kept(live, browser):
     assert not browser.find_element(By.ID, "sidebar").is_displayed() or \
         browser.find_element(By.ID, "sidebar").rect["x"] < 0
     browser.set_window_size(1100, 800)
-    DOCS.mkdir(exist_ok=True)
-    browser.save_screenshot(str(DOCS / "web-chat.png"))
+    shot = tmp_path / "web-chat.png"
+    assert browser.save_screenshot(str(shot)) and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_markdown_from_the_model_is_rendered_without_html_injection(live, browser):
@@ -146,3 +146,44 @@ def test_markdown_from_the_model_is_rendered_without_html_injection(live, browse
     assert not probe.find_elements(By.TAG_NAME, "img") and not probe.find_elements(By.TAG_NAME, "script")
     assert not probe.find_elements(By.CSS_SELECTOR, "a[href^='javascript']")
     assert browser.execute_script("return window.pwned === undefined")
+
+
+@pytest.mark.slow
+def test_screenshot_of_the_default_model_in_the_page(browser, tmp_path_factory):
+    """The README's screenshot (docs/web-chat.png): the default model answering in the page, as served."""
+    from selenium.webdriver.common.by import By
+
+    from llamaherd import load, store
+    from llamaherd.server import ServedModel
+
+    from .server_fixtures import LiveServer
+
+    pytest.importorskip(store.PACKAGED[store.DEFAULT_MODEL].module, reason="install llamaherd[models]")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("LLAMAHERD_HOME", str(tmp_path_factory.mktemp("herd")))
+    try:
+        path = store.default_model(progress=lambda *_: None)
+    finally:
+        mp.undo()
+    server = LiveServer(ServedModel(load(path), store.DEFAULT_MODEL, kv_cache_bytes=64 << 20))
+    try:
+        browser.get(server.url + "/ui/")
+        browser.execute_script("localStorage.clear()")
+        browser.refresh()
+        _wait(lambda: browser.find_elements(By.CSS_SELECTOR, "#model option"), what="the model picker")
+        browser.find_element(By.ID, "toggle-settings").click()
+        for field, value in (("temperature", "0"), ("max_tokens", "48")):
+            box = browser.find_element(By.ID, field)
+            box.clear()
+            box.send_keys(value)
+        browser.find_element(By.ID, "input").send_keys("List the planets of the solar system, in order from the Sun.")
+        browser.find_element(By.ID, "send").click()
+        done = _wait(lambda: browser.find_elements(By.CSS_SELECTOR, ".msg.assistant.done"), timeout=120,
+                     what="the default model's reply")[0]
+        assert done.find_element(By.CSS_SELECTOR, ".body").text.strip()
+        assert "tokens/s" in done.find_element(By.CSS_SELECTOR, ".stats").text
+        browser.find_element(By.ID, "toggle-settings").click()  # settings closed: the conversation in view
+        DOCS.mkdir(exist_ok=True)
+        browser.save_screenshot(str(DOCS / "web-chat.png"))
+    finally:
+        server.stop()
