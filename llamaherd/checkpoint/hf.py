@@ -15,7 +15,7 @@ from ..config import GenerationDefaults
 from ..errors import CheckpointError
 from . import gemma3, llama, llama4, mllama
 from .base import Checkpoint, attach_tokenizer
-from .meta_pth import load_pth
+from .pth import load_pth
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
                    "chat_template.jinja")

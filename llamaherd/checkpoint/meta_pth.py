@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import pickle
 import shutil
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -13,11 +11,10 @@ import torch
 
 from ..config import ConfigError, ModelConfig, RopeScaling, ffn_hidden_dim
 from ..errors import CheckpointError
-from . import llama4
+from . import llama4, mllama
 from .base import Checkpoint, attach_tokenizer
+from .pth import TOKENIZER_FILES, load_pth, shard_files
 from .transforms import META_IGNORED, merge_shards, shard_dim, split_shards
-
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
 
 
 # -- params.json <-> ModelConfig -----------------------------------------------------------------
@@ -109,43 +106,6 @@ def params_from_config(c: ModelConfig) -> dict[str, Any]:
 # -- reading -------------------------------------------------------------------------------------
 
 
-def load_pth(file: Path) -> dict[str, torch.Tensor]:
-    """One .pth file, memory-mapped, with pickled code refused (weights_only)."""
-    try:
-        sd = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-    except pickle.UnpicklingError as exc:
-        raise CheckpointError(
-            file, f"refused to unpickle: the file holds objects other than tensors ({str(exc).splitlines()[0]}); "
-            "only plain tensor state dicts are loaded, never code; get the checkpoint from a trusted source",
-        ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise CheckpointError(
-            file, f"cannot read as a PyTorch checkpoint ({reason}); "
-            "the file is truncated or corrupt: download it again",
-        ) from None
-    if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
-        raise CheckpointError(file, "is not a state dict of named tensors; expected Meta's consolidated.NN.pth")
-    return sd
-
-
-def _shard_files(path: Path) -> list[Path]:
-    files = sorted(path.glob("consolidated.*.pth"))
-    if not files:
-        raise CheckpointError(path, "no consolidated.*.pth files; a Meta checkpoint folder holds params.json and them")
-    numbers = []
-    for f in files:
-        try:
-            numbers.append(int(f.name.split(".")[1]))
-        except ValueError:
-            raise CheckpointError(f, "shard file name must be consolidated.NN.pth with NN a number") from None
-    if numbers != list(range(len(files))):
-        raise CheckpointError(
-            path, f"shard numbers {numbers} are not 00..{len(files) - 1:02d}; a shard is missing, get the full folder"
-        )
-    return files
-
-
 def read(path: str | Path) -> Checkpoint:
     """Read a Meta checkpoint folder; shards are merged, a tied output (equal to tok_embeddings) dropped."""
     path = Path(path)
@@ -161,10 +121,8 @@ def read(path: str | Path) -> Checkpoint:
     if not isinstance(params, dict):
         raise CheckpointError(pfile, "must hold a JSON object of model parameters")
     if params.get("vision_chunk_size", -1) > 0:  # Llama 3.2 Vision (llama-models llama3/args.py)
-        from .mllama import read_meta
-
-        return read_meta(path, params)
-    files = _shard_files(path)
+        return mllama.read_meta(path, params)
+    files = shard_files(path)
     shards = [load_pth(f) for f in files]
     if "moe_args" in params:
         return _read_llama4(path, params, files, shards)

@@ -16,7 +16,9 @@ from ..config import ConfigError, ModelConfig, RopeScaling, VisionConfig
 from ..errors import CheckpointError
 from ..model.mllama import N_LEARNABLE_EMBEDDINGS, fusion_schedule
 from ..model.vision_mllama import supported_aspect_ratios
+from .base import Checkpoint, attach_tokenizer
 from .llama import rope_from_hf
+from .pth import TOKENIZER_FILES, load_pth, shard_files
 from .transforms import permute_to_hf, unpermute_from_hf
 
 MODEL_TYPES = ("mllama",)  # MllamaForConditionalGeneration
@@ -126,10 +128,7 @@ def normalize_meta(state_dict: dict[str, torch.Tensor], config: ModelConfig) -> 
 
 def read_meta(path: Path, params: dict[str, Any]):
     """A Meta Llama 3.2 Vision folder: params.json and one consolidated.pth (or consolidated.00.pth)."""
-    from .base import Checkpoint, attach_tokenizer
-    from .meta_pth import TOKENIZER_FILES, _shard_files, load_pth
-
-    files = [path / "consolidated.pth"] if (path / "consolidated.pth").exists() else _shard_files(path)
+    files = [path / "consolidated.pth"] if (path / "consolidated.pth").exists() else shard_files(path)
     if len(files) > 1:
         raise CheckpointError(path, f"{len(files)} model-parallel shards: merging Llama 3.2 Vision shards is not "
                               "supported yet; convert the folder with Meta's or transformers' tools first")
