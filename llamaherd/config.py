@@ -117,6 +117,39 @@ class VisionConfig:
 
 
 @dataclass(frozen=True)
+class Llama4VisionConfig:
+    """Llama 4's vision encoder (early fusion): a ViT over 336-pixel tiles with 2-D rotary attention, pixel shuffle
+    and an MLP adapter; its output replaces the embeddings of the prompt's <|patch|> tokens.
+
+    Defaults are Scout's and Maverick's params.json `vision_args` (llama-models `llama4/args.py::VisionArgs`).
+    """
+
+    image_size: int = 336
+    patch_size: int = 14
+    width: int = 1408
+    n_layers: int = 34
+    n_heads: int = 16
+    mlp_ratio: float = 4.0
+    output_dim: int = 4096
+    pixel_shuffle_ratio: float = 0.5
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+
+    def __post_init__(self) -> None:
+        grid = self.image_size // self.patch_size
+        if self.image_size % self.patch_size or (grid * self.pixel_shuffle_ratio) % 1:
+            raise ConfigError(f"a {self.image_size}-pixel tile of {self.patch_size}-pixel patches does not shuffle "
+                              f"by {self.pixel_shuffle_ratio}")
+        if (self.width // self.n_heads) % 4:
+            raise ConfigError("the 2-D rotary embedding needs a head width divisible by 4")
+
+    @property
+    def tokens_per_tile(self) -> int:
+        """<|patch|> tokens one tile becomes after pixel shuffle (144 for 336 / 14 / 0.5)."""
+        return int((self.image_size // self.patch_size) * self.pixel_shuffle_ratio) ** 2
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """The architecture of one decoder. Batch size, device and cache length are runtime choices, not here.
 
