@@ -14,10 +14,26 @@ import sys
 from ..errors import LlamaherdError
 
 
+class IntermixedParser(argparse.ArgumentParser):
+    """A verb's parser: positionals may come after options (`herd run MODEL --temperature 0 "a prompt"`), which
+    plain argparse refuses once it has consumed the first positional chunk."""
+
+    _busy = False
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
+        if self._busy:  # parse_known_intermixed_args calls back into parse_known_args
+            return super().parse_known_args(args, namespace)
+        self._busy = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._busy = False
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="herd", description="Run, chat with, serve and convert Llama models.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=IntermixedParser)
     for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
         if info.name.startswith("_"):
             continue

@@ -31,26 +31,6 @@ SAMPLING_FLAGS: list[tuple[str, str, type, str]] = [
 ]
 
 
-class _IntermixedParser(argparse.ArgumentParser):
-    """Lets positionals come after options (`herd run MODEL --temperature 0 "a prompt"`), which plain
-    argparse refuses once it has consumed the first positional chunk."""
-
-    _busy = False
-
-    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
-        if self._busy:  # parse_known_intermixed_args calls back into parse_known_args
-            return super().parse_known_args(args, namespace)
-        self._busy = True
-        try:
-            return self.parse_known_intermixed_args(args, namespace)
-        finally:
-            self._busy = False
-
-
-def allow_intermixed(p: argparse.ArgumentParser) -> None:
-    p.__class__ = _IntermixedParser
-
-
 def add_sampling_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sampling (defaults: the checkpoint's generation config)")
     for flag, dest, typ, help_ in SAMPLING_FLAGS:

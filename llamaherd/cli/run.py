@@ -6,8 +6,8 @@ import argparse
 import sys
 
 from ..errors import LlamaherdError
-from ._generation import (add_chat_format_flag, add_sampling_flags, allow_intermixed, apply_chat_format, load_model,
-                          looks_like_model, model_not_found, sampling_from_args, write_stream)
+from ._generation import (add_chat_format_flag, add_sampling_flags, apply_chat_format, load_model, looks_like_model,
+                          model_not_found, sampling_from_args, write_stream)
 
 
 def default_model() -> str:
@@ -30,7 +30,6 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="an image for a vision model (repeatable), placed before the prompt's text")
     add_chat_format_flag(p)
     add_sampling_flags(p)
-    allow_intermixed(p)
     p.set_defaults(func=run)
 
 
