@@ -16,6 +16,7 @@ from ..config import GenerationDefaults, ModelConfig
 from ..errors import CheckpointError
 from ..model import build
 from ..quant.ggml import GGMLWeight
+from ..tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -108,8 +109,6 @@ def _abbrev(names: list[str], n: int = 6) -> str:
 
 def attach_tokenizer(path: Path, names: tuple[str, ...]):
     """The tokenizer in a checkpoint folder (the first of `names` present), or None when it carries none."""
-    from ..tokenizer import Tokenizer
-
     for name in names:
         if (path / name).exists():
             return Tokenizer.from_file(path / name)

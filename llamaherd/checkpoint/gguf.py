@@ -16,6 +16,7 @@ import torch
 from ..config import GenerationDefaults, ModelConfig, RopeScaling
 from ..errors import GGUFError, TokenizerError
 from ..gguf_file import GGMLType, TensorInfo, open_gguf, tensor_view
+from ..model.rope import inv_frequencies
 from ..quant.ggml import GGMLWeight, swap_ggml
 from ..quant.ggml_quants import dequantize
 from ..tokenizer.gguf_vocab import from_metadata
@@ -120,8 +121,6 @@ def rope_scaling_from_factors(factors: torch.Tensor, head_dim: int, theta: float
     convert_hf_to_gguf.py (LlamaModel.generate_extra_tensors) writes 1 / scale per frequency instead of the
     rope_scaling parameters, so we search the parameter sets released models use and insist on a match.
     """
-    from ..model.rope import inv_frequencies
-
     factors = factors.float().flatten()
     base = inv_frequencies(head_dim, theta)
     if factors.shape != base.shape:

@@ -11,6 +11,7 @@ import torch
 
 from ..config import ConfigError, ModelConfig, RopeScaling, ffn_hidden_dim
 from ..errors import CheckpointError
+from ..model import build
 from . import llama4, mllama
 from .base import Checkpoint, attach_tokenizer
 from .pth import TOKENIZER_FILES, load_pth, shard_files
@@ -177,8 +178,6 @@ def _read_llama4(path: Path, params: dict[str, Any], files: list[Path], shards: 
 def _check_llama4_shapes(sd: dict[str, torch.Tensor], config: ModelConfig, files: list[Path]) -> None:
     """Merged tensors must have the shapes params.json implies; a mismatch on a split tensor means a shard count
     other than the one the checkpoint was written with (e.g. half of an 8-file folder)."""
-    from ..model import build
-
     expected = {k: tuple(t.shape) for k, t in build(config, device="meta").state_dict().items()}
     n = len(files)
     for name, t in sd.items():

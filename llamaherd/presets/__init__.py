@@ -6,6 +6,7 @@ Rows live in per-family modules (`llama.py`, `llama4.py`, ...) and are merged in
 from __future__ import annotations
 
 from ..config import ConfigError, ModelConfig
+from ..model import build
 from . import gemma3, llama, llama4
 from .preset import Preset
 
@@ -46,8 +47,6 @@ def count_parameters(config: ModelConfig) -> tuple[int, int]:
 
     Active counts each MoE layer's routed experts at top_k / num_experts of their size.
     """
-    from ..model import build
-
     net = build(config, device="meta")
     total = active = 0
     for name, p in net.named_parameters():
