@@ -113,10 +113,18 @@ def _force_trigger(ref, trigger_id: int):
         ref.classifier.bias[1] = -40.0
 
 
-def test_long_text_scanned_in_windows_injection_at_the_end(tmp_path):
+# Prompt Guard 1's three labels as its config.json names them; Prompt Guard 2's config.json has transformers'
+# placeholders LABEL_0 / LABEL_1, read as BENIGN / MALICIOUS (label 1 is what the forced model flags).
+RELEASES = {"prompt-guard-1": (("BENIGN", "INJECTION", "JAILBREAK"), "INJECTION"),
+            "prompt-guard-2": (("LABEL_0", "LABEL_1"), "MALICIOUS")}
+
+
+@pytest.mark.parametrize("release", sorted(RELEASES))
+def test_long_text_scanned_in_windows_injection_at_the_end(tmp_path, release):
     from transformers import DebertaV2ForSequenceClassification
 
-    _reference(tmp_path, "v3")
+    labels, flagged = RELEASES[release]
+    _reference(tmp_path, "v3", labels=labels)
     ref = DebertaV2ForSequenceClassification.from_pretrained(tmp_path).eval()
     _force_trigger(ref, trigger_id=4)
     ref.save_pretrained(tmp_path)
@@ -129,23 +137,38 @@ def test_long_text_scanned_in_windows_injection_at_the_end(tmp_path):
 
     clean = guard.classify(benign)
     hit = guard.classify(text)
-    assert clean.label == "BENIGN" and clean.scores["INJECTION"] < 0.5
-    assert hit.label == "INJECTION" and hit.window == len(windows) - 1 and hit.windows == len(windows)
+    assert clean.label == "BENIGN" and clean.scores[flagged] < 0.5
+    assert hit.label == flagged and hit.window == len(windows) - 1 and hit.windows == len(windows)
+    assert hit.malicious == pytest.approx(1.0 - hit.scores["BENIGN"]) and hit.malicious > clean.malicious
     # The reported scores are the reference model's on that window.
     with torch.no_grad():
         expected = ref(input_ids=torch.tensor([windows[-1]])).logits.softmax(-1)[0]
     torch.testing.assert_close(torch.tensor(list(hit.scores.values())), expected, atol=1e-4, rtol=1e-4)
     # Batched (several texts, windows across batches) gives the same answers as one at a time.
     both = guard.classify([benign, text, "hello " + TRIGGER], batch_size=3)
-    assert [b.label for b in both] == ["BENIGN", "INJECTION", "INJECTION"]
+    assert [b.label for b in both] == ["BENIGN", flagged, flagged]
     assert both[1].scores == pytest.approx(hit.scores, abs=1e-5)
 
 
 def test_prompt_guard_2_labels_and_bad_folders(tmp_path):
-    _reference(tmp_path, "v3", labels=("LABEL_0", "LABEL_1"))
+    from transformers import DebertaV2ForSequenceClassification
+
+    ref = _reference(tmp_path, "v3", labels=("LABEL_0", "LABEL_1"))
     guard = PromptGuard.from_folder(tmp_path)
     s = guard.classify("hello world")
-    assert list(s.scores) == ["LABEL_0", "LABEL_1"] and s.malicious == pytest.approx(s.scores["LABEL_1"])
+    assert list(s.scores) == ["BENIGN", "MALICIOUS"] and s.malicious == pytest.approx(s.scores["MALICIOUS"])
+    with torch.no_grad():  # class 1 of the reference is what we call MALICIOUS
+        expected = ref(input_ids=torch.tensor([guard.windows("hello world")[0]])).logits.softmax(-1)[0]
+    assert s.scores["MALICIOUS"] == pytest.approx(float(expected[1]), abs=1e-5)
+    assert s.label == ("MALICIOUS" if expected[1] > expected[0] else "BENIGN")
+    # Names a checkpoint gives its classes itself are kept.
+    (tmp_path / "named").mkdir()
+    DebertaV2ForSequenceClassification.from_pretrained(tmp_path).save_pretrained(tmp_path / "named")
+    cfg = json.loads((tmp_path / "named" / "config.json").read_text())
+    cfg["id2label"] = {"0": "benign", "1": "malicious"}
+    (tmp_path / "named" / "config.json").write_text(json.dumps(cfg))
+    (tmp_path / "named" / "tokenizer.json").write_bytes((tmp_path / "tokenizer.json").read_bytes())
+    assert list(PromptGuard.from_folder(tmp_path / "named").classify("hello").scores) == ["benign", "malicious"]
 
     cfg = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**cfg, "model_type": "llama"}))

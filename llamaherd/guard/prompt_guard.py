@@ -1,6 +1,6 @@
 """Prompt Guard 1 and 2: a Hugging Face DeBERTa classifier folder loaded strictly, and long texts scanned in windows.
 
-Prompt Guard (86M) labels BENIGN / INJECTION / JAILBREAK; Prompt Guard 2 (86M, 22M) labels benign / malicious.
+Prompt Guard (86M) labels BENIGN / INJECTION / JAILBREAK; Prompt Guard 2 (86M, 22M) labels BENIGN / MALICIOUS.
 Label 0 is the benign class in both (their config.json id2label). A text longer than the model's window is
 classified in overlapping windows, batched, and the window with the highest non-benign probability decides,
 as Meta's guidance for long inputs does (PurpleLlama Prompt-Guard model card, "split into segments and scan
@@ -23,6 +23,10 @@ from ..model.deberta import DebertaConfig, DebertaForSequenceClassification
 from .prompt import GuardError
 
 ARCHITECTURES = ("DebertaV2ForSequenceClassification",)
+# Prompt Guard 2's two classes, label 0 benign and label 1 malicious (PurpleLlama, Llama-Prompt-Guard-2/86M/
+# MODEL_CARD.md: "labeling prompts as 'benign' or 'malicious'"; its example prints MALICIOUS for class 1). A
+# checkpoint whose config.json carries only transformers' placeholders LABEL_0 / LABEL_1 is read with these.
+PROMPT_GUARD_2_LABELS = ("BENIGN", "MALICIOUS")
 
 
 @dataclass(frozen=True)
@@ -59,6 +63,8 @@ def _config(folder: Path) -> DebertaConfig:
         labels = tuple(id2label[str(i)] for i in range(len(id2label)))
     except KeyError:
         raise CheckpointError(file, f"id2label {id2label} does not number its labels 0..n-1") from None
+    if labels == ("LABEL_0", "LABEL_1"):
+        labels = PROMPT_GUARD_2_LABELS  # transformers' placeholder names on a two-class checkpoint
     known = {f.name for f in fields(DebertaConfig)}
     kw = {k: v for k, v in raw.items() if k in known}
     pos = kw.get("pos_att_type") or ()
