@@ -1,0 +1,92 @@
+"""Llama 4's vision encoder, pixel shuffle, adapter and projection against Meta's reference (llama-models
+`VisionEmbeddings` + `vision_projection`) and transformers' Llama4VisionModel + Llama4MultiModalProjector, float32.
+
+Tiny configurations (56-pixel tiles of 14-pixel patches: 16 patches, 4 tokens after the shuffle); every weight
+redrawn; weights pass through our converter (checkpoint/llama4_vision.py) where names differ.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llamaherd.checkpoint.llama4_vision import config_from_hf, config_from_params, hf_to_meta
+from llamaherd.model.vision_llama4 import Llama4Vision, merge_image_features
+
+from .vision_fixtures import redraw
+
+VISION_ARGS = {"image_size": {"height": 56, "width": 56}, "patch_size": {"height": 14, "width": 14}, "dim": 32,
+               "n_layers": 2, "n_heads": 4, "mlp_ratio": 4.0, "output_dim": 48, "pixel_shuffle_ratio": 0.5}
+DIM = 64  # the text width the projection maps to
+PATCH = 200  # a <|patch|> token id for the merge
+
+
+def _tiles(n: int, seed: int) -> torch.Tensor:
+    return torch.randn(n, 3, 56, 56, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module")
+def meta_pair(meta_parallel):
+    from fairscale.nn.model_parallel.layers import ColumnParallelLinear
+    from llama_models.llama4.args import VisionArgs
+    from llama_models.llama4.vision.embedding import VisionEmbeddings
+
+    with pytest.MonkeyPatch.context() as mp:
+        # The reference allocates its attention KV caches with .cuda(); this CPU machine keeps them in place.
+        mp.setattr(torch.Tensor, "cuda", lambda self, *a, **k: self)
+        torch.manual_seed(0)
+        emb = VisionEmbeddings(VisionArgs(**VISION_ARGS)).float()  # it casts its encoder to bf16
+        proj = ColumnParallelLinear(VISION_ARGS["output_dim"], DIM, bias=False, init_method=lambda x: x)
+    ref = torch.nn.ModuleDict({"vision_embeddings": emb, "vision_projection": proj})
+    redraw(ref, seed=1, std=0.2)
+    ours = Llama4Vision(config_from_params(VISION_ARGS), DIM)
+    ours.load_state_dict(ref.state_dict(), strict=True)  # Meta's names are ours
+    return ref, ours.eval()
+
+
+def test_features_match_meta(meta_pair):
+    ref, ours = meta_pair
+    tiles = _tiles(3, 2)
+    T = 3 * 4 + 5  # 3 tiles x 4 patch tokens, among text tokens
+    tokens = torch.full((1, T), 7)
+    tokens[0, 2:14] = PATCH
+    mask = (tokens == PATCH)[..., None]
+    with torch.no_grad():
+        h_image = ref["vision_embeddings"]([[tiles]], mask, torch.zeros(1, T, DIM))  # scattered to the patches
+        h_text = torch.randn(1, T, DIM, generator=torch.Generator().manual_seed(3))
+        expected = h_text * ~mask + ref["vision_projection"](h_image) * mask  # llama-models Transformer.forward
+        feats = ours(tiles)  # (3, 4, DIM)
+        got = merge_image_features(h_text, tokens, PATCH, feats.reshape(-1, DIM))
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    assert (feats - ours(_tiles(3, 9))).abs().max() > 1e-2  # the pixels matter
+
+
+def test_features_match_transformers():
+    from transformers import Llama4VisionConfig
+    from transformers.models.llama4.modeling_llama4 import Llama4MultiModalProjector, Llama4VisionModel
+
+    hf = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128,
+          "image_size": 56, "patch_size": 14, "pixel_shuffle_ratio": 0.5, "projector_input_dim": 48,
+          "projector_output_dim": 48, "vision_output_dim": 48, "rope_parameters": {"rope_theta": 10000.0}}
+    vcfg = Llama4VisionConfig(**hf)
+    torch.manual_seed(0)
+    model = Llama4VisionModel(vcfg)
+
+    class Cfg:  # the projector reads only these two widths
+        vision_config = vcfg
+        text_config = type("T", (), {"hidden_size": DIM})
+
+    ref = torch.nn.ModuleDict({"vision_model": model, "multi_modal_projector": Llama4MultiModalProjector(Cfg)})
+    redraw(ref, seed=4, std=0.2)
+    ours = Llama4Vision(config_from_hf(hf), DIM)
+    ours.load_state_dict(hf_to_meta(ref.state_dict()), strict=True)
+    tiles = _tiles(2, 5)
+    with torch.no_grad():
+        expected = ref["multi_modal_projector"](ref["vision_model"](tiles).last_hidden_state)
+        torch.testing.assert_close(ours.eval()(tiles), expected, atol=1e-5, rtol=0)
+
+
+def test_merge_counts_must_agree():
+    h = torch.zeros(1, 4, 8)
+    with pytest.raises(ValueError, match="2 <\\|patch\\|> tokens but 3"):
+        merge_image_features(h, torch.tensor([[1, PATCH, PATCH, 2]]), PATCH, torch.ones(3, 8))
