@@ -90,3 +90,27 @@ def test_merge_counts_must_agree():
     h = torch.zeros(1, 4, 8)
     with pytest.raises(ValueError, match="2 <\\|patch\\|> tokens but 3"):
         merge_image_features(h, torch.tensor([[1, PATCH, PATCH, 2]]), PATCH, torch.ones(3, 8))
+
+
+def test_release_vision_tower_count_equals_transformers():
+    """Scout's and Maverick's vision tower, built on the meta device at the released vision_args, has as many
+    parameters as transformers' Llama4VisionModel + projector at the released vision_config (the figure the
+    Llama 4 presets add to their text decoders as unbuilt_params)."""
+    from transformers import Llama4VisionConfig
+    from transformers.models.llama4.modeling_llama4 import Llama4MultiModalProjector, Llama4VisionModel
+
+    from llamaherd.config import Llama4VisionConfig as Ours
+    from llamaherd.presets.llama4 import VISION_PARAMS
+
+    with torch.device("meta"):
+        ours = sum(p.numel() for p in Llama4Vision(Ours(), 5120).parameters())
+        vcfg = Llama4VisionConfig(hidden_size=1408, num_hidden_layers=34, num_attention_heads=16,
+                                  intermediate_size=5632, image_size=336, patch_size=14, vision_output_dim=4096,
+                                  projector_input_dim=4096, projector_output_dim=4096)
+
+        class Cfg:
+            vision_config = vcfg
+            text_config = type("T", (), {"hidden_size": 5120})
+
+        hf = sum(p.numel() for m in (Llama4VisionModel(vcfg), Llama4MultiModalProjector(Cfg)) for p in m.parameters())
+    assert ours == hf == VISION_PARAMS
