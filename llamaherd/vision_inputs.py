@@ -48,7 +48,7 @@ def image_source(part: Any) -> Any:
 
 
 def image_token_id(tokenizer) -> int | None:
-    """The tokenizer's id of `<|image|>` (Meta's tiktoken file: 128010; Hugging Face's tokenizer.json: 128256)."""
+    """The tokenizer's id of `<|image|>` (Meta's tiktoken file: 128011; Hugging Face's tokenizer.json: 128256)."""
     if tokenizer is None:
         return None
     try:
