@@ -41,11 +41,22 @@ def from_gguf(path: str | Path) -> Tokenizer:
     except GGUFError as e:
         raise TokenizerError(str(e)) from e
     mm.close()
-    return from_metadata(header.metadata, Path(path))
+    tokenizer = from_metadata(header.metadata, Path(path))
+    if tokenizer is None:
+        raise TokenizerError(f"{path}: tokenizer.ggml.model = {header.metadata['tokenizer.ggml.model']!r}: the file has "
+                             "no vocabulary (its model runs on token ids); take the tokenizer from another file")
+    return tokenizer
 
 
-def from_metadata(md: dict[str, Any], source: Path | None = None) -> Tokenizer:
+# Files that declare no vocabulary: llama.cpp runs them on token ids (llama-vocab.cpp, LLAMA_VOCAB_TYPE_NONE).
+NO_VOCAB = ("none", "no_vocab")
+
+
+def from_metadata(md: dict[str, Any], source: Path | None = None) -> Tokenizer | None:
+    """The vocabulary in GGUF metadata; None when the file declares none (`tokenizer.ggml.model` in NO_VOCAB)."""
     model = md.get("tokenizer.ggml.model")
+    if model in NO_VOCAB:
+        return None
     if model == "llama":
         return SPMVocab(md, source)
     if model == "gpt2":
