@@ -5,7 +5,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from llamaherd.engine.text import TextStream
+from llamaherd.engine.text import TextStream, Token
 
 
 @pytest.fixture(scope="module")
@@ -29,6 +29,32 @@ def test_pieces_concatenate_to_decode(tok, ids):
     assert "".join(pieces) == tok.decode(ids)
     for p in pieces:
         p.encode("utf-8")
+
+
+@SETTINGS
+@given(ids=ids_strategy, cut=st.tuples(st.integers(0, 200), st.integers(1, 4)), end=st.sampled_from(["eot", "length"]))
+def test_feed_ends_at_a_stop_string_or_the_engines_end(tok, ids, cut, end):
+    """`feed`, the step every engine's caller runs: pieces up to the first stop string, or all of the text when
+    the engine ends first (with its end token, never shown, or at its length limit)."""
+    full = tok.decode(ids)
+    start, n = cut
+    stop = full[start % max(len(full), 1):][:n] if start % 3 else ""  # a third of the cases have no stop string
+    eot = tok.special_id("<|eot_id|>")
+    tokens = [Token(i) for i in ids] + [Token(eot, "stop", stop_token=True)] if end == "eot" else \
+        [Token(i) for i in ids[:-1]] + [Token(ids[-1], "length")]
+    ts = TextStream(tok, stop=[stop] if stop else [])
+    pieces = []
+    for t in tokens:
+        pieces.append(ts.feed(t))
+        if pieces[-1].finish_reason:
+            break
+    assert all(p.finish_reason is None for p in pieces[:-1])
+    text = "".join(p.text for p in pieces)
+    if stop and stop in full:
+        assert text == full[: full.index(stop)] and pieces[-1].finish_reason == "stop"
+    else:
+        assert text == full and pieces[-1].finish_reason == ("stop" if end == "eot" else "length")
+        assert pieces[-1].stop_token == (eot if end == "eot" else None)
 
 
 @SETTINGS

@@ -6,6 +6,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from ..tokenizer import StreamDecoder
+
 # How many prompt tokens to decode in front of the first generated token: enough context that tokenizers
 # which drop a leading space at the start of a decode (SentencePiece) render the continuation's spaces right.
 _PROMPT_TAIL = 6
@@ -70,9 +72,9 @@ class TextStream:
             return Piece(self.flush(), None, finish_reason=token.finish_reason,
                          stop_token=token.id if token.stop_token else None)
         text = self.push(token.id)
+        if token.finish_reason and not self.stopped:
+            text += self.flush()  # which may still complete a stop string
         reason = "stop" if self.stopped else token.finish_reason
-        if reason and not self.stopped:
-            text += self.flush()
         return Piece(text, token.id, token.logprob, token.top_logprobs, reason)
 
     def push(self, token: int) -> str:
@@ -127,10 +129,8 @@ def _byte_decoder(tokenizer, skip_special: bool = False):
     if tokenizer is None:
         return None
     try:
-        from ..tokenizer import StreamDecoder
-
         tokenizer.token_bytes(0)
-    except (ImportError, NotImplementedError, AttributeError):
+    except (NotImplementedError, AttributeError):
         return None
     return StreamDecoder(tokenizer, skip_special=skip_special)
 
