@@ -129,6 +129,48 @@ def test_chat_in_the_browser_streams_stops_and_is_kept(live, browser, tmp_path):
     assert browser.save_screenshot(str(shot)) and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+# A bounded city name: the random tiny model ends the constrained call only where the schema makes it.
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather for a city",
+                                             "parameters": {"type": "object",
+                                                            "properties": {"city": {"type": "string", "maxLength": 12}},
+                                                            "required": ["city"], "additionalProperties": False}}}
+
+
+def test_tool_calls_are_shown(live, browser):
+    """Tools from the settings go with the request; the streamed tool call is shown as a call, not as text."""
+    import json
+
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    browser.get(live[0].url + "/ui/")
+    browser.execute_script("localStorage.clear()")
+    browser.refresh()
+    # Without a key the page opens its settings and asks for one.
+    _wait(lambda: browser.find_element(By.ID, "api-key").is_displayed(), what="the settings asking for the key")
+    browser.find_element(By.ID, "api-key").send_keys("sesame")
+    _wait(lambda: browser.find_elements(By.CSS_SELECTOR, "#model option"), what="the model picker")
+    tools = browser.find_element(By.ID, "tools")
+    tools.send_keys("[not json")
+    browser.find_element(By.ID, "input").send_keys("Weather in Paris?")
+    browser.find_element(By.ID, "send").click()
+    assert "Tools is not valid JSON" in browser.find_element(By.ID, "notice").text
+    assert browser.find_element(By.ID, "input").get_attribute("value") == "Weather in Paris?"  # kept, not sent
+    tools.clear()
+    tools.send_keys(json.dumps([WEATHER]))
+    Select(browser.find_element(By.ID, "tool_choice")).select_by_visible_text("required")
+    for field, value in (("max_tokens", "150"), ("temperature", "0.7")):
+        box = browser.find_element(By.ID, field)
+        box.clear()
+        box.send_keys(value)
+    browser.find_element(By.ID, "send").click()
+    # The first request with a tool grammar compiles it over the 128K vocabulary (tens of seconds here).
+    done = _wait(lambda: browser.find_elements(By.CSS_SELECTOR, ".msg.assistant.done"), timeout=180,
+                 what="the reply")[0]
+    call = done.find_element(By.CSS_SELECTOR, ".tool-call").text
+    assert call.startswith("tool call: get_weather(") and isinstance(json.loads(call[len("tool call: get_weather("):-1])["city"], str)
+
+
 def test_markdown_from_the_model_is_rendered_without_html_injection(live, browser):
     """The page's renderer on hostile model output: code blocks and emphasis become elements, HTML stays text."""
     from selenium.webdriver.common.by import By

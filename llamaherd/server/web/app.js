@@ -9,7 +9,8 @@ const $ = (id) => document.getElementById(id);
 
 const state = {
   conversations: load(STORE_KEY, []),
-  settings: Object.assign({ model: "", system: "", temperature: 0.7, top_p: 0.95, max_tokens: 512, apiKey: "" },
+  settings: Object.assign({ model: "", system: "", temperature: 0.7, top_p: 0.95, max_tokens: 512, apiKey: "",
+                            tools: "", tool_choice: "auto" },
                           load(SETTINGS_KEY, {})),
   current: null,
   controller: null,  // AbortController of the reply being streamed
@@ -214,6 +215,13 @@ function requestBody() {
     const v = Number(s[k]);
     if (s[k] !== "" && s[k] !== null && Number.isFinite(v)) body[k] = v;
   }
+  if (s.tools.trim()) {
+    let tools;
+    try { tools = JSON.parse(s.tools); } catch (e) { throw new Error("Tools is not valid JSON: " + e.message); }
+    if (!Array.isArray(tools)) throw new Error("Tools must be a JSON array of tool definitions");
+    body.tools = tools;
+    body.tool_choice = s.tool_choice;
+  }
   return body;
 }
 
@@ -222,7 +230,18 @@ async function send(text) {
   conv.messages.push({ role: "user", content: text });
   if (conv.title === "New chat") conv.title = text.slice(0, 40);
   const reply = { role: "assistant", content: "", model: state.settings.model };
-  const body = requestBody();
+  let body;
+  try {
+    body = requestBody();
+  } catch (e) {  // bad settings (tools JSON): nothing is sent, the message goes back into the input box
+    conv.messages.pop();
+    $("input").value = text;
+    notice(e.message);
+    save();
+    renderAll();
+    return;
+  }
+  notice("");
   conv.messages.push(reply);
   save();
   renderAll();
@@ -316,10 +335,10 @@ function setBusy(busy) {
 
 function bindSettings() {
   const fields = { system: "system", temperature: "temperature", top_p: "top_p", max_tokens: "max_tokens",
-                   "api-key": "apiKey" };
+                   tools: "tools", tool_choice: "tool_choice", "api-key": "apiKey" };
   for (const [id, key] of Object.entries(fields)) {
     $(id).value = state.settings[key];
-    $(id).addEventListener("input", () => {
+    $(id).addEventListener($(id).tagName === "SELECT" ? "change" : "input", () => {
       state.settings[key] = $(id).value;
       save();
       if (key === "apiKey") loadModels();
