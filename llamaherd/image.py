@@ -1,6 +1,6 @@
-"""Images for the vision models: reading (paths, bytes, data: URLs, PIL images) safely, and Llama 3.2 Vision's
-tiling (best tile grid, resize without distortion, pad, normalise, split) as llama-models
-`llama3/multimodal/image_transform.py::VariableSizeImageTransform` computes it.
+"""Images for the vision models: reading (paths, bytes, data: URLs, PIL images) safely, tiling (best tile grid,
+resize without distortion, pad, normalise, split) as llama-models `llama3/multimodal/image_transform.py` and
+`llama4/preprocess.py` compute it, and the special tokens a Llama 4 image occupies.
 """
 
 from __future__ import annotations
@@ -24,9 +24,11 @@ from .errors import ImageError
 MAX_PIXELS = 8192 * 8192
 MAX_BYTES = 64 * 1024 * 1024
 
-# CLIP's normalisation, which Meta's transform uses (llama-models image_transform.py `_mean`, `_std`).
+# CLIP's normalisation, which Meta's Llama 3.2 Vision transform uses (llama-models image_transform.py `_mean`,
+# `_std`); Llama 4's transforms use 0.5 for both (llama-models llama4/preprocess.py).
 MEAN = (0.48145466, 0.4578275, 0.40821073)
 STD = (0.26862954, 0.26130258, 0.27577711)
+LLAMA4_MEAN = LLAMA4_STD = (0.5, 0.5, 0.5)
 
 _DATA_URL = re.compile(r"^data:(image/[\w.+-]+)?(;[\w=.+-]+)*;base64,", re.IGNORECASE)
 
@@ -39,12 +41,13 @@ def _pil():
     return Image
 
 
-def load_image(source: Any, *, max_pixels: int = MAX_PIXELS):
+def load_image(source: Any, *, max_pixels: int = MAX_PIXELS, background: tuple[int, int, int] | None = None):
     """An RGB PIL image from a PIL image, bytes, a data: URL, or a local path.
 
-    EXIF orientation is applied (a phone photo stands as it was taken, as transformers' `load_image` does);
-    alpha is dropped as Meta's chat format does (`image.convert("RGB")`). Remote http(s) URLs are refused:
-    nothing is fetched. Corrupt, truncated or oversized images raise ImageError.
+    EXIF orientation is applied (a phone photo stands as it was taken, as transformers' `load_image` does).
+    Alpha is dropped as Meta's Llama 3 chat format does (`image.convert("RGB")`), or, with `background`, an RGBA
+    image is composited on it as Meta's Llama 4 chat format does (`convert_image_to_rgb`, white). Remote
+    http(s) URLs are refused: nothing is fetched. Corrupt, truncated or oversized images raise ImageError.
     """
     Image = _pil()
     if isinstance(source, Image.Image):
@@ -60,6 +63,10 @@ def load_image(source: Any, *, max_pixels: int = MAX_PIXELS):
         from PIL import ImageOps
 
         image = ImageOps.exif_transpose(image)
+        if background is not None and image.mode == "RGBA":
+            flat = Image.new("RGB", image.size, background)
+            flat.paste(image, mask=image.split()[3])
+            return flat
         return image.convert("RGB")
     except (OSError, ValueError, SyntaxError) as exc:  # truncated or corrupt data surfaces at decode time
         raise ImageError(f"image data is corrupt or truncated ({exc}); re-export the image") from None
@@ -133,15 +140,24 @@ def best_canvas(width: int, height: int, max_num_tiles: int, tile: int) -> tuple
 
 
 def fit_without_distortion(width: int, height: int, target_w: int, target_h: int) -> tuple[int, int]:
-    """The largest (w, h) with the image's aspect ratio inside the target (Meta's
-    `get_max_res_without_distortion`)."""
+    """The largest (w, h) with the image's aspect ratio inside the target, at least one pixel each (Meta's
+    `get_max_res_without_distortion`; the Llama 4 transform adds the one-pixel floor, where Llama 3's would
+    ask for an empty image and fail)."""
     scale_w, scale_h = target_w / width, target_h / height
     if scale_w < scale_h:
-        return target_w, min(math.floor(height * scale_w), target_h)
-    return min(math.floor(width * scale_h), target_w), target_h
+        return target_w, max(min(math.floor(height * scale_w), target_h), 1)
+    return max(min(math.floor(width * scale_h), target_w), 1), target_h
 
 
-def mllama_tiles(image, tile: int, max_num_tiles: int) -> tuple[torch.Tensor, tuple[int, int]]:
+def _normalized(image, mean, std) -> torch.Tensor:
+    """An RGB PIL image -> (3, H, W) float32, scaled to [0, 1] then normalised (torchvision to_tensor, normalize)."""
+    w, h = image.size
+    pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(h, w, 3)
+    x = pixels.permute(2, 0, 1).float().div(255)
+    return (x - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+
+
+def mllama_tiles(image, tile: int, max_num_tiles: int, mean=MEAN, std=STD) -> tuple[torch.Tensor, tuple[int, int]]:
     """An RGB PIL image -> normalised tiles (rows * cols, 3, tile, tile) in row-major order and (rows, cols).
 
     The image is scaled to fit its best canvas without distortion, but upscaled at most to one tile's side;
@@ -156,9 +172,7 @@ def mllama_tiles(image, tile: int, max_num_tiles: int) -> tuple[torch.Tensor, tu
     resized = image.resize((new_w, new_h), Image.Resampling.BILINEAR)
     canvas = Image.new("RGB", (canvas_w, canvas_h), (0, 0, 0))
     canvas.paste(resized)
-    pixels = torch.frombuffer(bytearray(canvas.tobytes()), dtype=torch.uint8).view(canvas_h, canvas_w, 3)
-    x = pixels.permute(2, 0, 1).float().div(255)  # (3, H, W), as torchvision's to_tensor
-    x = (x - torch.tensor(MEAN)[:, None, None]) / torch.tensor(STD)[:, None, None]
+    x = _normalized(canvas, mean, std)  # (3, H, W)
     rows, cols = canvas_h // tile, canvas_w // tile
     x = x.view(3, rows, tile, cols, tile).permute(1, 3, 0, 2, 4).reshape(rows * cols, 3, tile, tile)
     return x.contiguous(), (rows, cols)
@@ -174,3 +188,31 @@ def mllama_batch(images: list, tile: int, max_num_tiles: int) -> tuple[torch.Ten
         tiles[0, i, : t.shape[0]] = t
         grids.append(grid)
     return tiles, torch.tensor([grids], dtype=torch.long).view(1, len(images), 2)
+
+
+def llama4_tiles(image, tile: int = 336, max_num_tiles: int = 16) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Llama 4's image input: the tiles of the best canvas (as `mllama_tiles`, normalised with 0.5) and, when
+    there are several, the whole image resized to one tile appended last (llama-models llama4/chat_format.py
+    `_encode_content`: `VariableSizeImageTransform`, then `ResizeNormalizeImageTransform` for the global tile)."""
+    tiles, grid = mllama_tiles(image, tile, max_num_tiles, LLAMA4_MEAN, LLAMA4_STD)
+    if tiles.shape[0] == 1:
+        return tiles, grid
+    whole = _normalized(image.resize((tile, tile), _pil().Resampling.BILINEAR), LLAMA4_MEAN, LLAMA4_STD)
+    return torch.cat([tiles, whole[None]]), grid
+
+
+def llama4_image_layout(grid: tuple[int, int], n_tiles: int, tokens_per_tile: int) -> list[str]:
+    """The special tokens one image occupies in a Llama 4 prompt (llama-models llama4/chat_format.py
+    `_encode_image`): <|image_start|>; for several tiles, each tile's <|patch|> run with <|tile_x_separator|>
+    between the tiles of a row and <|tile_y_separator|> after each row; then <|image|> and the global (or only)
+    tile's patches; <|image_end|>."""
+    rows, cols = grid
+    out = ["<|image_start|>"]
+    if n_tiles > 1:
+        for _ in range(rows):
+            for x in range(cols):
+                out += ["<|patch|>"] * tokens_per_tile
+                if x < cols - 1:
+                    out.append("<|tile_x_separator|>")
+            out.append("<|tile_y_separator|>")
+    return out + ["<|image|>"] + ["<|patch|>"] * tokens_per_tile + ["<|image_end|>"]
