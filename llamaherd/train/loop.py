@@ -21,10 +21,10 @@ from torch import nn
 
 from ..errors import TrainingError
 from . import state as ckpt_state
-from .data import Batch, Renderer, collate, epoch_batches, load_examples, pack, segment_mask, show, split
+from .data import IGNORE, Batch, Renderer, collate, epoch_batches, load_examples, pack, segment_mask, show, split
 from .losses import dpo_loss, kd_loss_sum, sequence_logps, teacher_topk, token_nll_sum
 from .lora import LoRAConfig, adapters_disabled, apply_lora, lora_state, trainable_parameters
-from .swaps import checkpoint_activations, quantize_linears
+from .swaps import checkpoint_activations, dequantize_packed, project_trained_rows, quantize_linears, selecting
 
 METHODS = ("lora", "qlora", "full", "dpo", "distill")
 
@@ -138,19 +138,18 @@ class Trainer:
     def _prepare_model(self) -> list[nn.Parameter]:
         c = self.config
         if c.method == "qlora":
-            quantize_linears(self.net)
+            quantize_linears(self.net)  # a float base goes to 4 bits; a GGUF base keeps its own packed weights
+        elif c.method == "lora":
+            dequantize_packed(self.net)  # LoRA trains over float weights, decoded once from a GGUF base
         if c.uses_adapter:
             apply_lora(self.net, c.lora, seed=c.seed)
         else:
-            from ..quant.ggml import GGMLWeight
-
-            if any(isinstance(b, GGMLWeight) for b in self.net.buffers()):
-                raise TrainingError("full fine-tuning needs float weights; this model keeps packed GGUF weights: "
-                                    "use --method lora/qlora, or start from a Hugging Face or Meta checkpoint")
+            dequantize_packed(self.net)  # full fine-tuning trains float weights: a GGUF base is decoded once
             for p in self.net.parameters():
                 p.requires_grad_(True)
         if c.activation_checkpointing:
             checkpoint_activations(self.net)
+        project_trained_rows(self.net)
         self.reference = None
         if c.method == "dpo" and not c.uses_adapter:
             import copy
@@ -190,7 +189,9 @@ class Trainer:
         kwargs = {}
         if batch.segments is not None:
             kwargs = {"positions": batch.positions, "key_mask": segment_mask(batch.segments)}
-        with torch.autocast(batch.tokens.device.type, dtype=torch.bfloat16, enabled=self.config.bf16):
+        # Logits of the trained positions only, (N, V), when the projection is swapped (swaps.TrainedRows).
+        with torch.autocast(batch.tokens.device.type, dtype=torch.bfloat16, enabled=self.config.bf16), \
+                selecting(net, batch.labels != IGNORE):
             return net(batch.tokens, **kwargs)
 
     # -- losses ---------------------------------------------------------------------------------------------
@@ -309,7 +310,7 @@ class Trainer:
                 loss_sum, _ = self._loss_sum(b, [self.train_set[i] for i in ix], ix)
                 (loss_sum / denom).backward()
                 step_loss += float(loss_sum.detach()) / denom
-                tokens += int((b.labels != -100).sum()) if c.method != "dpo" else int(b.tokens.numel())
+                tokens += sum(len(self.train_set[i]) for i in ix) * (2 if c.method == "dpo" else 1)
             grad_norm = None
             if c.clip:
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(params, c.clip))

@@ -56,9 +56,17 @@ class LoRAConfig:
 
 
 def _decoded_chunks(w: GGMLWeight, dtype: torch.dtype):
+    """(first row, decoded rows) in chunks; the native decoder when built (bit-identical to the torch one)."""
+    from ..native import ggml_kernels
+
     step = max(1, _CHUNK_ELEMENTS // w.n_cols)
+    native = w.device.type == "cpu" and ggml_kernels.available(w.qtype.id)
+    packed = w.plain()
     for i in range(0, w.shape[0], step):
-        yield i, w[i : i + step].dequantize(dtype)
+        if native:
+            yield i, ggml_kernels.dequantize(packed[i : i + step], w.qtype.id, w.n_cols).to(dtype)
+        else:
+            yield i, w[i : i + step].dequantize(dtype)
 
 
 class _PackedMatmul(torch.autograd.Function):

@@ -8,17 +8,27 @@ import torch.nn.functional as F
 from .data import IGNORE
 
 
+def trained_rows(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """((N, V) logits, (N,) labels) of the trained positions, in row-major order.
+
+    `logits` is (B, T, V), or already (N, V) when the model projected the trained rows only (swaps.TrainedRows).
+    """
+    mask = labels != IGNORE
+    return (logits if logits.dim() == 2 else logits[mask]).float(), labels[mask]
+
+
 def token_nll_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Sum of -log p(label) over the positions whose label is not IGNORE. logits (B, T, V), labels (B, T)."""
-    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="sum")
+    """Sum of -log p(label) over the positions whose label is not IGNORE. labels (B, T)."""
+    rows, targets = trained_rows(logits, labels)
+    return F.cross_entropy(rows, targets, reduction="sum")
 
 
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """(B,) sum of log p(label) over each row's trained positions (DPO's sequence log-likelihood)."""
-    mask = labels != IGNORE
-    safe = labels.masked_fill(~mask, 0)
-    logp = torch.gather(logits.float().log_softmax(-1), 2, safe[..., None])[..., 0]  # (B, T)
-    return (logp * mask).sum(-1)
+    rows, targets = trained_rows(logits, labels)
+    logp = torch.gather(rows.log_softmax(-1), 1, targets[:, None])[:, 0]  # (N,)
+    which = (labels != IGNORE).nonzero()[:, 0]  # the batch row of each trained position
+    return torch.zeros(labels.shape[0], dtype=logp.dtype, device=logp.device).index_add(0, which, logp)
 
 
 def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
@@ -34,8 +44,7 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
 
 def teacher_topk(logits: torch.Tensor, labels: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The teacher's k largest logits and their token ids at each trained position: ((N, k) float32, (N, k) long)."""
-    mask = labels != IGNORE
-    values, ids = logits.float()[mask].topk(k, dim=-1)
+    values, ids = trained_rows(logits, labels)[0].topk(k, dim=-1)
     return values, ids
 
 
@@ -47,8 +56,7 @@ def kd_loss_sum(student_logits: torch.Tensor, labels: torch.Tensor, teacher_valu
     not stored); log p_student = log_softmax(student logits / T) over the whole vocabulary, read at those k ids.
     Hinton et al. 2015 ("Distilling the Knowledge in a Neural Network") scale by T^2 so gradients keep their size.
     """
-    mask = labels != IGNORE
-    s = student_logits.float()[mask] / temperature  # (N, V)
+    s = trained_rows(student_logits, labels)[0] / temperature  # (N, V)
     log_q = torch.gather(s.log_softmax(-1), 1, teacher_ids)  # (N, k)
     log_p = (teacher_values / temperature).log_softmax(-1)  # (N, k)
     return (log_p.exp() * (log_p - log_q)).sum() * temperature**2

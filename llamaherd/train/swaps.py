@@ -7,7 +7,7 @@ import torch.utils.checkpoint
 from gguf import GGMLQuantizationType as Q
 from torch import nn
 
-from ..quant.ggml import GGMLLinear, GGMLWeight
+from ..quant.ggml import GGMLEmbedding, GGMLLinear, GGMLWeight
 from ..quant.quantize import quantize
 
 
@@ -32,6 +32,24 @@ def quantize_linears(net: nn.Module) -> int:
     return count
 
 
+def dequantize_packed(net: nn.Module, dtype: torch.dtype = torch.float32) -> int:
+    """Replace every packed GGUF Linear/Embedding by a frozen float one holding the decoded weights (LoRA over a
+    float base, as opposed to QLoRA over the packed one). Returns the count."""
+    count = 0
+    for name, mod in list(net.named_modules()):
+        if isinstance(mod, GGMLLinear):
+            new: nn.Module = nn.Linear(mod.in_features, mod.out_features, bias=False, device=mod.weight.device)
+        elif isinstance(mod, GGMLEmbedding):
+            new = nn.Embedding(mod.num_embeddings, mod.embedding_dim, device=mod.weight.device)
+        else:
+            continue
+        new.weight = nn.Parameter(mod.weight.dequantize(dtype), requires_grad=False)
+        parent, _, child = name.rpartition(".")
+        setattr(net.get_submodule(parent) if parent else net, child, new)
+        count += 1
+    return count
+
+
 def checkpoint_activations(net: nn.Module) -> None:
     """Recompute each decoder layer's activations in backward instead of keeping them (torch.utils.checkpoint).
 
@@ -46,3 +64,50 @@ def checkpoint_activations(net: nn.Module) -> None:
             return torch.utils.checkpoint.checkpoint(_inner, *args, use_reentrant=False, **kwargs)
 
         layer.forward = forward
+
+
+class TrainedRows(nn.Module):
+    """The vocabulary projection of the trained positions only: (B, T, D) hidden states -> (N, V) float32 logits.
+
+    Training needs logits where a label is; with a 262K vocabulary (Gemma 3) projecting every position is most of
+    the step. `rows` (B, T) bool is set before each forward (`selecting`); None projects every position as the
+    wrapped module does. A packed GGUF vocabulary matrix is multiplied through `lora._PackedMatmul`, decoded in
+    chunks in forward and backward, so no float copy of it is kept for backward.
+    """
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+        self.rows: torch.Tensor | None = None
+
+    def forward(self, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        from .lora import _PackedMatmul
+
+        if self.rows is not None and h.shape[:2] == self.rows.shape:
+            h = h[self.rows]  # (N, D)
+        if isinstance(weight, GGMLWeight) and torch.is_grad_enabled() and h.requires_grad:
+            return _PackedMatmul.apply(h, weight).float()
+        return self.inner(h, weight)
+
+
+def project_trained_rows(net: nn.Module) -> TrainedRows:
+    """Wrap the model's vocabulary projection (`net.project`) in a TrainedRows, once."""
+    if not isinstance(net.project, TrainedRows):
+        net.project = TrainedRows(net.project)
+    return net.project
+
+
+class selecting:
+    """Context manager: during the forward, project only the positions where `rows` is True."""
+
+    def __init__(self, net: nn.Module, rows: torch.Tensor | None) -> None:
+        self.proj = net.project if isinstance(getattr(net, "project", None), TrainedRows) else None
+        self.rows = rows
+
+    def __enter__(self):
+        if self.proj is not None:
+            self.proj.rows = self.rows
+
+    def __exit__(self, *exc):
+        if self.proj is not None:
+            self.proj.rows = None
