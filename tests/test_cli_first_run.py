@@ -151,3 +151,11 @@ def test_chat_format_flag_makes_a_model_chat(capsys, tmp_path):
     assert main(["run", str(path), "--chat-format", "gemma3", "--max-tokens", "3", "--temperature", "0", "hi"]) == 0
     expected = load(path).chat([{"role": "user", "content": "hi"}], max_tokens=3, temperature=0)["content"]
     assert capsys.readouterr().out.strip() == expected.strip()
+
+
+def test_show_template_of_a_format_without_tools(capsys, tmp_path):
+    path = write_tiny_gemma_gguf(tmp_path / "g.gguf", random_gemma_state(),
+                                 extra_specials=("<start_of_turn>", "<end_of_turn>"))
+    assert main(["show", "--template", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "<start_of_turn>user\n" in out and "<start_of_turn>model\n" in out

@@ -111,7 +111,11 @@ def show_template(name: str, facts: dict) -> int:
         ckpt = read(resolve(name))
         fmt = get_format(chat_format_name(ckpt), ckpt.tokenizer, template=ckpt.chat_template)
     color = sys.stdout.isatty()
-    sys.stdout.write(preview(fmt, tools=True, color=color) + ("" if color else "\n"))
+    try:
+        shown = preview(fmt, tools=True, color=color)
+    except ChatFormatError:  # a format without tool calls (gemma3, llama2): the dialog without them
+        shown = preview(fmt, tools=False, color=color)
+    sys.stdout.write(shown + ("" if color else "\n"))
     return 0
 
 
