@@ -190,8 +190,9 @@ class ModelConfig:
     final_logit_softcap: float | None = None
     attn_logit_softcap: float | None = None
 
-    # Llama 3.2 Vision (arch "mllama"): the encoder and the cross-attention layers
-    vision: VisionConfig | None = None
+    # Vision: Llama 3.2 Vision's encoder and cross-attention layers (arch "mllama"), or Llama 4's early-fusion
+    # encoder (arch "llama4"; None there means the text decoder alone)
+    vision: VisionConfig | Llama4VisionConfig | None = None
 
     def __post_init__(self) -> None:
         # Derived fields are stored once so every consumer sees the same numbers.
@@ -231,7 +232,8 @@ class ModelConfig:
         if isinstance(data.get("moe"), dict):
             data["moe"] = MoEConfig(**data["moe"])
         if isinstance(data.get("vision"), dict):
-            data["vision"] = VisionConfig(**data["vision"])
+            kind = Llama4VisionConfig if data.get("arch") == "llama4" else VisionConfig
+            data["vision"] = kind(**data["vision"])
         return cls(**data)
 
 

@@ -13,12 +13,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..config import ModelConfig
+from ..config import Llama4VisionConfig, ModelConfig
 from .cache import KVCache
 from . import llama
 from .llama import FeedForward, RMSNorm, VocabProjection, attention_mask, sdpa
 from .moe import MoE
 from .rope import inv_frequencies, rope_angles
+from .vision_llama4 import ImageFeatures, VisionEmbeddings
 
 
 def is_nope_layer(config: ModelConfig, layer: int) -> bool:
@@ -159,6 +160,9 @@ class Transformer(nn.Module):
             self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
         self.project = VocabProjection()
         self._inv_freq: torch.Tensor | None = None  # lazily, for models built on the meta device
+        if isinstance(config.vision, Llama4VisionConfig):  # early fusion: image features become patch tokens
+            self.vision_embeddings = VisionEmbeddings(config.vision)
+            self.vision_projection = nn.Linear(config.vision.output_dim, config.dim, bias=False)
 
     def rope_frequencies(self, device: torch.device) -> torch.Tensor:
         if self._inv_freq is None or self._inv_freq.device != device:
@@ -191,6 +195,7 @@ class Transformer(nn.Module):
         cache: KVCache | None = None,
         key_mask: torch.Tensor | None = None,
         last_only: bool = False,
+        images: ImageFeatures | None = None,
     ) -> torch.Tensor:
         B, T = tokens.shape
         start = cache.length if cache is not None else 0
@@ -199,6 +204,8 @@ class Transformer(nn.Module):
         cos, sin = rope_angles(positions, self.rope_frequencies(tokens.device))
         masks = self.masks(positions, start, key_mask)
         h = self.tok_embeddings(tokens)
+        if images is not None:  # the projected image features replace the <|patch|> tokens' embeddings
+            h = images.merge(tokens, h)
         for i, layer in enumerate(self.layers):
             h = layer(h, cos, sin, positions, masks, cache, i, start)
         if cache is not None:

@@ -7,6 +7,8 @@ its own; its features replace the embeddings of the prompt's <|patch|> tokens, i
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -168,6 +170,21 @@ class Llama4Vision(nn.Module):
 
     def forward(self, tiles: torch.Tensor) -> torch.Tensor:
         return self.vision_projection(self.vision_embeddings(tiles))
+
+
+@dataclass
+class ImageFeatures:
+    """A request's projected image features (n, dim), one row per <|patch|> token of its prompt, in order."""
+
+    features: torch.Tensor
+    patch_id: int
+
+    def merge(self, tokens: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """The embeddings with the patch tokens' replaced; a call without patch tokens (a decoding step) is left
+        as it is, one with patch tokens must hold all of them (the whole prompt)."""
+        if not bool((tokens == self.patch_id).any()):
+            return h
+        return merge_image_features(h, tokens, self.patch_id, self.features)
 
 
 def merge_image_features(h: torch.Tensor, tokens: torch.Tensor, patch_id: int, features: torch.Tensor) -> torch.Tensor:
