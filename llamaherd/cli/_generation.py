@@ -49,6 +49,11 @@ def add_dtype_flag(p: argparse.ArgumentParser, default_help: str = "as stored") 
                    help=f"load weights as {', '.join(DTYPES)} (default: {default_help})")
 
 
+def add_adapter_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--adapter", default=None, metavar="DIR",
+                   help="apply a PEFT-format LoRA adapter (herd finetune's output) on top of the model")
+
+
 def add_chat_format_flag(p: argparse.ArgumentParser) -> None:
     from ..chat import FORMAT_HELP
 
@@ -162,15 +167,15 @@ def resolve_model(word: str) -> Path:
         raise model_not_found(word) from None
 
 
-def load_model(source: str, dtype: str | None = None):
-    """Load with a progress line; returns (model, seconds)."""
+def load_model(source: str, dtype: str | None = None, adapter: str | None = None):
+    """Load (with a PEFT LoRA `adapter` folder on top, if given) with a progress line; returns (model, seconds)."""
     from ..api import load
     from ..checkpoint.save import parse_dtype
 
     t0 = time.perf_counter()
     path = resolve_model(source)  # a missing model is one error line, before any progress line
     with Spinner(f"loading {source}"):
-        model = load(path, dtype=parse_dtype(dtype))
+        model = load(path, dtype=parse_dtype(dtype), adapter=adapter)
     return model, time.perf_counter() - t0
 
 

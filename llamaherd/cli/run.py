@@ -6,8 +6,9 @@ import argparse
 import sys
 
 from ..errors import LlamaherdError
-from ._generation import (add_chat_format_flag, add_sampling_flags, apply_chat_format, load_model, looks_like_model,
-                          model_not_found, sampling_from_args, write_stream)
+from ._generation import (add_adapter_flag, add_chat_format_flag, add_sampling_flags,
+                          apply_chat_format, load_model, looks_like_model, model_not_found, sampling_from_args,
+                          write_stream)
 
 
 def default_model() -> str:
@@ -29,6 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--image", action="append", default=[], metavar="PATH",
                    help="an image for a vision model (repeatable), placed before the prompt's text")
     add_chat_format_flag(p)
+    add_adapter_flag(p)
     add_sampling_flags(p)
     p.set_defaults(func=run)
 
@@ -68,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
     if prompt is not None and not prompt.strip():
         # The same rule as the HTTP APIs: an empty prompt is refused, not completed from nothing (README).
         raise LlamaherdError("the prompt is empty; give text to complete, or no prompt at all to chat")
-    model, load_seconds = load_model(model_name, args.dtype)
+    model, load_seconds = load_model(model_name, args.dtype, args.adapter)
     apply_chat_format(model, args.chat_format)
     sampling = sampling_from_args(args)
     if prompt is None:
