@@ -24,6 +24,7 @@ import torch
 
 from ..config import ConfigError, ModelConfig, MoEConfig, RopeScaling, ffn_hidden_dim, moe_hidden_dim
 from ..errors import CheckpointError
+from . import llama4_vision
 from .names import invert, rename
 
 Tensors = dict[str, torch.Tensor]
@@ -101,6 +102,8 @@ def meta_to_hf(state_dict: Tensors, config: ModelConfig, source: object = None) 
 def hf_to_meta(state_dict: Tensors, config: ModelConfig, source: object = None) -> Tensors:
     """Llama4ForCausalLM (or the text part of Llama4ForConditionalGeneration) -> canonical Meta names."""
     out: Tensors = {}
+    if config.vision is not None:  # a multimodal checkpoint read with its vision tower (checkpoint/llama4_vision.py)
+        out.update(llama4_vision.hf_to_meta(state_dict, source))
     for name, t in state_dict.items():
         if name.startswith(_HF_NON_TEXT):
             continue
@@ -129,7 +132,9 @@ def normalize_meta(state_dict: Tensors, config: ModelConfig) -> Tensors:
         if name == "rope.freqs" or name.endswith("._extra_state"):
             continue  # precomputed frequencies / quantization bookkeeping: recomputed or unused
         if name.startswith(("vision_embeddings.", "vision_projection.")):
-            continue  # the vision tower is not part of the text decoder
+            if config.vision is not None:  # Meta's names are ours
+                out[name] = t
+            continue  # otherwise the text decoder is read alone
         prefix, _, leaf = name.rpartition(".")
         if prefix.endswith("feed_forward.experts") and config.moe is not None:
             E = config.moe.num_experts
@@ -187,6 +192,8 @@ def config_from_params(params: dict[str, Any], *, source: str = "params.json") -
             nope_layer_interval=params.get("nope_layer_interval"), use_qk_norm=params.get("use_qk_norm", False),
             attn_temperature_tuning=bool(params.get("attn_temperature_tuning", False)),
             floor_scale=float(params.get("floor_scale", 8192.0)), attn_scale=params.get("attn_scale", 0.1),
+            vision=llama4_vision.config_from_params(params["vision_args"], source=source)
+            if params.get("vision_args") else None,
         )
     except KeyError as exc:
         raise CheckpointError(source, f"Llama 4 params.json lacks field {exc.args[0]!r}; add it from the release") from None
@@ -284,6 +291,8 @@ def config_from_hf(cfg: dict[str, Any], *, source: str = "config.json") -> Model
             use_qk_norm=bool(c.get("use_qk_norm", True)),
             attn_temperature_tuning=bool(c.get("attn_temperature_tuning", True)),
             floor_scale=float(c.get("floor_scale", 8192)), attn_scale=c.get("attn_scale", 0.1),
+            vision=llama4_vision.config_from_hf(cfg["vision_config"], source=source)
+            if cfg.get("model_type") == "llama4" and cfg.get("vision_config") else None,
         )
     except KeyError as exc:
         raise CheckpointError(source, f"Llama 4 config.json lacks field {exc.args[0]!r}") from None
