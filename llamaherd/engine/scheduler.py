@@ -248,9 +248,9 @@ class Engine:
             token.finish_reason = "length"
         elif len(seq.tokens) >= self.max_context:
             token.finish_reason = "length"
-        seq.sink(token)
         if token.finish_reason:
-            self._finish(seq, None)
+            self._finish(seq, None)  # blocks free before the caller hears of the end (and maybe checks)
+        seq.sink(token)
 
     # -- background loop ---------------------------------------------------------------------------------------
     def run(self) -> None:
