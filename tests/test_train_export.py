@@ -73,3 +73,13 @@ def test_export_refuses_a_foreign_adapter(trained, tmp_path, capsys):
     other, _ = tiny_folder(tmp_path / "other", CONFIG.replace(dim=128))
     assert main(["export", str(other), str(tmp_path / "x"), "--adapter", str(adapter), "--merge", "--to", "hf"]) == 1
     assert "another base model" in capsys.readouterr().err
+
+
+def test_herd_run_with_adapter_generates_what_the_adapted_model_does(trained, capsys):
+    folder, adapter, _, model = trained
+    want = model.generate("hello there", max_tokens=8, temperature=0)
+    plain = llamaherd.load(folder).generate("hello there", max_tokens=8, temperature=0)
+    assert want != plain  # the adapter changes the continuation, so the check below can fail
+    assert main(["run", str(folder), "--adapter", str(adapter), "--temperature", "0", "--max-tokens", "8",
+                 "hello there"]) == 0
+    assert capsys.readouterr().out.rstrip("\n") == want.rstrip("\n")
