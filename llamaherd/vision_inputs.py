@@ -81,12 +81,15 @@ def bind_images(net: nn.Module, tokenizer, token_ids: list[int], images: list[An
     """`net` ready for a prompt whose image tokens stand for `images`: the images are read, tiled and encoded,
     and every cross-attention layer's keys/values computed, once. Mismatched counts, too many images, or images
     for a text-only model raise ImageError."""
+    from .config import Llama4VisionConfig
     from .image import mllama_batch
 
     if getattr(net, "config", None) is None or net.config.vision is None:
         raise ImageError("this model reads no images (text-only); remove the image or load a vision model")
     if len(images) > MAX_IMAGES:
         raise ImageError(f"{len(images)} images in one request; at most {MAX_IMAGES} are accepted")
+    if isinstance(net.config.vision, Llama4VisionConfig):
+        return _bind_llama4(net, tokenizer, token_ids, images)
     tok = image_token_id(tokenizer)
     marks = sum(1 for t in token_ids if t in (tok, net.image_token_id))
     if marks != len(images):
@@ -100,3 +103,26 @@ def bind_images(net: nn.Module, tokenizer, token_ids: list[int], images: list[An
     ids = wrapper._model_ids(torch.tensor([token_ids], device=device))
     wrapper.context = net.image_context(ids, tiles.to(device=device, dtype=dtype), grids.to(device))
     return wrapper
+
+
+def _bind_llama4(net: nn.Module, tokenizer, token_ids: list[int], images: list[Any]) -> nn.Module:
+    """Llama 4: every image's tiles (global tile included) encoded at once; the features fill the prompt's
+    <|patch|> tokens in order (the prompt's layout comes from `image.llama4_image_layout`)."""
+    from .image import llama4_tiles, load_image
+    from .model.vision_llama4 import ImageFeatures
+
+    try:
+        patch = tokenizer.special_id("<|patch|>")
+    except Exception:  # no tokenizer, or one without Llama 4's image tokens
+        raise ImageError("images for a Llama 4 model need its tokenizer (with <|patch|>)") from None
+    v = net.config.vision
+    param = next(net.parameters())
+    tiles = torch.cat([llama4_tiles(load_image(im, background=(255, 255, 255)), v.image_size)[0] for im in images])
+    with torch.no_grad():
+        feats = net.vision_projection(net.vision_embeddings(tiles.to(device=param.device, dtype=param.dtype)))
+    feats = feats.reshape(-1, net.config.dim)
+    n = sum(1 for t in token_ids if t == patch)
+    if n != feats.shape[0]:
+        raise ImageError(f"the prompt has {n} <|patch|> tokens but the images make {feats.shape[0]}; lay each image "
+                         "out with its own tiles (image.llama4_image_layout)")
+    return WithImages(net, ImageFeatures(feats, patch), None)

@@ -114,3 +114,105 @@ def test_release_vision_tower_count_equals_transformers():
 
         hf = sum(p.numel() for m in (Llama4VisionModel(vcfg), Llama4MultiModalProjector(Cfg)) for p in m.parameters())
     assert ours == hf == VISION_PARAMS
+
+
+# -- the whole Llama 4 model with images: early fusion into the text decoder --------------------------------
+
+def _tiny_llama4():
+    """test_llama4's tiny text decoder with the tiny vision tower above; <|patch|> is id PATCH."""
+    from .test_llama4 import PARAMS
+
+    params = {**PARAMS, "vision_args": VISION_ARGS}
+    return params, config_from_params_llama4(params)
+
+
+def config_from_params_llama4(params):
+    from llamaherd.checkpoint.llama4 import config_from_params
+
+    return config_from_params(params)
+
+
+def _prompt(n_tiles: int) -> torch.Tensor:
+    """Text, then n_tiles x 4 <|patch|> tokens, then text."""
+    ids = [1, 5, 6] + [PATCH] * (4 * n_tiles) + [7, 8, 9, 10]
+    return torch.tensor([ids])
+
+
+def test_llama4_logits_with_images_match_meta(meta_parallel, monkeypatch):
+    from llama_models.llama4.args import ModelArgs, MoEArgs, VisionArgs
+    from llama_models.llama4.datatypes import MaskedEmbedding, TransformerInput
+    from llama_models.llama4.model import Transformer as MetaTransformer
+
+    from llamaherd.model.vision_llama4 import ImageFeatures
+
+    from .conftest import random_model
+
+    params, config = _tiny_llama4()
+    ours = random_model(config, seed=0)
+    redraw(ours.vision_embeddings, seed=5, std=0.2)
+    redraw(ours.vision_projection, seed=6, std=0.2)
+    monkeypatch.setattr(torch.Tensor, "cuda", lambda self, *a, **k: self)
+    args = ModelArgs(**{**params, "moe_args": MoEArgs(**params["moe_args"]),
+                        "vision_args": VisionArgs(**VISION_ARGS), "max_batch_size": 1})
+    ref = MetaTransformer(args).float()  # Meta builds its encoder in bf16: float32 before loading, to compare
+    ref.load_state_dict(ours.state_dict(), strict=True)
+    ref.eval()
+    tiles = _tiles(3, 11)
+    toks = _prompt(3)
+    mask = (toks == PATCH)[..., None]
+    with torch.no_grad():
+        h_image = ref.vision_embeddings([[tiles]], mask, torch.zeros(1, toks.shape[1], DIM))
+        expected = ref(TransformerInput(tokens=toks, tokens_position=0,
+                                        image_embedding=MaskedEmbedding(embedding=h_image, mask=mask))).logits
+        feats = ours.vision_projection(ours.vision_embeddings(tiles)).reshape(-1, DIM)
+        got = ours(toks, images=ImageFeatures(feats, PATCH))
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+    with torch.no_grad():
+        other = ours.vision_projection(ours.vision_embeddings(_tiles(3, 12))).reshape(-1, DIM)
+        assert (ours(toks, images=ImageFeatures(other, PATCH)) - got)[0, 3:].abs().max() > 1e-2
+
+
+def _hf_logits(ref, toks, tiles):
+    """The logits of transformers' whole forward. The installed version fails while packing its output (it reads
+    `image_outputs` from its text model's output, which has none), after the logits are computed: they are
+    taken from the text model's output on the way."""
+    seen = []
+    handle = ref.language_model.register_forward_hook(lambda m, a, out: seen.append(out.logits))
+    try:
+        ref(input_ids=toks, pixel_values=tiles)
+    except AttributeError as exc:
+        assert "image_outputs" in str(exc)
+    finally:
+        handle.remove()
+    return seen[0]
+
+
+def test_llama4_logits_with_images_match_transformers():
+    from transformers import Llama4Config, Llama4ForConditionalGeneration
+
+    from llamaherd.checkpoint.llama4 import config_from_hf, config_to_hf, hf_to_meta
+    from llamaherd.model import build
+    from llamaherd.model.vision_llama4 import ImageFeatures
+
+    _, text_config = _tiny_llama4()
+    vision = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128,
+              "image_size": 56, "patch_size": 14, "pixel_shuffle_ratio": 0.5, "projector_input_dim": 48,
+              "projector_output_dim": 48, "vision_output_dim": 48, "rope_parameters": {"rope_theta": 10000.0}}
+    cfg = Llama4Config(text_config=config_to_hf(text_config.replace(vision=None)), vision_config=vision,
+                       image_token_index=PATCH)
+    cfg._attn_implementation = "eager"
+    cfg.text_config._attn_implementation = "eager"
+    cfg.vision_config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    ref = redraw(Llama4ForConditionalGeneration(cfg), seed=7, std=0.2).eval()
+    config = config_from_hf({**cfg.to_dict(), "model_type": "llama4"})
+    assert config.vision is not None
+    ours = build(config)
+    ours.load_state_dict(hf_to_meta(ref.state_dict(), config), strict=True)
+    tiles = _tiles(2, 13)
+    toks = _prompt(2)
+    with torch.no_grad():
+        expected = _hf_logits(ref, toks, tiles)
+        feats = ours.vision_projection(ours.vision_embeddings(tiles)).reshape(-1, DIM)
+        got = ours(toks, images=ImageFeatures(feats, PATCH))
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
