@@ -219,7 +219,7 @@ def test_llama2_params_vocab_minus_one(tmp_path):
 
 
 def test_herd_convert_to_gguf_and_back(tmp_path):
-    """The gguf row of WRITERS reaches engineer G's writer; engineer E's reader gives the same logits."""
+    """The gguf row of WRITERS reaches the GGUF writer; the GGUF reader gives the same logits."""
     pytest.importorskip("llamaherd.checkpoint.gguf_write")
     pytest.importorskip("llamaherd.checkpoint.gguf")
     from llamaherd.checkpoint import materialize, read

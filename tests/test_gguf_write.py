@@ -45,7 +45,7 @@ def ckpt():
 
 @pytest.mark.parametrize("ftype", FILE_TYPES)
 def test_round_trip_decodes_to_our_quantizer(ckpt, ftype, tmp_path):
-    """Every tensor read back and decoded (gguf-py and engineer E's decoder) equals our quantizer's output."""
+    """Every tensor read back and decoded (gguf-py and quant/ggml_quants.py) equals our quantizer's output."""
     path = write(ckpt, tmp_path / f"m-{ftype}.gguf", qtype=ftype)
     tensors = read_tensors(path)
     c = ckpt.config
@@ -61,7 +61,7 @@ def test_round_trip_decodes_to_our_quantizer(ckpt, ftype, tmp_path):
         torch.testing.assert_close(ref, expected, rtol=0, atol=0, msg=name)
         raw = torch.from_numpy(data.view(np.uint8).reshape(*src.shape[:-1], -1).copy())
         torch.testing.assert_close(ggml_quants.dequantize(raw, qtype.name).reshape(src.shape), expected, rtol=0, atol=0)
-    # engineer E's reader: same config back, every weight decodes to our quantizer's values
+    # our reader: same config back, every weight decodes to our quantizer's values
     back = gguf_read(path)
     assert back.config == c
     for meta_name, src in ckpt.state_dict.items():
@@ -176,7 +176,7 @@ def test_herd_quantize_from_meta_folder(ckpt, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_herd_quantize_from_f16_gguf_keeps_config_and_vocab(tmp_path):
-    """An F16 GGUF (read by engineer E's reader) requantizes to Q8_0 with the same config and vocabulary."""
+    """An F16 GGUF (read by our reader) requantizes to Q8_0 with the same config and vocabulary."""
     tok = Tokenizer.llama3()
     c = KQ_LLAMA31.replace(vocab_size=tok.vocab_size, dim=32, hidden_dim=64, head_dim=8)
     src = write(checkpoint(c, tokenizer=tok), tmp_path / "src.gguf", qtype="f16")

@@ -1,4 +1,4 @@
-"""Our block quantizers against the reference decoders (gguf-py, engineer E's) and gguf-py's own quantizers."""
+"""Our block quantizers against the reference decoders (gguf-py, and quant/ggml_quants.py's) and gguf-py's own quantizers."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ def _data(rows: int = 24, cols: int = 512, seed: int = 0) -> torch.Tensor:
 
 @pytest.mark.parametrize("qtype", ALL, ids=lambda q: q.name)
 def test_reference_decoders_reproduce_our_reconstruction(qtype):
-    """gguf-py's decoder (a reference) and engineer E's decoder, run on our bytes, give exactly our values."""
+    """gguf-py's decoder (a reference) and our own decoder (quant/ggml_quants.py), run on our bytes, give exactly our values."""
     x = _data()
     raw, recon = quantize(x, qtype)
     ref = gguf.quants.dequantize(raw, qtype)

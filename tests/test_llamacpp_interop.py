@@ -116,7 +116,7 @@ def test_logits_match_llama_cpp(ckpt, config, tok, f32_file, ftype, tmp_path):
     ids = [tok.bos_id, *tok.encode(TEXT)]
     ref = _llama_cpp_logits(path, ids)
     ours = _float_model_logits(path, config, ids)
-    via_reader = llamaherd.load(path).logits(ids).numpy()  # engineer E's reader + quantized linears
+    via_reader = llamaherd.load(path).logits(ids).numpy()  # our reader + quantized linears
     max_tol, mean_tol = TOLERANCE[ftype]
     diff, mean = float(np.abs(ours - ref).max()), float(np.abs(ours - ref).mean())
     diff_reader, mean_reader = float(np.abs(via_reader - ref).max()), float(np.abs(via_reader - ref).mean())

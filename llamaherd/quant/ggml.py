@@ -87,7 +87,7 @@ def _linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) 
         raise TypeError("a packed ggml weight may only be the weight argument of F.linear")
     packed, rows = w.plain(), w.shape[0]
     if x.device.type == "cpu" and not x.requires_grad and ggml_kernels.available(w.qtype.id):
-        # Native kernels read the packed blocks directly (engineer I, bench/PROFILE.md); same values, faster.
+        # Native kernels read the packed blocks directly (native/ggml_kernels.py; bench/PROFILE.md); same values, faster.
         with torch._C.DisableTorchFunctionSubclass():
             out = ggml_kernels.linear(x, packed, w.qtype.id, w.n_cols)
             return out if bias is None else out + bias
