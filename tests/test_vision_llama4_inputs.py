@@ -56,3 +56,23 @@ def test_tiles_and_tokens_equal_meta(meta_format, w, h, mode):
     ids = [tok.special_id("<|begin_of_text|>")] + [tok.special_id(t) for t in
                                                    llama4_image_layout(grid, tiles.shape[0], 144)]
     assert ids == tokens
+
+
+@pytest.mark.parametrize("shapes", [[(200, 150, "RGB")], [(700, 300, "RGB"), (90, 500, "RGBA")]])
+def test_dialog_with_images_equals_meta_encoder(meta_format, shapes):
+    """Our llama4 chat format renders image parts as Meta's `encode_dialog_prompt` does (layout per image)."""
+    import base64
+
+    from llama_models.datatypes import RawMediaItem, RawMessage, RawTextItem
+
+    from llamaherd.chat import get_format
+
+    datas = [_png(w, h, mode, seed=i) for i, (w, h, mode) in enumerate(shapes)]
+    parts = [{"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(d).decode()}}
+             for d in datas]
+    ours = [{"role": "system", "content": "Be brief."},
+            {"role": "user", "content": parts + [{"type": "text", "text": "What differs?"}]}]
+    meta = [RawMessage(role="system", content="Be brief."),
+            RawMessage(role="user", content=[RawMediaItem(data=d) for d in datas] + [RawTextItem(text="What differs?")])]
+    expected = meta_format.encode_dialog_prompt(meta).tokens
+    assert get_format("llama4", Tokenizer.llama4()).encode_dialog(ours) == expected

@@ -70,19 +70,20 @@ def content_parts(message: dict, index: int) -> list[str]:
     )
 
 
-def content_pieces(message: dict, index: int, image_literal: str | None = None) -> list[Segment]:
-    """A message's content as pieces: text parts as text, image parts (`image_url` / `image`) as the format's
-    image token `image_literal` (Meta's `_encode_content` appends one vision token per image item)."""
+def content_pieces(message: dict, index: int, image_segments=None) -> list[Segment]:
+    """A message's content as segments: text parts as text, image parts (`image_url` / `image`) as the segments
+    the format's `image_segments(part)` gives (Meta's `_encode_content`: Llama 3 one vision token, Llama 4 the
+    image's tile layout); a format without `image_segments` takes no images."""
     content = message.get("content")
     if not isinstance(content, list):
         return [T(part) for part in content_parts(message, index)]
     out: list[Segment] = []
     for part in content:
         if isinstance(part, dict) and part.get("type") in ("image_url", "image"):
-            if image_literal is None:
+            if image_segments is None:
                 raise ChatFormatError(f"messages[{index}].content has an image part; this chat format takes no "
                                       "images (a vision model's format does)")
-            out.append(S(image_literal))
+            out += image_segments(part)
         else:
             out += [T(text) for text in content_parts({"content": [part]}, index)]
     return out

@@ -38,7 +38,7 @@ class HeaderChatFormat(ChatFormat):
     HEADER_END = "<|end_header_id|>"
     EOT = "<|eot_id|>"
     EOM = "<|eom_id|>"
-    IMAGE: str | None = None  # the image token of formats that take images in content parts
+    takes_images = False  # formats that render image parts define image_segments
     default_tool_format = "json"
 
     def __init__(self, tokenizer, tool_format: str | None = None, today=None) -> None:
@@ -65,7 +65,7 @@ class HeaderChatFormat(ChatFormat):
         out = self.header(role)
         calls = tool_calls_of(m, index) if role == "assistant" else []
         out += self.call_prefix(calls)
-        out += content_pieces(m, index, self.IMAGE)
+        out += content_pieces(m, index, self.image_segments if self.takes_images else None)
         if self.tool_format == "python_list" and len(calls) > 1 and not any(n in BUILTIN_TOOLS for n, _ in calls):
             # Several pythonic calls are one list, as the model writes them: [f(a=1), g(b=2)].
             out.append(T("[" + ", ".join(pythonic_call(n, a) for n, a in calls) + "]"))
@@ -117,7 +117,11 @@ class Llama3Format(HeaderChatFormat):
 
     name = "llama3"
     PYTHON_TAG = "<|python_tag|>"
-    IMAGE = "<|image|>"  # Llama 3.2 Vision (llama-models llama3/chat_format.py `vision_token`)
+    takes_images = True
+
+    def image_segments(self, part) -> list[Segment]:
+        """One <|image|> per image: Llama 3.2 Vision (llama-models llama3/chat_format.py `vision_token`)."""
+        return [S("<|image|>")]
     syntax = LLAMA3_SYNTAX
     stop_literals = ("<|eot_id|>", "<|eom_id|>", "<|end_of_text|>")
 

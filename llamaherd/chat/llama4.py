@@ -8,6 +8,7 @@ tool-call style is pythonic (`[f(a=1)]`), Llama 4's documented zero-shot format.
 
 from __future__ import annotations
 
+from .base import S, Segment
 from .llama3 import HeaderChatFormat
 from .tools import LLAMA4_SYNTAX
 
@@ -23,6 +24,20 @@ class Llama4Format(HeaderChatFormat):
     default_tool_format = "python_list"
     syntax = LLAMA4_SYNTAX
     stop_literals = ("<|eot|>", "<|eom|>", "<|end_of_text|>")
+    takes_images = True
+    # Tiles of 336 pixels, at most 16, 144 <|patch|> tokens each: Scout's and Maverick's vision_args.
+    image_tile, image_max_tiles, image_patch_tokens = 336, 16, 144
+
+    def image_segments(self, part) -> list[Segment]:
+        """The image's tile layout (llama-models llama4/chat_format.py `_encode_image`), from its size alone."""
+        from ..image import best_canvas, llama4_image_layout, load_image
+        from ..vision_inputs import image_source
+
+        w, h = load_image(image_source(part)).size
+        canvas_w, canvas_h = best_canvas(w, h, self.image_max_tiles, self.image_tile)
+        grid = (canvas_h // self.image_tile, canvas_w // self.image_tile)
+        n = grid[0] * grid[1]
+        return [S(t) for t in llama4_image_layout(grid, n + 1 if n > 1 else n, self.image_patch_tokens)]
 
     def end_token(self, m: dict, calls) -> str:
         if m["role"] in ("tool", "ipython"):
