@@ -26,21 +26,24 @@ _SHAPE_FIELDS = ("arch", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim",
 
 
 def _hf_table(config: ModelConfig) -> dict[str, str]:
-    """Canonical weight name template -> HF weight name template, for the families whose HF names we know."""
+    """Canonical weight name -> HF weight name ("{i}" for the layer), for the families whose HF names we know."""
     from ..checkpoint import gemma3, llama
+    from ..checkpoint.names import invert
 
-    families = {"gemma3": gemma3, "llama": llama}
+    families = {"llama": llama, "gemma3": gemma3}
     if config.arch not in families:
         raise TrainingError(f"PEFT adapters are written for Llama 1-3 and Gemma 3 models, not arch {config.arch!r}")
-    return {c.replace("{i}", "{}"): h.replace("{i}", "{}") for h, c in families[config.arch].HF_NAMES.items()}
+    return invert(families[config.arch].HF_NAMES)
 
 
 def hf_module_name(name: str, config: ModelConfig) -> str:
     """'layers.3.attention.wq' -> 'model.layers.3.self_attn.q_proj'."""
-    parts = name.split(".")
-    template = ".".join([parts[0], "{}", *parts[2:]]) + ".weight"
-    hf = _hf_table(config)[template]
-    return hf.format(parts[1])[: -len(".weight")]
+    from ..checkpoint.names import rename
+
+    hf = rename(name + ".weight", _hf_table(config))
+    if hf is None:
+        raise TrainingError(f"module {name} has no Hugging Face name for a {config.arch} model")
+    return hf[: -len(".weight")]
 
 
 def _rope_heads(name: str, config: ModelConfig) -> int | None:
