@@ -50,6 +50,12 @@ def browser(tmp_path_factory):
     driver.quit()
 
 
+def _generated_tokens(url: str) -> float:
+    with httpx.Client(base_url=url, timeout=10, headers={"authorization": "Bearer sesame"}) as c:
+        text = c.get("/metrics").text
+    return float(next(line.split()[1] for line in text.splitlines() if line.startswith("herd_generation_tokens_total ")))
+
+
 def _wait(predicate, timeout=30.0, what="condition"):
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -100,7 +106,9 @@ def test_chat_in_the_browser_streams_stops_and_is_kept(live, browser, tmp_path):
     user = browser.find_element(By.CSS_SELECTOR, ".msg.user .body")
     assert user.text == "Hello <b>there</b>" and not user.find_elements(By.TAG_NAME, "b")
 
-    # A long reply, stopped while it streams: the text stops growing and the reply says it was stopped.
+    # A long reply, stopped while it streams: the text stops growing, the reply says it was stopped, and the
+    # server stops generating (the aborted fetch closes the stream; the engine drops the request).
+    generated_before = _generated_tokens(url)
     max_tokens.clear()
     max_tokens.send_keys("1900")
     browser.find_element(By.ID, "input").send_keys("Write a long story")
@@ -115,6 +123,9 @@ def test_chat_in_the_browser_streams_stops_and_is_kept(live, browser, tmp_path):
     before = second.find_element(By.CSS_SELECTOR, ".body").text
     time.sleep(0.5)
     assert second.find_element(By.CSS_SELECTOR, ".body").text == before
+    with httpx.Client(base_url=url, timeout=10, headers={"authorization": "Bearer sesame"}) as c:
+        _wait(lambda: c.get("/health").json()["running"] == 0, what="the engine to drop the stopped request")
+    assert _generated_tokens(url) - generated_before < 1900
 
     # Conversations survive a reload (localStorage), and the page is usable at phone width.
     browser.set_window_size(390, 844)
