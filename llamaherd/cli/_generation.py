@@ -158,7 +158,8 @@ def model_not_found(word: str) -> ModelNotFoundError:
         what = f"no model named {word!r} in the store or Ollama's"
     hint = f"; did you mean {' or '.join(close)}?" if close else ""
     return ModelNotFoundError(f"{what}{hint} (`herd list` shows the store; a model is a checkpoint folder, "
-                              "a .gguf file or a store name)")
+                              "a .gguf file or a store name; to complete text that starts with this word, quote the "
+                              "whole prompt as one argument)")
 
 
 def resolve_model(word: str) -> Path:
