@@ -199,8 +199,13 @@ class Model:
 
     def chat_format(self):
         from .chat import get_format
+        from .config import Llama4VisionConfig
 
-        return get_format(self.chat_format_name, self.tokenizer, template=self.checkpoint.chat_template)
+        options = {}
+        v = self.config.vision
+        if self.chat_format_name == "llama4" and isinstance(v, Llama4VisionConfig):  # image layout of this model
+            options = {"image_tile": v.image_size, "image_patch_tokens": v.tokens_per_tile}
+        return get_format(self.chat_format_name, self.tokenizer, template=self.checkpoint.chat_template, **options)
 
     def chat(self, messages: Sequence[dict], tools: Sequence[dict] | None = None, stream: bool = False, *,
              stats=None, **sampling: Any) -> dict | Iterator[str]:

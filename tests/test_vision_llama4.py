@@ -216,3 +216,55 @@ def test_llama4_logits_with_images_match_transformers():
         feats = ours.vision_projection(ours.vision_embeddings(tiles)).reshape(-1, DIM)
         got = ours(toks, images=ImageFeatures(feats, PATCH))
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+
+
+def test_llama4_folder_chat_with_an_image(tmp_path):
+    """A tiny Llama4ForConditionalGeneration folder (the Llama 4 vocabulary, so the official tokenizer fits) read by
+    llamaherd.load: Model.logits on the chat prompt with its image equals transformers' forward on the same tiles;
+    Model.chat answers."""
+    import base64
+    import io
+    import shutil
+    from pathlib import Path
+
+    import llama_models
+    from PIL import Image
+    from transformers import Llama4Config, Llama4ForConditionalGeneration
+
+    import llamaherd
+    from llamaherd.checkpoint.llama4 import config_to_hf
+    from llamaherd.image import llama4_tiles, load_image
+    from llamaherd.tokenizer import Tokenizer
+
+    _, text_config = _tiny_llama4()
+    vocab = 202048
+    patch = Tokenizer.llama4().special_id("<|patch|>")
+    vision = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128,
+              "image_size": 56, "patch_size": 14, "pixel_shuffle_ratio": 0.5, "projector_input_dim": 48,
+              "projector_output_dim": 48, "vision_output_dim": 48, "rope_parameters": {"rope_theta": 10000.0}}
+    cfg = Llama4Config(text_config=config_to_hf(text_config.replace(vision=None, vocab_size=vocab)),
+                       vision_config=vision, image_token_index=patch)
+    for c in (cfg, cfg.text_config, cfg.vision_config):
+        c._attn_implementation = "eager"
+    torch.manual_seed(0)
+    ref = redraw(Llama4ForConditionalGeneration(cfg), seed=8, std=0.2).eval()
+    ref.save_pretrained(tmp_path)
+    shutil.copyfile(Path(llama_models.__file__).parent / "llama4" / "tokenizer.model", tmp_path / "tokenizer.model")
+
+    g = torch.Generator().manual_seed(4)
+    buf = io.BytesIO()
+    Image.fromarray(torch.randint(0, 256, (60, 130, 3), generator=g, dtype=torch.uint8).numpy()).save(buf, "PNG")
+    url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                             {"type": "text", "text": "What is this?"}]}]
+    model = llamaherd.load(tmp_path)
+    assert model.config.vision is not None and model.chat_format_name == "llama4"
+    ids = model.chat_format().encode_dialog(messages)
+    tiles, grid = llama4_tiles(load_image(url, background=(255, 255, 255)), 56)
+    assert grid == (2, 3) and ids.count(patch) == 7 * 4  # six tiles and the global one, 4 patches each
+    got = model.logits(ids, images=[url])
+    with torch.no_grad():
+        expected = _hf_logits(ref, torch.tensor([ids]), tiles)[0]
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+    reply = model.chat(messages, max_tokens=3, temperature=0)
+    assert reply["role"] == "assistant"

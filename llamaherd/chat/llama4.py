@@ -25,8 +25,14 @@ class Llama4Format(HeaderChatFormat):
     syntax = LLAMA4_SYNTAX
     stop_literals = ("<|eot|>", "<|eom|>", "<|end_of_text|>")
     takes_images = True
-    # Tiles of 336 pixels, at most 16, 144 <|patch|> tokens each: Scout's and Maverick's vision_args.
-    image_tile, image_max_tiles, image_patch_tokens = 336, 16, 144
+    image_max_tiles = 16  # llama-models llama4/chat_format.py max_num_chunks
+
+    def __init__(self, tokenizer, tool_format: str | None = None, today=None, image_tile: int = 336,
+                 image_patch_tokens: int = 144) -> None:
+        super().__init__(tokenizer, tool_format, today)
+        # Tiles of 336 pixels, 144 <|patch|> tokens each: Scout's and Maverick's vision_args (a loaded model
+        # passes its own).
+        self.image_tile, self.image_patch_tokens = image_tile, image_patch_tokens
 
     def image_segments(self, part) -> list[Segment]:
         """The image's tile layout (llama-models llama4/chat_format.py `_encode_image`), from its size alone."""
