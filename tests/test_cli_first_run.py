@@ -172,3 +172,9 @@ def test_rm_and_pull_suggest_the_closest_names(capsys, tmp_path):
     assert "did you mean tiny-gemma?" in _fails(capsys, ["rm", "tiny-gema"])
     assert os.path.isdir(folder)
     assert "did you mean gemma-3-270m-q4_k_m?" in _fails(capsys, ["pull", "gemma3-270m"])
+
+
+def test_a_chat_format_the_vocabulary_cannot_speak_fails_at_once(capsys, tmp_path):
+    path = write_tiny_gemma_gguf(tmp_path / "g.gguf", random_gemma_state())
+    err = _fails(capsys, ["run", str(path), "--chat-format", "llama3", "hi"])
+    assert "needs special token '<|begin_of_text|>'" in err

@@ -66,7 +66,9 @@ def apply_chat_format(model, name: str | None) -> None:
     """Make `model` speak the chat format `name` (the --chat-format flag): explicit metadata wins over detection."""
     if name:
         model.checkpoint.metadata["chat_format"] = name
-        model.chat_format()  # an unusable choice ('hf' without a template) fails now, with the reason
+        # An unusable choice ('hf' without a template, a format whose special tokens this vocabulary lacks)
+        # fails now, with the reason, rather than at the first message.
+        model.chat_format().encode_dialog([{"role": "user", "content": "x"}])
 
 
 def sampling_from_args(args: argparse.Namespace) -> dict[str, Any]:
