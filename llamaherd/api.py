@@ -130,16 +130,32 @@ class Model:
         stop_ids = resolve_stop_ids(params, self.tokenizer, self.generation_defaults, extra=extra_stop)
         return sampler, stop_ids, self.context_limit(num_ctx)
 
+    def _speculation(self, sampling: dict[str, Any]) -> dict[str, Any]:
+        """Pop the speculative-decoding keywords (`draft=MODEL_OR_PATH`, `speculative="ngram"`,
+        `num_speculative_tokens=k`) into the engine's arguments; {} when speculation is not asked for."""
+        from .engine.speculative import make_proposer
+
+        draft = sampling.pop("draft", None)
+        mode = sampling.pop("speculative", None)
+        k = sampling.pop("num_speculative_tokens", None)
+        if draft is not None and not isinstance(draft, Model):
+            draft = load(draft, device=self.device)
+        proposer = make_proposer(mode, draft.net if draft is not None else None, self.config.vocab_size)
+        if proposer is None:
+            return {}
+        return {"proposer": proposer, "num_speculative_tokens": 5 if k is None else k}
+
     def complete(self, prompt: str | Sequence[int], *, stats=None, extra_stop_ids: Sequence[int] = (),
                  images: Sequence[Any] | None = None, **sampling: Any):
         """One completion with everything known about it: text, token ids, finish reason, logprobs, stats.
         `images` stand for the prompt's image tokens, in order (vision models)."""
         from .engine.generate import complete
 
+        spec = self._speculation(sampling)
         sampler, stop_ids, limit = self._run_setup(sampling, extra_stop_ids)
         ids = self.encode_prompt(prompt)
         return complete(self._with_images(ids, images), self.tokenizer, ids, sampler, stop_ids=stop_ids,
-                        context_limit=limit, stats=stats)
+                        context_limit=limit, stats=stats, **spec)
 
     def generate(self, prompt: str | Sequence[int] | Sequence[str] | Sequence[Sequence[int]], stream: bool = False,
                  *, stats=None, skip_special_tokens: bool = False, images: Sequence[Any] | None = None,
@@ -153,10 +169,14 @@ class Model:
         Prompts longer than the window raise `ContextLengthError`; nothing is truncated.
         With stream=True, `skip_special_tokens` leaves control tokens out of the pieces (as llama.cpp's output).
         `images` (vision models, one prompt) stand for the prompt's `<|image|>` tokens, in order.
+        Speculative decoding, with the same output distribution: `draft=MODEL_OR_PATH` (a smaller model with this
+        tokenizer) or `speculative="ngram"` (prompt lookup), proposing `num_speculative_tokens` (default 5).
         """
         if _is_batch(prompt):
             if images:
                 raise ImageError("images go with one prompt, not a batch; call generate once per prompt")
+            if sampling.get("draft") is not None or sampling.get("speculative") is not None:
+                raise ValueError("speculative decoding takes one prompt; call generate once per prompt")
             if stream:
                 raise ValueError("stream=True takes one prompt; call generate once per prompt to stream several")
             from .engine.generate import complete_batch
@@ -169,12 +189,14 @@ class Model:
             return self.complete(prompt, stats=stats, images=images, **sampling).text
         from .engine.generate import check_context, stream as stream_pieces
 
+        spec = self._speculation(sampling)
         sampler, stop_ids, limit = self._run_setup(sampling)
         ids = self.encode_prompt(prompt)
         check_context(len(ids), limit)  # now, not at the first next() of the stream
         net = self._with_images(ids, images)
         return (p.text for p in stream_pieces(net, self.tokenizer, ids, sampler, stop_ids=stop_ids,
-                                               context_limit=limit, stats=stats, skip_special=skip_special_tokens)
+                                               context_limit=limit, stats=stats, skip_special=skip_special_tokens,
+                                               **spec)
                 if p.text)
 
     # -- chat ---------------------------------------------------------------------------------------------------
@@ -197,14 +219,20 @@ class Model:
         """The chat format and why (`llamaherd.chat.FormatChoice`): `builtin` when inferred, not carried."""
         return chat_format_choice(self.checkpoint)
 
-    def chat_format(self):
+    def chat_format(self, images: bool = False):
+        """The model's chat format; `images=True` (a vision model) renders image parts, for callers that bind
+        the images to the model as `chat` does."""
         from .chat import get_format
         from .config import Llama4VisionConfig
 
         options = {}
         v = self.config.vision
+        if images and v is None:
+            raise ImageError("this model reads no images (text-only); remove the image or load a vision model")
+        if images:
+            options["images"] = True
         if self.chat_format_name == "llama4" and isinstance(v, Llama4VisionConfig):  # image layout of this model
-            options = {"image_tile": v.image_size, "image_patch_tokens": v.tokens_per_tile}
+            options.update(image_tile=v.image_size, image_patch_tokens=v.tokens_per_tile)
         return get_format(self.chat_format_name, self.tokenizer, template=self.checkpoint.chat_template, **options)
 
     def chat(self, messages: Sequence[dict], tools: Sequence[dict] | None = None, stream: bool = False, *,
@@ -217,9 +245,9 @@ class Model:
         """
         from .vision_inputs import message_images
 
-        fmt = self.chat_format()
-        ids = fmt.encode_dialog(list(messages), tools=list(tools) if tools else None, add_generation_prompt=True)
         images = message_images(list(messages))  # image parts (image_url / image), in the order of their tokens
+        fmt = self.chat_format(images=bool(images))
+        ids = fmt.encode_dialog(list(messages), tools=list(tools) if tools else None, add_generation_prompt=True)
         if stream:
             from .engine.generate import check_context, stream as stream_pieces
 

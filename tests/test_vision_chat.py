@@ -73,7 +73,7 @@ def test_prompt_with_images_equals_meta_encoder(layout):
              RawMessage(role="user", content=[RawTextItem(text="And this?"), RawMediaItem(data=b)])]),
     }[layout]
     expected = ChatFormat(MetaTokenizer.get_instance()).encode_dialog_prompt(meta)
-    got = get_format("llama3", Tokenizer.llama3()).encode_dialog(ours)
+    got = get_format("llama3", Tokenizer.llama3(), images=True).encode_dialog(ours)
     # Meta's model input writes <|image|> as 128256 (the first learnable embedding); ours keeps the tokenizer's
     # id until the model is called (vision_inputs.WithImages maps it).
     assert [VOCAB if t == IMAGE_TOKEN else t for t in got] == expected.tokens
@@ -156,7 +156,7 @@ def test_chat_with_an_image_url_part(folder):
     reply = model.chat(messages, max_tokens=5, temperature=0)
     assert reply["role"] == "assistant" and isinstance(reply["content"], str)
     # The same request as a prompt of ids plus the image gives the same greedy tokens.
-    ids = model.chat_format().encode_dialog(messages)
+    ids = model.chat_format(images=True).encode_dialog(messages)
     done = model.complete(ids, images=[image], max_tokens=5, temperature=0,
                           extra_stop_ids=model.chat_format().stop_ids)
     assert reply["content"] == done.text.strip() or reply["content"] == done.text
@@ -237,3 +237,17 @@ def test_hf_folder_round_trip_through_our_writer(folder, tmp_path):
         torch.testing.assert_close(again(**inputs).logits, ref(**inputs).logits, atol=0, rtol=0)
     with pytest.raises(CheckpointError):
         save(read(path), tmp_path / "meta", "meta")
+
+
+def test_image_parts_are_refused_where_images_are_not_bound(folder):
+    """A chat format renders image parts only when asked to (Model.chat binds the images); the plain format,
+    which the servers use, refuses them, so no prompt runs with an <|image|> token and no image."""
+    from llamaherd.errors import ChatFormatError
+
+    model = llamaherd.load(folder[0])
+    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": _data_url(_png(9, 9, 1))}}]}]
+    with pytest.raises(ChatFormatError, match="image part"):
+        model.chat_format().encode_dialog(messages)
+    with pytest.raises(ChatFormatError, match="image part"):
+        get_format("llama3", Tokenizer.llama3()).encode_dialog(messages)
+    assert model.chat_format(images=True).encode_dialog(messages).count(IMAGE_TOKEN) == 1

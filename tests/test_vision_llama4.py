@@ -259,7 +259,7 @@ def test_llama4_folder_chat_with_an_image(tmp_path):
                                              {"type": "text", "text": "What is this?"}]}]
     model = llamaherd.load(tmp_path)
     assert model.config.vision is not None and model.chat_format_name == "llama4"
-    ids = model.chat_format().encode_dialog(messages)
+    ids = model.chat_format(images=True).encode_dialog(messages)
     tiles, grid = llama4_tiles(load_image(url, background=(255, 255, 255)), 56)
     assert grid == (2, 3) and ids.count(patch) == 7 * 4  # six tiles and the global one, 4 patches each
     got = model.logits(ids, images=[url])

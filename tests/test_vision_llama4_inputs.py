@@ -75,4 +75,4 @@ def test_dialog_with_images_equals_meta_encoder(meta_format, shapes):
     meta = [RawMessage(role="system", content="Be brief."),
             RawMessage(role="user", content=[RawMediaItem(data=d) for d in datas] + [RawTextItem(text="What differs?")])]
     expected = meta_format.encode_dialog_prompt(meta).tokens
-    assert get_format("llama4", Tokenizer.llama4()).encode_dialog(ours) == expected
+    assert get_format("llama4", Tokenizer.llama4(), images=True).encode_dialog(ours) == expected

@@ -81,8 +81,8 @@ def content_pieces(message: dict, index: int, image_segments=None) -> list[Segme
     for part in content:
         if isinstance(part, dict) and part.get("type") in ("image_url", "image"):
             if image_segments is None:
-                raise ChatFormatError(f"messages[{index}].content has an image part; this chat format takes no "
-                                      "images (a vision model's format does)")
+                raise ChatFormatError(f"messages[{index}].content has an image part, which is not accepted here: "
+                                      "the model reads no images, or this route does not take images yet")
             out += image_segments(part)
         else:
             out += [T(text) for text in content_parts({"content": [part]}, index)]

@@ -41,8 +41,13 @@ class HeaderChatFormat(ChatFormat):
     takes_images = False  # formats that render image parts define image_segments
     default_tool_format = "json"
 
-    def __init__(self, tokenizer, tool_format: str | None = None, today=None) -> None:
+    def __init__(self, tokenizer, tool_format: str | None = None, today=None, images: bool = False) -> None:
         super().__init__(tokenizer)
+        # Image parts render only where the caller binds the images to the model (Model.chat of a vision model);
+        # elsewhere they are refused rather than rendered into a prompt that would run without them.
+        if images and not self.takes_images:
+            raise ChatFormatError(f"the {self.name!r} chat format renders no images")
+        self.images = images
         self.tool_format = tool_format or self.default_tool_format
         if self.tool_format not in TOOL_FORMATS:
             raise ChatFormatError(f"unknown tool_format {self.tool_format!r}; expected one of {', '.join(TOOL_FORMATS)}")
@@ -65,7 +70,7 @@ class HeaderChatFormat(ChatFormat):
         out = self.header(role)
         calls = tool_calls_of(m, index) if role == "assistant" else []
         out += self.call_prefix(calls)
-        out += content_pieces(m, index, self.image_segments if self.takes_images else None)
+        out += content_pieces(m, index, self.image_segments if self.images else None)
         if self.tool_format == "python_list" and len(calls) > 1 and not any(n in BUILTIN_TOOLS for n, _ in calls):
             # Several pythonic calls are one list, as the model writes them: [f(a=1), g(b=2)].
             out.append(T("[" + ", ".join(pythonic_call(n, a) for n, a in calls) + "]"))

@@ -27,9 +27,9 @@ class Llama4Format(HeaderChatFormat):
     takes_images = True
     image_max_tiles = 16  # llama-models llama4/chat_format.py max_num_chunks
 
-    def __init__(self, tokenizer, tool_format: str | None = None, today=None, image_tile: int = 336,
-                 image_patch_tokens: int = 144) -> None:
-        super().__init__(tokenizer, tool_format, today)
+    def __init__(self, tokenizer, tool_format: str | None = None, today=None, images: bool = False,
+                 image_tile: int = 336, image_patch_tokens: int = 144) -> None:
+        super().__init__(tokenizer, tool_format, today, images)
         # Tiles of 336 pixels, 144 <|patch|> tokens each: Scout's and Maverick's vision_args (a loaded model
         # passes its own).
         self.image_tile, self.image_patch_tokens = image_tile, image_patch_tokens
