@@ -199,13 +199,22 @@ class Completion:
 
 def stream(net: nn.Module, tokenizer, prompt: Sequence[int], sampler: Sampler, *,
            stop_ids: frozenset[int] = frozenset(), context_limit: int | None = None,
-           stats: GenerationStats | None = None, skip_special: bool = False) -> Iterator[Piece]:
+           stats: GenerationStats | None = None, skip_special: bool = False, proposer=None,
+           num_speculative_tokens: int = 5) -> Iterator[Piece]:
     """One prompt -> pieces of valid UTF-8 text. Stop strings are never emitted, even when they span tokens.
 
     skip_special drops control tokens from the text (for display); chat parsing needs them, so it is off by default.
+    A `proposer` (engine/speculative.py) turns on speculative decoding, with the same output distribution.
     """
     text = TextStream(tokenizer, sampler.params.stop, prompt_tail=prompt, skip_special=skip_special)
-    for step in generate_tokens(net, [prompt], sampler, stop_ids=stop_ids, context_limit=context_limit, stats=stats):
+    if proposer is None:
+        steps = generate_tokens(net, [prompt], sampler, stop_ids=stop_ids, context_limit=context_limit, stats=stats)
+    else:
+        from .speculative import speculative_tokens
+
+        steps = speculative_tokens(net, prompt, sampler, proposer, k=num_speculative_tokens, stop_ids=stop_ids,
+                                   context_limit=context_limit, stats=stats)
+    for step in steps:
         piece = text.feed(step.rows[0])
         yield piece
         if piece.finish_reason:  # also a stop string: leaving the loop stops generate_tokens
