@@ -30,11 +30,11 @@ def _client(live, **headers):
     return openai.OpenAI(base_url=f"{live.url}/v1", api_key="unused", max_retries=0, default_headers=headers)
 
 
-def _stream(client, **kw):
+def _stream(client, max_tokens=MAX_TOKENS, **kw):
     """(per-token text pieces, finish_reason) of a streamed greedy reply (logprobs: one chunk per token)."""
     pieces, finish = [], None
     for chunk in client.chat.completions.create(model="tiny-llama3", messages=ASK, stream=True, temperature=0,
-                                                max_tokens=MAX_TOKENS, logprobs=True,
+                                                max_tokens=max_tokens, logprobs=True,
                                                 extra_body={"ignore_eos": True}, **kw):
         for ch in chunk.choices:
             if ch.delta.content is not None and (ch.delta.content or ch.logprobs):
@@ -98,6 +98,10 @@ def test_plain_reply_filtered_and_safe_reply_unchanged(plan):
                                                extra_body={"ignore_eos": True})
         assert short.choices[0].finish_reason == "length"
         assert short.choices[0].message.content == "".join(plan["pieces"][:EVERY])
+        # Streamed, a reply that stops before the trigger passes every check and arrives token for token.
+        safe_len = plan["cut_at"] - EVERY  # the last passing check's text (no trigger in its guard prompt)
+        pieces, finish = _stream(client, max_tokens=safe_len)
+        assert finish == "length" and pieces == plan["pieces"][:safe_len]
     finally:
         live.stop()
 
