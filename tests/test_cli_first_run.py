@@ -178,3 +178,38 @@ def test_a_chat_format_the_vocabulary_cannot_speak_fails_at_once(capsys, tmp_pat
     path = write_tiny_gemma_gguf(tmp_path / "g.gguf", random_gemma_state())
     err = _fails(capsys, ["run", str(path), "--chat-format", "llama3", "hi"])
     assert "needs special token '<|begin_of_text|>'" in err
+
+
+def test_builtin_chat_format_from_architecture_and_vocabulary():
+    """As llama.cpp picks a built-in template for a GGUF without one: by architecture and vocabulary."""
+    import numpy as np
+
+    from llamaherd.chat import choose_format
+    from llamaherd.errors import ChatFormatError
+    from llamaherd.tokenizer import Tokenizer
+    from llamaherd.tokenizer.gguf_vocab import from_metadata
+
+    def gguf_vocab(model: str, specials=()):
+        tokens = ["<unk>", "<s>", "</s>", *specials] + [f"t{i}" for i in range(40)]
+        types = np.array([3] * (3 + len(specials)) + [1] * 40, dtype=np.int32)
+        md = {"tokenizer.ggml.model": model, "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.token_type": types,
+              "tokenizer.ggml.scores": np.zeros(len(tokens), dtype=np.float32), "tokenizer.ggml.bos_token_id": 1,
+              "tokenizer.ggml.eos_token_id": 2}
+        if model == "gpt2":
+            md["tokenizer.ggml.merges"] = ["t 1"]
+        return from_metadata(md)
+
+    spm_llama = choose_format("llama", gguf_vocab("llama"))
+    assert (spm_llama.name, spm_llama.builtin, spm_llama.completes) == ("llama2", True, False)
+    gemma = choose_format("gemma3", gguf_vocab("llama", ("<start_of_turn>", "<end_of_turn>")))
+    assert (gemma.name, gemma.builtin, gemma.completes) == ("gemma3", True, True)
+    assert choose_format("llama", Tokenizer.llama3()).name == "llama3"
+    assert choose_format("llama", Tokenizer.llama3(), template="{{ x }}").name == "llama3"  # native first
+    assert choose_format("llama4", Tokenizer.llama4()).name == "llama4"
+    assert choose_format("gemma3", gguf_vocab("llama"), template="{{ x }}").name == "hf"
+    assert choose_format("gemma3", None, explicit="llama2").name == "llama2"
+    for arch, tok in (("gemma3", gguf_vocab("llama")), ("llama", None)):
+        with pytest.raises(ChatFormatError, match="--chat-format"):
+            choose_format(arch, tok)
+    with pytest.raises(ChatFormatError, match="unknown chat format"):
+        choose_format("llama", None, explicit="chatml")

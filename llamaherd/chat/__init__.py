@@ -65,7 +65,9 @@ def choose_format(arch: str, tokenizer, template: str | None = None, explicit: s
     if arch == "gemma3" and {"<start_of_turn>", "<end_of_turn>"} <= specials:
         return FormatChoice("gemma3", builtin=True, completes=True,
                             reason="no chat template in the checkpoint: using the built-in gemma3 format")
-    spm = getattr(tokenizer, "kind", None) == "sentencepiece" or type(tokenizer).__name__ == "SPMVocab"
+    from ..tokenizer.gguf_vocab import SPMVocab  # a GGUF's SentencePiece-style vocabulary
+
+    spm = getattr(tokenizer, "kind", None) == "sentencepiece" or isinstance(tokenizer, SPMVocab)
     if arch == "llama" and spm:
         return FormatChoice("llama2", builtin=True,
                             reason="no chat template in the checkpoint: using the built-in llama2 format")
