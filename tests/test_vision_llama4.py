@@ -120,16 +120,12 @@ def test_release_vision_tower_count_equals_transformers():
 
 def _tiny_llama4():
     """test_llama4's tiny text decoder with the tiny vision tower above; <|patch|> is id PATCH."""
+    from llamaherd.checkpoint.llama4 import config_from_params as llama4_config_from_params
+
     from .test_llama4 import PARAMS
 
     params = {**PARAMS, "vision_args": VISION_ARGS}
-    return params, config_from_params_llama4(params)
-
-
-def config_from_params_llama4(params):
-    from llamaherd.checkpoint.llama4 import config_from_params
-
-    return config_from_params(params)
+    return params, llama4_config_from_params(params)
 
 
 def _prompt(n_tiles: int) -> torch.Tensor:
