@@ -264,3 +264,23 @@ def test_llama4_folder_chat_with_an_image(tmp_path):
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
     reply = model.chat(messages, max_tokens=3, temperature=0)
     assert reply["role"] == "assistant"
+
+
+def test_llama4_bind_refuses_a_patch_count_mismatch():
+    from llamaherd.errors import ImageError
+    from llamaherd.model import build
+    from llamaherd.tokenizer import Tokenizer
+    from llamaherd.vision_inputs import bind_images
+
+    from .test_vision_llama4_inputs import _png
+
+    _, config = _tiny_llama4()
+    net = build(config)
+    tok = Tokenizer.llama4()
+    patch = tok.special_id("<|patch|>")
+    image = _png(50, 40, "RGB", seed=1)  # one 56-pixel tile: 4 patch tokens
+    bind_images(net, tok, [1] + [patch] * 4, [image])  # agrees
+    with pytest.raises(ImageError, match="3 <\\|patch\\|> tokens but the images make 4"):
+        bind_images(net, tok, [1] + [patch] * 3, [image])
+    with pytest.raises(ImageError, match="need its tokenizer"):
+        bind_images(net, None, [1], [image])
