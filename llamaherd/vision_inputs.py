@@ -3,6 +3,8 @@ request's encoded images bound to it (so the text engine runs it unchanged)."""
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -126,3 +128,23 @@ def _bind_llama4(net: nn.Module, tokenizer, token_ids: list[int], images: list[A
         raise ImageError(f"the prompt has {n} <|patch|> tokens but the images make {feats.shape[0]}; lay each image "
                          "out with its own tiles (image.llama4_image_layout)")
     return WithImages(net, ImageFeatures(feats, patch), None)
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".webp", ".bmp")
+_PATH_WORD = re.compile(r"""'([^']+)'|"([^"]+)"|(\S+)""")
+
+
+def user_content(text: str) -> str | list[dict]:
+    """A typed chat line as message content: paths of existing image files in it become image parts ahead of the
+    remaining text, as Ollama's REPL attaches them; a line without any stays plain text."""
+    paths, words = [], []
+    for m in _PATH_WORD.finditer(text):
+        word = next(g for g in m.groups() if g is not None)
+        candidate = Path(word).expanduser()
+        if candidate.suffix.lower() in IMAGE_SUFFIXES and candidate.is_file():
+            paths.append(str(candidate))
+        else:
+            words.append(m.group(0))
+    if not paths:
+        return text
+    return [{"type": "image", "image": p} for p in paths] + [{"type": "text", "text": " ".join(words)}]

@@ -251,3 +251,24 @@ def test_image_parts_are_refused_where_images_are_not_bound(folder):
     with pytest.raises(ChatFormatError, match="image part"):
         get_format("llama3", Tokenizer.llama3()).encode_dialog(messages)
     assert model.chat_format(images=True).encode_dialog(messages).count(IMAGE_TOKEN) == 1
+
+
+def test_chat_repl_attaches_image_paths(folder, tmp_path):
+    """In `herd chat` with a vision model, image file paths typed in a line become image parts (as Ollama's REPL
+    does), quoted paths with spaces included; the reply is the one Model.chat gives for those parts."""
+    from llamaherd.cli._repl import ChatSession
+    from llamaherd.vision_inputs import user_content
+
+    cat = tmp_path / "my cat.png"
+    cat.write_bytes(_png(12, 16, 3))
+    line = f"what is in '{cat}' and here?"
+    assert user_content(line) == [{"type": "image", "image": str(cat)},
+                                  {"type": "text", "text": "what is in and here?"}]
+    assert user_content("no image /no/such.png here") == "no image /no/such.png here"
+    model = llamaherd.load(folder[0])
+    out = io.StringIO()
+    session = ChatSession(model, {"max_tokens": 3, "temperature": 0}, stdin=io.StringIO(), stdout=out)
+    reply = session.reply(line)
+    expected = "".join(model.chat([{"role": "user", "content": user_content(line)}], stream=True, max_tokens=3,
+                                  temperature=0))
+    assert reply == expected and session.messages[0]["content"][0]["type"] == "image"

@@ -167,7 +167,15 @@ class ChatSession:
 
     def conversation(self, user_text: str) -> list[dict]:
         head = [{"role": "system", "content": self.system}] if self.system else []
-        return head + self.messages + [{"role": "user", "content": user_text}]
+        return head + self.messages + [{"role": "user", "content": self.user_content(user_text)}]
+
+    def user_content(self, user_text: str):
+        """For a vision model, image file paths typed in the line are attached as images (as Ollama does)."""
+        if getattr(self.model.config, "vision", None) is None:
+            return user_text
+        from ..vision_inputs import user_content
+
+        return user_content(user_text)
 
     def reply(self, user_text: str) -> str | None:
         stats = GenerationStats(load_seconds=self.load_seconds)
@@ -191,7 +199,8 @@ class ChatSession:
             self.say(f"Error: {exc}")
             return None
         reply = "".join(text)
-        self.messages += [{"role": "user", "content": user_text}, {"role": "assistant", "content": reply}]
+        self.messages += [{"role": "user", "content": self.user_content(user_text)},
+                          {"role": "assistant", "content": reply}]
         self.say("\n")
         if self.verbose:
             self.say(stats.format() + "\n")
