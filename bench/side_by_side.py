@@ -24,6 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import llamacpp  # noqa: E402  (bench/llamacpp.py)
 from llamaherd import load, resolve  # noqa: E402
 from llamaherd.cli.bench import decode_speed, memory_bandwidth, prompt_speed, weight_bytes_per_token  # noqa: E402
 
@@ -111,6 +112,7 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     print(f"# {platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, threads {args.threads}, "
           f"load average {os.getloadavg()[0]:.1f}", flush=True)
+    print(f"# {llamacpp.prepare()}", flush=True)
     rows: list[tuple] = []
     for src in args.gguf:
         rows += gguf_rows(src, args.threads, args.p, args.n, args.repeat)

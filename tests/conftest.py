@@ -8,32 +8,14 @@ import socket
 import pytest
 import torch
 
+from bench.llamacpp import without_weight_repacking
 from llamaherd.config import ModelConfig, RopeScaling
 from llamaherd.model import build
 
-def _llama_cpp_without_weight_repacking() -> None:
-    """Run the llama.cpp reference without its "extra buffer types" (weight repacking) in every test.
-
-    On CPUs with AMX (Sapphire Rapids and later) llama.cpp repacks Q4_0/Q8_0 weights for its AMX kernel, and
-    `ggml_backend_amx_mul_mat` segfaults on the tiny models these tests write (seen with llama-cpp-python
-    0.3.36: the whole pytest process dies inside `Llama.eval`). Repacking changes the weights' layout, not
-    the arithmetic the tests compare against, so the tests run llama.cpp's plain CPU path on every machine.
-    """
-    try:
-        import llama_cpp.llama_cpp as capi
-    except ImportError:  # the reference tests skip on their own
-        return
-    default = capi.llama_model_default_params
-
-    def params():
-        p = default()
-        p.use_extra_bufts = False
-        return p
-
-    capi.llama_model_default_params = params
-
-
-_llama_cpp_without_weight_repacking()
+# Every test runs the llama.cpp reference without weight repacking (bench/llamacpp.py says why: its AMX
+# kernel segfaults on these models on CPUs with AMX, killing the whole pytest process). Repacking changes the
+# weights' layout, not the arithmetic the tests compare against.
+without_weight_repacking()
 
 
 # Tiny configurations shaped like each Llama generation (numbers small, structure faithful).
