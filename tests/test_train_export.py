@@ -8,8 +8,8 @@ import torch
 
 import llamaherd
 from llamaherd.cli import main
-from llamaherd.train.adapter import save_adapter
-from llamaherd.train.lora import LoRAConfig, apply_lora, lora_modules
+from llamaherd.lora.peft import save_adapter
+from llamaherd.lora.layer import LoRAConfig, apply_lora, lora_modules
 
 from .train_fixtures import CONFIG, tiny_folder
 

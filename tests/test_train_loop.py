@@ -22,7 +22,7 @@ from llamaherd.errors import DatasetError, TrainingError
 from llamaherd.train.data import collate
 from llamaherd.train.loop import TrainConfig, Trainer
 from llamaherd.train.losses import token_nll_sum
-from llamaherd.train.lora import LoRAConfig
+from llamaherd.lora.layer import LoRAConfig
 
 from .train_fixtures import qa, tiny_folder, write_jsonl
 

@@ -8,8 +8,8 @@ import torch
 
 import llamaherd
 from llamaherd.errors import TrainingError
-from llamaherd.train.adapter import load_adapter, save_adapter
-from llamaherd.train.lora import LoRAConfig, LoRALinear, adapters_disabled, apply_lora, lora_modules, merge_lora
+from llamaherd.lora.peft import load_adapter, save_adapter
+from llamaherd.lora.layer import LoRAConfig, LoRALinear, adapters_disabled, apply_lora, lora_modules, merge_lora
 
 from .train_fixtures import CONFIG, tiny_folder
 
@@ -60,7 +60,7 @@ def test_forward_equals_peft(pair):
 def test_gradients_equal_peft(pair):
     from llamaherd.checkpoint.transforms import permute_to_hf
 
-    from llamaherd.train.adapter import hf_module_name
+    from llamaherd.lora.peft import hf_module_name
 
     model, _, peft_model, _ = pair
     tokens = _tokens(seed=4)

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 import llamaherd
-from llamaherd.train.adapter import hf_module_name, save_adapter
+from llamaherd.lora.peft import hf_module_name, save_adapter
 from llamaherd.train.data import IGNORE
 from llamaherd.train.loop import TrainConfig, Trainer
 from llamaherd.train.losses import kd_loss_sum, teacher_topk
-from llamaherd.train.lora import LoRAConfig, lora_modules
+from llamaherd.lora.layer import LoRAConfig, lora_modules
 
 from .train_fixtures import CONFIG, tiny_folder, write_jsonl
 

@@ -29,8 +29,8 @@ def merged_checkpoint(base: str, adapter: str):
 
     from ..api import load
     from ..quant.ggml import GGMLWeight
-    from ..train.adapter import load_adapter
-    from ..train.lora import merge_lora
+    from ..lora.peft import load_adapter
+    from ..lora.layer import merge_lora
 
     model = load(base)
     load_adapter(model.net, model.config, adapter)

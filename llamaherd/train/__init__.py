@@ -11,9 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .adapter import load_adapter, save_adapter
+from ..lora import LoRAConfig, LoRALinear, apply_lora, load_adapter, merge_lora, save_adapter
 from .data import Example, Preference, Renderer, load_examples, read_jsonl
-from .lora import LoRAConfig, LoRALinear, apply_lora, merge_lora
 from .loop import METHODS, TrainConfig, Trainer
 
 

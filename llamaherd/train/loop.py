@@ -23,7 +23,7 @@ from ..errors import TrainingError
 from . import state as ckpt_state
 from .data import IGNORE, Batch, Renderer, collate, epoch_batches, load_examples, pack, segment_mask, show, split
 from .losses import dpo_loss, kd_loss_sum, sequence_logps, teacher_topk, token_nll_sum
-from .lora import LoRAConfig, adapters_disabled, apply_lora, lora_state, trainable_parameters
+from ..lora.layer import LoRAConfig, adapters_disabled, apply_lora, lora_state, trainable_parameters
 from .swaps import checkpoint_activations, dequantize_packed, project_trained_rows, quantize_linears, selecting
 
 METHODS = ("lora", "qlora", "full", "dpo", "distill")
@@ -359,7 +359,7 @@ class Trainer:
     def save_result(self) -> Path:
         """The adapter (PEFT folder in `out`) or, for full fine-tuning, the model as a Hugging Face folder."""
         if self.config.uses_adapter:
-            from .adapter import save_adapter
+            from ..lora.peft import save_adapter
 
             return save_adapter(self.net, self.model.config, self.config.lora, self.out,
                                 base=str(self.model.checkpoint.source))

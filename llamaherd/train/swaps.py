@@ -71,7 +71,7 @@ class TrainedRows(nn.Module):
 
     Training needs logits where a label is; with a 262K vocabulary (Gemma 3) projecting every position is most of
     the step. `rows` (B, T) bool is set before each forward (`selecting`); None projects every position as the
-    wrapped module does. A packed GGUF vocabulary matrix is multiplied through `lora._PackedMatmul`, decoded in
+    wrapped module does. A packed GGUF vocabulary matrix is multiplied through `lora.layer._PackedMatmul`, decoded in
     chunks in forward and backward, so no float copy of it is kept for backward.
     """
 
@@ -81,7 +81,7 @@ class TrainedRows(nn.Module):
         self.rows: torch.Tensor | None = None
 
     def forward(self, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        from .lora import _PackedMatmul
+        from ..lora.layer import _PackedMatmul
 
         if self.rows is not None and h.shape[:2] == self.rows.shape:
             h = h[self.rows]  # (N, D)

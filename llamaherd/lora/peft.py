@@ -17,7 +17,7 @@ from torch import nn
 from ..checkpoint.transforms import permute_to_hf, unpermute_from_hf
 from ..config import ModelConfig
 from ..errors import TrainingError
-from .lora import LoRAConfig, apply_lora, lora_modules
+from .layer import LoRAConfig, apply_lora, lora_modules
 
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 PREFIX = "base_model.model."
