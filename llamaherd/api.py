@@ -34,7 +34,7 @@ def load(source: str | Path, *, dtype: torch.dtype | None = None, device: str | 
     net = materialize(ckpt, dtype=dtype, device=device)
     native_swaps.apply(net)  # the fast CPU paths, as module swaps over the reference model (native/swaps.py)
     if adapter is not None:
-        from .train.adapter import load_adapter  # LoRA wraps the projections: a swap like the ones above
+        from .lora.peft import load_adapter  # LoRA wraps the projections: a swap like the ones above
 
         load_adapter(net, ckpt.config, adapter)
     return Model(net, ckpt)
