@@ -48,3 +48,15 @@ class TrainingError(LlamaherdError):
 
 class ImageError(LlamaherdError):
     """An image cannot be used: unreadable, corrupt, too large, a refused URL, or sent to a text-only model."""
+
+
+class WriteError(LlamaherdError, OSError):
+    """A file cannot be written: no room on its disk (the partial file is removed, the old one kept)."""
+
+    def __init__(self, path: str | Path, problem: str) -> None:
+        self.path = Path(path)
+        self.problem = problem
+        LlamaherdError.__init__(self, f"{path}: {problem}")
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.problem}"
