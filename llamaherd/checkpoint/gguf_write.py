@@ -22,6 +22,7 @@ import torch
 import gguf
 from gguf import GGMLQuantizationType as Q, LlamaFileType, TokenType
 
+from ..atomic import replacing
 from ..errors import CheckpointError
 from ..tokenizer.gguf_vocab import byte_to_unicode
 from ..quant.ggml import GGMLWeight
@@ -344,8 +345,14 @@ def write(
     rows = plan(ckpt, qtype)
     warn_requantize(ckpt, f"{qtype} GGUF output")
     dst = Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
+    with replacing(dst) as tmp:  # a killed or failed write leaves no truncated GGUF behind
+        _write_file(ckpt, tmp, rows, qtype, name, progress)
+    return dst
 
+
+def _write_file(ckpt: Checkpoint, dst: Path, rows: list, qtype: str, name: str | None,
+                progress: ProgressFn | None) -> None:
+    c = ckpt.config
     w = gguf.GGUFWriter(dst, c.arch)
     add_hparams(w, ckpt, FILE_TYPES[qtype][1], name or ckpt.metadata.get("name") or Path(ckpt.source).name)
     if ckpt.tokenizer is not None:
@@ -370,7 +377,6 @@ def write(
             w.write_tensor_data(np.ascontiguousarray(data))
     finally:
         w.close()
-    return dst
 
 
 def print_progress(i: int, n: int, name: str, t: Q) -> None:

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from ..atomic import replacing_folder
 from ..errors import CheckpointError
 from . import gguf_write, hf, meta_pth
 from .base import Checkpoint, dequantized
@@ -52,4 +53,14 @@ def save(
         ckpt = cast(ckpt, torch_dtype)
     elif dtype is not None:
         options["dtype"] = dtype  # GGUF's writer picks its own tensor types
-    return writer(ckpt, Path(dst), **options)
+    if fmt == "gguf":  # one file, which the GGUF writer itself writes atomically
+        return writer(ckpt, Path(dst), **options)
+    with replacing_folder(dst, carry=_not_weights) as stage:  # a killed convert leaves the old folder or the new
+        writer(ckpt, stage, **options)
+    return Path(dst)
+
+
+def _not_weights(name: str) -> bool:
+    """Files of an existing output folder worth keeping: not weights, their index or the config they replace."""
+    return not (name.endswith((".safetensors", ".pth", ".safetensors.index.json", ".gguf"))
+                or name in ("config.json", "params.json", "generation_config.json"))

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..atomic import replacing
 from ..errors import LlamaherdError
 from .perplexity import Perplexity, Progress, next_tokens, batch_for, chunk_tokens, encode_text, scored_logits, token_nll
 
@@ -54,7 +55,7 @@ def save_base(model, text: str | list[int], path: str | Path, n_ctx: int = 512, 
         rest.append(_rest_logp(logp, top_id).flatten().cpu())
         nll.append(token_nll(logits, targets[i * b:i * b + logits.shape[0]].to(logits.device)).flatten().cpu())
     path = Path(path)
-    with open(path, "wb") as f:  # a file object: np.savez would append .npz to a name without it
+    with replacing(path) as tmp, open(tmp, "wb") as f:  # a file object: np.savez would append .npz to a name without it
         np.savez(f, format=np.array(FORMAT), n_ctx=np.array(n_ctx), n_vocab=np.array(model.config.vocab_size),
                  tokens=np.array(tokens[: grid.numel()], dtype=np.int32), top_ids=torch.cat(ids).numpy(),
                  top_logp=torch.cat(lps).numpy(), rest_logp=torch.cat(rest).numpy(), nll=torch.cat(nll).numpy())

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..checkpoint.transforms import permute_to_hf, unpermute_from_hf
+from ..atomic import replacing, write_text
 from ..config import ModelConfig
 from ..errors import TrainingError
 from .layer import LoRAConfig, apply_lora, lora_modules
@@ -87,10 +88,10 @@ def save_adapter(net: nn.Module, config: ModelConfig, lora: LoRAConfig, out: str
         "use_rslora": False, "use_dora": False, "init_lora_weights": True, "modules_to_save": None,
         "layers_to_transform": None if layers == list(range(config.n_layers)) else layers,
     }
-    tmp = out / (WEIGHTS_FILE + ".tmp")
-    save_file(tensors, str(tmp), metadata={"format": "pt", **_fingerprint(config)})
-    tmp.replace(out / WEIGHTS_FILE)
-    (out / CONFIG_FILE).write_text(json.dumps(peft_config, indent=2) + "\n")
+    # Each file atomically, the config last: a killed save leaves whole files, never a truncated one.
+    with replacing(out / WEIGHTS_FILE) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt", **_fingerprint(config)})
+    write_text(out / CONFIG_FILE, json.dumps(peft_config, indent=2) + "\n")
     return out
 
 

@@ -19,6 +19,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..atomic import write_text
 from ..errors import TrainingError
 from . import state as ckpt_state
 from .data import IGNORE, Batch, Renderer, collate, epoch_batches, load_examples, pack, segment_mask, show, split
@@ -279,12 +280,12 @@ class Trainer:
             scheduler.load_state_dict(saved["scheduler"])
             ckpt_state.set_rng_state(saved["rng"])
             step, position = saved["step"], saved["position"]
-            kept = [ln for ln in metrics_path.read_text().splitlines() if json.loads(ln)["step"] <= step] \
+            kept = [ln for ln in metrics_path.read_text().splitlines() if _logged_step(ln) <= step] \
                 if metrics_path.exists() else []
-            metrics_path.write_text("".join(ln + "\n" for ln in kept))
+            write_text(metrics_path, "".join(ln + "\n" for ln in kept))
             self.log(f"resumed at step {step}/{total} from {self.out / ckpt_state.FILE}")
         else:
-            metrics_path.write_text("")
+            write_text(metrics_path, "")
         if c.method == "distill":
             self.teacher_cache = self._cache_teacher()
         self.net.train()
@@ -369,3 +370,11 @@ class Trainer:
 
         ckpt = dataclasses.replace(self.model.checkpoint, state_dict=dict(self.net.state_dict()), prepare=None)
         return save(ckpt, self.out / "model", "hf")
+
+
+def _logged_step(line: str) -> float:
+    """The step of one metrics.jsonl line; a line torn by a killed run counts as never written."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf

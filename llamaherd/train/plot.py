@@ -11,6 +11,8 @@ import struct
 import zlib
 from pathlib import Path
 
+from ..atomic import write_bytes
+
 COLORS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189)]
 
 
@@ -22,7 +24,7 @@ def write_png(path: str | Path, pixels: list[bytearray], width: int, height: int
     raw = b"".join(b"\x00" + bytes(row) for row in pixels)
     png = b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
     png += _chunk(b"IDAT", zlib.compress(raw, 9)) + _chunk(b"IEND", b"")
-    Path(path).write_bytes(png)
+    write_bytes(path, png)
 
 
 def plot_series(path: str | Path, series: list[list[tuple[float, float]]], width: int = 640, height: int = 400) -> None:

@@ -7,12 +7,12 @@ never a torn one. Loading uses `torch.load(weights_only=True)`: tensors and plai
 
 from __future__ import annotations
 
-import os
 import random
 from pathlib import Path
 
 import torch
 
+from ..atomic import replacing
 from ..errors import TrainingError
 
 FILE = "checkpoint.pt"
@@ -30,18 +30,8 @@ def set_rng_state(state: dict) -> None:
 
 
 def atomic_save(obj: dict, path: Path) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)  # the rename itself reaches the disk
-    finally:
-        os.close(fd)
+    with replacing(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def save(out: Path, *, weights: dict, optimizer, scheduler, step: int, position: int, fingerprint: dict) -> Path:
