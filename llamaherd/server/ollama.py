@@ -14,7 +14,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import PlainTextResponse, StreamingResponse
 
 from .. import __version__
-from ..errors import LlamaherdError
+from ..errors import ImageError, LlamaherdError
 from ..presets import count_parameters
 from .http import APIError, check_model, served_of, unless_disconnected
 from .prompting import messages_for_format, ollama_tool_calls, sampling_params
@@ -87,11 +87,18 @@ def _ndjson(gen: AsyncIterator[dict]) -> StreamingResponse:
     return StreamingResponse(lines(), media_type="application/x-ndjson")
 
 
+# Images are never dropped silently: a reply that ignored the image would look like an answer about it.
+_NO_IMAGES = ("images are not served yet (the serving engine runs text only); use Model.chat or "
+              "`herd run MODEL PROMPT --image FILE` for vision models")
+
+
 @router.post("/api/generate")
 async def generate(body: OllamaGenerateRequest, request: Request):
     served = served_of(request)
     check_model(served, body.model)
     base = {"model": served.name}
+    if body.images:
+        raise ImageError(_NO_IMAGES)
     if not body.prompt:  # Ollama answers an empty prompt by loading the model: report it loaded
         return {**base, "created_at": _now(), "response": "", "done": True, "done_reason": "load"}
     # A model without a chat format (a base model with no template) takes the prompt as it is, as Ollama's
@@ -129,6 +136,8 @@ async def chat(body: OllamaChatRequest, request: Request):
     if not body.messages:
         return {**base, "created_at": _now(), "message": {"role": "assistant", "content": ""}, "done": True,
                 "done_reason": "load"}
+    if any(m.images for m in body.messages):
+        raise ImageError(_NO_IMAGES)
     fmt = served.model.chat_format()
     tools = [t.model_dump() for t in body.tools] if body.tools else None
     messages = messages_for_format([m.model_dump(exclude={"images"}) for m in body.messages])

@@ -156,6 +156,7 @@ class OllamaGenerateRequest(_Body):
     model: str | None = None
     prompt: str = ""
     system: str | None = None
+    images: list[str] | None = None  # refused until the engine serves images (never dropped silently)
     raw: bool = False
     stream: bool = True
     format: str | dict[str, Any] | None = None
