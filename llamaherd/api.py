@@ -251,11 +251,12 @@ class Model:
         if stream:
             from .engine.generate import check_context, stream as stream_pieces
 
+            spec = self._speculation(sampling)
             sampler, stop_ids, limit = self._run_setup(sampling, fmt.stop_ids)
             check_context(len(ids), limit)
             net = self._with_images(ids, images)
             return (p.text for p in stream_pieces(net, self.tokenizer, ids, sampler, stop_ids=stop_ids,
-                                                   context_limit=limit, stats=stats) if p.text)
+                                                   context_limit=limit, stats=stats, **spec) if p.text)
         done = self.complete(ids, stats=stats, extra_stop_ids=fmt.stop_ids, images=images, **sampling)
         text = done.text
         if done.stop_token is not None and self.tokenizer is not None:
