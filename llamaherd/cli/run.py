@@ -32,7 +32,33 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_chat_format_flag(p)
     add_adapter_flag(p)
     add_sampling_flags(p)
+    add_speculative_flags(p)
     p.set_defaults(func=run)
+
+
+def add_speculative_flags(p: argparse.ArgumentParser) -> None:
+    """--draft / --speculative / --num-speculative-tokens (engine/speculative.py), for run and serve."""
+    g = p.add_argument_group("speculative decoding (same output distribution, fewer target forwards)")
+    g.add_argument("--draft", default=None, metavar="MODEL",
+                   help="a smaller model with the same tokenizer proposes tokens the model verifies")
+    g.add_argument("--speculative", default=None, choices=["ngram"],
+                   help="ngram: propose the continuation of an earlier match in the prompt and output (no draft)")
+    g.add_argument("--num-speculative-tokens", type=int, default=None, metavar="K",
+                   help="tokens proposed per step (default 5; a draft adapts it to its acceptance rate)")
+
+
+def speculative_from_args(args: argparse.Namespace) -> dict:
+    """The speculative keywords for `Model.generate` / `Model.chat` ({} when neither flag is given)."""
+    if args.draft is None and args.speculative is None:
+        if args.num_speculative_tokens is not None:
+            raise LlamaherdError("--num-speculative-tokens needs --draft MODEL or --speculative ngram")
+        return {}
+    out: dict = {"speculative": args.speculative}
+    if args.draft is not None:
+        out["draft"] = load_model(args.draft, args.dtype)[0]
+    if args.num_speculative_tokens is not None:
+        out["num_speculative_tokens"] = args.num_speculative_tokens
+    return out
 
 
 def _is_model(word: str) -> bool:
@@ -82,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
     from ..engine.stats import GenerationStats
 
     stats = GenerationStats(load_seconds=load_seconds)
-    sampling = {"max_tokens": None, **sampling}  # until the model stops (Ollama's num_predict -1)
+    sampling = {"max_tokens": None, **sampling, **speculative_from_args(args)}  # until the model stops (num_predict -1)
     chat = not args.raw and _chats(model)
     images = list(args.image)
     if chat:

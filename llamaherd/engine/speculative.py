@@ -241,11 +241,14 @@ class AcceptanceTracker:
 def speculative_tokens(net: nn.Module, prompt: Sequence[int], sampler: Sampler, proposer: Proposer, *, k: int = 5,
                        stop_ids: frozenset[int] = frozenset(), context_limit: int | None = None,
                        stats: GenerationStats | None = None,
-                       tracker: AcceptanceTracker | None = None) -> Iterator[Step]:
+                       tracker: AcceptanceTracker | None = None,
+                       accept: Callable[[float, float], float] = accept_probability,
+                       resample: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = residual) -> Iterator[Step]:
     """`generate_tokens` for one prompt with speculation: one `Step` per emitted token, the same stops.
 
     The cache always holds every context token but the last; each round feeds that token and the proposals in
     one forward, keeps what verification accepts, and rolls the cache back (`length`) past the rest.
+    `tracker` holds the running acceptance rate (read it after the run); `accept`/`resample` as in `verify`.
     """
     if not isinstance(k, int) or not 1 <= k <= 64:
         raise SpeculativeError(f"num_speculative_tokens={k!r}: must be an integer in [1, 64]")
@@ -282,7 +285,7 @@ def speculative_tokens(net: nn.Module, prompt: Sequence[int], sampler: Sampler, 
             if isinstance(proposer, DraftProposer) and proposal.tokens:
                 per_draft = (tv - td) / len(proposal.tokens)
                 proposer.cost = 0.8 * proposer.cost + 0.2 * per_draft / max(time.perf_counter() - tv, 1e-9)
-            result = verify(sampler, logits, context, n_prompt, proposal)
+            result = verify(sampler, logits, context, n_prompt, proposal, accept, resample)
             tracker.update(len(proposal.tokens), result.accepted)
             for i, token_id in enumerate(result.tokens):
                 tok = token_record(logits[i], token_id, sampler)
