@@ -25,13 +25,19 @@ def resolve(source: str | Path) -> Path:
 
 
 def load(source: str | Path, *, dtype: torch.dtype | None = None, device: str | torch.device | None = None,
-         adapter: str | Path | None = None) -> Model:
+         quantize: str | None = None, adapter: str | Path | None = None) -> Model:
     """Load a model from a Meta folder, a Hugging Face folder, a .gguf file, or a name in the local store.
 
-    `adapter` is a PEFT-format LoRA folder (adapter_config.json + adapter_model.safetensors) applied on top.
+    `quantize` ("int8", "int4", "int4-g32"/"-g64"/"-g128") makes the projections weight-only quantized
+    (quant/weight_only.py). `adapter` is a PEFT-format LoRA folder (adapter_config.json +
+    adapter_model.safetensors) applied on top.
     """
     ckpt = read(resolve(source))
     net = materialize(ckpt, dtype=dtype, device=device)
+    if quantize is not None:
+        from .quant.weight_only import quantize as quantize_weights  # a swap over the built model
+
+        quantize_weights(net, quantize)
     native_swaps.apply(net)  # the fast CPU paths, as module swaps over the reference model (native/swaps.py)
     if adapter is not None:
         from .lora.peft import load_adapter  # LoRA wraps the projections: a swap like the ones above
