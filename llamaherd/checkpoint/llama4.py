@@ -84,6 +84,8 @@ def meta_to_hf(state_dict: Tensors, config: ModelConfig, source: object = None) 
     for name, t in state_dict.items():
         if name == "output.weight" and config.tie_embeddings:
             continue
+        if name.startswith(("vision_embeddings.", "vision_projection.")):
+            continue  # Llama4ForCausalLM is the text decoder: a multimodal model's vision tower is not written
         layer, _, rest = name.removeprefix("layers.").partition(".")
         if name.startswith("layers.") and rest in (_GATE, _UP):
             fused.setdefault(layer, {})[rest] = t
