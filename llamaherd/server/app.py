@@ -19,7 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..engine.scheduler import GenerationError, QueueFull
 from ..errors import ContextLengthError, LlamaherdError
-from . import admin, embeddings, moderations, ollama, openai, page
+from . import admin, embeddings, moderations, ollama, openai, page, tokenize
 from .http import APIError, ClientGone, error_response
 from .runtime import ServedModel
 
@@ -104,6 +104,7 @@ def create_app(served: ServedModel, *, api_key: str | None = None, max_body_byte
     app.include_router(admin.router)
     app.include_router(page.router)
     app.include_router(embeddings.router)
+    app.include_router(tokenize.router)
     return app
 
 

@@ -9,6 +9,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 
+import torch
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
@@ -225,6 +226,9 @@ async def completions(body: CompletionRequest, request: Request):
         choice = {"index": i, "text": echo + text, "finish_reason": _finish(finish), "logprobs": None}
         if body.logprobs is not None:
             choice["logprobs"] = _completion_logprobs(served, chunks, len(echo))
+            if body.echo:  # the prompt's own log-probabilities first, as OpenAI's legacy API and vLLM give them
+                choice["logprobs"] = _joined(await asyncio.to_thread(_prompt_logprobs, served, p, body.logprobs),
+                                             choice["logprobs"])
         choices.append(choice)
     prompt_tokens = sum(len(p) for p in prompts)
     completion_tokens = sum(u.completion_tokens for u in usages)
@@ -245,6 +249,37 @@ def _completion_logprobs(served: ServedModel, chunks: list[Piece], offset: int =
         out["token_logprobs"].append(c.logprob)
         out["top_logprobs"].append({tok.token_bytes(t).decode("utf-8", "replace"): lp for t, lp in c.top_logprobs or []})
     return out
+
+
+def _prompt_logprobs(served: ServedModel, prompt: list[int], top: int) -> dict:
+    """log p(prompt[i] | prompt[:i]) for every prompt token (None for the first) and the `top` likeliest tokens
+    at each position, from one full forward (lm-eval's local-completions scores continuations this way)."""
+    tok = served.tokenizer
+    logp = torch.log_softmax(served.model.logits(prompt).double(), dim=-1)  # (T, V)
+    out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    offset = 0
+    for i, t in enumerate(prompt):
+        piece = tok.token_bytes(t).decode("utf-8", "replace")
+        out["tokens"].append(piece)
+        out["text_offset"].append(offset)
+        offset += len(piece)
+        if i == 0:
+            out["token_logprobs"].append(None)
+            out["top_logprobs"].append(None)
+            continue
+        out["token_logprobs"].append(float(logp[i - 1, t]))
+        vals, ids = logp[i - 1].topk(max(top, 1))
+        out["top_logprobs"].append({tok.token_bytes(int(j)).decode("utf-8", "replace"): float(v)
+                                    for j, v in zip(ids, vals)})
+    return out
+
+
+def _joined(prompt_lp: dict, generated: dict) -> dict:
+    end = prompt_lp["text_offset"][-1] + len(prompt_lp["tokens"][-1]) if prompt_lp["tokens"] else 0
+    return {"tokens": prompt_lp["tokens"] + generated["tokens"],
+            "token_logprobs": prompt_lp["token_logprobs"] + generated["token_logprobs"],
+            "top_logprobs": prompt_lp["top_logprobs"] + generated["top_logprobs"],
+            "text_offset": prompt_lp["text_offset"] + [end + o for o in generated["text_offset"]]}
 
 
 async def _completion_stream(served, jobs, usages, body, head) -> AsyncIterator[str]:
