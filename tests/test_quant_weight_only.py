@@ -150,3 +150,53 @@ def test_cuda_int4_matches_cpu(tmp_path):
     cpu = llamaherd.load(folder, dtype=torch.bfloat16, quantize="int4-g64")
     gpu = llamaherd.load(folder, dtype=torch.bfloat16, device="cuda", quantize="int4-g64")
     torch.testing.assert_close(gpu.logits(TOKENS).cpu(), cpu.logits(TOKENS), rtol=2e-2, atol=2e-2)
+
+
+# -- saved quantized folders -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family,spec", [("llama2", "int8"), ("llama3.2", "int4-g32"), ("wide", "int4-g128")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_save_load_round_trip_is_exact(tmp_path, family, spec, dtype):
+    from llamaherd.quant import saved
+
+    c = WIDE if family == "wide" else TINY[family]
+    folder, _ = _folder(tmp_path, c)
+    model = llamaherd.load(folder, dtype=dtype, quantize=spec)
+    out = saved.save(model, tmp_path / "q")
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".q.")]  # no temporary folder left
+    back = llamaherd.load(out, dtype=dtype)  # no quantize=: the codes are read, not recomputed
+    want, got = model.net.state_dict(), back.net.state_dict()
+    assert set(got) == set(want)
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+    assert torch.equal(back.logits(TOKENS), model.logits(TOKENS))
+
+
+def test_save_refuses_an_existing_folder_and_a_float_model(tmp_path):
+    from llamaherd.errors import CheckpointError
+    from llamaherd.quant import saved
+
+    folder, _ = _folder(tmp_path, TINY["llama3"])
+    with pytest.raises(wo.QuantizeError, match="quantize="):
+        saved.save(llamaherd.load(folder), tmp_path / "q")
+    (tmp_path / "q").mkdir()
+    with pytest.raises(CheckpointError, match="already exists"):
+        saved.save(llamaherd.load(folder, quantize="int8"), tmp_path / "q")
+
+
+@pytest.mark.parametrize("qc", [{"quant_method": "gptq", "bits": 4}, {"quant_method": "awq"},
+                                {"quant_method": "compressed-tensors"}, "int4"])
+def test_foreign_quantization_config_is_refused_by_name(tmp_path, qc):
+    import json
+
+    from llamaherd.errors import CheckpointError
+    from llamaherd.quant import saved
+
+    folder, _ = _folder(tmp_path, TINY["llama3"])
+    out = saved.save(llamaherd.load(folder, quantize="int8"), tmp_path / "q")
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["quantization_config"] = qc
+    (out / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="quant_method"):
+        llamaherd.load(out)

@@ -136,12 +136,18 @@ def read(path: str | Path) -> Checkpoint:
         raise CheckpointError(cfile, f"model_type {model_type!r} is not one llamaherd reads; known: "
                               f"{', '.join(HF_MODEL_TYPES)}")
     config = family.config_from_hf(cfg, source=cfile)
+    qc = cfg.get("quantization_config")
+    if qc is not None:  # refuse foreign formats before reading their packed tensors as float ones
+        from ..quant import saved
+
+        saved.check_method(qc, cfile)
     sd = family.hf_to_meta(_load_weights(path), config, source=path)
-    return Checkpoint(
+    ckpt = Checkpoint(
         config=config, state_dict=sd, source=path, tokenizer=attach_tokenizer(path, ("tokenizer.json", "tokenizer.model")),
         generation=generation_from_hf(path, cfg), chat_template=chat_template_from_hf(path),
         metadata={"format": "hf", "config": cfg},
     )
+    return ckpt if qc is None else saved.attach(ckpt, qc, path)  # weight-only codes beside the float tensors
 
 
 # -- writing -------------------------------------------------------------------------------------

@@ -1,0 +1,155 @@
+"""Weight-only quantized models on disk: a Hugging Face folder plus the int8/int4 codes, loaded without re-quantizing.
+
+Layout (written to a temporary folder, every file fsynced, then renamed into place):
+
+    config.json           the model's config with "quantization_config": {"quant_method": "llamaherd",
+                          "scheme": "int4", "group_size": 64, "weights": "llamaherd-quantized/weights.safetensors"}
+    model.safetensors     the tensors that stay in float (embeddings, norms), under Hugging Face names
+    llamaherd-quantized/weights.safetensors
+                          each quantized module's `qweight`, `scales` (and `zeros`) under Meta names
+                          (`layers.0.attention.wq.qweight`, `project.linear.scales`: the vocabulary matrix)
+    tokenizer and generation files as `herd convert --format hf` writes them
+
+A foreign quant_method (GPTQ, AWQ, compressed-tensors) is refused with a CheckpointError naming it, rather than
+read as garbage.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from ..errors import CheckpointError
+from . import weight_only as wo
+
+METHOD = "llamaherd"
+WEIGHTS = "llamaherd-quantized/weights.safetensors"
+_QUANT_SUFFIXES = (".qweight", ".scales", ".zeros")
+
+
+def _quantized_modules(net: nn.Module) -> dict[str, nn.Module]:
+    return {n: m for n, m in net.named_modules() if isinstance(m, (wo.Int8Linear, wo.Int4Linear))}
+
+
+def save(model, dst: str | Path) -> Path:
+    """Write a model loaded with `quantize=` so that `llamaherd.load(dst)` runs the very same codes."""
+    from ..checkpoint import hf  # the float part is an ordinary Hugging Face folder
+
+    dst = Path(dst)
+    if dst.exists():
+        raise CheckpointError(dst, "already exists; remove it or choose another output folder")
+    mods = _quantized_modules(model.net)
+    if not mods:
+        raise wo.QuantizeError("this model holds no weight-only quantized modules; load it with quantize='int4'")
+    kinds = {(type(m), getattr(m, "group_size", None)) for m in mods.values()}
+    if len(kinds) != 1:
+        raise wo.QuantizeError("the model mixes quantization schemes; save supports one scheme per model")
+    cls, group = kinds.pop()
+    scheme = "int8" if cls is wo.Int8Linear else "int4"
+    state = model.net.state_dict()
+    quantized = {k: t.contiguous() for k, t in state.items() if k.rsplit(".", 1)[0] in mods}
+    plain = {k: t for k, t in state.items() if k not in quantized}
+
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
+    try:
+        hf.write(dataclasses.replace(model.checkpoint, state_dict=plain), tmp)
+        (tmp / WEIGHTS).parent.mkdir()
+        save_file(quantized, tmp / WEIGHTS, metadata={"format": "pt", "scheme": scheme})
+        cfg = json.loads((tmp / "config.json").read_text())
+        cfg["quantization_config"] = {"quant_method": METHOD, "scheme": scheme, "group_size": group,
+                                      "weights": WEIGHTS}
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+        _fsync_tree(tmp)
+        os.rename(tmp, dst)
+        _fsync(dst.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dst
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    for p in sorted(root.rglob("*"), key=lambda p: -len(p.parts)):  # files before their folders
+        _fsync(p)
+    _fsync(root)
+
+
+# -- reading --------------------------------------------------------------------------------------------------
+
+
+def check_method(qc: Any, cfile: Path) -> None:
+    """Refuse a quantization_config this version cannot run (GPTQ, AWQ, FP8 ...), naming it."""
+    method = qc.get("quant_method") if isinstance(qc, dict) else None
+    if method != METHOD:
+        raise CheckpointError(cfile, f"quantization_config.quant_method {method!r} is not one llamaherd reads "
+                              f"(it reads {METHOD!r}: folders saved by llamaherd.quant.saved.save); dequantise the "
+                              "checkpoint to bf16 with its own tools, or download the unquantized model")
+
+
+def attach(ckpt, qc: Any, path: Path):
+    """The checkpoint `hf.read` made of the float tensors, completed with the quantized codes of `qc`."""
+    from ..checkpoint.hf import load_safetensors
+
+    cfile = path / "config.json"
+    check_method(qc, cfile)
+    scheme, group = qc.get("scheme"), qc.get("group_size")
+    spec = "int8" if scheme == "int8" else f"int4-g{group}"
+    try:
+        wo.parse_scheme(spec)
+    except wo.QuantizeError as exc:
+        raise CheckpointError(cfile, f"quantization_config: {exc}") from None
+    weights = path / str(qc.get("weights", WEIGHTS))
+    if not weights.is_file() or path.resolve() not in weights.resolve().parents:
+        raise CheckpointError(weights, "the quantized weights named by config.json are missing; copy the whole folder")
+    codes = load_safetensors(weights)
+    shapes: dict[str, tuple[int, int]] = {}
+    for key, t in codes.items():
+        module, _, leaf = key.rpartition(".")
+        if "." + leaf not in _QUANT_SUFFIXES or t.dim() not in (1, 2):
+            raise CheckpointError(weights, f"unexpected tensor {key!r}; the file is not one llamaherd wrote")
+        if leaf == "qweight":
+            n, k = t.shape[0], t.shape[1] * (1 if scheme == "int8" else 2)
+            shapes[module] = (n, k)
+
+    def prepare(net: nn.Module) -> None:
+        if ckpt.prepare is not None:
+            ckpt.prepare(net)
+        for name, (n, k) in shapes.items():
+            empty = wo.empty_module(scheme, group, n, k)
+            if name == "project.linear":
+                net.project = wo.QuantizedVocabProjection(empty)
+                continue
+            parent, _, leaf = name.rpartition(".")
+            try:
+                owner = net.get_submodule(parent) if parent else net
+                getattr(owner, leaf)
+            except AttributeError:
+                raise CheckpointError(weights, f"holds {name!r}, which the {ckpt.config.arch} model lacks") from None
+            setattr(owner, leaf, empty)
+
+    sd = dict(ckpt.state_dict)
+    sd.pop("output.weight", None) if ckpt.config.tie_embeddings else None
+    sd.update(codes)
+    return dataclasses.replace(ckpt, state_dict=sd, prepare=prepare,
+                               metadata={**ckpt.metadata, "quantization": spec})
+
+
+__all__ = ["attach", "check_method", "save"]
