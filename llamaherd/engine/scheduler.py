@@ -7,6 +7,12 @@ is recomputed later from its tokens (vLLM's recompute preemption). Cancelled seq
 the next step. Token-level stops live here; text-level stops (stop strings) belong to the caller's `TextStream`.
 Where keys and values live is `paged.KVCacheManager`'s concern; this module decides who runs.
 
+Speculative decoding (engine/speculative.py), when the engine is built with a proposer factory: each decoding
+sequence that speculates gets up to k proposed tokens; all decoding rows go through one forward of 1 + K tokens
+(K the batch's longest proposal, shorter rows padded), each row's proposals are verified exactly against its own
+sampler, and `cached` rolls back to the kept tokens, so the keys of rejected or padded slots are overwritten by
+the next step and never registered for prefix reuse (only blocks wholly below `cached` are).
+
 Threads: `submit`, `check`, `cancel` and `stop` come from any thread, `step`/`run` from one engine thread. Every
 change of `waiting` and `running` (and every walk over them) happens under one lock; the forward pass does not.
 """
@@ -53,6 +59,8 @@ class SeqState:
     constraint: object | None = None  # grammar: `mask(logits)` in place, `accept(token)`, `done`
     cached: int = 0  # leading tokens whose keys/values are in the cache
     cancelled: bool = False
+    proposer: object | None = None  # speculative decoding for this sequence (None: off)
+    tracker: object | None = None  # its running acceptance rate and next k
 
     @property
     def pending(self) -> int:
@@ -68,7 +76,8 @@ class Engine:
 
     def __init__(self, net: nn.Module, config: ModelConfig, *, num_blocks: int, block_size: int = 16,
                  max_batch: int = 16, prefill_chunk: int = 256, max_waiting: int = 256,
-                 max_context: int | None = None) -> None:
+                 max_context: int | None = None, proposer_factory: Callable[[], object] | None = None,
+                 num_speculative_tokens: int = 5) -> None:
         p = next(net.parameters())
         self.net, self.config = net, config
         self.cache = KVCacheManager(config, num_blocks, block_size,
@@ -83,7 +92,11 @@ class Engine:
         self._stopping = False
         self._ids = itertools.count()
         self.stats = {"prompt_tokens": 0, "generated_tokens": 0, "preemptions": 0, "prefix_hit_tokens": 0,
-                      "peak_decode_batch": 0}  # most sequences decoded in one forward so far
+                      "peak_decode_batch": 0,  # most sequences decoded in one forward so far
+                      "spec_proposed": 0, "spec_accepted": 0}  # speculative tokens proposed and kept
+        # Speculative decoding: a new proposer per sequence (n-gram lookup, or a draft model with its own cache).
+        self.proposer_factory, self.num_speculative_tokens = proposer_factory, num_speculative_tokens
+        self._spec_k = 0  # proposals this step's decode rows have room for (set by _plan)
 
     # -- submission (any thread) -------------------------------------------------------------------------------
     def check(self, prompt: Sequence[int], params: SamplingParams, n: int = 1) -> None:
@@ -95,8 +108,9 @@ class Engine:
         Sampler(params, self.config.vocab_size)
 
     def submit(self, prompt: Sequence[int], params: SamplingParams, stop_ids: frozenset[int],
-               sink: Callable[[Token], None], constraint=None) -> int:
-        """Queue a request; its tokens go to `sink` as they are generated, the last with its finish_reason."""
+               sink: Callable[[Token], None], constraint=None, speculate: bool = True) -> int:
+        """Queue a request; its tokens go to `sink` as they are generated, the last with its finish_reason.
+        `speculate=False` turns speculative decoding off for this request (structured output always does)."""
         check_context(len(prompt), self.max_context, "this server's context")
         sampler = Sampler(params, self.config.vocab_size)
         with self._wake:
@@ -107,6 +121,10 @@ class Engine:
             if len(self.waiting) >= self.max_waiting:
                 raise QueueFull(f"{len(self.waiting)} requests are already waiting; retry later")
             seq = SeqState(seq_id, list(prompt), len(prompt), params, sampler, stop_ids, sink, constraint)
+            if speculate and constraint is None and self.proposer_factory is not None:
+                from .speculative import AcceptanceTracker
+
+                seq.proposer, seq.tracker = self.proposer_factory(), AcceptanceTracker(self.num_speculative_tokens)
             self.waiting.append(seq)
             self._wake.notify()
         return seq_id
@@ -154,9 +172,12 @@ class Engine:
         decode, prefill, chunk = plan
         if decode:
             self.stats["peak_decode_batch"] = max(self.stats["peak_decode_batch"], len(decode))
-            logits = self._forward(decode, 1)
-            for i, seq in enumerate(decode):
-                self._sample(seq, logits[i : i + 1, -1])
+            if self._spec_k:
+                self._speculative_decode(decode, self._spec_k)
+            else:
+                logits = self._forward(decode, 1)
+                for i, seq in enumerate(decode):
+                    self._sample(seq, logits[i : i + 1, -1])
         if prefill is not None:
             logits = self._forward([prefill], chunk)
             if prefill.pending == 0:  # the whole prompt is cached: its last logits give the first token
@@ -184,9 +205,13 @@ class Engine:
             decode = [s for s in self.running if s.pending == 1]
             prefill = next((s for s in self.running if s.pending > 1), None)
             chunk = min(prefill.pending, self.prefill_chunk) if prefill else 0
+            # Speculating rows propose up to k tokens; every decode row is padded to that width, so each
+            # reserves the slots (and none may pass the context).
+            k = max((s.tracker.next_k(s.proposer.cost) for s in decode if s.proposer is not None), default=0)
+            self._spec_k = max(0, min([k] + [self.max_context - len(s.tokens) - 1 for s in decode]))
             try:
                 for seq in decode:
-                    self.cache.reserve(seq.id, seq.cached + 1)
+                    self.cache.reserve(seq.id, seq.cached + 1 + self._spec_k)
                 if prefill is not None:
                     self.cache.reserve(prefill.id, prefill.cached + chunk)
                 return decode, prefill, chunk
@@ -226,6 +251,39 @@ class Engine:
             self.cache.register(s.id, s.tokens, s.cached)
         return logits
 
+    def _speculative_decode(self, seqs: list[SeqState], k: int) -> None:
+        """One forward of every decoding row's last token and its proposals (padded to k), then verification."""
+        from .speculative import Proposal, token_record, verify
+
+        proposals = []
+        for s in seqs:
+            room = k
+            if s.params.max_tokens is not None:
+                room = min(room, s.params.max_tokens - len(s.generated) - 1)
+            p = s.proposer.propose(s.tokens, s.prompt_len, room, s.sampler) if s.proposer and room > 0 else None
+            proposals.append(p or Proposal([]))
+        view = self.cache.view([s.id for s in seqs], [s.cached for s in seqs], 1 + k)
+        rows = [[s.tokens[-1]] + p.tokens + [s.tokens[-1]] * (k - len(p.tokens)) for s, p in zip(seqs, proposals)]
+        logits = self.net(torch.tensor(rows, device=view.key_mask.device), positions=view.positions, cache=view,
+                          key_mask=view.key_mask)  # (B, 1 + k, V)
+        for i, (seq, proposal) in enumerate(zip(seqs, proposals)):
+            if seq.proposer is None:
+                seq.cached += 1
+                self.cache.register(seq.id, seq.tokens, seq.cached)
+                self._sample(seq, logits[i : i + 1, 0])
+                continue
+            result = verify(seq.sampler, logits[i, : 1 + len(proposal.tokens)], seq.tokens, seq.prompt_len, proposal)
+            seq.tracker.update(len(proposal.tokens), result.accepted)
+            self.stats["spec_proposed"] += len(proposal.tokens)
+            self.stats["spec_accepted"] += result.accepted
+            seq.cached += 1 + result.accepted  # the keys of all but the newest token; later slots roll back
+            self.cache.register(seq.id, seq.tokens + result.tokens, seq.cached)
+            for j, token_id in enumerate(result.tokens):
+                if self._emit(seq, token_record(logits[i, j], token_id, seq.sampler)):
+                    break
+            else:
+                seq.proposer.keep(seq.cached)
+
     def _sample(self, seq: SeqState, logits: torch.Tensor) -> None:
         if seq.constraint is not None:
             logits = logits.clone()
@@ -238,6 +296,10 @@ class Engine:
             token.logprob = float(out.logprobs[0])
         if out.top_ids is not None:
             token.top_logprobs = [(int(i), float(lp)) for i, lp in zip(out.top_ids[0], out.top_logprobs[0])]
+        self._emit(seq, token)
+
+    def _emit(self, seq: SeqState, token: Token) -> bool:
+        """Append a sampled token, decide whether it ends the sequence, hand it to the sink; True at the end."""
         seq.tokens.append(token.id)
         self.stats["generated_tokens"] += 1
         if token.id in seq.stop_ids:
@@ -251,6 +313,7 @@ class Engine:
         if token.finish_reason:
             self._finish(seq, None)  # blocks free before the caller hears of the end (and maybe checks)
         seq.sink(token)
+        return token.finish_reason is not None
 
     # -- background loop ---------------------------------------------------------------------------------------
     def run(self) -> None:
