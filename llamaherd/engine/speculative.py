@@ -128,6 +128,14 @@ def make_proposer(speculative: str | None = None, draft: nn.Module | None = None
     return NgramProposer() if speculative == "ngram" else None
 
 
+def proposer_factory(speculative: str | None = None, draft: nn.Module | None = None,
+                     target_vocab: int | None = None) -> Callable[[], Proposer] | None:
+    """A maker of one proposer per sequence (the serving engine's), checked now; None when not asked for."""
+    if make_proposer(speculative, draft, target_vocab) is None:
+        return None
+    return lambda: make_proposer(speculative, draft, target_vocab)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Verification
 # --------------------------------------------------------------------------------------------------------------

@@ -35,14 +35,22 @@ class ServedModel:
 
     def __init__(self, model, name: str, *, kv_cache_bytes: int = 1 << 30, block_size: int = 16,
                  max_batch: int = 16, prefill_chunk: int = 256, max_waiting: int = 64,
-                 max_context: int | None = None) -> None:
+                 max_context: int | None = None, speculative: str | None = None, draft=None,
+                 num_speculative_tokens: int = 5) -> None:
+        """`speculative="ngram"` or `draft` (a smaller `Model` with this tokenizer) turns on speculative decoding
+        for every request that does not turn it off (`stream(..., speculate=False)`)."""
+        from ..engine.speculative import proposer_factory
+
         self.model, self.name = model, name
         self.tokenizer = model.tokenizer
         dtype = next(model.net.parameters()).dtype
         dtype = dtype if dtype.is_floating_point else torch.float32
         blocks = kv_blocks_for(model.config, dtype, kv_cache_bytes, block_size)
         self.engine = Engine(model.net, model.config, num_blocks=blocks, block_size=block_size, max_batch=max_batch,
-                             prefill_chunk=prefill_chunk, max_waiting=max_waiting, max_context=max_context)
+                             prefill_chunk=prefill_chunk, max_waiting=max_waiting, max_context=max_context,
+                             proposer_factory=proposer_factory(speculative, draft.net if draft else None,
+                                                               model.config.vocab_size),
+                             num_speculative_tokens=num_speculative_tokens)
         self.metrics = Metrics()
         self.created = int(time.time())
         self._thread: threading.Thread | None = None
@@ -73,8 +81,10 @@ class ServedModel:
         return self.stop_ids(SamplingParams())
 
     async def stream(self, prompt: Sequence[int], params: SamplingParams, usage: Usage | None = None,
-                     stop_ids: frozenset[int] | None = None, constraint=None) -> AsyncIterator[Piece]:
-        """Submit a prompt; yield text pieces as tokens arrive. Closing the iterator cancels the request."""
+                     stop_ids: frozenset[int] | None = None, constraint=None,
+                     speculate: bool = True) -> AsyncIterator[Piece]:
+        """Submit a prompt; yield text pieces as tokens arrive. Closing the iterator cancels the request.
+        `speculate=False` turns the server's speculative decoding off for this request."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Token] = asyncio.Queue()
         usage = usage or Usage()
@@ -82,7 +92,7 @@ class ServedModel:
         stops = self.stop_ids(params) if stop_ids is None else stop_ids
         text = TextStream(self.tokenizer, params.stop, prompt_tail=prompt)
         seq_id = self.engine.submit(prompt, params, stops, lambda e: loop.call_soon_threadsafe(queue.put_nowait, e),
-                                    constraint=constraint)
+                                    constraint=constraint, speculate=speculate)
         self.metrics.request_started(len(prompt))
         engine_done = False
         last_token_time = None
@@ -117,9 +127,9 @@ class ServedModel:
         self.engine.check(prompt, params, n)
 
     async def complete(self, prompt: Sequence[int], params: SamplingParams, usage: Usage | None = None,
-                       constraint=None) -> tuple[str, list[Piece], str]:
+                       constraint=None, speculate: bool = True) -> tuple[str, list[Piece], str]:
         """Run to the end: (text, pieces, finish_reason)."""
-        pieces = [p async for p in self.stream(prompt, params, usage, constraint=constraint)]
+        pieces = [p async for p in self.stream(prompt, params, usage, constraint=constraint, speculate=speculate)]
         return "".join(p.text for p in pieces), pieces, (pieces[-1].finish_reason if pieces else "stop")
 
 
