@@ -10,6 +10,7 @@ import signal
 from ..errors import LlamaherdError
 from ._generation import add_chat_format_flag, add_dtype_flag, apply_chat_format, resolve_model
 from .guard import add_serve_flags, install_serve_shields
+from .run import add_speculative_flags
 
 
 def chat_note(model) -> str:
@@ -42,6 +43,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="apply a PEFT-format LoRA adapter (herd finetune's output) on top of the model")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for the model's math (default: torch's choice); 1 is fastest on a busy machine")
+    add_speculative_flags(p)
     add_serve_flags(p)
     p.set_defaults(func=run)
 
@@ -67,8 +69,11 @@ def run(args: argparse.Namespace) -> int:
     model = load(resolve_model(source), dtype=parse_dtype(args.dtype), adapter=args.adapter)
     apply_chat_format(model, args.chat_format)
     name = args.name or os.path.basename(str(source).rstrip("/")).removesuffix(".gguf")
+    draft = load(resolve_model(args.draft), dtype=parse_dtype(args.dtype)) if args.draft else None
     served = ServedModel(model, name, kv_cache_bytes=int(args.kv_cache_gb * (1 << 30)), max_batch=args.max_batch,
-                         prefill_chunk=args.prefill_chunk, max_waiting=args.max_waiting, max_context=args.num_ctx)
+                         prefill_chunk=args.prefill_chunk, max_waiting=args.max_waiting, max_context=args.num_ctx,
+                         speculative=args.speculative, draft=draft,
+                         num_speculative_tokens=args.num_speculative_tokens or 5)
     app = create_app(served, api_key=args.api_key)
     guarded = install_serve_shields(app, args)
     print(f"serving {name} on http://{args.host}:{args.port} (OpenAI: /v1, Ollama: /api, "
