@@ -11,6 +11,7 @@ from llamaherd.config import ModelConfig
 from llamaherd.quant import weight_only as wo
 from tests.checkpoint_fixtures import meta_params, save_meta_folder
 from tests.conftest import TINY, cuda_or_skip, random_model
+from tests.test_cli_chat import tiny_folder  # noqa: F401  (the fixture: a Llama 3 folder with its tokenizer)
 
 # dim 128 and a hidden width of 384 so that every projection takes a 128-wide group too.
 WIDE = ModelConfig(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=256, multiple_of=128,
@@ -200,3 +201,28 @@ def test_foreign_quantization_config_is_refused_by_name(tmp_path, qc):
     (out / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match="quant_method"):
         llamaherd.load(out)
+
+
+# -- the command line ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow  # two processes loading a model with Llama 3's 128k-token vocabulary
+def test_herd_run_quantize_flag(tiny_folder, tmp_path):
+    """`herd run --quantize int4-g32` answers what the int4 model answers greedily (full forward, no cache)."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.test_cli_chat import expected_reply  # noqa: E402
+
+    model = llamaherd.load(tiny_folder, quantize="int4-g32")
+    expect = expected_reply(model, [{"role": "user", "content": "Hi there"}], 5)
+    env = dict(os.environ, LLAMAHERD_HOME=str(tmp_path))
+    cmd = [sys.executable, "-m", "llamaherd", "run", str(tiny_folder), "--temperature", "0", "--max-tokens", "5"]
+    got = subprocess.run(cmd + ["--quantize", "int4-g32", "Hi there"], capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert got.returncode == 0, got.stderr
+    assert got.stdout.replace("\r", "").strip("\n") == expect.strip("\n")
+    bad = subprocess.run(cmd + ["--quantize", "int3", "Hi"], capture_output=True, text=True, env=env, timeout=300)
+    assert bad.returncode == 1 and "herd: error: unknown quantization 'int3'; use int8" in bad.stderr
+    assert "Traceback" not in bad.stderr

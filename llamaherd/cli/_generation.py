@@ -176,15 +176,16 @@ def resolve_model(word: str) -> Path:
         raise model_not_found(word) from None
 
 
-def load_model(source: str, dtype: str | None = None, adapter: str | None = None):
-    """Load (with a PEFT LoRA `adapter` folder on top, if given) with a progress line; returns (model, seconds)."""
+def load_model(source: str, dtype: str | None = None, adapter: str | None = None, quantize: str | None = None):
+    """Load (weight-only `quantize`d, with a PEFT LoRA `adapter` folder on top, if given) with a progress line;
+    returns (model, seconds)."""
     from ..api import load
     from ..checkpoint.save import parse_dtype
 
     t0 = time.perf_counter()
     path = resolve_model(source)  # a missing model is one error line, before any progress line
     with Spinner(f"loading {source}"):
-        model = load(path, dtype=parse_dtype(dtype), adapter=adapter)
+        model = load(path, dtype=parse_dtype(dtype), quantize=quantize, adapter=adapter)
     return model, time.perf_counter() - t0
 
 

@@ -31,9 +31,17 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="an image for a vision model (repeatable), placed before the prompt's text")
     add_chat_format_flag(p)
     add_adapter_flag(p)
+    add_quantize_flag(p)
     add_sampling_flags(p)
     add_speculative_flags(p)
     p.set_defaults(func=run)
+
+
+def add_quantize_flag(p: argparse.ArgumentParser) -> None:
+    """--quantize int8|int4[-gN]: weight-only quantization at load (quant/weight_only.py), for run and serve."""
+    p.add_argument("--quantize", default=None, metavar="SCHEME",
+                   help="weight-only quantize the projections at load: int8 (per channel) or int4 "
+                        "(groups of 128; int4-g32 / int4-g64 for smaller groups)")
 
 
 def add_speculative_flags(p: argparse.ArgumentParser) -> None:
@@ -96,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
     if prompt is not None and not prompt.strip():
         # The same rule as the HTTP APIs: an empty prompt is refused, not completed from nothing (README).
         raise LlamaherdError("the prompt is empty; give text to complete, or no prompt at all to chat")
-    model, load_seconds = load_model(model_name, args.dtype, args.adapter)
+    model, load_seconds = load_model(model_name, args.dtype, args.adapter, args.quantize)
     apply_chat_format(model, args.chat_format)
     sampling = sampling_from_args(args)
     if prompt is None:

@@ -11,6 +11,7 @@ from ..errors import LlamaherdError
 from ._generation import add_chat_format_flag, add_dtype_flag, apply_chat_format, resolve_model
 from .guard import add_serve_flags, install_serve_shields
 from .run import add_speculative_flags
+from .run import add_quantize_flag
 
 
 def chat_note(model) -> str:
@@ -41,6 +42,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_chat_format_flag(p)
     p.add_argument("--adapter", default=None, metavar="DIR",
                    help="apply a PEFT-format LoRA adapter (herd finetune's output) on top of the model")
+    add_quantize_flag(p)
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for the model's math (default: torch's choice); 1 is fastest on a busy machine")
     add_speculative_flags(p)
@@ -66,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
 
         source = DEFAULT_MODEL
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    model = load(resolve_model(source), dtype=parse_dtype(args.dtype), adapter=args.adapter)
+    model = load(resolve_model(source), dtype=parse_dtype(args.dtype), quantize=args.quantize, adapter=args.adapter)
     apply_chat_format(model, args.chat_format)
     name = args.name or os.path.basename(str(source).rstrip("/")).removesuffix(".gguf")
     draft = load(resolve_model(args.draft), dtype=parse_dtype(args.dtype)) if args.draft else None
