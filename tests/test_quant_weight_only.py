@@ -11,7 +11,7 @@ from llamaherd.config import ModelConfig
 from llamaherd.quant import weight_only as wo
 from tests.checkpoint_fixtures import meta_params, save_meta_folder
 from tests.conftest import TINY, cuda_or_skip, random_model
-from tests.test_cli_chat import tiny_folder  # noqa: F401  (the fixture: a Llama 3 folder with its tokenizer)
+from tests.test_cli_chat import tiny_folder  # noqa: F401  (a fixture: a Llama 3 folder with its tokenizer)
 
 # dim 128 and a hidden width of 384 so that every projection takes a 128-wide group too.
 WIDE = ModelConfig(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=256, multiple_of=128,
@@ -159,13 +159,13 @@ def test_cuda_int4_matches_cpu(tmp_path):
 @pytest.mark.parametrize("family,spec", [("llama2", "int8"), ("llama3.2", "int4-g32"), ("wide", "int4-g128")])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_save_load_round_trip_is_exact(tmp_path, family, spec, dtype):
-    from llamaherd.quant import saved
+    from llamaherd.checkpoint import quantized as saved
 
     c = WIDE if family == "wide" else TINY[family]
     folder, _ = _folder(tmp_path, c)
     model = llamaherd.load(folder, dtype=dtype, quantize=spec)
     out = saved.save(model, tmp_path / "q")
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".q.")]  # no temporary folder left
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".q")]  # no staging folder left
     back = llamaherd.load(out, dtype=dtype)  # no quantize=: the codes are read, not recomputed
     want, got = model.net.state_dict(), back.net.state_dict()
     assert set(got) == set(want)
@@ -176,7 +176,7 @@ def test_save_load_round_trip_is_exact(tmp_path, family, spec, dtype):
 
 def test_save_refuses_an_existing_folder_and_a_float_model(tmp_path):
     from llamaherd.errors import CheckpointError
-    from llamaherd.quant import saved
+    from llamaherd.checkpoint import quantized as saved
 
     folder, _ = _folder(tmp_path, TINY["llama3"])
     with pytest.raises(wo.QuantizeError, match="quantize="):
@@ -192,7 +192,7 @@ def test_foreign_quantization_config_is_refused_by_name(tmp_path, qc):
     import json
 
     from llamaherd.errors import CheckpointError
-    from llamaherd.quant import saved
+    from llamaherd.checkpoint import quantized as saved
 
     folder, _ = _folder(tmp_path, TINY["llama3"])
     out = saved.save(llamaherd.load(folder, quantize="int8"), tmp_path / "q")

@@ -138,16 +138,16 @@ def read(path: str | Path) -> Checkpoint:
     config = family.config_from_hf(cfg, source=cfile)
     qc = cfg.get("quantization_config")
     if qc is not None:  # refuse foreign formats before reading their packed tensors as float ones
-        from ..quant import saved
+        from . import quantized
 
-        saved.check_method(qc, cfile)
+        quantized.check_method(qc, cfile)
     sd = family.hf_to_meta(_load_weights(path), config, source=path)
     ckpt = Checkpoint(
         config=config, state_dict=sd, source=path, tokenizer=attach_tokenizer(path, ("tokenizer.json", "tokenizer.model")),
         generation=generation_from_hf(path, cfg), chat_template=chat_template_from_hf(path),
         metadata={"format": "hf", "config": cfg},
     )
-    return ckpt if qc is None else saved.attach(ckpt, qc, path)  # weight-only codes beside the float tensors
+    return ckpt if qc is None else quantized.attach(ckpt, qc, path)  # weight-only codes beside the float tensors
 
 
 # -- writing -------------------------------------------------------------------------------------

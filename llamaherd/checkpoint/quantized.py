@@ -1,6 +1,6 @@
 """Weight-only quantized models on disk: a Hugging Face folder plus the int8/int4 codes, loaded without re-quantizing.
 
-Layout (written to a temporary folder, every file fsynced, then renamed into place):
+Layout (staged beside the destination and renamed into place by `atomic.replacing_folder`):
 
     config.json           the model's config with "quantization_config": {"quant_method": "llamaherd",
                           "scheme": "int4", "group_size": 64, "weights": "llamaherd-quantized/weights.safetensors"}
@@ -18,18 +18,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
-import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from ..atomic import replacing_folder
 from ..errors import CheckpointError
-from . import weight_only as wo
+from ..quant import weight_only as wo
 
 METHOD = "llamaherd"
 WEIGHTS = "llamaherd-quantized/weights.safetensors"
@@ -42,7 +39,7 @@ def _quantized_modules(net: nn.Module) -> dict[str, nn.Module]:
 
 def save(model, dst: str | Path) -> Path:
     """Write a model loaded with `quantize=` so that `llamaherd.load(dst)` runs the very same codes."""
-    from ..checkpoint import hf  # the float part is an ordinary Hugging Face folder
+    from . import hf  # the float part is an ordinary Hugging Face folder
 
     dst = Path(dst)
     if dst.exists():
@@ -59,9 +56,7 @@ def save(model, dst: str | Path) -> Path:
     quantized = {k: t.contiguous() for k, t in state.items() if k.rsplit(".", 1)[0] in mods}
     plain = {k: t for k, t in state.items() if k not in quantized}
 
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
-    try:
+    with replacing_folder(dst) as tmp:  # staged, every file fsynced, renamed into place (atomic.py)
         hf.write(dataclasses.replace(model.checkpoint, state_dict=plain), tmp)
         (tmp / WEIGHTS).parent.mkdir()
         save_file(quantized, tmp / WEIGHTS, metadata={"format": "pt", "scheme": scheme})
@@ -69,27 +64,7 @@ def save(model, dst: str | Path) -> Path:
         cfg["quantization_config"] = {"quant_method": METHOD, "scheme": scheme, "group_size": group,
                                       "weights": WEIGHTS}
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-        _fsync_tree(tmp)
-        os.rename(tmp, dst)
-        _fsync(dst.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return dst
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(root: Path) -> None:
-    for p in sorted(root.rglob("*"), key=lambda p: -len(p.parts)):  # files before their folders
-        _fsync(p)
-    _fsync(root)
 
 
 # -- reading --------------------------------------------------------------------------------------------------
@@ -100,13 +75,13 @@ def check_method(qc: Any, cfile: Path) -> None:
     method = qc.get("quant_method") if isinstance(qc, dict) else None
     if method != METHOD:
         raise CheckpointError(cfile, f"quantization_config.quant_method {method!r} is not one llamaherd reads "
-                              f"(it reads {METHOD!r}: folders saved by llamaherd.quant.saved.save); dequantise the "
+                              f"(it reads {METHOD!r}: folders saved by llamaherd.checkpoint.quantized.save); dequantise the "
                               "checkpoint to bf16 with its own tools, or download the unquantized model")
 
 
 def attach(ckpt, qc: Any, path: Path):
     """The checkpoint `hf.read` made of the float tensors, completed with the quantized codes of `qc`."""
-    from ..checkpoint.hf import load_safetensors
+    from .hf import load_safetensors
 
     cfile = path / "config.json"
     check_method(qc, cfile)
