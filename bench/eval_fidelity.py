@@ -1,0 +1,148 @@
+"""Fidelity against a float64 reference: mean KLD and same-top-token rate of our runtime and of llama.cpp.
+
+For a GGUF file the reference is the file's own weights decoded (as ggml defines them) and held in float64,
+run through our reference model files in float64 with no native swaps (model/*.py; their RMSNorm and rotary
+helpers compute in float32 and return float64, a rounding ~1e-7 relative, far below what is measured here).
+Every other path is compared with it on the same chunks of the same text, scored like llama-perplexity
+(llamaherd/eval/perplexity.py: chunks of --ctx tokens, BOS first, second half scored):
+
+  ours            the runtime as `llamaherd.load` builds it, with int8 activations on/off and bf16 prefill on/off
+                  (native/ggml_kernels.py INT8_ACTIVATIONS, BF16_PREFILL; bf16 only where the CPU has it)
+  llama.cpp       llama-cpp-python on the same file (logits_all; its default f16 KV cache)
+
+each through the prefill path (the chunk in one forward / one llama_decode) and the decode path (one token
+per step into a KV cache / n_batch=1), side by side in one run.
+
+    .venv/bin/python bench/eval_fidelity.py [MODEL.gguf] --ctx 256 --chunks 4 --decode-chunks 1
+
+The text defaults to `llama_models/llama3_1/prompt_format.md` from Meta's llama-models package (a core
+dependency: the same file on every install).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+import time
+from importlib.resources import files
+
+import numpy as np
+import torch
+
+import llamaherd
+from llamaherd import store
+from llamaherd.checkpoint import materialize, read
+from llamaherd.checkpoint.base import dequantized
+from llamaherd.engine.generate import decode_one
+from llamaherd.eval.perplexity import chunk_tokens, scored_view
+from llamaherd.model.cache import KVCache
+from llamaherd.native import ggml_kernels
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import llamacpp  # noqa: E402  (bench/llamacpp.py)
+
+
+def log_probs(logits: torch.Tensor) -> torch.Tensor:
+    return torch.log_softmax(logits.double(), dim=-1)
+
+
+def kld_and_top(ref: torch.Tensor, other: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Per position KL(ref || other) over the whole vocabulary, and whether the argmax agrees; (T, V) log-probs."""
+    kld = (ref.exp() * (ref - other)).sum(-1)
+    return kld.numpy(), (ref.argmax(-1) == other.argmax(-1)).numpy()
+
+
+@torch.inference_mode()
+def prefill_logits(net, chunk: torch.Tensor) -> torch.Tensor:
+    n_ctx = chunk.shape[-1]
+    return scored_view(net, n_ctx // 2)(chunk[None])[0, :-1]  # (n_ctx - 1 - n_ctx/2, V)
+
+
+@torch.inference_mode()
+def decode_logits(net, chunk: torch.Tensor, config, dtype=torch.float32) -> torch.Tensor:
+    n_ctx = chunk.shape[-1]
+    cache = KVCache.for_model(config, 1, n_ctx, dtype=dtype)
+    out = []
+    for j in range(n_ctx - 1):
+        logits = decode_one(net, chunk[j:j + 1], cache)
+        if j >= n_ctx // 2:
+            out.append(logits[0].float())
+    return torch.stack(out)
+
+
+def llama_cpp_logits(llm, chunk: torch.Tensor) -> torch.Tensor:
+    n_ctx = chunk.shape[-1]
+    llm.reset()
+    llm.eval(chunk.tolist())
+    return torch.from_numpy(np.array(llm.scores[n_ctx // 2:n_ctx - 1], dtype=np.float32))
+
+
+@contextlib.contextmanager
+def switches(int8: bool, bf16: bool):
+    before = ggml_kernels.INT8_ACTIVATIONS, ggml_kernels.BF16_PREFILL
+    ggml_kernels.INT8_ACTIVATIONS, ggml_kernels.BF16_PREFILL = int8, bf16
+    try:
+        yield
+    finally:
+        ggml_kernels.INT8_ACTIVATIONS, ggml_kernels.BF16_PREFILL = before
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("model", nargs="?", help="a GGUF file (default: the default model from the local store)")
+    ap.add_argument("--text", help="UTF-8 text file (default: llama-models' llama3_1/prompt_format.md)")
+    ap.add_argument("--ctx", type=int, default=256)
+    ap.add_argument("--chunks", type=int, default=4, help="chunks through the prefill path")
+    ap.add_argument("--decode-chunks", type=int, default=1, help="chunks through the decode path (one token a step)")
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args()
+    import llama_cpp
+
+    print(f"# {llamacpp.prepare()}", flush=True)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    threads = torch.get_num_threads()
+    path = args.model or str(store.default_model(progress=lambda *_: None))
+    text = (open(args.text, encoding="utf-8").read() if args.text else
+            files("llama_models").joinpath("llama3_1/prompt_format.md").read_text(encoding="utf-8"))
+    print(f"# {os.path.basename(path)}, ctx {args.ctx}, {args.chunks} prefill / {args.decode_chunks} decode chunks, "
+          f"{threads} threads, load average {os.getloadavg()[0]:.2f}; bf16 CPU: {ggml_kernels.BF16_PREFILL}",
+          flush=True)
+
+    model = llamaherd.load(path)
+    tokens = model.tokenizer.encode(text, bos=True)
+    grid = chunk_tokens(tokens, args.ctx, model.tokenizer.bos_id, max(args.chunks, args.decode_chunks))
+    ref_net = materialize(dequantized(read(path), "the float64 reference"), dtype=torch.float64).eval()
+    llm = {path_kind: llama_cpp.Llama(path, logits_all=True, n_ctx=args.ctx, n_batch=n_batch, n_threads=threads,
+                                      verbose=False) for path_kind, n_batch in (("prefill", args.ctx), ("decode", 1))}
+    bf16_modes = (True, False) if ggml_kernels.BF16_PREFILL else (False,)
+    ours = [(f"llamaherd int8 {'on ' if i8 else 'off'}, bf16 {'on ' if b else 'off'}", i8, b)
+            for i8 in (True, False) for b in bf16_modes]
+    rows: dict[tuple[str, str], list] = {}
+    t0 = time.perf_counter()
+    for kind, n in (("prefill", args.chunks), ("decode", args.decode_chunks)):
+        for c in range(n):
+            chunk = grid[c]
+            ref = log_probs(prefill_logits(ref_net, chunk) if kind == "prefill" else
+                            decode_logits(ref_net, chunk, model.config, torch.float64))
+            for label, i8, b in ours:
+                with switches(i8, b):
+                    got = prefill_logits(model.net, chunk) if kind == "prefill" else decode_logits(model.net, chunk,
+                                                                                                     model.config)
+                rows.setdefault((kind, label), []).append(kld_and_top(ref, log_probs(got)))
+            rows.setdefault((kind, "llama.cpp"), []).append(kld_and_top(ref, log_probs(llama_cpp_logits(llm[kind], chunk))))
+            print(f"  {kind} chunk {c + 1}/{n} done ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
+    print("| path | implementation | positions | mean KLD vs float64 | max KLD | same top token |")
+    print("|---|---|---|---|---|---|")
+    for (kind, label), parts in rows.items():
+        kld = np.concatenate([k for k, _ in parts])
+        same = np.concatenate([s for _, s in parts])
+        print(f"| {kind} | {label} | {kld.size} | {kld.mean():.3e} | {kld.max():.3e} | {100 * same.mean():.2f}% |")
+    print(f"# load average at the end {os.getloadavg()[0]:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
