@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import resource
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -82,10 +83,13 @@ def _fsync_tree(root: Path) -> None:
         fsync_path(Path(folder))
 
 
-def _no_room(exc: BaseException, path: Path) -> WriteError | None:
-    """A WriteError when `exc` came from a full disk (or a file-size limit), else None."""
+def _no_room(exc: BaseException, path: Path, tmp: Path) -> WriteError | None:
+    """A WriteError when `exc` came from a full disk (or the file-size limit), else None."""
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
     if isinstance(exc, OSError) and exc.errno in _NO_ROOM:
         reason = os.strerror(exc.errno)
+    elif limit != resource.RLIM_INFINITY and tmp.is_file() and tmp.stat().st_size >= limit:
+        reason = f"the file-size limit (ulimit -f) of {limit} bytes was reached ({exc})"
     else:  # writers in native code (safetensors) report a full disk in their own words: ask the disk
         try:
             st = os.statvfs(path.parent)
@@ -114,7 +118,7 @@ def replacing(path: str | Path) -> Iterator[Path]:
         os.replace(tmp, path)
         fsync_path(path.parent)  # the rename itself reaches the disk
     except BaseException as exc:
-        full = _no_room(exc, path)
+        full = _no_room(exc, path, tmp)
         _remove(tmp)
         if full is not None:
             raise full from exc
@@ -165,7 +169,7 @@ def replacing_folder(path: str | Path, carry: Callable[[str], bool] = lambda nam
                         _link_or_copy(str(entry), str(stage / entry.name))
         _fsync_tree(stage)
     except BaseException as exc:
-        full = _no_room(exc, path)
+        full = _no_room(exc, path, stage)
         _remove(stage)
         if full is not None:
             raise full from exc

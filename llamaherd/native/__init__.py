@@ -27,6 +27,8 @@ import sys
 import threading
 from pathlib import Path
 
+from ..atomic import replacing
+
 _DIR = Path(__file__).parent
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-fno-math-errno", "-fno-trapping-math",
           # reassociation lets the compiler vectorise the dot-product reductions (order differs from numpy's)
@@ -38,6 +40,10 @@ _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _tried = False
 _bound: dict[str, object] = {}
+
+
+class _BuildFailed(Exception):
+    """The C compiler refused the kernels: run without them."""
 
 
 def sources() -> list[Path]:
@@ -61,12 +67,13 @@ def _build() -> ctypes.CDLL | None:
     target = _cache_dir() / f"llamaherd-native-{digest.hexdigest()[:16]}.so"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_suffix(f".{os.getpid()}.tmp")
-        done = subprocess.run([cc, *_FLAGS, *map(str, srcs), "-o", str(tmp)], capture_output=True, text=True)
-        if done.returncode != 0:
-            tmp.unlink(missing_ok=True)
+        try:  # atomic: concurrent builders, or one killed midway, never leave a half-written library
+            with replacing(target) as tmp:
+                done = subprocess.run([cc, *_FLAGS, *map(str, srcs), "-o", str(tmp)], capture_output=True, text=True)
+                if done.returncode != 0:
+                    raise _BuildFailed
+        except _BuildFailed:
             return None
-        os.replace(tmp, target)  # atomic: concurrent builders never load a half-written library
     return ctypes.CDLL(str(target))
 
 
