@@ -89,6 +89,16 @@ def switches(int8: bool, bf16: bool):
         ggml_kernels.INT8_ACTIVATIONS, ggml_kernels.BF16_PREFILL = before
 
 
+def table(rows: dict[tuple[str, str], list]) -> None:
+    print("| path | implementation | positions | mean KLD vs float64 | max KLD | same top token |")
+    print("|---|---|---|---|---|---|")
+    for (kind, label), parts in rows.items():
+        kld = np.concatenate([k for k, _ in parts])
+        same = np.concatenate([s for _, s in parts])
+        print(f"| {kind} | {label} | {kld.size} | {kld.mean():.3e} | {kld.max():.3e} | {100 * same.mean():.2f}% |",
+              flush=True)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model", nargs="?", help="a GGUF file (default: the default model from the local store)")
@@ -134,12 +144,7 @@ def main() -> int:
                 rows.setdefault((kind, label), []).append(kld_and_top(ref, log_probs(got)))
             rows.setdefault((kind, "llama.cpp"), []).append(kld_and_top(ref, log_probs(llama_cpp_logits(llm[kind], chunk))))
             print(f"  {kind} chunk {c + 1}/{n} done ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
-    print("| path | implementation | positions | mean KLD vs float64 | max KLD | same top token |")
-    print("|---|---|---|---|---|---|")
-    for (kind, label), parts in rows.items():
-        kld = np.concatenate([k for k, _ in parts])
-        same = np.concatenate([s for _, s in parts])
-        print(f"| {kind} | {label} | {kld.size} | {kld.mean():.3e} | {kld.max():.3e} | {100 * same.mean():.2f}% |")
+        table({k: v for k, v in rows.items() if k[0] == kind})  # each path's table as soon as it is measured
     print(f"# load average at the end {os.getloadavg()[0]:.2f}")
     return 0
 

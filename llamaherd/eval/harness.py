@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import sys
 
+import lm_eval.models  # noqa: F401  (lm-eval's own backends first: its registry loads them only while empty)
 import torch
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
