@@ -72,6 +72,24 @@ def load_image(source: Any, *, max_pixels: int = MAX_PIXELS, background: tuple[i
         raise ImageError(f"image data is corrupt or truncated ({exc}); re-export the image") from None
 
 
+def image_source(part: Any) -> Any:
+    """The image an OpenAI / Hugging Face content part carries, or None for any other part."""
+    if not isinstance(part, dict):
+        return None
+    kind = part.get("type")
+    if kind == "image_url":
+        url = part.get("image_url")
+        url = url.get("url") if isinstance(url, dict) else url
+        if not isinstance(url, str):
+            raise ImageError("an image_url part needs {'image_url': {'url': 'data:image/...;base64,...'}}")
+        return url
+    if kind == "image":
+        if part.get("image") is None:
+            raise ImageError("an image part needs {'image': <path, bytes or PIL image>}")
+        return part["image"]
+    return None
+
+
 def _bytes_of(source: Any) -> bytes:
     if isinstance(source, (bytes, bytearray, memoryview)):
         data = bytes(source)

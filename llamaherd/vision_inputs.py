@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from .errors import ImageError
+from .image import image_source
 
 MAX_IMAGES = 8  # per request; each Llama 3.2 Vision image is up to 4 x 1601 cross-attention keys per layer
 IMAGE_LITERAL = "<|image|>"
@@ -29,24 +30,6 @@ def message_images(messages: list[dict]) -> list[Any]:
             if source is not None:
                 out.append(source)
     return out
-
-
-def image_source(part: Any) -> Any:
-    """The image an OpenAI / Hugging Face content part carries, or None for any other part."""
-    if not isinstance(part, dict):
-        return None
-    kind = part.get("type")
-    if kind == "image_url":
-        url = part.get("image_url")
-        url = url.get("url") if isinstance(url, dict) else url
-        if not isinstance(url, str):
-            raise ImageError("an image_url part needs {'image_url': {'url': 'data:image/...;base64,...'}}")
-        return url
-    if kind == "image":
-        if part.get("image") is None:
-            raise ImageError("an image part needs {'image': <path, bytes or PIL image>}")
-        return part["image"]
-    return None
 
 
 def image_token_id(tokenizer) -> int | None:

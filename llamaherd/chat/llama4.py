@@ -36,8 +36,7 @@ class Llama4Format(HeaderChatFormat):
 
     def image_segments(self, part) -> list[Segment]:
         """The image's tile layout (llama-models llama4/chat_format.py `_encode_image`), from its size alone."""
-        from ..image import best_canvas, llama4_image_layout, load_image
-        from ..vision_inputs import image_source
+        from ..image import best_canvas, image_source, llama4_image_layout, load_image
 
         w, h = load_image(image_source(part)).size
         canvas_w, canvas_h = best_canvas(w, h, self.image_max_tiles, self.image_tile)
