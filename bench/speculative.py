@@ -1,0 +1,168 @@
+"""Speculative decoding speed: n-gram prompt lookup on the default model for an input-grounded prompt (rewrite a
+code block with one change), with and without, side by side with llama.cpp's prompt lookup
+(`llama_cpp.llama_speculative.LlamaPromptLookupDecoding`) on the same file and prompt; then a draft-model pair
+(the default Q4_K_M model drafting for a Q8_0 re-quantization of the same weights, written by `herd quantize`).
+
+Greedy everywhere; the script checks that speculation leaves llamaherd's tokens unchanged. Times are CPU seconds
+of this process with one thread for both engines (the machine is shared, so wall time is noisy); tokens/s is
+generated tokens over decode CPU time (prompt processing excluded on both sides).
+
+Usage: .venv/bin/python bench/speculative.py [--model GGUF] [--new 128] [--k 5] [--skip-draft]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+CODE = '''def moving_average(values, window):
+    """Average of each run of `window` consecutive values."""
+    if window <= 0:
+        raise ValueError("window must be positive")
+    out = []
+    total = 0.0
+    for i, v in enumerate(values):
+        total += v
+        if i >= window:
+            total -= values[i - window]
+        if i >= window - 1:
+            out.append(total / window)
+    return out
+
+
+def main():
+    data = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]
+    print(moving_average(data, 3))
+'''
+PROMPT = ("Here is a Python file:\n\n```python\n" + CODE + "```\n\nThe same file with the function renamed from "
+          "moving_average to rolling_mean, everything else unchanged:\n\n```python\n")
+
+
+def cpu_timed(fn):
+    t0 = time.process_time()
+    out = fn()
+    return time.process_time() - t0, out
+
+
+def llamaherd_run(model, ids, new, **spec):
+    """(decode CPU seconds, tokens, acceptance rate) of one greedy generation; prompt time measured apart."""
+    from llamaherd.engine import SamplingParams, make_sampler
+    from llamaherd.engine.generate import generate_tokens
+    from llamaherd.engine.speculative import AcceptanceTracker, speculative_tokens
+
+    params = SamplingParams(max_tokens=new, temperature=0, ignore_eos=True)
+    sampler = make_sampler(params, model.config.vocab_size)
+    prefill_params = params.replace(max_tokens=1)
+    t_prompt, _ = cpu_timed(lambda: list(generate_tokens(model.net, [ids], make_sampler(prefill_params, 10**6))))
+    if not spec:
+        t, steps = cpu_timed(lambda: list(generate_tokens(model.net, [ids], sampler)))
+        return t - t_prompt, [s.tokens[0] for s in steps], None
+    tracker = AcceptanceTracker(spec["k"])
+    t, steps = cpu_timed(lambda: list(speculative_tokens(model.net, ids, sampler, spec["proposer"], k=spec["k"],
+                                                         tracker=tracker)))
+    return t - t_prompt, [s.tokens[0] for s in steps], tracker.acceptance_rate
+
+
+def _no_weight_repacking() -> None:
+    """As tests/conftest.py: llama.cpp's AMX repacking of Q4/Q8 weights segfaults on some CPUs; the plain CPU
+    path computes the same arithmetic."""
+    import llama_cpp.llama_cpp as capi
+
+    default = capi.llama_model_default_params
+
+    def params():
+        p = default()
+        p.use_extra_bufts = False
+        return p
+
+    capi.llama_model_default_params = params
+
+
+def llamacpp_run(path, ids, new, k=None):
+    from llama_cpp import Llama
+    from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
+
+    draft = LlamaPromptLookupDecoding(num_pred_tokens=k) if k else None
+    llm = Llama(model_path=str(path), n_ctx=2048, n_threads=1, n_threads_batch=1, verbose=False, draft_model=draft,
+                logits_all=draft is not None)
+
+    def gen(n):
+        llm.reset()
+        out = []
+        for tok in llm.generate(ids, temp=0.0, top_k=1, reset=True):
+            out.append(tok)
+            if len(out) >= n:
+                break
+        return out
+
+    t_prompt, _ = cpu_timed(lambda: gen(1))
+    t, out = cpu_timed(lambda: gen(new))
+    return t - t_prompt, out
+
+
+def report(name, seconds, n, extra=""):
+    print(f"{name:<48} {n / seconds:8.1f} tok/s  ({n} tokens, {seconds:.2f} s CPU){extra}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default=None, help="GGUF file (default: the default model in the store)")
+    ap.add_argument("--new", type=int, default=128)
+    ap.add_argument("--k", type=int, default=5)
+    ap.add_argument("--skip-draft", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+
+    import llamaherd
+    from llamaherd.api import resolve
+    from llamaherd.engine.speculative import DraftProposer, NgramProposer
+    from llamaherd.store import DEFAULT_MODEL
+
+    path = Path(args.model) if args.model else resolve(DEFAULT_MODEL)
+    print(f"model {path.name}; {args.new} new tokens, k={args.k}; load average {os.getloadavg()[0]:.2f}")
+    model = llamaherd.load(path)
+    ids = model.encode_prompt(PROMPT)
+    print(f"prompt: {len(ids)} tokens\n")
+
+    t_plain, plain, _ = llamaherd_run(model, ids, args.new)
+    report("llamaherd plain", t_plain, len(plain))
+    t_ng, ng, rate = llamaherd_run(model, ids, args.new, proposer=NgramProposer(), k=args.k)
+    assert ng == plain, "n-gram speculation changed the greedy tokens"
+    report("llamaherd n-gram lookup", t_ng, len(ng), f"  acceptance {rate:.2f}, speedup {t_plain / t_ng:.2f}x")
+    try:
+        _no_weight_repacking()
+        c_plain_t, c_plain = llamacpp_run(path, ids, args.new)
+        report("llama.cpp plain", c_plain_t, len(c_plain))
+        c_ng_t, c_ng = llamacpp_run(path, ids, args.new, k=args.k)
+        report("llama.cpp LlamaPromptLookupDecoding", c_ng_t, len(c_ng), f"  speedup {c_plain_t / c_ng_t:.2f}x")
+        same = sum(a == b for a, b in zip(plain, c_plain))
+        print(f"llama.cpp plain agrees with llamaherd on {same}/{len(plain)} leading tokens "
+              f"(first difference at {next((i for i, (a, b) in enumerate(zip(plain, c_plain)) if a != b), None)})")
+    except ImportError:
+        print("llama-cpp-python is not installed: no llama.cpp column")
+    print(f"\ngenerated text:\n{model.tokenizer.decode(plain)}\n")
+
+    if not args.skip_draft:
+        with tempfile.TemporaryDirectory() as tmp:
+            q8 = Path(tmp) / "target-q8_0.gguf"
+            subprocess.run([sys.executable, "-m", "llamaherd", "quantize", str(path), str(q8), "--type", "q8_0"],
+                           check=True, stdout=subprocess.DEVNULL)
+            target = llamaherd.load(q8)
+            t_t, t_plain_ids, _ = llamaherd_run(target, ids, args.new)
+            report("llamaherd Q8_0 target plain", t_t, len(t_plain_ids))
+            t_d, d_ids, rate = llamaherd_run(target, ids, args.new, proposer=DraftProposer(model.net), k=args.k)
+            assert d_ids == t_plain_ids, "draft speculation changed the greedy tokens"
+            report("llamaherd Q8_0 target, Q4_K_M draft", t_d, len(d_ids),
+                   f"  acceptance {rate:.2f}, speedup {t_t / t_d:.2f}x")
+    print(f"load average at end: {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
