@@ -143,7 +143,7 @@ def main() -> None:
         c_ng_t, c_ng = llamacpp_run(path, ids, args.new, k=args.k)
         report("llama.cpp LlamaPromptLookupDecoding", c_ng_t, len(c_ng), f"  speedup {c_plain_t / c_ng_t:.2f}x")
         same = sum(a == b for a, b in zip(plain, c_plain))
-        print(f"llama.cpp plain agrees with llamaherd on {same}/{len(plain)} leading tokens "
+        print(f"llama.cpp plain and llamaherd pick the same token at {same}/{len(plain)} positions "
               f"(first difference at {next((i for i, (a, b) in enumerate(zip(plain, c_plain)) if a != b), None)})")
     except ImportError:
         print("llama-cpp-python is not installed: no llama.cpp column")
