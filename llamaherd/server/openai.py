@@ -227,7 +227,11 @@ async def completions(body: CompletionRequest, request: Request):
         if body.logprobs is not None:
             choice["logprobs"] = _completion_logprobs(served, chunks, len(echo))
             if body.echo:  # the prompt's own log-probabilities first, as OpenAI's legacy API and vLLM give them
-                choice["logprobs"] = _joined(await asyncio.to_thread(_prompt_logprobs, served, p, body.logprobs),
+                # an end token that stopped generation has no piece of its own: its entry comes from the same
+                # forward (vLLM lists the end token too; lm-eval drops the last entry as the generated one)
+                end = next((c.stop_token for c in chunks if c.stop_token is not None), None)
+                tail = end if not choice["logprobs"]["tokens"] else None
+                choice["logprobs"] = _joined(await asyncio.to_thread(_prompt_logprobs, served, p, body.logprobs, tail),
                                              choice["logprobs"])
         choices.append(choice)
     prompt_tokens = sum(len(p) for p in prompts)
@@ -251,14 +255,16 @@ def _completion_logprobs(served: ServedModel, chunks: list[Piece], offset: int =
     return out
 
 
-def _prompt_logprobs(served: ServedModel, prompt: list[int], top: int) -> dict:
+def _prompt_logprobs(served: ServedModel, prompt: list[int], top: int, then: int | None = None) -> dict:
     """log p(prompt[i] | prompt[:i]) for every prompt token (None for the first) and the `top` likeliest tokens
-    at each position, from one full forward (lm-eval's local-completions scores continuations this way)."""
+    at each position, from one full forward (lm-eval's local-completions scores continuations this way); with
+    `then`, one more entry for that token after the prompt."""
     tok = served.tokenizer
     logp = torch.log_softmax(served.model.logits(prompt).double(), dim=-1)  # (T, V)
     out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
     offset = 0
-    for i, t in enumerate(prompt):
+    seq = prompt if then is None else [*prompt, then]
+    for i, t in enumerate(seq):
         piece = tok.token_bytes(t).decode("utf-8", "replace")
         out["tokens"].append(piece)
         out["text_offset"].append(offset)
