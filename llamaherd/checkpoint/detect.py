@@ -30,7 +30,25 @@ def detect_format(path: Path) -> str:
     raise ModelNotFoundError(f"{path}: no such file or folder")
 
 
+# The widths a model is built from: each must be a positive int below this bound (found by bench/fuzz_loaders.py:
+# a config.json field of the wrong type otherwise surfaced as a ZeroDivisionError or a torch error at build time).
+_WIDTHS = ("dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "hidden_dim", "vocab_size", "max_seq_len")
+_MAX_WIDTH = 1 << 24
+
+
 def read(path: str | Path) -> Checkpoint:
-    """The checkpoint at `path`, read by the reader of its format."""
+    """The checkpoint at `path`, read by the reader of its format; malformed metadata is a CheckpointError."""
     path = Path(path).expanduser()
-    return READERS[detect_format(path)](path)
+    fmt = detect_format(path)
+    try:
+        ckpt = READERS[fmt](path)
+    except (TypeError, ValueError, AttributeError, KeyError, ZeroDivisionError, OverflowError) as exc:
+        raise CheckpointError(path, f"its {fmt} metadata has a field of the wrong type or value "
+                              f"({type(exc).__name__}: {exc}); fix the config file or download it again") from None
+    c = ckpt.config
+    for name in _WIDTHS:
+        v = getattr(c, name, None)
+        if not isinstance(v, int) or isinstance(v, bool) or not 0 < v < _MAX_WIDTH:
+            raise CheckpointError(path, f"its {fmt} config gives {name} = {v!r}; it must be a positive whole number "
+                                  f"below {_MAX_WIDTH}: fix the config file or download it again")
+    return ckpt

@@ -1,0 +1,233 @@
+"""Fuzz the checkpoint loaders: mutated safetensors headers, config.json and params.json with wrong types.
+
+Each input is a tiny valid checkpoint folder with one mutation; reading it (`llamaherd.checkpoint.read`, then
+building the model from it) must either succeed or raise a typed LlamaherdError. Anything else is a crash and is
+printed with the input that caused it. Per target: inputs, rejected, accepted, crashes, worst time, peak RSS.
+
+    python bench/fuzz_loaders.py --n 100000 [--targets safetensors,config_json,params_json] [--seed 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import shutil
+import signal
+import struct
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+from llamaherd.config import ModelConfig
+from llamaherd.errors import LlamaherdError
+
+CONFIG = ModelConfig(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=64, multiple_of=16, max_seq_len=32)
+
+# Values of the wrong kind (and edge values of the right one) for JSON fields.
+ODD_VALUES = [None, True, False, 0, -1, 1, 2**31, 2**63, -(2**63), 1e308, float("nan"), -0.5, 0.5, "", "7", "x" * 300,
+              [], [1, 2], {}, {"a": 1}, "float16", "llama", "bfloat16"]
+TIME_LIMIT_S = 10  # per input; the loaders answer a tiny folder in milliseconds
+DTYPES = ["F32", "F16", "BF16", "F64", "I8", "U8", "I64", "BOOL", "F8_E4M3", "Q4", "", "f32"]
+
+
+# ---- making the valid inputs -------------------------------------------------------------------------------------
+
+
+def hf_folder(root: Path) -> Path:
+    """A tiny Hugging Face Llama folder written with safetensors and plain JSON (not with llamaherd's writer)."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    c = CONFIG
+    kv = c.n_kv_heads * c.head_dim
+    shapes = {"model.embed_tokens.weight": (c.vocab_size, c.dim), "model.norm.weight": (c.dim,),
+              "lm_head.weight": (c.vocab_size, c.dim)}
+    for i in range(c.n_layers):
+        p = f"model.layers.{i}."
+        shapes.update({p + "self_attn.q_proj.weight": (c.dim, c.dim), p + "self_attn.k_proj.weight": (kv, c.dim),
+                       p + "self_attn.v_proj.weight": (kv, c.dim), p + "self_attn.o_proj.weight": (c.dim, c.dim),
+                       p + "mlp.gate_proj.weight": (c.hidden_dim, c.dim), p + "mlp.up_proj.weight": (c.hidden_dim, c.dim),
+                       p + "mlp.down_proj.weight": (c.dim, c.hidden_dim), p + "input_layernorm.weight": (c.dim,),
+                       p + "post_attention_layernorm.weight": (c.dim,)})
+    root.mkdir(parents=True, exist_ok=True)
+    save_file({k: torch.randn(s) for k, s in shapes.items()}, root / "model.safetensors", metadata={"format": "pt"})
+    (root / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": c.dim,
+        "intermediate_size": c.hidden_dim, "num_hidden_layers": c.n_layers, "num_attention_heads": c.n_heads,
+        "num_key_value_heads": c.n_kv_heads, "vocab_size": c.vocab_size, "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0, "max_position_embeddings": c.max_seq_len, "tie_word_embeddings": False,
+        "torch_dtype": "float32"}))
+    return root
+
+
+def meta_folder(root: Path) -> Path:
+    """A tiny Meta folder: params.json + consolidated.00.pth."""
+    from llamaherd.model import build
+
+    torch.manual_seed(0)
+    c = CONFIG
+    root.mkdir(parents=True, exist_ok=True)
+    torch.save(build(c).state_dict(), root / "consolidated.00.pth")
+    (root / "params.json").write_text(json.dumps({
+        "dim": c.dim, "n_layers": c.n_layers, "n_heads": c.n_heads, "n_kv_heads": c.n_kv_heads,
+        "vocab_size": c.vocab_size, "multiple_of": c.multiple_of, "ffn_dim_multiplier": None, "norm_eps": 1e-5,
+        "rope_theta": 10000.0, "use_scaled_rope": False}))
+    return root
+
+
+# ---- mutations ---------------------------------------------------------------------------------------------------
+
+
+def mutate_safetensors(data: bytes, rng: random.Random) -> bytes:
+    """One mutation of a safetensors file: its length prefix, raw header bytes, or one structured header field."""
+    (n,) = struct.unpack("<Q", data[:8])
+    header, body = data[8:8 + n], data[8 + n:]
+    kind = rng.randrange(6)
+    if kind == 0:  # the length prefix: huge, zero, off by a little, past the end
+        n2 = rng.choice([0, 1, n - 1, n + 1, len(data), 2**63, 2**64 - 1, rng.randrange(2**32), 100_000_001])
+        return struct.pack("<Q", n2 % 2**64) + data[8:]
+    if kind == 1:  # flip bytes inside the JSON
+        h = bytearray(header)
+        for _ in range(rng.randint(1, 8)):
+            h[rng.randrange(len(h))] = rng.randrange(256)
+        return struct.pack("<Q", n) + bytes(h) + body
+    if kind == 2:  # truncate anywhere
+        return data[:rng.randrange(len(data))]
+    meta = json.loads(header)
+    name = rng.choice([k for k in meta if k != "__metadata__"])
+    entry = meta[name]
+    if kind == 3:  # offsets: out of range, reversed, overlapping another tensor, wrong type
+        other = meta[rng.choice([k for k in meta if k != "__metadata__"])]["data_offsets"]
+        entry["data_offsets"] = rng.choice([
+            [0, len(body) + rng.randint(1, 10**6)], list(reversed(entry["data_offsets"])), list(other),
+            [entry["data_offsets"][0], entry["data_offsets"][1] - 4], [-1, 4], [0], "0,4", None,
+            [2**64 - 8, 2**64 - 1], [0, 2**62]])
+    elif kind == 4:  # dtype, or a shape that disagrees with the byte count
+        if rng.random() < 0.5:
+            entry["dtype"] = rng.choice(DTYPES + ODD_VALUES[:5])
+        else:
+            entry["shape"] = rng.choice([[], [0], [-1], [2**62, 2**62], [1] * 40, list(reversed(entry["shape"])),
+                                         [entry["shape"][0] * 2], "3", None, [1.5]])
+    else:  # the whole entry or the metadata of the wrong kind
+        meta[rng.choice([name, "__metadata__"])] = rng.choice(ODD_VALUES)
+    h = json.dumps(meta).encode()
+    return struct.pack("<Q", len(h)) + h + body
+
+
+def mutate_json(data: bytes, rng: random.Random) -> bytes:
+    """config.json / params.json with one or more fields set to values of the wrong kind, removed, or added."""
+    if rng.random() < 0.1:  # not JSON at all, or JSON of another shape
+        return rng.choice([data[:rng.randrange(len(data))], b"[]", b"null", b"\xff\xfe", b'"x"', b"{" * 10000])
+    obj = json.loads(data)
+    for _ in range(rng.randint(1, 3)):
+        key = rng.choice(list(obj))
+        r = rng.random()
+        if r < 0.15:
+            del obj[key]
+            if not obj:
+                break
+        elif r < 0.25:
+            obj["rope_scaling"] = rng.choice(ODD_VALUES + [{"rope_type": "llama3", "factor": rng.choice(ODD_VALUES)},
+                                                           {"type": "yarn"}, {"rope_type": rng.choice(ODD_VALUES)}])
+        else:
+            obj[key] = rng.choice(ODD_VALUES)
+    return json.dumps(obj).encode()
+
+
+TARGETS = {  # name -> (make the valid folder, file to mutate, mutation)
+    "safetensors": (hf_folder, "model.safetensors", mutate_safetensors),
+    "config_json": (hf_folder, "config.json", mutate_json),
+    "params_json": (meta_folder, "params.json", mutate_json),
+}
+
+
+# ---- running -----------------------------------------------------------------------------------------------------
+
+
+def load_folder(folder: Path) -> None:
+    """What a user's load does with a checkpoint: read it and build the model from it."""
+    from llamaherd.checkpoint import materialize, read
+
+    net = materialize(read(folder))
+    assert all(p.device.type == "cpu" for p in net.parameters())
+
+
+def fuzz_one(folder: Path, fname: str, valid: bytes, mutate, rng: random.Random) -> tuple[str, float, str]:
+    """(outcome, seconds, detail): outcome is "accepted", "rejected" (a LlamaherdError) or "crash"."""
+    data = mutate(valid, rng)
+    (folder / fname).write_bytes(data)
+    start = time.perf_counter()
+    signal.signal(signal.SIGALRM, _hang)
+    signal.alarm(TIME_LIMIT_S)
+    try:
+        load_folder(folder)
+        outcome, detail = "accepted", ""
+    except LlamaherdError as exc:
+        outcome, detail = "rejected", str(exc)[:100]
+    except Exception:  # noqa: BLE001 - the point of the fuzzer: anything untyped (or a hang) is a crash
+        outcome, detail = "crash", traceback.format_exc()[-1500:] + f"\ninput ({len(data)} bytes): {data[:400]!r}"
+    finally:
+        signal.alarm(0)
+    return outcome, time.perf_counter() - start, detail
+
+
+class Hang(Exception):
+    """An input that kept the loader busy past the time limit."""
+
+
+def _hang(signum, frame):
+    raise Hang(f"no answer within {TIME_LIMIT_S} s")
+
+
+def run_target(name: str, n: int, seed: int, budget_s: float | None = None) -> dict:
+    make, fname, mutate = TARGETS[name]
+    rng = random.Random(seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = make(Path(tmp) / "ckpt")
+        valid = (folder / fname).read_bytes()
+        counts = {"accepted": 0, "rejected": 0, "crash": 0}
+        worst, crashes, start = 0.0, [], time.perf_counter()
+        for i in range(n):
+            outcome, took, detail = fuzz_one(folder, fname, valid, mutate, rng)
+            counts[outcome] += 1
+            worst = max(worst, took)
+            if outcome == "crash" and len(crashes) < 5:
+                crashes.append(detail)
+            if budget_s is not None and time.perf_counter() - start > budget_s:
+                break
+        shutil.rmtree(folder, ignore_errors=True)
+    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"target": name, "inputs": sum(counts.values()), **counts, "worst_s": worst, "peak_rss_mib": peak_mib,
+            "first_crashes": crashes}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=100_000, help="inputs per target")
+    ap.add_argument("--targets", default=",".join(TARGETS))
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--budget-s", type=float, default=None, help="stop a target after this many seconds")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    print(f"load average {os.getloadavg()}; command: {' '.join(sys.argv)}")
+    print(f"{'target':<12} {'inputs':>8} {'rejected':>9} {'accepted':>9} {'crashes':>8} {'worst s':>8} {'peak RSS MiB':>13}")
+    bad = 0
+    for name in args.targets.split(","):
+        r = run_target(name, args.n, args.seed, args.budget_s)
+        print(f"{name:<12} {r['inputs']:>8} {r['rejected']:>9} {r['accepted']:>9} {r['crash']:>8} "
+              f"{r['worst_s']:>8.3f} {r['peak_rss_mib']:>13.0f}", flush=True)
+        for c in r["first_crashes"]:
+            print(c, file=sys.stderr)
+        bad += r["crash"]
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
