@@ -27,7 +27,6 @@ from llamaherd.engine.generate import decode_one, prefill
 from llamaherd.model.cache import KVCache
 
 DEFAULT_MODEL = "/tmp/llamaherd-bench/llama-3.2-1b-random/hf-bf16"
-SCHEMES = [None, "int8", "int4", "int4-g32"]
 PROMPT = [128000, 791, 4062, 14198, 39935, 35308, 927, 279, 16053, 5679, 13]
 
 
@@ -84,20 +83,22 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--kld-tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--schemes", default="int8,int4,int4-g32", help="comma-separated quantize= values beside bf16")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"# {args.model}; torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"load average at start {os.getloadavg()[0]:.2f}")
+    schemes = [None, *[s for s in args.schemes.split(",") if s]]
     models = {}
-    for spec in SCHEMES:
+    for spec in schemes:
         t = time.perf_counter()
         models[spec] = llamaherd.load(args.model, dtype=torch.bfloat16, quantize=spec)
         print(f"# loaded {spec or 'bf16'} in {time.perf_counter() - t:.1f} s", flush=True)
     gbs = bandwidth_gbs()
     print(f"# measured read bandwidth {gbs:.1f} GB/s")
 
-    times: dict = {spec: [] for spec in SCHEMES}
+    times: dict = {spec: [] for spec in schemes}
     for _ in range(args.rounds):
         for spec, m in models.items():
             times[spec].append(decode_ms(m.net, m.config, args.steps))
