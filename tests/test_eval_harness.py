@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 import pytest
 
 lm_eval = pytest.importorskip("lm_eval", reason="install llamaherd[test] (lm-eval)")
@@ -44,6 +46,7 @@ metric_list:
 
 
 def write_tasks(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
     for name, body in TASKS.items():
         (folder / f"{name}.yaml").write_text(
             f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {DATA}\n"
@@ -104,3 +107,36 @@ def test_backend_scores_the_tiny_task(tiny_gguf, tmp_path, monkeypatch):
         logp = torch.log_softmax(model.logits(ids[:-1]).double(), -1)
         want = sum(logp[i - 1, ids[i]].item() for i in range(n_ctx, len(ids)))
         assert sample["resps"][0][0][0] == pytest.approx(want, rel=1e-6, abs=1e-6)
+
+
+@pytest.mark.xfail(reason="open: multiple-choice log-likelihoods agree with the backend, but the first "
+                   "loglikelihood_rolling sample differs by ~8 nats (about one token's log-probability: -101.80 "
+                   "served vs -109.91 in-process); not yet found which token", strict=False)
+def test_served_model_scores_the_same_through_local_completions(tiny_gguf, tmp_path, monkeypatch):
+    """`herd serve` (the app, on loopback) with lm-eval's own `local-completions` client: token ids from the
+    server's /tokenize, log-probabilities from echo + logprobs on /v1/completions, generations through the
+    serving engine. lm-eval's remote tokenizer sends no BOS, so the in-process backend runs without it too."""
+    import llamaherd
+    from llamaherd.server import ServedModel
+
+    from .server_fixtures import LiveServer
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    served = ServedModel(llamaherd.load(tiny_gguf), "tiny", kv_cache_bytes=64 << 20)
+    live = LiveServer(served)
+    try:
+        remote = evaluate("local-completions", f"base_url={live.url}/v1/completions,model=tiny,"
+                          "tokenizer_backend=remote,tokenized_requests=True,num_concurrent=1,max_retries=1",
+                          tmp_path / "remote")
+    finally:
+        live.stop()
+    local = evaluate("llamaherd", f"pretrained={tiny_gguf},add_bos_token=False", tmp_path / "local")
+    for task in TASKS:
+        for a, b in zip(remote["samples"][task], local["samples"][task]):
+            assert a["arguments"] == b["arguments"]
+            if task == "herd_tiny_gen":
+                assert a["resps"] == b["resps"]
+            else:
+                np.testing.assert_allclose(np.array(a["resps"], dtype=float), np.array(b["resps"], dtype=float),
+                                           rtol=1e-4, atol=1e-4)
+    assert scores(remote) == pytest.approx(scores(local), rel=1e-4)
