@@ -117,12 +117,12 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--k", type=int, default=5)
     ap.add_argument("--skip-draft", action="store_true")
+    ap.add_argument("--skip-ngram", action="store_true", help="only the draft-model pair")
     args = ap.parse_args()
     torch.set_num_threads(1)
 
     import llamaherd
     from llamaherd.api import resolve
-    from llamaherd.engine.speculative import DraftProposer, NgramProposer
     from llamaherd.store import DEFAULT_MODEL
 
     path = Path(args.model) if args.model else resolve(DEFAULT_MODEL)
@@ -131,11 +131,26 @@ def main() -> None:
     ids = model.encode_prompt(PROMPT)
     print(f"prompt: {len(ids)} tokens\n")
 
+    if not args.skip_ngram:
+        ngram_part(model, path, ids, args)
+    if not args.skip_draft:
+        draft_part(model, path, ids, args)
+    print(f"load average at end: {os.getloadavg()[0]:.2f}")
+
+
+def same_tokens(a, b) -> str:
+    first = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+    return "identical tokens" if first is None and len(a) == len(b) else f"tokens differ from position {first}"
+
+
+def ngram_part(model, path, ids, args) -> None:
+    from llamaherd.engine.speculative import NgramProposer
+
     t_plain, plain, _ = llamaherd_run(model, ids, args.new)
     report("llamaherd plain", t_plain, len(plain))
     t_ng, ng, rate = llamaherd_run(model, ids, args.new, proposer=NgramProposer(), k=args.k)
-    assert ng == plain, "n-gram speculation changed the greedy tokens"
-    report("llamaherd n-gram lookup", t_ng, len(ng), f"  acceptance {rate:.2f}, speedup {t_plain / t_ng:.2f}x")
+    report("llamaherd n-gram lookup", t_ng, len(ng), f"  acceptance {rate:.2f}, speedup {t_plain / t_ng:.2f}x, "
+           f"{same_tokens(ng, plain)}")
     try:
         _no_weight_repacking()
         c_plain_t, c_plain = llamacpp_run(path, ids, args.new)
@@ -149,19 +164,21 @@ def main() -> None:
         print("llama-cpp-python is not installed: no llama.cpp column")
     print(f"\ngenerated text:\n{model.tokenizer.decode(plain)}\n")
 
-    if not args.skip_draft:
-        with tempfile.TemporaryDirectory() as tmp:
-            q8 = Path(tmp) / "target-q8_0.gguf"
-            subprocess.run([sys.executable, "-m", "llamaherd", "quantize", str(path), str(q8), "--type", "q8_0"],
-                           check=True, stdout=subprocess.DEVNULL)
-            target = llamaherd.load(q8)
-            t_t, t_plain_ids, _ = llamaherd_run(target, ids, args.new)
-            report("llamaherd Q8_0 target plain", t_t, len(t_plain_ids))
-            t_d, d_ids, rate = llamaherd_run(target, ids, args.new, proposer=DraftProposer(model.net), k=args.k)
-            assert d_ids == t_plain_ids, "draft speculation changed the greedy tokens"
-            report("llamaherd Q8_0 target, Q4_K_M draft", t_d, len(d_ids),
-                   f"  acceptance {rate:.2f}, speedup {t_t / t_d:.2f}x")
-    print(f"load average at end: {os.getloadavg()[0]:.2f}")
+
+def draft_part(model, path, ids, args) -> None:
+    import llamaherd
+    from llamaherd.engine.speculative import DraftProposer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        q8 = Path(tmp) / "target-q8_0.gguf"
+        subprocess.run([sys.executable, "-m", "llamaherd", "quantize", str(path), str(q8), "--type", "q8_0"],
+                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        target = llamaherd.load(q8)
+        t_t, t_plain_ids, _ = llamaherd_run(target, ids, args.new)
+        report("llamaherd Q8_0 target plain", t_t, len(t_plain_ids))
+        t_d, d_ids, rate = llamaherd_run(target, ids, args.new, proposer=DraftProposer(model.net), k=args.k)
+        report("llamaherd Q8_0 target, Q4_K_M draft", t_d, len(d_ids),
+               f"  acceptance {rate:.2f}, speedup {t_t / t_d:.2f}x, {same_tokens(d_ids, t_plain_ids)}")
 
 
 if __name__ == "__main__":
