@@ -38,6 +38,11 @@ def config_from_params(params: dict[str, Any], path: Path, vocab_from_weights: i
     for key in ("dim", "n_layers", "n_heads"):
         if key not in params:
             raise CheckpointError(path, f"params.json lacks {key!r}; a Meta params.json states dim, n_layers, n_heads")
+    for key in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "ffn_dim_multiplier",
+                "norm_eps", "rope_theta", "vision_chunk_size"):
+        v = params.get(key)  # a list here would be repeated, not multiplied (found by bench/fuzz_loaders.py)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+            raise CheckpointError(path, f"params.json field {key!r} is {v!r}; it must be a number")
     if params.get("vision_chunk_size", -1) > 0:  # Llama 3.2 Vision (llama-models llama3/args.py)
         raise CheckpointError(path, "params.json describes a Llama 3.2 Vision model; only text models are supported")
     vocab = int(params.get("vocab_size", -1))
