@@ -89,8 +89,11 @@ def test_completions_with_logprobs(oa):
                               echo=True)
     c = r.choices[0]
     assert c.text.startswith("The sky is")
-    assert len(c.logprobs.tokens) == len(c.logprobs.token_logprobs) == r.usage.completion_tokens
-    for lp, top in zip(c.logprobs.token_logprobs, c.logprobs.top_logprobs):
+    # echo + logprobs covers the prompt's tokens too (OpenAI's legacy completions, as lm-eval reads them)
+    n = r.usage.prompt_tokens + r.usage.completion_tokens
+    assert len(c.logprobs.tokens) == len(c.logprobs.token_logprobs) == n
+    k = r.usage.completion_tokens
+    for lp, top in zip(c.logprobs.token_logprobs[-k:], c.logprobs.top_logprobs[-k:]):
         assert lp <= 0 and len(top) == 3 and max(top.values()) >= lp - 1e-5  # greedy: chosen is the best
 
 
