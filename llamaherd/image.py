@@ -10,6 +10,7 @@ import binascii
 import io
 import math
 import re
+import threading
 import warnings
 from collections import defaultdict
 from pathlib import Path
@@ -59,6 +60,8 @@ def load_image(source: Any, *, max_pixels: int = MAX_PIXELS, background: tuple[i
         raise ImageError(f"image of {w}x{h} pixels exceeds the limit of {max_pixels}; downscale it first")
     if w == 0 or h == 0:
         raise ImageError(f"image of {w}x{h} pixels is empty")
+    if image is not source:
+        _decode_strictly(image)  # only now, after the header's size passed
     try:
         from PIL import ImageOps
 
@@ -127,6 +130,25 @@ def _open(data: bytes, Image):
         except (OSError, ValueError, SyntaxError) as exc:  # UnidentifiedImageError is an OSError
             raise ImageError(f"not a readable image ({exc}); send PNG, JPEG, GIF, BMP or WebP data") from None
     return image
+
+
+_STRICT = threading.Lock()
+
+
+def _decode_strictly(image) -> None:
+    """Decode the pixels now, refusing truncated data even where another library has set Pillow's
+    process-wide `ImageFile.LOAD_TRUNCATED_IMAGES` (llama-models' `llama4/preprocess.py` does so on import,
+    after which Pillow pads a truncated image with grey and says nothing)."""
+    from PIL import ImageFile
+
+    with _STRICT:
+        lenient, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
+        try:
+            image.load()
+        except (OSError, ValueError, SyntaxError) as exc:
+            raise ImageError(f"image data is corrupt or truncated ({exc}); re-export the image") from None
+        finally:
+            ImageFile.LOAD_TRUNCATED_IMAGES = lenient
 
 
 # -- Llama 3.2 Vision tiling -----------------------------------------------------------------------------

@@ -42,12 +42,14 @@ def reference_format(name: str):
 
         return ChatFormat(Tokenizer.get_instance())
     added = _stub_torchvision()
+    before = set(sys.modules)
     try:
         from llama_models.llama4.chat_format import ChatFormat
         from llama_models.llama4.tokenizer import Tokenizer
-    finally:  # the stand-in must not leak: transformers probes for torchvision
-        for name in added:
-            sys.modules.pop(name, None)
+    finally:  # the stand-in must not leak: transformers probes for torchvision, and the vision tests need
+        if added:  # llama-models' image code bound to the real one, so its modules are imported afresh there
+            for name in added + [m for m in set(sys.modules) - before if m.startswith("llama_models.")]:
+                sys.modules.pop(name, None)
 
     return ChatFormat(Tokenizer.get_instance())
 
@@ -60,6 +62,11 @@ def _stub_torchvision() -> list[str]:
     import types
 
     if importlib.util.find_spec("torchvision") is not None:
+        return []
+    from .vision_fixtures import VISION_EXTRA, import_torchvision
+
+    if VISION_EXTRA.is_dir():  # the real one (make install-test puts it there), imported as the vision tests do
+        import_torchvision()
         return []
     tv = types.ModuleType("torchvision")
     tv.transforms = types.ModuleType("torchvision.transforms")
