@@ -193,7 +193,8 @@ class Model:
                                                    context_limit=limit)]
         if not stream:
             return self.complete(prompt, stats=stats, images=images, **sampling).text
-        from .engine.generate import check_context, stream as stream_pieces
+        from .engine.generate import stream as stream_pieces
+        from .engine.step import check_context
 
         spec = self._speculation(sampling)
         sampler, stop_ids, limit = self._run_setup(sampling)
@@ -255,7 +256,8 @@ class Model:
         fmt = self.chat_format(images=bool(images))
         ids = fmt.encode_dialog(list(messages), tools=list(tools) if tools else None, add_generation_prompt=True)
         if stream:
-            from .engine.generate import check_context, stream as stream_pieces
+            from .engine.generate import stream as stream_pieces
+            from .engine.step import check_context
 
             spec = self._speculation(sampling)
             sampler, stop_ids, limit = self._run_setup(sampling, fmt.stop_ids)

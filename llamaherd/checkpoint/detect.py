@@ -5,11 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import CheckpointError, ModelNotFoundError
-from . import gguf, hf, meta_pth
+from . import gguf, meta_pth, quantized
 from .base import Checkpoint
 
 # format -> reader taking a Path and returning a Checkpoint.
-READERS = {"meta": meta_pth.read, "hf": hf.read, "gguf": gguf.read}
+# A Hugging Face folder is read by `quantized.read`: hf.read, plus llamaherd's weight-only codes where present.
+READERS = {"meta": meta_pth.read, "hf": quantized.read, "gguf": gguf.read}
 
 
 def detect_format(path: Path) -> str:

@@ -121,6 +121,19 @@ def chat_template_from_hf(path: Path) -> str | None:
     return template if isinstance(template, str) else None
 
 
+# The one quantization_config this reader lets through: llamaherd's own weight-only folders (checkpoint/quantized.py).
+QUANT_METHOD = "llamaherd"
+
+
+def check_method(qc: Any, cfile: Path) -> None:
+    """Refuse a quantization_config this version cannot run (GPTQ, AWQ, FP8 ...), naming it."""
+    method = qc.get("quant_method") if isinstance(qc, dict) else None
+    if method != QUANT_METHOD:
+        raise CheckpointError(cfile, f"quantization_config.quant_method {method!r} is not one llamaherd reads "
+                              f"(it reads {QUANT_METHOD!r}: folders saved by llamaherd.checkpoint.quantized.save); "
+                              "dequantise the checkpoint to bf16 with its own tools, or download the unquantized model")
+
+
 def read(path: str | Path) -> Checkpoint:
     """Read an HF Llama folder into Meta names, un-permuting wq/wk back to Meta's interleaved RoPE layout."""
     path = Path(path)
@@ -138,16 +151,14 @@ def read(path: str | Path) -> Checkpoint:
     config = family.config_from_hf(cfg, source=cfile)
     qc = cfg.get("quantization_config")
     if qc is not None:  # refuse foreign formats before reading their packed tensors as float ones
-        from . import quantized
-
-        quantized.check_method(qc, cfile)
+        check_method(qc, cfile)
     sd = family.hf_to_meta(_load_weights(path), config, source=path)
     ckpt = Checkpoint(
         config=config, state_dict=sd, source=path, tokenizer=attach_tokenizer(path, ("tokenizer.json", "tokenizer.model")),
         generation=generation_from_hf(path, cfg), chat_template=chat_template_from_hf(path),
         metadata={"format": "hf", "config": cfg},
     )
-    return ckpt if qc is None else quantized.attach(ckpt, qc, path)  # weight-only codes beside the float tensors
+    return ckpt  # a llamaherd-quantized folder's codes are attached by `quantized.read`, the reader of this format
 
 
 # -- writing -------------------------------------------------------------------------------------

@@ -27,8 +27,10 @@ from torch import nn
 from ..atomic import replacing_folder
 from ..errors import CheckpointError
 from ..quant import weight_only as wo
+from . import hf
+from .base import Checkpoint
+from .hf import QUANT_METHOD as METHOD, check_method, load_safetensors
 
-METHOD = "llamaherd"
 WEIGHTS = "llamaherd-quantized/weights.safetensors"
 _QUANT_SUFFIXES = (".qweight", ".scales", ".zeros")
 
@@ -39,8 +41,6 @@ def _quantized_modules(net: nn.Module) -> dict[str, nn.Module]:
 
 def save(model, dst: str | Path) -> Path:
     """Write a model loaded with `quantize=` so that `llamaherd.load(dst)` runs the very same codes."""
-    from . import hf  # the float part is an ordinary Hugging Face folder
-
     dst = Path(dst)
     if dst.exists():
         raise CheckpointError(dst, "already exists; remove it or choose another output folder")
@@ -70,19 +70,15 @@ def save(model, dst: str | Path) -> Path:
 # -- reading --------------------------------------------------------------------------------------------------
 
 
-def check_method(qc: Any, cfile: Path) -> None:
-    """Refuse a quantization_config this version cannot run (GPTQ, AWQ, FP8 ...), naming it."""
-    method = qc.get("quant_method") if isinstance(qc, dict) else None
-    if method != METHOD:
-        raise CheckpointError(cfile, f"quantization_config.quant_method {method!r} is not one llamaherd reads "
-                              f"(it reads {METHOD!r}: folders saved by llamaherd.checkpoint.quantized.save); dequantise the "
-                              "checkpoint to bf16 with its own tools, or download the unquantized model")
+def read(path: str | Path) -> Checkpoint:
+    """A Hugging Face folder (the float part is an ordinary one), with weight-only codes where config.json says."""
+    ckpt = hf.read(path)
+    qc = ckpt.metadata["config"].get("quantization_config")
+    return ckpt if qc is None else attach(ckpt, qc, Path(path))
 
 
-def attach(ckpt, qc: Any, path: Path):
+def attach(ckpt: Checkpoint, qc: Any, path: Path) -> Checkpoint:
     """The checkpoint `hf.read` made of the float tensors, completed with the quantized codes of `qc`."""
-    from .hf import load_safetensors
-
     cfile = path / "config.json"
     check_method(qc, cfile)
     scheme, group = qc.get("scheme"), qc.get("group_size")

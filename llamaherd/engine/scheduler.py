@@ -31,7 +31,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..errors import LlamaherdError
-from .generate import check_context
+from .step import check_context
 from .paged import KVCacheManager, OutOfBlocks
 from .sampling import Sampler, SamplingParams
 from .text import Token

@@ -22,7 +22,7 @@ from torch import nn
 
 from ..errors import LlamaherdError
 from ..model.cache import KVCache
-from .generate import Step, check_context
+from .step import Step, check_context
 from .sampling import Sampler
 from .stats import GenerationStats
 from .text import Token

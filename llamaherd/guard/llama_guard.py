@@ -6,7 +6,8 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from ..engine.generate import check_context, decode_one, prefill
+from ..engine.generate import decode_one, prefill
+from ..engine.step import check_context
 from ..model.cache import KVCache
 from . import prompt as lg_prompt
 from .prompt import GuardError, Release
