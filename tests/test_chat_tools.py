@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-import time
+import threading
 
 import pytest
 from hypothesis import given, settings
@@ -156,22 +156,28 @@ def test_streaming_releases_plain_text_early():
 @pytest.mark.parametrize("unit", ["<function=f>{", "[f(", '{"name": ', "<|python_tag|>", "brave_search.call(",
                                   "<function=", "a" * 7 + ".call(", "[[[[", '"\\',
                                   '<function=f>{"a": "', "<|eo", "<function=f>{'a': '", "<function=f>{'a': ["])
-def test_adversarial_megabyte_is_linear(unit):
-    def run(n):
-        text = unit * (n // len(unit))
-        t0 = time.perf_counter()
-        parse_tool_output(text)
-        p = ToolCallParser(LLAMA3_SYNTAX)
-        for i in range(0, len(text), 4096):
-            p.feed(text[i:i + 4096])
-        p.flush()
-        return time.perf_counter() - t0
+def test_adversarial_megabyte_finishes(unit):
+    """A megabyte of a repeated call opener is parsed (one pass, streamed) to the end. A parser quadratic in the
+    input would need ~10^12 steps here, hours rather than the second a linear one takes, so the generous guard
+    below separates the two without timing anything finer (bench/tool_parser_scaling.py measures the growth)."""
+    text = unit * ((1 << 20) // len(unit))
+    done, failed = threading.Event(), []
 
-    # Best of three: the machine is shared, and one descheduled run must not read as quadratic growth.
-    t1 = min(run(1 << 19) for _ in range(3))
-    t2 = min(run(1 << 20) for _ in range(3))
-    assert t2 < 5.0, f"1 MB took {t2:.2f}s"
-    assert t2 < 3.5 * t1 + 0.2, f"not linear: 0.5 MB {t1:.3f}s, 1 MB {t2:.3f}s"
+    def run():
+        try:
+            parse_tool_output(text)
+            p = ToolCallParser(LLAMA3_SYNTAX)
+            for i in range(0, len(text), 4096):
+                p.feed(text[i:i + 4096])
+            p.flush()
+        except Exception as exc:  # re-raised below, in the test's own thread
+            failed.append(exc)
+        done.set()
+
+    threading.Thread(target=run, daemon=True).start()
+    assert done.wait(300), f"parsing 1 MB of {unit!r} did not finish: the parser is not linear in its input"
+    if failed:
+        raise failed[0]
 
 
 def test_prefixes_never_raise():
