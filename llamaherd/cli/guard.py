@@ -116,8 +116,11 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
                                                           "also serves /v1/moderations")
     g.add_argument("--guard-release", help="the guard's release when its checkpoint carries no chat template")
     g.add_argument("--prompt-guard", metavar="PG_FOLDER", help="also screen the last user message with Prompt Guard")
-    g.add_argument("--prompt-guard-threshold", type=float, default=0.5,
-                   help="refuse when Prompt Guard's non-benign probability reaches this (default 0.5)")
+    g.add_argument("--prompt-guard-threshold", type=float, default=0.9,
+                   help="refuse when Prompt Guard's score is above this (default 0.9, as Meta's shield)")
+    g.add_argument("--prompt-guard-mode", choices=("injection", "jailbreak"), default="injection",
+                   help="the score Prompt Guard 1 is judged by: injection = P(INJECTION) + P(JAILBREAK) "
+                        "(default), jailbreak = P(JAILBREAK) alone, as in Meta's llama-stack shield")
     g.add_argument("--guard-refusal", choices=("content_filter", "error"), default="content_filter",
                    help="an unsafe request gets an empty answer with finish_reason content_filter, or a 400")
     g.add_argument("--guard-checks", default="input,output", help="which shields run: input, output or both")
@@ -140,7 +143,10 @@ def install_serve_shields(app, args) -> str:
         raise GuardUsageError("--guard-every must be at least 1")
     guard = load_llama_guard(args.guard, args.guard_release) if args.guard else None
     pg = load_prompt_guard(args.prompt_guard) if args.prompt_guard else None
+    if not 0.0 <= args.prompt_guard_threshold < 1.0:
+        raise GuardUsageError("--prompt-guard-threshold: give a probability in [0, 1)")
     shields = Shields(guard=guard, prompt_guard=pg, prompt_threshold=args.prompt_guard_threshold,
+                      prompt_mode=args.prompt_guard_mode,
                       on_input=args.guard_refusal, screen_input="input" in checks, screen_output="output" in checks,
                       stream_every=args.guard_every, allow_opt_out=args.guard_opt_out)
     name = Path(str(args.guard or args.prompt_guard).rstrip("/")).name.removesuffix(".gguf")

@@ -27,6 +27,10 @@ ARCHITECTURES = ("DebertaV2ForSequenceClassification",)
 # MODEL_CARD.md: "labeling prompts as 'benign' or 'malicious'"; its example prints MALICIOUS for class 1). A
 # checkpoint whose config.json carries only transformers' placeholders LABEL_0 / LABEL_1 is read with these.
 PROMPT_GUARD_2_LABELS = ("BENIGN", "MALICIOUS")
+# Meta's Prompt Guard shield (llama-stack, inline prompt_guard provider): mode "injection" (config default) or
+# "jailbreak", a violation when the mode's score is strictly above the threshold, 0.9 by default.
+SHIELD_MODES = ("injection", "jailbreak")
+SHIELD_THRESHOLD = 0.9
 
 
 @dataclass(frozen=True)
@@ -42,6 +46,18 @@ class PromptScores:
     def malicious(self) -> float:
         """Probability of any non-benign label (label 0 is benign)."""
         return 1.0 - next(iter(self.scores.values()))
+
+    def shield_score(self, mode: str = "injection") -> float:
+        """The score Meta's Prompt Guard shield thresholds, per mode (llama-stack
+        providers/inline/safety/prompt_guard/prompt_guard.py `PromptGuardShield.run`):
+        "injection" (its default) flags P(INJECTION) + P(JAILBREAK), i.e. 1 - P(BENIGN);
+        "jailbreak" flags P(JAILBREAK) alone. Prompt Guard 2 has one non-benign label, MALICIOUS, which both
+        modes read."""
+        if mode not in SHIELD_MODES:
+            raise GuardError(f"prompt guard mode {mode!r}: give one of {', '.join(SHIELD_MODES)}")
+        if mode == "jailbreak" and "JAILBREAK" in self.scores:
+            return self.scores["JAILBREAK"]
+        return self.malicious
 
 
 def _config(folder: Path) -> DebertaConfig:

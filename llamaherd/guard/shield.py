@@ -13,7 +13,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from .llama_guard import LlamaGuard
-from .prompt_guard import PromptGuard
+from .prompt import GuardError
+from .prompt_guard import SHIELD_MODES, SHIELD_THRESHOLD, PromptGuard
 from .verdict import Verdict
 
 # OpenAI moderation category names for each Llama Guard 3 hazard code (MLCommons taxonomy, as named in the
@@ -78,7 +79,10 @@ class Shields:
 
     guard: LlamaGuard | None = None
     prompt_guard: PromptGuard | None = None
-    prompt_threshold: float = 0.5  # Prompt Guard: refuse when P(not benign) of the last user text reaches this
+    # Prompt Guard: refuse when the mode's score of the last user text is above the threshold, as Meta's shield
+    # does (PromptScores.shield_score: "injection" = 1 - P(benign), "jailbreak" = P(JAILBREAK); threshold 0.9).
+    prompt_threshold: float = SHIELD_THRESHOLD
+    prompt_mode: str = "injection"
     on_input: str = "content_filter"  # or "error": a 400 instead of an empty content_filter answer
     screen_input: bool = True  # check the request before generating (a field, not the method check_input)
     screen_output: bool = True  # check the reply
@@ -86,6 +90,10 @@ class Shields:
     allow_opt_out: bool = False  # may a request skip the shields ("guard": false)?
     counts: Counter = field(default_factory=Counter)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.prompt_mode not in SHIELD_MODES:
+            raise GuardError(f"prompt guard mode {self.prompt_mode!r}: give one of {', '.join(SHIELD_MODES)}")
 
     def _count(self, where: str, result: ShieldResult) -> None:
         if result.verdict is not None:
@@ -105,8 +113,9 @@ class Shields:
         with self._lock:
             if self.prompt_guard is not None and convo:
                 scores = self.prompt_guard.classify(_text(convo[-1]))
-                result.prompt_label, result.prompt_score = scores.label, scores.malicious
-                if scores.malicious >= self.prompt_threshold:
+                score = scores.shield_score(self.prompt_mode)
+                result.prompt_label, result.prompt_score = scores.label, score
+                if score > self.prompt_threshold:
                     result.allowed = False
             if self.guard is not None and convo and result.allowed:
                 result.verdict = self.guard.moderate(convo, role="user")
