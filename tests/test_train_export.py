@@ -83,3 +83,26 @@ def test_herd_run_with_adapter_generates_what_the_adapted_model_does(trained, ca
     assert main(["run", str(folder), "--adapter", str(adapter), "--temperature", "0", "--max-tokens", "8",
                  "hello there"]) == 0
     assert capsys.readouterr().out.rstrip("\n") == want.rstrip("\n")
+
+
+def test_herd_chat_with_adapter_replies_as_the_adapted_model(trained, tmp_path, monkeypatch, capsys):
+    import io
+
+    folder, adapter, _, _ = trained
+    want, plain = _reply(llamaherd.load(folder, adapter=adapter)), _reply(llamaherd.load(folder))
+    assert want != plain  # the adapter changes the reply, so the check below can fail
+    monkeypatch.setattr("sys.stdin", io.StringIO("hi\n/bye\n"))
+    assert main(["chat", str(folder), "--adapter", str(adapter), "--chat-format", "gemma3", "--temperature", "0",
+                 "--max-tokens", "8"]) == 0
+    assert capsys.readouterr().out.strip("\n") == want.strip("\n")
+    other, _ = tiny_folder(tmp_path / "other", CONFIG.replace(dim=128))
+    assert main(["chat", str(other), "--adapter", str(adapter), "--chat-format", "gemma3"]) == 1
+    assert "another base model" in capsys.readouterr().err
+
+
+def _reply(model) -> str:
+    """The model's greedy 8-token reply to one user turn in the gemma3 format (what herd chat prints). "hi" because
+    the tiny model has 272 rows for a 261-token byte tokenizer: its replies to some prompts leave the vocabulary."""
+    model.checkpoint.metadata["chat_format"] = "gemma3"
+    pieces = model.chat([{"role": "user", "content": "hi"}], stream=True, max_tokens=8, temperature=0)
+    return "".join(pieces)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from ._generation import add_chat_format_flag, add_sampling_flags, apply_chat_format, load_model, sampling_from_args
+from ._generation import (add_adapter_flag, add_chat_format_flag, add_sampling_flags, apply_chat_format, load_model,
+                          sampling_from_args)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -12,6 +13,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model", nargs="?", default=None,
                    help="checkpoint folder, .gguf file or store name (default: the default model)")
     p.add_argument("--system", default=None, help="system message")
+    add_adapter_flag(p)
     add_chat_format_flag(p)
     add_sampling_flags(p)
     p.set_defaults(func=run)
@@ -22,7 +24,7 @@ def run(args: argparse.Namespace) -> int:
     from ._repl import ChatSession
 
     name = args.model or DEFAULT_MODEL
-    model, load_seconds = load_model(name, args.dtype)
+    model, load_seconds = load_model(name, args.dtype, args.adapter)
     apply_chat_format(model, args.chat_format)
     model.chat_format()  # fail now, with the reason, if this model cannot chat
     return ChatSession(model, sampling_from_args(args), system=args.system, verbose=args.verbose,
