@@ -25,14 +25,22 @@ def resolve(source: str | Path) -> Path:
 
 
 def load(source: str | Path, *, dtype: torch.dtype | None = None, device: str | torch.device | None = None,
-         quantize: str | None = None, adapter: str | Path | None = None) -> Model:
+         quantize: str | None = None, adapter: str | Path | None = None, max_memory: int | str | None = None,
+         num_ctx: int | None = None) -> Model:
     """Load a model from a Meta folder, a Hugging Face folder, a .gguf file, or a name in the local store.
 
     `quantize` ("int8", "int4", "int4-g32"/"-g64"/"-g128") makes the projections weight-only quantized
     (quant/weight_only.py). `adapter` is a PEFT-format LoRA folder (adapter_config.json +
-    adapter_model.safetensors) applied on top.
+    adapter_model.safetensors) applied on top. Before any weight is touched, the memory plan (memory.py) is
+    checked: with `max_memory` (bytes, or "8G"), weights + KV cache for `num_ctx` tokens (default: the
+    model's max_seq_len) + working buffers must fit it; without, the weights must fit the memory available.
+    Either failure raises `MemoryPlanError` with the numbers.
     """
     ckpt = read(resolve(source))
+    if device is None or torch.device(device).type == "cpu":  # the plan counts this process's memory
+        from .memory import check_fits
+
+        check_fits(ckpt, max_memory, num_ctx=num_ctx, dtype=dtype, quantize=quantize)
     net = materialize(ckpt, dtype=dtype, device=device)
     if quantize is not None:
         from .quant.weight_only import quantize as quantize_weights  # a swap over the built model
