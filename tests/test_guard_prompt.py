@@ -141,3 +141,70 @@ def test_parse_answer(text, expected):
 def test_parse_rejects_codes_outside_the_prompt():
     assert parse("unsafe\nS14", known={"S1": "", "S2": ""}) == ("unparsed", ())
     assert parse("unsafe\nS2", known={"S1": "", "S2": ""}) == ("unsafe", ("S2",))
+
+
+# -- Llama Guard 4 -----------------------------------------------------------------------------------------------
+# No Jinja text of its template is public outside the gated hub repository; what is public is its output, rendered
+# by transformers from the hub checkpoint (guard_data/llama-guard-4-12b/, sources in guard_data/SOURCES.md).
+LG4 = DATA / "llama-guard-4-12b"
+LG4_USER = [{"role": "user", "content": [{"type": "text", "text": "How to make a bomb?"}]}]
+LG4_AGENT = [{"role": "user", "content": [{"type": "text", "text": "how do I make a bomb?"}]},
+             {"role": "assistant", "content": [{"type": "text", "text": "As a responsible artificial intelligence "
+                                                "system, I regret that I am unable to fulfill your request."}]}]
+LG4_IMAGE = [{"role": "user", "content": [{"type": "text", "text": "How to use this?"},
+                                          {"type": "image", "url": "fruit_knife.png"}]}]
+
+
+def _official_lg4_ids(name: str, drop: tuple[str, ...] = ()) -> list[int]:
+    """The published rendering tokenized by Meta's llama-models Llama 4 tokenizer (control tokens recognized)."""
+    from llama_models.llama4.tokenizer import Tokenizer as MetaTokenizer
+
+    text = (LG4 / f"{name}.txt").read_text()
+    for line in drop:  # a category line the template's `excluded_category_keys` loop leaves out
+        assert line in text
+        text = text.replace(line, "", 1)
+    return MetaTokenizer.get_instance().encode(text, bos=False, eos=False, allowed_special="all")
+
+
+@pytest.fixture(scope="module")
+def tok4():
+    return Tokenizer.llama4()
+
+
+@pytest.mark.parametrize("name, conversation", [("user", LG4_USER), ("user-agent", LG4_AGENT),
+                                                ("user-image", LG4_IMAGE)])
+def test_llama_guard_4_matches_official_rendering(tok4, name, conversation):
+    ours = encode(tok4, release("llama-guard-4-12b"), conversation)
+    assert ours == _official_lg4_ids(name)
+    plain = [{"role": m["role"], "content": m["content"][0]["text"]} for m in conversation]
+    if name != "user-image":  # plain-string content is one text part
+        assert encode(tok4, release("llama-guard-4-12b"), plain) == ours
+
+
+def test_llama_guard_4_excluded_and_custom_categories(tok4):
+    """Excluded keys drop their lines and nothing else (the rule of the 3 1B template, checked above against its
+    Jinja text, which Llama Guard 4's template shares by its `excluded_category_keys` variable); with an image
+    the S1..S13 defaults apply, so S14 can only be excluded from a text conversation."""
+    rel = release("llama-guard-4-12b")
+    ours = encode(tok4, rel, LG4_AGENT, excluded=["S1", "S14", "S7"])
+    assert ours == _official_lg4_ids("user-agent", drop=("S1: Violent Crimes.\n", "S7: Privacy.\n",
+                                                          "S14: Code Interpreter Abuse.\n"))
+    assert encode(tok4, rel, LG4_IMAGE, excluded=["S13"]) == _official_lg4_ids("user-image",
+                                                                               drop=("S13: Elections.\n",))
+    with pytest.raises(GuardError, match="not in the category list"):
+        encode(tok4, rel, LG4_IMAGE, excluded=["S14"])
+    custom = tok4.decode(encode(tok4, rel, LG4_USER, categories=CUSTOM))
+    assert "<BEGIN UNSAFE CONTENT CATEGORIES>\nS1: Fraud.\nHelping people deceive others for money.\nX2: " \
+           "Pineapple on pizza.\nS3: Spoilers.\n<END UNSAFE CONTENT CATEGORIES>" in custom
+    assert ids_without(custom, "<BEGIN UNSAFE", "<END UNSAFE") == ids_without(
+        (LG4 / "user.txt").read_text(), "<BEGIN UNSAFE", "<END UNSAFE")
+
+
+def ids_without(text: str, begin: str, end: str) -> str:
+    """The text with the span from `begin` to `end` cut out."""
+    return text[:text.index(begin)] + text[text.index(end):]
+
+
+def test_llama_guard_4_special_literals_stay_text(tok4):
+    ids = encode(tok4, release("llama-guard-4-12b"), [{"role": "user", "content": "hi <|eot|> <|image|> there"}])
+    assert ids.count(tok4.special_id("<|eot|>")) == 1 and tok4.special_id("<|image|>") not in ids

@@ -17,7 +17,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--file", help="a JSON conversation: a list of {role, content} messages or {\"messages\": [...]}")
     p.add_argument("--role", choices=("user", "assistant"), help="assess the last message of this role")
     p.add_argument("--release", help="Llama Guard release when the checkpoint carries no template: "
-                                     "llama-guard-3-8b, llama-guard-3-1b, llama-guard-3-11b-vision")
+                                     "llama-guard-3-8b, llama-guard-3-1b, llama-guard-3-11b-vision, llama-guard-4-12b")
     p.add_argument("--categories", help="a JSON file mapping category codes to names/descriptions (replaces the list)")
     p.add_argument("--exclude", default="", help="comma-separated category codes to leave out, e.g. S6,S7")
     p.add_argument("--threshold", type=float, help="flag when P(unsafe) >= this, instead of the generated answer")

@@ -20,6 +20,8 @@ MAX_ANSWER_TOKENS = 48
 def detect_release(model) -> Release:
     """The release whose official chat template the checkpoint carries (explicit metadata, never its path)."""
     template = getattr(model.checkpoint, "chat_template", None) or ""
+    if "Provide your safety assessment" in template and "<|header_start|>" in template:
+        return lg_prompt.release("llama-guard-4-12b")
     if "excluded_category_keys" in template:  # the 3 1B / 3 11B Vision template (identical texts)
         return lg_prompt.release("llama-guard-3-1b")
     if "S14: Code Interpreter Abuse." in template and "Provide your safety assessment" in template:
@@ -80,7 +82,9 @@ class LlamaGuard:
         messages = restrict_to_role(messages, role)
         cats = self.categories if categories is None else categories
         excl = self.excluded if excluded is None else excluded
-        names = lg_prompt.categories_for(self.release, cats, excl)
+        has_image = any(isinstance(m.get("content"), list) and any(isinstance(p, Mapping) and p.get("type") == "image"
+                                                                   for p in m["content"]) for m in messages)
+        names = lg_prompt.categories_for(self.release, cats, excl, has_image)
         ids = self.encode(messages, cats, excl)
         text, score = self.answer(ids)
         status, codes = parse(text, known=names)

@@ -9,7 +9,15 @@ hub, as also embedded in the GGUF files built from them):
   tokenizer_config.json and .../Llama-Guard-3-11B-Vision/...: `categories` (default S1..S13) and
   `excluded_category_keys` are template variables, content is a list of typed parts, an image part puts
   "<|image|> " before the task line, and the last line has a space before <|eot_id|>.
-All three end the prompt right after the assistant header (no "\n\n"): the model writes "\n\n" itself.
+- Llama Guard 4 12B: its chat template as rendered by transformers' processor from the hub checkpoint and
+  published in huggingface/huggingface-llama-recipes, llama_guard/llama-guard-4.ipynb (commit a261779c; a
+  text-only and an image conversation), and model card https://www.llama.com/docs/model-cards-and-prompt-
+  formats/llama-guard-4/. Llama 4's header and end-of-turn tokens; "according to our safety policy"; the
+  defaults are S1..S14, or S1..S13 when any message holds an image; "<BEGIN CONVERSATION>" is followed by one
+  newline, and each turn is "User: " or "Agent: ", one <|image|> per image part, the text, then a literal
+  backslash-n backslash-n (the template writes '\\n\\n') and two newlines; a space before <|eot|>. Custom
+  `categories` and `excluded_category_keys` are template variables as in 3 1B.
+All end the prompt right after the assistant header (no "\n\n"): the model writes "\n\n" itself.
 
 Roles: the role assessed is 'User' for an odd number of messages and 'Agent' for an even number; messages
 must alternate user/assistant starting with user (the templates raise otherwise, and so do we).
@@ -48,8 +56,8 @@ LLAMA_GUARD_3_CATEGORIES: dict[str, str] = {
 }
 _S1_S13 = {k: v for k, v in LLAMA_GUARD_3_CATEGORIES.items() if k != "S14"}
 
-TASK = ("Task: Check if there is unsafe content in '{role}' messages in conversations according our safety policy "
-        "with the below categories.\n\n")
+TASK = ("Task: Check if there is unsafe content in '{role}' messages in conversations according{to} our safety "
+        "policy with the below categories.\n\n")
 INSTRUCTION = ("Provide your safety assessment for ONLY THE LAST {role} message in the above conversation:\n"
                " - First line must read 'safe' or 'unsafe'.\n"
                " - If unsafe, a second line must include a comma-separated list of violated categories.")
@@ -63,13 +71,24 @@ class Release:
     default_categories: Mapping[str, str]
     leading_space: bool  # 3 8B: the template's string literal starts with " <|begin_of_text|>"
     space_before_eot: bool  # 3 1B / 11B Vision: "... violated categories. <|eot_id|>"
-    images: bool  # whether "<|image|> " may precede the task line
+    images: bool  # whether image parts are allowed (3 11B Vision: "<|image|> " precedes the task line)
+    llama4: bool = False  # Llama Guard 4: Llama 4 tokens, "according to", images and text inside each turn
+    image_categories: Mapping[str, str] | None = None  # the defaults when an image is present, if they differ
+
+    @property
+    def specials(self) -> tuple[str, str, str]:
+        """(header start, header end, end of turn) of the release's tokenizer."""
+        if self.llama4:
+            return "<|header_start|>", "<|header_end|>", "<|eot|>"
+        return "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"
 
 
 RELEASES: dict[str, Release] = {
     "llama-guard-3-8b": Release("llama-guard-3-8b", LLAMA_GUARD_3_CATEGORIES, True, False, False),
     "llama-guard-3-1b": Release("llama-guard-3-1b", _S1_S13, False, True, False),
     "llama-guard-3-11b-vision": Release("llama-guard-3-11b-vision", _S1_S13, False, True, True),
+    "llama-guard-4-12b": Release("llama-guard-4-12b", LLAMA_GUARD_3_CATEGORIES, False, True, True, llama4=True,
+                                 image_categories=_S1_S13),
 }
 
 
@@ -111,9 +130,10 @@ def assessed_role(messages: Sequence[Mapping]) -> str:
 
 
 def categories_for(rel: Release, categories: Mapping[str, str] | None = None,
-                   excluded: Sequence[str] = ()) -> dict[str, str]:
+                   excluded: Sequence[str] = (), has_image: bool = False) -> dict[str, str]:
     """The category lines the prompt lists: custom or the release's defaults, minus the excluded keys."""
-    table = dict(rel.default_categories if categories is None else categories)
+    defaults = rel.image_categories if has_image and rel.image_categories is not None else rel.default_categories
+    table = dict(defaults if categories is None else categories)
     if not table:
         raise GuardError("categories: give at least one category (code -> name), e.g. {'S1': 'Violent Crimes.'}")
     for key, text in table.items():
@@ -132,34 +152,41 @@ def render_segments(rel: Release, messages: Sequence[Mapping], categories: Mappi
                     excluded: Sequence[str] = ()) -> list[tuple[str, str]]:
     """The prompt as ('text', s) and ('special', literal) segments, in the templates' order."""
     check_conversation(messages)
-    kept = categories_for(rel, categories, excluded)
     parts = [_parts(m, i) for i, m in enumerate(messages)]
+    for ps in parts:
+        if any(p.get("type") == "text" and not isinstance(p.get("text"), str) for p in ps):
+            raise GuardError("a text part needs a string 'text' field")
     has_image = any(p.get("type") == "image" for ps in parts for p in ps)
     if has_image and not rel.images:
-        raise GuardError(f"{rel.name} reads text only; use llama-guard-3-11b-vision for images")
+        raise GuardError(f"{rel.name} reads text only; use llama-guard-3-11b-vision or llama-guard-4-12b for images")
+    kept = categories_for(rel, categories, excluded, has_image)
     role = assessed_role(messages)
+    start, end, eot = rel.specials
     out: list[tuple[str, str]] = []
     if rel.leading_space:
         out.append(("text", " "))
-    out += [("special", "<|begin_of_text|>"), ("special", "<|start_header_id|>"), ("text", "user"),
-            ("special", "<|end_header_id|>")]
+    out += [("special", "<|begin_of_text|>"), ("special", start), ("text", "user"), ("special", end)]
     body = "\n\n"
-    if has_image:
+    if has_image and not rel.llama4:  # Llama Guard 3 11B Vision: one image token before the task line
         out += [("text", body), ("special", "<|image|>")]
         body = " "
-    body += TASK.format(role=role) + "<BEGIN UNSAFE CONTENT CATEGORIES>\n"
+    body += TASK.format(role=role, to=" to" if rel.llama4 else "") + "<BEGIN UNSAFE CONTENT CATEGORIES>\n"
     body += "".join(f"{k}: {v}\n" for k, v in kept.items())
-    body += "<END UNSAFE CONTENT CATEGORIES>\n\n<BEGIN CONVERSATION>\n\n"
+    body += "<END UNSAFE CONTENT CATEGORIES>\n\n<BEGIN CONVERSATION>\n" + ("" if rel.llama4 else "\n")
     for m, ps in zip(messages, parts):
         who = "User" if m["role"] == "user" else "Agent"
-        for p in ps:
-            if p.get("type") == "text":
-                if not isinstance(p.get("text"), str):
-                    raise GuardError("a text part needs a string 'text' field")
-                body += f"{who}: {p['text'].strip()}\n\n"
+        texts = [p["text"].strip() for p in ps if p.get("type") == "text"]
+        if not rel.llama4:
+            body += "".join(f"{who}: {t}\n\n" for t in texts)
+            continue
+        # Llama Guard 4: the turn's images first, then its text, then the template's literal "\\n\\n".
+        body += f"{who}: "
+        for _ in range(sum(p.get("type") == "image" for p in ps)):
+            out += [("text", body), ("special", "<|image|>")]
+            body = ""
+        body += "".join(texts) + "\\n\\n\n\n"
     body += "<END CONVERSATION>\n\n" + INSTRUCTION.format(role=role) + (" " if rel.space_before_eot else "")
-    out += [("text", body), ("special", "<|eot_id|>"), ("special", "<|start_header_id|>"), ("text", "assistant"),
-            ("special", "<|end_header_id|>")]
+    out += [("text", body), ("special", eot), ("special", start), ("text", "assistant"), ("special", end)]
     return out
 
 
