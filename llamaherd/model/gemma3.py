@@ -26,7 +26,7 @@ from ..config import ModelConfig
 from .cache import KVCache
 from . import llama
 from .llama import VocabProjection, attention_mask, sdpa
-from .rope import inv_frequencies, rope_angles
+from .rope import Frequencies, default_positions, rope_angles
 
 def is_global_layer(config: ModelConfig, layer: int) -> bool:
     """Global (full) attention layers: every `sliding_window_pattern`-th one; all of them without a window.
@@ -174,17 +174,10 @@ class Transformer(nn.Module):
         if not config.tie_embeddings:
             self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
         self.project = VocabProjection()
-        self._freqs: dict[str, torch.Tensor] = {}  # computed lazily on the input's device (see llama.py)
+        # Scaling applies to the global layers only (HF rope_parameters).
+        self.freqs = Frequencies(config.head_dim, config.rope_theta, config.rope_scaling)
+        self.local_freqs = Frequencies(config.head_dim, config.rope_local_theta or config.rope_theta)
 
-    def rope_frequencies(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(global, local) inverse frequencies; scaling applies to the global layers only (HF rope_parameters)."""
-        if not self._freqs or self._freqs["global"].device != device:
-            c = self.config
-            self._freqs = {
-                "global": inv_frequencies(c.head_dim, c.rope_theta, c.rope_scaling).to(device),
-                "local": inv_frequencies(c.head_dim, c.rope_local_theta or c.rope_theta).to(device),
-            }
-        return self._freqs["global"], self._freqs["local"]
 
     def output_weight(self) -> torch.Tensor:
         return self.tok_embeddings.weight if self.config.tie_embeddings else self.output.weight
@@ -201,9 +194,9 @@ class Transformer(nn.Module):
         B, T = tokens.shape
         start = cache.length if cache is not None else 0
         if positions is None:
-            positions = torch.arange(start, start + T, device=tokens.device)[None].expand(B, T)
-        global_freq, local_freq = self.rope_frequencies(tokens.device)
-        rope = {True: rope_angles(positions, global_freq), False: rope_angles(positions, local_freq)}
+            positions = default_positions(tokens, start)
+        rope = {True: rope_angles(positions, self.freqs.on(tokens.device)),
+                False: rope_angles(positions, self.local_freqs.on(tokens.device))}
         masks = {True: attention_mask(start, T, key_mask, tokens.device)}
         if c.sliding_window is not None:
             masks[False] = window_mask(start, T, key_mask, c.sliding_window, tokens.device)

@@ -11,7 +11,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from .cache import KVCache
-from .rope import Rotary, inv_frequencies, rope_angles
+from .rope import Frequencies, Rotary, default_positions, rope_angles
 
 
 class RMSNorm(nn.Module):
@@ -139,15 +139,8 @@ class Transformer(nn.Module):
         if not config.tie_embeddings:
             self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
         self.project = VocabProjection()
-        self._inv_freq: torch.Tensor | None = None  # computed lazily on the device of the first input
+        self.freqs = Frequencies(config.head_dim, config.rope_theta, config.rope_scaling)
 
-    def rope_frequencies(self, device: torch.device) -> torch.Tensor:
-        # Not a buffer: models are built on the meta device and loaded by assignment, which leaves
-        # non-persistent buffers unmaterialised. Computing on first use sidesteps that.
-        if self._inv_freq is None or self._inv_freq.device != device:
-            c = self.config
-            self._inv_freq = inv_frequencies(c.head_dim, c.rope_theta, c.rope_scaling).to(device)
-        return self._inv_freq
 
     def output_weight(self) -> torch.Tensor:
         return self.tok_embeddings.weight if self.config.tie_embeddings else self.output.weight
@@ -163,8 +156,8 @@ class Transformer(nn.Module):
         B, T = tokens.shape
         start = cache.length if cache is not None else 0
         if positions is None:
-            positions = torch.arange(start, start + T, device=tokens.device)[None].expand(B, T)
-        cos, sin = rope_angles(positions, self.rope_frequencies(tokens.device))
+            positions = default_positions(tokens, start)
+        cos, sin = rope_angles(positions, self.freqs.on(tokens.device))
         mask = attention_mask(start, T, key_mask, tokens.device)
         h = self.tok_embeddings(tokens)
         for i, layer in enumerate(self.layers):

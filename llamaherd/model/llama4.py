@@ -18,7 +18,7 @@ from .cache import KVCache
 from . import llama
 from .llama import FeedForward, RMSNorm, VocabProjection, attention_mask, sdpa
 from .moe import MoE
-from .rope import inv_frequencies, rope_angles
+from .rope import Frequencies, default_positions, rope_angles
 from .vision_llama4 import ImageFeatures, VisionEmbeddings
 
 
@@ -159,16 +159,11 @@ class Transformer(nn.Module):
         if not config.tie_embeddings:
             self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
         self.project = VocabProjection()
-        self._inv_freq: torch.Tensor | None = None  # lazily, for models built on the meta device
+        self.freqs = Frequencies(config.head_dim, config.rope_theta, config.rope_scaling)
         if isinstance(config.vision, Llama4VisionConfig):  # early fusion: image features become patch tokens
             self.vision_embeddings = VisionEmbeddings(config.vision)
             self.vision_projection = nn.Linear(config.vision.output_dim, config.dim, bias=False)
 
-    def rope_frequencies(self, device: torch.device) -> torch.Tensor:
-        if self._inv_freq is None or self._inv_freq.device != device:
-            c = self.config
-            self._inv_freq = inv_frequencies(c.head_dim, c.rope_theta, c.rope_scaling).to(device)
-        return self._inv_freq
 
     def output_weight(self) -> torch.Tensor:
         return self.tok_embeddings.weight if self.config.tie_embeddings else self.output.weight
@@ -200,8 +195,8 @@ class Transformer(nn.Module):
         B, T = tokens.shape
         start = cache.length if cache is not None else 0
         if positions is None:
-            positions = torch.arange(start, start + T, device=tokens.device)[None].expand(B, T)
-        cos, sin = rope_angles(positions, self.rope_frequencies(tokens.device))
+            positions = default_positions(tokens, start)
+        cos, sin = rope_angles(positions, self.freqs.on(tokens.device))
         masks = self.masks(positions, start, key_mask)
         h = self.tok_embeddings(tokens)
         if images is not None:  # the projected image features replace the <|patch|> tokens' embeddings

@@ -9,15 +9,17 @@ computed once per request (`image_context`) and reused at every decoding step.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
 from .cache import KVCache
-from .llama import FeedForward, RMSNorm, TransformerBlock, attention_mask, sdpa
-from .rope import inv_frequencies, rope_angles
+from .llama import FeedForward, RMSNorm, TransformerBlock, VocabProjection, attention_mask, sdpa
+from .rope import Frequencies, default_positions, rope_angles
 from .vision_mllama import VisionModel
 
 # Meta's text model keeps 8 trainable embedding rows after the vocabulary (`learnable_embedding`); the first is
@@ -65,6 +67,34 @@ class ImageContext:
     key_ok: torch.Tensor
     spans: torch.Tensor
     tokens_per_image: int
+
+    @staticmethod
+    def stack(rows: Sequence[ImageContext | None]) -> ImageContext:
+        """One context for a batch whose row i reads `rows[i]`'s images (each a one-row context); a None row sees
+        no image. Rows with fewer images are padded with images that no position sees and whose keys are masked,
+        so every row's cross-attention is its own (the serving engine batches requests this way)."""
+        some = next(r for r in rows if r is not None)
+        n_img = max(r.spans.shape[1] for r in rows if r is not None)
+        S = n_img * some.tokens_per_image
+
+        def padded(t: torch.Tensor | None, like: torch.Tensor, dim: int) -> torch.Tensor:
+            if t is None:
+                shape = list(like.shape)
+                shape[dim] = S
+                return like.new_zeros(shape)
+            return F.pad(t, [0, 0] * (t.dim() - 1 - dim) + [0, S - t.shape[dim]])
+
+        kv = []
+        for layer, (k0, v0) in enumerate(some.kv):
+            ks = [padded(None if r is None else r.kv[layer][0], k0, 2) for r in rows]
+            vs = [padded(None if r is None else r.kv[layer][1], v0, 2) for r in rows]
+            kv.append((torch.cat(ks), torch.cat(vs)))
+        key_ok = torch.cat([padded(None if r is None else r.key_ok, some.key_ok, 1) for r in rows])
+        spans = some.spans.new_zeros(len(rows), n_img, 2)  # [0, 0): seen by no position
+        for b, r in enumerate(rows):
+            if r is not None:
+                spans[b, : r.spans.shape[1]] = r.spans[0]
+        return ImageContext(kv=kv, key_ok=key_ok, spans=spans, tokens_per_image=some.tokens_per_image)
 
     def masks(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """For queries at positions (B, T): the key mask (B, 1, T, S) and the row gate (B, 1, T, 1).
@@ -164,17 +194,15 @@ class Transformer(nn.Module):
         self.config = config
         self.vision_model = VisionModel(config.vision, config.dim)
         self.text_model = TextModel(config)
-        self._inv_freq: torch.Tensor | None = None
+        self.freqs = Frequencies(config.head_dim, config.rope_theta, config.rope_scaling)
+        self.project = VocabProjection()
 
     @property
     def image_token_id(self) -> int:
         return self.config.vocab_size
 
-    def rope_frequencies(self, device: torch.device) -> torch.Tensor:
-        if self._inv_freq is None or self._inv_freq.device != device:  # not a buffer: see llama.Transformer
-            c = self.config
-            self._inv_freq = inv_frequencies(c.head_dim, c.rope_theta, c.rope_scaling).to(device)
-        return self._inv_freq
+    def output_weight(self) -> torch.Tensor:
+        return self.text_model.output.weight
 
     def new_cache(self, batch: int, max_len: int, dtype: torch.dtype = torch.float32) -> KVCache:
         """The self-attention cache (cross-attention keys live in the ImageContext)."""
@@ -216,11 +244,11 @@ class Transformer(nn.Module):
         images: ImageContext | None = None,
     ) -> torch.Tensor:
         text = self.text_model
-        B, T = tokens.shape
+        T = tokens.shape[1]
         start = cache.length if cache is not None else 0
         if positions is None:
-            positions = torch.arange(start, start + T, device=tokens.device)[None].expand(B, T)
-        cos, sin = rope_angles(positions, self.rope_frequencies(tokens.device))
+            positions = default_positions(tokens, start)
+        cos, sin = rope_angles(positions, self.freqs.on(tokens.device))
         mask = attention_mask(start, T, key_mask, tokens.device)
         xmask, row = images.masks(positions) if images is not None else (None, None)
         h = text.embed(tokens)
@@ -233,4 +261,4 @@ class Transformer(nn.Module):
             cache.length = start + T
         if last_only:
             h = h[:, -1:]
-        return text.output(text.norm(h)).float()
+        return self.project(text.norm(h), self.output_weight())

@@ -23,6 +23,29 @@ def inv_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None = N
     return _llama3_scaling(freqs, scaling)
 
 
+class Frequencies:
+    """A model's inverse frequencies, computed on first use on the input's device and kept there.
+
+    Not a buffer: models are built on the meta device and loaded by assignment, which leaves non-persistent
+    buffers unmaterialised; computing on first use sidesteps that.
+    """
+
+    def __init__(self, head_dim: int, theta: float, scaling: RopeScaling | None = None) -> None:
+        self._args = (head_dim, theta, scaling)
+        self._table: torch.Tensor | None = None
+
+    def on(self, device: torch.device) -> torch.Tensor:
+        if self._table is None or self._table.device != device:
+            self._table = inv_frequencies(*self._args).to(device)
+        return self._table
+
+
+def default_positions(tokens: torch.Tensor, start: int) -> torch.Tensor:
+    """Positions start, start+1, ... for every row of tokens (B, T): a batch that shares one timeline."""
+    B, T = tokens.shape
+    return torch.arange(start, start + T, device=tokens.device)[None].expand(B, T)
+
+
 def _llama3_scaling(freqs: torch.Tensor, s: RopeScaling) -> torch.Tensor:
     """Llama 3.1 frequency scaling (llama-models `llama3/model.py::apply_scaling`).
 
