@@ -71,6 +71,8 @@ def test_serve_flags_install_shields(guard_dir):
     assert shields.screen_input is True and shields.screen_output is False and shields.on_input == "error"
     assert shields.stream_every == 4 and not shields.allow_opt_out
     assert shields.guard.release.name == "llama-guard-3-8b" and app.state.guard_name == guard_dir.name
+    assert shields.guard.concurrent and shields.guard.engine.max_batch == 16  # the guard's own batching engine
+    shields.guard.close()
     args = build_parser().parse_args(["serve", "tiny", "--guard", str(guard_dir), "--guard-checks", "both"])
     with pytest.raises(GuardUsageError, match="--guard-checks"):
         install_serve_shields(app, args)

@@ -1,5 +1,6 @@
 """Shields in `herd serve` end to end: a live server, the official openai client, and a guard model whose verdict
-is "unsafe" exactly when a trigger token is in the conversation (weight edits, tests/guard_fixtures.py).
+is "unsafe" exactly when a trigger token is in the conversation (weight edits, tests/guard_fixtures.py), run on
+its own continuous-batching engine (guard/batched.py) as `herd serve --guard` runs it.
 
 The trigger is taken from the served model's own greedy reply, past the first checks of the stream, so a safe
 prefix is released and the stream is cut with content_filter at the first check that sees the trigger."""
@@ -10,6 +11,7 @@ import httpx
 import pytest
 
 from llamaherd.guard import LlamaGuard
+from llamaherd.guard.batched import BatchedLlamaGuard
 from llamaherd.guard.prompt import encode, release
 from llamaherd.guard.shield import Shields
 from llamaherd.server.moderations import install
@@ -70,9 +72,18 @@ def plan():
 
 
 def _serve(trigger: int, **policy):
+    """A live server whose shields run the trigger guard on its own batching engine, as `herd serve --guard`."""
     live, _ = server_fixtures.start()
-    shields = Shields(guard=LlamaGuard(trigger_guard(trigger), "llama-guard-3-8b"), stream_every=EVERY, **policy)
+    guard = BatchedLlamaGuard(LlamaGuard(trigger_guard(trigger), "llama-guard-3-8b"), max_batch=4)
+    shields = Shields(guard=guard, stream_every=EVERY, **policy)
     install(live.server.config.app, shields, "trigger-guard")
+    stop = live.stop
+
+    def stop_both() -> None:
+        stop()
+        guard.close()
+
+    live.stop = stop_both
     return live, shields
 
 

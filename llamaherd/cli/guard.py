@@ -126,6 +126,8 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--guard-checks", default="input,output", help="which shields run: input, output or both")
     g.add_argument("--guard-every", type=int, default=16, help="streamed replies are checked every N tokens")
     g.add_argument("--guard-opt-out", action="store_true", help="let a request skip the shields (header X-Guard: off)")
+    g.add_argument("--guard-batch", type=int, default=16, help="guard checks decoded together at most (the guard "
+                                                                "model runs on its own continuous-batching engine)")
 
 
 def install_serve_shields(app, args) -> str:
@@ -141,7 +143,13 @@ def install_serve_shields(app, args) -> str:
         raise GuardUsageError(f"--guard-checks {args.guard_checks!r}: give input, output or input,output")
     if args.guard_every < 1:
         raise GuardUsageError("--guard-every must be at least 1")
-    guard = load_llama_guard(args.guard, args.guard_release) if args.guard else None
+    if args.guard_batch < 1:
+        raise GuardUsageError("--guard-batch must be at least 1")
+    guard = None
+    if args.guard:  # on its own continuous-batching engine: concurrent checks share forward passes
+        from ..guard.batched import BatchedLlamaGuard
+
+        guard = BatchedLlamaGuard(load_llama_guard(args.guard, args.guard_release), max_batch=args.guard_batch)
     pg = load_prompt_guard(args.prompt_guard) if args.prompt_guard else None
     if not 0.0 <= args.prompt_guard_threshold < 1.0:
         raise GuardUsageError("--prompt-guard-threshold: give a probability in [0, 1)")

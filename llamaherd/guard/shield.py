@@ -1,12 +1,14 @@
 """Shields for serving: Llama Guard (and Prompt Guard) checks of a request's input and of the reply, with counters.
 
 The server calls `check_input` before generating and `check_reply` on the reply (on the growing text every
-`stream_every` tokens when streaming). Guard models are run one request at a time under a lock, off the event
-loop; their verdicts are counted per category for the metrics route.
+`stream_every` tokens when streaming), off the event loop. A `BatchedLlamaGuard` (guard/batched.py, what
+`herd serve --guard` uses) takes concurrent checks at once and batches them on its engine; a plain `LlamaGuard`
+and Prompt Guard run one check at a time under a lock. Verdicts are counted per category for the metrics route.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -90,19 +92,25 @@ class Shields:
     allow_opt_out: bool = False  # may a request skip the shields ("guard": false)?
     counts: Counter = field(default_factory=Counter)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _count_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def __post_init__(self) -> None:
         if self.prompt_mode not in SHIELD_MODES:
             raise GuardError(f"prompt guard mode {self.prompt_mode!r}: give one of {', '.join(SHIELD_MODES)}")
 
+    def _guard_lock(self):
+        """The lock around a Llama Guard call, or none when the guard batches concurrent calls itself."""
+        return contextlib.nullcontext() if getattr(self.guard, "concurrent", False) else self._lock
+
     def _count(self, where: str, result: ShieldResult) -> None:
-        if result.verdict is not None:
-            v = result.verdict
-            self.counts[(where, v.status)] += 1
-            for code in v.categories:
-                self.counts[(where, code)] += 1
-        if result.prompt_label is not None:
-            self.counts[(where, f"prompt_guard:{result.prompt_label}")] += 1
+        with self._count_lock:  # checks finish on many threads at once
+            if result.verdict is not None:
+                v = result.verdict
+                self.counts[(where, v.status)] += 1
+                for code in v.categories:
+                    self.counts[(where, code)] += 1
+            if result.prompt_label is not None:
+                self.counts[(where, f"prompt_guard:{result.prompt_label}")] += 1
 
     def check_input(self, messages: Sequence[Mapping]) -> ShieldResult:
         """The conversation so far, its last user turn assessed (blocking: call it off the event loop)."""
@@ -117,9 +125,10 @@ class Shields:
                 result.prompt_label, result.prompt_score = scores.label, score
                 if score > self.prompt_threshold:
                     result.allowed = False
-            if self.guard is not None and convo and result.allowed:
+        if self.guard is not None and convo and result.allowed:
+            with self._guard_lock():
                 result.verdict = self.guard.moderate(convo, role="user")
-                result.allowed = not result.verdict.flagged
+            result.allowed = not result.verdict.flagged
         self._count("input", result)
         return result
 
@@ -130,25 +139,25 @@ class Shields:
         convo = _guardable(messages)
         while convo and convo[-1]["role"] == "assistant":
             convo.pop()
-        with self._lock:
+        with self._guard_lock():
             verdict = self.guard.moderate([*convo, {"role": "assistant", "content": reply}])
         result = ShieldResult(not verdict.flagged, verdict)
         self._count("output", result)
         return result
 
     def moderate(self, messages: Sequence[Mapping]) -> Verdict:
-        """Llama Guard's verdict on a conversation, for /v1/moderations (one guard call at a time)."""
-        with self._lock:
+        """Llama Guard's verdict on a conversation, for /v1/moderations."""
+        with self._guard_lock():
             verdict = self.guard.moderate(messages)
-        self.counts[("moderations", verdict.status)] += 1
-        for code in verdict.categories:
-            self.counts[("moderations", code)] += 1
+        self._count("moderations", ShieldResult(not verdict.flagged, verdict))
         return verdict
 
     def metrics(self) -> dict[str, dict[str, int]]:
         """Verdict counts per check ("input", "output", "moderations"): by status and by category code."""
         out: dict[str, dict[str, int]] = {"input": {}, "output": {}, "moderations": {}}
-        for (where, key), n in sorted(self.counts.items()):
+        with self._count_lock:
+            counts = sorted(self.counts.items())
+        for (where, key), n in counts:
             out[where][key] = n
         return out
 
