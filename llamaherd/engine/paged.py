@@ -22,9 +22,10 @@ class OutOfBlocks(LlamaherdError):
     """No free KV-cache block is left; the scheduler preempts a sequence and retries."""
 
 
-def block_hashes(tokens: Sequence[int], block_size: int) -> list[int]:
-    """Hash of every full block of `tokens`, each chained to its prefix (so equal hashes mean equal prefixes)."""
-    out, parent = [], 0
+def block_hashes(tokens: Sequence[int], block_size: int, salt: int = 0) -> list[int]:
+    """Hash of every full block of `tokens`, each chained to its prefix (so equal hashes mean equal prefixes).
+    A salt (a request's image digest) starts the chain: equal tokens with other images never match."""
+    out, parent = [], salt
     for i in range(len(tokens) // block_size):
         parent = hash((parent, tuple(tokens[i * block_size : (i + 1) * block_size])))
         out.append(parent)
@@ -158,6 +159,7 @@ class KVCacheManager:
         self.block_size = block_size
         self._tables: dict[int, list[int]] = {}
         self._hashed: dict[int, int] = {}  # leading full blocks of a sequence registered for prefix caching
+        self._salts: dict[int, int] = {}  # a sequence's prefix-hash salt (its images' digest), when not 0
 
     @property
     def num_blocks(self) -> int:
@@ -171,13 +173,16 @@ class KVCacheManager:
         """Fraction of blocks in use (cached prefixes nobody uses count as free)."""
         return 1.0 - self.num_free / self.num_blocks
 
-    def take_prefix(self, seq_id: int, tokens: Sequence[int]) -> int:
+    def take_prefix(self, seq_id: int, tokens: Sequence[int], salt: int = 0) -> int:
         """Give a new sequence the cached blocks of its longest known prefix, leaving at least one token to
-        compute (its logits give the next token). Returns how many tokens those blocks hold."""
+        compute (its logits give the next token). Returns how many tokens those blocks hold. `salt` keys the
+        sequence's blocks apart from those of equal tokens with other salts (images: their digest)."""
         assert seq_id not in self._tables, f"sequence {seq_id} already holds blocks"
         table = self._tables[seq_id] = []
+        if salt:
+            self._salts[seq_id] = salt
         usable = (len(tokens) - 1) // self.block_size
-        for h in block_hashes(tokens[: usable * self.block_size], self.block_size):
+        for h in block_hashes(tokens[: usable * self.block_size], self.block_size, salt):
             block = self.allocator.take_cached(h)
             if block is None:
                 break
@@ -196,7 +201,7 @@ class KVCacheManager:
         """The first `cached` tokens are in the cache now: offer the newly full blocks for prefix reuse."""
         full, done = cached // self.block_size, self._hashed[seq_id]
         if full > done:
-            hashes = block_hashes(tokens[: full * self.block_size], self.block_size)
+            hashes = block_hashes(tokens[: full * self.block_size], self.block_size, self._salts.get(seq_id, 0))
             table = self._tables[seq_id]
             for i in range(done, full):
                 self.allocator.register(table[i], hashes[i])
@@ -207,6 +212,7 @@ class KVCacheManager:
         for block in self._tables.pop(seq_id, ()):
             self.allocator.release(block)
         self._hashed.pop(seq_id, None)
+        self._salts.pop(seq_id, None)
 
     def view(self, seq_ids: Sequence[int], cached: Sequence[int], new: int) -> BatchView:
         """The window of one forward step over these sequences (see `BatchView`)."""

@@ -61,6 +61,7 @@ class SeqState:
     cancelled: bool = False
     proposer: object | None = None  # speculative decoding for this sequence (None: off)
     tracker: object | None = None  # its running acceptance rate and next k
+    images: object | None = None  # vision models: the request's images (vision_inputs.PreparedImages)
 
     @property
     def pending(self) -> int:
@@ -97,6 +98,7 @@ class Engine:
         # Speculative decoding: a new proposer per sequence (n-gram lookup, or a draft model with its own cache).
         self.proposer_factory, self.num_speculative_tokens = proposer_factory, num_speculative_tokens
         self._spec_k = 0  # proposals this step's decode rows have room for (set by _plan)
+        self._images = None  # vision_inputs.BatchImages, made at the first request with images
 
     # -- submission (any thread) -------------------------------------------------------------------------------
     def check(self, prompt: Sequence[int], params: SamplingParams, n: int = 1) -> None:
@@ -108,9 +110,11 @@ class Engine:
         Sampler(params, self.config.vocab_size)
 
     def submit(self, prompt: Sequence[int], params: SamplingParams, stop_ids: frozenset[int],
-               sink: Callable[[Token], None], constraint=None, speculate: bool = True) -> int:
+               sink: Callable[[Token], None], constraint=None, speculate: bool = True, images=None) -> int:
         """Queue a request; its tokens go to `sink` as they are generated, the last with its finish_reason.
-        `speculate=False` turns speculative decoding off for this request (structured output always does)."""
+        `speculate=False` turns speculative decoding off for this request (structured output always does).
+        `images` (vision models: `vision_inputs.PreparedImages` for this prompt) are encoded at the sequence's
+        prefill and stay with it until it finishes; its prefix-cache keys are salted with their digest."""
         check_context(len(prompt), self.max_context, "this server's context")
         sampler = Sampler(params, self.config.vocab_size)
         with self._wake:
@@ -120,7 +124,8 @@ class Engine:
                 return seq_id
             if len(self.waiting) >= self.max_waiting:
                 raise QueueFull(f"{len(self.waiting)} requests are already waiting; retry later")
-            seq = SeqState(seq_id, list(prompt), len(prompt), params, sampler, stop_ids, sink, constraint)
+            seq = SeqState(seq_id, list(prompt), len(prompt), params, sampler, stop_ids, sink, constraint,
+                           images=images)
             if speculate and constraint is None and self.proposer_factory is not None:
                 from .speculative import AcceptanceTracker
 
@@ -178,6 +183,8 @@ class Engine:
                 logits = self._forward(decode, 1)
                 for i, seq in enumerate(decode):
                     self._sample(seq, logits[i : i + 1, -1])
+        if prefill is not None and prefill.images is not None and not self._encode_images(prefill):
+            prefill = None
         if prefill is not None:
             logits = self._forward([prefill], chunk)
             if prefill.pending == 0:  # the whole prompt is cached: its last logits give the first token
@@ -195,7 +202,8 @@ class Engine:
     def _admit(self) -> None:
         while self.waiting and len(self.running) < self.max_batch:
             seq = self.waiting.popleft()
-            seq.cached = self.cache.take_prefix(seq.id, seq.tokens)
+            seq.cached = self.cache.take_prefix(seq.id, seq.tokens,
+                                                salt=seq.images.digest if seq.images is not None else 0)
             self.stats["prefix_hit_tokens"] += seq.cached
             self.running.append(seq)
 
@@ -235,6 +243,8 @@ class Engine:
             self.cache.release(seq.id)
             if seq in self.running:
                 self.running.remove(seq)
+            if self._images is not None and not any(s.images is not None for s in self.running):
+                self._images.forget()  # the stacked image context of finished sequences
         if reason is not None:
             seq.sink(Token(None, reason, error=error))
 
@@ -243,13 +253,36 @@ class Engine:
         view = self.cache.view([s.id for s in seqs], [s.cached for s in seqs], new)
         tokens = torch.tensor([s.tokens[s.cached : s.cached + new] for s in seqs], device=view.key_mask.device)
         # Only each row's last position is sampled: skip the vocabulary projection of the rest of a prefill chunk.
-        logits = self.net(tokens, positions=view.positions, cache=view, key_mask=view.key_mask, last_only=True)
+        logits = self._run(seqs, tokens, view, last_only=True)
         for s in seqs:
             if s.cached < s.prompt_len:
                 self.stats["prompt_tokens"] += min(new, s.prompt_len - s.cached)
             s.cached += new
             self.cache.register(s.id, s.tokens, s.cached)
         return logits
+
+    def _run(self, seqs: list[SeqState], tokens: torch.Tensor, view, last_only: bool = False) -> torch.Tensor:
+        """The model over one step's rows; rows with images read their own (vision_inputs.BatchImages)."""
+        kw = {}
+        if any(s.images is not None for s in seqs):
+            if self._images is None:
+                from ..vision_inputs import BatchImages
+
+                self._images = BatchImages()
+            tokens, kw["images"] = self._images.inputs(self.net, [s.images for s in seqs], tokens, view.positions)
+        return self.net(tokens, positions=view.positions, cache=view, key_mask=view.key_mask, last_only=last_only,
+                        **kw)
+
+    def _encode_images(self, seq: SeqState) -> bool:
+        """Run the vision encoder for a sequence about to prefill (once; kept while it lives). A failure ends
+        that sequence with an error, not the step: the other sequences go on."""
+        try:
+            seq.images.encode(self.net)
+            return True
+        except Exception as exc:  # noqa: BLE001 - reported to this request only
+            log.exception("encoding the images of sequence %d failed", seq.id)
+            self._finish(seq, "error", f"the images could not be encoded: {type(exc).__name__}: {exc}")
+            return False
 
     def _speculative_decode(self, seqs: list[SeqState], k: int) -> None:
         """One forward of every decoding row's last token and its proposals (padded to k), then verification."""
@@ -264,8 +297,7 @@ class Engine:
             proposals.append(p or Proposal([]))
         view = self.cache.view([s.id for s in seqs], [s.cached for s in seqs], 1 + k)
         rows = [[s.tokens[-1]] + p.tokens + [s.tokens[-1]] * (k - len(p.tokens)) for s, p in zip(seqs, proposals)]
-        logits = self.net(torch.tensor(rows, device=view.key_mask.device), positions=view.positions, cache=view,
-                          key_mask=view.key_mask)  # (B, 1 + k, V)
+        logits = self._run(seqs, torch.tensor(rows, device=view.key_mask.device), view)  # (B, 1 + k, V)
         for i, (seq, proposal) in enumerate(zip(seqs, proposals)):
             if seq.proposer is None:
                 seq.cached += 1

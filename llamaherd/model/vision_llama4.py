@@ -195,3 +195,38 @@ def merge_image_features(h: torch.Tensor, tokens: torch.Tensor, patch_id: int, f
     if n != features.shape[0]:
         raise ValueError(f"{n} <|patch|> tokens but {features.shape[0]} image feature rows")
     return h.masked_scatter(mask, features.to(h.dtype))
+
+
+@dataclass
+class PromptFeatures:
+    """One request's image features (n, dim) with the prompt positions (n,) of the <|patch|> tokens they fill."""
+
+    features: torch.Tensor
+    positions: torch.Tensor
+
+
+@dataclass
+class BatchFeatures:
+    """Image features for one forward over any window of several prompts (the serving engine's chunked prefill
+    and batched decoding): row b's token at position p is replaced by rows[b]'s feature for p, if it has one.
+
+    Speaks ImageFeatures' `merge`; positions (B, T) are the forward's. A <|patch|> id at a position that holds
+    no image feature (generated, or a row without images) keeps its embedding.
+    """
+
+    rows: list[PromptFeatures | None]
+    positions: torch.Tensor
+    patch_id: int
+
+    def merge(self, tokens: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        out = h
+        for b, row in enumerate(self.rows):
+            if row is None or row.positions.numel() == 0:
+                continue
+            pos = self.positions[b]  # (T,)
+            slot = torch.searchsorted(row.positions, pos).clamp(max=row.positions.numel() - 1)
+            hit = (row.positions[slot] == pos) & (tokens[b] == self.patch_id)
+            if bool(hit.any()):
+                out = out.clone() if out is h else out
+                out[b, hit] = row.features[slot[hit]].to(h.dtype)
+        return out

@@ -17,7 +17,7 @@ from .. import __version__
 from ..errors import ImageError, LlamaherdError
 from ..presets import count_parameters
 from .http import APIError, check_model, served_of, unless_disconnected
-from .prompting import messages_for_format, ollama_tool_calls, sampling_params
+from .prompting import messages_for_format, ollama_images, ollama_tool_calls, sampling_params
 from .runtime import ServedModel, Usage
 from .schemas import OllamaChatRequest, OllamaGenerateRequest, OllamaOptions, OllamaShowRequest
 
@@ -87,9 +87,12 @@ def _ndjson(gen: AsyncIterator[dict]) -> StreamingResponse:
     return StreamingResponse(lines(), media_type="application/x-ndjson")
 
 
-# Images are never dropped silently: a reply that ignored the image would look like an answer about it.
-_NO_IMAGES = ("images are not served yet (the serving engine runs text only); use Model.chat or "
-              "`herd run MODEL PROMPT --image FILE` for vision models")
+def _with_images(message: dict, images: list[dict]) -> dict:
+    """A message with Ollama's images as image parts ahead of its text (as Ollama places them)."""
+    if not images:
+        return message
+    text = message.get("content") or ""
+    return {**message, "content": images + ([{"type": "text", "text": text}] if text else [])}
 
 
 @router.post("/api/generate")
@@ -97,25 +100,31 @@ async def generate(body: OllamaGenerateRequest, request: Request):
     served = served_of(request)
     check_model(served, body.model)
     base = {"model": served.name}
-    if body.images:
-        raise ImageError(_NO_IMAGES)
+    image_parts = ollama_images(body.images)
+    if image_parts and served.model.config.vision is None:
+        raise ImageError("this model reads no images (text-only); remove the images or serve a vision model")
     if not body.prompt:  # Ollama answers an empty prompt by loading the model: report it loaded
         return {**base, "created_at": _now(), "response": "", "done": True, "done_reason": "load"}
     # A model without a chat format (a base model with no template) takes the prompt as it is, as Ollama's
     # default template `{{ .Prompt }}` does.
     if body.raw or not _chats(served.model):
         prompt = served.tokenizer.encode(body.prompt, bos=True)
+        if image_parts:  # a base vision model: BOS, one <|image|> per image, then the text
+            from ..vision_inputs import with_image_tokens
+
+            prompt = with_image_tokens(served.model.net, served.tokenizer, prompt, len(image_parts))
     else:
         messages = ([{"role": "system", "content": body.system}] if body.system else []) + [
-            {"role": "user", "content": body.prompt}]
-        prompt = served.model.chat_format().encode_dialog(messages, add_generation_prompt=True)
+            _with_images({"role": "user", "content": body.prompt}, image_parts)]
+        prompt = served.model.chat_format(images=bool(image_parts)).encode_dialog(messages, add_generation_prompt=True)
+    images = await served.prepare_images(prompt, [p["image"] for p in image_parts]) if image_parts else None
     params = _params(served, body.options)
     constraint = _format_constraint(served, body.format)
     usage = Usage()
 
     async def events():
         finish = None
-        async for c in served.stream(prompt, params, usage, constraint=constraint):
+        async for c in served.stream(prompt, params, usage, constraint=constraint, images=images):
             finish = c.finish_reason
             if c.text:
                 yield {**base, "created_at": _now(), "response": c.text, "done": False}
@@ -124,7 +133,8 @@ async def generate(body: OllamaGenerateRequest, request: Request):
     if body.stream:
         served.check(prompt, params)  # errors as a status code now, not after the 200 is sent
         return _ndjson(events())
-    out, _, finish = await unless_disconnected(request, served.complete(prompt, params, usage, constraint=constraint))
+    out, _, finish = await unless_disconnected(request, served.complete(prompt, params, usage, constraint=constraint,
+                                                                       images=images))
     return {**base, "created_at": _now(), "response": out, **_stats(usage, finish)}
 
 
@@ -136,12 +146,13 @@ async def chat(body: OllamaChatRequest, request: Request):
     if not body.messages:
         return {**base, "created_at": _now(), "message": {"role": "assistant", "content": ""}, "done": True,
                 "done_reason": "load"}
-    if any(m.images for m in body.messages):
-        raise ImageError(_NO_IMAGES)
-    fmt = served.model.chat_format()
+    parts = [ollama_images(m.images, f"messages[{i}].images") for i, m in enumerate(body.messages)]
+    fmt = served.model.chat_format(images=any(parts))  # a text-only model refuses images (ImageError, a 400)
     tools = [t.model_dump() for t in body.tools] if body.tools else None
-    messages = messages_for_format([m.model_dump(exclude={"images"}) for m in body.messages])
+    messages = messages_for_format([_with_images(m.model_dump(exclude={"images"}), p)
+                                    for m, p in zip(body.messages, parts)])
     prompt = fmt.encode_dialog(messages, tools=tools, add_generation_prompt=True)
+    images = await served.prepare_images(prompt, [p["image"] for ps in parts for p in ps]) if any(parts) else None
     params = _params(served, body.options)
     constraint = _format_constraint(served, body.format)
     usage = Usage()
@@ -159,7 +170,7 @@ async def chat(body: OllamaChatRequest, request: Request):
     async def events():
         finish = None
         parser = fmt.stream_parser() if tools else None  # content streams; a tool call is sent whole at the end
-        async for c in served.stream(prompt, params, usage, constraint=constraint):
+        async for c in served.stream(prompt, params, usage, constraint=constraint, images=images):
             finish = c.finish_reason
             shown = parser.feed(c.text) if parser else c.text
             if parser and finish:
@@ -175,7 +186,8 @@ async def chat(body: OllamaChatRequest, request: Request):
     if body.stream:
         served.check(prompt, params)  # errors as a status code now, not after the 200 is sent
         return _ndjson(events())
-    out, _, finish = await unless_disconnected(request, served.complete(prompt, params, usage, constraint=constraint))
+    out, _, finish = await unless_disconnected(request, served.complete(prompt, params, usage, constraint=constraint,
+                                                                       images=images))
     return {**base, "created_at": _now(), "message": final_message(out), **_stats(usage, finish)}
 
 

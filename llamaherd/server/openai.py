@@ -15,7 +15,7 @@ from fastapi.responses import StreamingResponse
 
 from ..engine.text import Piece
 from .http import APIError, check_model, served_of, unless_disconnected
-from .prompting import messages_for_format, openai_tool_calls, sampling_params
+from .prompting import messages_for_format, openai_images, openai_tool_calls, sampling_params
 from .runtime import ServedModel, Usage, interleave
 from .schemas import ChatCompletionRequest, CompletionRequest
 from .shielding import filter_reply, refuse_input, shield_stream
@@ -68,10 +68,12 @@ def _chat_logprobs(served: ServedModel, chunks: list[Piece]) -> dict:
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     served = served_of(request)
     check_model(served, body.model)
-    fmt = served.model.chat_format()
     messages = messages_for_format([m.model_dump() for m in body.messages])
+    images = openai_images(messages)  # data: URLs only; a text-only model refuses them (ImageError, a 400)
+    fmt = served.model.chat_format(images=bool(images))
     tools = [t.model_dump() for t in body.tools] if body.tools and body.tool_choice != "none" else None
     prompt = fmt.encode_dialog(messages, tools=tools, add_generation_prompt=True)
+    images = await served.prepare_images(prompt, images) if images else None
     params = sampling_params(
         served.model.generation_defaults,
         max_tokens=body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens,
@@ -92,12 +94,13 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     if body.stream:
         served.check(prompt, params, body.n)  # errors as a status code now, not after the 200 is sent
         shield = functools.partial(shield_stream, request, messages)
-        return StreamingResponse(_chat_stream(served, fmt, prompt, params, body, head, tools, constraint, shield),
-                                 media_type="text/event-stream")
+        return StreamingResponse(_chat_stream(served, fmt, prompt, params, body, head, tools, constraint, shield,
+                                              images), media_type="text/event-stream")
 
     usages = [Usage() for _ in range(body.n)]
     results = await unless_disconnected(request, asyncio.gather(*(
-        served.complete(prompt, _seeded(params, i), usages[i], constraint=_own(constraint, i)) for i in range(body.n))))
+        served.complete(prompt, _seeded(params, i), usages[i], constraint=_own(constraint, i), images=images)
+        for i in range(body.n))))
     choices = []
     for i, (text, chunks, finish) in enumerate(results):
         text, finish = await filter_reply(request, messages, text, finish)
@@ -118,7 +121,8 @@ def _finish(reason: str | None) -> str:
     return {"cancelled": "stop", "error": "stop", None: "stop"}.get(reason, reason)
 
 
-async def _chat_stream(served, fmt, prompt, params, body, head, tools, constraint, shield) -> AsyncIterator[str]:
+async def _chat_stream(served, fmt, prompt, params, body, head, tools, constraint, shield,
+                       images=None) -> AsyncIterator[str]:
     head = {**head, "object": "chat.completion.chunk"}
     usages = [Usage() for _ in range(body.n)]
 
@@ -130,7 +134,8 @@ async def _chat_stream(served, fmt, prompt, params, body, head, tools, constrain
     # With tools, each choice's text goes through the format's streaming tool-call parser: plain content is
     # shown as it comes (held back only while it could still open a call), a tool call is sent whole at the end.
     parsers = [fmt.stream_parser() for _ in range(body.n)] if tools else None
-    streams = [shield(served.stream(prompt, _seeded(params, i), usages[i], constraint=_own(constraint, i)))
+    streams = [shield(served.stream(prompt, _seeded(params, i), usages[i], constraint=_own(constraint, i),
+                                    images=images))
                for i in range(body.n)]
     # n > 1: the choices decode together and their chunks interleave in arrival order, each tagged by index;
     # within one choice the order is the generation order, and its finish chunk comes last.

@@ -1,12 +1,15 @@
-"""From API requests to engine inputs: sampling parameters and tool-call messages in both APIs' shapes."""
+"""From API requests to engine inputs: sampling parameters, tool-call messages and images in both APIs' shapes."""
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import uuid
 from typing import Any
 
 from ..engine.sampling import SamplingParams
+from .http import APIError
 
 
 def sampling_params(defaults, **fields: Any) -> SamplingParams:
@@ -64,3 +67,47 @@ def messages_for_format(messages: list[dict]) -> list[dict]:
                     pass
         out.append(m)
     return out
+
+
+def openai_images(messages: list[dict]) -> list[str]:
+    """The images of OpenAI request messages, in prompt order: `image_url` parts carrying the image inline as a
+    data: URL. The server reads nothing else: a remote http(s) URL is refused (it fetches nothing), and so are
+    local paths and other part types that name an image (they would read the server's own files)."""
+    out = []
+    for m in messages:
+        content = m.get("content")
+        for part in content if isinstance(content, list) else ():
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "image":
+                raise APIError(400, "content part type 'image' is not accepted here; send {'type': 'image_url', "
+                               "'image_url': {'url': 'data:image/png;base64,...'}}", param="messages")
+            if kind != "image_url":
+                continue
+            url = part.get("image_url")
+            url = url.get("url") if isinstance(url, dict) else url
+            if not isinstance(url, str):
+                raise APIError(400, "an image_url part needs {'image_url': {'url': 'data:image/...;base64,...'}}",
+                               param="messages")
+            scheme = url.split(":", 1)[0].lower() if ":" in url else ""
+            if scheme in ("http", "https"):
+                raise APIError(400, "remote image URLs are refused: this server fetches nothing; send the image "
+                               "inline as a data:image/...;base64,... URL", param="messages")
+            if scheme != "data":
+                raise APIError(400, "an image_url must be a data:image/...;base64,... URL (the server reads no "
+                               "files)", param="messages")
+            out.append(url)
+    return out
+
+
+def ollama_images(images: list[str] | None, field: str = "images") -> list[dict]:
+    """Ollama's `images` (base64 image data) as image content parts, placed before the message's text as
+    Ollama does; malformed base64 is a 400."""
+    parts = []
+    for i, data in enumerate(images or ()):
+        try:
+            raw = base64.b64decode(data, validate=True)
+        except (binascii.Error, ValueError):
+            raise APIError(400, f"{field}[{i}] is not base64 image data; send the image file's bytes base64-encoded",
+                           param=field) from None
+        parts.append({"type": "image", "image": raw})
+    return parts

@@ -82,9 +82,10 @@ class ServedModel:
 
     async def stream(self, prompt: Sequence[int], params: SamplingParams, usage: Usage | None = None,
                      stop_ids: frozenset[int] | None = None, constraint=None,
-                     speculate: bool = True) -> AsyncIterator[Piece]:
+                     speculate: bool = True, images=None) -> AsyncIterator[Piece]:
         """Submit a prompt; yield text pieces as tokens arrive. Closing the iterator cancels the request.
-        `speculate=False` turns the server's speculative decoding off for this request."""
+        `speculate=False` turns the server's speculative decoding off for this request. `images`: the prompt's
+        images as `prepare_images` makes them (vision models)."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Token] = asyncio.Queue()
         usage = usage or Usage()
@@ -92,7 +93,7 @@ class ServedModel:
         stops = self.stop_ids(params) if stop_ids is None else stop_ids
         text = TextStream(self.tokenizer, params.stop, prompt_tail=prompt)
         seq_id = self.engine.submit(prompt, params, stops, lambda e: loop.call_soon_threadsafe(queue.put_nowait, e),
-                                    constraint=constraint, speculate=speculate)
+                                    constraint=constraint, speculate=speculate, images=images)
         self.metrics.request_started(len(prompt))
         engine_done = False
         last_token_time = None
@@ -121,15 +122,24 @@ class ServedModel:
                 self.engine.cancel(seq_id)
             self.metrics.request_finished(usage.completion_tokens)
 
+    async def prepare_images(self, prompt: Sequence[int], images: Sequence) -> object:
+        """A request's images read, checked and tiled for this model (`vision_inputs.PreparedImages`) off the
+        event loop; a bad image, a count that does not match the prompt's image tokens, or a text-only model
+        raise ImageError (a 400). The encoder runs later, on the engine thread, at the sequence's prefill."""
+        from ..vision_inputs import prepare_images
+
+        return await asyncio.to_thread(prepare_images, self.model.net, self.tokenizer, list(prompt), list(images))
+
     def check(self, prompt: Sequence[int], params: SamplingParams, n: int = 1) -> None:
         """Raise now what `stream` would raise at submission (too long, queue full, bad logit_bias), so a
         streaming handler can answer with an error status before it sends its 200 and first event."""
         self.engine.check(prompt, params, n)
 
     async def complete(self, prompt: Sequence[int], params: SamplingParams, usage: Usage | None = None,
-                       constraint=None, speculate: bool = True) -> tuple[str, list[Piece], str]:
+                       constraint=None, speculate: bool = True, images=None) -> tuple[str, list[Piece], str]:
         """Run to the end: (text, pieces, finish_reason)."""
-        pieces = [p async for p in self.stream(prompt, params, usage, constraint=constraint, speculate=speculate)]
+        pieces = [p async for p in self.stream(prompt, params, usage, constraint=constraint, speculate=speculate,
+                                               images=images)]
         return "".join(p.text for p in pieces), pieces, (pieces[-1].finish_reason if pieces else "stop")
 
 
