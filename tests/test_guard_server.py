@@ -7,6 +7,7 @@ import httpx
 import pytest
 
 from llamaherd.guard import LlamaGuard
+from llamaherd.guard.batched import BatchedLlamaGuard
 from llamaherd.guard.shield import OPENAI_NAMES, Shields
 from llamaherd.server.moderations import install
 
@@ -14,10 +15,12 @@ from . import server_fixtures
 from .guard_fixtures import forced_guard
 
 
-def _serve(guard_answer: str | None, **policy):
+def _serve(guard_answer: str | None, batched: bool = False, **policy):
     live, served = server_fixtures.start()
     if guard_answer is not None:
-        shields = Shields(guard=LlamaGuard(forced_guard(guard_answer), "llama-guard-3-8b"), **policy)
+        guard = LlamaGuard(forced_guard(guard_answer), "llama-guard-3-8b")
+        guard = BatchedLlamaGuard(guard, max_batch=4) if batched else guard
+        shields = Shields(guard=guard, **policy)
         install(live.server.config.app, shields, "tiny-guard")
     return live
 
@@ -31,7 +34,7 @@ def unsafe_server():
 
 @pytest.fixture(scope="module")
 def safe_server():
-    live = _serve("safe")
+    live = _serve("safe", batched=True)  # a list of inputs goes to the batching guard together
     yield live
     live.stop()
 

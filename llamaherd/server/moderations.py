@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 
 from fastapi import APIRouter, Request
@@ -49,13 +50,15 @@ async def moderations(body: ModerationRequest, request: Request):
         raise APIError(404, f"moderation model {body.model!r} is not served here; this server's guard is {name!r}",
                        type_="not_found_error", param="model", code="model_not_found")
     texts = _texts(body.input)
+    from ..guard.shield import openai_result
 
-    def run() -> list[dict]:
-        from ..guard.shield import openai_result
+    def one(text: str) -> dict:
+        return openai_result(shields.moderate([{"role": "user", "content": text}]))
 
-        return [openai_result(shields.moderate([{"role": "user", "content": t}])) for t in texts]
-
-    results = await run_in_threadpool(run)
+    if getattr(shields.guard, "concurrent", False):  # a batching guard: the inputs are checked together
+        results = list(await asyncio.gather(*(run_in_threadpool(one, t) for t in texts)))
+    else:
+        results = await run_in_threadpool(lambda: [one(t) for t in texts])
     return {"id": f"modr-{uuid.uuid4().hex}", "model": name, "results": results}
 
 
