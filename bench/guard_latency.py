@@ -80,6 +80,9 @@ def llamacpp_times(path, threads: int, jobs) -> tuple[list[float], list[float]] 
 
 
 def llamacpp_child(job_file: str) -> int:
+    from bench.llamacpp import prepare
+
+    print(prepare(), file=sys.stderr)  # before llama_cpp.Llama is built: its AMX repacking crashes here
     from llama_cpp import Llama
 
     spec = json.loads(Path(job_file).read_text())
@@ -144,6 +147,10 @@ def main() -> int:
         times["request"].append(herd_request(convo))
         jobs.append((ids_in, ids_out))
     cpp = llamacpp_times(path, args.threads, jobs)
+    from bench.llamacpp import has_amx
+
+    print("llama.cpp: weight repacking off (its AMX kernel crashes on this CPU; plain CPU kernels run)"
+          if has_amx() else "llama.cpp: default settings")
     if cpp is not None:
         times["cpp in"], times["cpp out"] = cpp
     load1, load5, _ = os.getloadavg()
