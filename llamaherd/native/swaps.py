@@ -74,15 +74,19 @@ def _decoding(x: torch.Tensor, cache: object) -> bool:
         and cache.k.dtype == torch.float32
 
 
+def _one_token_qkv(attn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The projections of one token per row, shaped (B, 1, heads, head_dim) as the native call takes them."""
+    B = x.shape[0]
+    return (attn.wq(x).view(B, 1, attn.n_heads, attn.head_dim), attn.wk(x).view(B, 1, attn.n_kv_heads, attn.head_dim),
+            attn.wv(x).view(B, 1, attn.n_kv_heads, attn.head_dim))
+
+
 class DecodeAttention(llama.Attention):
     """One token: rotary, cache write and attention as one native call; anything else: the reference."""
 
     def forward(self, x, cos, sin, mask, cache, layer: int, start: int) -> torch.Tensor:
         if _decoding(x, cache):
-            B = x.shape[0]
-            q = self.wq(x).view(B, 1, self.n_heads, self.head_dim)
-            k = self.wk(x).view(B, 1, self.n_kv_heads, self.head_dim)
-            v = self.wv(x).view(B, 1, self.n_kv_heads, self.head_dim)
+            q, k, v = _one_token_qkv(self, x)
             if ops.attend_decode_applies(q, k, v, cos, sin, cache.k, cache.v, start, mask):
                 return self.wo(ops.attend_decode(q, k, v, cos, sin, cache.k, cache.v, layer, start, mask,
                                                  layout=ops.PAIRS))
@@ -94,10 +98,7 @@ class GemmaDecodeAttention(gemma3.Attention):
 
     def forward(self, x, cos, sin, mask, cache, layer: int, start: int) -> torch.Tensor:
         if _decoding(x, cache):
-            B = x.shape[0]
-            q = self.wq(x).view(B, 1, self.n_heads, self.head_dim)
-            k = self.wk(x).view(B, 1, self.n_kv_heads, self.head_dim)
-            v = self.wv(x).view(B, 1, self.n_kv_heads, self.head_dim)
+            q, k, v = _one_token_qkv(self, x)
             qn, kn = self.q_norm, self.k_norm
             if ops.attend_decode_applies(q, k, v, cos, sin, cache.k, cache.v, start, mask, qn.weight, kn.weight):
                 out = ops.attend_decode(q, k, v, cos, sin, cache.k, cache.v, layer, start, mask, layout=ops.HALVES,
