@@ -75,8 +75,10 @@ def test_flags_are_spelled_one_way():
     p = build_parser()
     assert p.parse_args(["serve", "--num-ctx", "64"]).num_ctx == 64
     assert p.parse_args(["run", "--num-ctx", "64", "x"]).num_ctx == 64
-    with pytest.raises(SystemExit):
-        p.parse_args(["serve", "--ctx", "64"])
+    assert p.parse_args(["perplexity", "--num-ctx", "64", "m"]).num_ctx == 64
+    for verb in (["serve"], ["perplexity", "m"]):
+        with pytest.raises(SystemExit):
+            p.parse_args([verb[0], "--ctx", "64", *verb[1:]])
     for verb in (["run", "x"], ["chat"], ["serve"], ["bench", "m"]):
         for dtype in ("bf16", "bfloat16", "f16", "float32"):
             assert p.parse_args([verb[0], "--dtype", dtype, *verb[1:]]).dtype == dtype

@@ -1,4 +1,4 @@
-"""`herd perplexity MODEL -f TEXT --ctx N`: perplexity and KL divergence as llama.cpp's llama-perplexity prints them."""
+"""`herd perplexity MODEL -f TEXT --num-ctx N`: perplexity and KL divergence as llama.cpp's llama-perplexity prints them."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from ._generation import add_dtype_flag, load_model
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "perplexity", help="perplexity over a text file, and KL divergence against a base model (llama-perplexity)",
-        description="Cut the text's tokens (BOS first) into non-overlapping chunks of --ctx tokens, score the "
+        description="Cut the text's tokens (BOS first) into non-overlapping chunks of --num-ctx tokens, score the "
         "second half of each chunk, and print llama-perplexity's 'Final estimate: PPL = X +/- Y' line. "
         "--kl-divergence-base FILE saves this model's top-k log-probabilities; --kl-divergence FILE compares "
         "this model against a saved base (mean KLD, percentiles, same top token, PPL ratio).",
@@ -21,7 +21,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model", help="a .gguf file, checkpoint folder or store name")
     p.add_argument("-f", "--file", dest="text_file", help="the text file to evaluate (UTF-8); not needed with "
                    "--kl-divergence, whose base file holds the tokens")
-    p.add_argument("-c", "--ctx", type=int, default=512, help="tokens per chunk (default 512, llama.cpp's)")
+    p.add_argument("-c", "--num-ctx", type=int, default=512,
+                   help="tokens per chunk (default 512, llama-perplexity's -c); the flag other verbs use for the context")
     p.add_argument("--chunks", type=int, default=None, help="score at most this many chunks (default all)")
     p.add_argument("-b", "--batch-size", type=int, default=2048,
                    help="tokens per forward: batch-size / ctx chunks run together (default 2048)")
@@ -64,8 +65,8 @@ def run(args: argparse.Namespace) -> int:
         raise LlamaherdError("give --kl-divergence-base (save a base) or --kl-divergence (compare to one), not both")
     if not args.kl_divergence and not args.text_file:
         raise LlamaherdError("no text: give the file to evaluate with -f TEXT")
-    if args.ctx < 4 or args.batch_size < 1:
-        raise LlamaherdError(f"--ctx {args.ctx} / --batch-size {args.batch_size}: both must be positive, ctx >= 4")
+    if args.num_ctx < 4 or args.batch_size < 1:
+        raise LlamaherdError(f"--num-ctx {args.num_ctx} / --batch-size {args.batch_size}: both must be positive, ctx >= 4")
     text = _read_text(args.text_file) if args.text_file else None
     model, _ = load_model(args.model, args.dtype)
     if args.kl_divergence:
@@ -73,10 +74,10 @@ def run(args: argparse.Namespace) -> int:
         print(cmp.report())
         return 0
     if args.kl_divergence_base:  # one pass: the base file's NLLs are the perplexity's
-        result = save_base(model, text, args.kl_divergence_base, args.ctx, top_k=args.top_k or TOP_K,
+        result = save_base(model, text, args.kl_divergence_base, args.num_ctx, top_k=args.top_k or TOP_K,
                            chunks=args.chunks, batch_tokens=args.batch_size, progress=_progress("perplexity"))
     else:
-        result = perplexity(model, text, args.ctx, chunks=args.chunks, batch_tokens=args.batch_size,
+        result = perplexity(model, text, args.num_ctx, chunks=args.chunks, batch_tokens=args.batch_size,
                             progress=_progress("perplexity"))
     print(f"{result.n_chunks} chunks of {result.n_ctx} tokens, {result.count} tokens scored")
     print(result.final_line())

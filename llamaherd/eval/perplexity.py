@@ -57,10 +57,10 @@ def chunk_tokens(tokens: list[int], n_ctx: int, bos_id: int | None, max_chunks: 
     """(n_chunks, n_ctx) token ids: consecutive non-overlapping slices, each starting with BOS when the model
     has one (llama-perplexity overwrites the chunk's first token with it)."""
     if n_ctx < 4:
-        raise ContextLengthError(f"--ctx {n_ctx}: a context of at least 4 tokens is needed to score any token")
+        raise ContextLengthError(f"--num-ctx {n_ctx}: a context of at least 4 tokens is needed to score any token")
     if len(tokens) < 2 * n_ctx:
         raise ContextLengthError(f"the text tokenizes to {len(tokens)} tokens; perplexity with a context of {n_ctx} "
-                                 f"needs at least {2 * n_ctx} (give a longer text or a smaller --ctx)")
+                                 f"needs at least {2 * n_ctx} (give a longer text or a smaller --num-ctx)")
     n = len(tokens) // n_ctx
     if max_chunks is not None and max_chunks > 0:
         n = min(n, max_chunks)
