@@ -14,12 +14,13 @@ import torch
 
 from ..config import ConfigError, ModelConfig, RopeScaling, VisionConfig
 from ..errors import CheckpointError
+from ..model import build
 from ..model.mllama import N_LEARNABLE_EMBEDDINGS, fusion_schedule
 from ..model.vision_mllama import supported_aspect_ratios
 from .base import Checkpoint, attach_tokenizer
 from .llama import rope_from_hf
 from .pth import TOKENIZER_FILES, load_pth, shard_files
-from .transforms import permute_to_hf, unpermute_from_hf
+from .transforms import merge_shards, permute_to_hf, unpermute_from_hf
 
 MODEL_TYPES = ("mllama",)  # MllamaForConditionalGeneration
 HF_CLASS, HF_MODEL_TYPE = "MllamaForConditionalGeneration", "mllama"
@@ -127,15 +128,42 @@ def normalize_meta(state_dict: dict[str, torch.Tensor], config: ModelConfig) -> 
 
 
 def read_meta(path: Path, params: dict[str, Any]):
-    """A Meta Llama 3.2 Vision folder: params.json and one consolidated.pth (or consolidated.00.pth)."""
+    """A Meta Llama 3.2 Vision folder: params.json and consolidated.pth, or model-parallel consolidated.NN.pth
+    shards (90B Vision ships 8), merged by fairscale's split rules (transforms.py `SHARD_RULES["mllama"]`)."""
     files = [path / "consolidated.pth"] if (path / "consolidated.pth").exists() else shard_files(path)
-    if len(files) > 1:
-        raise CheckpointError(path, f"{len(files)} model-parallel shards: merging Llama 3.2 Vision shards is not "
-                              "supported yet; convert the folder with Meta's or transformers' tools first")
     config = config_from_meta_params(params, source=path / "params.json")
-    sd = normalize_meta(load_pth(files[0]), config)
+    sd = normalize_meta(merge_meta_shards([load_pth(f) for f in files], config, files), config)
     return Checkpoint(config=config, state_dict=sd, source=path, tokenizer=attach_tokenizer(path, TOKENIZER_FILES),
-                      metadata={"format": "meta", "shards": 1, "params": params})
+                      metadata={"format": "meta", "shards": len(files), "params": params})
+
+
+def merge_meta_shards(shards: list[dict[str, torch.Tensor]], config: ModelConfig,
+                      files: list[Path]) -> dict[str, torch.Tensor]:
+    """Meta's model-parallel Llama 3.2 Vision shards (Meta's names and layouts) joined into one state dict.
+
+    Up to 8 shards: past 8 ranks Meta's reference replicates attention heads (`qkvo_replication`), which these
+    rules do not undo. Every split width must divide by the shard count, and the merged shapes must be the ones
+    params.json implies (half a folder merges to half widths)."""
+    n = len(shards)
+    if n == 1:
+        return dict(shards[0])
+    v = config.vision
+    if n > 8:
+        raise CheckpointError(files[0], f"{n} model-parallel shards: past 8 Meta replicates attention heads "
+                              "across ranks, which is not supported; convert the folder with Meta's tools first")
+    if config.n_heads % n or config.n_kv_heads % n or v.n_heads % n or N_LEARNABLE_EMBEDDINGS % n:
+        raise CheckpointError(files[0], f"{n} shards cannot split {config.n_heads} query / {config.n_kv_heads} "
+                              f"key-value heads, {v.n_heads} vision heads and {N_LEARNABLE_EMBEDDINGS} learnable "
+                              "embeddings evenly; the shard count does not belong to this params.json")
+    sd = merge_shards(shards, config.dim, files, arch="mllama")
+    expected = build(config, device="meta").state_dict()
+    for name, t in sd.items():
+        want = expected.get(name)
+        if want is not None and name not in GRID_TABLES and tuple(t.shape) != tuple(want.shape):
+            raise CheckpointError(files[0], f"{name} merges from {n} shards to {tuple(t.shape)} but params.json "
+                                  f"implies {tuple(want.shape)}: the folder holds another number of shards than "
+                                  "the checkpoint was written as; get the complete folder")
+    return sd
 
 
 # -- Hugging Face -> ours ------------------------------------------------------------------------------

@@ -91,10 +91,25 @@ _LLAMA4_SPLITS: dict[str, int] = {
     "feed_forward.experts.moe_w_in_eD_F": 2, "feed_forward.experts.moe_w_swiglu_eD_F": 2,
     "feed_forward.experts.moe_w_out_eF_D": 1,
 }
-# arch (ModelConfig.arch) -> canonical name (without `layers.N.`) -> split dim. Names absent are replicated.
-# Llama 1-3 leave tok_embeddings out: Llama 2 and 3 split it differently (see `embedding_shard_dim`).
-SHARD_RULES: dict[str, dict[str, int]] = {"llama": _LLAMA_SPLITS, "llama4": _LLAMA4_SPLITS}
-_LAYER_PREFIX = re.compile(r"^layers\.\d+\.")
+# Llama 3.2 Vision (llama-models llama3/multimodal/model.py, up to 8 ranks: past 8, Meta replicates heads):
+# the text layers and the cross-attention blocks split like Llama 3 (q_norm / k_norm replicated); the
+# vocabulary-parallel tok_embeddings and learnable_embedding (8 rows) on dim 0. In the vision encoder the patch
+# projection (ColumnParallelConv2dPatch's `_linear`), attn wq/wk/wv and mlp c_fc (weight and bias) are
+# column-parallel; attn wo and mlp c_proj's weight row-parallel (c_proj's bias is added after the all-reduce:
+# replicated); vision_projection is column-parallel with its bias.
+_MLLAMA_SPLITS: dict[str, int] = {
+    **{k: v for k, v in _LLAMA_SPLITS.items() if k != "output.weight"},
+    "text_model.tok_embeddings.weight": 0, "text_model.learnable_embedding.weight": 0, "text_model.output.weight": 0,
+    "attn.wq.weight": 0, "attn.wk.weight": 0, "attn.wv.weight": 0, "attn.wo.weight": 1,
+    "mlp.c_fc.weight": 0, "mlp.c_fc.bias": 0, "mlp.c_proj.weight": 1,
+    "vision_model.vision_encoder.conv1._linear.weight": 0,
+    "vision_model.vision_projection.weight": 0, "vision_model.vision_projection.bias": 0,
+}
+# arch (ModelConfig.arch) -> canonical name (without a block's `layers.N.` prefix) -> split dim. Names absent are
+# replicated. Llama 1-3 leave tok_embeddings out: Llama 2 and 3 split it differently (see `embedding_shard_dim`).
+SHARD_RULES: dict[str, dict[str, int]] = {"llama": _LLAMA_SPLITS, "llama4": _LLAMA4_SPLITS, "mllama": _MLLAMA_SPLITS}
+_LAYER_PREFIX = re.compile(r"^(?:layers|text_model\.(?:layers|cross_attention_layers)"
+                           r"|vision_model\.vision_encoder\.(?:global_)?transformer\.resblocks)\.\d+\.")
 
 # Buffers some Meta checkpoints carry that are not weights (Llama 2 ships `rope.freqs`).
 META_IGNORED = ("rope.freqs",)
