@@ -22,6 +22,7 @@ from torch import nn
 
 from ..errors import LlamaherdError
 from ..model.cache import KVCache
+from .generate import prefill
 from .step import Step, check_context
 from .sampling import Sampler
 from .stats import GenerationStats
@@ -254,8 +255,10 @@ def speculative_tokens(net: nn.Module, prompt: Sequence[int], sampler: Sampler, 
                        resample: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = residual) -> Iterator[Step]:
     """`generate_tokens` for one prompt with speculation: one `Step` per emitted token, the same stops.
 
-    The cache always holds every context token but the last; each round feeds that token and the proposals in
-    one forward, keeps what verification accepts, and rolls the cache back (`length`) past the rest.
+    The prompt goes through the same prefill as plain decoding and the first token comes from its last row, so
+    the prompt's keys and the first token are those of `generate_tokens` bit for bit. From then on the cache
+    holds every context token but the last; each round feeds that token and the proposals in one forward, keeps
+    what verification accepts, and rolls the cache back (`length`) past the rest.
     `tracker` holds the running acceptance rate (read it after the run); `accept`/`resample` as in `verify`.
     """
     if not isinstance(k, int) or not 1 <= k <= 64:
@@ -274,27 +277,17 @@ def speculative_tokens(net: nn.Module, prompt: Sequence[int], sampler: Sampler, 
     context = list(prompt)
     n_prompt = len(prompt)
     t0 = time.perf_counter()
-    if n_prompt > 1:
-        net(torch.tensor([context[:-1]], device=device), cache=cache, last_only=True)
+    logits = prefill(net, torch.tensor([context], device=device), cache)  # (1, V): the first token's row
     if stats is not None:
         stats.prompt_tokens += n_prompt
         stats.prompt_seconds += time.perf_counter() - t0
     t1 = time.perf_counter()
+    proposal = Proposal([])
     try:
         while True:
-            room = min(budget - len(context) - 1, tracker.next_k(proposer.cost))
-            td = time.perf_counter()
-            proposal = proposer.propose(context, n_prompt, room, sampler) if room > 0 else Proposal([])
-            tv = time.perf_counter()
-            if cache.length + 1 + len(proposal.tokens) > cache.max_len:
-                cache.grow(min(2 * cache.max_len, limit + k + 1))
-            feed = torch.tensor([[context[-1]] + proposal.tokens], device=device)
-            logits = net(feed, cache=cache)[0]  # (1 + k, V)
-            if isinstance(proposer, DraftProposer) and proposal.tokens:
-                per_draft = (tv - td) / len(proposal.tokens)
-                proposer.cost = 0.8 * proposer.cost + 0.2 * per_draft / max(time.perf_counter() - tv, 1e-9)
             result = verify(sampler, logits, context, n_prompt, proposal, accept, resample)
-            tracker.update(len(proposal.tokens), result.accepted)
+            if proposal.tokens:
+                tracker.update(len(proposal.tokens), result.accepted)
             for i, token_id in enumerate(result.tokens):
                 tok = token_record(logits[i], token_id, sampler)
                 done = token_id in stop_ids
@@ -311,6 +304,17 @@ def speculative_tokens(net: nn.Module, prompt: Sequence[int], sampler: Sampler, 
                     return
             cache.length = len(context) - 1  # roll back: keys of rejected proposals are overwritten next round
             proposer.keep(len(context) - 1)
+            room = min(budget - len(context) - 1, tracker.next_k(proposer.cost))
+            td = time.perf_counter()
+            proposal = proposer.propose(context, n_prompt, room, sampler) if room > 0 else Proposal([])
+            tv = time.perf_counter()
+            if cache.length + 1 + len(proposal.tokens) > cache.max_len:
+                cache.grow(min(2 * cache.max_len, limit + k + 1))
+            feed = torch.tensor([[context[-1]] + proposal.tokens], device=device)
+            logits = net(feed, cache=cache)[0]  # (1 + k, V)
+            if isinstance(proposer, DraftProposer) and proposal.tokens:
+                per_draft = (tv - td) / len(proposal.tokens)
+                proposer.cost = 0.8 * proposer.cost + 0.2 * per_draft / max(time.perf_counter() - tv, 1e-9)
     finally:
         if stats is not None:
             stats.eval_seconds += time.perf_counter() - t1
