@@ -248,3 +248,17 @@ def test_images_for_a_text_only_model_get_a_400(live, path, body):
         ok = client.post("/v1/chat/completions", json={"model": "tiny-llama3", "max_tokens": 2,
                                                         "messages": [{"role": "user", "content": "hi"}]})
         assert ok.status_code == 200
+
+
+def test_penalties_skip_the_input_only_image_token():
+    """Hugging Face's Llama 3.2 Vision tokenizer writes <|image|> as 128256, the first id past the output
+    vocabulary (an input-only embedding): a repetition or frequency penalty over a prompt holding it counts the
+    other tokens as before and does not fail (it did: an index error in the engine step, failing every sequence)."""
+    from llamaherd.engine.sampling import Sampler, SamplingParams
+
+    V = 128256
+    logits = torch.randn(1, V, generator=torch.Generator().manual_seed(0))
+    params = SamplingParams(temperature=0, repetition_penalty=1.3, frequency_penalty=0.5)
+    with_image = Sampler(params, V)(logits.clone(), [[128000, V, 40, 41, 40]], [[40]])
+    without = Sampler(params, V)(logits.clone(), [[128000, 40, 41, 40]], [[40]])
+    assert torch.equal(with_image.tokens, without.tokens)

@@ -164,11 +164,13 @@ Transform = Callable[[torch.Tensor], torch.Tensor]
 
 def token_counts(histories: Sequence[Sequence[int]], vocab_size: int,
                  device: torch.device | None = None) -> torch.Tensor:
-    """(B, V) float counts of each token id in each row's history."""
+    """(B, V) float counts of each token id in each row's history. Ids past the vocabulary (Llama 3.2 Vision's
+    <|image|>, 128256 in Hugging Face tokenizers: an input-only embedding, never sampled) are not counted."""
     counts = torch.zeros(len(histories), vocab_size, device=device)
     for row, ids in enumerate(histories):
         if len(ids):
             idx = torch.as_tensor(list(ids), dtype=torch.long, device=device)
+            idx = idx[(idx >= 0) & (idx < vocab_size)]
             counts[row].index_add_(0, idx, torch.ones(len(idx), device=device))
     return counts
 
