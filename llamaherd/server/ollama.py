@@ -119,12 +119,14 @@ async def generate(body: OllamaGenerateRequest, request: Request):
         prompt = served.model.chat_format(images=bool(image_parts)).encode_dialog(messages, add_generation_prompt=True)
     images = await served.prepare_images(prompt, [p["image"] for p in image_parts]) if image_parts else None
     params = _params(served, body.options)
+    speculate = body.options is None or body.options.speculative  # options.speculative=false: off for this one
     constraint = _format_constraint(served, body.format)
     usage = Usage()
 
     async def events():
         finish = None
-        async for c in served.stream(prompt, params, usage, constraint=constraint, images=images):
+        async for c in served.stream(prompt, params, usage, constraint=constraint, images=images,
+                                     speculate=speculate):
             finish = c.finish_reason
             if c.text:
                 yield {**base, "created_at": _now(), "response": c.text, "done": False}
@@ -134,7 +136,7 @@ async def generate(body: OllamaGenerateRequest, request: Request):
         served.check(prompt, params)  # errors as a status code now, not after the 200 is sent
         return _ndjson(events())
     out, _, finish = await unless_disconnected(request, served.complete(prompt, params, usage, constraint=constraint,
-                                                                       images=images))
+                                                                       images=images, speculate=speculate))
     return {**base, "created_at": _now(), "response": out, **_stats(usage, finish)}
 
 
@@ -154,6 +156,7 @@ async def chat(body: OllamaChatRequest, request: Request):
     prompt = fmt.encode_dialog(messages, tools=tools, add_generation_prompt=True)
     images = await served.prepare_images(prompt, [p["image"] for ps in parts for p in ps]) if any(parts) else None
     params = _params(served, body.options)
+    speculate = body.options is None or body.options.speculative  # options.speculative=false: off for this one
     constraint = _format_constraint(served, body.format)
     usage = Usage()
 
@@ -170,7 +173,8 @@ async def chat(body: OllamaChatRequest, request: Request):
     async def events():
         finish = None
         parser = fmt.stream_parser() if tools else None  # content streams; a tool call is sent whole at the end
-        async for c in served.stream(prompt, params, usage, constraint=constraint, images=images):
+        async for c in served.stream(prompt, params, usage, constraint=constraint, images=images,
+                                     speculate=speculate):
             finish = c.finish_reason
             shown = parser.feed(c.text) if parser else c.text
             if parser and finish:
@@ -187,7 +191,7 @@ async def chat(body: OllamaChatRequest, request: Request):
         served.check(prompt, params)  # errors as a status code now, not after the 200 is sent
         return _ndjson(events())
     out, _, finish = await unless_disconnected(request, served.complete(prompt, params, usage, constraint=constraint,
-                                                                       images=images))
+                                                                       images=images, speculate=speculate))
     return {**base, "created_at": _now(), "message": final_message(out), **_stats(usage, finish)}
 
 

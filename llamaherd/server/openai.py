@@ -99,7 +99,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
 
     usages = [Usage() for _ in range(body.n)]
     results = await unless_disconnected(request, asyncio.gather(*(
-        served.complete(prompt, _seeded(params, i), usages[i], constraint=_own(constraint, i), images=images)
+        served.complete(prompt, _seeded(params, i), usages[i], constraint=_own(constraint, i), images=images,
+                        speculate=body.speculative)
         for i in range(body.n))))
     choices = []
     for i, (text, chunks, finish) in enumerate(results):
@@ -135,7 +136,7 @@ async def _chat_stream(served, fmt, prompt, params, body, head, tools, constrain
     # shown as it comes (held back only while it could still open a call), a tool call is sent whole at the end.
     parsers = [fmt.stream_parser() for _ in range(body.n)] if tools else None
     streams = [shield(served.stream(prompt, _seeded(params, i), usages[i], constraint=_own(constraint, i),
-                                    images=images))
+                                    images=images, speculate=body.speculative))
                for i in range(body.n)]
     # n > 1: the choices decode together and their chunks interleave in arrival order, each tagged by index;
     # within one choice the order is the generation order, and its finish chunk comes last.
@@ -223,7 +224,7 @@ async def completions(body: CompletionRequest, request: Request):
         for p, sp in jobs:
             served.check(p, sp, len(jobs))
         return StreamingResponse(_completion_stream(served, jobs, usages, body, head), media_type="text/event-stream")
-    results = await unless_disconnected(request, asyncio.gather(*(served.complete(p, sp, u)
+    results = await unless_disconnected(request, asyncio.gather(*(served.complete(p, sp, u, speculate=body.speculative)
                                                                   for (p, sp), u in zip(jobs, usages))))
     choices = []
     for i, ((p, _), (text, chunks, finish)) in enumerate(zip(jobs, results)):
@@ -298,7 +299,7 @@ async def _completion_stream(served, jobs, usages, body, head) -> AsyncIterator[
         for i, (p, _) in enumerate(jobs):
             yield _sse({**head, "choices": [{"index": i, "text": _echo(served, p), "finish_reason": None,
                                              "logprobs": None}]})
-    streams = [served.stream(p, sp, usage) for (p, sp), usage in zip(jobs, usages)]
+    streams = [served.stream(p, sp, usage, speculate=body.speculative) for (p, sp), usage in zip(jobs, usages)]
     async for i, c in interleave(streams):  # every prompt x n choice at once, chunks in arrival order
         lp = _completion_logprobs(served, [c]) if body.logprobs is not None else None
         if c.text or c.finish_reason or lp:

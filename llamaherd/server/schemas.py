@@ -83,6 +83,9 @@ class _Sampling(_Body):
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False
+    # llamaherd's own field: false turns the server's speculative decoding (serve --speculative/--draft) off
+    # for this request; true leaves the server's setting
+    speculative: bool = True
 
     @field_validator("stop")
     @classmethod
@@ -150,6 +153,7 @@ class OllamaOptions(_Body):
     stop: list[str] | None = None
     num_predict: int | None = Field(default=None, ge=-2, le=MAX_TOKENS_LIMIT)
     num_ctx: int | None = Field(default=None, ge=1)
+    speculative: bool = True  # llamaherd's own: false turns the server's speculative decoding off for this request
 
 
 class OllamaGenerateRequest(_Body):
