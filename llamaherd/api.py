@@ -37,10 +37,11 @@ def load(source: str | Path, *, dtype: torch.dtype | None = None, device: str | 
     Either failure raises `MemoryPlanError` with the numbers.
     """
     ckpt = read(resolve(source))
+    memory_plan = None
     if device is None or torch.device(device).type == "cpu":  # the plan counts this process's memory
         from .memory import check_fits
 
-        check_fits(ckpt, max_memory, num_ctx=num_ctx, dtype=dtype, quantize=quantize)
+        memory_plan = check_fits(ckpt, max_memory, num_ctx=num_ctx, dtype=dtype, quantize=quantize)
     net = materialize(ckpt, dtype=dtype, device=device)
     if quantize is not None:
         from .quant.weight_only import quantize as quantize_weights  # a swap over the built model
@@ -51,7 +52,9 @@ def load(source: str | Path, *, dtype: torch.dtype | None = None, device: str | 
         from .lora.peft import load_adapter  # LoRA wraps the projections: a swap like the ones above
 
         load_adapter(net, ckpt.config, adapter)
-    return Model(net, ckpt)
+    model = Model(net, ckpt)
+    model.memory_plan = memory_plan  # what was planned (memory.MemoryPlan), None off the CPU
+    return model
 
 
 class Model:
@@ -60,6 +63,7 @@ class Model:
     def __init__(self, net: nn.Module, checkpoint: Checkpoint) -> None:
         self.net = net
         self.checkpoint = checkpoint
+        self.memory_plan = None  # set by `load`: the memory plan checked before loading (llamaherd/memory.py)
 
     @property
     def config(self) -> ModelConfig:

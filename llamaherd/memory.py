@@ -114,21 +114,32 @@ def kv_bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
     return 2 * config.n_layers * config.n_kv_heads * config.head_dim * torch.finfo(dtype).bits // 8
 
 
-def working_bytes(config: ModelConfig, tokens: int, dtype: torch.dtype) -> int:
-    """Activations of one forward over `tokens` tokens, the largest moment of one layer (model/llama.py):
-    the residual stream and the normed input, then either the attention's q, k, v, rotated q, k and output
-    (with GQA's keys and values repeated to every head, as torch's CPU kernel does) or the feed-forward's
-    three hidden-wide tensors; plus the float32 logits of the last position."""
+# glibc serves allocations below its mmap threshold (dynamic, at most 32 MiB on 64-bit: DEFAULT_MMAP_THRESHOLD_MAX
+# in malloc/malloc.c) from its heap and keeps what is freed there; larger ones are unmapped when freed.
+MMAP_THRESHOLD_MAX = 32 * MiB
+
+
+def working_bytes(config: ModelConfig, tokens: int, dtype: torch.dtype) -> tuple[int, int]:
+    """(live, kept): activations of one forward over `tokens` tokens at the largest moment of one layer
+    (model/llama.py, gemma3.py), and what the allocator keeps of them after they are freed.
+
+    Live: the residual stream, the normed input and the sublayer's output, then either the attention's q, k, v,
+    their rotated (float) copies and its output, or the feed-forward's four hidden-wide tensors (two
+    projections, the activation, their product); plus the float32 logits of the last position. Kept: when the
+    largest of those tensors is under glibc's mmap threshold, the heap keeps about one more working set (measured:
+    bench/memory_plan.py, BENCHMARKS.md)."""
     a = torch.finfo(dtype).bits // 8
     q = config.n_heads * config.head_dim
     kv = config.n_kv_heads * config.head_dim
     hidden = config.hidden_dim
     if config.moe is not None:  # routed experts and the shared one, each hidden-wide (model/moe.py)
         hidden = max(hidden, (config.moe.top_k + 1) * config.moe.hidden_dim)
-    stream = 3 * tokens * config.dim * a
-    attention = tokens * (3 * q + 4 * kv + 2 * q) * a
-    ffn = 3 * tokens * hidden * a
-    return stream + max(attention, ffn) + 2 * config.vocab_size * 4
+    stream = 3 * config.dim * a
+    attention = (5 * q + 4 * kv) * a
+    ffn = 4 * hidden * a
+    live = tokens * (stream + max(attention, ffn)) + 2 * config.vocab_size * 4
+    kept = live if tokens * max(hidden, q) * a < MMAP_THRESHOLD_MAX else 0
+    return live, kept
 
 
 @dataclass(frozen=True)
@@ -139,6 +150,7 @@ class MemoryPlan:
     conversion: int
     kv_cache: int
     working: int
+    kept: int
     runtime: int
     num_ctx: int
     kv_per_token: int
@@ -147,15 +159,17 @@ class MemoryPlan:
 
     @property
     def total(self) -> int:
-        return self.weights + self.conversion + self.kv_cache + self.working + self.runtime
+        return self.weights + self.conversion + self.kv_cache + self.working + self.kept + self.runtime
 
     def rows(self) -> list[tuple[str, int, str]]:
         rows = [("weights", self.weights, self.weights_note)]
         if self.conversion:
             rows.append(("conversion", self.conversion, "source pages read while converting (reclaimable)"))
         rows += [("KV cache", self.kv_cache, self.kv_note),
-                 ("working buffers", self.working, f"activations of a {self.num_ctx}-token prefill"),
-                 ("runtime", self.runtime, "interpreter, torch, tokenizer")]
+                 ("working buffers", self.working, f"activations of a {self.num_ctx}-token prefill")]
+        if self.kept:
+            rows.append(("allocator", self.kept, "freed activations the C heap keeps (each under 32 MiB)"))
+        rows.append(("runtime", self.runtime, "interpreter, torch, tokenizer"))
         return rows
 
     def table(self) -> str:
@@ -168,7 +182,7 @@ class MemoryPlan:
         ctx = self.num_ctx
         while ctx >= 1:
             scale = ctx / self.num_ctx
-            if fixed + self.kv_per_token * ctx + int(self.working * scale) <= budget:
+            if fixed + self.kv_per_token * ctx + int((self.working + self.kept) * scale) <= budget:
                 return ctx
             ctx //= 2
         return 0
@@ -262,8 +276,9 @@ def plan(ckpt: Checkpoint, *, num_ctx: int | None = None, dtype: torch.dtype | N
     else:
         kv, kv_note = kv_pool_bytes, f"paged pool: {kv_pool_bytes // per_token} tokens"
     runtime = max(0, resident_bytes() - mapped_resident_bytes(ckpt.source))
-    return MemoryPlan(weights=weights, conversion=conversion, kv_cache=kv, working=working_bytes(config, ctx, target),
-                      runtime=runtime, num_ctx=ctx, kv_per_token=per_token, weights_note=note, kv_note=kv_note)
+    live, kept = working_bytes(config, ctx, target)
+    return MemoryPlan(weights=weights, conversion=conversion, kv_cache=kv, working=live, kept=kept, runtime=runtime,
+                      num_ctx=ctx, kv_per_token=per_token, weights_note=note, kv_note=kv_note)
 
 
 def check_fits(ckpt: Checkpoint, max_memory: int | str | None, **how) -> MemoryPlan:

@@ -38,6 +38,14 @@ def add_sampling_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     p.add_argument("--verbose", action="store_true", help="print timings and token rates after each reply")
     add_dtype_flag(p)
+    add_memory_flag(p)
+
+
+def add_memory_flag(p: argparse.ArgumentParser) -> None:
+    """--max-memory SIZE: refuse, before loading, a model whose memory plan (llamaherd/memory.py) exceeds it."""
+    p.add_argument("--max-memory", default=None, metavar="SIZE",
+                   help="memory budget, like 8G or 512M: a model whose weights + KV cache for --num-ctx + working "
+                        "buffers need more is refused before loading, with the numbers (`herd show MODEL --memory`)")
 
 
 def add_dtype_flag(p: argparse.ArgumentParser, default_help: str = "as stored") -> None:
@@ -176,16 +184,18 @@ def resolve_model(word: str) -> Path:
         raise model_not_found(word) from None
 
 
-def load_model(source: str, dtype: str | None = None, adapter: str | None = None, quantize: str | None = None):
-    """Load (weight-only `quantize`d, with a PEFT LoRA `adapter` folder on top, if given) with a progress line;
-    returns (model, seconds)."""
+def load_model(source: str, dtype: str | None = None, adapter: str | None = None, quantize: str | None = None,
+               max_memory: str | None = None, num_ctx: int | None = None):
+    """Load (weight-only `quantize`d, with a PEFT LoRA `adapter` folder on top, if given) with a progress line,
+    refused first if it does not fit `max_memory` with a `num_ctx`-token context; returns (model, seconds)."""
     from ..api import load
     from ..checkpoint.save import parse_dtype
 
     t0 = time.perf_counter()
     path = resolve_model(source)  # a missing model is one error line, before any progress line
     with Spinner(f"loading {source}"):
-        model = load(path, dtype=parse_dtype(dtype), quantize=quantize, adapter=adapter)
+        model = load(path, dtype=parse_dtype(dtype), quantize=quantize, adapter=adapter, max_memory=max_memory,
+                     num_ctx=num_ctx)
     return model, time.perf_counter() - t0
 
 

@@ -24,7 +24,7 @@ def run(args: argparse.Namespace) -> int:
     from ._repl import ChatSession
 
     name = args.model or DEFAULT_MODEL
-    model, load_seconds = load_model(name, args.dtype, args.adapter)
+    model, load_seconds = load_model(name, args.dtype, args.adapter, max_memory=args.max_memory, num_ctx=args.num_ctx)
     apply_chat_format(model, args.chat_format)
     model.chat_format()  # fail now, with the reason, if this model cannot chat
     return ChatSession(model, sampling_from_args(args), system=args.system, verbose=args.verbose,

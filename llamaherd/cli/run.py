@@ -104,7 +104,8 @@ def run(args: argparse.Namespace) -> int:
     if prompt is not None and not prompt.strip():
         # The same rule as the HTTP APIs: an empty prompt is refused, not completed from nothing (README).
         raise LlamaherdError("the prompt is empty; give text to complete, or no prompt at all to chat")
-    model, load_seconds = load_model(model_name, args.dtype, args.adapter, args.quantize)
+    model, load_seconds = load_model(model_name, args.dtype, args.adapter, args.quantize, args.max_memory,
+                                     args.num_ctx)
     apply_chat_format(model, args.chat_format)
     sampling = sampling_from_args(args)
     if prompt is None:

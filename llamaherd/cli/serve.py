@@ -8,7 +8,7 @@ import os
 import signal
 
 from ..errors import LlamaherdError
-from ._generation import add_chat_format_flag, add_dtype_flag, apply_chat_format, resolve_model
+from ._generation import add_chat_format_flag, add_dtype_flag, add_memory_flag, apply_chat_format, resolve_model
 from .guard import add_serve_flags, install_serve_shields
 from .run import add_speculative_flags
 from .run import add_quantize_flag
@@ -23,6 +23,18 @@ def chat_note(model) -> str:
     return f"; {choice.reason}" if choice.builtin else ""
 
 
+def kv_note(served) -> str:
+    """What the KV cache budget allows: tokens in the pool, the context, full-context sequences at once."""
+    from ..memory import human
+
+    cache = served.engine.cache
+    tokens = cache.num_blocks * cache.block_size
+    storage = cache.storage.k.nbytes + cache.storage.v.nbytes
+    return (f"KV cache: {human(storage)} = {tokens} tokens ({cache.num_blocks} blocks of "
+            f"{cache.block_size}); context {served.context_length} tokens; {tokens // served.context_length} "
+            f"full-context sequence(s) at once, more when shorter")
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serve a model over OpenAI- and Ollama-compatible HTTP APIs")
     p.add_argument("model", nargs="?", default=None, help="checkpoint folder, .gguf file or store name "
@@ -34,7 +46,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--name", default=None, help="the model name clients use (default: from the source)")
     p.add_argument("--max-batch", type=int, default=16, help="sequences decoded together per step")
     p.add_argument("--max-waiting", type=int, default=64, help="queued requests before answering 429")
-    p.add_argument("--kv-cache-gb", type=float, default=1.0, help="memory for the paged KV cache")
+    p.add_argument("--kv-cache-gb", type=float, default=1.0, help="memory for the paged KV cache, in GiB")
+    p.add_argument("--kv-cache-memory", default=None, metavar="SIZE",
+                   help="memory for the paged KV cache, like 2G or 512M (overrides --kv-cache-gb); the start line "
+                        "says what context and concurrency it allows")
+    add_memory_flag(p)
     p.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens processed per step and sequence")
     p.add_argument("--num-ctx", type=int, default=None,
                    help="context window in tokens (at most the model's max_seq_len; default: the model's)")
@@ -55,7 +71,9 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from ..api import load
+    from ..checkpoint import read
     from ..checkpoint.save import parse_dtype
+    from ..memory import check_fits, parse_size
     from ..server import ServedModel, create_app
 
     if args.threads is not None:
@@ -68,11 +86,16 @@ def run(args: argparse.Namespace) -> int:
 
         source = DEFAULT_MODEL
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    model = load(resolve_model(source), dtype=parse_dtype(args.dtype), quantize=args.quantize, adapter=args.adapter)
+    kv_bytes = parse_size(args.kv_cache_memory) if args.kv_cache_memory else int(args.kv_cache_gb * (1 << 30))
+    path = resolve_model(source)
+    if args.max_memory is not None:  # the plan with the paged pool in place of one context's cache
+        check_fits(read(path), args.max_memory, num_ctx=args.num_ctx, dtype=parse_dtype(args.dtype),
+                   quantize=args.quantize, kv_pool_bytes=kv_bytes)
+    model = load(path, dtype=parse_dtype(args.dtype), quantize=args.quantize, adapter=args.adapter)
     apply_chat_format(model, args.chat_format)
     name = args.name or os.path.basename(str(source).rstrip("/")).removesuffix(".gguf")
     draft = load(resolve_model(args.draft), dtype=parse_dtype(args.dtype)) if args.draft else None
-    served = ServedModel(model, name, kv_cache_bytes=int(args.kv_cache_gb * (1 << 30)), max_batch=args.max_batch,
+    served = ServedModel(model, name, kv_cache_bytes=kv_bytes, max_batch=args.max_batch,
                          prefill_chunk=args.prefill_chunk, max_waiting=args.max_waiting, max_context=args.num_ctx,
                          speculative=args.speculative, draft=draft,
                          num_speculative_tokens=args.num_speculative_tokens or 5)
@@ -80,6 +103,7 @@ def run(args: argparse.Namespace) -> int:
     guarded = install_serve_shields(app, args)
     print(f"serving {name} on http://{args.host}:{args.port} (OpenAI: /v1, Ollama: /api, "
           f"web chat: http://{args.host}:{args.port}/ui){chat_note(model)}{guarded}", flush=True)
+    print(kv_note(served), flush=True)
     # uvicorn catches SIGTERM, lets in-flight requests finish (up to 30 s), then re-raises the signal once it is
     # done; a no-op handler for that re-raise makes a graceful stop exit 0, as process supervisors expect.
     signal.signal(signal.SIGTERM, lambda *_: None)

@@ -16,6 +16,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model", help="preset name (see `herd presets`), checkpoint folder, .gguf file or store name")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
     p.add_argument("--template", action="store_true", help="print how a dialog is rendered for this model")
+    p.add_argument("--memory", action="store_true",
+                   help="print the memory plan: weights, KV cache for --num-ctx, working buffers, runtime")
+    p.add_argument("--num-ctx", type=int, default=None, help="context of the memory plan (default: max_seq_len)")
+    p.add_argument("--dtype", default=None, help="runtime dtype of the memory plan (default: as stored; "
+                                                 "bf16 for a preset)")
+    p.add_argument("--quantize", default=None, metavar="SCHEME", help="plan weight-only int8/int4 at load")
     p.set_defaults(func=run)
     q = sub.add_parser("presets", help="list every known model preset with its size")
     q.set_defaults(func=run_list)
@@ -69,6 +75,8 @@ def run(args: argparse.Namespace) -> int:
     config, facts = describe(args.model)
     if args.template:
         return show_template(args.model, facts)
+    if args.memory:
+        return show_memory(args, config, facts)
     total, active = presets.count_parameters(config)
     if args.json:
         print(json.dumps({**facts, "parameters": total, "active_parameters": active,
@@ -85,6 +93,34 @@ def run(args: argparse.Namespace) -> int:
         value = getattr(config, f.name)
         if f.name in common or (value is not None and value != f.default):
             print(f"    {f.name:<26} {value}")
+    return 0
+
+
+def show_memory(args: argparse.Namespace, config: ModelConfig, facts: dict) -> int:
+    """Print the memory plan (llamaherd/memory.py) of loading this model with a --num-ctx context."""
+    import torch
+
+    from ..checkpoint import Checkpoint, read
+    from ..checkpoint.save import parse_dtype
+    from ..memory import human, plan
+    from ..model import build
+
+    dtype = parse_dtype(args.dtype) if args.dtype else None
+    if "preset" in facts:  # no file: the preset's parameters on the meta device, bf16 unless told
+        weights = build(config, device="meta").to(dtype or torch.bfloat16).state_dict()
+        ckpt = Checkpoint(config=config, state_dict=weights, source=Path(facts["preset"]))
+    else:
+        ckpt = read(Path(facts["checkpoint"]))
+    p = plan(ckpt, num_ctx=args.num_ctx, dtype=dtype, quantize=args.quantize)
+    if args.json:
+        print(json.dumps({**facts, "memory": {name: n for name, n, _ in p.rows()} | {"total": p.total},
+                          "num_ctx": p.num_ctx}, indent=2, default=str))
+        return 0
+    for key, value in facts.items():
+        print(f"  {key:<28} {value}")
+    print(f"  memory plan for a {p.num_ctx}-token context (--num-ctx), "
+          f"KV {p.kv_per_token / 1024:.1f} KiB per token")
+    print(p.table())
     return 0
 
 
