@@ -20,6 +20,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run whose checkpoint.pt is in --out")
     p.add_argument("--dtype", default=None, help="base weights: f32 (default for float checkpoints), bf16, f16")
     p.add_argument("--chat-format", default=None, help="render chats in this format (e.g. gemma3 for a base Gemma)")
+    p.add_argument("--nproc", type=int, default=1,
+                   help="train in N processes with FSDP2 (gloo on CPU, NCCL on GPUs), the step split over them; "
+                        "or start `herd finetune` under torchrun --nproc-per-node N")
     g = p.add_argument_group("optimisation")
     g.add_argument("--lr", type=float, default=2e-4)
     g.add_argument("--weight-decay", type=float, default=0.0)
@@ -56,8 +59,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..checkpoint.save import parse_dtype
-    from ..train import LoRAConfig, TrainConfig, Trainer
-    from ._generation import load_model
+    from ..errors import TrainingError
+    from ..train import LoRAConfig, TrainConfig
 
     lora = LoRAConfig(rank=args.rank, alpha=args.alpha, dropout=args.dropout,
                       **({"targets": tuple(args.target)} if args.target else {}))
@@ -70,6 +73,24 @@ def run(args: argparse.Namespace) -> int:
         activation_checkpointing=args.activation_checkpointing, full_weights=args.full_weights, beta=args.beta,
         kd_topk=args.kd_topk, kd_temperature=args.kd_temperature, chat_format=args.chat_format)
     parse_dtype(args.dtype)  # a bad spelling fails before the model loads
+    if args.nproc < 1:
+        raise TrainingError(f"--nproc must be at least 1, got {args.nproc}")
+    if args.nproc > 1 and not args.dry_run:
+        from ..train.distributed import launch
+
+        return launch(_train, (args, config), args.nproc)
+    from ..train.distributed import init_from_environment
+
+    init_from_environment()  # started by torchrun: join its process group
+    return _train(args, config)
+
+
+def _train(args: argparse.Namespace, config) -> int:
+    """Load, train, print the summary (the lead process only, when there are several)."""
+    from ..train import Trainer
+    from ..train.distributed import rank
+    from ._generation import load_model
+
     model, _ = load_model(args.base, args.dtype)
     teacher = load_model(args.teacher, args.dtype)[0] if args.teacher else None
     trainer = Trainer(model, args.data, args.out, config, teacher=teacher)
@@ -77,5 +98,6 @@ def run(args: argparse.Namespace) -> int:
         print(trainer.dry_run())
         return 0
     summary = trainer.run(resume=args.resume)
-    print(json.dumps(summary))
+    if rank() == 0:
+        print(json.dumps(summary))
     return 0

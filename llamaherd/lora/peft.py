@@ -62,8 +62,12 @@ def _fingerprint(config: ModelConfig) -> dict[str, str]:
     return {f"llamaherd.{f}": str(getattr(config, f)) for f in _SHAPE_FIELDS}
 
 
-def save_adapter(net: nn.Module, config: ModelConfig, lora: LoRAConfig, out: str | Path, base: str = "") -> Path:
-    """Write the model's LoRA adapters as a PEFT folder (loadable by `peft.PeftModel.from_pretrained`)."""
+def save_adapter(net: nn.Module, config: ModelConfig, lora: LoRAConfig, out: str | Path, base: str = "",
+                 weights: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write the model's LoRA adapters as a PEFT folder (loadable by `peft.PeftModel.from_pretrained`).
+
+    `weights` ({"layers.0.attention.wq.lora_A.weight": ...}) replaces the modules' own tensors: a sharded
+    model's adapters gathered whole (train/distributed.py)."""
     from safetensors.torch import save_file
 
     out = Path(out)
@@ -72,7 +76,9 @@ def save_adapter(net: nn.Module, config: ModelConfig, lora: LoRAConfig, out: str
     for name, m in lora_modules(net).items():
         hf = hf_module_name(name, config)
         hf_targets.add(hf.rsplit(".", 1)[-1])
-        a, b = m.lora_A.weight.detach().float().cpu(), m.lora_B.weight.detach().float().cpu()
+        a, b = ((weights[f"{name}.lora_A.weight"], weights[f"{name}.lora_B.weight"]) if weights is not None
+                else (m.lora_A.weight, m.lora_B.weight))
+        a, b = a.detach().float().cpu(), b.detach().float().cpu()
         heads = _rope_heads(name, config)
         if heads is not None:
             b = permute_to_hf(b, heads)

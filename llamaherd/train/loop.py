@@ -21,6 +21,7 @@ from torch import nn
 
 from ..atomic import write_text
 from ..errors import TrainingError
+from . import distributed as dist
 from . import state as ckpt_state
 from .data import IGNORE, Batch, Renderer, collate, epoch_batches, load_examples, pack, segment_mask, show, split
 from .losses import dpo_loss, kd_loss_sum, sequence_logps, teacher_topk, token_nll_sum
@@ -170,9 +171,16 @@ class Trainer:
                 "model": f"{mc.arch}:{mc.dim}x{mc.n_layers}:{mc.vocab_size}"}
 
     def _weights(self) -> dict[str, torch.Tensor]:
-        if self.config.uses_adapter:
-            return {k: v.detach().clone() for k, v in lora_state(self.net).items()}
-        return {k: v.detach().clone() for k, v in self.net.state_dict().items()}
+        """The trained weights, whole (gathered from every rank under FSDP: all ranks call this together)."""
+        state = lora_state(self.net) if self.config.uses_adapter else self.net.state_dict()
+        return {k: v.detach().clone() for k, v in dist.full_state(state).items()}
+
+    def _save_state(self, optimizer, scheduler, step: int, position: int, fingerprint: dict) -> None:
+        weights, opt_state = self._weights(), dist.optimizer_state(optimizer)  # collectives: every rank
+        if dist.rank() == 0:
+            ckpt_state.save(self.out, weights=weights, optimizer=opt_state, scheduler=scheduler, step=step,
+                            position=position, fingerprint=fingerprint)
+        dist.barrier()
 
     # -- batches --------------------------------------------------------------------------------------------
     def _micro_batches(self, epoch: int) -> list[list[int]]:
@@ -262,6 +270,10 @@ class Trainer:
         c = self.config
         self.out.mkdir(parents=True, exist_ok=True)
         params = self._prepare_model()
+        if dist.active():
+            dist.shard(self.net)
+            params = trainable_parameters(self.net)  # the sharded (DTensor) parameters fully_shard put in place
+        lead = dist.rank() == 0  # the one process that logs and writes files
         torch.manual_seed(c.seed)
         n_batches = len(self._micro_batches(0))
         total = c.max_steps or math.ceil(c.epochs * n_batches / c.grad_accum)
@@ -272,19 +284,20 @@ class Trainer:
         metrics_path = self.out / "metrics.jsonl"
         if resume:
             saved = ckpt_state.load(self.out, fingerprint)
-            with torch.no_grad():
-                current = dict(self.net.named_parameters())
-                for name, t in saved["weights"].items():
-                    current[name].copy_(t)
-            optimizer.load_state_dict(saved["optimizer"])
+            current = dict(self.net.named_parameters())
+            for name, t in saved["weights"].items():
+                dist.load_full(current[name], t)
+            dist.load_optimizer_state(optimizer, saved["optimizer"])
             scheduler.load_state_dict(saved["scheduler"])
             ckpt_state.set_rng_state(saved["rng"])
             step, position = saved["step"], saved["position"]
             kept = [ln for ln in metrics_path.read_text().splitlines() if _logged_step(ln) <= step] \
                 if metrics_path.exists() else []
-            write_text(metrics_path, "".join(ln + "\n" for ln in kept))
-            self.log(f"resumed at step {step}/{total} from {self.out / ckpt_state.FILE}")
-        else:
+            dist.barrier()  # every rank has read the metrics before the lead rewrites them
+            if lead:
+                write_text(metrics_path, "".join(ln + "\n" for ln in kept))
+                self.log(f"resumed at step {step}/{total} from {self.out / ckpt_state.FILE}")
+        elif lead:
             write_text(metrics_path, "")
         if c.method == "distill":
             self.teacher_cache = self._cache_teacher()
@@ -303,15 +316,20 @@ class Trainer:
                 position += 1
             if not micro:
                 break
-            batches = [(self._make([self.train_set[i] for i in ix]), ix) for ix in micro]
-            denom = sum(len(ix) if c.method == "dpo" else b.n_trained for b, ix in batches)
-            step_loss, tokens = 0.0, 0
+            # The divisor counts the whole step (every rank's rows); under FSDP each rank runs its share of every
+            # micro-batch, and the gradients it reduces are averaged over the ranks, hence the factor world().
+            denom = sum(len(ix) if c.method == "dpo" else self._make([self.train_set[i] for i in ix]).n_trained
+                        for ix in micro)
+            tokens = sum(len(self.train_set[i]) for ix in micro for i in ix) * (2 if c.method == "dpo" else 1)
+            step_loss = 0.0
             t0 = time.perf_counter()
-            for b, ix in batches:
-                loss_sum, _ = self._loss_sum(b, [self.train_set[i] for i in ix], ix)
-                (loss_sum / denom).backward()
-                step_loss += float(loss_sum.detach()) / denom
-                tokens += sum(len(self.train_set[i]) for i in ix) * (2 if c.method == "dpo" else 1)
+            for ix in micro:
+                ix, weight = dist.rows_of(ix)
+                loss_sum, _ = self._loss_sum(self._make([self.train_set[i] for i in ix]),
+                                             [self.train_set[i] for i in ix], ix)
+                (loss_sum * (weight * dist.world()) / denom).backward()  # one process: loss_sum * 1.0 / denom
+                step_loss += weight * float(loss_sum.detach()) / denom
+            step_loss = dist.sum_across(step_loss)
             grad_norm = None
             if c.clip:
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(params, c.clip))
@@ -326,21 +344,20 @@ class Trainer:
                       "grad_norm": grad_norm}
             if c.eval_every and step % c.eval_every == 0:
                 record["val_loss"] = self.validate()
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-            if step % c.log_every == 0 or step == total:
+            if lead:
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+            if lead and (step % c.log_every == 0 or step == total):
                 elapsed = time.perf_counter() - started
                 eta = elapsed / (step - start_step) * (total - step)
                 val = f"  val {record['val_loss']:.4f}" if record.get("val_loss") is not None else ""
                 self.log(f"step {step}/{total}  loss {step_loss:.4f}{val}  lr {lr:.2e}  "
                          f"{tokens / dt:.0f} tok/s  ETA {_fmt_time(eta)}")
             if c.save_every and step % c.save_every == 0:
-                ckpt_state.save(self.out, weights=self._weights(), optimizer=optimizer, scheduler=scheduler,
-                                step=step, position=position, fingerprint=fingerprint)
-        ckpt_state.save(self.out, weights=self._weights(), optimizer=optimizer, scheduler=scheduler, step=step,
-                        position=position, fingerprint=fingerprint)
+                self._save_state(optimizer, scheduler, step, position, fingerprint)
+        self._save_state(optimizer, scheduler, step, position, fingerprint)
         val_loss = self.validate() if step >= total else None
-        if val_loss is not None:
+        if val_loss is not None and lead:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps({"step": step, "val_loss": val_loss}) + "\n")
         self.net.eval()
@@ -351,25 +368,32 @@ class Trainer:
     def _finish(self, metrics_path: Path) -> None:
         from .plot import plot_series
 
-        rows = [json.loads(ln) for ln in metrics_path.read_text().splitlines() if ln.strip()]
-        train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
-        val = [(r["step"], r["val_loss"]) for r in rows if r.get("val_loss") is not None]
-        plot_series(self.out / "loss.png", [train, val] if val else [train])
+        if dist.rank() == 0:
+            rows = [json.loads(ln) for ln in metrics_path.read_text().splitlines() if ln.strip()]
+            train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+            val = [(r["step"], r["val_loss"]) for r in rows if r.get("val_loss") is not None]
+            plot_series(self.out / "loss.png", [train, val] if val else [train])
         self.save_result()
 
     def save_result(self) -> Path:
-        """The adapter (PEFT folder in `out`) or, for full fine-tuning, the model as a Hugging Face folder."""
-        if self.config.uses_adapter:
-            from ..lora.peft import save_adapter
+        """The adapter (PEFT folder in `out`) or, for full fine-tuning, the model as a Hugging Face folder.
+        Under FSDP every rank gathers the weights and the lead rank writes them."""
+        weights = self._weights()
+        out = self.out if self.config.uses_adapter else self.out / "model"
+        if dist.rank() == 0:
+            if self.config.uses_adapter:
+                from ..lora.peft import save_adapter
 
-            return save_adapter(self.net, self.model.config, self.config.lora, self.out,
-                                base=str(self.model.checkpoint.source))
-        import dataclasses
+                save_adapter(self.net, self.model.config, self.config.lora, out,
+                             base=str(self.model.checkpoint.source), weights=weights)
+            else:
+                import dataclasses
 
-        from ..checkpoint.save import save
+                from ..checkpoint.save import save
 
-        ckpt = dataclasses.replace(self.model.checkpoint, state_dict=dict(self.net.state_dict()), prepare=None)
-        return save(ckpt, self.out / "model", "hf")
+                save(dataclasses.replace(self.model.checkpoint, state_dict=weights, prepare=None), out, "hf")
+        dist.barrier()
+        return out
 
 
 def _logged_step(line: str) -> float:

@@ -34,10 +34,11 @@ def atomic_save(obj: dict, path: Path) -> None:
         torch.save(obj, tmp)
 
 
-def save(out: Path, *, weights: dict, optimizer, scheduler, step: int, position: int, fingerprint: dict) -> Path:
-    """One checkpoint: `position` is the number of micro-batches consumed so far."""
+def save(out: Path, *, weights: dict, optimizer: dict, scheduler, step: int, position: int,
+         fingerprint: dict) -> Path:
+    """One checkpoint: `optimizer` is the optimizer's state dict, `position` the micro-batches consumed so far."""
     path = Path(out) / FILE
-    atomic_save({"weights": weights, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+    atomic_save({"weights": weights, "optimizer": optimizer, "scheduler": scheduler.state_dict(),
                  "rng": rng_state(), "step": step, "position": position, "fingerprint": fingerprint}, path)
     return path
 
