@@ -262,3 +262,30 @@ def test_penalties_skip_the_input_only_image_token():
     with_image = Sampler(params, V)(logits.clone(), [[128000, V, 40, 41, 40]], [[40]])
     without = Sampler(params, V)(logits.clone(), [[128000, 40, 41, 40]], [[40]])
     assert torch.equal(with_image.tokens, without.tokens)
+
+
+def test_speculation_and_preemption_keep_each_sequence_its_images():
+    """The engine alone, with n-gram speculation and a cache too small for three image requests at once (so
+    sequences are preempted and recomputed): each answer is still Model.chat's for its own image."""
+    model = tiny_mllama()
+    per_block = 2 * MLLAMA.n_layers * MLLAMA.n_kv_heads * MLLAMA.head_dim * 4 * 16  # float32, 16-token blocks
+    served = ServedModel(model, "m", kv_cache_bytes=5 * per_block, prefill_chunk=8, speculative="ngram")
+    served.start()
+    fmt = model.chat_format(images=True)
+
+    async def ask(image: bytes) -> str:
+        prompt = fmt.encode_dialog(user(image, TEXT), add_generation_prompt=True)
+        prepared = await served.prepare_images(prompt, [data_url(image)])
+        params = model.sampling_params(max_tokens=2 * MAX_TOKENS, temperature=0)
+        return (await served.complete(prompt, params, images=prepared))[0]
+
+    async def all_at_once():
+        return await asyncio.gather(*(ask(i) for i in IMAGES.values()))
+
+    try:
+        got = asyncio.run(all_at_once())
+    finally:
+        served.shutdown()
+    assert got == ["".join(model.chat(user(i, TEXT), stream=True, max_tokens=2 * MAX_TOKENS, temperature=0))
+                   for i in IMAGES.values()]
+    assert served.engine.stats["preemptions"] > 0 and served.engine.stats["spec_accepted"] > 0
