@@ -144,3 +144,17 @@ def test_a_shard_count_not_dividing_the_heads_is_refused(ours, split_dims):
     shards = split(ours.state_dict(), 1, split_dims) * 3
     with pytest.raises(CheckpointError, match="3 shards cannot split"):
         merge_meta_shards(shards, CONFIG, _files(3))
+
+
+def test_a_sharded_folder_goes_through_the_merge(ours, split_dims, tmp_path):
+    """llamaherd's reader sends a folder of consolidated.NN.pth files through the merge and its checks (here
+    tiny shards beside a params.json that implies Meta's real encoder: the merged shapes are refused by name)."""
+    import json
+
+    from llamaherd.checkpoint import meta_pth
+
+    for i, shard in enumerate(split(ours.state_dict(), 2, split_dims)):
+        torch.save(shard, tmp_path / f"consolidated.{i:02d}.pth")
+    (tmp_path / "params.json").write_text(json.dumps(meta_params()))
+    with pytest.raises(CheckpointError, match=r"consolidated\.00\.pth.*merges from 2 shards"):
+        meta_pth.read(tmp_path)
