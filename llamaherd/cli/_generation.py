@@ -185,7 +185,7 @@ def resolve_model(word: str) -> Path:
 
 
 def load_model(source: str, dtype: str | None = None, adapter: str | None = None, quantize: str | None = None,
-               max_memory: str | None = None, num_ctx: int | None = None):
+               max_memory: str | None = None, num_ctx: int | None = None, device: str | None = None):
     """Load (weight-only `quantize`d, with a PEFT LoRA `adapter` folder on top, if given) with a progress line,
     refused first if it does not fit `max_memory` with a `num_ctx`-token context; returns (model, seconds)."""
     from ..api import load
@@ -195,7 +195,7 @@ def load_model(source: str, dtype: str | None = None, adapter: str | None = None
     path = resolve_model(source)  # a missing model is one error line, before any progress line
     with Spinner(f"loading {source}"):
         model = load(path, dtype=parse_dtype(dtype), quantize=quantize, adapter=adapter, max_memory=max_memory,
-                     num_ctx=num_ctx)
+                     num_ctx=num_ctx, device=device)
     return model, time.perf_counter() - t0
 
 
