@@ -88,11 +88,11 @@ def run(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace, config) -> int:
     """Load, train, print the summary (the lead process only, when there are several)."""
     from ..train import Trainer
-    from ..train.distributed import rank
+    from ..train.distributed import device, rank
     from ._generation import load_model
 
-    model, _ = load_model(args.base, args.dtype)
-    teacher = load_model(args.teacher, args.dtype)[0] if args.teacher else None
+    model, _ = load_model(args.base, args.dtype, device=device())
+    teacher = load_model(args.teacher, args.dtype, device=device())[0] if args.teacher else None
     trainer = Trainer(model, args.data, args.out, config, teacher=teacher)
     if args.dry_run:
         print(trainer.dry_run())

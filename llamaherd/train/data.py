@@ -248,6 +248,13 @@ class Batch:
     def n_trained(self) -> int:
         return int((self.labels != IGNORE).sum())
 
+    def to(self, device: torch.device) -> Batch:
+        """The batch on `device` (the model's); itself when already there."""
+        if self.tokens.device == torch.device(device):
+            return self
+        move = (lambda t: None if t is None else t.to(device))
+        return Batch(move(self.tokens), move(self.labels), move(self.positions), move(self.segments))
+
 
 def _labels(ex: Example) -> list[int]:
     """Next-token targets: position t predicts ids[t + 1] when that token is trained."""

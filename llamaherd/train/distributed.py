@@ -36,6 +36,11 @@ def world() -> int:
     return dist.get_world_size() if active() else 1
 
 
+def device() -> str | None:
+    """Where this process trains: its GPU under NCCL, else None (the default, CPU)."""
+    return f"cuda:{torch.cuda.current_device()}" if active() and dist.get_backend() == "nccl" else None
+
+
 def _backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
@@ -104,7 +109,7 @@ def sum_across(value: float) -> float:
     """The sum of a float over the ranks (the value itself in one process)."""
     if not active():
         return value
-    t = torch.tensor([value], dtype=torch.float64)
+    t = torch.tensor([value], dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
     dist.all_reduce(t)
     return float(t[0])
 

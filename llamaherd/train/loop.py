@@ -189,10 +189,12 @@ class Trainer:
 
     def _make(self, items: list) -> Batch:
         if self.config.method == "dpo":
-            return collate([p.chosen for p in items] + [p.rejected for p in items])
-        if self.config.pack:
-            return pack(items, self.max_len)
-        return collate(items)
+            batch = collate([p.chosen for p in items] + [p.rejected for p in items])
+        elif self.config.pack:
+            batch = pack(items, self.max_len)
+        else:
+            batch = collate(items)
+        return batch.to(_device(self.net))
 
     def _forward(self, net: nn.Module, batch: Batch) -> torch.Tensor:
         kwargs = {}
@@ -219,8 +221,8 @@ class Trainer:
                         ref = sequence_logps(self._forward(self.net, batch), batch.labels)
             return dpo_loss(policy[:n], policy[n:], ref[:n], ref[n:], c.beta).sum(), n
         if c.method == "distill":
-            values = torch.cat([self.teacher_cache["values"][i] for i in indices])
-            ids = torch.cat([self.teacher_cache["ids"][i] for i in indices])
+            values = torch.cat([self.teacher_cache["values"][i] for i in indices]).to(logits.device)
+            ids = torch.cat([self.teacher_cache["ids"][i] for i in indices]).to(logits.device)
             return kd_loss_sum(logits, batch.labels, values, ids, c.kd_temperature), batch.n_trained
         return token_nll_sum(logits, batch.labels), batch.n_trained
 
@@ -236,10 +238,10 @@ class Trainer:
         values, ids = [], []
         with torch.no_grad():
             for ex in self.train_set:
-                b = collate([ex])
+                b = collate([ex]).to(_device(self.teacher.net))
                 v, i = teacher_topk(self.teacher.net(b.tokens), b.labels, self.config.kd_topk)
-                values.append(v)
-                ids.append(i)
+                values.append(v.cpu())
+                ids.append(i.cpu())
         cached = {"key": key, "values": values, "ids": ids}
         ckpt_state.atomic_save(cached, path)
         return cached
@@ -255,7 +257,7 @@ class Trainer:
         bs = self.config.batch_size
         for s in range(0, len(self.val_set), bs):
             items = self.val_set[s : s + bs]
-            batch = self._make(items) if self.config.method == "dpo" else collate(items)
+            batch = self._make(items) if self.config.method == "dpo" else collate(items).to(_device(self.net))
             if self.config.method == "distill":  # validation is plain next-token loss: no teacher cache for it
                 loss, n = token_nll_sum(self._forward(self.net, batch), batch.labels), batch.n_trained
             else:
@@ -394,6 +396,12 @@ class Trainer:
                 save(dataclasses.replace(self.model.checkpoint, state_dict=weights, prepare=None), out, "hf")
         dist.barrier()
         return out
+
+
+def _device(net: nn.Module) -> torch.device:
+    """Where the model computes (its embedding's device; a sharded weight's local device)."""
+    w = net.tok_embeddings.weight
+    return w.to_local().device if hasattr(w, "to_local") else w.device
 
 
 def _logged_step(line: str) -> float:
