@@ -20,14 +20,14 @@ from ..model.rope import inv_frequencies
 from ..quant.ggml import GGMLWeight, swap_ggml
 from ..quant.ggml_quants import dequantize
 from ..tokenizer.gguf_vocab import from_metadata
-from . import gemma3, llama
+from . import gemma3, llama, llama4
 from .base import Checkpoint
 from .names import rename
 
 # ---- metadata -> ModelConfig ---------------------------------------------------------------------
 
 # general.architecture -> the module with its GGUF_NAMES table and from_gguf tensor transform.
-FAMILIES = {"llama": llama, "gemma3": gemma3}
+FAMILIES = {"llama": llama, "gemma3": gemma3, "llama4": llama4}
 
 
 class _Meta:
@@ -89,6 +89,8 @@ def config_from_metadata(md: dict[str, Any], tensors: dict[str, TensorInfo], pat
             final_logit_softcap=m.get("final_logit_softcapping", float, None),
             attn_logit_softcap=m.get("attn_logit_softcapping", float, None),
         )
+    if arch == "llama4":  # experts, and what llama.cpp fixes rather than reads (checkpoint/llama4.py)
+        fields.update(llama4.gguf_fields(m.get))
     for key in ("n_layers", "n_heads", "n_kv_heads", "hidden_dim", "head_dim", "max_seq_len"):
         if not 0 < fields[key] < 1 << 31:
             raise GGUFError(path, f"metadata gives {key} = {fields[key]}, which is not a usable size; fix the {arch}.* keys")
@@ -127,7 +129,8 @@ def rope_scaling_from_factors(factors: torch.Tensor, head_dim: int, theta: float
         raise GGUFError(path, f"rope_freqs.weight has {factors.numel()} entries, expected head_dim/2 = {base.numel()}")
     factor = float(factors.max())
     for original in (8192, 4096, 16384, 32768, 2048, 131072):
-        for low, high in ((1.0, 4.0), (1.0, 2.0), (1.0, 8.0), (2.0, 4.0)):
+        # (1, 1): Llama 4 Scout (factor 16, original 8192), whose band between the two wavelengths is empty
+        for low, high in ((1.0, 4.0), (1.0, 2.0), (1.0, 8.0), (2.0, 4.0), (1.0, 1.0)):
             s = RopeScaling(kind="llama3", factor=factor, low_freq_factor=low, high_freq_factor=high, original_max_position=original)
             if torch.allclose(base / inv_frequencies(head_dim, theta, s), factors, rtol=1e-4, atol=1e-5):
                 return s
@@ -147,7 +150,7 @@ def read(path: str | Path) -> Checkpoint:
     qtypes: dict[str, GGMLType] = {}
     unknown = []
     for info in header.tensors.values():
-        if info.name == "rope_freqs.weight" and config.arch == "llama":
+        if info.name == "rope_freqs.weight" and config.arch in ("llama", "llama4"):
             t = tensor_view(mm, info)
             t = dequantize(t, info.type) if info.type.quantized else t
             config = config.replace(rope_scaling=rope_scaling_from_factors(t, config.head_dim, config.rope_theta, path))
@@ -157,6 +160,10 @@ def read(path: str | Path) -> Checkpoint:
             unknown.append(info.name)
             continue
         t = tensor_view(mm, info)
+        if info.type.quantized and config.arch == "llama4" and (t.dim() != 2 or llama4.gguf_transposed(name)):
+            # Llama 4's stacked experts (3-D) and router have no packed-weight module here: decoded on load.
+            state[name] = family.from_gguf(name, dequantize(t, info.type))
+            continue
         if info.type.quantized:
             if t.dim() != 2:
                 raise GGUFError(path, f"quantized tensor {info.name!r} has shape {info.shape}; only 2-D quantized weights are supported")

@@ -1,7 +1,7 @@
-"""Write a checkpoint as GGUF (arch "llama" or "gemma3") in F32, F16 or a llama.cpp quantization mix.
+"""Write a checkpoint as GGUF (arch "llama", "gemma3" or "llama4") in F32, F16 or a llama.cpp quantization mix.
 
 Metadata keys, tensor names and the per-tensor type choice follow llama.cpp: gguf-py `constants.py` (keys,
-names), `convert_hf_to_gguf.py` (LlamaModel, Gemma3Model: hyperparameters, Llama 3.1 `rope_freqs`,
+names), `convert_hf_to_gguf.py` (LlamaModel, Gemma3Model, Llama4Model: hyperparameters, Llama 3.1 `rope_freqs`,
 vocabularies) and `src/llama-quant.cpp::llama_tensor_get_type` (which tensors get more bits). Names and
 tensor transforms are the GGUF reader's, inverted (the family modules' GGUF_NAMES and to_gguf). A quantized
 source (a GGUF file) is decoded tensor by tensor and quantized again, with one warning, as
@@ -10,6 +10,7 @@ source (a GGUF file) is decoded tensor by tensor and quantized again, with one w
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 import sys
@@ -27,7 +28,7 @@ from ..errors import CheckpointError
 from ..tokenizer.gguf_vocab import byte_to_unicode
 from ..quant.ggml import GGMLWeight
 from ..quant.quantize import block_shape, nbytes, quantize
-from . import gemma3, llama
+from . import gemma3, llama, llama4
 from .base import Checkpoint, as_float, warn_requantize
 from .names import invert, rename
 
@@ -48,7 +49,8 @@ FILE_TYPES: dict[str, tuple[Q, LlamaFileType]] = {
 FALLBACK: dict[Q, Q] = {Q.Q4_K: Q.Q5_0, Q.Q5_K: Q.Q5_1, Q.Q6_K: Q.Q8_0}
 
 # --- tensor names --------------------------------------------------------------------------------------------
-FAMILIES = {"llama": llama, "gemma3": gemma3}  # general.architecture -> names (GGUF_NAMES) and to_gguf
+FAMILIES = {"llama": llama, "gemma3": gemma3, "llama4": llama4}  # general.architecture -> GGUF_NAMES, to_gguf
+log = logging.getLogger(__name__)
 
 
 def gguf_name(meta_name: str, arch: str = "llama", source: Any = None) -> tuple[str, int | None]:
@@ -67,21 +69,27 @@ def use_more_bits(i_layer: int, n_layers: int) -> bool:
     return i_layer < n_layers // 8 or i_layer >= 7 * n_layers // 8 or (i_layer - n_layers // 8) % 3 == 2
 
 
-def tensor_type(name: str, shape: tuple[int, ...], ftype: str, *, layer: int | None, n_layers: int, has_output: bool) -> Q:
+def tensor_type(name: str, shape: tuple[int, ...], ftype: str, *, layer: int | None, n_layers: int, has_output: bool,
+                n_expert: int = 0) -> Q:
     """The GGML type llama.cpp's `llama_tensor_get_type` gives GGUF tensor `name` under file type `ftype`.
 
     Rules (llama.cpp src/llama-quant.cpp, for the file types offered here):
-    - 1-D tensors (norms, rope_freqs) stay F32; F32/F16 files use their type for every 2-D tensor.
+    - 1-D tensors (norms, rope_freqs) and MoE routers (ffn_gate_inp) stay F32; F32/F16 files use their type for
+      every other tensor (3-D expert stacks are quantized row by row like matrices).
     - output.weight (token_embd.weight when the embeddings are tied) becomes Q6_K unless the base type is
       Q8_0, or Q8_0 when its row length is not a multiple of 256.
     - Q4_K_M / Q5_K_M: attn_v and ffn_down get Q6_K in the layers `use_more_bits` picks; in 80-layer
-      (70B) models the other attn_v tensors get Q5_K (8 query heads share each value head there).
+      (70B) models the other attn_v tensors get Q5_K (8 query heads share each value head there). Every
+      tensor named ffn_down* counts (ffn_down_exps, ffn_down_shexp), by its block index.
+    - 8-expert models: attn_v and attn_k get Q8_0, and attn_output Q5_K under Q4_K_M.
     - A row length the type's block does not divide falls back (Q4_K->Q5_0, Q5_K->Q5_1, Q6_K->Q8_0),
       and to F16 when 32 does not divide it either.
     """
     base, _ = FILE_TYPES[ftype]
-    if len(shape) < 2 or base in (Q.F32, Q.F16):
-        return Q.F32 if len(shape) < 2 else base
+    if len(shape) < 2 or ".ffn_gate_inp." in name:  # llama-quant.cpp tensor_allows_quantization; convert keeps F32
+        return Q.F32
+    if base in (Q.F32, Q.F16):
+        return base
     qtype = base
     row = shape[-1]
     is_output = name == "output.weight" or (not has_output and name == "token_embd.weight")
@@ -90,12 +98,16 @@ def tensor_type(name: str, shape: tuple[int, ...], ftype: str, *, layer: int | N
             qtype = Q.Q8_0
         elif base != Q.Q8_0:
             qtype = Q.Q6_K
-    elif ftype in ("q4_k_m", "q5_k_m") and (".attn_v." in name or ".ffn_down." in name):
+    elif ftype in ("q4_k_m", "q5_k_m") and (".attn_v." in name or ".ffn_down" in name):
         assert layer is not None
         if use_more_bits(layer, n_layers):
             qtype = Q.Q6_K
         elif ".attn_v." in name and n_layers == 80 and qtype == Q.Q4_K:
             qtype = Q.Q5_K
+    if n_expert == 8 and (".attn_v." in name or ".attn_k." in name):
+        qtype = Q.Q8_0
+    elif n_expert == 8 and ".attn_output." in name and ftype == "q4_k_m":
+        qtype = Q.Q5_K
     if row % block_shape(qtype)[0]:
         qtype = FALLBACK.get(qtype, Q.F16)
         if row % block_shape(qtype)[0]:
@@ -140,8 +152,10 @@ def _vocab_byte_level(tok: Any, vocab_size: int) -> dict[str, Any]:
             tokens.append(f"[PAD{i}]")
             types.append(TokenType.UNUSED)
     merges = [f"{spell(a)} {spell(b)}" for a, b in bpe_merges(ranks)]
-    # "llama-bpe" names Llama 3's pre-tokenizer regex in llama.cpp (convert_hf_to_gguf get_vocab_base_pre)
-    return {"model": "gpt2", "pre": "llama-bpe", "tokens": tokens, "types": types, "merges": merges}
+    # "llama-bpe" / "llama4" name Llama 3's / Llama 4's pre-tokenizer regex in llama.cpp (convert_hf_to_gguf
+    # get_vocab_base_pre)
+    pre = "llama4" if getattr(tok, "family", None) == "llama4" else "llama-bpe"
+    return {"model": "gpt2", "pre": pre, "tokens": tokens, "types": types, "merges": merges}
 
 
 def _vocab_sentencepiece(tok: Any, vocab_size: int) -> dict[str, Any]:
@@ -213,7 +227,7 @@ def add_vocab(w: gguf.GGUFWriter, tok: Any, vocab_size: int) -> None:
     w.add_add_eos_token(False)
     if v.get("unk") is not None:
         w.add_unk_token_id(v["unk"])
-    eot = tok.special_tokens.get("<|eot_id|>")
+    eot = tok.special_tokens.get("<|eot_id|>", tok.special_tokens.get("<|eot|>"))  # Llama 3 / Llama 4
     if eot is not None:
         w.add_eot_token_id(eot)
 
@@ -262,6 +276,8 @@ def add_hparams(w: gguf.GGUFWriter, ckpt: Checkpoint, file_type: LlamaFileType, 
         w.add_rope_scaling_factor(c.rope_scaling.factor)
     if c.arch == "gemma3":
         _add_gemma3_hparams(w, c)
+    if c.arch == "llama4":
+        _add_llama4_hparams(w, c)
     if file_type not in (LlamaFileType.ALL_F32, LlamaFileType.MOSTLY_F16):
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
@@ -286,6 +302,19 @@ def _add_gemma3_hparams(w: gguf.GGUFWriter, c: Any) -> None:
         w.add_float32(f"{w.arch}.attn_logit_softcapping", c.attn_logit_softcap)
 
 
+def _add_llama4_hparams(w: gguf.GGUFWriter, c: Any) -> None:
+    """Llama 4 keys (convert_hf_to_gguf.py Llama4Model; read by llama.cpp src/models/llama4.cpp).
+
+    Chunk size, NoPE interval and temperature tuning are fixed by llama.cpp, not stated: `llama4.check_gguf`
+    refuses a config they do not describe.
+    """
+    llama4.check_gguf(c)
+    w.add_expert_count(c.moe.num_experts)
+    w.add_expert_used_count(c.moe.top_k)
+    w.add_expert_feed_forward_length(c.moe.hidden_dim)
+    w.add_interleave_moe_layer_step(c.moe.interleave_step)
+
+
 # --- the writer ----------------------------------------------------------------------------------------------
 ProgressFn = Callable[[int, int, str, Q], None]
 
@@ -295,13 +324,22 @@ def plan(ckpt: Checkpoint, ftype: str) -> list[tuple[str, str | None, tuple[int,
     c = ckpt.config
     sd = ckpt.state_dict
     has_output = "output.weight" in sd
+    n_expert = c.moe.num_experts if c.moe is not None else 0
+    if c.arch == "llama4" and any(map(llama4.is_vision, sd)):
+        log.warning("%s: the vision tower is not written: llama.cpp reads it from a separate mmproj GGUF "
+                    "(convert_hf_to_gguf.py --mmproj); this file holds the text decoder", Path(ckpt.source).name)
     rows = []
     for meta_name, t in sd.items():
+        if c.arch == "llama4" and llama4.is_vision(meta_name):
+            continue
         if not (t.is_floating_point() or isinstance(t, GGMLWeight)):
             raise CheckpointError(ckpt.source, f"tensor {meta_name} is {t.dtype}, not a float or ggml tensor")
         name, layer = gguf_name(meta_name, c.arch, ckpt.source)
         shape = (t.shape[0], t.n_cols) if isinstance(t, GGMLWeight) else tuple(t.shape)
-        rows.append((name, meta_name, shape, tensor_type(name, shape, ftype, layer=layer, n_layers=c.n_layers, has_output=has_output)))
+        if c.arch == "llama4" and llama4.gguf_transposed(meta_name):  # stored transposed (llama4.to_gguf)
+            shape = (*shape[:-2], shape[-1], shape[-2])
+        rows.append((name, meta_name, shape, tensor_type(name, shape, ftype, layer=layer, n_layers=c.n_layers,
+                                                         has_output=has_output, n_expert=n_expert)))
     if c.rope_scaling is not None and c.rope_scaling.kind == "llama3":
         rows.append(("rope_freqs.weight", None, (c.head_dim // 2,), Q.F32))
 
@@ -324,7 +362,7 @@ def write(
     progress: ProgressFn | None = None,
     **options: Any,
 ) -> Path:
-    """Write `ckpt` (arch "llama" or "gemma3") to the GGUF file `dst` with file type `qtype`.
+    """Write `ckpt` (arch "llama", "gemma3" or "llama4") to the GGUF file `dst` with file type `qtype`.
 
     `qtype` is one of f32, f16, q8_0, q4_0, q4_k_m, q5_k_m, q6_k; `dtype` ("f32"/"f16", from `herd convert
     --dtype`) is accepted as an alias when `qtype` is left at its default. Tensors are quantized and written
@@ -357,6 +395,8 @@ def _write_file(ckpt: Checkpoint, dst: Path, rows: list, qtype: str, name: str |
     add_hparams(w, ckpt, FILE_TYPES[qtype][1], name or ckpt.metadata.get("name") or Path(ckpt.source).name)
     if ckpt.tokenizer is not None:
         add_vocab(w, ckpt.tokenizer, c.vocab_size)
+    else:  # llama.cpp runs such a file on token ids (LLAMA_VOCAB_TYPE_NONE; it needs the key, and vocab_size)
+        w.add_tokenizer_model("none")
     if ckpt.chat_template and not (ckpt.tokenizer is not None and ckpt.tokenizer.kind == "gguf"):
         w.add_chat_template(ckpt.chat_template)
     for gname, _, shape, t in rows:

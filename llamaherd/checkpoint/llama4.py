@@ -12,7 +12,9 @@ Meta's own checkpoints also come in older spellings (`experts.w1`, 2-D expert ma
 `normalize_meta` maps them onto the canonical ones.
 
 meta_pth.py (config_from_params, normalize_meta, params_from_config) and hf.py (config_from_hf, hf_to_meta,
-meta_to_hf, config_to_hf) read and write Llama 4 through this module (keyed on config.arch == "llama4").
+meta_to_hf, config_to_hf) read and write Llama 4 through this module (keyed on config.arch == "llama4"), and so
+do gguf.py / gguf_write.py (GGUF_NAMES, from_gguf / to_gguf, gguf_fields, check_gguf) in llama.cpp's "llama4"
+layout: the text decoder only (llama.cpp puts the vision tower in a separate mmproj file).
 """
 
 from __future__ import annotations
@@ -60,6 +62,7 @@ _TO_HF = invert(HF_NAMES)
 _GATE, _UP = "feed_forward.experts.moe_w_in_eD_F", "feed_forward.experts.moe_w_swiglu_eD_F"
 _GATE_UP = "feed_forward.experts.gate_up_proj"
 _ROUTER = "feed_forward.router_DE"
+VISION_PREFIXES = ("vision_embeddings.", "vision_projection.")  # Meta's names of the vision tower's tensors
 # Parts of a multimodal Llama4ForConditionalGeneration checkpoint that the text decoder does not use.
 _HF_NON_TEXT = ("vision_model.", "multi_modal_projector.", "model.vision_model.", "model.multi_modal_projector.")
 
@@ -84,7 +87,7 @@ def meta_to_hf(state_dict: Tensors, config: ModelConfig, source: object = None) 
     for name, t in state_dict.items():
         if name == "output.weight" and config.tie_embeddings:
             continue
-        if name.startswith(("vision_embeddings.", "vision_projection.")):
+        if name.startswith(VISION_PREFIXES):
             continue  # Llama4ForCausalLM is the text decoder: a multimodal model's vision tower is not written
         layer, _, rest = name.removeprefix("layers.").partition(".")
         if name.startswith("layers.") and rest in (_GATE, _UP):
@@ -133,7 +136,7 @@ def normalize_meta(state_dict: Tensors, config: ModelConfig) -> Tensors:
     for name, t in state_dict.items():
         if name == "rope.freqs" or name.endswith("._extra_state"):
             continue  # precomputed frequencies / quantization bookkeeping: recomputed or unused
-        if name.startswith(("vision_embeddings.", "vision_projection.")):
+        if name.startswith(VISION_PREFIXES):
             if config.vision is not None:  # Meta's names are ours
                 out[name] = t
             continue  # otherwise the text decoder is read alone
@@ -159,6 +162,100 @@ def normalize_meta(state_dict: Tensors, config: ModelConfig) -> Tensors:
                 break
         out[name] = t
     return out
+
+
+# -- GGUF (llama.cpp arch "llama4") ---------------------------------------------------------------------------
+# GGUF tensor name -> canonical name: gguf-py `constants.py` (MODEL_ARCH.LLAMA4) and `tensor_mapping.py`; shapes
+# as llama.cpp `src/models/llama4.cpp::load_arch_tensors` creates them. q/k are Meta's (adjacent-pair rotary,
+# llama.cpp's rope type NORM for llama4; convert_hf_to_gguf.py Llama4Model sets undo_permute = False).
+GGUF_NAMES: dict[str, str] = {
+    "token_embd.weight": "tok_embeddings.weight",
+    "output_norm.weight": "norm.weight",
+    "output.weight": "output.weight",  # absent when the embeddings are tied
+    "blk.{i}.attn_norm.weight": "layers.{i}.attention_norm.weight",
+    "blk.{i}.attn_q.weight": "layers.{i}.attention.wq.weight",
+    "blk.{i}.attn_k.weight": "layers.{i}.attention.wk.weight",
+    "blk.{i}.attn_v.weight": "layers.{i}.attention.wv.weight",
+    "blk.{i}.attn_output.weight": "layers.{i}.attention.wo.weight",
+    "blk.{i}.ffn_norm.weight": "layers.{i}.ffn_norm.weight",
+    # dense layers
+    "blk.{i}.ffn_gate.weight": "layers.{i}.feed_forward.w1.weight",
+    "blk.{i}.ffn_up.weight": "layers.{i}.feed_forward.w3.weight",
+    "blk.{i}.ffn_down.weight": "layers.{i}.feed_forward.w2.weight",
+    # MoE layers: router (ne {dim, E}), stacked experts (ne {dim, F, E}, down {F, dim, E}), shared expert
+    "blk.{i}.ffn_gate_inp.weight": "layers.{i}.feed_forward.router_DE",
+    "blk.{i}.ffn_gate_exps.weight": "layers.{i}.feed_forward.experts.moe_w_in_eD_F",
+    "blk.{i}.ffn_up_exps.weight": "layers.{i}.feed_forward.experts.moe_w_swiglu_eD_F",
+    "blk.{i}.ffn_down_exps.weight": "layers.{i}.feed_forward.experts.moe_w_out_eF_D",
+    "blk.{i}.ffn_gate_shexp.weight": "layers.{i}.feed_forward.shared_expert.w1.weight",
+    "blk.{i}.ffn_up_shexp.weight": "layers.{i}.feed_forward.shared_expert.w3.weight",
+    "blk.{i}.ffn_down_shexp.weight": "layers.{i}.feed_forward.shared_expert.w2.weight",
+}
+# Meta's router (D, E) and experts (E, D, F) / (E, F, D) are the transposes of llama.cpp's row-major matrices
+# (E, D), (E, F, D) / (E, D, F): convert_hf_to_gguf.py Llama4Model transposes HF's gate_up_proj and down_proj.
+_GGUF_TRANSPOSED = (_ROUTER, _GATE, _UP, "feed_forward.experts.moe_w_out_eF_D")
+
+# What llama.cpp's llama4 fixes instead of reading from the file (src/models/llama4.cpp load_arch_hparams, for
+# files without `attention.sliding_window = 0`): chunks of 8192, temperature tuning with floor 8192 and scale 0.1,
+# NoPE in every 4th layer (llama_hparams::n_no_rope_layer_step), QK-norm unless 128 experts (Maverick).
+GGUF_CHUNK, GGUF_NOPE_INTERVAL, GGUF_FLOOR_SCALE, GGUF_ATTN_SCALE = 8192, 4, 8192.0, 0.1
+
+
+def is_vision(canonical_name: str) -> bool:
+    """A tensor of the vision tower (Meta's names), which GGUF's text file leaves to llama.cpp's mmproj file."""
+    return canonical_name.startswith(VISION_PREFIXES)
+
+
+def gguf_transposed(canonical_name: str) -> bool:
+    """True for the tensors GGUF stores transposed (last two axes) relative to Meta's layout."""
+    return canonical_name.endswith(_GGUF_TRANSPOSED)
+
+
+def from_gguf(canonical_name: str, tensor: torch.Tensor) -> torch.Tensor:
+    """A GGUF tensor (already renamed to `canonical_name`) in Meta's layout: router and experts transposed."""
+    return tensor.transpose(-1, -2).contiguous() if gguf_transposed(canonical_name) else tensor
+
+
+to_gguf = from_gguf  # a transpose of the last two axes is its own inverse
+
+
+def _gguf_qk_norm(num_experts: int) -> bool:
+    return num_experts != 128  # llama.cpp: use_kq_norm = type != LLM_TYPE_17B_128E
+
+
+def gguf_fields(get: Any) -> dict[str, Any]:
+    """ModelConfig fields of a llama4 GGUF file; `get(key, kind, default)` reads `llama4.<key>` metadata."""
+    experts = get("expert_count", int)
+    moe = MoEConfig(num_experts=experts, top_k=get("expert_used_count", int),
+                    hidden_dim=get("expert_feed_forward_length", int),
+                    interleave_step=get("interleave_moe_layer_step", int))
+    if get("attention.sliding_window", int, None) == 0:  # llama.cpp: no chunks, and RoPE in every layer
+        return dict(moe=moe, attention_chunk_size=None, nope_layer_interval=None, use_qk_norm=_gguf_qk_norm(experts),
+                    attn_temperature_tuning=False)
+    return dict(moe=moe, attention_chunk_size=GGUF_CHUNK, nope_layer_interval=GGUF_NOPE_INTERVAL,
+                use_qk_norm=_gguf_qk_norm(experts), attn_temperature_tuning=True, floor_scale=GGUF_FLOOR_SCALE,
+                attn_scale=GGUF_ATTN_SCALE)
+
+
+def check_gguf(config: ModelConfig, source: object = None) -> None:
+    """Refuse, saying why, a Llama 4 that llama.cpp's llama4 architecture would run differently from us."""
+    c = config
+
+    def refuse(what: str) -> None:
+        raise CheckpointError(source, f"GGUF cannot state this Llama 4's {what}; write --to hf (or --to meta) instead")
+
+    if c.moe is None:
+        refuse("dense-only layout: llama.cpp's llama4 needs experts (\"cannot have zero experts\")")
+    if c.use_qk_norm != _gguf_qk_norm(c.moe.num_experts):
+        refuse(f"use_qk_norm={c.use_qk_norm}: llama.cpp applies QK-norm exactly when there are not 128 experts")
+    # Without chunks and NoPE layers a file would say `attention.sliding_window = 0`, but llama.cpp's llama4 then
+    # aborts at its first decode (llama-graph.cpp: GGML_ASSERT(f_attn_temp_scale != 0.0f)), so that is refused too.
+    if (c.attention_chunk_size, c.nope_layer_interval) != (GGUF_CHUNK, GGUF_NOPE_INTERVAL):
+        refuse(f"chunk size {c.attention_chunk_size} / NoPE interval {c.nope_layer_interval}: llama.cpp fixes them "
+               f"at {GGUF_CHUNK} / {GGUF_NOPE_INTERVAL}")
+    if (c.attn_temperature_tuning, c.floor_scale, c.attn_scale) != (True, GGUF_FLOOR_SCALE, GGUF_ATTN_SCALE):
+        refuse(f"NoPE temperature tuning ({c.attn_temperature_tuning}, floor {c.floor_scale}, scale {c.attn_scale}): "
+               f"llama.cpp fixes it on, floor {GGUF_FLOOR_SCALE:g}, scale {GGUF_ATTN_SCALE}")
 
 
 # -- configurations ------------------------------------------------------------------------------------------
