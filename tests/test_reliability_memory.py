@@ -100,11 +100,11 @@ def test_herd_run_over_budget_exits_with_the_plan(big):
     assert "Traceback" not in err
 
 
-def test_herd_show_memory_prints_the_plan(big):
-    out = subprocess.run([sys.executable, "-m", "llamaherd", "show", str(big), "--memory", "--num-ctx", "2048",
-                          "--json"], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr
-    r = json.loads(out.stdout)
+def test_herd_show_memory_prints_the_plan(big, capsys):
+    from llamaherd.cli import main
+
+    assert main(["show", str(big), "--memory", "--num-ctx", "2048", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
     assert r["num_ctx"] == 2048 and r["memory"]["KV cache"] == 2048 * 2 * 6 * 8 * 128 * 2
     assert r["memory"]["total"] == sum(v for k, v in r["memory"].items() if k != "total")
 
