@@ -14,7 +14,22 @@ from llamaherd.engine.generate import generate_tokens, greedy_reference
 from llamaherd.engine.speculative import (AcceptanceTracker, DraftProposer, NgramProposer, SpeculativeError,
                                           make_proposer, speculative_tokens)
 
-from .test_engine_generate import CONFIGS, _net
+from llamaherd.config import ModelConfig, VisionConfig
+
+from .conftest import random_model
+from .test_engine_generate import CONFIGS
+
+# Every family: the Llama 2/3.x shapes, Gemma 3, Llama 4 (MoE) and Llama 3.2 Vision's decoder used text-only
+# (its cross-attention layers are skipped without an image).
+FAMILIES = {**CONFIGS, "mllama": ModelConfig(
+    arch="mllama", dim=64, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=256, multiple_of=32, rope_theta=5e5,
+    max_seq_len=512, vision=VisionConfig(image_size=28, patch_size=14, max_num_tiles=4, width=32, n_layers=2,
+                                         n_global_layers=1, n_heads=4, intermediate_layers=(1,),
+                                         n_cross_attention_layers=2))}
+
+
+def _net(family, seed=0):
+    return random_model(FAMILIES[family], seed=seed)
 
 # A prompt that repeats itself, so prompt lookup has something to propose.
 PROMPT = [1, 5, 9, 20, 5, 9, 20, 7, 5, 9, 20, 7, 3, 5, 9]
@@ -28,7 +43,7 @@ def _draft_for(family):
     return _net(family, seed=1)  # another random model of the same shape and vocabulary
 
 
-@pytest.mark.parametrize("family", sorted(CONFIGS))
+@pytest.mark.parametrize("family", sorted(FAMILIES))
 @pytest.mark.parametrize("mode", ["ngram", "draft"])
 def test_greedy_identical_to_plain_decoding(family, mode):
     net = _net(family).eval()
