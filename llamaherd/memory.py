@@ -156,6 +156,7 @@ class MemoryPlan:
     kv_per_token: int
     weights_note: str
     kv_note: str
+    kv_pool: bool = False  # the KV cache is a server's paged pool (--kv-cache-memory), not one context's
 
     @property
     def total(self) -> int:
@@ -195,7 +196,8 @@ class MemoryPlan:
                 return
             parts = ", ".join(f"{name} {human(n)}" for name, n, _ in self.rows())
             ctx = self.fitting_context(max_memory)
-            ways = [f"a smaller context (num_ctx {ctx} fits)" if 0 < ctx < self.num_ctx else None,
+            ways = ["a smaller KV cache pool (--kv-cache-memory)" if self.kv_pool else None,
+                    f"a smaller context (num_ctx {ctx} fits)" if 0 < ctx < self.num_ctx and not self.kv_pool else None,
                     "fewer bytes per weight (--quantize int8 or int4, or a Q4_K_M GGUF made by herd quantize)",
                     "a larger --max-memory"]
             raise MemoryPlanError(f"this model needs {human(self.total)} ({parts}) with a {self.num_ctx}-token "
@@ -278,7 +280,8 @@ def plan(ckpt: Checkpoint, *, num_ctx: int | None = None, dtype: torch.dtype | N
     runtime = max(0, resident_bytes() - mapped_resident_bytes(ckpt.source))
     live, kept = working_bytes(config, ctx, target)
     return MemoryPlan(weights=weights, conversion=conversion, kv_cache=kv, working=live, kept=kept, runtime=runtime,
-                      num_ctx=ctx, kv_per_token=per_token, weights_note=note, kv_note=kv_note)
+                      num_ctx=ctx, kv_per_token=per_token, weights_note=note, kv_note=kv_note,
+                      kv_pool=kv_pool_bytes is not None)
 
 
 def check_fits(ckpt: Checkpoint, max_memory: int | str | None, **how) -> MemoryPlan:
