@@ -8,8 +8,12 @@ An input shield checks the conversation up to the user turn; an output shield ch
 scale, the request itself (the user turn prefilled, 64 greedy reply tokens) is timed on llamaherd too.
 Prints p50/p95 over --requests conversations and the load average. llama.cpp runs in a child process (same
 ids, same threads, after llamaherd's runs), so a crash there is reported instead of ending the benchmark.
+With --concurrent K, K input checks arriving at once are timed three ways, latency from arrival p50/p95: one
+after another on the reference path above (a guard behind a lock: the k-th waits for the k-1 before it), one
+after another on `BatchedLlamaGuard`'s continuous-batching engine (what `herd serve --guard` runs; its prefix
+cache keeps the shared template prefix after the first check), and all submitted together to that engine.
 
-  .venv/bin/python bench/guard_latency.py --threads 2 --requests 20
+  .venv/bin/python bench/guard_latency.py --threads 2 --requests 20 --concurrent 4
 """
 
 from __future__ import annotations
@@ -106,6 +110,54 @@ def llamacpp_child(job_file: str) -> int:
     return 0
 
 
+def concurrent_times(model, checks: list[list[int]], herd_check) -> dict[str, list[float]]:
+    """Latency from arrival of checks that all arrive at t=0: one after another on the reference path and on
+    the engine, and together on the engine."""
+    import threading
+
+    from llamaherd.engine.sampling import SamplingParams
+    from llamaherd.guard import LlamaGuard
+    from llamaherd.guard.batched import BatchedLlamaGuard
+
+    serial, elapsed = [], 0.0
+    for ids in checks:
+        elapsed += herd_check(ids)
+        serial.append(elapsed)
+    guard = BatchedLlamaGuard(LlamaGuard(model, "llama-guard-3-8b"), max_batch=len(checks))
+    # The serial runs' work exactly: ANSWER_TOKENS greedy tokens, the stand-in model's end tokens ignored.
+    guard.params = SamplingParams(max_tokens=ANSWER_TOKENS, temperature=0.0, logprobs=True, top_logprobs=20,
+                                  ignore_eos=True)
+    guard.stop_ids = frozenset()
+    guard.answer(checks[0])  # warm-up
+    engine_serial, elapsed = [], 0.0
+    for ids in checks:
+        t = time.perf_counter()
+        guard.answer(ids)
+        elapsed += time.perf_counter() - t
+        engine_serial.append(elapsed)
+    batched = [0.0] * len(checks)
+    start = threading.Barrier(len(checks) + 1)
+
+    def one(i: int) -> None:
+        start.wait()
+        guard.answer(checks[i])
+        batched[i] = time.perf_counter() - t0
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(checks))]
+    for t in threads:
+        t.start()
+    t0 = time.perf_counter()
+    start.wait()
+    for t in threads:
+        t.join()
+    guard.close()
+    print(f"engine: peak decode batch {guard.engine.stats['peak_decode_batch']}, prompt tokens "
+          f"{guard.engine.stats['prompt_tokens']}, of which from the prefix cache "
+          f"{guard.engine.stats['prefix_hit_tokens']}")
+    return {"one after another, reference path": serial, "one after another, engine": engine_serial,
+            "together, engine": batched}
+
+
 def main() -> int:
     if len(sys.argv) == 3 and sys.argv[1] == "--llamacpp-child":
         return llamacpp_child(sys.argv[2])
@@ -113,6 +165,7 @@ def main() -> int:
     ap.add_argument("--model", default=DEFAULT_MODEL)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--requests", type=int, default=20)
+    ap.add_argument("--concurrent", type=int, default=4, help="input checks arriving at once (0: skip)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     path = resolve(args.model)
@@ -146,6 +199,7 @@ def main() -> int:
         times["herd out"].append(herd_check(ids_out))
         times["request"].append(herd_request(convo))
         jobs.append((ids_in, ids_out))
+    together = concurrent_times(model, [j[0] for j in jobs][:args.concurrent], herd_check) if args.concurrent else None
     cpp = llamacpp_times(path, args.threads, jobs)
     from bench.llamacpp import has_amx
 
@@ -167,6 +221,10 @@ def main() -> int:
         cpp_cells = (f"{1e3 * percentile(c, .5):.1f} | {1e3 * percentile(c, .95):.1f}" if c else
                      "crashed (see above) | -")
         print(f"| {label} | {1e3 * percentile(h, .5):.1f} | {1e3 * percentile(h, .95):.1f} | {cpp_cells} |")
+    if together is not None:
+        print(f"{args.concurrent} input checks arriving at once (llamaherd), latency from arrival:")
+        for label, xs in together.items():
+            print(f"  {label}: p50 {1e3 * percentile(xs, .5):.1f} ms, p95 {1e3 * percentile(xs, .95):.1f} ms")
     r = times["request"]
     print(f"request itself (llamaherd, prompt + {REPLY_TOKENS} tokens): p50 {1e3 * percentile(r, .5):.1f} ms, "
           f"p95 {1e3 * percentile(r, .95):.1f} ms")

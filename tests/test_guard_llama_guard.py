@@ -74,6 +74,9 @@ def test_release_from_the_checkpoint_template():
     assert LlamaGuard(forced_guard("safe", template=official)).release is release("llama-guard-3-1b")
     with pytest.raises(GuardError, match="release is unknown"):
         LlamaGuard(forced_guard("safe"))
+    # Llama Guard 4's template is not public as text; its rendering carries what detection reads (Llama 4 headers).
+    lg4 = (__import__("pathlib").Path(__file__).parent / "guard_data" / "llama-guard-4-12b" / "user.txt").read_text()
+    assert LlamaGuard(forced_guard("safe", template=lg4)).release is release("llama-guard-4-12b")
 
 
 def test_bare_string_is_one_user_message(unsafe_model):
