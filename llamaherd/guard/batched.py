@@ -33,9 +33,10 @@ class BatchedLlamaGuard(LlamaGuard):
     concurrent = True  # shields need no lock around it
 
     def __init__(self, guard: LlamaGuard, *, max_batch: int = 16, block_size: int = 16,
-                 context_tokens: int = 32768, timeout: float = 600.0) -> None:
+                 context_tokens: int = 8192, timeout: float = 600.0) -> None:
         """`context_tokens`: the KV cache, in tokens, shared by the checks in flight (a Llama Guard 3 prompt is
-        ~250 tokens plus the conversation); a check waits for room when it is full."""
+        ~250 tokens plus the conversation; 8192 tokens of Llama Guard 3 8B in bfloat16 are 1 GiB); a check waits
+        for room when it is full, and one longer than this is refused."""
         super().__init__(guard.model, guard.release, categories=guard.categories, excluded=guard.excluded,
                          threshold=guard.threshold)
         model = guard.model
