@@ -245,6 +245,8 @@ def test_chunks_and_temperature_beyond_8192_positions(tmp_path):
     path = write(ckpt, tmp_path / "f32.gguf", qtype="f32")
     ids = torch.randint(0, SCOUT_LIKE.vocab_size, (8192 + 64,), generator=torch.Generator().manual_seed(0)).tolist()
     ref = llama_cpp_logits(path, ids, n_ctx=8192 + 128)[-64:]
-    model = llamaherd.load(path)
-    ours = model.logits(ids)[-64:].numpy()
+    ours = llamaherd.load(path).logits(ids)[-64:].numpy()
     assert_agree(ours, ref, "f32")
+    # Measured on these weights: max 0.003 / mean 0.0003 as is; chunks of 16384 instead move the logits by their
+    # whole spread, and leaving out the NoPE temperature by mean 0.0025, so the mean is held tighter here.
+    assert np.abs(ours - ref).mean() < 0.001
