@@ -81,3 +81,9 @@ def test_release_from_the_checkpoint_template():
 
 def test_bare_string_is_one_user_message(unsafe_model):
     assert moderate("hello", model=unsafe_model, release="llama-guard-3-8b").status == "unsafe"
+
+
+def test_image_parts_are_refused_not_checked_blind(unsafe_model):
+    image = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Is this fine?"}]}]
+    with pytest.raises(GuardError, match="not supported yet"):
+        LlamaGuard(unsafe_model, "llama-guard-3-11b-vision").moderate(image)

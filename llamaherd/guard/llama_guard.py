@@ -84,7 +84,10 @@ class LlamaGuard:
         excl = self.excluded if excluded is None else excluded
         has_image = any(isinstance(m.get("content"), list) and any(isinstance(p, Mapping) and p.get("type") == "image"
                                                                    for p in m["content"]) for m in messages)
-        names = lg_prompt.categories_for(self.release, cats, excl, has_image)
+        if has_image:  # the prompt renders image tokens, but no image reaches the model: refuse, never guess
+            raise GuardError("image parts: moderating images is not supported yet (the prompt with its image "
+                             "tokens can be shown with `herd guard --show-prompt`); give text parts only")
+        names = lg_prompt.categories_for(self.release, cats, excl)
         ids = self.encode(messages, cats, excl)
         text, score = self.answer(ids)
         status, codes = parse(text, known=names)

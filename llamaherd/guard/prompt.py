@@ -16,7 +16,9 @@ hub, as also embedded in the GGUF files built from them):
   defaults are S1..S14, or S1..S13 when any message holds an image; "<BEGIN CONVERSATION>" is followed by one
   newline, and each turn is "User: " or "Agent: ", one <|image|> per image part, the text, then a literal
   backslash-n backslash-n (the template writes '\\n\\n') and two newlines; a space before <|eot|>. Custom
-  `categories` and `excluded_category_keys` are template variables as in 3 1B.
+  `categories` and `excluded_category_keys` are template variables as in 3 1B. Text is trimmed and a turn's
+  text parts are joined with nothing between them as in 3 1B; the published renderings (one text part, no
+  surrounding space) cannot confirm either.
 All end the prompt right after the assistant header (no "\n\n"): the model writes "\n\n" itself.
 
 Roles: the role assessed is 'User' for an odd number of messages and 'Agent' for an even number; messages
