@@ -48,6 +48,31 @@ def measure(name: str, dim: int, n_heads: int, n_cross: int, dtype: torch.dtype)
           f"{formula / 2**20:.1f} | {after - before:.1f} | {meta / 2**20:.1f} |")
 
 
+def measure_batch(n: int, dtype: torch.dtype = torch.bfloat16) -> None:
+    """The serving engine: n one-image requests decoding together read one stacked context, built once per batch
+    composition (`vision_inputs.BatchImages`); each sequence's own context then views its row of the stack."""
+    from llamaherd.vision_inputs import BatchImages, PreparedImages
+
+    vision = VisionConfig(image_size=560, width=16, n_layers=2, n_global_layers=1, n_heads=2,
+                          intermediate_layers=(0,), n_cross_attention_layers=8)
+    config = ModelConfig(arch="mllama", dim=4096, n_layers=8, n_heads=32, n_kv_heads=8, vocab_size=256,
+                         hidden_dim=64, vision=vision)
+    net = build(config, dtype=dtype)
+    rows = [PreparedImages([1, 256, 5, 6], torch.randn(1, 1, 4, 3, 560, 560), torch.tensor([[[2, 2]]]), 256, i + 1)
+            for i in range(n)]
+    before = rss_mib()
+    for r in rows:
+        r.encode(net)
+    encoded = rss_mib()
+    batch = BatchImages()
+    batch.inputs(net, rows, torch.tensor([[5]] * n), torch.tensor([[4]] * n))
+    after = rss_mib()
+    each = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in rows[0].encode(net).kv)
+    print(f"serving, {n} one-image 11B requests decoding together ({str(dtype).removeprefix('torch.')}): "
+          f"{each / 2**20:.1f} MiB each; RSS growth {encoded - before:.1f} MiB encoding them, then "
+          f"{after - encoded:+.1f} MiB for the batch's stacked context (the sequences then view it)")
+
+
 def main() -> None:
     argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()
     print(f"load average {os.getloadavg()[0]:.2f}; torch threads {torch.get_num_threads()}")
@@ -57,6 +82,7 @@ def main() -> None:
         measure("11B Vision", 4096, 32, 8, dtype)
     # 90B's cross-attention layers have the same key/value width (8 heads of 128) and the same image tokens as
     # 11B's, so its per-image cache is 20/8 of the 11B row; its 8192-wide projections do not fit this machine.
+    measure_batch(4)
     print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
 
 

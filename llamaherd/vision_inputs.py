@@ -171,8 +171,10 @@ class BatchImages:
     """The serving engine's side: for one forward over several sequences, the model's token ids and its `images`
     argument, each row reading its own sequence's encoded images (None: a text-only row).
 
-    Llama 3.2 Vision rows are stacked into one `ImageContext` (padded to the most images); the stack is kept while
-    the same sequences decode together, so it is built once per batch composition, not per step.
+    Llama 3.2 Vision rows with images are stacked into one `ImageContext` (padded to the most images; text-only
+    rows take no room and skip the cross-attention layers). The stack is kept while the same sequences decode
+    together, so it is built once per batch composition, not per step, and each sequence's own context then views
+    its row of the stack: its keys and values are held once, not twice.
     """
 
     def __init__(self) -> None:
@@ -193,7 +195,11 @@ class BatchImages:
         if len(self._rows) != len(encoded) or any(a is not b for a, b in zip(self._rows, encoded)):
             from .model.mllama import ImageContext
 
-            self._rows, self._stacked = tuple(encoded), ImageContext.stack(encoded)
+            self._stacked = stacked = ImageContext.stack(encoded)
+            held = [r for r in rows if r is not None]
+            for j, r in enumerate(held):  # the sequence's own copy is dropped for a view of its row
+                r._encoded = stacked.row(j, r._encoded.spans.shape[1])
+            self._rows = tuple(r._encoded if r is not None else None for r in rows)
         return tokens, self._stacked
 
     def forget(self) -> None:

@@ -117,6 +117,10 @@ def test_openai_client_image_url_equals_model_chat(vision):
     stream = client.chat.completions.create(model=served.name, messages=user(IMAGES["wide"], TEXT), stream=True,
                                             max_tokens=MAX_TOKENS, temperature=0)
     assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == answers["wide"]
+    # n = 2: two sequences of one request share its encoded images and decode together.
+    reply = client.chat.completions.create(model=served.name, messages=user(IMAGES["small"], TEXT), n=2,
+                                           max_tokens=MAX_TOKENS, temperature=0)
+    assert [c.message.content for c in reply.choices] == [answers["small"]] * 2
 
 
 def test_ollama_client_images_equal_model_chat(vision):
@@ -154,11 +158,11 @@ def test_concurrent_requests_with_different_images_batch_together(vision):
     peak = served.engine.stats["peak_decode_batch"]
     assert asyncio.run(all_at_once()) == want
     assert served.engine.stats["peak_decode_batch"] >= max(peak, 2)
-    # The same prompt again with the third image: its blocks are not the first two requests' blocks.
-    hits = served.engine.stats["prefix_hit_tokens"]
-    assert asyncio.run(ask(user(IMAGES["tall"], TEXT))) == expected(model, IMAGES["tall"], TEXT)
+    # The same prompt again with an image not sent before: its blocks are not the earlier requests' blocks.
+    hits, new = served.engine.stats["prefix_hit_tokens"], png(33, 47, 9)
+    assert asyncio.run(ask(user(new, TEXT))) == expected(model, new, TEXT)
     assert served.engine.stats["prefix_hit_tokens"] == hits  # a full block of equal tokens, but other images
-    assert asyncio.run(ask(user(IMAGES["tall"], TEXT))) == expected(model, IMAGES["tall"], TEXT)
+    assert asyncio.run(ask(user(new, TEXT))) == expected(model, new, TEXT)
     assert served.engine.stats["prefix_hit_tokens"] > hits  # the same image again does reuse its blocks
 
 

@@ -60,50 +60,54 @@ class ImageContext:
 
     kv: per cross-attention layer, normalised keys and values (B, n_kv_heads, S, head_dim), S = images x tiles
     x tokens per tile. key_ok: (B, S) keys of real tiles of real images. spans: (B, images, 2) positions
-    [start, end) that see each image. tokens_per_image: S / images.
+    [start, end) that see each image. tokens_per_image: S / images. rows: which rows of the forward's batch these
+    B rows are (the others see no image: their cross-attention layers are skipped); None: all of them, in order.
     """
 
     kv: list[tuple[torch.Tensor, torch.Tensor]]
     key_ok: torch.Tensor
     spans: torch.Tensor
     tokens_per_image: int
+    rows: torch.Tensor | None = None
 
     @staticmethod
     def stack(rows: Sequence[ImageContext | None]) -> ImageContext:
         """One context for a batch whose row i reads `rows[i]`'s images (each a one-row context); a None row sees
-        no image. Rows with fewer images are padded with images that no position sees and whose keys are masked,
-        so every row's cross-attention is its own (the serving engine batches requests this way)."""
-        some = next(r for r in rows if r is not None)
-        n_img = max(r.spans.shape[1] for r in rows if r is not None)
-        S = n_img * some.tokens_per_image
+        no image and takes no room. Rows with fewer images are padded with images that no position sees and whose
+        keys are masked, so every row's cross-attention is its own (the serving engine batches requests so)."""
+        held = [r for r in rows if r is not None]
+        n_img = max(r.spans.shape[1] for r in held)
+        S = n_img * held[0].tokens_per_image
 
-        def padded(t: torch.Tensor | None, like: torch.Tensor, dim: int) -> torch.Tensor:
-            if t is None:
-                shape = list(like.shape)
-                shape[dim] = S
-                return like.new_zeros(shape)
+        def padded(t: torch.Tensor, dim: int) -> torch.Tensor:
             return F.pad(t, [0, 0] * (t.dim() - 1 - dim) + [0, S - t.shape[dim]])
 
-        kv = []
-        for layer, (k0, v0) in enumerate(some.kv):
-            ks = [padded(None if r is None else r.kv[layer][0], k0, 2) for r in rows]
-            vs = [padded(None if r is None else r.kv[layer][1], v0, 2) for r in rows]
-            kv.append((torch.cat(ks), torch.cat(vs)))
-        key_ok = torch.cat([padded(None if r is None else r.key_ok, some.key_ok, 1) for r in rows])
-        spans = some.spans.new_zeros(len(rows), n_img, 2)  # [0, 0): seen by no position
-        for b, r in enumerate(rows):
-            if r is not None:
-                spans[b, : r.spans.shape[1]] = r.spans[0]
-        return ImageContext(kv=kv, key_ok=key_ok, spans=spans, tokens_per_image=some.tokens_per_image)
+        kv = [(torch.cat([padded(r.kv[i][0], 2) for r in held]), torch.cat([padded(r.kv[i][1], 2) for r in held]))
+              for i in range(len(held[0].kv))]
+        spans = held[0].spans.new_zeros(len(held), n_img, 2)  # [0, 0): seen by no position
+        for b, r in enumerate(held):
+            spans[b, : r.spans.shape[1]] = r.spans[0]
+        index = [b for b, r in enumerate(rows) if r is not None]
+        return ImageContext(kv=kv, key_ok=torch.cat([padded(r.key_ok, 1) for r in held]), spans=spans,
+                            tokens_per_image=held[0].tokens_per_image,
+                            rows=None if len(index) == len(rows) else torch.tensor(index, device=spans.device))
+
+    def row(self, b: int, n_images: int) -> ImageContext:
+        """Row b's first n_images images as a one-row context viewing this one's tensors (no copy)."""
+        S = n_images * self.tokens_per_image
+        return ImageContext(kv=[(k[b : b + 1, :, :S], v[b : b + 1, :, :S]) for k, v in self.kv],
+                            key_ok=self.key_ok[b : b + 1, :S], spans=self.spans[b : b + 1, :n_images],
+                            tokens_per_image=self.tokens_per_image)
 
     def masks(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """For queries at positions (B, T): the key mask (B, 1, T, S) and the row gate (B, 1, T, 1).
+        """For queries at the forward's positions (its rows with images, when `rows` says which): the key mask
+        (B, 1, T, S) and the row gate (B, 1, T, 1).
 
         A token that sees no image gets a zero row gate (Meta's `full_text_row_masked_out_mask`): its
         cross-attention output and the cross layer's feed-forward are multiplied by it. Such rows attend to every
         key (a finite softmax whose result the gate discards), as Meta's zeroed bias rows do.
         """
-        pos = positions[:, :, None]  # (B, T, 1)
+        pos = (positions if self.rows is None else positions[self.rows])[:, :, None]  # (B, T, 1)
         sees = (pos >= self.spans[:, None, :, 0]) & (pos < self.spans[:, None, :, 1])  # (B, T, images)
         allowed = sees.repeat_interleave(self.tokens_per_image, dim=2) & self.key_ok[:, None, :]  # (B, T, S)
         row = allowed.any(-1, keepdim=True)  # (B, T, 1)
@@ -255,7 +259,11 @@ class Transformer(nn.Module):
         cross = dict(zip(text.fusion_schedule, text.cross_attention_layers))
         for i, layer in enumerate(text.layers):
             if images is not None and i in cross:
-                h = cross[i](h, images.kv[text.fusion_schedule.index(i)], xmask, row)
+                kv = images.kv[text.fusion_schedule.index(i)]
+                if images.rows is None:
+                    h = cross[i](h, kv, xmask, row)
+                else:  # only the rows that have images: the others skip the layer, as text-only inference does
+                    h = h.index_copy(0, images.rows, cross[i](h[images.rows], kv, xmask, row))
             h = layer(h, cos, sin, mask, cache, i, start)
         if cache is not None:
             cache.length = start + T
