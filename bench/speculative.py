@@ -143,12 +143,12 @@ def exactness(model, ids, new, k, make_proposer) -> None:
         upto = first if first is not None else min(len(plain), len(spec))
         diff = max(float((p_rows[i] - s_rows[i]).abs().max()) for i in range(upto))
         margins = [float(torch.topk(p_rows[i], 2).values.diff().abs()) for i in range(upto)]
-        line = f"max |logit difference| plain vs speculative before it {diff:.4f} (logit std {float(p_rows[0].std()):.2f})"
+        line = f"max |logit difference| plain vs speculative {diff:.4f} (logit std {float(p_rows[0].std()):.2f})"
         if first is None:
             print(f"    identical for {upto} tokens; {line}; smallest plain top-2 margin {min(margins):.4f}")
         else:
             print(f"    first difference at position {first}: plain picks {_top2(p_rows[first])}, speculative "
-                  f"{_top2(s_rows[first])}; {line}")
+                  f"{_top2(s_rows[first])}; before it {line}")
 
     print("  exactness, int8 activations (the default decode kernels):")
     both()
