@@ -1,10 +1,12 @@
-"""Fuzz the checkpoint loaders: mutated safetensors headers, config.json and params.json with wrong types.
+"""Fuzz every loader and parser: checkpoint headers here, the other inputs in bench/fuzz_inputs.py.
 
-Each input is a tiny valid checkpoint folder with one mutation; reading it (`llamaherd.checkpoint.read`, then
-building the model from it) must either succeed or raise a typed LlamaherdError. Anything else is a crash and is
-printed with the input that caused it. Per target: inputs, rejected, accepted, crashes, worst time, peak RSS.
+Each input is a tiny valid file with one mutation; what a user's call does with it (read a checkpoint and build
+the model, load a tokenizer and encode, render a chat template, parse a tool call, read an image, POST a request
+body) must either succeed or raise a typed LlamaherdError (an HTTP 4xx). Anything else, a hang past the time
+limit or a MemoryError past the memory bound included, is a crash and is printed with its input. Each target runs
+in its own process; per target: inputs, rejected, accepted, crashes, worst time, peak RSS.
 
-    python bench/fuzz_loaders.py --n 100000 [--targets safetensors,config_json,params_json] [--seed 0]
+    python bench/fuzz_loaders.py --n 100000 [--targets safetensors,config_json,...] [--seed 0] [--budget-s S]
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import resource
 import shutil
 import signal
 import struct
+import subprocess
 import sys
 import tempfile
 import time
@@ -25,8 +28,11 @@ from pathlib import Path
 
 import torch
 
-from llamaherd.config import ModelConfig
-from llamaherd.errors import LlamaherdError
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.fuzz_inputs import TARGETS as MORE_TARGETS  # noqa: E402
+from llamaherd.config import ModelConfig  # noqa: E402
+from llamaherd.errors import LlamaherdError  # noqa: E402
 
 CONFIG = ModelConfig(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=64, multiple_of=16, max_seq_len=32)
 
@@ -141,16 +147,6 @@ def mutate_json(data: bytes, rng: random.Random) -> bytes:
     return json.dumps(obj).encode()
 
 
-TARGETS = {  # name -> (make the valid folder, file to mutate, mutation)
-    "safetensors": (hf_folder, "model.safetensors", mutate_safetensors),
-    "config_json": (hf_folder, "config.json", mutate_json),
-    "params_json": (meta_folder, "params.json", mutate_json),
-}
-
-
-# ---- running -----------------------------------------------------------------------------------------------------
-
-
 def load_folder(folder: Path) -> None:
     """What a user's load does with a checkpoint: read it and build the model from it."""
     from llamaherd.checkpoint import materialize, read
@@ -159,7 +155,22 @@ def load_folder(folder: Path) -> None:
     assert all(p.device.type == "cpu" for p in net.parameters())
 
 
-def fuzz_one(folder: Path, fname: str, valid: bytes, mutate, rng: random.Random) -> tuple[str, float, str]:
+TARGETS = {  # name -> (make the valid folder, file to mutate, mutation, what a user's call does with the folder)
+    "safetensors": (hf_folder, "model.safetensors", mutate_safetensors, load_folder),
+    "config_json": (hf_folder, "config.json", mutate_json, load_folder),
+    "params_json": (meta_folder, "params.json", mutate_json, load_folder),
+}
+
+
+# bench/fuzz_inputs.py: Meta .pth zips, tokenizer files, chat templates, tool-call outputs, images, HTTP bodies.
+TARGETS.update(MORE_TARGETS)
+
+
+# ---- running -----------------------------------------------------------------------------------------------------
+
+
+def fuzz_one(folder: Path, fname: str, valid: bytes, mutate, rng: random.Random,
+             consume=load_folder) -> tuple[str, float, str]:
     """(outcome, seconds, detail): outcome is "accepted", "rejected" (a LlamaherdError) or "crash"."""
     data = mutate(valid, rng)
     (folder / fname).write_bytes(data)
@@ -167,7 +178,7 @@ def fuzz_one(folder: Path, fname: str, valid: bytes, mutate, rng: random.Random)
     signal.signal(signal.SIGALRM, _hang)
     signal.alarm(TIME_LIMIT_S)
     try:
-        load_folder(folder)
+        consume(folder)
         outcome, detail = "accepted", ""
     except LlamaherdError as exc:
         outcome, detail = "rejected", str(exc)[:100]
@@ -187,7 +198,7 @@ def _hang(signum, frame):
 
 
 def run_target(name: str, n: int, seed: int, budget_s: float | None = None) -> dict:
-    make, fname, mutate = TARGETS[name]
+    make, fname, mutate, consume = TARGETS[name]
     rng = random.Random(seed)
     with tempfile.TemporaryDirectory() as tmp:
         folder = make(Path(tmp) / "ckpt")
@@ -195,7 +206,7 @@ def run_target(name: str, n: int, seed: int, budget_s: float | None = None) -> d
         counts = {"accepted": 0, "rejected": 0, "crash": 0}
         worst, crashes, start = 0.0, [], time.perf_counter()
         for i in range(n):
-            outcome, took, detail = fuzz_one(folder, fname, valid, mutate, rng)
+            outcome, took, detail = fuzz_one(folder, fname, valid, mutate, rng, consume)
             counts[outcome] += 1
             worst = max(worst, took)
             if outcome == "crash" and len(crashes) < 5:
@@ -203,9 +214,21 @@ def run_target(name: str, n: int, seed: int, budget_s: float | None = None) -> d
             if budget_s is not None and time.perf_counter() - start > budget_s:
                 break
         shutil.rmtree(folder, ignore_errors=True)
-    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak_mib = _status_kib("VmHWM") / 1024
     return {"target": name, "inputs": sum(counts.values()), **counts, "worst_s": worst, "peak_rss_mib": peak_mib,
             "first_crashes": crashes}
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def bound_memory(extra_mib: int) -> None:
+    """Address space limited to what the process maps now plus `extra_mib`: an input that makes a reader
+    allocate more gets a MemoryError, which is not a typed error and so counts as a crash."""
+    limit = (_status_kib("VmSize") + extra_mib * 1024) * 1024
+    resource.setrlimit(resource.RLIMIT_AS, (limit, resource.getrlimit(resource.RLIMIT_AS)[1]))
 
 
 def main() -> int:
@@ -214,14 +237,29 @@ def main() -> int:
     ap.add_argument("--targets", default=",".join(TARGETS))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--budget-s", type=float, default=None, help="stop a target after this many seconds")
+    ap.add_argument("--memory-mib", type=int, default=2048, help="address space allowed beyond the start's")
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    torch.set_num_threads(1)
+    names = args.targets.split(",")
+    if args.child:  # one target in this process: its own peak RSS and memory bound
+        torch.set_num_threads(1)
+        bound_memory(args.memory_mib)
+        print(json.dumps(run_target(names[0], args.n, args.seed, args.budget_s)))
+        return 0
     print(f"load average {os.getloadavg()}; command: {' '.join(sys.argv)}")
-    print(f"{'target':<12} {'inputs':>8} {'rejected':>9} {'accepted':>9} {'crashes':>8} {'worst s':>8} {'peak RSS MiB':>13}")
+    print(f"{'target':<16} {'inputs':>8} {'rejected':>9} {'accepted':>9} {'crashes':>8} {'worst s':>8} "
+          f"{'peak RSS MiB':>13}")
     bad = 0
-    for name in args.targets.split(","):
-        r = run_target(name, args.n, args.seed, args.budget_s)
-        print(f"{name:<12} {r['inputs']:>8} {r['rejected']:>9} {r['accepted']:>9} {r['crash']:>8} "
+    for name in names:
+        cmd = [sys.executable, __file__, "--child", "--targets", name, "--n", str(args.n), "--seed", str(args.seed),
+               "--memory-mib", str(args.memory_mib)] + (["--budget-s", str(args.budget_s)] if args.budget_s else [])
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        if out.returncode != 0:  # the process itself died (a segfault in a native reader, say): a crash
+            print(f"{name:<16} process died with code {out.returncode}: {out.stderr[-1500:]}", flush=True)
+            bad += 1
+            continue
+        r = json.loads(out.stdout.strip().splitlines()[-1])
+        print(f"{name:<16} {r['inputs']:>8} {r['rejected']:>9} {r['accepted']:>9} {r['crash']:>8} "
               f"{r['worst_s']:>8.3f} {r['peak_rss_mib']:>13.0f}", flush=True)
         for c in r["first_crashes"]:
             print(c, file=sys.stderr)

@@ -160,6 +160,9 @@ def compile_template(source: str) -> jinja2.Template:
         return env.from_string(source)
     except jinja2.exceptions.TemplateError as exc:
         raise ChatFormatError(f"chat_template does not compile: {exc}; fix the template (tokenizer_config.json)") from None
+    except RecursionError:  # jinja2's parser recurses once per nesting level: "{{{{{..." (found by fuzzing)
+        raise ChatFormatError("chat_template nests too deeply to compile; fix the template (tokenizer_config.json)") \
+            from None
 
 
 class HFTemplateFormat(ChatFormat):
