@@ -70,6 +70,13 @@ def test_per_request_off_switch_through_the_openai_and_ollama_clients():
                                                          options={**options, **off}).response,
             "ollama chat": lambda **off: ol.chat(model="tiny-llama3", messages=chat,
                                                  options={**options, **off}).message.content,
+            "openai chat, streamed": lambda **off: "".join(
+                c.choices[0].delta.content or "" for c in oa.chat.completions.create(
+                    model="tiny-llama3", messages=chat, stream=True, **greedy, **({"extra_body": off} if off else {}))
+                if c.choices),
+            "ollama generate, streamed": lambda **off: "".join(
+                c.response for c in ol.generate(model="tiny-llama3", prompt=prompt, raw=True, stream=True,
+                                                options={**options, **off})),
         }
         for name, request in requests.items():
             before = stats["spec_proposed"]
