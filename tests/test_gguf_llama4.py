@@ -282,3 +282,18 @@ def test_our_reader_reads_the_llama4_vocabulary(llama4_vocab_file):
     tok, path = llama4_vocab_file
     text = "The quick brown fox; 12345 times, über café!"
     assert gguf_read(path).tokenizer.encode(text) == tok.encode(text)
+
+
+@pytest.mark.parametrize("key, value", [("llama4.expert_count", 0), ("llama4.expert_used_count", 5),
+                                        ("llama4.interleave_moe_layer_step", 0),
+                                        ("llama4.expert_feed_forward_length", -1)])
+def test_unusable_expert_metadata_is_a_gguf_error(case, key, value):
+    from llamaherd.checkpoint.gguf import config_from_metadata
+    from llamaherd.errors import GGUFError
+    from llamaherd.gguf_file import open_gguf
+
+    _, _, path = case
+    header, mm = open_gguf(path)
+    mm.close()
+    with pytest.raises(GGUFError, match="not a usable mixture of experts"):
+        config_from_metadata({**header.metadata, key: value}, header.tensors, path)

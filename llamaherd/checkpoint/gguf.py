@@ -90,7 +90,7 @@ def config_from_metadata(md: dict[str, Any], tensors: dict[str, TensorInfo], pat
             attn_logit_softcap=m.get("attn_logit_softcapping", float, None),
         )
     if arch == "llama4":  # experts, and what llama.cpp fixes rather than reads (checkpoint/llama4.py)
-        fields.update(llama4.gguf_fields(m.get))
+        fields.update(llama4.gguf_fields(m.get, path))
     for key in ("n_layers", "n_heads", "n_kv_heads", "hidden_dim", "head_dim", "max_seq_len"):
         if not 0 < fields[key] < 1 << 31:
             raise GGUFError(path, f"metadata gives {key} = {fields[key]}, which is not a usable size; fix the {arch}.* keys")

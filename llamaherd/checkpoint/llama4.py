@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from ..config import ConfigError, ModelConfig, MoEConfig, RopeScaling, ffn_hidden_dim, moe_hidden_dim
-from ..errors import CheckpointError
+from ..errors import CheckpointError, GGUFError
 from . import llama4_vision
 from .names import invert, rename
 
@@ -223,12 +223,15 @@ def _gguf_qk_norm(num_experts: int) -> bool:
     return num_experts != 128  # llama.cpp: use_kq_norm = type != LLM_TYPE_17B_128E
 
 
-def gguf_fields(get: Any) -> dict[str, Any]:
+def gguf_fields(get: Any, source: object = None) -> dict[str, Any]:
     """ModelConfig fields of a llama4 GGUF file; `get(key, kind, default)` reads `llama4.<key>` metadata."""
     experts = get("expert_count", int)
     moe = MoEConfig(num_experts=experts, top_k=get("expert_used_count", int),
                     hidden_dim=get("expert_feed_forward_length", int),
                     interleave_step=get("interleave_moe_layer_step", int))
+    if not (0 < moe.top_k <= experts < 1 << 16 and 0 < moe.hidden_dim < 1 << 31 and 0 < moe.interleave_step < 1 << 16):
+        raise GGUFError(source, f"llama4 expert metadata {moe} is not a usable mixture of experts (llama.cpp's llama4 "
+                        "also needs experts, 0 < expert_used_count <= expert_count); fix the llama4.* keys")
     if get("attention.sliding_window", int, None) == 0:  # llama.cpp: no chunks, and RoPE in every layer
         return dict(moe=moe, attention_chunk_size=None, nope_layer_interval=None, use_qk_norm=_gguf_qk_norm(experts),
                     attn_temperature_tuning=False)
