@@ -9,6 +9,10 @@ exactly as the target's p. Here p is the *processed* distribution the normal pat
 temperature, top-k/p, min-p, typical-p: `Sampler.probabilities`), each position with the history it would have
 had, drafts included; under greedy a proposal is kept when it equals the processed argmax. A deterministic
 proposer (n-gram lookup) is the case q = one-hot.
+
+Exact in exact arithmetic: the verification forward (1 + k tokens) computes the values one-token steps compute up
+to float summation order. Where the decode kernels round activations to int8 (packed GGUF weights), such last-bit
+differences can change a rounding and move the logits by ~1, flipping a greedy near-tie (BENCHMARKS.md measures it).
 """
 
 from __future__ import annotations
