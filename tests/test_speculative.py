@@ -1,5 +1,5 @@
 """Speculative decoding is exact: greedy output token-identical to plain decoding for every family (n-gram
-lookup and a draft model), and under sampling the first tokens follow the target's own distribution (a
+lookup and a draft model), and under sampling the first tokens after the prompt's own follow the target's own distribution (a
 chi-square test against probabilities from full forwards; a broken acceptance rule fails the same test)."""
 
 import collections
@@ -9,12 +9,11 @@ import torch
 
 from llamaherd.api import Model
 from llamaherd.checkpoint.base import Checkpoint
+from llamaherd.config import ModelConfig, VisionConfig
 from llamaherd.engine import SamplingParams, make_sampler
 from llamaherd.engine.generate import generate_tokens, greedy_reference
 from llamaherd.engine.speculative import (AcceptanceTracker, DraftProposer, NgramProposer, SpeculativeError,
                                           make_proposer, speculative_tokens)
-
-from llamaherd.config import ModelConfig, VisionConfig
 
 from .conftest import random_model
 from .test_engine_generate import CONFIGS
@@ -30,6 +29,7 @@ FAMILIES = {**CONFIGS, "mllama": ModelConfig(
 
 def _net(family, seed=0):
     return random_model(FAMILIES[family], seed=seed)
+
 
 # A prompt that repeats itself, so prompt lookup has something to propose.
 PROMPT = [1, 5, 9, 20, 5, 9, 20, 7, 5, 9, 20, 7, 3, 5, 9]
