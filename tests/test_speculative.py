@@ -1,5 +1,5 @@
 """Speculative decoding is exact: greedy output token-identical to plain decoding for every family (n-gram
-lookup and a draft model), and under sampling the first tokens after the prompt's own follow the target's own distribution (a
+lookup and a draft model), and under sampling the verified tokens follow the target's own distribution (a
 chi-square test against probabilities from full forwards; a broken acceptance rule fails the same test)."""
 
 import collections
