@@ -170,7 +170,7 @@ def test_q8_0_file_is_gguf_pys_quantization_and_runs_in_llama_cpp(case, tmp_path
 
 
 def test_cli_converts_hf_folder_and_requantizes(tmp_path, caplog):
-    """`herd convert hf-folder --to gguf`, then `herd quantize` of that file: same config, llama.cpp agrees."""
+    """`herd convert hf-folder --to gguf`, `herd quantize` of that file, `--to hf` again: llama.cpp agrees."""
     from llamaherd.checkpoint.save import save
 
     ckpt = checkpoint(SCOUT_LIKE, std=0.1, seed=1)
@@ -184,7 +184,14 @@ def test_cli_converts_hf_folder_and_requantizes(tmp_path, caplog):
     assert any("dequantizing" in r.getMessage() for r in caplog.records)
     assert gguf_read(q8_again).config == gguf_read(f32).config == SCOUT_LIKE
     ref = llama_cpp_logits(q8, IDS)
-    assert_agree(llamaherd.load(q8).logits(IDS).numpy(), ref, "q8_0")
+    from_q8 = llamaherd.load(q8).logits(IDS)
+    assert_agree(from_q8.numpy(), ref, "q8_0")
+    # and back out of GGUF: a Hugging Face folder holding the Q8_0 weights as gguf-py decodes them
+    hf_again = tmp_path / "hf-again"
+    assert herd(["convert", str(q8), str(hf_again), "--to", "hf", "--dtype", "f32"]) == 0
+    again = llamaherd.load(hf_again)
+    want = our_logits(SCOUT_LIKE, meta_state(q8), IDS)
+    torch.testing.assert_close(again.logits(IDS).numpy(), want, atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("change, message", [
