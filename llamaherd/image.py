@@ -93,14 +93,22 @@ def image_source(part: Any) -> Any:
     return None
 
 
+def data_url_bytes(url: str) -> bytes | None:
+    """The bytes a `data:image/...;base64,` URL carries; None when `url` is not such a URL. Malformed base64
+    raises ImageError."""
+    if not _DATA_URL.match(url):
+        return None
+    try:
+        return base64.b64decode(url[url.index(",") + 1 :], validate=True)
+    except (binascii.Error, ValueError):
+        raise ImageError("the data: URL's base64 payload is malformed; encode the image bytes again") from None
+
+
 def _bytes_of(source: Any) -> bytes:
     if isinstance(source, (bytes, bytearray, memoryview)):
         data = bytes(source)
     elif isinstance(source, str) and _DATA_URL.match(source):
-        try:
-            data = base64.b64decode(source[source.index(",") + 1 :], validate=True)
-        except (binascii.Error, ValueError):
-            raise ImageError("the data: URL's base64 payload is malformed; encode the image bytes again") from None
+        data = data_url_bytes(source)
     elif isinstance(source, str) and re.match(r"^[a-z][a-z0-9+.-]*://", source, re.IGNORECASE):
         raise ImageError(
             f"remote image URLs are refused ({source.split('://')[0]}://...): nothing is downloaded; pass a local"

@@ -184,6 +184,10 @@ def test_prefix_cache_keys_include_the_image_digest():
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "/etc/hostname"}}]}]}, "data:image"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "data:text/plain;base64,aGk="}}]}]}, "data:image"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,%%%"}}]}]}, "base64 payload is malformed"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [
         {"type": "image", "image": "/etc/hostname"}]}]}, "image_url"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}]}]}, "image"),

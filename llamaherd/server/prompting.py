@@ -69,10 +69,13 @@ def messages_for_format(messages: list[dict]) -> list[dict]:
     return out
 
 
-def openai_images(messages: list[dict]) -> list[str]:
-    """The images of OpenAI request messages, in prompt order: `image_url` parts carrying the image inline as a
-    data: URL. The server reads nothing else: a remote http(s) URL is refused (it fetches nothing), and so are
-    local paths and other part types that name an image (they would read the server's own files)."""
+def openai_images(messages: list[dict]) -> list[bytes]:
+    """The image bytes of OpenAI request messages, in prompt order: `image_url` parts carrying the image inline as
+    a data:image/...;base64, URL. The server reads nothing else: a remote http(s) URL is refused (it fetches
+    nothing), and so are local paths and other part types that name an image (they would read the server's own
+    files)."""
+    from ..image import data_url_bytes
+
     out = []
     for m in messages:
         content = m.get("content")
@@ -88,14 +91,14 @@ def openai_images(messages: list[dict]) -> list[str]:
             if not isinstance(url, str):
                 raise APIError(400, "an image_url part needs {'image_url': {'url': 'data:image/...;base64,...'}}",
                                param="messages")
-            scheme = url.split(":", 1)[0].lower() if ":" in url else ""
-            if scheme in ("http", "https"):
+            if url.split(":", 1)[0].lower() in ("http", "https"):
                 raise APIError(400, "remote image URLs are refused: this server fetches nothing; send the image "
                                "inline as a data:image/...;base64,... URL", param="messages")
-            if scheme != "data":
+            data = data_url_bytes(url)  # malformed base64: ImageError, a 400
+            if data is None:
                 raise APIError(400, "an image_url must be a data:image/...;base64,... URL (the server reads no "
                                "files)", param="messages")
-            out.append(url)
+            out.append(data)
     return out
 
 
