@@ -23,6 +23,17 @@ def _losses(out) -> list[float]:
     return [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
 
 
+def test_bad_process_counts_are_refused_before_anything_starts(tmp_path, capsys):
+    base, _ = tiny_folder(tmp_path / "base")
+    data = write_jsonl(tmp_path / "data.jsonl", DATA)
+    assert main(["finetune", str(base), str(data), "--out", str(tmp_path / "o"), "--nproc", "0"]) == 1
+    assert "--nproc must be at least 1" in capsys.readouterr().err
+    assert main(["finetune", str(base), str(data), "--out", str(tmp_path / "o"), "--nproc", "2",
+                 "--method", "qlora"]) == 1
+    assert "cannot be sharded" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
 def _args(base, data, method: str = "lora") -> list[str]:
     return [str(base), str(data), "--method", method, "--chat-format", "gemma3", "--max-steps", str(STEPS),
             "--batch-size", "3", "--grad-accum", "2", "--lr", "1e-2", "--warmup-steps", "2", "--clip", "1.0",

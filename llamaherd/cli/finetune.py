@@ -75,6 +75,9 @@ def run(args: argparse.Namespace) -> int:
     parse_dtype(args.dtype)  # a bad spelling fails before the model loads
     if args.nproc < 1:
         raise TrainingError(f"--nproc must be at least 1, got {args.nproc}")
+    if args.nproc > 1 and args.method == "qlora":
+        raise TrainingError("QLoRA's packed 4-bit weights cannot be sharded across processes: run --method qlora "
+                            "without --nproc, or --method lora with --nproc")
     if args.nproc > 1 and not args.dry_run:
         from ..train.distributed import launch
 
