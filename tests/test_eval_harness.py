@@ -7,10 +7,13 @@ whole texts (loglikelihood_rolling) and greedy answers cut at a newline (generat
 
 from __future__ import annotations
 
+import importlib
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
-
 import pytest
 
 lm_eval = pytest.importorskip("lm_eval", reason="install llamaherd[test] (lm-eval)")
@@ -73,7 +76,7 @@ def evaluate(model: str, model_args: str | dict, tmp_path: Path) -> dict:
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    import llamaherd.eval.harness  # noqa: F401  (registers the backend)
+    importlib.import_module("llamaherd.eval.harness")  # registers the backend
 
     out = simple_evaluate(model=model, model_args=model_args, tasks=list(TASKS),
                           task_manager=TaskManager(include_path=str(write_tasks(tmp_path))), random_seed=0,
@@ -109,9 +112,21 @@ def test_backend_scores_the_tiny_task(tiny_gguf, tmp_path, monkeypatch):
         assert sample["resps"][0][0][0] == pytest.approx(want, rel=1e-6, abs=1e-6)
 
 
-@pytest.mark.xfail(reason="open: multiple-choice log-likelihoods agree with the backend, but the first "
-                   "loglikelihood_rolling sample differs by ~8 nats (about one token's log-probability: -101.80 "
-                   "served vs -109.91 in-process); not yet found which token", strict=False)
+def test_lm_eval_command_line(tiny_gguf, tmp_path):
+    """`python -m llamaherd.eval.harness` is lm-eval's own command line with `--model llamaherd` registered."""
+    run = subprocess.run([sys.executable, "-m", "llamaherd.eval.harness", "--model", "llamaherd", "--model_args",
+                          f"pretrained={tiny_gguf}", "--tasks", "herd_tiny_mc", "--include_path",
+                          str(write_tasks(tmp_path)), "--limit", "2"],
+                         capture_output=True, text=True, timeout=600, env={**os.environ, "HF_DATASETS_OFFLINE": "1"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "herd_tiny_mc" in run.stdout and "acc" in run.stdout
+
+
+@pytest.mark.xfail(strict=True, reason="server: two POST /tokenize routes, and server/admin.py's (included before "
+                   "server/tokenize.py's) encodes special-token literals as text, so lm-eval's RemoteTokenizer reads "
+                   "bos_token_id = encode('<|begin_of_text|>')[0] = 27 ('<') and conditions each rolling text's first "
+                   "window on '<' instead of BOS. With admin.py's /tokenize route removed every score here is "
+                   "identical; remove this mark then.")
 def test_served_model_scores_the_same_through_local_completions(tiny_gguf, tmp_path, monkeypatch):
     """`herd serve` (the app, on loopback) with lm-eval's own `local-completions` client: token ids from the
     server's /tokenize, log-probabilities from echo + logprobs on /v1/completions, generations through the

@@ -14,9 +14,9 @@ causal attention keeps the real positions' logits independent of padding after t
 
 from __future__ import annotations
 
+import importlib
 import sys
 
-import lm_eval.models  # noqa: F401  (lm-eval's own backends first: its registry loads them only while empty)
 import torch
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
@@ -24,6 +24,8 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from ..api import load
 from ..checkpoint.save import parse_dtype
+
+importlib.import_module("lm_eval.models")  # lm-eval's own backends first: its registry loads them only while empty
 
 
 @register_model("llamaherd")
