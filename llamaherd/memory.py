@@ -121,12 +121,13 @@ MMAP_THRESHOLD_MAX = 32 * MiB
 
 def working_bytes(config: ModelConfig, tokens: int, dtype: torch.dtype) -> tuple[int, int]:
     """(live, kept): activations of one forward over `tokens` tokens at the largest moment of one layer
-    (model/llama.py, gemma3.py), and what the allocator keeps of them after they are freed.
+    (model/llama.py, gemma3.py), and what the C heap keeps of them after they are freed.
 
     Live: the residual stream, the normed input and the sublayer's output, then either the attention's q, k, v,
     their rotated (float) copies and its output, or the feed-forward's four hidden-wide tensors (two
-    projections, the activation, their product); plus the float32 logits of the last position. Kept: when the
-    largest of those tensors is under glibc's mmap threshold, the heap keeps about one more working set (measured:
+    projections, the activation, their product); a sliding-window model's boolean mask over every query and key
+    and the additive float mask attention makes of it; the float32 logits of the last position. Kept: glibc
+    serves each tensor under its mmap threshold from the heap and keeps it there once freed (measured:
     bench/memory_plan.py, BENCHMARKS.md)."""
     a = torch.finfo(dtype).bits // 8
     q = config.n_heads * config.head_dim
@@ -134,12 +135,12 @@ def working_bytes(config: ModelConfig, tokens: int, dtype: torch.dtype) -> tuple
     hidden = config.hidden_dim
     if config.moe is not None:  # routed experts and the shared one, each hidden-wide (model/moe.py)
         hidden = max(hidden, (config.moe.top_k + 1) * config.moe.hidden_dim)
-    stream = 3 * config.dim * a
-    attention = (5 * q + 4 * kv) * a
-    ffn = 4 * hidden * a
-    live = tokens * (stream + max(attention, ffn)) + 2 * config.vocab_size * 4
-    kept = live if tokens * max(hidden, q) * a < MMAP_THRESHOLD_MAX else 0
-    return live, kept
+    attention = [tokens * q * a] * 5 + [tokens * kv * a] * 4
+    ffn = [tokens * hidden * a] * 4
+    tensors = [tokens * config.dim * a] * 3 + max(attention, ffn, key=sum) + [config.vocab_size * 4] * 2
+    if config.sliding_window and tokens > config.sliding_window:  # gemma3.window_mask, then sdpa's float mask
+        tensors += [tokens * tokens, 4 * tokens * tokens]
+    return sum(tensors), sum(t for t in tensors if t < MMAP_THRESHOLD_MAX)
 
 
 @dataclass(frozen=True)

@@ -131,9 +131,11 @@ def test_dtype_conversion_is_planned(tmp_path):
 def test_over_budget_error_is_typed_and_names_a_fitting_context(tmp_path):
     folder = hf_folder(tmp_path / "small", SMALL)
     plan = llamaherd.load(folder, num_ctx=512).memory_plan
-    budget = plan.total - plan.kv_cache // 2  # room for about half the context
-    with pytest.raises(MemoryPlanError, match=r"num_ctx (128|256) fits"):
-        llamaherd.load(folder, num_ctx=512, max_memory=budget)
+    budget = plan.total - (plan.kv_cache + plan.working + plan.kept) // 2  # room for half the context
+    plan.check(plan.total)
+    with pytest.raises(MemoryPlanError, match=r"num_ctx 256 fits") as err:
+        plan.check(budget)
+    assert err.value.plan is plan
 
 
 @pytest.mark.parametrize("text, n", [("512M", 512 << 20), ("8G", 8 << 30), ("1.5GiB", 3 << 29), ("4096", 4096),
