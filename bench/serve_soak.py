@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import sys
 import threading
@@ -25,6 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import httpx  # noqa: E402
+import torch  # noqa: E402
 
 from bench.serve_common import HerdServe, write_llama3_folder  # noqa: E402
 from llamaherd.config import ModelConfig  # noqa: E402
@@ -36,6 +38,30 @@ WORDS = "llama alpaca herd wool andes grass sky river stone fire story code tool
 
 class Unexpected(Exception):
     """A response the soak did not expect: counted and reported."""
+
+
+class InjectedFault(RuntimeError):
+    """Raised inside an engine step by `FaultInjector`."""
+
+
+class FaultInjector:
+    """Makes every `every`-th engine step raise inside the model's forward, as a crashing kernel would. The
+    engine must fail the requests it was running (their blocks freed) and keep serving the rest."""
+
+    def __init__(self, engine, every: int) -> None:
+        self.count, self.steps, self._lock = 0, 0, threading.Lock()
+        run = engine._run
+
+        def faulty(*args, **kwargs):
+            with self._lock:
+                self.steps += 1
+                fire = self.steps % every == 0
+                self.count += fire
+            if fire:
+                raise InjectedFault("injected fault")
+            return run(*args, **kwargs)
+
+        engine._run = faulty
 
 
 def _text(rng: random.Random) -> str:
@@ -55,13 +81,23 @@ async def _sse_events(r: httpx.Response, abort_after: int | None):
     return events, False
 
 
-async def one_request(client: httpx.AsyncClient, rng: random.Random, stats: dict) -> None:
-    kind = rng.choices(["chat_stream", "chat", "completion_stream", "ollama_generate", "ollama_chat", "bad"],
-                       weights=[4, 2, 2, 2, 1, 1])[0]
+async def one_request(client: httpx.AsyncClient, rng: random.Random, stats: dict, stuck: bool = False) -> None:
+    kind = rng.choices(["chat_stream", "chat", "completion_stream", "ollama_generate", "ollama_chat", "bad", "stuck"],
+                       weights=[4, 2, 2, 2, 1, 1, 1 if stuck else 0])[0]
     max_tokens = rng.randint(1, 48)
     abort = rng.randint(1, 6) if rng.random() < 0.35 else None
     temperature = rng.choice([0.0, 0.7, 1.0])
     msgs = [{"role": "user", "content": _text(rng)}]
+    if kind == "stuck":  # a client that opens a stream, reads one event, then reads nothing for seconds
+        body = {"messages": msgs, "stream": True, "max_tokens": 48, "temperature": temperature}
+        async with client.stream("POST", "/v1/chat/completions", json=body) as r:
+            if r.status_code != 200:
+                raise Unexpected(f"stuck client's stream {r.status_code}")
+            async for _ in r.aiter_lines():
+                break
+            await asyncio.sleep(rng.uniform(2, 6))
+        stats["stuck_clients"] += 1
+        return
     if kind == "bad":
         body = rng.choice([{"messages": []}, {"messages": msgs, "temperature": -1}, {"messages": msgs, "n": 0},
                            {"messages": msgs, "max_tokens": "x"}, {"model": "nope", "messages": msgs}])
@@ -121,7 +157,7 @@ async def one_request(client: httpx.AsyncClient, rng: random.Random, stats: dict
     if aborted and events[-1] != "[DONE]":
         stats["cancelled"] += 1
         return
-    if events[-1] != "[DONE]":
+    if not events or events[-1] != "[DONE]":
         raise Unexpected(f"{path} stream ended without [DONE]")
     usage = json.loads(events[-2]).get("usage") or {}
     if not usage or usage["completion_tokens"] > max_tokens:
@@ -130,21 +166,38 @@ async def one_request(client: httpx.AsyncClient, rng: random.Random, stats: dict
     stats["completed"] += 1
 
 
-async def client_loop(url: str, seed: int, deadline: float, stats: dict) -> None:
+async def client_loop(url: str, seed: int, deadline: float, stats: dict, faults: FaultInjector | None = None,
+                      stuck: bool = False) -> None:
     rng = random.Random(seed)
-    async with httpx.AsyncClient(base_url=url, timeout=120) as client:
-        while time.time() < deadline:
-            stats["requests"] += 1
-            try:
-                await one_request(client, rng, stats)
-            except (Unexpected, httpx.HTTPError, ValueError, KeyError) as exc:
-                stats["unexpected"] += 1
-                if len(stats["errors"]) < 10:
-                    stats["errors"].append(f"{type(exc).__name__}: {exc}")
+    while time.time() < deadline:
+        # A new connection pool after a fault cut a stream, as a real client does with a broken connection.
+        async with httpx.AsyncClient(base_url=url, timeout=120) as client:
+            while time.time() < deadline:
+                stats["requests"] += 1
+                before = faults.count if faults else 0
+                try:
+                    await one_request(client, rng, stats, stuck)
+                except (Unexpected, httpx.HTTPError, ValueError, KeyError) as exc:
+                    if faults is not None and faults.count > before and _fault_shaped(exc):
+                        stats["failed_by_injected_fault"] += 1  # a fault fired while it ran: failing is correct
+                        break
+                    stats["unexpected"] += 1
+                    if len(stats["errors"]) < 10:
+                        stats["errors"].append(f"{type(exc).__name__}: {exc}")
 
 
-def soak(url: str, pid: int, seconds: float, clients: int = 32, seed: int = 0) -> dict:
-    """Run the soak against the server at `url` (process `pid`, for its RSS); figures as a dict (RSS in MiB)."""
+def _fault_shaped(exc: Exception) -> bool:
+    """What a request running in a failed engine step sees: a 500 (generation_failed) or a stream cut short."""
+    text = str(exc)
+    return isinstance(exc, (httpx.RemoteProtocolError, httpx.ReadError)) or " 500" in text \
+        or "without [DONE]" in text or "ended badly" in text
+
+
+def soak(url: str, pid: int, seconds: float, clients: int = 32, seed: int = 0, faults: FaultInjector | None = None,
+         stuck: bool = False) -> dict:
+    """Run the soak against the server at `url` (process `pid`, for its RSS); figures as a dict (RSS in MiB).
+    With `faults` (installed on the server's engine, same process) requests a fault hit may fail; `stuck` adds
+    clients that stop reading their stream for seconds."""
     import psutil
 
     proc = psutil.Process(pid)
@@ -158,14 +211,15 @@ def soak(url: str, pid: int, seconds: float, clients: int = 32, seed: int = 0) -
             done.wait(1.0)
 
     stats = {"requests": 0, "completed": 0, "cancelled": 0, "rejected_as_expected": 0, "unexpected": 0,
-             "tokens": 0, "errors": []}
+             "tokens": 0, "stuck_clients": 0, "failed_by_injected_fault": 0, "errors": []}
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     started = time.time()
 
     async def main() -> None:
         deadline = started + seconds
-        await asyncio.gather(*(client_loop(url, seed * 1000 + i, deadline, stats) for i in range(clients)))
+        await asyncio.gather(*(client_loop(url, seed * 1000 + i, deadline, stats, faults, stuck)
+                               for i in range(clients)))
 
     asyncio.run(main())
     elapsed = time.time() - started
@@ -175,7 +229,9 @@ def soak(url: str, pid: int, seconds: float, clients: int = 32, seed: int = 0) -
     warm = [rss for t, rss in samples if t <= seconds / 4] or [samples[0][1]]
     after = [rss for t, rss in samples if t > seconds / 4] or warm
     half = len(after) // 2
-    return {**stats, "seconds": round(elapsed, 1), "clients": clients, "tok_per_s": round(stats["tokens"] / elapsed, 1),
+    return {**stats, "faults_injected": faults.count if faults else 0, "seconds": round(elapsed, 1),
+            "rss_start_mib": round(samples[0][1], 1), "clients": clients,
+            "tok_per_s": round(stats["tokens"] / elapsed, 1),
             "rss_after_warmup_mib": round(warm[-1], 1), "rss_max_after_warmup_mib": round(max(after), 1),
             "rss_end_mib": round(after[-1], 1),
             "rss_growth_second_half_mib": round(max(after[half:]) - max(after[: max(half, 1)]), 1),
@@ -208,6 +264,38 @@ def start_server(folder: Path, log: Path | None = None) -> HerdServe:
                      "--max-waiting", "64", name="soak", log=log)
 
 
+def fault_soak(folder: Path, seconds: float, clients: int, seed: int, every: int) -> dict:
+    """The soak with faults: the server in this process (uvicorn on a thread) so that a `FaultInjector` can sit
+    in its engine; clients that stop reading join the mix. RSS is this process's (server and clients)."""
+    import uvicorn
+
+    from bench.serve_common import free_port
+    from llamaherd.api import load
+    from llamaherd.memory import kv_bytes_per_token
+    from llamaherd.server import ServedModel, create_app
+
+    torch.set_num_threads(1)
+    # 64 blocks of 16 tokens, as start_server's herd serve: preemption all the time.
+    served = ServedModel(load(folder), "soak", kv_cache_bytes=64 * 16 * kv_bytes_per_token(SOAK_CONFIG, torch.float32),
+                         max_batch=32, max_waiting=64)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(served), host="127.0.0.1", port=port, log_level="critical"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    cache = served.engine.cache
+    free_start = cache.num_free
+    faults = FaultInjector(served.engine, every)
+    try:
+        figures = soak(f"http://127.0.0.1:{port}", os.getpid(), seconds, clients, seed, faults=faults, stuck=True)
+    finally:
+        server.should_exit = True
+        thread.join(30)
+    return {**figures, "kv_blocks": cache.num_blocks, "kv_free_start": free_start, "kv_free_end": cache.num_free,
+            "exit_code": 0}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=180)
@@ -215,11 +303,18 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dir", type=Path, default=Path("/tmp/llamaherd-serve-soak"))
     ap.add_argument("--log", type=Path, default=None)
+    ap.add_argument("--fault-every", type=int, default=0,
+                    help="make every N-th engine step raise (in-process server, with stuck clients too)")
     args = ap.parse_args()
+    print(f"load average {os.getloadavg()}; command: {' '.join(sys.argv)}")
     folder = write_llama3_folder(args.dir / "model", SOAK_CONFIG)
-    with start_server(folder, args.log) as server:
-        figures = soak(server.url, server.proc.pid, args.seconds, args.clients, args.seed)
-        code = server.stop()
+    if args.fault_every > 0:
+        figures = fault_soak(folder, args.seconds, args.clients, args.seed, args.fault_every)
+        code = 0 if figures["kv_free_end"] == figures["kv_free_start"] else 1
+    else:
+        with start_server(folder, args.log) as server:
+            figures = soak(server.url, server.proc.pid, args.seconds, args.clients, args.seed)
+            code = server.stop()
     figures["exit_code"] = code
     for k, v in figures.items():
         print(f"{k:28s} {v}")

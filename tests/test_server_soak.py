@@ -1,26 +1,30 @@
-"""Bounded soaks on loopback: 32 concurrent clients, mixed routes, random cancellations, no unexpected answer."""
+"""Bounded soaks on loopback: concurrent clients, mixed routes, cancellations, stuck clients and engine faults."""
 
 import os
 
 import pytest
 
 from bench.serve_common import write_llama3_folder
-from bench.serve_soak import SOAK_CONFIG, soak, start_server
+from bench.serve_soak import SOAK_CONFIG, FaultInjector, soak, start_server
 
 from .server_fixtures import start
 
 
-def test_short_soak_in_process():
-    # A KV cache of 96 blocks of 16 tokens: 32 clients overflow it, so preemption happens too.
+def test_short_soak_in_process_with_faults():
+    # A KV cache of 96 blocks of 16 tokens: 64 clients overflow it, so preemption happens too. Faults: every 150th
+    # engine step raises inside the forward, clients disconnect mid-stream, and some stop reading for seconds.
     server, served = start(kv_cache_bytes=96 * 16 * 2 * 2 * 2 * 8 * 4, max_batch=32, max_waiting=64)
+    free_at_start = served.engine.cache.num_free
+    faults = FaultInjector(served.engine, every=150)
     try:
-        figures = soak(server.url, os.getpid(), seconds=15, clients=32, seed=1)
+        figures = soak(server.url, os.getpid(), seconds=15, clients=64, seed=1, faults=faults, stuck=True)
     finally:
         server.stop()
-    assert figures["unexpected"] == 0, figures["errors"]
-    assert figures["completed"] >= 32 and figures["cancelled"] >= 5 and figures["rejected_as_expected"] >= 1
+    assert figures["unexpected"] == 0, figures["errors"]  # a request no fault touched answered correctly
+    assert figures["completed"] >= 16 and figures["cancelled"] >= 5 and figures["rejected_as_expected"] >= 1
+    assert figures["faults_injected"] >= 1 and figures["stuck_clients"] >= 1, figures
     assert figures["idle_running"] == figures["idle_waiting"] == 0 and figures["idle_kv_cache_usage"] == 0
-    assert served.engine.cache.num_free == served.engine.cache.num_blocks
+    assert served.engine.cache.num_free == free_at_start == served.engine.cache.num_blocks  # no leaked block
 
 
 @pytest.mark.slow
