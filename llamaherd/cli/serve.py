@@ -51,6 +51,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="memory for the paged KV cache, like 2G or 512M (overrides --kv-cache-gb); the start line "
                         "says what context and concurrency it allows")
     add_memory_flag(p)
+    p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                   help="let web pages from ORIGIN (like https://example.com) call this server (repeatable; "
+                        "default: none, CORS off)")
     p.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens processed per step and sequence")
     p.add_argument("--num-ctx", type=int, default=None,
                    help="context window in tokens (at most the model's max_seq_len; default: the model's)")
@@ -99,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
                          prefill_chunk=args.prefill_chunk, max_waiting=args.max_waiting, max_context=args.num_ctx,
                          speculative=args.speculative, draft=draft,
                          num_speculative_tokens=args.num_speculative_tokens or 5)
-    app = create_app(served, api_key=args.api_key)
+    app = create_app(served, api_key=args.api_key, cors_origins=tuple(args.cors_origin))
     guarded = install_serve_shields(app, args)
     print(f"serving {name} on http://{args.host}:{args.port} (OpenAI: /v1, Ollama: /api, "
           f"web chat: http://{args.host}:{args.port}/ui){chat_note(model)}{guarded}", flush=True)

@@ -1,7 +1,8 @@
 """The FastAPI application: OpenAI /v1, Ollama /api and operations routes over one served model.
 
 Cross-cutting behaviour lives here: OpenAI-shaped JSON errors (4xx for every bad request, never a 5xx),
-an optional API key on every route but /health, a request-body size limit, one log line per request.
+an optional API key on every route but /health, a request-body size limit (chunked bodies counted as they
+arrive), CORS only for the origins given, one log line per request.
 """
 
 from __future__ import annotations
@@ -38,7 +39,35 @@ def _status_of(exc: Exception) -> tuple[int, str | None]:
     return 400, None  # every other domain error (sampling, chat format, tokenizer...) is the request's fault
 
 
-def create_app(served: ServedModel, *, api_key: str | None = None, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+class _ChunkedBodyLimit:
+    """A body sent without a Content-Length (chunked) is read here first, up to the limit: past it the answer is
+    a 413 and the app never runs; within it the app reads the same messages. (`guard` checks Content-Length.)"""
+
+    def __init__(self, app, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or any(k == b"content-length" for k, _ in scope["headers"]):
+            return await self.app(scope, receive, send)
+        messages, size = [], 0
+        while True:
+            message = await receive()
+            messages.append(message)
+            size += len(message.get("body", b""))
+            if size > self.limit:
+                response = error_response(413, f"request body over {self.limit} bytes", code="body_too_large")
+                return await response(scope, receive, send)
+            if message["type"] != "http.request" or not message.get("more_body"):
+                break
+
+        async def replay():
+            return messages.pop(0) if messages else await receive()
+
+        await self.app(scope, replay, send)
+
+
+def create_app(served: ServedModel, *, api_key: str | None = None, max_body_bytes: int = MAX_BODY_BYTES,
+               cors_origins: tuple[str, ...] = ()) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         served.start()
@@ -98,6 +127,12 @@ def create_app(served: ServedModel, *, api_key: str | None = None, max_body_byte
         return error_response(exc.status_code, str(exc.detail), "not_found_error" if exc.status_code == 404 else
                               "invalid_request_error")
 
+    app.add_middleware(_ChunkedBodyLimit, limit=max_body_bytes)
+    if cors_origins:  # off unless asked for (--cors-origin): no other site's page may call this server
+        from starlette.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST", "DELETE"],
+                           allow_headers=["authorization", "content-type", "x-api-key"])
     app.include_router(openai.router)
     app.include_router(moderations.router)
     app.include_router(ollama.router)
