@@ -9,11 +9,15 @@ Every other path is compared with it on the same chunks of the same text, scored
   ours            the runtime as `llamaherd.load` builds it, with int8 activations on/off and bf16 prefill on/off
                   (native/ggml_kernels.py INT8_ACTIVATIONS, BF16_PREFILL; bf16 only where the CPU has it)
   llama.cpp       llama-cpp-python on the same file (logits_all; its default f16 KV cache)
+  llama.cpp F32   with --llama-cpp-f32: llama.cpp on the same weights written out as an F32 GGUF (decoded as ggml
+                  defines them, so the same model): its float kernels, without the 8-bit rounding of activations
+                  its quantized dot products do (ggml-cpu vec_dot_type: Q8_K for k-quants, Q8_0 for Q8_0/Q5_0)
 
 each through the prefill path (the chunk in one forward / one llama_decode) and the decode path (one token
-per step into a KV cache / n_batch=1), side by side in one run.
+per step into a KV cache / n_batch=1), side by side in one run. Each row also gives the perplexity of its
+positions (llama-perplexity's PPL over the scored halves), the float64 reference's first.
 
-    .venv/bin/python bench/eval_fidelity.py [MODEL.gguf] --ctx 256 --chunks 4 --decode-chunks 1
+    .venv/bin/python bench/eval_fidelity.py [MODEL.gguf] --ctx 256 --chunks 4 --decode-chunks 1 [--llama-cpp-f32]
 
 The text defaults to `llama_models/llama3_1/prompt_format.md` from Meta's llama-models package (a core
 dependency: the same file on every install).
@@ -25,6 +29,7 @@ import argparse
 import contextlib
 import os
 import sys
+import tempfile
 import time
 from importlib.resources import files
 
@@ -35,8 +40,9 @@ import llamaherd
 from llamaherd import store
 from llamaherd.checkpoint import materialize, read
 from llamaherd.checkpoint.base import dequantized
+from llamaherd.checkpoint.gguf_write import write
 from llamaherd.engine.generate import decode_one
-from llamaherd.eval.perplexity import chunk_tokens, scored_view
+from llamaherd.eval.perplexity import chunk_tokens, next_tokens, scored_view
 from llamaherd.model.cache import KVCache
 from llamaherd.native import ggml_kernels
 
@@ -48,10 +54,26 @@ def log_probs(logits: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(logits.double(), dim=-1)
 
 
-def kld_and_top(ref: torch.Tensor, other: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """Per position KL(ref || other) over the whole vocabulary, and whether the argmax agrees; (T, V) log-probs."""
+def kld_and_top(ref: torch.Tensor, other: torch.Tensor, target: torch.Tensor) -> tuple[np.ndarray, ...]:
+    """Per position KL(ref || other) over the whole vocabulary, whether the argmax agrees, and other's NLL of the
+    text's next token; (T, V) log-probs, (T,) targets."""
     kld = (ref.exp() * (ref - other)).sum(-1)
-    return kld.numpy(), (ref.argmax(-1) == other.argmax(-1)).numpy()
+    nll = -other.gather(-1, target[:, None])[:, 0]
+    return kld.numpy(), (ref.argmax(-1) == other.argmax(-1)).numpy(), nll.numpy()
+
+
+def float64_reference(path: str) -> torch.nn.Module:
+    """The file's weights decoded as ggml defines them, in float64; each float32 tensor is let go as its float64
+    copy is made, so the peak is the float64 model plus one tensor (a 1B model: 10 GB, not 15)."""
+    ckpt = dequantized(read(path), "the float64 reference")
+    sd, done = ckpt.state_dict, {}
+    for name, t in list(sd.items()):
+        if t.is_floating_point():
+            if id(t) not in done:  # a tied embedding is one tensor under two names: one copy
+                done[id(t)] = t.double()
+            sd[name] = done[id(t)]
+        del t
+    return materialize(ckpt, dtype=torch.float64).eval()
 
 
 @torch.inference_mode()
@@ -90,13 +112,12 @@ def switches(int8: bool, bf16: bool):
 
 
 def table(rows: dict[tuple[str, str], list]) -> None:
-    print("| path | implementation | positions | mean KLD vs float64 | max KLD | same top token |")
-    print("|---|---|---|---|---|---|")
+    print("| path | implementation | positions | mean KLD vs float64 | max KLD | same top token | PPL |")
+    print("|---|---|---|---|---|---|---|")
     for (kind, label), parts in rows.items():
-        kld = np.concatenate([k for k, _ in parts])
-        same = np.concatenate([s for _, s in parts])
-        print(f"| {kind} | {label} | {kld.size} | {kld.mean():.3e} | {kld.max():.3e} | {100 * same.mean():.2f}% |",
-              flush=True)
+        kld, same, nll = (np.concatenate(col) for col in zip(*parts))
+        print(f"| {kind} | {label} | {kld.size} | {kld.mean():.3e} | {kld.max():.3e} | {100 * same.mean():.2f}% "
+              f"| {np.exp(nll.mean()):.4f} |", flush=True)
 
 
 def main() -> int:
@@ -107,6 +128,8 @@ def main() -> int:
     ap.add_argument("--chunks", type=int, default=4, help="chunks through the prefill path")
     ap.add_argument("--decode-chunks", type=int, default=1, help="chunks through the decode path (one token a step)")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--llama-cpp-f32", action="store_true",
+                    help="also run llama.cpp on the same weights written as an F32 GGUF (a temporary file)")
     args = ap.parse_args()
     import llama_cpp
 
@@ -124,9 +147,15 @@ def main() -> int:
     model = llamaherd.load(path)
     tokens = model.tokenizer.encode(text, bos=True)
     grid = chunk_tokens(tokens, args.ctx, model.tokenizer.bos_id, max(args.chunks, args.decode_chunks))
-    ref_net = materialize(dequantized(read(path), "the float64 reference"), dtype=torch.float64).eval()
-    llm = {path_kind: llama_cpp.Llama(path, logits_all=True, n_ctx=args.ctx, n_batch=n_batch, n_threads=threads,
-                                      verbose=False) for path_kind, n_batch in (("prefill", args.ctx), ("decode", 1))}
+    targets = next_tokens(grid, tokens)
+    ref_net = float64_reference(path)
+    runs = {"llama.cpp": path}
+    tmp = tempfile.TemporaryDirectory()
+    if args.llama_cpp_f32:
+        runs["llama.cpp F32"] = str(write(read(path), os.path.join(tmp.name, "f32.gguf"), qtype="f32"))
+    llm = {(label, path_kind): llama_cpp.Llama(file, logits_all=True, n_ctx=args.ctx, n_batch=n_batch,
+                                               n_threads=threads, verbose=False)
+           for label, file in runs.items() for path_kind, n_batch in (("prefill", args.ctx), ("decode", 1))}
     bf16_modes = (True, False) if ggml_kernels.BF16_PREFILL else (False,)
     ours = [(f"llamaherd int8 {'on ' if i8 else 'off'}, bf16 {'on ' if b else 'off'}", i8, b)
             for i8 in (True, False) for b in bf16_modes]
@@ -137,12 +166,15 @@ def main() -> int:
             chunk = grid[c]
             ref = log_probs(prefill_logits(ref_net, chunk) if kind == "prefill" else
                             decode_logits(ref_net, chunk, model.config, torch.float64))
+            rows.setdefault((kind, "float64 reference"), []).append(kld_and_top(ref, ref, targets[c]))
             for label, i8, b in ours:
                 with switches(i8, b):
                     got = prefill_logits(model.net, chunk) if kind == "prefill" else decode_logits(model.net, chunk,
                                                                                                      model.config)
-                rows.setdefault((kind, label), []).append(kld_and_top(ref, log_probs(got)))
-            rows.setdefault((kind, "llama.cpp"), []).append(kld_and_top(ref, log_probs(llama_cpp_logits(llm[kind], chunk))))
+                rows.setdefault((kind, label), []).append(kld_and_top(ref, log_probs(got), targets[c]))
+            for label in runs:
+                theirs = log_probs(llama_cpp_logits(llm[label, kind], chunk))
+                rows.setdefault((kind, label), []).append(kld_and_top(ref, theirs, targets[c]))
             print(f"  {kind} chunk {c + 1}/{n} done ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
         table({k: v for k, v in rows.items() if k[0] == kind})  # each path's table as soon as it is measured
     print(f"# load average at the end {os.getloadavg()[0]:.2f}")
