@@ -4,7 +4,8 @@
     summary = train.finetune("path/to/model", "data.jsonl", "out/", method="lora", lr=2e-4, max_steps=100)
     model = llamaherd.load("path/to/model", adapter="out/")
 
-`herd finetune BASE DATA --method lora|qlora|full|dpo|distill --out DIR` runs the same.
+`herd finetune BASE DATA --method lora|qlora|full|dpo|distill --out DIR` runs the same; with `--nproc N`, or
+started by torchrun, the same loop runs data-parallel over FSDP2 (train/distributed.py).
 """
 
 from __future__ import annotations
