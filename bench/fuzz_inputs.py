@@ -8,6 +8,7 @@ with the file). What that call may do: succeed, or raise a typed LlamaherdError 
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import random
@@ -84,12 +85,12 @@ def mutate_json_values(data: bytes, rng: random.Random) -> bytes:
     for _ in range(rng.randint(1, 4)):
         node, key = _random_slot(obj, rng)
         if node is None:
-            obj = rng.choice(odd)
+            obj = copy.deepcopy(rng.choice(odd))
             break
         if rng.random() < 0.2 and isinstance(node, dict):
             node.pop(key, None)
         else:
-            node[key] = rng.choice(odd)
+            node[key] = copy.deepcopy(rng.choice(odd))  # a fresh value: never one the tree already holds
     return json.dumps(obj).encode()
 
 
