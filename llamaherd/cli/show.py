@@ -102,7 +102,7 @@ def show_memory(args: argparse.Namespace, config: ModelConfig, facts: dict) -> i
 
     from ..checkpoint import Checkpoint, read
     from ..checkpoint.save import parse_dtype
-    from ..memory import human, plan
+    from ..memory import plan
     from ..model import build
 
     dtype = parse_dtype(args.dtype) if args.dtype else None
