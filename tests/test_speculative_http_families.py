@@ -74,5 +74,7 @@ def test_concurrent_greedy_over_http_equals_plain_generate(family):
             server.stop()
         stats = served.engine.stats
         assert stats["peak_decode_batch"] > 1, "the requests did not share a batch"
-        assert stats["spec_proposed"] > 0 and stats["spec_accepted"] > 0, "speculation did not run"
+        assert stats["spec_proposed"] > 0, "nothing was proposed"
+        if "draft" in spec:  # the near copy's proposals are kept, at least some (prompt lookup's may all be rejected)
+            assert stats["spec_accepted"] > 0, stats
         assert served.engine.cache.num_free == served.engine.cache.num_blocks
