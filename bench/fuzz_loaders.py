@@ -182,7 +182,9 @@ def fuzz_one(folder: Path, fname: str, valid: bytes, mutate, rng: random.Random,
         outcome, detail = "accepted", ""
     except LlamaherdError as exc:
         outcome, detail = "rejected", str(exc)[:100]
-    except Exception:  # noqa: BLE001 - the point of the fuzzer: anything untyped (or a hang) is a crash
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException:  # noqa: BLE001 - anything untyped (a hang, a Rust panic from a native reader) is a crash
         outcome, detail = "crash", traceback.format_exc()[-1500:] + f"\ninput ({len(data)} bytes): {data[:400]!r}"
     finally:
         signal.alarm(0)

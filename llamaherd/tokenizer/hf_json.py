@@ -59,10 +59,13 @@ class HFTokenizer(Tokenizer):
         self.source = path
         try:
             self._tk = tk = tokenizers.Tokenizer.from_file(str(path))
-        except Exception as e:  # the tokenizers library raises plain Exception on any malformed file
+        except BaseException as e:  # plain Exception on a malformed file; a Rust panic (pyo3's PanicException,
+            # a BaseException) on some out-of-range fields, found by fuzzing
+            if isinstance(e, (KeyboardInterrupt, SystemExit)):
+                raise
             raise TokenizerError(
                 f"{path}: not a tokenizer.json the tokenizers library can read ({e}); re-download it"
-            ) from e
+            ) from None
         # Text that happens to spell a special token (e.g. "<|eot_id|>") is tokenized as text.
         tk.encode_special_tokens = True
         self.vocab_size = tk.get_vocab_size(with_added_tokens=True)

@@ -28,7 +28,7 @@ class SentencePieceTokenizer(Tokenizer):
         self._sp = sp = sentencepiece.SentencePieceProcessor()
         try:
             sp.LoadFromSerializedProto(proto)
-        except (RuntimeError, OSError) as e:
+        except (RuntimeError, OSError, UnicodeDecodeError) as e:  # a piece that is not UTF-8: found by fuzzing
             raise TokenizerError(f"{source}: not a valid SentencePiece model ({e}); re-download tokenizer.model") from e
         self.vocab_size = sp.vocab_size()
         if self.vocab_size <= 0:
