@@ -41,3 +41,9 @@ def test_deeply_nested_template_is_a_typed_error():
     # Found by the chat_template target: jinja2's parser recursed past Python's limit (RecursionError).
     with pytest.raises(ChatFormatError, match="nests too deeply"):
         compile_template("{{ bos_token }}" + "{" * 5000)
+
+
+def test_huge_integer_literal_in_a_template_is_a_typed_error():
+    # Found by the chat_template target: the lexer's int() of a 5000-digit literal raised ValueError.
+    with pytest.raises(ChatFormatError, match="does not compile"):
+        compile_template("{{ " + "9" * 5000 + " }}")

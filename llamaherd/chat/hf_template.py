@@ -163,6 +163,9 @@ def compile_template(source: str) -> jinja2.Template:
     except RecursionError:  # jinja2's parser recurses once per nesting level: "{{{{{..." (found by fuzzing)
         raise ChatFormatError("chat_template nests too deeply to compile; fix the template (tokenizer_config.json)") \
             from None
+    except ValueError as exc:  # the lexer's int() of a literal past Python's 4300 digits (found by fuzzing)
+        raise ChatFormatError(f"chat_template does not compile: {exc}; fix the template (tokenizer_config.json)") \
+            from None
 
 
 class HFTemplateFormat(ChatFormat):
