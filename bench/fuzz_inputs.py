@@ -365,7 +365,9 @@ def _client():
         tok = _llama3_tokenizer()
         ckpt = Checkpoint(config, {}, Path("fuzz"), tokenizer=tok,
                           generation=GenerationDefaults(eos_token_ids=(tok.special_id("<|eot_id|>"),)))
-        served = ServedModel(Model(build(config).eval(), ckpt), "fuzz", kv_cache_bytes=4 << 20)
+        # A 200-token context: a body without max_tokens generates at most ~60 tokens (the prompt with a tool is
+        # ~140), so the time limit meets only real hangs, not long answers on a loaded machine.
+        served = ServedModel(Model(build(config).eval(), ckpt), "fuzz", kv_cache_bytes=4 << 20, max_context=200)
         _CLIENT = TestClient(create_app(served), raise_server_exceptions=True)
         _CLIENT.__enter__()
     return _CLIENT
