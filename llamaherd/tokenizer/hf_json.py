@@ -156,7 +156,11 @@ class HFTokenizer(Tokenizer):
         if not isinstance(text, str):
             raise TypeError(f"encode expects str, got {type(text).__name__}")
         # add_special_tokens=False: bos/eos are ours to add, never the post-processor's.
-        return self._wrap(self._tk.encode(sanitize(text), add_special_tokens=False).ids, bos, eos)
+        try:
+            ids = self._tk.encode(sanitize(text), add_special_tokens=False).ids
+        except Exception as e:  # a file the library loads but cannot apply (unk_token not in its vocabulary: fuzzing)
+            raise TokenizerError(f"{self.source}: this tokenizer.json cannot encode text ({e}); re-download it") from None
+        return self._wrap(ids, bos, eos)
 
     def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
         ids = [int(i) for i in ids]
