@@ -159,7 +159,8 @@ class HFTokenizer(Tokenizer):
         try:
             ids = self._tk.encode(sanitize(text), add_special_tokens=False).ids
         except Exception as e:  # a file the library loads but cannot apply (unk_token not in its vocabulary: fuzzing)
-            raise TokenizerError(f"{self.source}: this tokenizer.json cannot encode text ({e}); re-download it") from None
+            raise TokenizerError(f"{self.source}: this tokenizer.json cannot encode text ({e}); re-download it") \
+                from None
         return self._wrap(ids, bos, eos)
 
     def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
