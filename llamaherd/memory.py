@@ -11,6 +11,7 @@ on the meta device, so refusing costs no allocation:
     KV cache       keys and values of every layer for `num_ctx` tokens (model/cache.py `KVCache`), or the
                    server's paged pool (engine/paged.py)
     working        the activations of the largest forward: a prefill of `num_ctx` tokens, one layer at a time
+    allocator      what the C heap keeps of those activations once freed (the ones under glibc's mmap threshold)
     runtime        what the process holds now (interpreter, torch, tokenizer), less the checkpoint's own pages
 
 Sizes are bytes; `parse_size` reads "512M", "8G", "1.5GiB" (powers of 1024).
