@@ -117,7 +117,7 @@ def test_chat_defaults_to_the_default_model(monkeypatch):
     class Stop(Exception):
         pass
 
-    def fake_load(name, dtype=None):
+    def fake_load(name, *args, **kwargs):  # dtype, adapter, max_memory, num_ctx
         seen.append(name)
         raise Stop
 
