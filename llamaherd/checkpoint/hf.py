@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 
 from ..config import GenerationDefaults
 from ..errors import CheckpointError
+from ..quant import fp8
 from . import gemma3, llama, llama4, mllama
 from .base import Checkpoint, attach_tokenizer
 from .pth import load_pth
@@ -128,9 +129,10 @@ QUANT_METHOD = "llamaherd"
 def check_method(qc: Any, cfile: Path) -> None:
     """Refuse a quantization_config this version cannot run (GPTQ, AWQ, FP8 ...), naming it."""
     method = qc.get("quant_method") if isinstance(qc, dict) else None
-    if method != QUANT_METHOD:
+    if method != QUANT_METHOD and not fp8.reads(qc):  # FP8 weights are dequantised by `read` (quant/fp8.py)
         raise CheckpointError(cfile, f"quantization_config.quant_method {method!r} is not one llamaherd reads "
-                              f"(it reads {QUANT_METHOD!r}: folders saved by llamaherd.checkpoint.quantized.save); "
+                              f"(it reads {QUANT_METHOD!r}: folders saved by llamaherd.checkpoint.quantized.save, "
+                              f"and the 8-bit weights of {', '.join(fp8.METHODS)}); "
                               "dequantise the checkpoint to bf16 with its own tools, or download the unquantized model")
 
 
@@ -152,7 +154,14 @@ def read(path: str | Path) -> Checkpoint:
     qc = cfg.get("quantization_config")
     if qc is not None:  # refuse foreign formats before reading their packed tensors as float ones
         check_method(qc, cfile)
-    sd = family.hf_to_meta(_load_weights(path), config, source=path)
+    raw = _load_weights(path)
+    if qc is not None and fp8.reads(qc):
+        try:
+            raw = fp8.dequantize(raw, qc)
+        except fp8.FP8Error as exc:
+            raise CheckpointError(path, f"{fp8.describe(qc)}: {exc}; the checkpoint is incomplete or corrupt: "
+                                  "download it again") from None
+    sd = family.hf_to_meta(raw, config, source=path)
     ckpt = Checkpoint(
         config=config, state_dict=sd, source=path, tokenizer=attach_tokenizer(path, ("tokenizer.json", "tokenizer.model")),
         generation=generation_from_hf(path, cfg), chat_template=chat_template_from_hf(path),

@@ -26,7 +26,7 @@ from torch import nn
 
 from ..atomic import replacing_folder
 from ..errors import CheckpointError
-from ..quant import weight_only as wo
+from ..quant import fp8, weight_only as wo
 from . import hf
 from .base import Checkpoint
 from .hf import QUANT_METHOD as METHOD, check_method, load_safetensors
@@ -74,7 +74,9 @@ def read(path: str | Path) -> Checkpoint:
     """A Hugging Face folder (the float part is an ordinary one), with weight-only codes where config.json says."""
     ckpt = hf.read(path)
     qc = ckpt.metadata["config"].get("quantization_config")
-    return ckpt if qc is None else attach(ckpt, qc, Path(path))
+    if qc is None or fp8.reads(qc):  # FP8 weights: already dequantised by hf.read
+        return ckpt
+    return attach(ckpt, qc, Path(path))
 
 
 def attach(ckpt: Checkpoint, qc: Any, path: Path) -> Checkpoint:
