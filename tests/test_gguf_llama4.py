@@ -259,6 +259,10 @@ def test_chunks_and_temperature_beyond_8192_positions(tmp_path):
     assert np.abs(ours - ref).mean() < 0.001
 
 
+LLAMA4_TEXTS = ("The quick brown fox; 12345 times, über café!", "  HELLOWorld's\n\n\ttabs 3.14159 a/b/c",
+                "日本語のテキスト 🦙")
+
+
 @pytest.fixture(scope="module")
 def llama4_vocab_file(tmp_path_factory):
     """A tiny model with Meta's Llama 4 vocabulary (202,048 tokens, pre-tokenizer "llama4"); ~10 s to write."""
@@ -275,20 +279,19 @@ def test_llama_cpp_tokenizes_the_llama4_vocabulary_like_us(llama4_vocab_file):
     assert read_field(gguf.GGUFReader(path), "tokenizer.ggml.pre") == "llama4"
     llm = llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
     try:
-        for text in ("The quick brown fox; 12345 times, über café!", "  HELLOWorld's\n\n\ttabs 3.14159 a/b/c",
-                     "日本語のテキスト 🦙"):
+        for text in LLAMA4_TEXTS:
             assert llm.tokenize(text.encode(), add_bos=False, special=False) == tok.encode(text), text
     finally:
         llm.close()
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="tokenizer/gguf_vocab.py PRE_SPLITS has no 'llama4' (llama.cpp's Llama 4 "
-                   "pre-tokenizer, tiktoken_bpe.LLAMA4_PATTERN with ignore_merges): our reader refuses the vocabulary")
 def test_our_reader_reads_the_llama4_vocabulary(llama4_vocab_file):
     tok, path = llama4_vocab_file
-    text = "The quick brown fox; 12345 times, über café!"
-    assert gguf_read(path).tokenizer.encode(text) == tok.encode(text)
+    ours = gguf_read(path).tokenizer
+    for text in LLAMA4_TEXTS:
+        assert ours.encode(text) == tok.encode(text), text
+        assert ours.decode(ours.encode(text)) == text
 
 
 @pytest.mark.parametrize("key, value", [("llama4.expert_count", 0), ("llama4.expert_used_count", 5),

@@ -16,6 +16,7 @@ from typing import Any
 from ..errors import GGUFError, TokenizerError
 from ..gguf_file import open_gguf
 from .base import Tokenizer
+from .tiktoken_bpe import LLAMA4_PATTERN
 
 # llama.cpp `llama_token_type` / gguf-py `TokenType`.
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -30,8 +31,10 @@ GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(
 # End-of-turn texts llama.cpp recognises when `tokenizer.ggml.eot_token_id` is absent (llama-vocab.cpp).
 EOT_TEXTS = ("<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<EOT>", "_<EOT>",
              "<｜end▁of▁sentence｜>")
-PRE_SPLITS = {"llama-bpe": (LLAMA3_SPLIT, True), "llama3": (LLAMA3_SPLIT, True), "default": (GPT2_SPLIT, False),
-              "gpt-2": (GPT2_SPLIT, False)}  # name -> (regex, ignore_merges)
+# Llama 4: Meta's own split (tiktoken_bpe.LLAMA4_PATTERN), which llama.cpp copies for pre = "llama4" with
+# ignore_merges on (llama-vocab.cpp, LLAMA_VOCAB_PRE_TYPE_LLAMA4).
+PRE_SPLITS = {"llama-bpe": (LLAMA3_SPLIT, True), "llama3": (LLAMA3_SPLIT, True), "llama4": (LLAMA4_PATTERN, True),
+              "default": (GPT2_SPLIT, False), "gpt-2": (GPT2_SPLIT, False)}  # name -> (regex, ignore_merges)
 
 
 def from_gguf(path: str | Path) -> Tokenizer:
