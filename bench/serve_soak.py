@@ -46,11 +46,13 @@ class InjectedFault(RuntimeError):
 
 class FaultInjector:
     """Makes every `every`-th engine step raise inside the model's forward, as a crashing kernel would. The
-    engine must fail the requests it was running (their blocks freed) and keep serving the rest."""
+    engine must fail the requests it was running (their blocks freed) and keep serving the rest; `remove()`
+    puts the engine back as it was."""
 
     def __init__(self, engine, every: int) -> None:
         self.count, self.steps, self._lock = 0, 0, threading.Lock()
-        run = engine._run
+        self._engine = engine
+        self._original = run = engine._run
 
         def faulty(*args, **kwargs):
             with self._lock:
@@ -62,6 +64,9 @@ class FaultInjector:
             return run(*args, **kwargs)
 
         engine._run = faulty
+
+    def remove(self) -> None:
+        self._engine._run = self._original
 
 
 def _text(rng: random.Random) -> str:
@@ -135,6 +140,8 @@ async def one_request(client: httpx.AsyncClient, rng: random.Random, stats: dict
                 if line:
                     last = json.loads(line)
                     n += 1
+                    if "error" in last:  # a failed generation's last line
+                        raise Unexpected(f"ollama generate error line: {last['error']}")
                     if abort is not None and n >= abort and not last["done"]:
                         stats["cancelled"] += 1
                         return
@@ -157,6 +164,8 @@ async def one_request(client: httpx.AsyncClient, rng: random.Random, stats: dict
     if aborted and events[-1] != "[DONE]":
         stats["cancelled"] += 1
         return
+    if events and '"error"' in events[-1]:  # a failed generation's last event
+        raise Unexpected(f"{path} stream error event: {events[-1][:300]}")
     if not events or events[-1] != "[DONE]":
         raise Unexpected(f"{path} stream ended without [DONE]")
     usage = json.loads(events[-2]).get("usage") or {}
@@ -187,10 +196,11 @@ async def client_loop(url: str, seed: int, deadline: float, stats: dict, faults:
 
 
 def _fault_shaped(exc: Exception) -> bool:
-    """What a request running in a failed engine step sees: a 500 (generation_failed) or a stream cut short."""
+    """What a request running in a failed engine step sees: a 500 (generation_failed), or a stream that ends
+    with an error event (SSE) or error line (NDJSON) saying so. A connection cut is never fault-shaped: the
+    server ends a failed stream properly."""
     text = str(exc)
-    return isinstance(exc, (httpx.RemoteProtocolError, httpx.ReadError)) or " 500" in text \
-        or "without [DONE]" in text or "ended badly" in text
+    return isinstance(exc, Unexpected) and (" 500" in text or "generation failed" in text)
 
 
 def soak(url: str, pid: int, seconds: float, clients: int = 32, seed: int = 0, faults: FaultInjector | None = None,

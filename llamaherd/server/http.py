@@ -1,16 +1,24 @@
 """HTTP helpers shared by the app and its routers: OpenAI-shaped errors, the served model of a request,
-the model-name check, and cancelling a plain (non-streaming) generation when its client goes away."""
+the model-name check, cancelling a plain (non-streaming) generation when its client goes away, and ending a
+stream whose generation fails with an error event."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING
 
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
+from ..engine.scheduler import GenerationError
+
 if TYPE_CHECKING:
     from .runtime import ServedModel
+
+log = logging.getLogger("llamaherd.server")
 
 
 class APIError(Exception):
@@ -63,3 +71,18 @@ async def unless_disconnected(request: Request, awaitable):
             if not t.done():
                 t.cancel()
         await asyncio.gather(task, watcher, return_exceptions=True)
+
+
+async def ending_in_error(events: AsyncIterator[str], error_event: Callable[[str, str], str]) -> AsyncIterator[str]:
+    """`events`, and if producing them fails (an engine step that raised, after the 200 was sent) one last event
+    `error_event(message, code)` instead of a silently cut stream: OpenAI's SSE `{"error": ...}` event, Ollama's
+    `{"error": "..."}` line. A client going away (cancellation) is not a failure: nothing is sent then."""
+    async with contextlib.aclosing(events):  # closing this closes `events`, which cancels its engine requests
+        try:
+            async for event in events:
+                yield event
+        except GenerationError as exc:  # the engine logged it and freed the request's blocks
+            yield error_event(str(exc), "generation_failed")
+        except Exception as exc:  # noqa: BLE001 - a bug mid-stream: logged here, reported to the client
+            log.exception("a streamed response failed")
+            yield error_event(f"the server failed while streaming: {type(exc).__name__}", "internal_error")

@@ -16,7 +16,7 @@ from fastapi.responses import PlainTextResponse, StreamingResponse
 from .. import __version__
 from ..errors import ImageError, LlamaherdError
 from ..presets import count_parameters
-from .http import APIError, check_model, served_of, unless_disconnected
+from .http import APIError, check_model, ending_in_error, served_of, unless_disconnected
 from .prompting import messages_for_format, ollama_images, ollama_tool_calls, sampling_params
 from .runtime import ServedModel, Usage
 from .schemas import OllamaChatRequest, OllamaGenerateRequest, OllamaOptions, OllamaShowRequest
@@ -79,12 +79,19 @@ def _stats(usage: Usage, finish: str | None) -> dict:
     }
 
 
+def _line(obj: dict) -> str:
+    return json.dumps(obj, ensure_ascii=False) + "\n"
+
+
 def _ndjson(gen: AsyncIterator[dict]) -> StreamingResponse:
+    """An NDJSON stream; a generation that fails mid-way ends it with Ollama's `{"error": "..."}` line, which
+    the ollama client raises as `ResponseError` (ollama/_client.py)."""
     async def lines():
         async for obj in gen:
-            yield json.dumps(obj, ensure_ascii=False) + "\n"
+            yield _line(obj)
 
-    return StreamingResponse(lines(), media_type="application/x-ndjson")
+    return StreamingResponse(ending_in_error(lines(), lambda message, code: _line({"error": message})),
+                             media_type="application/x-ndjson")
 
 
 def _with_images(message: dict, images: list[dict]) -> dict:

@@ -14,7 +14,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from ..engine.text import Piece
-from .http import APIError, check_model, served_of, unless_disconnected
+from .http import APIError, check_model, ending_in_error, served_of, unless_disconnected
 from .prompting import messages_for_format, openai_images, openai_tool_calls, sampling_params
 from .runtime import ServedModel, Usage, interleave
 from .schemas import ChatCompletionRequest, CompletionRequest
@@ -25,6 +25,12 @@ router = APIRouter()
 
 def _sse(payload) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+def _sse_error(message: str, code: str) -> str:
+    """The event that ends a stream whose generation failed: OpenAI's error shape, which its client raises as
+    `openai.APIError` (openai/_streaming.py: a `data:` payload with an `error` key)."""
+    return _sse({"error": {"message": message, "type": "server_error", "param": None, "code": code}})
 
 
 def _usage(usages: list[Usage]) -> dict:
@@ -94,8 +100,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     if body.stream:
         served.check(prompt, params, body.n)  # errors as a status code now, not after the 200 is sent
         shield = functools.partial(shield_stream, request, messages)
-        return StreamingResponse(_chat_stream(served, fmt, prompt, params, body, head, tools, constraint, shield,
-                                              images), media_type="text/event-stream")
+        events = _chat_stream(served, fmt, prompt, params, body, head, tools, constraint, shield, images)
+        return StreamingResponse(ending_in_error(events, _sse_error), media_type="text/event-stream")
 
     usages = [Usage() for _ in range(body.n)]
     results = await unless_disconnected(request, asyncio.gather(*(
@@ -223,7 +229,8 @@ async def completions(body: CompletionRequest, request: Request):
     if body.stream:
         for p, sp in jobs:
             served.check(p, sp, len(jobs))
-        return StreamingResponse(_completion_stream(served, jobs, usages, body, head), media_type="text/event-stream")
+        return StreamingResponse(ending_in_error(_completion_stream(served, jobs, usages, body, head), _sse_error),
+                                 media_type="text/event-stream")
     results = await unless_disconnected(request, asyncio.gather(*(served.complete(p, sp, u, speculate=body.speculative)
                                                                   for (p, sp), u in zip(jobs, usages))))
     choices = []
