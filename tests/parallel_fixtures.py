@@ -1,0 +1,79 @@
+"""Helpers for the tensor-parallel tests: tiny configurations every rank count (1, 2, 4) divides, and the runs
+each rank makes (full forward, cached decode, greedy generation), run by module-level functions so that spawned
+processes can pickle them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from llamaherd.checkpoint.llama4 import config_from_params
+from llamaherd.config import ModelConfig
+from llamaherd.engine.generate import decode_one, generate_tokens, greedy_reference, prefill
+from llamaherd.engine.sampling import SamplingParams, make_sampler
+from llamaherd.model.cache import KVCache
+
+# Heads, widths and expert widths divisible by 4; vocabularies of 250 (not a multiple of 4 or 8) exercise the
+# uneven last vocabulary block.
+FAMILIES: dict[str, ModelConfig] = {
+    # Llama 2: multi-head attention, separate output.
+    "llama2": ModelConfig(dim=64, n_layers=2, n_heads=4, vocab_size=256, multiple_of=32, rope_theta=10000.0,
+                          max_seq_len=256),
+    # Llama 3: grouped-query attention (two query heads per KV head), rank counts split KV heads.
+    "llama3": ModelConfig(dim=64, n_layers=2, n_heads=8, n_kv_heads=4, vocab_size=250, multiple_of=32,
+                          ffn_dim_multiplier=1.3, rope_theta=500000.0, max_seq_len=256),
+    # Llama 3.2: tied embeddings: the vocabulary-parallel embedding is the output matrix too.
+    "llama3.2": ModelConfig(dim=64, n_layers=2, n_heads=8, n_kv_heads=4, vocab_size=250, multiple_of=32,
+                            ffn_dim_multiplier=1.5, rope_theta=500000.0, max_seq_len=256, tie_embeddings=True),
+    # Llama 4: MoE layers (routed experts + shared expert) every second layer, chunked attention, NoPE, QK-norm.
+    "llama4": config_from_params(dict(
+        dim=64, n_layers=4, n_heads=8, n_kv_heads=4, vocab_size=250, multiple_of=32, ffn_dim_multiplier=1.2,
+        ffn_exp=4.0, norm_eps=1e-5, rope_theta=500000.0, use_scaled_rope=True, attention_chunk_size=16,
+        nope_layer_interval=3, use_qk_norm=True, attn_temperature_tuning=True, floor_scale=4.0, attn_scale=0.1,
+        moe_args=dict(num_experts=4, top_k=1, interleave_moe_layer_step=2), max_seq_len=128)),
+    # Gemma 3: sliding-window and global layers, QK-norm, sandwich norms, softcapped logits, tied.
+    "gemma3": ModelConfig(arch="gemma3", dim=64, n_layers=3, n_heads=8, n_kv_heads=4, head_dim=16, hidden_dim=96,
+                          vocab_size=250, norm_eps=1e-6, rope_theta=1e6, rope_local_theta=1e4, max_seq_len=256,
+                          tie_embeddings=True, sliding_window=8, sliding_window_pattern=3,
+                          query_pre_attn_scalar=24.0, final_logit_softcap=5.0),
+}
+SEQ, PREFIX, NEW = 24, 16, 10  # full forward over SEQ tokens; cached: PREFIX then one at a time; NEW greedy
+
+
+def inputs(config: ModelConfig) -> torch.Tensor:
+    return torch.randint(0, config.vocab_size, (2, SEQ), generator=torch.Generator().manual_seed(7))
+
+
+@torch.inference_mode()
+def runs(net: torch.nn.Module) -> dict[str, torch.Tensor | list]:
+    """What a model computes: full-forward logits, cached prefill + one-token decode logits, greedy ids.
+
+    The caches come from `net.config`, so a cut model's hold its own heads only.
+    """
+    toks = inputs(net.config)
+    full = net(toks)
+    cache = KVCache.for_model(net.config, 2, SEQ)
+    steps = [prefill(net, toks[:, :PREFIX], cache)]
+    for t in range(PREFIX, SEQ - 1):
+        steps.append(decode_one(net, toks[:, t], cache))
+    prompt = toks[0, :PREFIX].tolist()
+    sampler = make_sampler(SamplingParams(temperature=0.0, max_tokens=NEW), net.config.vocab_size)
+    # the batched path: two prompts of different lengths (left padding, a key mask) on one cache
+    batched = [step.tokens for step in generate_tokens(net, [prompt, toks[1, :PREFIX - 3].tolist()], sampler)]
+    return {"full": full, "cached": torch.stack(steps, 1), "greedy": greedy_reference(net, prompt, NEW),
+            "batched": batched}
+
+
+def tp_worker(families: list[str], seed: int, out_dir: str) -> None:
+    """One rank: build each family's random model (same seed on every rank), cut it, record its runs."""
+    import torch.distributed as dist
+
+    from llamaherd.parallel import apply_tensor_parallel
+
+    from .conftest import random_model
+
+    for name in families:
+        net = apply_tensor_parallel(random_model(FAMILIES[name], seed=seed))
+        result = runs(net)
+        torch.save(result, Path(out_dir) / f"{name}.rank{dist.get_rank()}.pt")
