@@ -13,6 +13,7 @@ import torch
 from ..engine.sampling import SamplingParams, resolve_stop_ids
 from ..engine.scheduler import Engine, GenerationError
 from ..engine.text import Piece, TextStream, Token
+from ..memory import kv_bytes_per_token
 from .metrics import Metrics
 
 
@@ -26,8 +27,7 @@ class Usage:
 
 def kv_blocks_for(config, dtype: torch.dtype, budget_bytes: int, block_size: int) -> int:
     """How many cache blocks fit `budget_bytes` of key/value storage."""
-    per_token = 2 * config.n_layers * config.n_kv_heads * config.head_dim * torch.finfo(dtype).bits // 8
-    return max(1, budget_bytes // (per_token * block_size))
+    return max(1, budget_bytes // (kv_bytes_per_token(config, dtype) * block_size))
 
 
 class ServedModel:
