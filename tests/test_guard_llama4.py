@@ -5,7 +5,8 @@ tiny and random, read by our loader and compared with transformers' Llama4ForCau
 
 from __future__ import annotations
 
-import pytest
+import json
+
 import torch
 
 
@@ -29,9 +30,6 @@ def _dense_llama4(folder):
     return ref
 
 
-@pytest.mark.xfail(strict=True, reason="checkpoint/llama4.py config_from_hf builds MoEConfig(num_experts=0, "
-                                       "interleave_step=0) for moe_layers [] and the model build divides by it "
-                                       "(ZeroDivisionError); it must give moe=None for a dense Llama 4")
 def test_dense_llama4_logits_match_transformers(tmp_path):
     import llamaherd
 
@@ -42,3 +40,18 @@ def test_dense_llama4_logits_match_transformers(tmp_path):
     with torch.no_grad():
         expected = ref(input_ids=toks).logits
     torch.testing.assert_close(model.logits(toks), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_dense_llama4_config_round_trips_through_transformers(tmp_path):
+    """Our config.json for a dense Llama 4 builds transformers' model with no experts and reads back the same."""
+    from transformers import Llama4ForCausalLM, Llama4TextConfig
+
+    from llamaherd.checkpoint.llama4 import config_from_hf, config_to_hf
+
+    _dense_llama4(tmp_path)
+    ours = config_from_hf(json.loads((tmp_path / "config.json").read_text()))
+    assert ours.moe is None
+    hf = config_to_hf(ours)
+    rebuilt = Llama4ForCausalLM(Llama4TextConfig(**hf))
+    assert not any("experts" in name or "router" in name for name in rebuilt.state_dict())
+    assert config_from_hf(hf) == ours

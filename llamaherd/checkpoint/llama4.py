@@ -372,6 +372,9 @@ def config_from_hf(cfg: dict[str, Any], *, source: str = "config.json") -> Model
         if moe_layers is not None:
             step = _interval([int(i in moe_layers) for i in range(n_layers)], n_layers, want=1,
                              field="moe_layers", source=source) or step
+        # A dense Llama 4 (Llama Guard 4): transformers' convert_llama4_weights_to_hf.py writes it with
+        # num_local_experts 0, interleave_moe_layer_step 0 and moe_layers [].
+        dense = c.get("num_local_experts") == 0 or moe_layers == [] or step == 0
         rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
         theta = rope.get("rope_theta", c.get("rope_theta", 500000.0))
         scaling = None
@@ -387,8 +390,8 @@ def config_from_hf(cfg: dict[str, Any], *, source: str = "config.json") -> Model
             hidden_dim=c["intermediate_size_mlp"], norm_eps=c.get("rms_norm_eps", 1e-5), rope_theta=theta,
             rope_scaling=scaling, max_seq_len=c.get("max_position_embeddings", 2048),
             tie_embeddings=bool(c.get("tie_word_embeddings", False)),
-            moe=MoEConfig(num_experts=c["num_local_experts"], top_k=c.get("num_experts_per_tok", 1),
-                          hidden_dim=c["intermediate_size"], interleave_step=step),
+            moe=None if dense else MoEConfig(num_experts=c["num_local_experts"], top_k=c.get("num_experts_per_tok", 1),
+                                             hidden_dim=c["intermediate_size"], interleave_step=step),
             attention_chunk_size=c.get("attention_chunk_size"), nope_layer_interval=nope,
             use_qk_norm=bool(c.get("use_qk_norm", True)),
             attn_temperature_tuning=bool(c.get("attn_temperature_tuning", True)),
@@ -415,8 +418,9 @@ def _interval(flags: list[int] | None, n_layers: int, *, want: int, field: str, 
 
 def config_to_hf(config: ModelConfig) -> dict[str, Any]:
     """ModelConfig -> keyword arguments of transformers' Llama4TextConfig (and a text-only config.json)."""
-    if config.arch != "llama4" or config.moe is None:
-        raise ConfigError(f"config_to_hf needs a Llama 4 config with moe set, got arch {config.arch!r}")
+    if config.arch != "llama4":
+        raise ConfigError(f"config_to_hf needs a Llama 4 config, got arch {config.arch!r}")
+    moe = config.moe
     rope: dict[str, Any] = {"rope_type": "default", "rope_theta": config.rope_theta}
     if config.rope_scaling is not None:
         s = config.rope_scaling
@@ -425,14 +429,15 @@ def config_to_hf(config: ModelConfig) -> dict[str, Any]:
     n = config.n_layers
     nope = config.nope_layer_interval
     return dict(
-        vocab_size=config.vocab_size, hidden_size=config.dim, intermediate_size=config.moe.hidden_dim,
+        vocab_size=config.vocab_size, hidden_size=config.dim,
+        intermediate_size=moe.hidden_dim if moe else config.hidden_dim,
         intermediate_size_mlp=config.hidden_dim, num_hidden_layers=n, num_attention_heads=config.n_heads,
         num_key_value_heads=config.n_kv_heads, head_dim=config.head_dim, hidden_act="silu",
         max_position_embeddings=config.max_seq_len, rms_norm_eps=config.norm_eps,
-        tie_word_embeddings=config.tie_embeddings, num_experts_per_tok=config.moe.top_k,
-        num_local_experts=config.moe.num_experts,
-        moe_layers=[i for i in range(n) if config.moe.is_moe_layer(i)],
-        interleave_moe_layer_step=config.moe.interleave_step, use_qk_norm=config.use_qk_norm,
+        tie_word_embeddings=config.tie_embeddings, num_experts_per_tok=moe.top_k if moe else 1,
+        num_local_experts=moe.num_experts if moe else 0,  # dense: as transformers' converter writes Llama Guard 4
+        moe_layers=[i for i in range(n) if moe and moe.is_moe_layer(i)],
+        interleave_moe_layer_step=moe.interleave_step if moe else 0, use_qk_norm=config.use_qk_norm,
         no_rope_layers=[int(nope is None or (i + 1) % nope != 0) for i in range(n)],
         layer_types=["chunked_attention" if config.attention_chunk_size and (nope is None or (i + 1) % nope)
                      else "full_attention" for i in range(n)],
