@@ -13,6 +13,7 @@
 #include <string.h>
 
 #include "common.h"
+#include "ggml.h"
 #ifdef __F16C__
 #include <immintrin.h>
 #endif
@@ -340,7 +341,7 @@ GEMV_IMPL(gemv_q5_k, deq_q5_k, 256, 176)
 GEMV_IMPL(gemv_q6_k, deq_q6_k, 256, 210)
 
 /* One product, called inside the caller's parallel region (each kernel's rows are an orphaned `omp for`). */
-static void gemv_in_region(int type, const uint8_t *W, int64_t N, int64_t stride, int64_t K, const float *X,
+void lh_gemv_in_region(int type, const uint8_t *W, int64_t N, int64_t stride, int64_t K, const float *X,
                            int64_t M, float *Y) {
     switch (type) {
 #ifdef __AVX512F__
@@ -362,7 +363,7 @@ int lh_gemv(int type, const uint8_t *W, int64_t N, int64_t stride, int64_t K, co
             float *Y, int nthreads) {
     if (M > 64 || M < 1 || !lh_supported(type)) return -1;
 #pragma omp parallel num_threads(nthreads)
-    gemv_in_region(type, W, N, stride, K, X, M, Y);
+    lh_gemv_in_region(type, W, N, stride, K, X, M, Y);
     return 0;
 }
 
@@ -379,7 +380,7 @@ int lh_gemv_many(int nseg, const int *types, const uint8_t *const *W, const int6
     {
         float *ys = Y;
         for (int s = 0; s < nseg; s++) {
-            gemv_in_region(types[s], W[s], N[s], stride[s], K, X, M, ys);
+            lh_gemv_in_region(types[s], W[s], N[s], stride[s], K, X, M, ys);
             ys += M * N[s];
         }
     }

@@ -51,6 +51,7 @@
 #include <string.h>
 
 #include "common.h"
+#include "ggml_q8.h"
 
 #if !defined(LH_Q8_PORTABLE) && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && \
     defined(__AVX512VL__) && defined(__AVX512VNNI__) && defined(__F16C__)
@@ -61,7 +62,7 @@
 #endif
 
 enum { Q4_0 = 2, Q5_0 = 6, Q8_0 = 8, Q4_K = 12, Q5_K = 13, Q6_K = 14 };
-#define MAX_ROWS 64 /* rows of X per call, as lh_gemv */
+#define MAX_ROWS LH_Q8_MAX_ROWS
 
 static int q8_layout(int type, int *qk, int *tsize) {
     switch (type) {
@@ -75,26 +76,11 @@ static int q8_layout(int type, int *qk, int *tsize) {
     }
 }
 
-/* ---- quantized activations ---------------------------------------------------------------------------------
- * One row of X: int8 codes, and per 32-element block the scale d, the code sum s and d*s; per 16 elements the
- * scale and code sum again (Q6_K's sub-blocks are 16 long). Arrays are padded with zeros to a multiple of 16
- * blocks so that the 32-block kernels, which take blocks 16 at a time, may read a whole group. */
-typedef struct {
-    int8_t *q;
-    float *d, *s, *ds, *d16, *s16;
-} qrow;
+/* ---- quantized activations: the rows of X as int8 codes (the layout is in ggml_q8.h) --------------------- */
 
-enum { FLAVOUR_Q8_0 = 0, FLAVOUR_Q8_K = 1 };
+int lh_q8_flavour(int type) { return type == Q4_K || type == Q5_K || type == Q6_K ? FLAVOUR_Q8_K : FLAVOUR_Q8_0; }
 
-typedef struct {
-    int64_t nbp; /* padded block count */
-    void *mem;
-    qrow rows[2][MAX_ROWS]; /* [FLAVOUR_Q8_0 / FLAVOUR_Q8_K][row of X] */
-} qact;
-
-static int q8_flavour(int type) { return type == Q4_K || type == Q5_K || type == Q6_K ? FLAVOUR_Q8_K : FLAVOUR_Q8_0; }
-
-static int qact_alloc(qact *a, int64_t K, int64_t M) {
+int lh_q8_alloc(qact *a, int64_t K, int64_t M) {
     const int64_t nb = K / 32, nbp = (nb + 15) / 16 * 16;
     const size_t per_row = (size_t)nbp * 32 + sizeof(float) * (size_t)nbp * 7;
     a->nbp = nbp;
@@ -566,10 +552,10 @@ int lh_q8_vnni(void) {
 /* The activation quantization on its own (tests), for weights of `type`: q (M, K) int8, and per 32 elements
  * the scale d (M, K/32) float32 (Q8_K: its per-256 scale repeated), per 16 the code sums s16 (M, K/16). */
 int lh_q8_quantize(int type, const float *X, int64_t M, int64_t K, int8_t *q, float *d, float *s16) {
-    const int fl = q8_flavour(type);
+    const int fl = lh_q8_flavour(type);
     if (K % (fl == FLAVOUR_Q8_K ? 256 : 32) || M < 1 || !lh_q8_supported(type)) return -1;
     qact a;
-    if (qact_alloc(&a, K, 1)) return -1;
+    if (lh_q8_alloc(&a, K, 1)) return -1;
     qrow *r = &a.rows[0][0];
     for (int64_t m = 0; m < M; m++) {
         if (fl == FLAVOUR_Q8_K) quantize_row_k(X + m * K, K, r);
@@ -583,7 +569,7 @@ int lh_q8_quantize(int type, const float *X, int64_t M, int64_t K, int8_t *q, fl
 }
 
 /* Both flavours' rows as one worksharing loop (inside the caller's region): those the weights' types need. */
-static void q8_quantize_in_region(qact *a, const float *X, int64_t K, int64_t M, const int need[2]) {
+void lh_q8_quantize_in_region(qact *a, const float *X, int64_t K, int64_t M, const int need[2]) {
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < 2 * M; i++) {
         const int fl = (int)(i / M);
@@ -600,7 +586,7 @@ static void q8_quantize_in_region(qact *a, const float *X, int64_t K, int64_t M,
 #define PREFETCH_BYTES 8192
 
 /* Rows of one weight against the quantized X, inside the caller's parallel region (an orphaned omp for). */
-static void q8_weight(int type, const uint8_t *W, int64_t N, int64_t stride, int64_t K, const qact *a, int64_t M,
+void lh_q8_weight(int type, const uint8_t *W, int64_t N, int64_t stride, int64_t K, const qact *a, int64_t M,
                       float *Y) {
     int qk = 32, ts = 0;
     q8_layout(type, &qk, &ts);
@@ -614,7 +600,7 @@ static void q8_weight(int type, const uint8_t *W, int64_t N, int64_t stride, int
 #else
         (void)prefetch; (void)row_bytes; (void)ahead;
 #endif
-        q8_row(type, W + n * stride, K, a->rows[q8_flavour(type)], M, Y + n, N);
+        q8_row(type, W + n * stride, K, a->rows[lh_q8_flavour(type)], M, Y + n, N);
     }
 }
 
@@ -632,13 +618,13 @@ int lh_q8_gemv(int type, const uint8_t *W, int64_t N, int64_t stride, int64_t K,
                float *Y, int nthreads) {
     if (q8_check(1, &type, K, M)) return -1;
     qact a;
-    if (qact_alloc(&a, K, M)) return -1;
+    if (lh_q8_alloc(&a, K, M)) return -1;
     int need[2] = {0, 0};
-    need[q8_flavour(type)] = 1;
+    need[lh_q8_flavour(type)] = 1;
 #pragma omp parallel num_threads(nthreads)
     {
-        q8_quantize_in_region(&a, X, K, M, need);
-        q8_weight(type, W, N, stride, K, &a, M, Y);
+        lh_q8_quantize_in_region(&a, X, K, M, need);
+        lh_q8_weight(type, W, N, stride, K, &a, M, Y);
     }
     free(a.mem);
     return 0;
@@ -650,15 +636,15 @@ int lh_q8_gemv_many(int nseg, const int *types, const uint8_t *const *W, const i
                     int64_t K, const float *X, int64_t M, float *Y, int nthreads) {
     if (q8_check(nseg, types, K, M)) return -1;
     qact a;
-    if (qact_alloc(&a, K, M)) return -1;
+    if (lh_q8_alloc(&a, K, M)) return -1;
     int need[2] = {0, 0};
-    for (int s = 0; s < nseg; s++) need[q8_flavour(types[s])] = 1;
+    for (int s = 0; s < nseg; s++) need[lh_q8_flavour(types[s])] = 1;
 #pragma omp parallel num_threads(nthreads)
     {
-        q8_quantize_in_region(&a, X, K, M, need);
+        lh_q8_quantize_in_region(&a, X, K, M, need);
         float *ys = Y;
         for (int s = 0; s < nseg; s++) {
-            q8_weight(types[s], W[s], N[s], stride[s], K, &a, M, ys);
+            lh_q8_weight(types[s], W[s], N[s], stride[s], K, &a, M, ys);
             ys += M * N[s];
         }
     }

@@ -19,22 +19,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-enum { LH_OPS_NO_WEIGHT = 0, LH_OPS_WEIGHT = 1, LH_OPS_ONE_PLUS_WEIGHT = 2 };
-enum { LH_OPS_ROPE_NONE = 0, LH_OPS_ROPE_PAIRS = 1, LH_OPS_ROPE_HALVES = 2 };
-
-/* One row: y = x / sqrt(mean(x^2) + eps), then times w, or (1 + w), or nothing. y may alias x. */
-static inline void norm_row(const float *x, const float *w, int mode, float eps, int64_t n, float *y) {
-    float ss = 0.0f;
-    for (int64_t j = 0; j < n; j++) ss += x[j] * x[j];
-    const float r = 1.0f / sqrtf(ss / (float)n + eps);
-    if (mode == LH_OPS_WEIGHT) {
-        for (int64_t j = 0; j < n; j++) y[j] = (x[j] * r) * w[j];
-    } else if (mode == LH_OPS_ONE_PLUS_WEIGHT) {
-        for (int64_t j = 0; j < n; j++) y[j] = (x[j] * r) * (1.0f + w[j]);
-    } else {
-        for (int64_t j = 0; j < n; j++) y[j] = x[j] * r;
-    }
-}
+#include "ops.h"
 
 /* rows x dim, contiguous: out[i] = norm_row(x[i]). Many rows (prefill) are split across threads. */
 int lh_ops_rms_norm(const float *x, const float *w, int mode, float eps, int64_t rows, int64_t dim, float *out,
@@ -46,26 +31,6 @@ int lh_ops_rms_norm(const float *x, const float *w, int mode, float eps, int64_t
         for (int64_t i = 0; i < rows; i++) norm_row(x + i * dim, w, mode, eps, dim, out + i * dim);
     }
     return 0;
-}
-
-/* Rotate one head's D values by angles (c[i], s[i]), i < D/2, in the given layout. y may not alias x. */
-static inline void rope_row(const float *x, const float *c, const float *s, int layout, int64_t D, float *y) {
-    const int64_t h = D / 2;
-    if (layout == LH_OPS_ROPE_HALVES) {
-        for (int64_t i = 0; i < h; i++) {
-            const float x0 = x[i], x1 = x[i + h];
-            y[i] = x0 * c[i] - x1 * s[i];
-            y[i + h] = x1 * c[i] + x0 * s[i];
-        }
-    } else if (layout == LH_OPS_ROPE_PAIRS) {
-        for (int64_t i = 0; i < h; i++) {
-            const float x0 = x[2 * i], x1 = x[2 * i + 1];
-            y[2 * i] = x0 * c[i] - x1 * s[i];
-            y[2 * i + 1] = x0 * s[i] + x1 * c[i];
-        }
-    } else {
-        memcpy(y, x, (size_t)D * sizeof(float));
-    }
 }
 
 /* Rotary embedding of `tokens` tokens of `heads` heads of D values (x and out: (tokens, heads, D) contiguous).
@@ -82,16 +47,6 @@ int lh_ops_rope(const float *x, int64_t tokens, int64_t heads, int64_t D, const 
             rope_row(x + (i * heads + h) * D, cos + row * half, sin + row * half, layout, D, out + (i * heads + h) * D);
     }
     return 0;
-}
-
-/* A head's vector as attention uses it: per-head norm (norm_mode, weight w) first, then the rotation. */
-static inline void prepare_head(const float *x, const float *w, int norm_mode, int use_norm, float eps,
-                                const float *c, const float *s, int layout, int64_t D, float *tmp, float *y) {
-    if (use_norm) {
-        norm_row(x, w, norm_mode, eps, D, tmp);
-        x = tmp;
-    }
-    rope_row(x, c, s, layout, D, y);
 }
 
 /* One new token per batch row through attention, for one layer:
@@ -145,30 +100,8 @@ int lh_ops_attend_decode(const float *q, const float *k, const float *v, int64_t
                 const int64_t b = t / Hq, h = t % Hq, hk = h / group;
                 prepare_head(q + t * D, qw, norm_mode, qk_norm, q_eps, cos + b * cs_stride, sin + b * cs_stride,
                              layout, D, qtmp, qr);
-                const float *keys = kc + (b * Hkv + hk) * max_len * D, *vals = vc + (b * Hkv + hk) * max_len * D;
-                const uint8_t *m = mask ? mask + b * mask_stride : NULL;
-                float best = -INFINITY;
-                for (int64_t j = 0; j < S; j++) {
-                    if (m && !m[j]) { scores[j] = -INFINITY; continue; }
-                    const float *kj = keys + j * D;
-                    float dot = 0.0f;
-                    for (int64_t d = 0; d < D; d++) dot += qr[d] * kj[d];
-                    scores[j] = dot * scale;
-                    if (scores[j] > best) best = scores[j];
-                }
-                float *o = out + t * D;
-                memset(o, 0, (size_t)D * sizeof(float));
-                if (best == -INFINITY) continue;  /* no visible key */
-                float total = 0.0f;
-                for (int64_t j = 0; j < S; j++) {
-                    if (scores[j] == -INFINITY) continue;
-                    const float p = expf(scores[j] - best);
-                    total += p;
-                    const float *vj = vals + j * D;
-                    for (int64_t d = 0; d < D; d++) o[d] += p * vj[d];
-                }
-                const float inv = 1.0f / total;
-                for (int64_t d = 0; d < D; d++) o[d] *= inv;
+                attend_head(qr, kc + (b * Hkv + hk) * max_len * D, vc + (b * Hkv + hk) * max_len * D, S, D,
+                            mask ? mask + b * mask_stride : NULL, scale, scores, out + t * D);
             }
         }
         free(scores);

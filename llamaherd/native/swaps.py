@@ -9,6 +9,8 @@ loaded network; it replaces, in place and keeping every Parameter object (so the
     llama.VocabProjection (every family)                -> bf16 matrix-vector kernel with float32 logits,
                                                            float32 outputs for many-row products
     bf16 bias-free nn.Linear                            -> DenseLinear / DenseGroup (native/dense.py)
+    llama.Transformer, gemma3.Transformer (the root)    -> the whole decode step of packed GGUF models as one
+                                                           native call (native/step.py), class changed in place
 
 Each native module is a subclass of the reference one whose `forward` takes the native path when it applies
 (float32 or bf16 CPU tensors, no autograd, the library built and switched on) and calls the reference
@@ -26,7 +28,7 @@ from torch import nn
 from .. import native
 from ..model import gemma3, llama, llama4, rope
 from ..model.cache import KVCache
-from . import dense, ggml_kernels, ops
+from . import dense, ggml_kernels, ops, step
 
 
 class NativeRMSNorm(llama.RMSNorm):
@@ -187,7 +189,7 @@ def apply(net: nn.Module) -> int:
     """
     if any(not t.is_cpu for t in (*net.parameters(), *net.buffers())) or native.library() is None:
         return 0
-    return dense.swap_dense(net) + _swap_children(net)
+    return dense.swap_dense(net) + _swap_children(net) + step.apply(net)
 
 
 __all__ = ["NATIVE", "apply", "native_module"]
