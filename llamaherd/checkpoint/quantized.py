@@ -117,6 +117,7 @@ def attach(ckpt: Checkpoint, qc: Any, path: Path) -> Checkpoint:
             except AttributeError:
                 raise CheckpointError(weights, f"holds {name!r}, which the {ckpt.config.arch} model lacks") from None
             setattr(owner, leaf, empty)
+        wo.group_siblings(net)  # wq/wk/wv, w1/w3 in one native call, as `wo.quantize` leaves them
 
     sd = dict(ckpt.state_dict)
     sd.pop("output.weight", None) if ckpt.config.tie_embeddings else None

@@ -8,7 +8,9 @@ kernels expect:
           scale = (max - min) / 15 and zero = min + 8 * scale over the group (`get_group_qparams`)
 
 Scales and zeros are rounded to bf16 before the weights are rounded against them (as gpt-fast stores them),
-so the stored numbers are exactly the ones every device multiplies with. Products run on
+so the stored numbers are exactly the ones every device multiplies with. Few-row CPU products (decode, up to
+16 rows) run on our kernels (native/weight_only.py: the codes widened in registers, float32 activations,
+siblings fed one input such as wq/wk/wv computed in one call); the reference and everything else run on
 `torch._weight_int8pack_mm` / `aten._weight_int4pack_mm_for_cpu` on the CPU and `aten._weight_int4pack_mm`
 on CUDA (int8 on CUDA: the int8 matrix widened to the activation dtype, scaled after the dot product); the
 kernel layouts are built on first use and are not part of the state dict, which holds only the portable
@@ -25,6 +27,8 @@ from torch import nn
 
 from ..errors import LlamaherdError
 from ..model import llama
+from ..native import weight_only as native_wo
+from ..native.siblings import SiblingResults
 
 GROUP_SIZES = (32, 64, 128)
 DEFAULT_GROUP_SIZE = 128  # torchao's int4_weight_only default
@@ -104,6 +108,8 @@ def _empty(shape, dtype, device):
 class Int8Linear(nn.Module):
     """A bias-free Linear whose weight is int8 with one scale per output channel."""
 
+    siblings: Siblings | None = None  # set by `group_siblings` for projections sharing their input
+
     def __init__(self, in_features: int, out_features: int, device=None) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
@@ -123,6 +129,8 @@ class Int8Linear(nn.Module):
         x2 = x.reshape(-1, shape[-1])
         if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise QuantizeError(f"int8 weights multiply float activations, not {x.dtype}")
+        if native_wo.applies(x, self.in_features):
+            return _native(self, x)
         s = self._scales.get(x.dtype)
         if s is None:
             s = self._scales[x.dtype] = self.scales.to(x.dtype)
@@ -138,6 +146,8 @@ class Int8Linear(nn.Module):
 
 class Int4Linear(nn.Module):
     """A bias-free Linear whose weight is int4 in groups of `group_size` input features (scale and zero each)."""
+
+    siblings: Siblings | None = None
 
     def __init__(self, in_features: int, out_features: int, group_size: int, device=None) -> None:
         super().__init__()
@@ -174,6 +184,8 @@ class Int4Linear(nn.Module):
         shape = x.shape
         if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise QuantizeError(f"int4 weights multiply float activations, not {x.dtype}")
+        if native_wo.applies(x, self.in_features):
+            return _native(self, x)
         x2 = x.reshape(-1, shape[-1]).contiguous()
         if x.is_cpu:
             packed, sz = self._layout(x2)
@@ -186,6 +198,89 @@ class Int4Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int4 group {self.group_size}"
+
+
+def _codes_of(m: nn.Module) -> tuple[torch.Tensor, ...]:
+    return (m.qweight, m.scales) if isinstance(m, Int8Linear) else (m.qweight, m.scales, m.zeros)
+
+
+def _group_of(m: nn.Module) -> int | None:
+    return getattr(m, "group_size", None)
+
+
+class _Native:
+    """The native call arguments of some modules' codes, rebuilt only when a code tensor is replaced."""
+
+    def __init__(self, members: list[nn.Module]) -> None:
+        self.members = members
+        self._codes: tuple[tuple, native_wo.Codes] | None = None
+
+    def __getstate__(self) -> dict:  # copy.deepcopy / pickle: the ctypes arguments are transient
+        return {"members": self.members}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["members"])
+
+    def codes(self) -> native_wo.Codes:
+        tensors = [_codes_of(m) for m in self.members]
+        key = native_wo.key(tensors)
+        if self._codes is None or self._codes[0] != key:
+            # the kernels read bf16 scales: a model loaded with dtype=float32 holds them widened (exactly)
+            bf16 = [(q, *(t.to(torch.bfloat16).contiguous() for t in rest)) for q, *rest in tensors]
+            self._codes = (key, native_wo.Codes(bf16, _group_of(self.members[0])))
+        return self._codes[1]
+
+
+class Siblings(_Native):
+    """Quantized projections applied to one tensor in turn (wq/wk/wv, w1/w3): the first call computes all.
+
+    The protocol of `native.dense.DenseGroup` (`native.siblings.SiblingResults`): the others' results are kept
+    for that very input tensor; any other input is computed by the member alone, so values never depend on
+    the call order.
+    """
+
+    def __init__(self, members: list[nn.Module]) -> None:
+        super().__init__(members)
+        self._results = SiblingResults()
+
+    def project(self, member: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        kept = self._results.take(member, x)
+        if kept is not None:
+            return kept
+        self._results.clear()
+        outs = dict(zip(self.members, self.codes()(x)))
+        mine = outs.pop(member)
+        self._results.keep(x, outs)
+        return mine
+
+
+def _native(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    if module.siblings is not None:
+        return module.siblings.project(module, x)
+    alone = module.__dict__.get("_alone")
+    if alone is None:
+        alone = module._alone = _Native([module])
+    return alone.codes()(x)[0]
+
+
+# Sibling projections fed the same input (Meta names, llama-models `llama3/model.py`), as native/dense.py groups them.
+SHARED_INPUT_NAMES = (("wq", "wk", "wv"), ("w1", "w3"))
+
+
+def group_siblings(net: nn.Module) -> int:
+    """Let quantized projections that share their input (same scheme and widths) run as one native call."""
+    groups = 0
+    for parent in net.modules():
+        for names in SHARED_INPUT_NAMES:
+            members = [getattr(parent, n, None) for n in names]
+            kinds = {(type(m), m.in_features, _group_of(m)) if isinstance(m, (Int8Linear, Int4Linear)) else None
+                     for m in members}
+            if len(kinds) == 1 and None not in kinds:
+                group = Siblings(members)
+                for m in members:
+                    m.siblings = group
+                groups += 1
+    return groups
 
 
 class QuantizedVocabProjection(llama.VocabProjection):
@@ -246,8 +341,9 @@ def quantize(net: nn.Module, spec: str) -> list[str]:
             done.append("project.linear")
     if not done:
         raise QuantizeError(f"nothing in this model can be quantized to {spec}: no bias-free Linear fits the kernels")
+    group_siblings(net)
     return done
 
 
-__all__ = ["Int4Linear", "Int8Linear", "QuantizeError", "QuantizedVocabProjection", "dequantize", "parse_scheme",
-           "quantize", "quantize_int4", "quantize_int8"]
+__all__ = ["Int4Linear", "Int8Linear", "QuantizeError", "QuantizedVocabProjection", "Siblings", "dequantize",
+           "group_siblings", "parse_scheme", "quantize", "quantize_int4", "quantize_int8"]

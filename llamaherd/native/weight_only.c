@@ -1,0 +1,288 @@
+/* Weight-only int8 / int4 products for decode: Y (M, N) = X (M, K) . W (N, K)^T with W held as integer codes.
+ *
+ * Why: torch's `_weight_int8pack_mm` / `_weight_int4pack_mm_for_cpu` are compute-bound at one activation row
+ * (about half our bf16 decode speed, BENCHMARKS.md issue 18), although they read a half / a quarter of the
+ * bytes. Here each thread walks its own share of weight rows, RB rows at a time, and widens the codes to
+ * float32 in registers; the activations stay float32 (bf16 inputs are widened exactly), so no activation is
+ * quantized and the products are those of the dequantised weights: the same numbers on every device.
+ *
+ * The layouts are the portable ones of llamaherd/quant/weight_only.py, read in place (no kernel copy):
+ *   int8: codes int8 (N, K), one bf16 scale per row:      w[n, k] = q[n, k] * s[n]
+ *         (the scale multiplies the float32 dot product of the row, as torch's int8 kernel does)
+ *   int4: codes uint8 (N, K/2), byte j = q[2j] << 4 | q[2j+1], bf16 scales and zeros (K/G, N):
+ *         w[n, k] = (q[n, k] - 8) * s[k/G, n] + z[k/G, n]
+ *         (gpt-fast `quantize.py` / torch `_weight_int4pack_mm`). Per group and row, a 16-entry float table
+ *         T[i] = (i - 8) * s + z is built with one FMA and `vpermps` (`_mm512_permutexvar_ps`, which reads only
+ *         the low 4 bits of each index) maps codes to weights: the weights are exactly the float32 values the
+ *         reference dequantises to ((q - 8) * s is exact in float32), only the float32 sum order differs.
+ *   For int4 the activation rows are first copied, per 32-element chunk, as its 16 even then its 16 odd
+ *   elements (the high and low nibbles of 16 bytes), so one 16-byte load feeds two FMAs without a shuffle.
+ *
+ * `lh_wo_int8` / `lh_wo_int4` apply nw weights to one X in a single OpenMP region (one fork/join for
+ * wq/wk/wv or w1/w3). Without AVX-512F the `#else` path does the same arithmetic in plain C. Built by
+ * llamaherd/native/__init__.py, called through ctypes by llamaherd/native/weight_only.py.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common.h"
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#define LH_WO_AVX512 1
+#else
+#define LH_WO_AVX512 0
+#endif
+
+#define LH_WO_MAX_M 16 /* rows of X per call; weight_only.py's MAX_ROWS */
+#define LH_WO_RB 4     /* weight rows per block */
+#define LH_WO_MB 4     /* X rows per block */
+#define LH_WO_SERIAL_WORK (1 << 16)
+
+static inline void lh_wo_store(void *Y, int y_bf16, int64_t i, float v) {
+    if (y_bf16) ((uint16_t *)Y)[i] = lh_f2bf(v);
+    else ((float *)Y)[i] = v;
+}
+
+static inline float lh_wo_x(const void *X, int x_f32, int64_t i) {
+    return x_f32 ? ((const float *)X)[i] : lh_bf2f(((const uint16_t *)X)[i]);
+}
+
+/* ---- int8 ------------------------------------------------------------------------------------------------ */
+
+#if LH_WO_AVX512
+static inline __attribute__((always_inline)) void lh_wo8_tile(const float *X, int64_t K, const int mb,
+                                                              const int8_t *W, int64_t ldw, const int rb,
+                                                              float *out) {
+    __m512 acc[LH_WO_MB][LH_WO_RB];
+    for (int i = 0; i < mb; i++)
+        for (int r = 0; r < rb; r++) acc[i][r] = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 16 <= K; k += 16) {
+        __m512 w[LH_WO_RB];
+        for (int r = 0; r < rb; r++)
+            w[r] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(W + r * ldw + k))));
+        for (int i = 0; i < mb; i++) {
+            const __m512 x = _mm512_loadu_ps(X + i * K + k);
+            for (int r = 0; r < rb; r++) acc[i][r] = _mm512_fmadd_ps(x, w[r], acc[i][r]);
+        }
+    }
+    if (k < K) { /* masked loads read only the K - k remaining elements and zero the rest */
+        const __mmask16 m = (__mmask16)((1u << (K - k)) - 1);
+        __m512 w[LH_WO_RB];
+        for (int r = 0; r < rb; r++)
+            w[r] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, W + r * ldw + k)));
+        for (int i = 0; i < mb; i++) {
+            const __m512 x = _mm512_maskz_loadu_ps(m, X + i * K + k);
+            for (int r = 0; r < rb; r++) acc[i][r] = _mm512_fmadd_ps(x, w[r], acc[i][r]);
+        }
+    }
+    for (int i = 0; i < mb; i++)
+        for (int r = 0; r < rb; r++) out[i * rb + r] = _mm512_reduce_add_ps(acc[i][r]);
+}
+#else
+static inline __attribute__((always_inline)) void lh_wo8_tile(const float *X, int64_t K, const int mb,
+                                                              const int8_t *W, int64_t ldw, const int rb,
+                                                              float *out) {
+    for (int i = 0; i < mb; i++)
+        for (int r = 0; r < rb; r++) {
+            const float *x = X + i * K;
+            const int8_t *w = W + r * ldw;
+            float part[16] = {0}, s = 0.0f;
+            int64_t k = 0;
+            for (; k + 16 <= K; k += 16)
+                for (int l = 0; l < 16; l++) part[l] += x[k + l] * (float)w[k + l];
+            for (; k < K; k++) s += x[k] * (float)w[k];
+            for (int l = 0; l < 16; l++) s += part[l];
+            out[i * rb + r] = s;
+        }
+}
+#endif
+
+/* rb (<= RB) weight rows from row n against all M rows of X, results scaled and stored. */
+static void lh_wo8_rows(const float *X, int64_t M, int64_t K, const int8_t *W, const uint16_t *S, int64_t n,
+                        int rb, void *Y, int64_t ldy, int y_bf16) {
+    float s[LH_WO_MB * LH_WO_RB];
+    const int8_t *w = W + n * K;
+    for (int64_t m = 0; m < M; m += LH_WO_MB) {
+        const int mb = M - m < LH_WO_MB ? (int)(M - m) : LH_WO_MB;
+        const float *x = X + m * K;
+        if (rb == LH_WO_RB) { /* constant (mb, rb) per call site: the accumulators become registers */
+            switch (mb) {
+            case 1: lh_wo8_tile(x, K, 1, w, K, LH_WO_RB, s); break;
+            case 2: lh_wo8_tile(x, K, 2, w, K, LH_WO_RB, s); break;
+            case 3: lh_wo8_tile(x, K, 3, w, K, LH_WO_RB, s); break;
+            default: lh_wo8_tile(x, K, 4, w, K, LH_WO_RB, s); break;
+            }
+        } else {
+            for (int r = 0; r < rb; r++) {
+                float t[LH_WO_MB];
+                lh_wo8_tile(x, K, mb, w + r * K, K, 1, t);
+                for (int i = 0; i < mb; i++) s[i * rb + r] = t[i];
+            }
+        }
+        for (int i = 0; i < mb; i++)
+            for (int r = 0; r < rb; r++)
+                lh_wo_store(Y, y_bf16, (m + i) * ldy + n + r, s[i * rb + r] * lh_bf2f(S[n + r]));
+    }
+}
+
+static void lh_wo8_in_region(const float *X, int64_t M, int64_t K, const int8_t *W, const uint16_t *S, int64_t N,
+                             void *Y, int64_t ldy, int y_bf16) {
+    const int64_t blocks = (N + LH_WO_RB - 1) / LH_WO_RB;
+#pragma omp for schedule(static) nowait
+    for (int64_t b = 0; b < blocks; b++) {
+        const int64_t n = b * LH_WO_RB;
+        lh_wo8_rows(X, M, K, W, S, n, N - n < LH_WO_RB ? (int)(N - n) : LH_WO_RB, Y, ldy, y_bf16);
+    }
+}
+
+/* nw int8 weights W[j] (N[j], K) with row scales S[j] (N[j],) applied to X (M, K) (float32 when x_f32, else
+ * bf16; rows ldx apart) into Y[j] (M, N[j]) rows ldy[j] apart, float32 or bf16 (y_bf16). Returns 0, or -1 for
+ * M outside 1..16, a negative size, or no memory. */
+int lh_wo_int8(int nw, const void *X, int x_f32, int64_t ldx, int64_t M, const int8_t *const *W,
+               const uint16_t *const *S, const int64_t *N, int64_t K, void *const *Y, const int64_t *ldy,
+               int y_bf16, int nthreads) {
+    if (M < 1 || M > LH_WO_MAX_M || K < 1 || nw < 1) return -1;
+    double work = 0;
+    for (int j = 0; j < nw; j++) {
+        if (N[j] < 0) return -1;
+        work += (double)M * N[j] * K;
+    }
+    float *x = (float *)aligned_alloc(64, ((size_t)(M * K * 4) + 63) / 64 * 64);
+    if (x == NULL) return -1;
+    for (int64_t i = 0; i < M; i++)
+        for (int64_t k = 0; k < K; k++) x[i * K + k] = lh_wo_x(X, x_f32, i * ldx + k);
+    const int par = nthreads > 1 && work >= LH_WO_SERIAL_WORK;
+#pragma omp parallel num_threads(nthreads) if (par)
+    for (int j = 0; j < nw; j++) lh_wo8_in_region(x, M, K, W[j], S[j], N[j], Y[j], ldy[j], y_bf16);
+    free(x);
+    return 0;
+}
+
+/* ---- int4 ------------------------------------------------------------------------------------------------ */
+
+/* X rows (M, K) -> float32 rows of K, each 32-element chunk as its 16 even then its 16 odd elements. */
+static void lh_wo4_split(const void *X, int x_f32, int64_t ldx, int64_t M, int64_t K, float *out) {
+    for (int64_t i = 0; i < M; i++)
+        for (int64_t c = 0; c < K; c += 32)
+            for (int j = 0; j < 16; j++) {
+                out[i * K + c + j] = lh_wo_x(X, x_f32, i * ldx + c + 2 * j);
+                out[i * K + c + 16 + j] = lh_wo_x(X, x_f32, i * ldx + c + 2 * j + 1);
+            }
+}
+
+#if LH_WO_AVX512
+static inline __attribute__((always_inline)) void lh_wo4_tile(const float *X, int64_t K, const int mb,
+                                                              const uint8_t *W, int64_t ldw, const int rb,
+                                                              const uint16_t *S, const uint16_t *Z, int64_t N,
+                                                              int64_t G, float *out) {
+    const __m512 codes = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7); /* i - 8 */
+    __m512 acc[LH_WO_MB][LH_WO_RB];
+    for (int i = 0; i < mb; i++)
+        for (int r = 0; r < rb; r++) acc[i][r] = _mm512_setzero_ps();
+    for (int64_t k0 = 0, g = 0; k0 < K; k0 += G, g++) {
+        __m512 t[LH_WO_RB]; /* this group's 16 dequantised values for each row */
+        for (int r = 0; r < rb; r++)
+            t[r] = _mm512_fmadd_ps(codes, _mm512_set1_ps(lh_bf2f(S[g * N + r])), _mm512_set1_ps(lh_bf2f(Z[g * N + r])));
+        for (int64_t k = k0; k < k0 + G; k += 32) {
+            __m512 hi[LH_WO_RB], lo[LH_WO_RB];
+            for (int r = 0; r < rb; r++) {
+                const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(W + r * ldw + k / 2)));
+                hi[r] = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), t[r]); /* q[k + 2j] */
+                lo[r] = _mm512_permutexvar_ps(b, t[r]);                         /* q[k + 2j + 1]: low 4 bits */
+            }
+            for (int i = 0; i < mb; i++) {
+                const __m512 xe = _mm512_loadu_ps(X + i * K + k), xo = _mm512_loadu_ps(X + i * K + k + 16);
+                for (int r = 0; r < rb; r++) acc[i][r] = _mm512_fmadd_ps(xo, lo[r], _mm512_fmadd_ps(xe, hi[r], acc[i][r]));
+            }
+        }
+    }
+    for (int i = 0; i < mb; i++)
+        for (int r = 0; r < rb; r++) out[i * rb + r] = _mm512_reduce_add_ps(acc[i][r]);
+}
+#else
+static inline __attribute__((always_inline)) void lh_wo4_tile(const float *X, int64_t K, const int mb,
+                                                              const uint8_t *W, int64_t ldw, const int rb,
+                                                              const uint16_t *S, const uint16_t *Z, int64_t N,
+                                                              int64_t G, float *out) {
+    for (int i = 0; i < mb; i++)
+        for (int r = 0; r < rb; r++) {
+            float part[16] = {0};
+            for (int64_t k0 = 0, g = 0; k0 < K; k0 += G, g++) {
+                const float s = lh_bf2f(S[g * N + r]), z = lh_bf2f(Z[g * N + r]);
+                for (int64_t k = k0; k < k0 + G; k += 32)
+                    for (int j = 0; j < 16; j++) {
+                        const uint8_t b = W[r * ldw + k / 2 + j];
+                        part[j] += X[i * K + k + j] * ((float)((b >> 4) - 8) * s + z);
+                        part[j] += X[i * K + k + 16 + j] * ((float)((b & 15) - 8) * s + z);
+                    }
+            }
+            float sum = 0.0f;
+            for (int l = 0; l < 16; l++) sum += part[l];
+            out[i * rb + r] = sum;
+        }
+}
+#endif
+
+static void lh_wo4_rows(const float *X, int64_t M, int64_t K, const uint8_t *W, const uint16_t *S,
+                        const uint16_t *Z, int64_t N, int64_t G, int64_t n, int rb, void *Y, int64_t ldy,
+                        int y_bf16) {
+    float s[LH_WO_MB * LH_WO_RB];
+    const int64_t ldw = K / 2;
+    const uint8_t *w = W + n * ldw;
+    for (int64_t m = 0; m < M; m += LH_WO_MB) {
+        const int mb = M - m < LH_WO_MB ? (int)(M - m) : LH_WO_MB;
+        const float *x = X + m * K;
+        if (rb == LH_WO_RB) {
+            switch (mb) {
+            case 1: lh_wo4_tile(x, K, 1, w, ldw, LH_WO_RB, S + n, Z + n, N, G, s); break;
+            case 2: lh_wo4_tile(x, K, 2, w, ldw, LH_WO_RB, S + n, Z + n, N, G, s); break;
+            case 3: lh_wo4_tile(x, K, 3, w, ldw, LH_WO_RB, S + n, Z + n, N, G, s); break;
+            default: lh_wo4_tile(x, K, 4, w, ldw, LH_WO_RB, S + n, Z + n, N, G, s); break;
+            }
+        } else {
+            for (int r = 0; r < rb; r++) {
+                float t[LH_WO_MB];
+                lh_wo4_tile(x, K, mb, w + r * ldw, ldw, 1, S + n + r, Z + n + r, N, G, t);
+                for (int i = 0; i < mb; i++) s[i * rb + r] = t[i];
+            }
+        }
+        for (int i = 0; i < mb; i++)
+            for (int r = 0; r < rb; r++) lh_wo_store(Y, y_bf16, (m + i) * ldy + n + r, s[i * rb + r]);
+    }
+}
+
+static void lh_wo4_in_region(const float *X, int64_t M, int64_t K, const uint8_t *W, const uint16_t *S,
+                             const uint16_t *Z, int64_t N, int64_t G, void *Y, int64_t ldy, int y_bf16) {
+    const int64_t blocks = (N + LH_WO_RB - 1) / LH_WO_RB;
+#pragma omp for schedule(static) nowait
+    for (int64_t b = 0; b < blocks; b++) {
+        const int64_t n = b * LH_WO_RB;
+        lh_wo4_rows(X, M, K, W, S, Z, N, G, n, N - n < LH_WO_RB ? (int)(N - n) : LH_WO_RB, Y, ldy, y_bf16);
+    }
+}
+
+/* nw int4 weights: codes W[j] (N[j], K/2), scales S[j] and zeros Z[j] (K/G, N[j]) bf16, applied to X as in
+ * lh_wo_int8. G a multiple of 32 dividing K. Returns 0, or -1 for bad sizes or no memory. */
+int lh_wo_int4(int nw, const void *X, int x_f32, int64_t ldx, int64_t M, const uint8_t *const *W,
+               const uint16_t *const *S, const uint16_t *const *Z, const int64_t *N, int64_t K, int64_t G,
+               void *const *Y, const int64_t *ldy, int y_bf16, int nthreads) {
+    if (M < 1 || M > LH_WO_MAX_M || K < 1 || nw < 1 || G < 32 || G % 32 != 0 || K % G != 0) return -1;
+    double work = 0;
+    for (int j = 0; j < nw; j++) {
+        if (N[j] < 0) return -1;
+        work += (double)M * N[j] * K;
+    }
+    float *x = (float *)aligned_alloc(64, ((size_t)(M * K * 4) + 63) / 64 * 64);
+    if (x == NULL) return -1;
+    lh_wo4_split(X, x_f32, ldx, M, K, x);
+    const int par = nthreads > 1 && work >= LH_WO_SERIAL_WORK;
+#pragma omp parallel num_threads(nthreads) if (par)
+    for (int j = 0; j < nw; j++) lh_wo4_in_region(x, M, K, W[j], S[j], Z[j], N[j], G, Y[j], ldy[j], y_bf16);
+    free(x);
+    return 0;
+}
+
+/* Whether this build has the AVX-512 paths (1) or the portable ones (0). */
+int lh_wo_avx512(void) { return LH_WO_AVX512; }

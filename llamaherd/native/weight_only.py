@@ -1,0 +1,157 @@
+"""Weight-only int8 / int4 products on CPU through the native library (llamaherd/native/weight_only.c).
+
+Why: a decode step reads every weight once, so int8 and int4 codes should make it 2x and ~3.5x faster than
+bf16; torch's one-row kernels (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`) are compute-bound and
+run at about half the bf16 speed instead (BENCHMARKS.md, issue 18). `lh_wo_int8` / `lh_wo_int4` widen the
+codes in registers and multiply float32 activations: the weights are the dequantised float32 values, no
+activation is quantized, and only the float32 summation order differs from the reference.
+
+The codes are read in place, in the portable layout of `quant/weight_only.py` (`qweight`, `scales`,
+`zeros`): no kernel copy of the weights is made. `applies(x)` is the condition for the native path: a CPU
+float32 or bf16 input of 1..MAX_ROWS rows, no autograd graph, the library built and switched on (`ENABLED`,
+or `llamaherd.native.disabled()` for every kernel). The callers (`quant.weight_only.Int8Linear` /
+`Int4Linear`) keep torch's kernels for everything else (prefill, CUDA), and as the reference.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import sys
+
+import torch
+
+from .. import native
+
+MAX_ROWS = 16  # weight_only.c's LH_WO_MAX_M: more rows (prefill) go to torch's GEMM kernels
+ENABLED = True  # this file's kernels alone; `native.switched_off(weight_only)` runs torch's instead
+
+_i64, _ptr, _int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+_SIGNATURES = {
+    "lh_wo_int8": [_int, _ptr, _int, _i64, _i64, _ptr, _ptr, _ptr, _i64, _ptr, _ptr, _int, _int],
+    "lh_wo_int4": [_int, _ptr, _int, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _ptr, _ptr, _int, _int],
+    "lh_wo_avx512": [],
+}
+
+
+def _fn(name: str):
+    return native.function(name, _SIGNATURES[name])
+
+
+def available() -> bool:
+    """Whether the kernels are built and switched on."""
+    return ENABLED and native.library() is not None
+
+
+def uses_avx512() -> bool:
+    """Whether the build has the AVX-512 paths (False: the portable C loops)."""
+    return available() and bool(_fn("lh_wo_avx512")())
+
+
+def applies(x: torch.Tensor, in_features: int) -> bool:
+    """Whether `x` (..., in_features) goes to the native kernels (see the module docstring)."""
+    return (
+        x.device.type == "cpu"
+        and x.dtype in (torch.float32, torch.bfloat16)
+        and x.dim() >= 1
+        and x.shape[-1] == in_features
+        and 0 < x.numel() <= MAX_ROWS * in_features
+        and not (torch.is_grad_enabled() and x.requires_grad)
+        and available()
+    )
+
+
+class Codes:
+    """One native call's weights (one projection, or siblings fed one input): validated once, held as arguments.
+
+    `members` are (qweight, scales) for int8 or (qweight, scales, zeros) for int4, in the layouts of
+    quant/weight_only.py. The tensors are kept referenced, so the addresses stay valid while this object lives;
+    `key` (the addresses) tells a caller when its modules' tensors were replaced and this must be rebuilt.
+    """
+
+    def __init__(self, members: list[tuple[torch.Tensor, ...]], group_size: int | None = None) -> None:
+        self.scheme = "int8" if group_size is None else "int4"
+        self.members, self.group_size = [tuple(m) for m in members], group_size
+        q0 = self.members[0][0]
+        self.K = q0.shape[1] * (1 if group_size is None else 2)
+        for m in self.members:
+            _check_member(m, self.K, group_size)
+        self.ns = [m[0].shape[0] for m in self.members]
+        self.offsets = [sum(self.ns[:i]) for i in range(len(self.ns))]
+        self.total = sum(self.ns)
+        self.key = key(self.members)
+        self._args = [_array(_ptr, [m[i].data_ptr() for m in self.members]) for i in range(len(self.members[0]))]
+        self._ns = _array(_i64, self.ns)
+
+    def __call__(self, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> list[torch.Tensor]:
+        """x (..., K) float32 or bf16 (1..MAX_ROWS rows, checked: `applies`) -> each member's (..., N)."""
+        x2 = x.reshape(-1, x.shape[-1])
+        if x2.stride(-1) != 1:
+            x2 = x2.contiguous()
+        M = x2.shape[0]
+        if x2.shape[1] != self.K or not 1 <= M <= MAX_ROWS or x2.dtype not in _X_DTYPES or not x2.is_cpu:
+            raise ValueError(f"weight-only kernels take 1..{MAX_ROWS} CPU float32/bf16 rows of {self.K}, got "
+                             f"{x2.dtype} {tuple(x2.shape)} on {x2.device}")
+        out_dtype = out_dtype or x.dtype
+        if out_dtype not in _X_DTYPES:
+            raise ValueError(f"weight-only kernels write float32 or bfloat16, not {out_dtype}")
+        buf = torch.empty(M * self.total, dtype=out_dtype)  # one allocation; each member's (M, N) is a slice
+        base, size = buf.data_ptr(), buf.element_size() * M
+        ys = [buf[o * M:(o + n) * M].view(*x.shape[:-1], n) for o, n in zip(self.offsets, self.ns)]
+        outs = _array(_ptr, [base + size * o for o in self.offsets])
+        common = (len(self.ns), x2.data_ptr(), int(x2.dtype == torch.float32), x2.stride(0), M)
+        if self.scheme == "int8":
+            rc = _fn("lh_wo_int8")(*common, *self._args, self._ns, self.K, outs, self._ns,
+                                   int(out_dtype == torch.bfloat16), torch.get_num_threads())
+        else:
+            rc = _fn("lh_wo_int4")(*common, *self._args, self._ns, self.K, self.group_size, outs, self._ns,
+                                   int(out_dtype == torch.bfloat16), torch.get_num_threads())
+        if rc != 0:
+            raise MemoryError(f"lh_wo_{self.scheme} could not allocate its activation buffer")
+        return ys
+
+
+_X_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def key(members) -> tuple:
+    """The addresses and shapes a Codes object was built for."""
+    return tuple((t.data_ptr(), tuple(t.shape)) for m in members for t in m)
+
+
+def _array(ctype, values):
+    return (ctype * len(values))(*values)
+
+
+def _check_member(m: tuple[torch.Tensor, ...], K: int, group_size: int | None) -> None:
+    """What would make the C code read out of bounds."""
+    q = m[0]
+    int8 = group_size is None
+    want = (torch.int8, 1) if int8 else (torch.uint8, 2)
+    if q.dtype != want[0] or q.dim() != 2 or not q.is_contiguous() or q.shape[1] * want[1] != K or not q.is_cpu:
+        raise ValueError(f"codes must be contiguous CPU {want[0]} (N, {K // want[1]}), got {q.dtype} {tuple(q.shape)}")
+    if int8:
+        shapes = [(q.shape[0],)]
+    else:
+        if group_size % 32 or K % group_size:
+            raise ValueError(f"int4 groups must be a multiple of 32 dividing K={K}, got {group_size}")
+        shapes = [(K // group_size, q.shape[0])] * 2
+    if len(m) != 1 + len(shapes):
+        raise ValueError(f"{len(m)} tensors given for one {'int8' if int8 else 'int4'} weight")
+    for t, shape in zip(m[1:], shapes):
+        if t.dtype != torch.bfloat16 or tuple(t.shape) != shape or not t.is_contiguous() or not t.is_cpu:
+            raise ValueError(f"scales/zeros must be contiguous CPU bf16 {shape}, got {t.dtype} {tuple(t.shape)}")
+
+
+def int8(x: torch.Tensor, members, out_dtype: torch.dtype | None = None) -> list[torch.Tensor]:
+    """x (..., K) times each (qweight int8 (N, K), scales bf16 (N,)) transposed -> [(..., N)] (one-off calls)."""
+    return Codes(members)(x, out_dtype)
+
+
+def int4(x: torch.Tensor, members, group_size: int, out_dtype: torch.dtype | None = None) -> list[torch.Tensor]:
+    """x (..., K) times each (qweight uint8 (N, K/2), scales, zeros bf16 (K/g, N)) transposed -> [(..., N)]."""
+    return Codes(members, group_size)(x, out_dtype)
+
+
+def switched_off():
+    """Run the enclosed code on torch's weight-only kernels (the reference), the other native kernels kept."""
+    return native.switched_off(sys.modules[__name__])
