@@ -14,6 +14,13 @@ from llamaherd.engine.generate import decode_one, generate_tokens, greedy_refere
 from llamaherd.engine.sampling import SamplingParams, make_sampler
 from llamaherd.model.cache import KVCache
 
+# Meta's params.json of a tiny Llama 4 (test_llama4.py's, with heads every rank count divides).
+LLAMA4_PARAMS = dict(
+    dim=64, n_layers=4, n_heads=8, n_kv_heads=4, vocab_size=256, multiple_of=32, ffn_dim_multiplier=1.2,
+    ffn_exp=4.0, norm_eps=1e-5, rope_theta=500000.0, use_scaled_rope=True, attention_chunk_size=16,
+    nope_layer_interval=3, use_qk_norm=True, attn_temperature_tuning=True, floor_scale=4.0, attn_scale=0.1,
+    moe_args=dict(num_experts=4, top_k=1, interleave_moe_layer_step=2), max_seq_len=128,
+)
 # Heads, widths and expert widths divisible by 4; vocabularies of 250 (not a multiple of 4 or 8) exercise the
 # uneven last vocabulary block.
 FAMILIES: dict[str, ModelConfig] = {
@@ -27,11 +34,7 @@ FAMILIES: dict[str, ModelConfig] = {
     "llama3.2": ModelConfig(dim=64, n_layers=2, n_heads=8, n_kv_heads=4, vocab_size=250, multiple_of=32,
                             ffn_dim_multiplier=1.5, rope_theta=500000.0, max_seq_len=256, tie_embeddings=True),
     # Llama 4: MoE layers (routed experts + shared expert) every second layer, chunked attention, NoPE, QK-norm.
-    "llama4": config_from_params(dict(
-        dim=64, n_layers=4, n_heads=8, n_kv_heads=4, vocab_size=250, multiple_of=32, ffn_dim_multiplier=1.2,
-        ffn_exp=4.0, norm_eps=1e-5, rope_theta=500000.0, use_scaled_rope=True, attention_chunk_size=16,
-        nope_layer_interval=3, use_qk_norm=True, attn_temperature_tuning=True, floor_scale=4.0, attn_scale=0.1,
-        moe_args=dict(num_experts=4, top_k=1, interleave_moe_layer_step=2), max_seq_len=128)),
+    "llama4": config_from_params({**LLAMA4_PARAMS, "vocab_size": 250}),
     # Gemma 3: sliding-window and global layers, QK-norm, sandwich norms, softcapped logits, tied.
     "gemma3": ModelConfig(arch="gemma3", dim=64, n_layers=3, n_heads=8, n_kv_heads=4, head_dim=16, hidden_dim=96,
                           vocab_size=250, norm_eps=1e-6, rope_theta=1e6, rope_local_theta=1e4, max_seq_len=256,
@@ -77,3 +80,55 @@ def tp_worker(families: list[str], seed: int, out_dir: str) -> None:
         net = apply_tensor_parallel(random_model(FAMILIES[name], seed=seed))
         result = runs(net)
         torch.save(result, Path(out_dir) / f"{name}.rank{dist.get_rank()}.pt")
+
+
+# -- loading each rank's slice, and Meta's reference run rank by rank -------------------------------------------
+
+
+def load_worker(folders: dict[str, str], out_dir: str) -> None:
+    """One rank: each folder through `load_parallel`, its logits on `inputs` recorded."""
+    import torch.distributed as dist
+
+    from llamaherd.parallel import load_parallel
+
+    for name, folder in folders.items():
+        model = load_parallel(folder, dtype=torch.float32)
+        with torch.inference_mode():
+            logits = model.net(inputs(model.config))
+        torch.save(logits, Path(out_dir) / f"{name}.ours.rank{dist.get_rank()}.pt")
+
+
+def meta_worker(folders: dict[str, str], out_dir: str) -> None:
+    """One rank: Meta's own reference (llama-models on fairscale's model-parallel layers) built for the world
+    size, loaded with this rank's consolidated.NN.pth as Meta's code loads it, its logits recorded."""
+    import json
+
+    import fairscale.nn.model_parallel.initialize as fs_init
+    import torch.distributed as dist
+
+    rank = dist.get_rank()
+    fs_init.initialize_model_parallel(dist.get_world_size())
+    torch.Tensor.cuda = lambda self, *a, **k: self  # Llama 4's reference allocates its cache with .cuda()
+    for name, folder in folders.items():
+        params = json.loads((Path(folder) / "params.json").read_text())
+        shard = torch.load(Path(folder) / f"consolidated.{rank:02d}.pth", weights_only=True)
+        if "moe_args" in params:
+            from llama_models.llama4.args import ModelArgs, MoEArgs
+            from llama_models.llama4.datatypes import TransformerInput
+            from llama_models.llama4.model import Transformer
+
+            ref = Transformer(ModelArgs(**{**params, "moe_args": MoEArgs(**params["moe_args"]),
+                                           "max_batch_size": 2}))
+            ref.load_state_dict(shard, strict=True)
+            run = lambda toks: ref(TransformerInput(tokens=toks, tokens_position=0)).logits  # noqa: E731
+        else:
+            from llama_models.llama3.args import ModelArgs
+            from llama_models.llama3.model import Transformer
+
+            ref = Transformer(ModelArgs(**params, max_batch_size=2))
+            ref.load_state_dict(shard, strict=False)  # Meta's files carry no rope buffers; its modules hold none
+            run = lambda toks: ref(toks, 0)  # noqa: E731
+        vocab = ref.tok_embeddings.num_embeddings
+        with torch.inference_mode():
+            logits = run(torch.randint(0, vocab, (2, SEQ), generator=torch.Generator().manual_seed(7))).float()
+        torch.save(logits, Path(out_dir) / f"{name}.meta.rank{rank}.pt")

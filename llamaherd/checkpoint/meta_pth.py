@@ -15,7 +15,7 @@ from ..model import build
 from . import llama4, mllama
 from .base import Checkpoint, attach_tokenizer
 from .pth import TOKENIZER_FILES, load_pth, shard_files
-from .transforms import META_IGNORED, merge_shards, shard_dim, split_shards
+from .transforms import META_IGNORED, embedding_shard_dim, merge_shards, shard_dim, split_shards
 
 
 # -- params.json <-> ModelConfig -----------------------------------------------------------------
@@ -153,6 +153,49 @@ def read(path: str | Path) -> Checkpoint:
     return Checkpoint(
         config=config, state_dict=sd, source=path, tokenizer=attach_tokenizer(path, TOKENIZER_FILES),
         metadata={"format": "meta", "shards": len(files), "params": params},
+    )
+
+
+def read_rank(path: str | Path, rank: int, world: int) -> Checkpoint | None:
+    """Rank `rank`'s model-parallel piece of a Meta folder written as `world` shards: consolidated.{rank}.pth
+    alone, memory-mapped, in canonical names and nothing merged (what tensor parallelism reads); None when the
+    folder holds another number of shards, or is Llama 3.2 Vision.
+
+    The pieces keep fairscale's cut (checkpoint/transforms.py). Metadata says what one shard cannot decide
+    alone: "embedding_dim", the axis tok_embeddings is cut on (Llama 2's ParallelEmbedding cuts the width), and
+    "output_equals_embedding", whether this piece's output.weight equals its embedding rows (Meta's tied
+    Llama 3.2 1B/3B), which every rank must find for the model to be tied.
+    """
+    path = Path(path)
+    pfile = path / "params.json"
+    files = shard_files(path)
+    if len(files) != world or not pfile.exists():
+        return None
+    try:
+        params = json.loads(pfile.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(pfile, f"is not valid JSON ({exc}); restore the file from the release") from None
+    if not isinstance(params, dict) or params.get("vision_chunk_size", -1) > 0:
+        return None
+    sd = load_pth(files[rank])
+    for name in META_IGNORED:
+        sd.pop(name, None)
+    emb = sd.get("tok_embeddings.weight")
+    if "moe_args" in params:
+        config = llama4.config_from_params(params, source=str(pfile))
+        sd = llama4.normalize_meta(sd, config)
+        axis = 0
+    else:
+        if emb is None:
+            raise CheckpointError(files[rank], "holds no tok_embeddings.weight; get the complete folder")
+        axis = embedding_shard_dim(tuple(emb.shape), world, int(params["dim"]), files[rank])
+        config = config_from_params(params, pfile, vocab_from_weights=emb.shape[0] * (world if axis == 0 else 1))
+    out = sd.get("output.weight")
+    same = emb is not None and out is not None and axis == 0 and out.shape == emb.shape and torch.equal(out, emb)
+    return Checkpoint(
+        config=config, state_dict=sd, source=path, tokenizer=attach_tokenizer(path, TOKENIZER_FILES),
+        metadata={"format": "meta", "shards": world, "params": params, "rank": rank, "embedding_dim": axis,
+                  "output_equals_embedding": same},
     )
 
 

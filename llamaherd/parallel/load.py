@@ -1,0 +1,99 @@
+"""Loading a model cut over tensor-parallel ranks, each rank reading only its slice of the weights.
+
+A Meta folder written as N model-parallel shards, read by N ranks: rank r memory-maps consolidated.r.pth alone,
+which already holds its slice (fairscale's cut is this package's, `tp.py`); nothing is merged. Any other
+checkpoint (HF safetensors, a Meta folder of another shard count, float GGUF) is read memory-mapped as usual and
+each rank copies out only its slice of every tensor it cuts; the pages of the other slices are never copied
+(a column slice of a row-major tensor still reads every page of it once, through the page cache).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from ..api import Model, resolve
+from ..checkpoint import Checkpoint, read
+from ..checkpoint.detect import detect_format
+from ..checkpoint.meta_pth import read_rank
+from ..errors import CheckpointError
+from ..model import build
+from ..native import swaps as native_swaps
+from .tp import ParallelError, apply_tensor_parallel, local_slice, vocab_range
+
+
+def load_parallel(source: str | Path, *, dtype: torch.dtype | None = None,
+                  group: dist.ProcessGroup | None = None) -> Model:
+    """`llamaherd.load` for one rank of a tensor-parallel group: the model cut to this rank's slice.
+
+    Every rank of `group` calls it with the same arguments. The returned Model's `config` is the whole model's;
+    its `net.config` is this rank's view (see `tp.apply_tensor_parallel`).
+    """
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    path = resolve(source)
+    piece = read_rank(path, rank, world) if world > 1 and detect_format(path) == "meta" else None
+    if piece is not None:
+        ckpt, weights = _own_shard(piece, group)
+    else:
+        ckpt = read(path)
+        if ckpt.prepare is not None:
+            raise ParallelError(f"{path}: packed (quantized) GGUF weights are not cut by tensor parallelism; "
+                                "convert to a float format first (herd convert), or run without --tp")
+        weights = ckpt.state_dict
+    net = build(ckpt.config, device="meta")
+    apply_tensor_parallel(net, group)
+    net.load_state_dict(_slices(net, ckpt, weights, rank, world, dtype, whole=piece is None), strict=True,
+                        assign=True)
+    native_swaps.apply(net.eval())
+    return Model(net, dataclasses.replace(ckpt, state_dict={}))  # the weights live in the net alone
+
+
+def _own_shard(piece: Checkpoint, group) -> tuple[Checkpoint, dict[str, torch.Tensor]]:
+    """A rank's Meta shard made into the cut model's weights: the tie agreed by all ranks; Llama 2's embedding,
+    cut by width in Meta's files, gathered and cut by vocabulary as the cut model holds it."""
+    sd = dict(piece.state_dict)
+    config = piece.config
+    flag = torch.tensor([int(piece.metadata["output_equals_embedding"])])
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
+    if config.tie_embeddings or bool(flag):
+        sd.pop("output.weight", None)
+        config = config.replace(tie_embeddings=True)
+    if piece.metadata["embedding_dim"] == 1:
+        mine = sd["tok_embeddings.weight"].contiguous()
+        parts = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, mine, group=group)
+        lo, hi = vocab_range(config.vocab_size, dist.get_rank(group), dist.get_world_size(group))
+        sd["tok_embeddings.weight"] = torch.cat([p[lo:hi] for p in parts], dim=1)
+    return dataclasses.replace(piece, config=config), sd
+
+
+def _slices(net, ckpt: Checkpoint, weights: dict[str, torch.Tensor], rank: int, world: int,
+            dtype: torch.dtype | None, whole: bool) -> dict[str, torch.Tensor]:
+    """The tensors the cut (meta-device) `net` expects, by name: this rank's slices of whole tensors (`whole`),
+    or a shard's tensors as they are; each checked against the shape the cut model implies."""
+    expected = net.state_dict()
+    missing, unexpected = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(ckpt.source, f"tensor names do not match the {ckpt.config.arch} architecture: "
+                              f"missing {missing[:4]}, unexpected {unexpected[:4]}")
+    target = dtype or next((t.dtype for t in weights.values() if t.is_floating_point()), torch.float32)
+    out = {}
+    for name, want in expected.items():
+        t = weights[name]
+        cut = local_slice(name, tuple(t.shape), ckpt.config.arch, ckpt.config.vocab_size, rank, world) \
+            if whole else None
+        if cut is not None:
+            t = t.narrow(*cut)
+        if tuple(t.shape) != tuple(want.shape):
+            raise CheckpointError(ckpt.source, f"tensor {name} gives this rank {tuple(t.shape)}, the cut model "
+                                  f"implies {tuple(want.shape)}; the files do not belong to the configuration")
+        # a slice of a memory-mapped tensor is copied out (contiguous, own memory); a whole one stays mapped
+        t = t.to(dtype=target) if t.is_floating_point() else t
+        out[name] = t.contiguous() if cut is None else t.clone(memory_format=torch.contiguous_format)
+    return out
+
+
+__all__ = ["load_parallel"]
