@@ -192,6 +192,7 @@ class OllamaShowRequest(_Body):
 
 class TokenizeRequest(_Body):
     # llama.cpp sends "content", vLLM "prompt"; both accepted.
+    model: str | None = None
     content: str | None = None
     prompt: str | None = None
     add_special: bool | None = None
@@ -199,4 +200,5 @@ class TokenizeRequest(_Body):
 
 
 class DetokenizeRequest(_Body):
+    model: str | None = None
     tokens: list[int]

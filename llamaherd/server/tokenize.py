@@ -1,9 +1,11 @@
-"""vLLM's tokenizer routes: GET /tokenizer_info, POST /tokenize, POST /detokenize (lm-eval's remote tokenizer).
+"""The tokenizer routes: GET /tokenizer_info, POST /tokenize, POST /detokenize (vLLM's, which lm-eval's remote
+tokenizer calls, with llama.cpp's field names accepted too).
 
 lm-evaluation-harness's `local-completions` backend tokenizes through these when a server offers them
-(lm_eval/utils.py `RemoteTokenizer`), so its token ids are this model's own. As vLLM (HF tokenizers) does,
-special-token literals in /tokenize text (`<|begin_of_text|>`, `<bos>`) are control tokens here, and
-`add_special_tokens` puts BOS in front.
+(lm_eval/utils.py `RemoteTokenizer`), so its token ids are this model's own. As vLLM (HF tokenizers) and
+llama.cpp (`parse_special`) do, special-token literals in /tokenize text (`<|begin_of_text|>`, `<bos>`) are
+control tokens here. BOS goes in front with vLLM's `add_special_tokens` (default true, for its `prompt`) or
+llama.cpp's `add_special` (default false, for its `content`).
 """
 
 from __future__ import annotations
@@ -11,24 +13,11 @@ from __future__ import annotations
 import re
 
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, ConfigDict
 
 from .http import APIError, check_model, served_of
+from .schemas import DetokenizeRequest, TokenizeRequest
 
 router = APIRouter()
-
-
-class TokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    model: str | None = None
-    prompt: str
-    add_special_tokens: bool = True
-
-
-class DetokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    model: str | None = None
-    tokens: list[int]
 
 
 def encode_with_specials(tok, text: str) -> list[int]:
@@ -61,8 +50,12 @@ async def tokenize(body: TokenizeRequest, request: Request):
     served = served_of(request)
     check_model(served, body.model)
     tok = served.tokenizer
-    ids = encode_with_specials(tok, body.prompt)
-    if body.add_special_tokens and tok.bos_id is not None:
+    text = body.prompt if body.prompt is not None else body.content
+    if text is None:
+        raise APIError(400, "give the text to tokenize in 'prompt' (vLLM) or 'content' (llama.cpp)", param="prompt")
+    ids = encode_with_specials(tok, text)
+    bos = next((f for f in (body.add_special_tokens, body.add_special) if f is not None), body.prompt is not None)
+    if bos and tok.bos_id is not None:
         ids = [tok.bos_id, *ids]
     return {"tokens": ids, "count": len(ids), "max_model_len": served.context_length}
 
@@ -75,4 +68,5 @@ async def detokenize(body: DetokenizeRequest, request: Request):
     bad = [t for t in body.tokens if not 0 <= t < vocab]
     if bad:
         raise APIError(400, f"token id {bad[0]} is outside this model's vocabulary [0, {vocab})", param="tokens")
-    return {"prompt": served.tokenizer.decode(body.tokens)}
+    text = served.tokenizer.decode(body.tokens)
+    return {"prompt": text, "content": text}  # vLLM's field, llama.cpp's
