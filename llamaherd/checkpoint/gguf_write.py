@@ -27,7 +27,8 @@ from ..atomic import replacing
 from ..errors import CheckpointError
 from ..tokenizer.gguf_vocab import byte_to_unicode
 from ..quant.ggml import GGMLWeight
-from ..quant.quantize import block_shape, nbytes, quantize
+from ..quant.imatrix import IMatrix
+from ..quant.quantize import WEIGHTED, block_shape, nbytes, quantize
 from . import gemma3, llama, llama4
 from .base import Checkpoint, as_float, warn_requantize
 from .names import invert, rename
@@ -360,6 +361,7 @@ def write(
     dtype: str | None = None,
     name: str | None = None,
     progress: ProgressFn | None = None,
+    imatrix: IMatrix | None = None,
     **options: Any,
 ) -> Path:
     """Write `ckpt` (arch "llama", "gemma3" or "llama4") to the GGUF file `dst` with file type `qtype`.
@@ -367,10 +369,12 @@ def write(
     `qtype` is one of f32, f16, q8_0, q4_0, q4_k_m, q5_k_m, q6_k; `dtype` ("f32"/"f16", from `herd convert
     --dtype`) is accepted as an alias when `qtype` is left at its default. Tensors are quantized and written
     one at a time, so memory holds one tensor's copy at most. `progress(i, n, name, type)` is called
-    before each tensor.
+    before each tensor. `imatrix` (quant/imatrix.py) weights the rounding error of each tensor it has an entry
+    for, as `llama-quantize --imatrix` does.
     """
     if options:
-        raise CheckpointError(dst, f"unknown GGUF writer options {sorted(options)}; known: qtype, dtype, name, progress")
+        raise CheckpointError(dst, f"unknown GGUF writer options {sorted(options)}; "
+                              "known: qtype, dtype, name, progress, imatrix")
     if dtype is not None and qtype == "f16":
         qtype = str(dtype).lower().replace("float", "f")
     qtype = qtype.lower()
@@ -384,12 +388,12 @@ def write(
     warn_requantize(ckpt, f"{qtype} GGUF output")
     dst = Path(dst)
     with replacing(dst) as tmp:  # a killed or failed write leaves no truncated GGUF behind
-        _write_file(ckpt, tmp, rows, qtype, name, progress)
+        _write_file(ckpt, tmp, rows, qtype, name, progress, imatrix)
     return dst
 
 
 def _write_file(ckpt: Checkpoint, dst: Path, rows: list, qtype: str, name: str | None,
-                progress: ProgressFn | None) -> None:
+                progress: ProgressFn | None, imatrix: IMatrix | None = None) -> None:
     c = ckpt.config
     w = gguf.GGUFWriter(dst, c.arch)
     add_hparams(w, ckpt, FILE_TYPES[qtype][1], name or ckpt.metadata.get("name") or Path(ckpt.source).name)
@@ -399,6 +403,11 @@ def _write_file(ckpt: Checkpoint, dst: Path, rows: list, qtype: str, name: str |
         w.add_tokenizer_model("none")
     if ckpt.chat_template and not (ckpt.tokenizer is not None and ckpt.tokenizer.kind == "gguf"):
         w.add_chat_template(ckpt.chat_template)
+    if imatrix is not None:  # llama-quantize's record of the imatrix used (llama.cpp LLM_KV_QUANTIZE_IMATRIX_*)
+        w.add_uint32("quantize.imatrix.entries_count", len(imatrix.entries))
+        w.add_uint32("quantize.imatrix.chunks_count", imatrix.chunks)
+        if imatrix.datasets:
+            w.add_string("quantize.imatrix.dataset", imatrix.datasets[-1])
     for gname, _, shape, t in rows:
         # Tensor info takes the logical (row-major, torch-order) shape; the writer reverses it to ne[].
         w.add_tensor_info(gname, shape, np.dtype(np.float32), nbytes(t, shape), raw_dtype=t)
@@ -413,7 +422,10 @@ def _write_file(ckpt: Checkpoint, dst: Path, rows: list, qtype: str, name: str |
                 data = llama3_rope_factors(c.head_dim, c.rope_theta, c.rope_scaling)
             else:
                 tensor = FAMILIES[c.arch].to_gguf(meta_name, as_float(ckpt.state_dict[meta_name]))
-                data, _ = quantize(tensor.to(torch.float32), t)
+                importance = None
+                if imatrix is not None and t in WEIGHTED:
+                    importance = imatrix.weights(gname, math.prod(shape[:-2]), shape[-1])
+                data, _ = quantize(tensor.to(torch.float32), t, importance)
             w.write_tensor_data(np.ascontiguousarray(data))
     finally:
         w.close()

@@ -18,6 +18,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("src", help="checkpoint folder, .gguf file, or model name")
     p.add_argument("dst", help="output .gguf file")
     p.add_argument("--type", dest="qtype", default="q4_k_m", choices=TYPES, help="file type (default q4_k_m)")
+    p.add_argument("--imatrix", metavar="FILE", help="importance matrix from `herd imatrix` or llama-imatrix (.dat or "
+                   ".gguf): weights each column's rounding error by its mean squared activation")
     p.add_argument("--quiet", action="store_true", help="no progress line")
     p.set_defaults(func=run)
 
@@ -30,7 +32,13 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     src = resolve(args.src)
     ckpt = read(src)
-    out = write(ckpt, args.dst, qtype=args.qtype, progress=None if args.quiet else print_progress)
+    im = None
+    if args.imatrix:
+        from ..quant import imatrix
+
+        im = imatrix.read(args.imatrix)
+    out = write(ckpt, args.dst, qtype=args.qtype, progress=None if args.quiet else print_progress, imatrix=im)
     size = out.stat().st_size / 2**20
-    print(f"wrote {args.qtype} GGUF to {out} ({size:.1f} MiB, {time.perf_counter() - start:.1f} s)")
+    used = f", imatrix of {len(im.entries)} entries" if im is not None else ""
+    print(f"wrote {args.qtype} GGUF to {out} ({size:.1f} MiB, {time.perf_counter() - start:.1f} s{used})")
     return 0

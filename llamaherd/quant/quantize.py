@@ -79,11 +79,23 @@ def _q8_0(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return raw, recon
 
 
-def _q4_0(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    # quantize_row_q4_0_ref: d = max/-8 (max keeps its sign), q = min(15, (int8)(x/d + 8.5))
+def _row_weights(x: torch.Tensor, qw: torch.Tensor, n_per_row: int) -> torch.Tensor:
+    """Importance weights of the 32-element types: qw * sqrt(sigma2 + x^2), sigma2 = mean(x^2) over the row
+    (ggml-quants.c quantize_row_q4_0_impl / q5_0 / q5_1). Returns (n_blocks, 32)."""
+    rows = x.view(-1, n_per_row)
+    sigma2 = (rows * rows).sum(-1, keepdim=True) / n_per_row
+    return (qw.view(-1, n_per_row) * torch.sqrt(sigma2 + rows * rows)).view(-1, 32)
+
+
+def _q4_0(x: torch.Tensor, qw: torch.Tensor | None = None, n_per_row: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    # quantize_row_q4_0_ref: d = max/-8 (max keeps its sign), q = min(15, (int8)(x/d + 8.5));
+    # with importance weights quantize_row_q4_0_impl: d from make_qx_quants(nmax 8) on the weighted error
     b = x.view(-1, 32)
-    d = _signed_absmax(b) / -8
-    q = torch.trunc(b * _safe_inv(d)[:, None] + 8.5).clamp(max=15)
+    if qw is not None:
+        d, q = make_qx_quants(b, 8, _row_weights(x, qw, n_per_row))
+    else:
+        d = _signed_absmax(b) / -8
+        q = torch.trunc(b * _safe_inv(d)[:, None] + 8.5).clamp(max=15)
     recon = (q - 8) * _fp16(d)[:, None]
     qu = _u8(q)
     qs = qu[:, :16] | (qu[:, 16:] << 4)  # element j in the low nibble, j+16 in the high one
@@ -96,23 +108,32 @@ def _qh_bits(q: torch.Tensor) -> torch.Tensor:
     return bits.sum(-1, dtype=torch.int64).to(torch.int32).view(torch.uint8).view(-1, 4)
 
 
-def _q5_0(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    # quantize_row_q5_0_ref: d = max/-16, q = min(31, (int8)(x/d + 16.5)); bit 4 of each level goes to qh
+def _q5_0(x: torch.Tensor, qw: torch.Tensor | None = None, n_per_row: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    # quantize_row_q5_0_ref: d = max/-16, q = min(31, (int8)(x/d + 16.5)); bit 4 of each level goes to qh;
+    # with importance weights quantize_row_q5_0_impl: make_qx_quants(nmax 16) on the weighted error
     b = x.view(-1, 32)
-    d = _signed_absmax(b) / -16
-    q = torch.trunc(b * _safe_inv(d)[:, None] + 16.5).clamp(max=31)
+    if qw is not None:
+        d, q = make_qx_quants(b, 16, _row_weights(x, qw, n_per_row))
+    else:
+        d = _signed_absmax(b) / -16
+        q = torch.trunc(b * _safe_inv(d)[:, None] + 16.5).clamp(max=31)
     recon = (q - 16) * _fp16(d)[:, None]
     qu = _u8(q) & 0x0F
     qs = qu[:, :16] | (qu[:, 16:] << 4)
     return torch.cat([_fp16_bytes(d), _qh_bits(q), qs], dim=1), recon  # (nb, 22)
 
 
-def _q5_1(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    # quantize_row_q5_1_ref: d = (max-min)/31, m = min, q = (uint8)((x-min)/d + 0.5)
+def _q5_1(x: torch.Tensor, qw: torch.Tensor | None = None, n_per_row: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    # quantize_row_q5_1_ref: d = (max-min)/31, m = min, q = (uint8)((x-min)/d + 0.5); with importance weights
+    # quantize_row_q5_1_impl: make_qkx3_quants(nmax 31, rmin -0.9, rdelta 0.05, 36 steps), m = -the_min
     b = x.view(-1, 32)
-    mn, mx = b.amin(-1), b.amax(-1)
-    d = (mx - mn) / 31
-    q = torch.trunc((b - mn[:, None]) * _safe_inv(d)[:, None] + 0.5).clamp(0, 31)
+    if qw is not None:
+        d, neg_min, q = make_qkx2_quants(b, _row_weights(x, qw, n_per_row), 31, -0.9, 0.05, 36)
+        mn = -neg_min
+    else:
+        mn, mx = b.amin(-1), b.amax(-1)
+        d = (mx - mn) / 31
+        q = torch.trunc((b - mn[:, None]) * _safe_inv(d)[:, None] + 0.5).clamp(0, 31)
     recon = _fp16(d)[:, None] * q + _fp16(mn)[:, None]
     qu = _u8(q) & 0x0F
     qs = qu[:, :16] | (qu[:, 16:] << 4)
@@ -169,16 +190,17 @@ def make_qkx2_quants(x, w, nmax: int, rmin: float, rdelta: float, nstep: int):
     return scale, -mn, L
 
 
-def make_qx_quants(x, nmax: int):
+def make_qx_quants(x, nmax: int, qw: torch.Tensor | None = None):
     """Scale for symmetric levels -nmax..nmax-1 of each row (ggml-quants.c `make_qx_quants`, rmse_type 1).
 
-    Weights are x^2; grids iscale = -(nmax + 0.1 is)/max for is in -9..9 are tried and the one maximising
-    sumlx^2/suml2 (least weighted error) is kept. Returns (scale, levels shifted by +nmax).
+    Weights are `qw` (importance weights, same shape as x) or x^2; grids iscale = -(nmax + 0.1 is)/max for
+    is in -9..9 are tried and the one maximising sumlx^2/suml2 (least weighted error) is kept.
+    Returns (scale, levels shifted by +nmax).
     """
     mx = _signed_absmax(x)
     zero = mx.abs() < GROUP_MAX_EPS
     mxs = torch.where(zero, torch.ones_like(mx), mx)
-    w = x * x
+    w = x * x if qw is None else qw
 
     def fit(iscale):
         l = torch.round(iscale[:, None] * x).clamp(-nmax, nmax - 1)
@@ -215,25 +237,38 @@ def _pack_k4_scales(ls: torch.Tensor, lm: torch.Tensor) -> torch.Tensor:
     return torch.cat([b0, b1, b2], dim=1).to(torch.uint8)  # (nb, 12)
 
 
-def _k_asym(x: torch.Tensor, nmax: int, rmin: float, nstep: int):
-    """Shared body of Q4_K / Q5_K (quantize_row_q4_K_ref / quantize_row_q5_K_ref).
+def _k_asym(x: torch.Tensor, nmax: int, rmin: float, nstep: int, qw: torch.Tensor | None = None):
+    """Shared body of Q4_K / Q5_K (quantize_row_q4_K_ref / quantize_row_q5_K_ref, or the `_impl`s with `qw`).
 
-    Per 32-element sub-block: weights av_x + |x| with av_x the sub-block's rms, then make_qkx2_quants.
-    The eight scales and mins are requantized to 6 bits against the super-block's fp16 d and dmin, and
-    the levels recomputed with the rounded scales. Returns (d, dmin, ls, lm, L, recon).
+    Per 32-element sub-block: weights av_x + |x| with av_x the sub-block's rms, then make_qkx2_quants; the
+    eight scales and mins are requantized to 6 bits against the super-block's fp16 d and dmin, and the levels
+    recomputed with the rounded scales. With importance weights `qw` (one per element of x) llama.cpp's
+    quantize_row_q4_K_impl is followed instead: weights qw * sqrt(sigma2 + x^2) with sigma2 = 2 * mean(x^2)
+    over the super-block, the wider make_qkx3_quants search, and 6-bit scales and mins fitted by
+    make_qp_quants weighted by each sub-block's summed weight. Returns (d, dmin, ls, lm, L, recon).
     """
     sb = x.view(-1, 32)  # (nb*8, 32)
-    av_x = torch.sqrt((sb * sb).sum(-1) / 32)
-    w = av_x[:, None] + sb.abs()
-    scales, mins, L = make_qkx2_quants(sb, w, nmax, rmin, 0.1, nstep)
-    scales, mins = scales.view(-1, 8), mins.view(-1, 8)
-    max_scale = scales.amax(-1).clamp(min=0)
-    max_min = mins.amax(-1).clamp(min=0)
-    inv_scale = _safe_div(63.0, max_scale)  # max_* >= 0 here, so "nonzero" is "positive" as in the C code
-    inv_min = _safe_div(63.0, max_min)
-    ls = torch.round(inv_scale[:, None] * scales).clamp(max=63)
-    lm = torch.round(inv_min[:, None] * mins).clamp(max=63)
-    d, dmin = max_scale / 63, max_min / 63
+    if qw is None:
+        av_x = torch.sqrt((sb * sb).sum(-1) / 32)
+        w = av_x[:, None] + sb.abs()
+        scales, mins, L = make_qkx2_quants(sb, w, nmax, rmin, 0.1, nstep)
+        scales, mins = scales.view(-1, 8), mins.view(-1, 8)
+        max_scale = scales.amax(-1).clamp(min=0)
+        max_min = mins.amax(-1).clamp(min=0)
+        inv_scale = _safe_div(63.0, max_scale)  # max_* >= 0 here, so "nonzero" is "positive" as in the C code
+        inv_min = _safe_div(63.0, max_min)
+        ls = torch.round(inv_scale[:, None] * scales).clamp(max=63)
+        lm = torch.round(inv_min[:, None] * mins).clamp(max=63)
+        d, dmin = max_scale / 63, max_min / 63
+    else:
+        xs = x.view(-1, QK_K)
+        sigma2 = 2 * (xs * xs).sum(-1) / QK_K
+        w = (qw.view(-1, QK_K) * torch.sqrt(sigma2[:, None] + xs * xs)).view(-1, 32)
+        # make_qkx3_quants with weights given is make_qkx2_quants's computation with rmin -0.9, rdelta 0.05, 36 steps
+        scales, mins, L = make_qkx2_quants(sb, w, nmax, -0.9, 0.05, 36)
+        sw = w.sum(-1).view(-1, 8)
+        d, ls = make_qp_quants(scales.view(-1, 8), 63, sw)
+        dmin, lm = make_qp_quants(mins.view(-1, 8), 63, sw)
     dj = (_fp16(d)[:, None] * ls).reshape(-1)  # (nb*8,)
     mj = (_fp16(dmin)[:, None] * lm).reshape(-1)
     nz = dj != 0  # the C code skips sub-blocks whose scale rounds to zero, keeping the search's levels
@@ -243,16 +278,55 @@ def _k_asym(x: torch.Tensor, nmax: int, rmin: float, nstep: int):
     return d, dmin, ls, lm, L.view(-1, QK_K), recon
 
 
-def _q4_k(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    d, dmin, ls, lm, L, recon = _k_asym(x, 15, -1.0, 20)  # quantize_row_q4_K_ref: nmax 15, rmin -1, 20 steps
+def make_qp_quants(x: torch.Tensor, nmax: int, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and levels 0..nmax for non-negative rows of x, least w-weighted error (ggml-quants.c `make_qp_quants`).
+
+    Grids nmax + 0.1 is (is in -4..4) over max(x) are tried, then up to five passes move single levels while
+    that improves sumlx^2 / suml2. Returns (scale = sumlx / suml2, levels).
+    """
+    mx = x.amax(-1).clamp(min=0)
+    zero = mx == 0
+    mxs = torch.where(zero, torch.ones_like(mx), mx)
+    iscale = nmax / mxs
+    L = torch.round(iscale[:, None] * x)
+    best = (w * (x - (1 / iscale)[:, None] * L) ** 2).sum(-1)
+    for step in (-4, -3, -2, -1, 1, 2, 3, 4):
+        iscale_is = float(np.float32(0.1) * np.float32(step) + np.float32(nmax)) / mxs
+        l = torch.round(iscale_is[:, None] * x).clamp(max=nmax)
+        mse = (w * (x - (1 / iscale_is)[:, None] * l) ** 2).sum(-1)
+        better = mse < best
+        best = torch.where(better, mse, best)
+        iscale = torch.where(better, iscale_is, iscale)
+    L = torch.round(iscale[:, None] * x).clamp(0, nmax)  # C stores uint8: a negative scale cannot occur here
+    sumlx, suml2 = (w * x * L).sum(-1), (w * L * L).sum(-1)
+    for _ in range(5):  # the C loop per row stops when a pass changes nothing; a further pass changes nothing too
+        changed = torch.zeros_like(zero)
+        for i in range(x.shape[1]):
+            wi, xi, li = w[:, i], x[:, i], L[:, i]
+            slx, sl2 = sumlx - wi * xi * li, suml2 - wi * li * li
+            ok = (slx > 0) & (sl2 > 0)
+            new_l = torch.round(xi * sl2 / torch.where(ok, slx, torch.ones_like(slx))).clamp(0, nmax)
+            slx, sl2 = slx + wi * xi * new_l, sl2 + wi * new_l * new_l
+            take = ok & (new_l != li) & (slx * slx * suml2 > sumlx * sumlx * sl2)
+            L[:, i] = torch.where(take, new_l, li)
+            sumlx, suml2 = torch.where(take, slx, sumlx), torch.where(take, sl2, suml2)
+            changed |= take
+        if not changed.any():
+            break
+    scale = torch.where(zero | (suml2 <= 0), torch.zeros_like(mx), sumlx / torch.where(suml2 > 0, suml2, 1.0))
+    return scale, torch.where(zero[:, None], torch.zeros_like(L), L)
+
+
+def _q4_k(x: torch.Tensor, qw: torch.Tensor | None = None, n_per_row: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    d, dmin, ls, lm, L, recon = _k_asym(x, 15, -1.0, 20, qw)  # quantize_row_q4_K_ref: nmax 15, rmin -1, 20 steps
     Lv = _u8(L).view(-1, 4, 2, 32)  # (nb, 64-chunk, half, 32): low nibble first half, high nibble second
     qs = (Lv[:, :, 0] | (Lv[:, :, 1] << 4)).reshape(-1, 128)
     raw = torch.cat([_fp16_bytes(d), _fp16_bytes(dmin), _pack_k4_scales(ls, lm), qs], dim=1)  # (nb, 144)
     return raw, recon
 
 
-def _q5_k(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    d, dmin, ls, lm, L, recon = _k_asym(x, 31, -0.5, 15)  # quantize_row_q5_K_ref: nmax 31, rmin -0.5, 15 steps
+def _q5_k(x: torch.Tensor, qw: torch.Tensor | None = None, n_per_row: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    d, dmin, ls, lm, L, recon = _k_asym(x, 31, -0.5, 15, qw)  # quantize_row_q5_K_ref: nmax 31, rmin -0.5, 15 steps
     Li = L.to(torch.int64)
     # qh[j] bit k = bit 4 of element 32k + j (sub-block k)
     qh = (((Li.view(-1, 8, 32) >> 4) & 1) << torch.arange(8, dtype=torch.int64)[:, None]).sum(1).to(torch.uint8)
@@ -262,10 +336,11 @@ def _q5_k(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return raw, recon
 
 
-def _q6_k(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    # quantize_row_q6_K_ref: 16 sub-blocks of 16 with make_qx_quants(nmax 32), int8 scales against fp16 d
+def _q6_k(x: torch.Tensor, qw: torch.Tensor | None = None, n_per_row: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    # quantize_row_q6_K_ref: 16 sub-blocks of 16 with make_qx_quants(nmax 32), int8 scales against fp16 d;
+    # quantize_row_q6_K_impl passes the importance weights themselves to make_qx_quants
     sb = x.view(-1, 16)
-    scales, L = make_qx_quants(sb, 32)
+    scales, L = make_qx_quants(sb, 32, None if qw is None else qw.view(-1, 16))
     scales = scales.view(-1, 16)
     max_scale = _signed_absmax(scales)
     zero = max_scale.abs() < GROUP_MAX_EPS
@@ -299,11 +374,18 @@ QUANTIZERS: dict[Q, Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]]
 }
 
 
-def quantize(t: torch.Tensor, qtype: Q) -> tuple[np.ndarray, torch.Tensor]:
+# Types whose quantizer takes importance weights (ggml-quants.c quantize_q4_0 ... quantize_q6_K with
+# quant_weights); Q8_0 ignores them there too.
+WEIGHTED = (Q.Q4_0, Q.Q5_0, Q.Q5_1, Q.Q4_K, Q.Q5_K, Q.Q6_K)
+
+
+def quantize(t: torch.Tensor, qtype: Q, imatrix: torch.Tensor | None = None) -> tuple[np.ndarray, torch.Tensor]:
     """Quantize a float tensor whose last dimension is a multiple of the block size.
 
-    Returns (bytes as a uint8 array of shape (*t.shape[:-1], row bytes), float32 reconstruction of t's shape).
-    F32/F16 are plain casts.
+    `imatrix`: importance of each input column (the mean squared activation llama-imatrix collects), shape
+    (row,) or, for a 3-D expert stack (E, rows, row), (E, row); used by the types in WEIGHTED, ignored by
+    the others as llama.cpp does. Returns (bytes as a uint8 array of shape (*t.shape[:-1], row bytes),
+    float32 reconstruction of t's shape). F32/F16 are plain casts.
     """
     shape = tuple(t.shape)
     x = t.detach().to(torch.float32).contiguous()
@@ -317,8 +399,11 @@ def quantize(t: torch.Tensor, qtype: Q) -> tuple[np.ndarray, torch.Tensor]:
     elems, size = block_shape(qtype)
     if shape[-1] % elems:
         raise ValueError(f"row length {shape[-1]} is not a multiple of the {qtype.name} block size {elems}")
-    flat = x.reshape(-1)
     fn = QUANTIZERS[qtype]
+    if imatrix is not None and qtype in WEIGHTED:
+        raw, recon = _quantize_weighted(x, fn, imatrix)
+        return raw.numpy().reshape(*shape[:-1], shape[-1] // elems * size), recon.view(shape)
+    flat = x.reshape(-1)
     step = max(elems, CHUNK_ELEMS // elems * elems)
     raws, recons = [], []
     for s in range(0, flat.numel(), step):
@@ -327,3 +412,26 @@ def quantize(t: torch.Tensor, qtype: Q) -> tuple[np.ndarray, torch.Tensor]:
         recons.append(recon.reshape(-1))
     raw = torch.cat(raws).numpy().reshape(*shape[:-1], shape[-1] // elems * size)
     return raw, torch.cat(recons).view(shape)
+
+
+def _quantize_weighted(x: torch.Tensor, fn: Callable, imatrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Whole rows at a time, each matrix (expert) with its own importance row
+    (llama-quant.cpp passes imatrix + i03 * n_per_row for matrix i03)."""
+    n = x.shape[-1]
+    if imatrix.numel() % n or imatrix.numel() == 0:
+        raise ValueError(f"the importance matrix holds {imatrix.numel()} values, not rows of the tensor's {n} columns")
+    mats = x.reshape(-1, *x.shape[-2:]) if x.dim() > 1 else x.reshape(1, 1, n)
+    qw = imatrix.to(torch.float32).reshape(-1, n)
+    if qw.shape[0] not in (1, mats.shape[0]):
+        raise ValueError(f"the importance matrix has {qw.shape[0]} rows of {n}; "
+                         f"the tensor has {mats.shape[0]} matrices")
+    rows_per_step = max(1, CHUNK_ELEMS // n)
+    raws, recons = [], []
+    for e, mat in enumerate(mats):
+        w = qw[e if qw.shape[0] > 1 else 0]
+        for r in range(0, mat.shape[0], rows_per_step):
+            part = mat[r : r + rows_per_step]
+            raw, recon = fn(part.reshape(-1), w.repeat(part.shape[0]), n)
+            raws.append(raw.reshape(-1))
+            recons.append(recon.reshape(-1))
+    return torch.cat(raws), torch.cat(recons)
