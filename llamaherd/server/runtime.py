@@ -45,8 +45,9 @@ class ServedModel:
         self.tokenizer = model.tokenizer
         dtype = next(model.net.parameters()).dtype
         dtype = dtype if dtype.is_floating_point else torch.float32
-        blocks = kv_blocks_for(model.config, dtype, kv_cache_bytes, block_size)
-        self.engine = Engine(model.net, model.config, num_blocks=blocks, block_size=block_size, max_batch=max_batch,
+        # the network's own config: a tensor-parallel rank's holds its share of the heads (parallel/tp.py)
+        blocks = kv_blocks_for(model.net.config, dtype, kv_cache_bytes, block_size)
+        self.engine = Engine(model.net, model.net.config, num_blocks=blocks, block_size=block_size, max_batch=max_batch,
                              prefill_chunk=prefill_chunk, max_waiting=max_waiting, max_context=max_context,
                              proposer_factory=proposer_factory(speculative, draft.net if draft else None,
                                                                model.config.vocab_size),
