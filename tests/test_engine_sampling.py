@@ -151,6 +151,43 @@ def test_logprobs_are_raw_model_logprobs():
     torch.testing.assert_close(out.top_logprobs, torch.tensor([[math.log(0.5), math.log(0.2)]]))
 
 
+# A grammar mask (-inf) on the last token: the extremes below must keep it impossible and produce no NaN.
+MASKED = torch.tensor([[math.log(p) for p in P[:-1]] + [float("-inf")]])
+
+
+def masked_dist(**kw):
+    return make_sampler(SamplingParams(**kw), vocab_size=len(P)).probabilities(MASKED.clone(), context=[[0, 3]])[0]
+
+
+def test_huge_finite_temperature_is_uniform_over_the_allowed_tokens_not_nan():
+    # 1e308 is inf in float32 and -inf / inf is NaN: the limit T -> inf is uniform over the tokens left
+    for t in (1e308, 1e38, 1e31):
+        close(masked_dist(temperature=t), [0.25, 0.25, 0.25, 0.25, 0.0])
+
+
+def test_tiny_temperature_is_the_argmax_not_nan():
+    # logits / 1e-320 overflow to inf (inf - inf is NaN in softmax): the limit T -> 0 is the argmax
+    for t in (1e-320, 5e-324, 1e-40):
+        close(masked_dist(temperature=t), [1.0, 0.0, 0.0, 0.0, 0.0])
+    assert make_sampler(SamplingParams(temperature=1e-320, seed=0), 5)(MASKED.clone()).tokens.tolist() == [0]
+
+
+def test_extreme_repetition_penalties_stay_finite():
+    # seen tokens 0 (p=0.5) and 3 (p=0.1), both logits negative: multiplied by the penalty
+    tiny = masked_dist(repetition_penalty=1e-300)  # 0 and 3's logits go to 0 (weight 1), the others keep p
+    close(tiny, [1 / 2.35, 0.2 / 2.35, 0.15 / 2.35, 1 / 2.35, 0.0])
+    huge = masked_dist(repetition_penalty=1e308)  # 0 and 3 become impossible: the others renormalised
+    close(huge, [0.0, 0.2 / 0.35, 0.15 / 0.35, 0.0, 0.0])
+
+
+def test_seed_outside_the_generator_range_is_a_sampling_error():
+    for seed in (2**64, -(2**63) - 1):
+        with pytest.raises(SamplingError, match="seed"):
+            SamplingParams(seed=seed)
+    make_sampler(SamplingParams(seed=2**64 - 1), 5)  # the edges are accepted
+    make_sampler(SamplingParams(seed=-(2**63)), 5)
+
+
 @pytest.mark.parametrize("kw", [
     dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(min_p=2), dict(top_k=-3), dict(typical_p=0),
     dict(repetition_penalty=0), dict(presence_penalty=3), dict(frequency_penalty=float("nan")),

@@ -197,3 +197,28 @@ def test_base_model_without_chat_format_completes_raw_prompts(tmp_path):
             assert r.status_code == 400 and "chat format" in r.json()["error"]["message"]
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("route, body, field", [
+    ("/api/chat", {"options": {"temperature": 1e308}}, "options.temperature"),
+    ("/api/chat", {"options": {"seed": 2**70}}, "options.seed"),
+    ("/api/chat", {"options": {"top_p": 1e308}}, "options.top_p"),
+    (CHAT, {"temperature": 1e308}, "temperature"),
+    (CHAT, {"seed": -(2**64)}, "seed"),
+])
+def test_sampling_parameters_out_of_range_are_400_naming_the_field(live, route, body, field):
+    r = httpx.post(live[0].url + route, json={"messages": MSG, "stream": False, **body}, timeout=60)
+    assert r.status_code == 400, r.text[:300]
+    assert r.json()["error"]["param"] == field and field in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("route, body", [
+    ("/api/chat", {"options": {"temperature": 1e-320, "num_predict": 4}}),
+    ("/api/chat", {"options": {"repeat_penalty": 1e-300, "top_k": 2**63, "num_predict": 4}}),
+    (CHAT, {"temperature": 1e-320, "max_tokens": 4}),
+    (CHAT, {"repetition_penalty": 1e308, "frequency_penalty": 2, "max_tokens": 4}),
+])
+def test_extreme_but_valid_sampling_parameters_generate(live, route, body):
+    # these reached the sampler as NaN probabilities (a 500) before: now each is the distribution's limit
+    r = httpx.post(live[0].url + route, json={"messages": MSG, "stream": False, **body}, timeout=60)
+    assert r.status_code == 200, r.text[:300]

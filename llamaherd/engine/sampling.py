@@ -94,8 +94,8 @@ class SamplingParams:
                 raise bad(name, "must be in [-2, 2] (OpenAI's range; 0 disables it)")
         if any(not _finite(v) for v in bias.values()):
             raise bad("logit_bias", "biases must be finite numbers")
-        if self.seed is not None and not isinstance(self.seed, int):
-            raise bad("seed", "must be an integer or None")
+        if self.seed is not None and (not isinstance(self.seed, int) or not -(2**63) <= self.seed < 2**64):
+            raise bad("seed", "must be an integer in [-2**63, 2**64) or None")  # torch.Generator.manual_seed's range
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise bad("stop", "must be non-empty strings")
         if not isinstance(self.top_logprobs, int) or not 0 <= self.top_logprobs <= 20:
@@ -175,11 +175,22 @@ def token_counts(histories: Sequence[Sequence[int]], vocab_size: int,
     return counts
 
 
+# Within these, dividing (or multiplying) logits by a temperature or penalty cannot overflow float32 for any
+# logit a model produces (|logit| < 1e8); outside them the transforms take their NaN-free path.
+SAFE_DIVISORS = (1e-30, 1e30)
+
+
 def apply_repetition_penalty(logits: torch.Tensor, counts: torch.Tensor, penalty: float) -> torch.Tensor:
     """Seen tokens: positive logits divided by `penalty`, negative ones multiplied (HF RepetitionPenalty,
     llama.cpp `llama_sampler_penalties`), so a penalty > 1 always makes them less likely."""
     seen = counts > 0
     penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+    if not SAFE_DIVISORS[0] <= penalty <= SAFE_DIVISORS[1]:
+        # a penalty at the float range's edge (1e308 is inf in float32: 0 * inf is NaN; 1e-300 overflows the
+        # quotients): clamped into the dtype's range, and the results to its finite values
+        info = torch.finfo(logits.dtype)
+        p = min(max(penalty, info.tiny), info.max)
+        penalised = torch.where(logits > 0, logits / p, logits * p).clamp(-info.max, info.max)
     return torch.where(seen, penalised, logits)
 
 
@@ -198,7 +209,17 @@ def apply_logit_bias(logits: torch.Tensor, bias: Mapping[int, float]) -> torch.T
 
 
 def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    return logits / temperature
+    """logits / temperature. A temperature at the edge of the float range (1e308 is inf in float32, and
+    -inf / inf is NaN; 1e-320 makes every quotient overflow) divides the row shifted by its maximum instead,
+    by the temperature clamped into the dtype's range: softmax is unchanged by the shift, every filtered -inf stays
+    -inf, and the result is NaN-free (a huge temperature: uniform over the surviving tokens; a tiny one: argmax)."""
+    if SAFE_DIVISORS[0] <= temperature <= SAFE_DIVISORS[1]:
+        return logits / temperature
+    info = torch.finfo(logits.dtype)
+    top = logits.amax(dim=-1, keepdim=True)
+    shifted = logits - torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    return shifted / min(max(temperature, info.tiny), info.max)
+
 
 
 def apply_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:

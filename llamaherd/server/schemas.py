@@ -77,7 +77,7 @@ class _Sampling(_Body):
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     logit_bias: dict[str, float] | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), lt=2**64)  # torch.Generator's range
     stop: str | list[str] | None = None
     n: int = Field(default=1, ge=1, le=MAX_N)
     stream: bool = False
@@ -140,7 +140,8 @@ class CompletionRequest(_Sampling):
 
 
 class OllamaOptions(_Body):
-    temperature: float | None = Field(default=None, ge=0)
+    # Ollama sets no upper bound; past 100 the distribution is uniform to float precision: a mistake, refused.
+    temperature: float | None = Field(default=None, ge=0, le=100)
     top_k: int | None = Field(default=None, ge=0)
     top_p: float | None = Field(default=None, gt=0, le=1)
     min_p: float | None = Field(default=None, ge=0, le=1)
@@ -149,7 +150,7 @@ class OllamaOptions(_Body):
     repeat_last_n: int | None = Field(default=None, ge=-1)
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), lt=2**64)  # torch.Generator's range
     stop: list[str] | None = None
     num_predict: int | None = Field(default=None, ge=-2, le=MAX_TOKENS_LIMIT)
     num_ctx: int | None = Field(default=None, ge=1)
