@@ -1,0 +1,191 @@
+"""The one-call decode step (llamaherd/native/step.py, step.c): applied by `llamaherd.load` to GGUF Llama and
+Gemma 3 models, switchable, taken only where it applies, and as close to the torch reference and to the
+per-module native path as those are to each other: float activations within float rounding of the reference
+(left-padded batches, sliding windows, every ggml type of the k-quant mixes); int8 activations with the same
+top-1 tokens and KL divergence as the per-module path, which multiplies the same codes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import llamaherd
+from llamaherd import native
+from llamaherd.checkpoint.gguf_write import write
+from llamaherd.engine.generate import generate_tokens
+from llamaherd.engine.sampling import Sampler, SamplingParams
+from llamaherd.model.cache import KVCache
+from llamaherd.native import ggml_kernels, step
+from tests.gguf_write_fixtures import KQ_LLAMA3, checkpoint
+from tests.test_gemma3 import tiny as gemma3_tiny
+
+pytestmark = pytest.mark.skipif(native.library() is None, reason="no C compiler: the native kernels cannot be built")
+
+# Gemma 3 wide enough for the k-quants (dim and head_dim multiples of 256 where products need it), with a
+# sliding window of 8 slots on two of every three layers so local layers drop keys within a short test.
+KQ_GEMMA3 = gemma3_tiny(dim=256, hidden_dim=512, head_dim=64, n_heads=4, n_kv_heads=2, n_layers=3,
+                        query_pre_attn_scalar=64.0)
+CONFIGS = {"llama": KQ_LLAMA3, "gemma3": KQ_GEMMA3}
+PROMPTS = [[3, 17, 99, 5, 250, 8, 31, 2, 77, 4, 9], [1, 2, 3, 4]]  # left padding for the second row
+STEPS = 10
+
+
+# In the fast suite one file per family, between them every ggml type the step takes (q4_k_m mixes Q4_K,
+# Q6_K and, for rows not a multiple of 256, Q5_0 / Q8_0); the rest with the slow tests.
+FILES = [pytest.param(("llama", "q4_k_m"), id="llama-q4_k_m"), pytest.param(("gemma3", "q4_0"), id="gemma3-q4_0"),
+         *(pytest.param((f, q), id=f"{f}-{q}", marks=pytest.mark.slow)
+           for f, q in (("llama", "q8_0"), ("llama", "q4_0"), ("gemma3", "q8_0"), ("gemma3", "q4_k_m")))]
+
+
+@pytest.fixture(scope="module", params=FILES)
+def gguf_file(request, tmp_path_factory):
+    family, qtype = request.param
+    path = tmp_path_factory.mktemp("step") / f"{family}-{qtype}.gguf"
+    return family, write(checkpoint(CONFIGS[family], std=0.08), path, qtype=qtype)
+
+
+def decode_logits(net, rows=PROMPTS, steps=STEPS) -> torch.Tensor:
+    """Last-position logits of a left-padded prefill, then `steps` teacher-forced decode steps, (steps + 1, B, V)."""
+    B, L = len(rows), max(map(len, rows))
+    pads = [L - len(r) for r in rows]
+    tokens = torch.tensor([[0] * p + r for p, r in zip(pads, rows)])
+    key_mask = torch.ones(B, L, dtype=torch.bool)
+    for b, p in enumerate(pads):
+        key_mask[b, :p] = False
+    positions = (torch.arange(L)[None] - torch.tensor(pads)[:, None]).clamp(min=0)
+    cache = KVCache.for_model(net.config, B, L + steps)
+    with torch.inference_mode():
+        out = [net(tokens, positions=positions, cache=cache, key_mask=key_mask)[:, -1]]
+        for t in range(steps):
+            key_mask = torch.cat([key_mask, torch.ones(B, 1, dtype=torch.bool)], 1)
+            tok = torch.tensor([[(7 * t + 3 * b + 1) % 256] for b in range(B)])
+            out.append(net(tok, positions=positions[:, -1:] + t + 1, cache=cache, key_mask=key_mask)[:, -1])
+    return torch.stack(out)
+
+
+def kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) per position, in nats, float64."""
+    p, q = p_logits.double().log_softmax(-1), q_logits.double().log_softmax(-1)
+    return (p.exp() * (p - q)).sum(-1)
+
+
+class Spy:
+    """Counts the one-call steps taken (the real function runs)."""
+
+    def __init__(self, monkeypatch):
+        self.calls, real = 0, step.step
+
+        def counted(*args, **kwargs):
+            self.calls += 1
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(step, "step", counted)
+
+
+def test_load_applies_the_step_and_keeps_the_model(gguf_file):
+    family, path = gguf_file
+    model = llamaherd.load(path)
+    assert type(model.net) is (step.StepGemma3 if family == "gemma3" else step.StepLlama)
+    with native.disabled():
+        plain = llamaherd.load(path)
+    assert type(plain.net) is not type(model.net) and isinstance(model.net, type(plain.net))
+    assert model.net.state_dict().keys() == plain.net.state_dict().keys()
+
+
+def test_float_activations_match_the_reference(gguf_file, monkeypatch):
+    """Float activations: the step's logits are the torch reference's (decoded weights, torch ops) up to float
+    rounding, through a left-padded batch and, for Gemma, sliding windows that drop keys."""
+    _, path = gguf_file
+    monkeypatch.setattr(ggml_kernels, "INT8_ACTIVATIONS", False)
+    monkeypatch.setattr(ggml_kernels, "BF16_PREFILL", False)  # the prefill in float32 too, as the reference
+    model = llamaherd.load(path)
+    spy = Spy(monkeypatch)
+    got = decode_logits(model.net)
+    assert spy.calls == STEPS
+    with native.disabled():
+        want = decode_logits(model.net)
+    scale = want.abs().max()
+    assert (got - want).abs().max() <= 2e-5 * scale, float((got - want).abs().max() / scale)
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
+
+
+def test_int8_activations_as_close_as_the_per_module_path(gguf_file, monkeypatch):
+    """Int8 activations (the default): the step multiplies the codes the per-module path multiplies, so its
+    distance from the float reference is that path's; one code step apart here and there, not more."""
+    _, path = gguf_file
+    model = llamaherd.load(path)
+    spy = Spy(monkeypatch)
+    got = decode_logits(model.net)
+    assert spy.calls == STEPS
+    with step.disabled():
+        per_module = decode_logits(model.net)
+    monkeypatch.setattr(ggml_kernels, "INT8_ACTIVATIONS", False)
+    with native.disabled():
+        reference = decode_logits(model.net)
+    kl_step, kl_module = kl(reference, got)[1:], kl(reference, per_module)[1:]  # the decode positions
+    assert kl_step.mean() <= 1.5 * kl_module.mean() + 1e-6, (float(kl_step.mean()), float(kl_module.mean()))
+    agree = (got.argmax(-1) == reference.argmax(-1)).float().mean()
+    agree_module = (per_module.argmax(-1) == reference.argmax(-1)).float().mean()
+    assert agree >= agree_module - 0.1 and agree >= 0.8
+    assert kl(per_module, got)[1:].max() < 0.01
+
+
+def test_greedy_generation_is_unchanged_in_float(tmp_path, monkeypatch):
+    """generate_tokens (the engine's simple ladder) yields the same tokens with the step on and off."""
+    monkeypatch.setattr(ggml_kernels, "INT8_ACTIVATIONS", False)
+    model = llamaherd.load(write(checkpoint(KQ_GEMMA3, std=0.08), tmp_path / "g.gguf", qtype="q8_0"))
+    params = SamplingParams(temperature=0.0, max_tokens=20)
+
+    def run():
+        return [s.tokens for s in generate_tokens(model.net, PROMPTS, Sampler(params, model.config.vocab_size))]
+
+    spy = Spy(monkeypatch)
+    on = run()
+    assert spy.calls == 19  # every decode step after the prefill
+    with step.disabled():
+        off = run()
+    assert on == off
+
+
+def test_takes_the_reference_path_where_the_step_does_not_apply(tmp_path, monkeypatch):
+    """Grad mode, more rows than MAX_ROWS, the glue switched off, a model with a LoRA-wrapped projection:
+    the reference forward runs (same logits as with the step switched off)."""
+    monkeypatch.setattr(ggml_kernels, "INT8_ACTIVATIONS", False)
+    model = llamaherd.load(write(checkpoint(KQ_LLAMA3, std=0.08), tmp_path / "l.gguf", qtype="q8_0"))
+    net = model.net
+    spy = Spy(monkeypatch)
+
+    def one_step(rows: int, grad: bool = False) -> torch.Tensor:
+        cache = KVCache.for_model(net.config, rows, 4)
+        with torch.set_grad_enabled(grad):
+            net(torch.full((rows, 2), 5), cache=cache)
+            return net(torch.full((rows, 1), 9), cache=cache).detach()
+
+    one_step(2)
+    assert spy.calls == 1
+    wide = one_step(step.MAX_ROWS + 1)
+    with native.ops.disabled():
+        one_step(2)
+    one_step(1, grad=True)
+    assert spy.calls == 1
+    with step.disabled():
+        assert torch.equal(wide, one_step(step.MAX_ROWS + 1))
+
+    from llamaherd.lora.layer import LoRALinear
+
+    block = net.layers[1].feed_forward
+    block.w2 = LoRALinear(block.w2, rank=2, alpha=2)
+    step.forget(net)
+    one_step(2)
+    assert spy.calls == 1
+
+
+def test_the_plan_follows_the_activation_switch(tmp_path, monkeypatch):
+    """A plan is made per activation kind: flipping INT8_ACTIVATIONS after the first step changes the step's
+    arithmetic as it changes the per-module products'."""
+    model = llamaherd.load(write(checkpoint(KQ_LLAMA3, std=0.08), tmp_path / "l.gguf", qtype="q8_0"))
+    int8 = decode_logits(model.net, steps=2)
+    monkeypatch.setattr(ggml_kernels, "INT8_ACTIVATIONS", False)
+    flt = decode_logits(model.net, steps=2)
+    assert not torch.equal(int8[1:], flt[1:])
+    assert torch.equal(int8.argmax(-1), flt.argmax(-1))
