@@ -186,7 +186,7 @@ def test_save_refuses_an_existing_folder_and_a_float_model(tmp_path):
         saved.save(llamaherd.load(folder, quantize="int8"), tmp_path / "q")
 
 
-@pytest.mark.parametrize("qc", [{"quant_method": "gptq", "bits": 4}, {"quant_method": "awq"},
+@pytest.mark.parametrize("qc", [{"quant_method": "bitsandbytes"}, {"quant_method": "hqq"},
                                 {"quant_method": "compressed-tensors"}, "int4"])
 def test_foreign_quantization_config_is_refused_by_name(tmp_path, qc):
     import json

@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 from ..config import GenerationDefaults
 from ..errors import CheckpointError
-from ..quant import fp8
+from ..quant import fp8, hf_quantized
 from . import gemma3, llama, llama4, mllama
 from .base import Checkpoint, attach_tokenizer
 from .pth import load_pth
@@ -129,10 +129,10 @@ QUANT_METHOD = "llamaherd"
 def check_method(qc: Any, cfile: Path) -> None:
     """Refuse a quantization_config this version cannot run (GPTQ, AWQ, FP8 ...), naming it."""
     method = qc.get("quant_method") if isinstance(qc, dict) else None
-    if method != QUANT_METHOD and not fp8.reads(qc):  # FP8 weights are dequantised by `read` (quant/fp8.py)
+    if method != QUANT_METHOD and not fp8.reads(qc) and not hf_quantized.reads(qc):  # FP8: dequantised by `read`
         raise CheckpointError(cfile, f"quantization_config.quant_method {method!r} is not one llamaherd reads "
                               f"(it reads {QUANT_METHOD!r}: folders saved by llamaherd.checkpoint.quantized.save, "
-                              f"and the 8-bit weights of {', '.join(fp8.METHODS)}); "
+                              f"GPTQ and AWQ, and the 8-bit weights of {', '.join(fp8.METHODS)}); "
                               "dequantise the checkpoint to bf16 with its own tools, or download the unquantized model")
 
 
@@ -161,11 +161,14 @@ def read(path: str | Path) -> Checkpoint:
         except fp8.FP8Error as exc:
             raise CheckpointError(path, f"{fp8.describe(qc)}: {exc}; the checkpoint is incomplete or corrupt: "
                                   "download it again") from None
+    packed = {}
+    if qc is not None and hf_quantized.reads(qc):  # GPTQ / AWQ codes: built into modules by `quantized.read`
+        raw, packed = hf_quantized.split(raw)
     sd = family.hf_to_meta(raw, config, source=path)
     ckpt = Checkpoint(
         config=config, state_dict=sd, source=path, tokenizer=attach_tokenizer(path, ("tokenizer.json", "tokenizer.model")),
         generation=generation_from_hf(path, cfg), chat_template=chat_template_from_hf(path),
-        metadata={"format": "hf", "config": cfg},
+        metadata={"format": "hf", "config": cfg, **({"packed": packed} if packed else {})},
     )
     return ckpt  # a llamaherd-quantized folder's codes are attached by `quantized.read`, the reader of this format
 

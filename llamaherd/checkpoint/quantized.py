@@ -10,8 +10,9 @@ Layout (staged beside the destination and renamed into place by `atomic.replacin
                           (`layers.0.attention.wq.qweight`, `project.linear.scales`: the vocabulary matrix)
     tokenizer and generation files as `herd convert --format hf` writes them
 
-A foreign quant_method (GPTQ, AWQ, compressed-tensors) is refused with a CheckpointError naming it, rather than
-read as garbage.
+GPTQ and AWQ folders (quant_method "gptq" / "awq") are read by `attach_packed`: each packed projection becomes a
+`quant.hf_quantized.PackedLinear` as the model is built. Any other foreign quant_method (bitsandbytes, ...) is
+refused with a CheckpointError naming it, rather than read as garbage.
 """
 
 from __future__ import annotations
@@ -26,10 +27,12 @@ from torch import nn
 
 from ..atomic import replacing_folder
 from ..errors import CheckpointError
-from ..quant import fp8, weight_only as wo
+from ..quant import fp8, hf_quantized, weight_only as wo
 from . import hf
 from .base import Checkpoint
 from .hf import QUANT_METHOD as METHOD, check_method, load_safetensors
+from .names import rename
+from .transforms import unpermute_from_hf
 
 WEIGHTS = "llamaherd-quantized/weights.safetensors"
 _QUANT_SUFFIXES = (".qweight", ".scales", ".zeros")
@@ -76,7 +79,49 @@ def read(path: str | Path) -> Checkpoint:
     qc = ckpt.metadata["config"].get("quantization_config")
     if qc is None or fp8.reads(qc):  # FP8 weights: already dequantised by hf.read
         return ckpt
+    if hf_quantized.reads(qc):
+        return attach_packed(ckpt, qc, Path(path))
     return attach(ckpt, qc, Path(path))
+
+
+def attach_packed(ckpt: Checkpoint, qc: dict, path: Path) -> Checkpoint:
+    """A GPTQ / AWQ folder: each packed module becomes a `hf_quantized.PackedLinear` as the model is built."""
+    cfile = path / "config.json"
+    try:
+        fmt = hf_quantized.parse(qc)
+    except wo.QuantizeError as exc:
+        raise CheckpointError(cfile, f"quantization_config: {exc}") from None
+    if ckpt.config.arch != "llama":
+        raise CheckpointError(cfile, f"{fmt.method.upper()} checkpoints are read for Llama models, not "
+                              f"{ckpt.config.arch!r}; use the unquantized checkpoint")
+    c, targets = ckpt.config, {}
+    for hf_name, tensors in ckpt.metadata.get("packed", {}).items():
+        meta = rename(hf_name + ".weight", hf.FAMILIES["llama"].HF_NAMES)
+        if meta is None or meta == "output.weight":
+            raise CheckpointError(path, f"holds a {fmt.method.upper()}-packed {hf_name!r}, which llamaherd does not "
+                                  "run quantized; only the decoder layers' projections are supported")
+        heads = c.n_heads if meta.endswith("attention.wq.weight") else \
+            c.n_kv_heads if meta.endswith("attention.wk.weight") else None
+        targets[meta.removesuffix(".weight")] = (hf_name, tensors, heads)
+
+    def prepare(net: nn.Module) -> None:
+        if ckpt.prepare is not None:
+            ckpt.prepare(net)
+        for name, (hf_name, tensors, heads) in targets.items():
+            rows = None if heads is None else (lambda t, h=heads: unpermute_from_hf(t, h))
+            try:
+                new = hf_quantized.module(tensors, fmt, f"{path.name}: {hf_name}", rows)
+            except wo.QuantizeError as exc:
+                raise CheckpointError(path, str(exc)) from None
+            parent, _, leaf = name.rpartition(".")
+            old = getattr(net.get_submodule(parent), leaf, None)
+            if not isinstance(old, nn.Linear) or (old.out_features, old.in_features) != (new.out_features,
+                                                                                        new.in_features):
+                raise CheckpointError(path, f"{hf_name} unpacks to ({new.out_features}, {new.in_features}), which "
+                                      "the config.json's model does not have there; the folder is inconsistent")
+            setattr(net.get_submodule(parent), leaf, new)
+
+    return dataclasses.replace(ckpt, prepare=prepare, metadata={**ckpt.metadata, "quantization": fmt.method})
 
 
 def attach(ckpt: Checkpoint, qc: Any, path: Path) -> Checkpoint:
@@ -126,4 +171,4 @@ def attach(ckpt: Checkpoint, qc: Any, path: Path) -> Checkpoint:
                                metadata={**ckpt.metadata, "quantization": spec})
 
 
-__all__ = ["attach", "check_method", "save"]
+__all__ = ["attach", "attach_packed", "check_method", "save"]

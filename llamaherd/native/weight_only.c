@@ -18,7 +18,10 @@
  *   For int4 the activation rows are first copied, per 32-element chunk, as its 16 even then its 16 odd
  *   elements (the high and low nibbles of 16 bytes), so one 16-byte load feeds two FMAs without a shuffle.
  *
- * `lh_wo_int8` / `lh_wo_int4` apply nw weights to one X in a single OpenMP region (one fork/join for
+ *   grouped 8-bit (GPTQ 8-bit, repacked at load by quant/hf_quantized.py): codes uint8 (N, K), float32 scales
+ *         and zeros (K/G, N): w = q * s + z (exact in float32 for the formats' float16 scales).
+ *
+ * `lh_wo_int8` / `lh_wo_int4` / `lh_wo_grouped8` apply nw weights to one X in a single OpenMP region (one fork/join for
  * wq/wk/wv or w1/w3). Without AVX-512F the `#else` path does the same arithmetic in plain C. Built by
  * llamaherd/native/__init__.py, called through ctypes by llamaherd/native/weight_only.py.
  */
@@ -46,6 +49,11 @@ static inline void lh_wo_store(void *Y, int y_bf16, int64_t i, float v) {
 
 static inline float lh_wo_x(const void *X, int x_f32, int64_t i) {
     return x_f32 ? ((const float *)X)[i] : lh_bf2f(((const uint16_t *)X)[i]);
+}
+
+/* A scale or zero: bf16 (llamaherd's own codes) or float32 (GPTQ / AWQ's float16 values, kept exact). */
+static inline float lh_wo_sz(const void *P, int f32, int64_t i) {
+    return f32 ? ((const float *)P)[i] : lh_bf2f(((const uint16_t *)P)[i]);
 }
 
 /* ---- int8 ------------------------------------------------------------------------------------------------ */
@@ -175,7 +183,7 @@ static void lh_wo4_split(const void *X, int x_f32, int64_t ldx, int64_t M, int64
 #if LH_WO_AVX512
 static inline __attribute__((always_inline)) void lh_wo4_tile(const float *X, int64_t K, const int mb,
                                                               const uint8_t *W, int64_t ldw, const int rb,
-                                                              const uint16_t *S, const uint16_t *Z, int64_t N,
+                                                              const void *S, const void *Z, int sz_f32, int64_t N,
                                                               int64_t G, float *out) {
     const __m512 codes = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7); /* i - 8 */
     __m512 acc[LH_WO_MB][LH_WO_RB];
@@ -184,7 +192,8 @@ static inline __attribute__((always_inline)) void lh_wo4_tile(const float *X, in
     for (int64_t k0 = 0, g = 0; k0 < K; k0 += G, g++) {
         __m512 t[LH_WO_RB]; /* this group's 16 dequantised values for each row */
         for (int r = 0; r < rb; r++)
-            t[r] = _mm512_fmadd_ps(codes, _mm512_set1_ps(lh_bf2f(S[g * N + r])), _mm512_set1_ps(lh_bf2f(Z[g * N + r])));
+            t[r] = _mm512_fmadd_ps(codes, _mm512_set1_ps(lh_wo_sz(S, sz_f32, g * N + r)),
+                                   _mm512_set1_ps(lh_wo_sz(Z, sz_f32, g * N + r)));
         for (int64_t k = k0; k < k0 + G; k += 32) {
             __m512 hi[LH_WO_RB], lo[LH_WO_RB];
             for (int r = 0; r < rb; r++) {
@@ -204,13 +213,13 @@ static inline __attribute__((always_inline)) void lh_wo4_tile(const float *X, in
 #else
 static inline __attribute__((always_inline)) void lh_wo4_tile(const float *X, int64_t K, const int mb,
                                                               const uint8_t *W, int64_t ldw, const int rb,
-                                                              const uint16_t *S, const uint16_t *Z, int64_t N,
+                                                              const void *S, const void *Z, int sz_f32, int64_t N,
                                                               int64_t G, float *out) {
     for (int i = 0; i < mb; i++)
         for (int r = 0; r < rb; r++) {
             float part[16] = {0};
             for (int64_t k0 = 0, g = 0; k0 < K; k0 += G, g++) {
-                const float s = lh_bf2f(S[g * N + r]), z = lh_bf2f(Z[g * N + r]);
+                const float s = lh_wo_sz(S, sz_f32, g * N + r), z = lh_wo_sz(Z, sz_f32, g * N + r);
                 for (int64_t k = k0; k < k0 + G; k += 32)
                     for (int j = 0; j < 16; j++) {
                         const uint8_t b = W[r * ldw + k / 2 + j];
@@ -225,9 +234,10 @@ static inline __attribute__((always_inline)) void lh_wo4_tile(const float *X, in
 }
 #endif
 
-static void lh_wo4_rows(const float *X, int64_t M, int64_t K, const uint8_t *W, const uint16_t *S,
-                        const uint16_t *Z, int64_t N, int64_t G, int64_t n, int rb, void *Y, int64_t ldy,
-                        int y_bf16) {
+static void lh_wo4_rows(const float *X, int64_t M, int64_t K, const uint8_t *W, const void *S, const void *Z,
+                        int sz_f32, int64_t N, int64_t G, int64_t n, int rb, void *Y, int64_t ldy, int y_bf16) {
+    const size_t esz = sz_f32 ? 4 : 2;
+    const char *Sn = (const char *)S + n * esz, *Zn = (const char *)Z + n * esz;
     float s[LH_WO_MB * LH_WO_RB];
     const int64_t ldw = K / 2;
     const uint8_t *w = W + n * ldw;
@@ -236,15 +246,15 @@ static void lh_wo4_rows(const float *X, int64_t M, int64_t K, const uint8_t *W, 
         const float *x = X + m * K;
         if (rb == LH_WO_RB) {
             switch (mb) {
-            case 1: lh_wo4_tile(x, K, 1, w, ldw, LH_WO_RB, S + n, Z + n, N, G, s); break;
-            case 2: lh_wo4_tile(x, K, 2, w, ldw, LH_WO_RB, S + n, Z + n, N, G, s); break;
-            case 3: lh_wo4_tile(x, K, 3, w, ldw, LH_WO_RB, S + n, Z + n, N, G, s); break;
-            default: lh_wo4_tile(x, K, 4, w, ldw, LH_WO_RB, S + n, Z + n, N, G, s); break;
+            case 1: lh_wo4_tile(x, K, 1, w, ldw, LH_WO_RB, Sn, Zn, sz_f32, N, G, s); break;
+            case 2: lh_wo4_tile(x, K, 2, w, ldw, LH_WO_RB, Sn, Zn, sz_f32, N, G, s); break;
+            case 3: lh_wo4_tile(x, K, 3, w, ldw, LH_WO_RB, Sn, Zn, sz_f32, N, G, s); break;
+            default: lh_wo4_tile(x, K, 4, w, ldw, LH_WO_RB, Sn, Zn, sz_f32, N, G, s); break;
             }
         } else {
             for (int r = 0; r < rb; r++) {
                 float t[LH_WO_MB];
-                lh_wo4_tile(x, K, mb, w + r * ldw, ldw, 1, S + n + r, Z + n + r, N, G, t);
+                lh_wo4_tile(x, K, mb, w + r * ldw, ldw, 1, Sn + r * esz, Zn + r * esz, sz_f32, N, G, t);
                 for (int i = 0; i < mb; i++) s[i * rb + r] = t[i];
             }
         }
@@ -253,20 +263,20 @@ static void lh_wo4_rows(const float *X, int64_t M, int64_t K, const uint8_t *W, 
     }
 }
 
-static void lh_wo4_in_region(const float *X, int64_t M, int64_t K, const uint8_t *W, const uint16_t *S,
-                             const uint16_t *Z, int64_t N, int64_t G, void *Y, int64_t ldy, int y_bf16) {
+static void lh_wo4_in_region(const float *X, int64_t M, int64_t K, const uint8_t *W, const void *S, const void *Z,
+                             int sz_f32, int64_t N, int64_t G, void *Y, int64_t ldy, int y_bf16) {
     const int64_t blocks = (N + LH_WO_RB - 1) / LH_WO_RB;
 #pragma omp for schedule(static) nowait
     for (int64_t b = 0; b < blocks; b++) {
         const int64_t n = b * LH_WO_RB;
-        lh_wo4_rows(X, M, K, W, S, Z, N, G, n, N - n < LH_WO_RB ? (int)(N - n) : LH_WO_RB, Y, ldy, y_bf16);
+        lh_wo4_rows(X, M, K, W, S, Z, sz_f32, N, G, n, N - n < LH_WO_RB ? (int)(N - n) : LH_WO_RB, Y, ldy, y_bf16);
     }
 }
 
-/* nw int4 weights: codes W[j] (N[j], K/2), scales S[j] and zeros Z[j] (K/G, N[j]) bf16, applied to X as in
- * lh_wo_int8. G a multiple of 32 dividing K. Returns 0, or -1 for bad sizes or no memory. */
+/* nw int4 weights: codes W[j] (N[j], K/2), scales S[j] and zeros Z[j] (K/G, N[j]), bf16 or float32 (sz_f32),
+ * applied to X as in lh_wo_int8. G a multiple of 32 dividing K. Returns 0, or -1 for bad sizes or no memory. */
 int lh_wo_int4(int nw, const void *X, int x_f32, int64_t ldx, int64_t M, const uint8_t *const *W,
-               const uint16_t *const *S, const uint16_t *const *Z, const int64_t *N, int64_t K, int64_t G,
+               const void *const *S, const void *const *Z, int sz_f32, const int64_t *N, int64_t K, int64_t G,
                void *const *Y, const int64_t *ldy, int y_bf16, int nthreads) {
     if (M < 1 || M > LH_WO_MAX_M || K < 1 || nw < 1 || G < 32 || G % 32 != 0 || K % G != 0) return -1;
     double work = 0;
@@ -279,7 +289,107 @@ int lh_wo_int4(int nw, const void *X, int x_f32, int64_t ldx, int64_t M, const u
     lh_wo4_split(X, x_f32, ldx, M, K, x);
     const int par = nthreads > 1 && work >= LH_WO_SERIAL_WORK;
 #pragma omp parallel num_threads(nthreads) if (par)
-    for (int j = 0; j < nw; j++) lh_wo4_in_region(x, M, K, W[j], S[j], Z[j], N[j], G, Y[j], ldy[j], y_bf16);
+    for (int j = 0; j < nw; j++) lh_wo4_in_region(x, M, K, W[j], S[j], Z[j], sz_f32, N[j], G, Y[j], ldy[j], y_bf16);
+    free(x);
+    return 0;
+}
+
+/* ---- 8-bit codes in groups (GPTQ 8-bit) ------------------------------------------------------------------ */
+
+#if LH_WO_AVX512
+static inline __attribute__((always_inline)) void lh_wog8_tile(const float *X, int64_t K, const int mb,
+                                                               const uint8_t *W, int64_t ldw, const int rb,
+                                                               const float *S, const float *Z, int64_t N,
+                                                               int64_t G, float *out) {
+    __m512 acc[LH_WO_MB][LH_WO_RB];
+    for (int i = 0; i < mb; i++)
+        for (int r = 0; r < rb; r++) acc[i][r] = _mm512_setzero_ps();
+    for (int64_t k0 = 0, g = 0; k0 < K; k0 += G, g++) {
+        __m512 s[LH_WO_RB], z[LH_WO_RB];
+        for (int r = 0; r < rb; r++) {
+            s[r] = _mm512_set1_ps(S[g * N + r]);
+            z[r] = _mm512_set1_ps(Z[g * N + r]);
+        }
+        for (int64_t k = k0; k < k0 + G; k += 16) {
+            __m512 w[LH_WO_RB]; /* q * s + z: the dequantised weight, exact in float32 for float16 s and z */
+            for (int r = 0; r < rb; r++)
+                w[r] = _mm512_fmadd_ps(
+                    _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(W + r * ldw + k)))),
+                    s[r], z[r]);
+            for (int i = 0; i < mb; i++) {
+                const __m512 x = _mm512_loadu_ps(X + i * K + k);
+                for (int r = 0; r < rb; r++) acc[i][r] = _mm512_fmadd_ps(x, w[r], acc[i][r]);
+            }
+        }
+    }
+    for (int i = 0; i < mb; i++)
+        for (int r = 0; r < rb; r++) out[i * rb + r] = _mm512_reduce_add_ps(acc[i][r]);
+}
+#else
+static inline __attribute__((always_inline)) void lh_wog8_tile(const float *X, int64_t K, const int mb,
+                                                               const uint8_t *W, int64_t ldw, const int rb,
+                                                               const float *S, const float *Z, int64_t N,
+                                                               int64_t G, float *out) {
+    for (int i = 0; i < mb; i++)
+        for (int r = 0; r < rb; r++) {
+            float part[16] = {0}, sum = 0.0f;
+            for (int64_t k = 0; k < K; k++)
+                part[k % 16] += X[i * K + k] * ((float)W[r * ldw + k] * S[(k / G) * N + r] + Z[(k / G) * N + r]);
+            for (int l = 0; l < 16; l++) sum += part[l];
+            out[i * rb + r] = sum;
+        }
+}
+#endif
+
+static void lh_wog8_in_region(const float *X, int64_t M, int64_t K, const uint8_t *W, const float *S,
+                              const float *Z, int64_t N, int64_t G, void *Y, int64_t ldy, int y_bf16) {
+    const int64_t blocks = (N + LH_WO_RB - 1) / LH_WO_RB;
+#pragma omp for schedule(static) nowait
+    for (int64_t b = 0; b < blocks; b++) {
+        const int64_t n = b * LH_WO_RB;
+        const int rb = N - n < LH_WO_RB ? (int)(N - n) : LH_WO_RB;
+        for (int64_t m = 0; m < M; m += LH_WO_MB) {
+            const int mb = M - m < LH_WO_MB ? (int)(M - m) : LH_WO_MB;
+            float s[LH_WO_MB * LH_WO_RB];
+            const float *x = X + m * K;
+            if (rb == LH_WO_RB) {
+                switch (mb) {
+                case 1: lh_wog8_tile(x, K, 1, W + n * K, K, LH_WO_RB, S + n, Z + n, N, G, s); break;
+                case 2: lh_wog8_tile(x, K, 2, W + n * K, K, LH_WO_RB, S + n, Z + n, N, G, s); break;
+                case 3: lh_wog8_tile(x, K, 3, W + n * K, K, LH_WO_RB, S + n, Z + n, N, G, s); break;
+                default: lh_wog8_tile(x, K, 4, W + n * K, K, LH_WO_RB, S + n, Z + n, N, G, s); break;
+                }
+            } else {
+                for (int r = 0; r < rb; r++) {
+                    float t[LH_WO_MB];
+                    lh_wog8_tile(x, K, mb, W + (n + r) * K, K, 1, S + n + r, Z + n + r, N, G, t);
+                    for (int i = 0; i < mb; i++) s[i * rb + r] = t[i];
+                }
+            }
+            for (int i = 0; i < mb; i++)
+                for (int r = 0; r < rb; r++) lh_wo_store(Y, y_bf16, (m + i) * ldy + n + r, s[i * rb + r]);
+        }
+    }
+}
+
+/* nw weights of 8-bit codes W[j] uint8 (N[j], K) with float32 scales S[j] and zeros Z[j] (K/G, N[j]):
+ * w = q * s + z. G a multiple of 16 dividing K. X, Y as in lh_wo_int8. Returns 0, or -1. */
+int lh_wo_grouped8(int nw, const void *X, int x_f32, int64_t ldx, int64_t M, const uint8_t *const *W,
+                   const float *const *S, const float *const *Z, const int64_t *N, int64_t K, int64_t G,
+                   void *const *Y, const int64_t *ldy, int y_bf16, int nthreads) {
+    if (M < 1 || M > LH_WO_MAX_M || K < 1 || nw < 1 || G < 16 || G % 16 != 0 || K % G != 0) return -1;
+    double work = 0;
+    for (int j = 0; j < nw; j++) {
+        if (N[j] < 0) return -1;
+        work += (double)M * N[j] * K;
+    }
+    float *x = (float *)aligned_alloc(64, ((size_t)(M * K * 4) + 63) / 64 * 64);
+    if (x == NULL) return -1;
+    for (int64_t i = 0; i < M; i++)
+        for (int64_t k = 0; k < K; k++) x[i * K + k] = lh_wo_x(X, x_f32, i * ldx + k);
+    const int par = nthreads > 1 && work >= LH_WO_SERIAL_WORK;
+#pragma omp parallel num_threads(nthreads) if (par)
+    for (int j = 0; j < nw; j++) lh_wog8_in_region(x, M, K, W[j], S[j], Z[j], N[j], G, Y[j], ldy[j], y_bf16);
     free(x);
     return 0;
 }

@@ -28,7 +28,8 @@ ENABLED = True  # this file's kernels alone; `native.switched_off(weight_only)` 
 _i64, _ptr, _int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
 _SIGNATURES = {
     "lh_wo_int8": [_int, _ptr, _int, _i64, _i64, _ptr, _ptr, _ptr, _i64, _ptr, _ptr, _int, _int],
-    "lh_wo_int4": [_int, _ptr, _int, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _ptr, _ptr, _int, _int],
+    "lh_wo_int4": [_int, _ptr, _int, _i64, _i64, _ptr, _ptr, _ptr, _int, _ptr, _i64, _i64, _ptr, _ptr, _int, _int],
+    "lh_wo_grouped8": [_int, _ptr, _int, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _ptr, _ptr, _int, _int],
     "lh_wo_avx512": [],
 }
 
@@ -63,18 +64,21 @@ def applies(x: torch.Tensor, in_features: int) -> bool:
 class Codes:
     """One native call's weights (one projection, or siblings fed one input): validated once, held as arguments.
 
-    `members` are (qweight, scales) for int8 or (qweight, scales, zeros) for int4, in the layouts of
-    quant/weight_only.py. The tensors are kept referenced, so the addresses stay valid while this object lives;
-    `key` (the addresses) tells a caller when its modules' tensors were replaced and this must be rebuilt.
+    `members` are, per scheme: "int8" (qweight int8 (N, K), scales bf16 (N,)); "int4" (qweight uint8 (N, K/2),
+    scales, zeros (K/g, N), all bf16 or all float32); "grouped8" (qweight uint8 (N, K), float32 scales and zeros
+    (K/g, N), w = q * s + z). The tensors are kept referenced, so the addresses stay valid while this object
+    lives; `key` (the addresses) tells a caller when its modules' tensors were replaced and this must be rebuilt.
     """
 
-    def __init__(self, members: list[tuple[torch.Tensor, ...]], group_size: int | None = None) -> None:
-        self.scheme = "int8" if group_size is None else "int4"
-        self.members, self.group_size = [tuple(m) for m in members], group_size
-        q0 = self.members[0][0]
-        self.K = q0.shape[1] * (1 if group_size is None else 2)
+    def __init__(self, members: list[tuple[torch.Tensor, ...]], scheme: str = "int8",
+                 group_size: int | None = None) -> None:
+        if scheme not in _PER_BYTE:
+            raise ValueError(f"unknown weight-only scheme {scheme!r}; one of {sorted(_PER_BYTE)}")
+        self.scheme, self.members, self.group_size = scheme, [tuple(m) for m in members], group_size
+        self.K = self.members[0][0].shape[1] * _PER_BYTE[scheme]
+        self.sz_f32 = scheme == "grouped8" or (scheme == "int4" and self.members[0][1].dtype == torch.float32)
         for m in self.members:
-            _check_member(m, self.K, group_size)
+            _check_member(m, self.K, scheme, group_size, torch.float32 if self.sz_f32 else torch.bfloat16)
         self.ns = [m[0].shape[0] for m in self.members]
         self.offsets = [sum(self.ns[:i]) for i in range(len(self.ns))]
         self.total = sum(self.ns)
@@ -99,18 +103,22 @@ class Codes:
         ys = [buf[o * M:(o + n) * M].view(*x.shape[:-1], n) for o, n in zip(self.offsets, self.ns)]
         outs = _array(_ptr, [base + size * o for o in self.offsets])
         common = (len(self.ns), x2.data_ptr(), int(x2.dtype == torch.float32), x2.stride(0), M)
+        tail = (outs, self._ns, int(out_dtype == torch.bfloat16), torch.get_num_threads())
         if self.scheme == "int8":
-            rc = _fn("lh_wo_int8")(*common, *self._args, self._ns, self.K, outs, self._ns,
-                                   int(out_dtype == torch.bfloat16), torch.get_num_threads())
+            rc = _fn("lh_wo_int8")(*common, *self._args, self._ns, self.K, *tail)
+        elif self.scheme == "int4":
+            rc = _fn("lh_wo_int4")(*common, *self._args, int(self.sz_f32), self._ns, self.K, self.group_size, *tail)
         else:
-            rc = _fn("lh_wo_int4")(*common, *self._args, self._ns, self.K, self.group_size, outs, self._ns,
-                                   int(out_dtype == torch.bfloat16), torch.get_num_threads())
+            rc = _fn("lh_wo_grouped8")(*common, *self._args, self._ns, self.K, self.group_size, *tail)
         if rc != 0:
             raise MemoryError(f"lh_wo_{self.scheme} could not allocate its activation buffer")
         return ys
 
 
 _X_DTYPES = (torch.float32, torch.bfloat16)
+_PER_BYTE = {"int8": 1, "int4": 2, "grouped8": 1}  # codes a byte
+_CODE_DTYPE = {"int8": torch.int8, "int4": torch.uint8, "grouped8": torch.uint8}
+_GROUP_STEP = {"int4": 32, "grouped8": 16}  # what the group size must be a multiple of
 
 
 def key(members) -> tuple:
@@ -122,34 +130,35 @@ def _array(ctype, values):
     return (ctype * len(values))(*values)
 
 
-def _check_member(m: tuple[torch.Tensor, ...], K: int, group_size: int | None) -> None:
+def _check_member(m: tuple[torch.Tensor, ...], K: int, scheme: str, group_size: int | None,
+                  sz_dtype: torch.dtype) -> None:
     """What would make the C code read out of bounds."""
-    q = m[0]
-    int8 = group_size is None
-    want = (torch.int8, 1) if int8 else (torch.uint8, 2)
-    if q.dtype != want[0] or q.dim() != 2 or not q.is_contiguous() or q.shape[1] * want[1] != K or not q.is_cpu:
-        raise ValueError(f"codes must be contiguous CPU {want[0]} (N, {K // want[1]}), got {q.dtype} {tuple(q.shape)}")
-    if int8:
+    q, per = m[0], _PER_BYTE[scheme]
+    want = _CODE_DTYPE[scheme]
+    if q.dtype != want or q.dim() != 2 or not q.is_contiguous() or q.shape[1] * per != K or not q.is_cpu:
+        raise ValueError(f"codes must be contiguous CPU {want} (N, {K // per}), got {q.dtype} {tuple(q.shape)}")
+    if scheme == "int8":
         shapes = [(q.shape[0],)]
     else:
-        if group_size % 32 or K % group_size:
-            raise ValueError(f"int4 groups must be a multiple of 32 dividing K={K}, got {group_size}")
+        step = _GROUP_STEP[scheme]
+        if not group_size or group_size % step or K % group_size:
+            raise ValueError(f"{scheme} groups must be a multiple of {step} dividing K={K}, got {group_size}")
         shapes = [(K // group_size, q.shape[0])] * 2
     if len(m) != 1 + len(shapes):
-        raise ValueError(f"{len(m)} tensors given for one {'int8' if int8 else 'int4'} weight")
+        raise ValueError(f"{len(m)} tensors given for one {scheme} weight")
     for t, shape in zip(m[1:], shapes):
-        if t.dtype != torch.bfloat16 or tuple(t.shape) != shape or not t.is_contiguous() or not t.is_cpu:
-            raise ValueError(f"scales/zeros must be contiguous CPU bf16 {shape}, got {t.dtype} {tuple(t.shape)}")
+        if t.dtype != sz_dtype or tuple(t.shape) != shape or not t.is_contiguous() or not t.is_cpu:
+            raise ValueError(f"scales/zeros must be contiguous CPU {sz_dtype} {shape}, got {t.dtype} {tuple(t.shape)}")
 
 
 def int8(x: torch.Tensor, members, out_dtype: torch.dtype | None = None) -> list[torch.Tensor]:
     """x (..., K) times each (qweight int8 (N, K), scales bf16 (N,)) transposed -> [(..., N)] (one-off calls)."""
-    return Codes(members)(x, out_dtype)
+    return Codes(members, "int8")(x, out_dtype)
 
 
 def int4(x: torch.Tensor, members, group_size: int, out_dtype: torch.dtype | None = None) -> list[torch.Tensor]:
     """x (..., K) times each (qweight uint8 (N, K/2), scales, zeros bf16 (K/g, N)) transposed -> [(..., N)]."""
-    return Codes(members, group_size)(x, out_dtype)
+    return Codes(members, "int4", group_size)(x, out_dtype)
 
 
 def switched_off():

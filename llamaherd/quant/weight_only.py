@@ -227,7 +227,8 @@ class _Native:
         if self._codes is None or self._codes[0] != key:
             # the kernels read bf16 scales: a model loaded with dtype=float32 holds them widened (exactly)
             bf16 = [(q, *(t.to(torch.bfloat16).contiguous() for t in rest)) for q, *rest in tensors]
-            self._codes = (key, native_wo.Codes(bf16, _group_of(self.members[0])))
+            group = _group_of(self.members[0])
+            self._codes = (key, native_wo.Codes(bf16, "int8" if group is None else "int4", group))
         return self._codes[1]
 
 
