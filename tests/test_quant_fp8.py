@@ -158,3 +158,70 @@ def test_other_compressed_tensors_schemes_are_refused_by_name(tmp_path, qc):
     (folder / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match="quant_method 'compressed-tensors'"):
         llamaherd.load(folder)
+
+
+# -- Meta's Llama 4 FP8 release ------------------------------------------------------------------------------------
+# llama-models' own quantizer (quantize_impls.quantize_fp8) runs fbgemm GPU kernels only, so the files are made
+# here by the layout its loader reads (llama4/quantization/loader.py convert_to_quantized_model + load_fp8): per
+# rank, each routed expert stack transposed to (E, out, in) is quantized row-wise (scale = row absmax / 448,
+# fbgemm quantize_fp8_per_row) and fp8_scales_{rank}.pt maps "layers.{i}.feed_forward.experts.w1|w3|w2" to the
+# (E, out) scales; the .pth keeps the codes in its usual (E, in, out) layout.
+_META_LEAF = {"moe_w_in_eD_F": "w1", "moe_w_swiglu_eD_F": "w3", "moe_w_out_eF_D": "w2"}
+
+
+def meta_fp8_folders(tmp_path, shards: int):
+    """(FP8 folder, float folder holding the dequantised experts) of test_llama4's tiny model."""
+    import shutil
+
+    from llamaherd.checkpoint import meta_pth
+    from llamaherd.checkpoint.base import Checkpoint
+    from tests.conftest import random_model
+    from tests.test_llama4 import CONFIG as L4
+
+    src = meta_pth.write(Checkpoint(config=L4, state_dict=random_model(L4, seed=0).state_dict(), source=tmp_path),
+                         tmp_path / "bf", shards=shards)
+    fp8_dir, float_dir = tmp_path / "fp8", tmp_path / "float"
+    for d in (fp8_dir, float_dir):
+        d.mkdir()
+        shutil.copy(src / "params.json", d / "params.json")
+    for rank in range(shards):
+        sd = torch.load(src / f"consolidated.{rank:02d}.pth", weights_only=True)
+        codes, floats, scales = dict(sd), dict(sd), {}
+        for name, w in sd.items():
+            prefix, _, leaf = name.rpartition(".")
+            if leaf not in _META_LEAF:
+                continue
+            wt = w.transpose(1, 2)  # (E, out, in)
+            scale = wt.abs().amax(-1) / E4M3_MAX  # (E, out)
+            code = (wt / scale[..., None]).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).transpose(1, 2)
+            codes[name] = code.contiguous()
+            floats[name] = code.to(torch.float32) * scale[:, None, :]
+            scales[f"{prefix}.{_META_LEAF[leaf]}"] = scale
+        torch.save(codes, fp8_dir / f"consolidated.{rank:02d}.pth")
+        torch.save(floats, float_dir / f"consolidated.{rank:02d}.pth")
+        torch.save(scales, fp8_dir / f"fp8_scales_{rank}.pt")
+    return fp8_dir, float_dir
+
+
+@pytest.mark.parametrize("shards", [1, 2])
+def test_meta_llama4_fp8_experts(tmp_path, shards):
+    """Each rank's experts are dequantised with that rank's scales (w2 is row-parallel: its scales differ per rank)."""
+    from tests.test_llama4 import tokens
+
+    fp8_dir, float_dir = meta_fp8_folders(tmp_path, shards)
+    toks = tokens()
+    with torch.inference_mode():
+        ours = llamaherd.load(fp8_dir, dtype=torch.float32).net(toks)
+        ref = llamaherd.load(float_dir, dtype=torch.float32).net(toks)
+    rel = ((ours - ref).abs().max() / ref.abs().max()).item()
+    assert rel <= 1e-4, rel
+
+
+def test_meta_fp8_codes_without_their_scales_are_a_typed_error(tmp_path):
+    fp8_dir, _ = meta_fp8_folders(tmp_path, 1)
+    (fp8_dir / "fp8_scales_0.pt").unlink()
+    with pytest.raises(CheckpointError, match="no fp8_scales"):
+        llamaherd.load(fp8_dir)
+    torch.save({}, fp8_dir / "int4_scales_0.pt")
+    with pytest.raises(CheckpointError, match="int4"):
+        llamaherd.load(fp8_dir)

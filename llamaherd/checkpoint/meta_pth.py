@@ -12,6 +12,7 @@ import torch
 from ..config import ConfigError, ModelConfig, RopeScaling, ffn_hidden_dim
 from ..errors import CheckpointError
 from ..model import build
+from ..quant import fp8
 from . import llama4, mllama
 from .base import Checkpoint, attach_tokenizer
 from .pth import TOKENIZER_FILES, load_pth, shard_files
@@ -210,7 +211,9 @@ def _read_llama4(path: Path, params: dict[str, Any], files: list[Path], shards: 
         )
     # Old spellings and flattened (E*D, F/n) expert matrices are normalised per shard: the split axis of the
     # canonical (E, D, F) layout is only well defined once each piece has its 3-D shape.
-    sd = merge_shards([llama4.normalize_meta(s, config) for s in shards], config.dim, files, arch="llama4")
+    shards = [llama4.normalize_meta(s, config) for s in shards]
+    shards = [_dequantize_fp8(path, i, s) for i, s in enumerate(shards)]  # Meta's FP8 release: per rank
+    sd = merge_shards(shards, config.dim, files, arch="llama4")
     _check_llama4_shapes(sd, config, files)
     out, emb = sd.get("output.weight"), sd.get("tok_embeddings.weight")
     same = out is not None and emb is not None and out.shape == emb.shape and torch.equal(out, emb)
@@ -221,6 +224,19 @@ def _read_llama4(path: Path, params: dict[str, Any], files: list[Path], shards: 
         config=config, state_dict=sd, source=path, tokenizer=attach_tokenizer(path, TOKENIZER_FILES),
         metadata={"format": "meta", "shards": n, "params": params},
     )
+
+
+def _dequantize_fp8(path: Path, rank: int, shard: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rank `rank`'s experts dequantised with fp8_scales_{rank}.pt when Meta's FP8 release puts one there."""
+    if (path / f"int4_scales_{rank}.pt").exists():
+        raise CheckpointError(path, "Meta's int4 Llama 4 files (int4_scales_*.pt) are not read by llamaherd; "
+                              "use the bf16 or FP8 release, or `llamaherd.load(..., quantize='int4')` on the bf16 one")
+    scales_file = path / f"fp8_scales_{rank}.pt"
+    try:
+        return fp8.dequantize_meta_shard(shard, load_pth(scales_file) if scales_file.exists() else None)
+    except fp8.FP8Error as exc:
+        raise CheckpointError(scales_file, f"Meta FP8 experts: {exc}; the folder is incomplete: "
+                              "download it again") from None
 
 
 def _check_llama4_shapes(sd: dict[str, torch.Tensor], config: ModelConfig, files: list[Path]) -> None:

@@ -145,4 +145,40 @@ def dequantize(raw: dict[str, torch.Tensor], qc: dict) -> dict[str, torch.Tensor
     return out
 
 
-__all__ = ["FP8Error", "METHODS", "block_size", "describe", "dequantize", "dequantize_weight", "expand_scale", "reads"]
+# -- Meta's Llama 4 FP8 release --------------------------------------------------------------------------------
+# llama_models/llama4/quantization/loader.py: with `fp8_scales_{rank}.pt` beside consolidated.{rank}.pth, the
+# routed experts' w1 / w3 / w2 of that rank hold e4m3 codes and the scales file maps
+# "layers.{i}.feed_forward.experts.{w1,w3,w2}" to row-wise scales of the transposed (E, out, in) matrices
+# (fbgemm quantize_fp8_per_row: one scale per expert and output row), read by load_fp8. In Meta's (E, in, out)
+# layout: w[e, i, o] = code[e, i, o] * scale[e, o]. Layers left in bf16 (fp8_mixed: the first and last) have no key.
+META_EXPERTS = {"w1": "moe_w_in_eD_F", "w3": "moe_w_swiglu_eD_F", "w2": "moe_w_out_eF_D"}
+
+
+def dequantize_meta_shard(sd: dict[str, torch.Tensor],
+                          scales: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+    """One rank's Llama 4 state dict (canonical names, 3-D experts) with its FP8 experts dequantised.
+
+    Per shard, before shards are merged: the row-parallel w2's scales are each rank's own.
+    """
+    if not scales:
+        for name, t in sd.items():
+            if t.element_size() == 1 and t.is_floating_point():
+                raise FP8Error(f"{name} is {t.dtype} but no fp8_scales_<rank>.pt lies beside the shard")
+        return sd
+    dtype = _float_dtype(sd)
+    out = dict(sd)
+    for key, scale in scales.items():
+        prefix, _, leaf = key.rpartition(".")
+        name = f"{prefix}.{META_EXPERTS.get(leaf, leaf)}"
+        q = sd.get(name)
+        if q is None or q.dim() != 3:
+            raise FP8Error(f"the scales file names {key}, but the shard holds no 3-D expert stack {name}")
+        s = scale.to(torch.float32).reshape(q.shape[0], 1, -1)
+        if s.shape[-1] != q.shape[-1]:
+            raise FP8Error(f"{key}: {scale.numel()} scales do not give one per expert and output of {tuple(q.shape)}")
+        out[name] = (q.to(torch.float32) * s).to(dtype)
+    return dequantize_meta_shard(out, None)  # every e4m3 tensor must now be dequantised
+
+
+__all__ = ["FP8Error", "METHODS", "block_size", "dequantize", "dequantize_meta_shard", "dequantize_weight", "describe",
+           "expand_scale", "reads"]
