@@ -30,13 +30,13 @@ def run(args: argparse.Namespace) -> int:
     from ..checkpoint import read
 
     start = time.perf_counter()
-    src = resolve(args.src)
-    ckpt = read(src)
     im = None
-    if args.imatrix:
+    if args.imatrix:  # read first: a bad file fails before the checkpoint is read
         from ..quant import imatrix
 
         im = imatrix.read(args.imatrix)
+    src = resolve(args.src)
+    ckpt = read(src)
     out = write(ckpt, args.dst, qtype=args.qtype, progress=None if args.quiet else print_progress, imatrix=im)
     size = out.stat().st_size / 2**20
     used = f", imatrix of {len(im.entries)} entries" if im is not None else ""
