@@ -3,8 +3,9 @@
 For each GGUF file: pp (one prefill of P tokens, last-token logits) and tg (N single-token decode steps) for
 llamaherd (`herd bench`'s functions) and llama.cpp (`Llama.eval`, n_threads = n_threads_batch = --threads).
 For an HF folder: decode tokens/s of llamaherd (bf16) vs transformers' eager `generate` (greedy, bf16).
-Runs alternate between the engines and each reports its best of --repeat, so load from other processes on a
-shared machine hits both alike. Prints a markdown table with ratios (llamaherd / other; > 1 means faster).
+Runs alternate between the engines and each reports its best of --repeat (`--median`: the median of the
+--repeat alternating runs, each run's figures printed), so load from other processes on a shared machine hits
+both alike. Prints a markdown table with ratios (llamaherd / other; > 1 means faster).
 
   .venv/bin/python bench/side_by_side.py --threads 2 --gguf gemma-3-270m-q4_k_m \
       --gguf /tmp/llamaherd-bench/llama-3.2-1b-random/q8_0.gguf --hf /tmp/llamaherd-bench/llama-3.2-1b-random/hf-bf16
@@ -16,6 +17,7 @@ import argparse
 import gc
 import os
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -55,17 +57,21 @@ class LlamaCpp:
         return n / (time.perf_counter() - t)
 
 
-def gguf_rows(src: str, threads: int, pp_n: int, tg_n: int, repeat: int) -> list[tuple]:
+def gguf_rows(src: str, threads: int, pp_n: int, tg_n: int, repeat: int, median: bool = False) -> list[tuple]:
     path = resolve(src)
     model = load(path)
     net = model.net.eval()
     lc = LlamaCpp(path, threads, max(pp_n, tg_n) + 8)
-    best = {"herd pp": 0.0, "herd tg": 0.0, "cpp pp": 0.0, "cpp tg": 0.0}
+    runs: dict[str, list[float]] = {"herd pp": [], "cpp pp": [], "herd tg": [], "cpp tg": []}
     for _ in range(repeat):  # alternate engines so background load hits both
-        best["herd pp"] = max(best["herd pp"], prompt_speed(net, pp_n, 1))
-        best["cpp pp"] = max(best["cpp pp"], lc.pp(pp_n))
-        best["herd tg"] = max(best["herd tg"], decode_speed(net, tg_n, 1))
-        best["cpp tg"] = max(best["cpp tg"], lc.tg(tg_n))
+        runs["herd pp"].append(prompt_speed(net, pp_n, 1))
+        runs["cpp pp"].append(lc.pp(pp_n))
+        runs["herd tg"].append(decode_speed(net, tg_n, 1))
+        runs["cpp tg"].append(lc.tg(tg_n))
+        print(f"# {Path(path).name} run {len(runs['herd pp'])}: "
+              + ", ".join(f"{k} {v[-1]:.1f}" for k, v in runs.items())
+              + f" (load average {os.getloadavg()[0]:.1f})", flush=True)
+    best = {k: statistics.median(v) if median else max(v) for k, v in runs.items()}
     ceiling = memory_bandwidth() / weight_bytes_per_token(net)
     name = Path(path).name
     del lc, model, net
@@ -108,6 +114,7 @@ def main() -> int:
     ap.add_argument("-n", type=int, default=128, help="decode steps of tg (default 128)")
     ap.add_argument("--hf-n", type=int, default=32, help="decode steps for the transformers comparison (default 32)")
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--median", action="store_true", help="report the median of the --repeat runs, not the best")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print(f"# {platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, threads {args.threads}, "
@@ -115,7 +122,7 @@ def main() -> int:
     print(f"# {llamacpp.prepare()}", flush=True)
     rows: list[tuple] = []
     for src in args.gguf:
-        rows += gguf_rows(src, args.threads, args.p, args.n, args.repeat)
+        rows += gguf_rows(src, args.threads, args.p, args.n, args.repeat, args.median)
     for folder in args.hf:
         rows += hf_rows(folder, args.threads, 16, args.hf_n, args.repeat)
     print("| model | test | llamaherd tok/s | vs | their tok/s | ratio | llamaherd / bandwidth ceiling |")
