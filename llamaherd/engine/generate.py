@@ -1,5 +1,7 @@
 """The simple generation path: a ladder of small functions (prefill, decode_one, sample, generate) on a KVCache.
 
+The bottom rungs, `prefill` and `decode_one` (one model call each), live in step.py, shared with speculative.py.
+
 Shaped after gpt-fast `generate.py`: token streams are generators; a plain greedy reference (`greedy_reference`,
 a full forward per token, no cache) is what the cached and batched paths are tested against. Batches of prompts
 of different lengths are left-padded: a `key_mask` hides the padding slots and per-row `positions` keep each
@@ -17,8 +19,9 @@ from torch import nn
 
 from ..model.cache import KVCache
 from .sampling import SampleOutput, Sampler, SamplingParams
+from .speculative import speculative_tokens
 from .stats import GenerationStats
-from .step import Step, check_context
+from .step import Step, check_context, decode_one, prefill  # noqa: F401  (the ladder's model calls)
 from .text import Piece, TextStream, Token
 
 # When max_tokens is None the cache starts this much past the prompt and doubles as needed, so an
@@ -29,19 +32,6 @@ _CACHE_CHUNK = 1024
 # --------------------------------------------------------------------------------------------------------------
 # The ladder
 # --------------------------------------------------------------------------------------------------------------
-
-
-def prefill(net: nn.Module, tokens: torch.Tensor, cache: KVCache, positions: torch.Tensor | None = None,
-            key_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Run the prompt tokens (B, T) through the model into the cache; return the last position's logits (B, V)."""
-    return net(tokens, positions=positions, cache=cache, key_mask=key_mask, last_only=True)[:, -1]
-
-
-def decode_one(net: nn.Module, token: torch.Tensor, cache: KVCache, positions: torch.Tensor | None = None,
-               key_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """One new token per row (B,) at `positions` (B,) -> next-token logits (B, V)."""
-    pos = None if positions is None else positions[:, None]  # (B, 1)
-    return net(token[:, None], positions=pos, cache=cache, key_mask=key_mask)[:, -1]
 
 
 @torch.inference_mode()
@@ -191,8 +181,6 @@ def stream(net: nn.Module, tokenizer, prompt: Sequence[int], sampler: Sampler, *
     if proposer is None:
         steps = generate_tokens(net, [prompt], sampler, stop_ids=stop_ids, context_limit=context_limit, stats=stats)
     else:
-        from .speculative import speculative_tokens
-
         steps = speculative_tokens(net, prompt, sampler, proposer, k=num_speculative_tokens, stop_ids=stop_ids,
                                    context_limit=context_limit, stats=stats)
     for step in steps:

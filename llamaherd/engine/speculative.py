@@ -17,6 +17,7 @@ differences can change a rounding and move the logits by ~1, flipping a greedy n
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -26,8 +27,7 @@ from torch import nn
 
 from ..errors import LlamaherdError
 from ..model.cache import KVCache
-from .generate import prefill
-from .step import Step, check_context
+from .step import Step, check_context, prefill
 from .sampling import Sampler
 from .stats import GenerationStats
 from .text import Token
@@ -55,8 +55,16 @@ class NgramProposer:
 
     cost = 0.0  # proposals are free next to a forward pass
 
-    def __init__(self, max_n: int = 3, min_n: int = 1) -> None:
+    def __init__(self, max_n: int = 3, min_n: int = 1, vocab_size: int | None = None,
+                 exclude: frozenset[int] = frozenset()) -> None:
+        """`vocab_size`: the target's logit width; `exclude`: placeholder ids (an image's tokens). The prompt may
+        hold ids the target cannot emit (Hugging Face's mllama `<|image|>` is 128256, past the 128256 text
+        logits; `<|patch|>` runs): a proposal stops before the first of them, so none is ever verified."""
         self.max_n, self.min_n = max_n, min_n
+        self.vocab_size, self.exclude = vocab_size, exclude
+
+    def _emittable(self, token: int) -> bool:
+        return (self.vocab_size is None or 0 <= token < self.vocab_size) and token not in self.exclude
 
     def propose(self, context: Sequence[int], n_prompt: int, k: int, sampler: Sampler) -> Proposal:
         tokens = list(context)
@@ -65,7 +73,7 @@ class NgramProposer:
             tail = tokens[L - n :]
             for start in range(L - n - 1, -1, -1):  # most recent match first, never the tail itself
                 if tokens[start : start + n] == tail:
-                    follow = tokens[start + n : start + n + k]
+                    follow = list(itertools.takewhile(self._emittable, tokens[start + n : start + n + k]))
                     if follow:
                         return Proposal(follow)
         return Proposal([])
@@ -119,8 +127,9 @@ Proposer = NgramProposer | DraftProposer
 
 
 def make_proposer(speculative: str | None = None, draft: nn.Module | None = None,
-                  target_vocab: int | None = None) -> Proposer | None:
-    """The proposer for `speculative="ngram"` or a draft network (None when neither is asked for)."""
+                  target_vocab: int | None = None, exclude: frozenset[int] = frozenset()) -> Proposer | None:
+    """The proposer for `speculative="ngram"` or a draft network (None when neither is asked for). The n-gram
+    proposer never proposes ids outside `target_vocab` or in `exclude` (`vision_inputs.placeholder_ids`)."""
     if speculative is not None and speculative != "ngram":
         raise SpeculativeError(f"speculative={speculative!r}: the only mode without a draft model is 'ngram'")
     if draft is not None and speculative is not None:
@@ -130,15 +139,16 @@ def make_proposer(speculative: str | None = None, draft: nn.Module | None = None
             raise SpeculativeError(f"the draft model's vocabulary has {draft.config.vocab_size} tokens, the target's "
                                    f"{target_vocab}: a draft must share the target's tokenizer")
         return DraftProposer(draft)
-    return NgramProposer() if speculative == "ngram" else None
+    return NgramProposer(vocab_size=target_vocab, exclude=exclude) if speculative == "ngram" else None
 
 
 def proposer_factory(speculative: str | None = None, draft: nn.Module | None = None,
-                     target_vocab: int | None = None) -> Callable[[], Proposer] | None:
+                     target_vocab: int | None = None,
+                     exclude: frozenset[int] = frozenset()) -> Callable[[], Proposer] | None:
     """A maker of one proposer per sequence (the serving engine's), checked now; None when not asked for."""
-    if make_proposer(speculative, draft, target_vocab) is None:
+    if make_proposer(speculative, draft, target_vocab, exclude) is None:
         return None
-    return lambda: make_proposer(speculative, draft, target_vocab)
+    return lambda: make_proposer(speculative, draft, target_vocab, exclude)
 
 
 # --------------------------------------------------------------------------------------------------------------
