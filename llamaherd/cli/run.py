@@ -34,7 +34,35 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_quantize_flag(p)
     add_sampling_flags(p)
     add_speculative_flags(p)
+    add_tp_flag(p)
     p.set_defaults(func=run)
+
+
+def add_tp_flag(p: argparse.ArgumentParser) -> None:
+    """--tp N: tensor parallelism over N local processes (or torchrun's), for run, chat and serve."""
+    p.add_argument("--tp", type=int, default=None, metavar="N",
+                   help="split the model over N processes (tensor parallelism; gloo on CPU, NCCL on GPUs); "
+                        "under torchrun, N is its number of processes")
+
+
+def load_tp(source: str, args: argparse.Namespace):
+    """(model, seconds): this process's slice of the model as rank 0 of `args.tp` (llamaherd/parallel/)."""
+    import time
+
+    from ..checkpoint.save import parse_dtype
+    from ..parallel.launch import load_as_leader
+    from ._generation import resolve_model
+
+    refused = [flag for flag, on in (("--quantize", getattr(args, "quantize", None)),
+                                     ("--adapter", getattr(args, "adapter", None)),
+                                     ("--draft", getattr(args, "draft", None)),
+                                     ("--speculative", getattr(args, "speculative", None))) if on]
+    if refused:
+        raise LlamaherdError(f"--tp splits the float model; it does not combine with {', '.join(refused)} yet: "
+                             "drop one of them")
+    t0 = time.perf_counter()
+    model = load_as_leader(resolve_model(source), parse_dtype(args.dtype), args.tp, getattr(args, "threads", None))
+    return model, time.perf_counter() - t0
 
 
 def add_quantize_flag(p: argparse.ArgumentParser) -> None:
@@ -104,8 +132,11 @@ def run(args: argparse.Namespace) -> int:
     if prompt is not None and not prompt.strip():
         # The same rule as the HTTP APIs: an empty prompt is refused, not completed from nothing (README).
         raise LlamaherdError("the prompt is empty; give text to complete, or no prompt at all to chat")
-    model, load_seconds = load_model(model_name, args.dtype, args.adapter, args.quantize, args.max_memory,
-                                     args.num_ctx)
+    if args.tp:
+        model, load_seconds = load_tp(model_name, args)
+    else:
+        model, load_seconds = load_model(model_name, args.dtype, args.adapter, args.quantize, args.max_memory,
+                                         args.num_ctx)
     apply_chat_format(model, args.chat_format)
     sampling = sampling_from_args(args)
     if prompt is None:

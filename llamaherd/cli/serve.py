@@ -11,7 +11,7 @@ from ..errors import LlamaherdError
 from ._generation import add_chat_format_flag, add_dtype_flag, add_memory_flag, apply_chat_format, resolve_model
 from .guard import add_serve_flags, install_serve_shields
 from .run import add_speculative_flags
-from .run import add_quantize_flag
+from .run import add_quantize_flag, add_tp_flag, load_tp
 
 
 def chat_note(model) -> str:
@@ -65,6 +65,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for the model's math (default: torch's choice); 1 is fastest on a busy machine")
     add_speculative_flags(p)
+    add_tp_flag(p)
     add_serve_flags(p)
     p.set_defaults(func=run)
 
@@ -94,7 +95,10 @@ def run(args: argparse.Namespace) -> int:
     if args.max_memory is not None:  # the plan with the paged pool in place of one context's cache
         check_fits(read(path), args.max_memory, num_ctx=args.num_ctx, dtype=parse_dtype(args.dtype),
                    quantize=args.quantize, kv_pool_bytes=kv_bytes)
-    model = load(path, dtype=parse_dtype(args.dtype), quantize=args.quantize, adapter=args.adapter)
+    if args.tp:  # rank 0 of a tensor-parallel group: HTTP and the scheduler here, the other ranks follow
+        model = load_tp(str(path), args)[0]
+    else:
+        model = load(path, dtype=parse_dtype(args.dtype), quantize=args.quantize, adapter=args.adapter)
     apply_chat_format(model, args.chat_format)
     name = args.name or os.path.basename(str(source).rstrip("/")).removesuffix(".gguf")
     draft = load(resolve_model(args.draft), dtype=parse_dtype(args.dtype)) if args.draft else None

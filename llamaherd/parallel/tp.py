@@ -236,4 +236,5 @@ def apply_tensor_parallel(net: nn.Module, group: dist.ProcessGroup | None = None
     return net
 
 
-__all__ = ["ParallelError", "TensorParallel", "apply_tensor_parallel", "check_cut", "local_slice", "split_dim", "vocab_range"]
+__all__ = ["ParallelError", "TensorParallel", "apply_tensor_parallel", "check_cut", "local_slice", "split_dim",
+           "vocab_range"]
