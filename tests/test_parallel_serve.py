@@ -31,6 +31,7 @@ def _followers(pid: int) -> list[int]:
     return [int(k) for k in kids if b"spawn_main" in Path(f"/proc/{k}/cmdline").read_bytes()]
 
 
+@pytest.mark.slow  # ~90 s on two busy cores: three processes start, then the server is killed
 def test_serve_tp2_answers_the_openai_client_and_fails_loudly_when_a_rank_dies(tmp_path):
     folder = write_llama3_folder(tmp_path / "tiny-llama3", TINY_LLAMA3)
     model = llamaherd.load(folder, dtype=torch.float32)

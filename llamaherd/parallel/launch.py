@@ -99,6 +99,7 @@ def load_as_leader(source: str | Path, dtype: torch.dtype | None, tp: int, threa
         if dist.get_rank() != 0:
             _load_and_follow(str(path), dtype)
             raise SystemExit(0)
+        atexit.register(_release, [], threading.Event())  # torchrun watches the processes itself
     else:
         check_divisible(_whole_config(path), tp)  # before any process starts
         n = _threads(tp, threads)
