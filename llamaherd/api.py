@@ -158,7 +158,10 @@ class Model:
         k = sampling.pop("num_speculative_tokens", None)
         if draft is not None and not isinstance(draft, Model):
             draft = load(draft, device=self.device)
-        proposer = make_proposer(mode, draft.net if draft is not None else None, self.config.vocab_size)
+        from .vision_inputs import placeholder_ids
+
+        proposer = make_proposer(mode, draft.net if draft is not None else None, self.config.vocab_size,
+                                 placeholder_ids(self.tokenizer))
         if proposer is None:
             return {}
         return {"proposer": proposer, "num_speculative_tokens": 5 if k is None else k}

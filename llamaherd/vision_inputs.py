@@ -45,6 +45,22 @@ def image_token_id(tokenizer) -> int | None:
         return None
 
 
+# The tokens that stand for image content in a prompt (Llama 3.2 Vision, Llama 4): never generated text.
+PLACEHOLDER_LITERALS = (IMAGE_LITERAL, "<|patch|>", "<|image_start|>", "<|image_end|>", "<|tile_x_separator|>",
+                        "<|tile_y_separator|>")
+
+
+def placeholder_ids(tokenizer) -> frozenset[int]:
+    """The tokenizer's ids of the image placeholder tokens it has (speculative decoding never proposes them)."""
+    ids = set()
+    for literal in PLACEHOLDER_LITERALS if tokenizer is not None else ():
+        try:
+            ids.add(tokenizer.special_id(literal))
+        except Exception:  # the tokenizer's own error type: it has no such token
+            continue
+    return frozenset(ids)
+
+
 class WithImages(nn.Module):
     """The model with one request's images bound: `forward(tokens, **kw)` is `net(tokens, images=context, **kw)`,
     with the tokenizer's image token mapped to the model's (Meta's chat format does the same mapping)."""

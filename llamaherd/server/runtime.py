@@ -40,6 +40,7 @@ class ServedModel:
         """`speculative="ngram"` or `draft` (a smaller `Model` with this tokenizer) turns on speculative decoding
         for every request that does not turn it off (`stream(..., speculate=False)`)."""
         from ..engine.speculative import proposer_factory
+        from ..vision_inputs import placeholder_ids
 
         self.model, self.name = model, name
         self.tokenizer = model.tokenizer
@@ -50,7 +51,8 @@ class ServedModel:
         self.engine = Engine(model.net, model.net.config, num_blocks=blocks, block_size=block_size, max_batch=max_batch,
                              prefill_chunk=prefill_chunk, max_waiting=max_waiting, max_context=max_context,
                              proposer_factory=proposer_factory(speculative, draft.net if draft else None,
-                                                               model.config.vocab_size),
+                                                               model.config.vocab_size,
+                                                               placeholder_ids(self.tokenizer)),
                              num_speculative_tokens=num_speculative_tokens)
         self.metrics = Metrics()
         self.created = int(time.time())
