@@ -55,6 +55,10 @@ def test_serve_tp2_answers_the_openai_client_and_fails_loudly_when_a_rank_dies(t
             t.join(timeout=300)
         assert [got.get(0), got.get(1)] == want, (tmp_path / "serve.log").read_text()[-3000:]
 
+        # embeddings read hidden states through a view of the model, which a split model does not serve: a 4xx
+        with pytest.raises(openai.BadRequestError, match="embeddings need a server without --tp"):
+            client.embeddings.create(model="tiny", input="hello")
+
         # a rank dies mid-stream: the client gets an error, the server exits non-zero within seconds
         stream = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Go on."}],
                                                 temperature=0, max_tokens=1500, stream=True,

@@ -1,8 +1,8 @@
 """Rank 0 leads, the other ranks follow: every forward of the cut model on rank 0 is broadcast first, so that
 each rank runs the same forward on its own slice and its own mirror of the cache.
 
-Rank 0 runs everything else (the CLI, HTTP, the scheduler, sampling): `lead(net)` hooks its model so that each
-call sends the call's inputs; `follow(net)` is the other ranks' whole life, a loop of received calls until
+Rank 0 runs everything else (the CLI, HTTP, the scheduler, sampling): `lead(net)` makes each forward of its model
+send the call's inputs first; `follow(net)` is the other ranks' whole life, a loop of received calls until
 `release()` or a failed collective. Caches are mirrored, not sent: a `KVCache` by its shape and length, a paged
 step (`engine/paged.BatchView`) by its slot indices, over a pool of the same size kept per rank (this rank's
 heads only: `net.config` is the rank's view).
@@ -10,6 +10,7 @@ heads only: `net.config` is the rank's view).
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import torch
@@ -18,6 +19,7 @@ from torch import nn
 
 from ..engine.paged import BatchView, PagedKVCache
 from ..model.cache import KVCache
+from .tp import ParallelError, VocabParallelProjection
 
 _STOP = "stop"
 
@@ -41,23 +43,28 @@ def _describe_cache(cache: Any) -> tuple | None:
     raise TypeError(f"tensor parallelism cannot mirror a {type(cache).__name__} cache on the other ranks")
 
 
+class _Led:
+    """The forward of rank 0's led model: send the call, then run it; one call at a time (the collectives of two
+    threads' forwards must not interleave)."""
+
+    def forward(self, tokens, positions=None, cache=None, key_mask=None, last_only=False, **extra):
+        if extra and any(v is not None for v in extra.values()):
+            raise ParallelError(f"tensor parallelism forwards tokens, positions, cache, key_mask and last_only, "
+                                f"not {sorted(k for k, v in extra.items() if v is not None)}")
+        if not isinstance(self.project, VocabParallelProjection):  # a view of the model (embeddings' hidden states)
+            raise ParallelError("this model is split over tensor-parallel ranks: only its logits are served "
+                                "(embeddings need a server without --tp)")
+        with self._lockstep:
+            _send(("forward", tokens, positions, _describe_cache(cache), key_mask, bool(last_only)), self._group)
+            return super().forward(tokens, positions, cache, key_mask, last_only)
+
+
 def lead(net: nn.Module, group: dist.ProcessGroup | None = None) -> None:
-    """Make every forward of rank 0's cut `net` send its inputs to the followers first."""
-
-    def send_call(module, args, kwargs):
-        kwargs = dict(kwargs)
-        tokens = args[0] if args else kwargs.pop("tokens")
-        extra = set(kwargs) - {"positions", "cache", "key_mask", "last_only"}
-        if kwargs.get("images") is None:
-            extra.discard("images")
-        if len(args) > 1 or extra:
-            raise TypeError(f"tensor parallelism forwards tokens, positions, cache, key_mask and last_only; "
-                            f"got {sorted(extra) or 'more positional arguments'}")
-        cache = kwargs.get("cache")
-        _send(("forward", tokens, kwargs.get("positions"), _describe_cache(cache), kwargs.get("key_mask"),
-               bool(kwargs.get("last_only", False))), group)
-
-    net.register_forward_pre_hook(send_call, with_kwargs=True)
+    """Make every forward of rank 0's cut `net` send its inputs to the followers first (the class of `net` is
+    changed in place to a subclass; modules, parameters and state dict stay as they are)."""
+    cls = type(net)
+    net.__class__ = type(f"Led{cls.__name__}", (_Led, cls), {})
+    net._lockstep, net._group = threading.Lock(), group
 
 
 def release(group: dist.ProcessGroup | None = None) -> None:
