@@ -90,9 +90,11 @@ def _slices(net, ckpt: Checkpoint, weights: dict[str, torch.Tensor], rank: int, 
         if tuple(t.shape) != tuple(want.shape):
             raise CheckpointError(ckpt.source, f"tensor {name} gives this rank {tuple(t.shape)}, the cut model "
                                   f"implies {tuple(want.shape)}; the files do not belong to the configuration")
-        # a slice of a memory-mapped tensor is copied out (contiguous, own memory); a whole one stays mapped
+        # Cut from a whole checkpoint, every tensor is copied out (own memory): a view kept of any of them (a
+        # norm) would keep the whole file's mapping, and every page read through it, alive. A rank's own shard
+        # stays mapped, as `llamaherd.load` keeps a whole checkpoint.
         t = t.to(dtype=target) if t.is_floating_point() else t
-        out[name] = t.contiguous() if cut is None else t.clone(memory_format=torch.contiguous_format)
+        out[name] = t.clone(memory_format=torch.contiguous_format) if whole else t.contiguous()
     return out
 
 
