@@ -62,6 +62,25 @@ def test_lora_training_lowers_the_loss_and_writes_outputs(base, data, tmp_path):
     assert any("lora_A" in n for n, _ in tuned.net.named_parameters())
 
 
+@pytest.mark.parametrize("scheme", ["int8", "int4-g32"])
+def test_lora_over_a_weight_only_quantized_base_learns(base, data, tmp_path, scheme):
+    """`herd finetune --quantize`: the adapter trains over the frozen int8/int4 codes and loads back over them."""
+    from llamaherd.quant.weight_only import Int4Linear, Int8Linear
+
+    assert main(["finetune", str(base), str(data), "--out", str(tmp_path),
+                 "--quantize", scheme, "--chat-format", "gemma3", "--lr", "2e-2", "--max-steps", "20",
+                 "--target", "wq", "--target", "wv", "--target", "w2", "--log-every", "5"]) == 0
+    losses = [json.loads(x)["loss"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()
+              if "loss" in json.loads(x)]
+    assert losses[-1] < 0.7 * losses[0]
+    tuned = llamaherd.load(base, adapter=tmp_path, quantize=scheme)
+    kind = Int8Linear if scheme == "int8" else Int4Linear
+    assert isinstance(tuned.net.layers[0].attention.wq.base, kind)
+    with pytest.raises(TrainingError, match="weight-only quantized"):
+        llamaherd.train.finetune(base, data, tmp_path / "full", method="full", quantize=scheme,
+                                 chat_format="gemma3", max_steps=1)
+
+
 def test_packing_gives_the_unpacked_losses(base, data):
     """Packed rows (positions reset, block-diagonal attention) give each example exactly its own loss."""
     model = llamaherd.load(base)

@@ -160,6 +160,52 @@ def test_lora_over_packed_ggml_weights(qtype):
     torch.testing.assert_close(a.lora_B.weight.grad, b.lora_B.weight.grad, atol=1e-4, rtol=1e-5)
 
 
+@pytest.mark.parametrize("scheme", ["int8", "int4-g32", "int4-g128"])
+def test_lora_over_weight_only_int8_int4(scheme):
+    """Forward and gradients through a weight-only int8/int4 base equal a float Linear holding the published
+    decoding of its codes (int8: q * scale per row; int4: (q - 8) * scale + zero per group, gpt-fast's layout)."""
+    from llamaherd.quant.weight_only import Int4Linear, Int8Linear
+
+    torch.manual_seed(0)
+    weight = torch.randn(96, 256)
+    if scheme == "int8":
+        base = Int8Linear.from_linear(weight)
+        decoded = base.qweight.float() * base.scales.float()[:, None]
+    else:
+        g = int(scheme.split("-g")[1])
+        base = Int4Linear.from_linear(weight, g)
+        hi, lo = (base.qweight >> 4).float(), (base.qweight & 15).float()
+        q = torch.stack([hi, lo], dim=2).reshape(96, 256)  # byte j: q[2j] high nibble, q[2j+1] low
+        scale = base.scales.float().t().repeat_interleave(g, dim=1)  # (K/g, N) -> (N, K)
+        zero = base.zeros.float().t().repeat_interleave(g, dim=1)
+        decoded = (q - 8) * scale + zero
+    assert (decoded - weight).abs().max() < 0.5  # the codes are the weight's, not noise
+    plain = torch.nn.Linear(256, 96, bias=False)
+    plain.weight = torch.nn.Parameter(decoded, requires_grad=False)
+    a, b = LoRALinear(base, 8, 16.0), LoRALinear(plain, 8, 16.0)
+    with torch.no_grad():
+        for m in (a, b):
+            m.lora_A.weight.copy_(torch.linspace(-1, 1, 8 * 256).view(8, 256))
+            m.lora_B.weight.copy_(torch.linspace(-0.5, 0.5, 96 * 8).view(96, 8))
+    x1 = torch.randn(3, 5, 256, requires_grad=True)
+    x2 = x1.detach().clone().requires_grad_(True)
+    y1, y2 = a(x1), b(x2)
+    # The forward is the weight-only kernel's, held to test_quant_weight_only's tolerance (1e-4 of the largest
+    # output); the backward multiplies by the decoded matrix, so the gradients are float32-exact.
+    torch.testing.assert_close(y1, y2, rtol=1e-4, atol=1e-4 * y2.abs().max().item())
+    g = torch.randn_like(y1)
+    y1.backward(g)
+    y2.backward(g)
+    torch.testing.assert_close(x1.grad, x2.grad, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(a.lora_A.weight.grad, b.lora_A.weight.grad, atol=1e-3, rtol=1e-5)
+    torch.testing.assert_close(a.lora_B.weight.grad, b.lora_B.weight.grad, atol=1e-3, rtol=1e-5)
+    net = torch.nn.Module()
+    net.layers = torch.nn.ModuleList([torch.nn.Module()])
+    net.layers[0].wq = a
+    merge_lora(net)
+    torch.testing.assert_close(net.layers[0].wq.weight, decoded + a.delta(), atol=1e-6, rtol=0)
+
+
 def test_bad_lora_settings():
     with pytest.raises(TrainingError, match="unknown LoRA target"):
         LoRAConfig(targets=("attn",))

@@ -20,6 +20,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run whose checkpoint.pt is in --out")
     p.add_argument("--dtype", default=None, help="base weights: f32 (default for float checkpoints), bf16, f16")
     p.add_argument("--chat-format", default=None, help="render chats in this format (e.g. gemma3 for a base Gemma)")
+    p.add_argument("--quantize", default=None, metavar="SCHEME",
+                   help="load the base weight-only quantized (int8, int4, int4-g32/-g64/-g128) and train the "
+                        "adapter over its frozen codes")
     p.add_argument("--nproc", type=int, default=1,
                    help="train in N processes with FSDP2 (gloo on CPU, NCCL on GPUs), the step split over them; "
                         "or start `herd finetune` under torchrun --nproc-per-node N")
@@ -78,6 +81,9 @@ def run(args: argparse.Namespace) -> int:
     if args.nproc > 1 and args.method == "qlora":
         raise TrainingError("QLoRA's packed 4-bit weights cannot be sharded across processes: run --method qlora "
                             "without --nproc, or --method lora with --nproc")
+    if args.nproc > 1 and args.quantize:
+        raise TrainingError("weight-only int8/int4 codes cannot be sharded across processes: drop --quantize or "
+                            "--nproc")
     if args.nproc > 1 and not args.dry_run:
         from ..train.distributed import launch
 
@@ -94,7 +100,7 @@ def _train(args: argparse.Namespace, config) -> int:
     from ..train.distributed import device, rank
     from ._generation import load_model
 
-    model, _ = load_model(args.base, args.dtype, device=device())
+    model, _ = load_model(args.base, args.dtype, device=device(), quantize=args.quantize)
     teacher = load_model(args.teacher, args.dtype, device=device())[0] if args.teacher else None
     trainer = Trainer(model, args.data, args.out, config, teacher=teacher)
     if args.dry_run:

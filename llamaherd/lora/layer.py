@@ -1,11 +1,13 @@
-"""LoRA as a swap over the built model: frozen base linears (float or packed GGUF) plus trainable low-rank updates.
+"""LoRA as a swap over the built model: frozen base linears (float, int8/int4 weight-only or packed GGUF) plus
+trainable low-rank updates.
 
 y = base(x) + (alpha / r) * B(A(dropout(x)))   (Hu et al. 2021, "LoRA"; PEFT `tuners/lora/layer.py::Linear`),
 with A initialised as PEFT does (kaiming-uniform, a = sqrt(5)) and B at zero, so a fresh adapter is the identity.
 
 A packed GGUF base (`quant.GGMLLinear`, QLoRA over the file's own k-quant weights) is multiplied through
 `_PackedMatmul`: its blocks are decoded chunk by chunk in forward and again in backward, so neither a float copy
-of the weight nor its decoded chunks outlive the product.
+of the weight nor its decoded chunks outlive the product. A weight-only int8/int4 base (`quant.weight_only`) runs
+its own kernel forward; its backward multiplies by the dequantised matrix, made for that product only.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import TrainingError
+from ..quant import weight_only
 from ..quant.ggml import GGMLLinear, GGMLWeight
 
 # Canonical (Meta) projection names, and the Hugging Face names people also write in --target.
@@ -99,10 +102,27 @@ class _PackedMatmul(torch.autograd.Function):
         return gx, None
 
 
+class _WeightOnlyMatmul(torch.autograd.Function):
+    """x @ W.T for a frozen int8/int4 weight-only base: its kernel forward, the dequantised W in backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, base: nn.Module) -> torch.Tensor:
+        ctx.base = base
+        return type(base).forward(base, x)  # the class's kernel forward, even where the training swap patched it
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad @ weight_only.dequantize(ctx.base).to(grad.dtype), None
+
+
 def base_forward(base: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The frozen base projection; packed GGUF weights go through `_PackedMatmul` when a gradient is needed."""
-    if isinstance(base, GGMLLinear) and torch.is_grad_enabled() and x.requires_grad:
-        return _PackedMatmul.apply(x, base.weight)
+    """The frozen base projection; packed GGUF and weight-only int8/int4 bases go through their autograd functions
+    when a gradient is needed (their kernels have no backward of their own)."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        if isinstance(base, GGMLLinear):
+            return _PackedMatmul.apply(x, base.weight)
+        if isinstance(base, (weight_only.Int8Linear, weight_only.Int4Linear)):
+            return _WeightOnlyMatmul.apply(x, base)
     return base(x)
 
 
@@ -203,12 +223,15 @@ class adapters_disabled:
 
 
 def merge_lora(net: nn.Module) -> None:
-    """Fold every adapter into its base weight and put a plain nn.Linear back (a packed base becomes float32)."""
+    """Fold every adapter into its base weight and put a plain nn.Linear back (a quantized base becomes float32)."""
     for name, m in lora_modules(net).items():
-        w = m.base.weight
-        dense = w.dequantize(torch.float32) if isinstance(w, GGMLWeight) else w.detach().float()
+        if isinstance(m.base, (weight_only.Int8Linear, weight_only.Int4Linear)):
+            dense, dtype = weight_only.dequantize(m.base), torch.float32
+        else:
+            w = m.base.weight
+            dense = w.dequantize(torch.float32) if isinstance(w, GGMLWeight) else w.detach().float()
+            dtype = torch.float32 if isinstance(w, GGMLWeight) else w.dtype
         merged = nn.Linear(m.in_features, m.out_features, bias=False, device=dense.device)
-        dtype = torch.float32 if isinstance(w, GGMLWeight) else w.dtype
         merged.weight = nn.Parameter((dense + m.delta().to(dense.device)).to(dtype), requires_grad=False)
         parent_name, _, child = name.rpartition(".")
         setattr(net.get_submodule(parent_name), child, merged)

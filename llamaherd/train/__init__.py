@@ -18,15 +18,19 @@ from .loop import METHODS, TrainConfig, Trainer
 
 
 def finetune(base, data: str | Path, out: str | Path, *, method: str = "lora", teacher=None, resume: bool = False,
-             rank: int = 8, alpha: float = 16.0, dropout: float = 0.0, targets=None, **options) -> dict:
+             rank: int = 8, alpha: float = 16.0, dropout: float = 0.0, targets=None, quantize: str | None = None,
+             **options) -> dict:
     """Fine-tune `base` (a llamaherd.Model, or anything `llamaherd.load` takes) on a JSONL file into `out`.
+
+    `quantize` ("int8", "int4", "int4-g32", ...) loads a path base weight-only quantized: the adapter then trains
+    over the frozen int8/int4 weights (lora, qlora, and dpo/distill with an adapter).
 
     `options` are `TrainConfig` fields (lr, epochs, max_steps, batch_size, grad_accum, warmup_steps, clip, seed,
     max_len, pack, val_fraction, bf16, activation_checkpointing, beta, kd_topk, ...). Returns a summary dict.
     """
     from .. import load
 
-    model = load(base) if isinstance(base, (str, Path)) else base
+    model = load(base, quantize=quantize) if isinstance(base, (str, Path)) else base
     if isinstance(teacher, (str, Path)):
         teacher = load(teacher)
     lora = LoRAConfig(rank=rank, alpha=alpha, dropout=dropout, **({"targets": tuple(targets)} if targets else {}))

@@ -26,7 +26,9 @@ from . import state as ckpt_state
 from .data import IGNORE, Batch, Renderer, collate, epoch_batches, load_examples, pack, segment_mask, show, split
 from .losses import dpo_loss, kd_loss_sum, sequence_logps, teacher_topk, token_nll_sum
 from ..lora.layer import LoRAConfig, adapters_disabled, apply_lora, lora_state, trainable_parameters
-from .swaps import checkpoint_activations, dequantize_packed, project_trained_rows, quantize_linears, selecting
+from ..quant.weight_only import Int4Linear, Int8Linear
+from .swaps import (checkpoint_activations, dequantize_packed, differentiable_weight_only, project_trained_rows,
+                    quantize_linears, selecting)
 
 METHODS = ("lora", "qlora", "full", "dpo", "distill")
 
@@ -144,8 +146,13 @@ class Trainer:
         elif c.method == "lora":
             dequantize_packed(self.net)  # LoRA trains over float weights, decoded once from a GGUF base
         if c.uses_adapter:
+            differentiable_weight_only(self.net)  # an int8/int4 base (--quantize) passes gradients through
             apply_lora(self.net, c.lora, seed=c.seed)
         else:
+            if any(isinstance(m, (Int8Linear, Int4Linear)) for m in self.net.modules()):
+                raise TrainingError(f"--method {c.method} trains every weight, and this base is weight-only "
+                                    "quantized (int8/int4 codes are not trainable): load it without --quantize, "
+                                    "or train an adapter (lora, qlora, dpo/distill without --full-weights)")
             dequantize_packed(self.net)  # full fine-tuning trains float weights: a GGUF base is decoded once
             for p in self.net.parameters():
                 p.requires_grad_(True)

@@ -1,4 +1,5 @@
-"""Training-time swaps over the built model: 4-bit base weights for QLoRA, and activation checkpointing per layer."""
+"""Training-time swaps over the built model: 4-bit base weights for QLoRA, gradients through weight-only int8/int4
+projections, and activation checkpointing per layer."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from torch import nn
 
 from ..quant.ggml import GGMLEmbedding, GGMLLinear, GGMLWeight
 from ..quant.quantize import quantize
+from ..quant.weight_only import Int4Linear, Int8Linear
 
 
 def quantize_linears(net: nn.Module) -> int:
@@ -59,6 +61,27 @@ def _decoded(w: GGMLWeight, dtype: torch.dtype) -> torch.Tensor:
     for i, chunk in decoded_chunks(w, dtype):
         out[i : i + chunk.shape[0]] = chunk
     return out
+
+
+def differentiable_weight_only(net: nn.Module) -> int:
+    """Let gradients pass through every frozen weight-only int8/int4 projection (torch's int8/int4 kernels have no
+    derivative): with a gradient wanted, the product goes through `lora.layer._WeightOnlyMatmul`, which multiplies
+    by the dequantised matrix in backward. Patched on the instance, so names and types stay. Returns the count."""
+    from ..lora.layer import _WeightOnlyMatmul
+
+    count = 0
+    for mod in net.modules():
+        if not isinstance(mod, (Int8Linear, Int4Linear)):
+            continue
+
+        def forward(x: torch.Tensor, _mod=mod) -> torch.Tensor:
+            if torch.is_grad_enabled() and x.requires_grad:
+                return _WeightOnlyMatmul.apply(x, _mod)
+            return type(_mod).forward(_mod, x)
+
+        mod.forward = forward
+        count += 1
+    return count
 
 
 def checkpoint_activations(net: nn.Module) -> None:
