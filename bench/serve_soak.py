@@ -283,13 +283,15 @@ def fault_soak(folder: Path, seconds: float, clients: int, seed: int, every: int
     from llamaherd.api import load
     from llamaherd.memory import kv_bytes_per_token
     from llamaherd.server import ServedModel, create_app
+    from llamaherd.server.http import KEEP_ALIVE_S
 
     torch.set_num_threads(1)
     # 64 blocks of 16 tokens, as start_server's herd serve: preemption all the time.
     served = ServedModel(load(folder), "soak", kv_cache_bytes=64 * 16 * kv_bytes_per_token(SOAK_CONFIG, torch.float32),
                          max_batch=32, max_waiting=64)
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(served), host="127.0.0.1", port=port, log_level="critical"))
+    server = uvicorn.Server(uvicorn.Config(create_app(served), host="127.0.0.1", port=port, log_level="critical",
+                                           timeout_keep_alive=KEEP_ALIVE_S))  # as herd serve
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     while not server.started:

@@ -14,6 +14,7 @@ from llamaherd.api import Model
 from llamaherd.checkpoint.base import Checkpoint
 from llamaherd.config import GenerationDefaults, ModelConfig
 from llamaherd.server import ServedModel, create_app
+from llamaherd.server.http import KEEP_ALIVE_S
 from llamaherd.tokenizer import Tokenizer
 
 from .conftest import random_model
@@ -40,7 +41,8 @@ class LiveServer:
             self.port = s.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         config = uvicorn.Config(create_app(served, api_key=api_key), host="127.0.0.1", port=self.port,
-                                log_level="warning", timeout_graceful_shutdown=10)
+                                log_level="warning", timeout_graceful_shutdown=10,
+                                timeout_keep_alive=KEEP_ALIVE_S)  # as herd serve (no keep-alive race)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()

@@ -79,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
     from ..checkpoint.save import parse_dtype
     from ..memory import check_fits, parse_size
     from ..server import ServedModel, create_app
+    from ..server.http import KEEP_ALIVE_S
 
     if args.threads is not None:
         if args.threads < 1:
@@ -114,5 +115,6 @@ def run(args: argparse.Namespace) -> int:
     # uvicorn catches SIGTERM, lets in-flight requests finish (up to 30 s), then re-raises the signal once it is
     # done; a no-op handler for that re-raise makes a graceful stop exit 0, as process supervisors expect.
     signal.signal(signal.SIGTERM, lambda *_: None)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=30)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=30,
+                timeout_keep_alive=KEEP_ALIVE_S)
     return 0

@@ -20,6 +20,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("llamaherd.server")
 
+# How long the server keeps an idle keep-alive connection open (uvicorn's timeout_keep_alive; its default, 5 s,
+# equals httpx's and so the openai client's keepalive_expiry). Equal limits race: a client reuses a connection it
+# still counts as fresh just as the server closes it, and the request is met with a reset (httpx.ReadError, the
+# one unexplained error of the fault soak). Longer than the clients' expiry, the client always lets go first.
+KEEP_ALIVE_S = 15
+
 
 class APIError(Exception):
     """An error with an HTTP status, rendered as OpenAI's error JSON."""
