@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from ..engine.sampling import SamplingParams
 from ..engine.scheduler import Engine
 from ..engine.text import Token
+from ..vision_inputs import prepare_images
 from .llama_guard import MAX_ANSWER_TOKENS, LlamaGuard
 from .prompt import GuardError
 
@@ -49,8 +50,10 @@ class BatchedLlamaGuard(LlamaGuard):
         self._thread = threading.Thread(target=self.engine.run, name="herd-guard-engine", daemon=True)
         self._thread.start()
 
-    def answer(self, ids: Sequence[int]) -> tuple[str, float | None]:
-        """Greedy answer text and P(first word = 'unsafe'), from the engine (see the module docstring)."""
+    def answer(self, ids: Sequence[int], images: Sequence = ()) -> tuple[str, float | None]:
+        """Greedy answer text and P(first word = 'unsafe'), from the engine (see the module docstring). `images`
+        are read and tiled here and encoded by the engine at the check's prefill, as the server's requests."""
+        prepared = prepare_images(self.model.net, self.model.tokenizer, list(ids), list(images)) if images else None
         tokens: list[Token] = []
         done = threading.Event()
 
@@ -59,7 +62,7 @@ class BatchedLlamaGuard(LlamaGuard):
             if token.finish_reason is not None:
                 done.set()
 
-        seq = self.engine.submit(list(ids), self.params, self.stop_ids, sink)
+        seq = self.engine.submit(list(ids), self.params, self.stop_ids, sink, images=prepared)
         if not done.wait(self.timeout):
             self.engine.cancel(seq)
             raise GuardError(f"the guard model gave no answer within {self.timeout:.0f} s")

@@ -1,4 +1,5 @@
-"""Llama Guard over a loaded model: prompt, greedy answer, first-token `unsafe` probability, strict verdict."""
+"""Llama Guard over a loaded model: prompt (images bound for 3 11B Vision), greedy answer, first-token `unsafe`
+probability, strict verdict."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import torch
 from ..engine.generate import decode_one, prefill
 from ..engine.step import check_context
 from ..model.cache import KVCache
+from ..vision_inputs import bind_images, message_images
 from . import prompt as lg_prompt
 from .prompt import GuardError, Release
 from .verdict import Verdict, parse
@@ -23,7 +25,8 @@ def detect_release(model) -> Release:
     if "Provide your safety assessment" in template and "<|header_start|>" in template:
         return lg_prompt.release("llama-guard-4-12b")
     if "excluded_category_keys" in template:  # the 3 1B / 3 11B Vision template (identical texts)
-        return lg_prompt.release("llama-guard-3-1b")
+        vision = getattr(model.config, "vision", None) is not None  # 3 11B Vision: an mllama checkpoint
+        return lg_prompt.release("llama-guard-3-11b-vision" if vision else "llama-guard-3-1b")
     if "S14: Code Interpreter Abuse." in template and "Provide your safety assessment" in template:
         return lg_prompt.release("llama-guard-3-8b")
     raise GuardError(f"{model.checkpoint.source}: this checkpoint carries no Llama Guard chat template, so its "
@@ -79,33 +82,52 @@ class LlamaGuard:
                  categories: Mapping[str, str] | None = None, excluded: Sequence[str] | None = None,
                  threshold: float | None = None) -> Verdict:
         """Assess the last message (of `role`, when given) of an OpenAI-shaped conversation."""
-        messages = restrict_to_role(messages, role)
+        messages, images = image_inputs(restrict_to_role(messages, role))
         cats = self.categories if categories is None else categories
         excl = self.excluded if excluded is None else excluded
-        has_image = any(isinstance(m.get("content"), list) and any(isinstance(p, Mapping) and p.get("type") == "image"
-                                                                   for p in m["content"]) for m in messages)
-        if has_image:  # the prompt renders image tokens, but no image reaches the model: refuse, never guess
-            raise GuardError("image parts: moderating images is not supported yet (the prompt with its image "
-                             "tokens can be shown with `herd guard --show-prompt`); give text parts only")
-        names = lg_prompt.categories_for(self.release, cats, excl)
+        if images and self.release.llama4:  # its <|image|> expands to a patch layout the prompt code lacks
+            raise GuardError("image parts: moderating images with Llama Guard 4 is not supported yet; give text "
+                             "parts only, or use Llama Guard 3 11B Vision")
+        if len(images) > 1:
+            raise GuardError(f"{len(images)} images: Llama Guard 3 Vision's template places one <|image|> per "
+                             "conversation; moderate one image at a time")
+        names = lg_prompt.categories_for(self.release, cats, excl, has_image=bool(images))
         ids = self.encode(messages, cats, excl)
-        text, score = self.answer(ids)
+        text, score = self.answer(ids, images)
         status, codes = parse(text, known=names)
         return Verdict(status, codes, score, text, self.threshold if threshold is None else threshold,
                        {c: names[c] for c in codes})
 
-    def answer(self, ids: Sequence[int]) -> tuple[str, float | None]:
-        """Greedy answer text and P(first word = 'unsafe'), read at the first step that is not whitespace."""
-        out, score = greedy_answer(self.model, ids, MAX_ANSWER_TOKENS, self.stop_ids, self.unsafe_id)
+    def answer(self, ids: Sequence[int], images: Sequence = ()) -> tuple[str, float | None]:
+        """Greedy answer text and P(first word = 'unsafe'), read at the first step that is not whitespace.
+        `images` stand for the prompt's <|image|> token (bound to the model as `Model.chat` binds them)."""
+        net = bind_images(self.model.net, self.model.tokenizer, list(ids), list(images)) if images else None
+        out, score = greedy_answer(self.model, ids, MAX_ANSWER_TOKENS, self.stop_ids, self.unsafe_id, net=net)
         return self.model.tokenizer.decode(out), score
+
+
+def image_inputs(messages: Sequence[Mapping]) -> tuple[list[Mapping], list]:
+    """The conversation with OpenAI's `image_url` parts written as the template's `{"type": "image"}` parts, and
+    the images' sources in order (`vision_inputs.message_images`: data: URLs, paths, bytes, PIL images; an image
+    part without its image is an ImageError, never a prompt with an image token and no image)."""
+    images = message_images([dict(m) for m in messages if isinstance(m, Mapping)])
+    out = []
+    for m in messages:
+        content = m.get("content") if isinstance(m, Mapping) else None
+        if isinstance(content, list):
+            m = {**m, "content": [{"type": "image"} if isinstance(p, Mapping) and p.get("type") == "image_url"
+                                  else p for p in content]}
+        out.append(m)
+    return out, images
 
 
 @torch.inference_mode()
 def greedy_answer(model, ids: Sequence[int], max_tokens: int, stop_ids: frozenset[int],
-                  score_id: int) -> tuple[list[int], float | None]:
+                  score_id: int, net=None) -> tuple[list[int], float | None]:
     """Up to `max_tokens` greedy tokens after `ids` (prefill, then one cached step per token), and the
-    probability of `score_id` at the first step whose pick is not whitespace (or a stop)."""
-    net, tok = model.net, model.tokenizer
+    probability of `score_id` at the first step whose pick is not whitespace (or a stop). `net`: the model's
+    network with a request's images bound (`vision_inputs.bind_images`), when there are any."""
+    net, tok = model.net if net is None else net, model.tokenizer
     limit = model.context_limit()
     check_context(len(ids), limit, "the guard model's context window")
     device = model.device
