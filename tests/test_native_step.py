@@ -16,7 +16,7 @@ from llamaherd.engine.generate import generate_tokens
 from llamaherd.engine.sampling import Sampler, SamplingParams
 from llamaherd.model.cache import KVCache
 from llamaherd.native import ggml_kernels, step
-from tests.gguf_write_fixtures import KQ_LLAMA3, checkpoint
+from tests.gguf_write_fixtures import KQ_LLAMA3, KQ_LLAMA31, checkpoint
 from tests.test_gemma3 import tiny as gemma3_tiny
 
 pytestmark = pytest.mark.skipif(native.library() is None, reason="no C compiler: the native kernels cannot be built")
@@ -25,7 +25,7 @@ pytestmark = pytest.mark.skipif(native.library() is None, reason="no C compiler:
 # sliding window of 8 slots on two of every three layers so local layers drop keys within a short test.
 KQ_GEMMA3 = gemma3_tiny(dim=256, hidden_dim=512, head_dim=64, n_heads=4, n_kv_heads=2, n_layers=3,
                         query_pre_attn_scalar=64.0)
-CONFIGS = {"llama": KQ_LLAMA3, "gemma3": KQ_GEMMA3}
+CONFIGS = {"llama": KQ_LLAMA31, "gemma3": KQ_GEMMA3}  # Llama 3.1: its frequency scaling in the angles
 PROMPTS = [[3, 17, 99, 5, 250, 8, 31, 2, 77, 4, 9], [1, 2, 3, 4]]  # left padding for the second row
 STEPS = 10
 
@@ -148,8 +148,8 @@ def test_greedy_generation_is_unchanged_in_float(tmp_path, monkeypatch):
 
 
 def test_takes_the_reference_path_where_the_step_does_not_apply(tmp_path, monkeypatch):
-    """Grad mode, more rows than MAX_ROWS, the glue switched off, a model with a LoRA-wrapped projection:
-    the reference forward runs (same logits as with the step switched off)."""
+    """Grad mode, more rows than MAX_ROWS, the glue or the step switched off, hooks, a LoRA-wrapped projection:
+    the reference forward runs (more rows: the same logits as with the step switched off)."""
     monkeypatch.setattr(ggml_kernels, "INT8_ACTIVATIONS", False)
     model = llamaherd.load(write(checkpoint(KQ_LLAMA3, std=0.08), tmp_path / "l.gguf", qtype="q8_0"))
     net = model.net
@@ -170,14 +170,37 @@ def test_takes_the_reference_path_where_the_step_does_not_apply(tmp_path, monkey
     assert spy.calls == 1
     with step.disabled():
         assert torch.equal(wide, one_step(step.MAX_ROWS + 1))
+        one_step(2)
+    assert spy.calls == 1
 
+    # A hook on any module the step would bypass (tensor-parallel all-reduce, calibration), then a module swapped
+    # in after the first step (a LoRA wrapper): the reference path, found without being told.
     from llamaherd.lora.layer import LoRALinear
 
-    block = net.layers[1].feed_forward
-    block.w2 = LoRALinear(block.w2, rank=2, alpha=2)
-    step.forget(net)
+    handle = net.layers[0].attention.wk.register_forward_pre_hook(lambda *_: None)
     one_step(2)
     assert spy.calls == 1
+    handle.remove()
+    one_step(2)
+    assert spy.calls == 2
+    block = net.layers[1].feed_forward
+    block.w2 = LoRALinear(block.w2, rank=2, alpha=2)
+    one_step(2)
+    assert spy.calls == 2
+
+
+def test_a_reassigned_weight_is_read_at_its_new_place(tmp_path, monkeypatch):
+    """A norm weight replaced after the first step: the plan is remade and the step reads the new values."""
+    monkeypatch.setattr(ggml_kernels, "INT8_ACTIVATIONS", False)
+    monkeypatch.setattr(ggml_kernels, "BF16_PREFILL", False)
+    net = llamaherd.load(write(checkpoint(KQ_LLAMA3, std=0.08), tmp_path / "l.gguf", qtype="q8_0")).net
+    decode_logits(net, steps=1)
+    norm = net.layers[1].ffn_norm
+    norm.weight = torch.nn.Parameter(norm.weight.detach() * 1.5, requires_grad=False)
+    got = decode_logits(net, steps=2)
+    with native.disabled():
+        want = decode_logits(net, steps=2)
+    assert (got - want).abs().max() <= 2e-5 * want.abs().max()
 
 
 def test_the_plan_follows_the_activation_switch(tmp_path, monkeypatch):
