@@ -97,6 +97,7 @@ class PreparedImages:
     grids: torch.Tensor | None  # Llama 3.2 Vision's tile grids (1, n, 2); None for Llama 4
     token_id: int | None  # the tokenizer's <|image|> (Llama 3.2 Vision) or <|patch|> (Llama 4)
     digest: int  # of the tiles: salts the prefix cache's keys, so different images never share blocks
+    kv_tokens: int = 0  # Llama 3.2 Vision: image keys per cross-attention layer (images x tiles x tokens per tile)
     _encoded: Any = None
 
     @property
@@ -171,8 +172,9 @@ def prepare_images(net: nn.Module, tokenizer, token_ids: list[int], images: list
     if marks != len(images):
         raise ImageError(f"the prompt has {marks} image tokens ({IMAGE_LITERAL}) but {len(images)} images were "
                          "given; give one image per image token")
-    tiles, grids = mllama_batch(images, v.image_size, v.max_num_tiles)
-    return PreparedImages(token_ids, tiles, grids, tok, _digest(tiles, grids))
+    tiles, grids = mllama_batch(images, v.image_size, v.max_num_tiles)  # (1, images, tiles, 3, S, S)
+    kv_tokens = tiles.shape[1] * tiles.shape[2] * v.tokens_per_tile  # as model/mllama.py image_context keeps them
+    return PreparedImages(token_ids, tiles, grids, tok, _digest(tiles, grids), kv_tokens)
 
 
 def _digest(*tensors: torch.Tensor) -> int:

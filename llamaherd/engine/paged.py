@@ -160,6 +160,7 @@ class KVCacheManager:
         self._tables: dict[int, list[int]] = {}
         self._hashed: dict[int, int] = {}  # leading full blocks of a sequence registered for prefix caching
         self._salts: dict[int, int] = {}  # a sequence's prefix-hash salt (its images' digest), when not 0
+        self._held: dict[int, list[int]] = {}  # blocks held for keys/values kept outside the cache (`hold`)
 
     @property
     def num_blocks(self) -> int:
@@ -196,6 +197,19 @@ class KVCacheManager:
         table = self._tables[seq_id]
         while len(table) * self.block_size < tokens:
             table.append(self.allocator.allocate())
+
+    def hold(self, key: int, blocks: int) -> bool:
+        """Take `blocks` blocks under `key` for keys/values kept outside the cache (a request's images'
+        cross-attention keys and values), so that they count against the same budget; False, taking nothing,
+        when too few are free. `release_held(key)` gives them back."""
+        if blocks > self.allocator.num_free:
+            return False
+        self._held.setdefault(key, []).extend(self.allocator.allocate() for _ in range(blocks))
+        return True
+
+    def release_held(self, key: int) -> None:
+        for block in self._held.pop(key, ()):
+            self.allocator.release(block)
 
     def register(self, seq_id: int, tokens: Sequence[int], cached: int) -> None:
         """The first `cached` tokens are in the cache now: offer the newly full blocks for prefix reuse."""

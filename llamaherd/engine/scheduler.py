@@ -62,6 +62,7 @@ class SeqState:
     proposer: object | None = None  # speculative decoding for this sequence (None: off)
     tracker: object | None = None  # its running acceptance rate and next k
     images: object | None = None  # vision models: the request's images (vision_inputs.PreparedImages)
+    holds_images: bool = False  # its images' cross-attention keys/values are counted in the cache's blocks
 
     @property
     def pending(self) -> int:
@@ -99,15 +100,38 @@ class Engine:
         self.proposer_factory, self.num_speculative_tokens = proposer_factory, num_speculative_tokens
         self._spec_k = 0  # proposals this step's decode rows have room for (set by _plan)
         self._images = None  # vision_inputs.BatchImages, made at the first request with images
+        self._image_refs: dict[int, int] = {}  # id(PreparedImages) -> running sequences that read them
 
     # -- submission (any thread) -------------------------------------------------------------------------------
-    def check(self, prompt: Sequence[int], params: SamplingParams, n: int = 1) -> None:
+    def check(self, prompt: Sequence[int], params: SamplingParams, n: int = 1, images=None) -> None:
         """Raise now what `submit` would raise for `n` such requests: a prompt that leaves no room in the
-        context, a full waiting queue, sampling parameters this vocabulary cannot take (logit_bias)."""
+        context, images whose keys/values cannot fit the cache, a full waiting queue, sampling parameters this
+        vocabulary cannot take (logit_bias)."""
         check_context(len(prompt), self.max_context, "this server's context")
+        self._check_image_room(len(prompt), images)
         if len(self.waiting) + n > self.max_waiting:
             raise QueueFull(f"{len(self.waiting)} requests are already waiting; retry later")
         Sampler(params, self.config.vocab_size)
+
+    def image_blocks(self, images) -> int:
+        """Cache blocks worth of a request's image keys/values (Llama 3.2 Vision; 0 for none and for Llama 4,
+        whose image features become prompt tokens). Each cross-attention layer keeps keys and values for
+        `kv_tokens` image tokens, as wide as a self-attention layer's (model/mllama.py `image_kv`), and a block
+        holds `block_size` tokens of every self-attention layer, so the ratio needs no dtype."""
+        if images is None or not getattr(images, "kv_tokens", 0):
+            return 0
+        per_block = self.cache.block_size * self.config.n_layers
+        return -(-images.kv_tokens * self.config.vision.n_cross_attention_layers // per_block)
+
+    def _check_image_room(self, prompt_len: int, images) -> None:
+        need = self.image_blocks(images)
+        prompt = -(-prompt_len // self.cache.block_size)
+        if need and need + prompt > self.cache.num_blocks:
+            from ..errors import ImageError
+
+            raise ImageError(f"the images' cross-attention keys and values need {need} KV-cache blocks and the "
+                             f"prompt {prompt}, more than the {self.cache.num_blocks} of this server's KV-cache "
+                             "budget; send fewer or smaller images, or start the server with a larger KV cache")
 
     def submit(self, prompt: Sequence[int], params: SamplingParams, stop_ids: frozenset[int],
                sink: Callable[[Token], None], constraint=None, speculate: bool = True, images=None) -> int:
@@ -116,6 +140,7 @@ class Engine:
         `images` (vision models: `vision_inputs.PreparedImages` for this prompt) are encoded at the sequence's
         prefill and stay with it until it finishes; its prefix-cache keys are salted with their digest."""
         check_context(len(prompt), self.max_context, "this server's context")
+        self._check_image_room(len(prompt), images)
         sampler = Sampler(params, self.config.vocab_size)
         with self._wake:
             seq_id = next(self._ids)
@@ -201,7 +226,10 @@ class Engine:
 
     def _admit(self) -> None:
         while self.waiting and len(self.running) < self.max_batch:
-            seq = self.waiting.popleft()
+            seq = self.waiting[0]
+            if not self._hold_images(seq):  # its images do not fit the cache now: it waits, first in line
+                break
+            self.waiting.popleft()
             seq.cached = self.cache.take_prefix(seq.id, seq.tokens,
                                                 salt=seq.images.digest if seq.images is not None else 0)
             self.stats["prefix_hit_tokens"] += seq.cached
@@ -230,7 +258,30 @@ class Engine:
                 self._preempt(self.running[-1])
         return None
 
+    def _hold_images(self, seq: SeqState) -> bool:
+        """Count the sequence's image keys/values in the cache's blocks (once for the sequences of one request,
+        which read the same encoded images); False when the blocks are not free."""
+        if seq.images is None or seq.holds_images:
+            return True
+        key = id(seq.images)
+        if key not in self._image_refs and not self.cache.hold(key, self.image_blocks(seq.images)):
+            return False
+        self._image_refs[key] = self._image_refs.get(key, 0) + 1
+        seq.holds_images = True
+        return True
+
+    def _drop_images(self, seq: SeqState) -> None:
+        if not seq.holds_images:
+            return
+        seq.holds_images = False
+        key = id(seq.images)
+        self._image_refs[key] -= 1
+        if not self._image_refs[key]:
+            del self._image_refs[key]
+            self.cache.release_held(key)
+
     def _preempt(self, seq: SeqState) -> None:
+        self._drop_images(seq)
         self.cache.release(seq.id)
         seq.cached = 0
         self.running.remove(seq)
@@ -240,6 +291,7 @@ class Engine:
     def _finish(self, seq: SeqState, reason: str | None, error: str | None = None) -> None:
         """Free a sequence's blocks and drop it; `reason` given means the sink still needs its end."""
         with self._lock:
+            self._drop_images(seq)
             self.cache.release(seq.id)
             if seq in self.running:
                 self.running.remove(seq)

@@ -140,7 +140,7 @@ async def generate(body: OllamaGenerateRequest, request: Request):
         yield {**base, "created_at": _now(), "response": "", **_stats(usage, finish)}
 
     if body.stream:
-        served.check(prompt, params)  # errors as a status code now, not after the 200 is sent
+        served.check(prompt, params, images=images)  # errors as a status code now, not after the 200 is sent
         return _ndjson(events())
     out, _, finish = await unless_disconnected(request, served.complete(prompt, params, usage, constraint=constraint,
                                                                        images=images, speculate=speculate))
@@ -195,7 +195,7 @@ async def chat(body: OllamaChatRequest, request: Request):
         yield {**base, "created_at": _now(), "message": {"role": "assistant", "content": ""}, **_stats(usage, finish)}
 
     if body.stream:
-        served.check(prompt, params)  # errors as a status code now, not after the 200 is sent
+        served.check(prompt, params, images=images)  # errors as a status code now, not after the 200 is sent
         return _ndjson(events())
     out, _, finish = await unless_disconnected(request, served.complete(prompt, params, usage, constraint=constraint,
                                                                        images=images, speculate=speculate))

@@ -98,7 +98,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     head = {"id": rid, "object": "chat.completion", "created": created, "model": served.name}
 
     if body.stream:
-        served.check(prompt, params, body.n)  # errors as a status code now, not after the 200 is sent
+        served.check(prompt, params, body.n, images)  # errors as a status code now, not after the 200 is sent
         shield = functools.partial(shield_stream, request, messages)
         events = _chat_stream(served, fmt, prompt, params, body, head, tools, constraint, shield, images)
         return StreamingResponse(ending_in_error(events, _sse_error), media_type="text/event-stream")

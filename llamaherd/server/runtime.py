@@ -133,10 +133,10 @@ class ServedModel:
 
         return await asyncio.to_thread(prepare_images, self.model.net, self.tokenizer, list(prompt), list(images))
 
-    def check(self, prompt: Sequence[int], params: SamplingParams, n: int = 1) -> None:
-        """Raise now what `stream` would raise at submission (too long, queue full, bad logit_bias), so a
-        streaming handler can answer with an error status before it sends its 200 and first event."""
-        self.engine.check(prompt, params, n)
+    def check(self, prompt: Sequence[int], params: SamplingParams, n: int = 1, images=None) -> None:
+        """Raise now what `stream` would raise at submission (too long, images too large for the KV cache, queue
+        full, bad logit_bias), so a streaming handler can answer with an error status before its 200 is sent."""
+        self.engine.check(prompt, params, n, images)
 
     async def complete(self, prompt: Sequence[int], params: SamplingParams, usage: Usage | None = None,
                        constraint=None, speculate: bool = True, images=None) -> tuple[str, list[Piece], str]:
