@@ -104,3 +104,40 @@ def test_bad_image_inputs_are_typed_errors(guard):
         from .guard_fixtures import forced_guard
 
         LlamaGuard(forced_guard("safe"), "llama-guard-3-1b").moderate(conversation(IMAGES[0]))
+
+
+def test_v1_moderations_with_an_image_part_through_the_openai_client(guard):
+    import httpx
+    import openai
+
+    from llamaherd.guard.shield import Shields
+    from llamaherd.server.moderations import install
+
+    from . import server_fixtures
+    from .guard_fixtures import forced_guard
+
+    live, _ = server_fixtures.start()
+    batched = BatchedLlamaGuard(guard, max_batch=4, context_tokens=2048)
+    install(live.server.config.app, Shields(guard=batched), "tiny-vision-guard")
+    try:
+        client = openai.OpenAI(base_url=f"{live.url}/v1", api_key="unused", max_retries=0)
+        parts = [{"type": "text", "text": "Is this picture fine to share?"},
+                 {"type": "image_url", "image_url": {"url": data_url(IMAGES[1])}}]
+        result = client.moderations.create(input=parts, model="tiny-vision-guard").results[0]
+        assert result.flagged and result.categories.violence
+        assert result.category_applied_input_types.model_dump(by_alias=True)["violence"] == ["text", "image"]
+        assert result.model_extra["llama_guard"]["score"] == pytest.approx(guard.moderate(conversation(IMAGES[1])).score,
+                                                                             abs=1e-4)
+        bad = httpx.post(f"{live.url}/v1/moderations", json={"input": [{"type": "image_url", "image_url": {
+            "url": "data:image/png;base64,AAAA"}}]}, timeout=60)
+        assert bad.status_code == 400 and bad.json()["error"]["message"]  # not an image: a 400, serving goes on
+    finally:
+        live.stop()
+        batched.close()
+    live, _ = server_fixtures.start()  # a text-only guard refuses an image input with a 400 naming the release
+    install(live.server.config.app, Shields(guard=LlamaGuard(forced_guard("safe"), "llama-guard-3-8b")), "tiny-guard")
+    try:
+        r = httpx.post(f"{live.url}/v1/moderations", json={"input": parts}, timeout=60)
+        assert r.status_code == 400 and "reads text only" in r.json()["error"]["message"]
+    finally:
+        live.stop()

@@ -43,15 +43,16 @@ OPENAI_NAMES = ("harassment", "harassment/threatening", "hate", "hate/threatenin
                 "violence/graphic")
 
 
-def openai_result(verdict: Verdict) -> dict:
-    """One OpenAI moderation result: flagged, categories, category_scores (P(unsafe) on the named categories)."""
+def openai_result(verdict: Verdict, input_types: Sequence[str] = ("text",)) -> dict:
+    """One OpenAI moderation result: flagged, categories, category_scores (P(unsafe) on the named categories);
+    `input_types`: what the input held ("text", "image"), reported for each category hit."""
     hit = {name for code in verdict.categories for name in OPENAI_CATEGORIES.get(code, ())}
     score = verdict.score if verdict.score is not None else (1.0 if verdict.flagged else 0.0)
     return {
         "flagged": verdict.flagged,
         "categories": {name: name in hit for name in OPENAI_NAMES},
         "category_scores": {name: (score if name in hit else 0.0) for name in OPENAI_NAMES},
-        "category_applied_input_types": {name: (["text"] if name in hit else []) for name in OPENAI_NAMES},
+        "category_applied_input_types": {name: (list(input_types) if name in hit else []) for name in OPENAI_NAMES},
         # Llama Guard's own answer, for categories OpenAI has no name for and for unparsed answers.
         "llama_guard": verdict.as_dict(),
     }

@@ -22,21 +22,26 @@ class ModerationRequest(BaseModel):
     model: str | None = None
 
 
-def _texts(value) -> list[str]:
-    """OpenAI's three input shapes: a string, a list of strings, or a list of typed parts (one input)."""
+def _inputs(value) -> list[str | list[dict]]:
+    """OpenAI's input shapes: a string, a list of strings (one input each), or a list of typed parts, `text` and
+    `image_url` (one input, as omni-moderation takes text with images): such an input becomes a user message's
+    content, the images ahead of the joined text (the guard model must read images: Llama Guard 3 11B Vision)."""
     if isinstance(value, str):
         return [value]
     if value and all(isinstance(v, str) for v in value):
         return list(value)
     if value and all(isinstance(v, dict) for v in value):
         kinds = {v.get("type") for v in value}
-        if kinds - {"text"}:
-            raise APIError(400, f"input parts of type {sorted(k for k in kinds if k != 'text')} are not supported: "
-                                "this server's guard reads text only", param="input")
-        if any(not isinstance(v.get("text"), str) for v in value):
+        if kinds - {"text", "image_url"}:
+            raise APIError(400, f"input parts of type {sorted(str(k) for k in kinds - {'text', 'image_url'})} are not "
+                                "supported: give 'text' and 'image_url' parts", param="input")
+        if any(v.get("type") == "text" and not isinstance(v.get("text"), str) for v in value):
             raise APIError(400, "each text part needs a string 'text'", param="input")
-        return ["\n".join(v["text"] for v in value)]
-    raise APIError(400, "input: give a string, a non-empty list of strings, or a list of text parts", param="input")
+        text = "\n".join(v["text"] for v in value if v.get("type") == "text")
+        images = [v for v in value if v.get("type") == "image_url"]
+        return [[*images, {"type": "text", "text": text}] if images else text]
+    raise APIError(400, "input: give a string, a non-empty list of strings, or a list of text and image_url parts",
+                   param="input")
 
 
 @router.post("/v1/moderations")
@@ -49,16 +54,17 @@ async def moderations(body: ModerationRequest, request: Request):
     if body.model and body.model != name:
         raise APIError(404, f"moderation model {body.model!r} is not served here; this server's guard is {name!r}",
                        type_="not_found_error", param="model", code="model_not_found")
-    texts = _texts(body.input)
+    inputs = _inputs(body.input)
     from ..guard.shield import openai_result
 
-    def one(text: str) -> dict:
-        return openai_result(shields.moderate([{"role": "user", "content": text}]))
+    def one(content: str | list[dict]) -> dict:
+        types = ("text", "image") if isinstance(content, list) else ("text",)
+        return openai_result(shields.moderate([{"role": "user", "content": content}]), types)
 
     if getattr(shields.guard, "concurrent", False):  # a batching guard: the inputs are checked together
-        results = list(await asyncio.gather(*(run_in_threadpool(one, t) for t in texts)))
+        results = list(await asyncio.gather(*(run_in_threadpool(one, c) for c in inputs)))
     else:
-        results = await run_in_threadpool(lambda: [one(t) for t in texts])
+        results = await run_in_threadpool(lambda: [one(c) for c in inputs])
     return {"id": f"modr-{uuid.uuid4().hex}", "model": name, "results": results}
 
 
