@@ -148,13 +148,11 @@ class VocabParallelProjection(llama.VocabProjection):
 
 
 def _become(module: nn.Module, cls: type[nn.Module], **attrs) -> nn.Module:
-    """`module` as an instance of `cls` holding the very same parameters and children (nothing copied)."""
-    new = cls.__new__(cls)
-    new.__dict__.update(module.__dict__)
-    for registry in ("_parameters", "_buffers", "_modules"):
-        setattr(new, registry, dict(getattr(module, registry)))
-    new.__dict__.update(attrs)
-    return new
+    """`module`, in place, as an instance of its subclass `cls` (same parameters; the state dict is unchanged)."""
+    assert issubclass(cls, type(module)), (cls, type(module))
+    module.__class__ = cls
+    module.__dict__.update(attrs)
+    return module
 
 
 def _all_reduce_output(group: dist.ProcessGroup | None):
@@ -227,10 +225,9 @@ def apply_tensor_parallel(net: nn.Module, group: dist.ProcessGroup | None = None
         assert isinstance(block.feed_forward, (llama.FeedForward, gemma3.FeedForward, MoE))
         block.feed_forward.register_forward_hook(_all_reduce_output(group))
     lo, hi = vocab_range(config.vocab_size, rank, world)
-    net.tok_embeddings = _become(net.tok_embeddings, VocabParallelEmbedding, lo=lo, hi=hi, group=group)
+    _become(net.tok_embeddings, VocabParallelEmbedding, lo=lo, hi=hi, group=group)
     block_rows = vocab_range(config.vocab_size, 0, world)[1]
-    net.project = _become(net.project, VocabParallelProjection, vocab_size=config.vocab_size, block=block_rows,
-                          group=group)
+    _become(net.project, VocabParallelProjection, vocab_size=config.vocab_size, block=block_rows, group=group)
     net.tensor_parallel = TensorParallel(group=group, rank=rank, world=world, config=config)
     net.config = config.replace(n_heads=config.n_heads // world, n_kv_heads=config.n_kv_heads // world)
     return net
