@@ -141,3 +141,28 @@ def test_v1_moderations_with_an_image_part_through_the_openai_client(guard):
         assert r.status_code == 400 and "reads text only" in r.json()["error"]["message"]
     finally:
         live.stop()
+
+
+def test_herd_guard_image_flag(guard, tmp_path, capsys):
+    import json
+
+    import shutil
+    from importlib import resources
+
+    from llamaherd.checkpoint.save import save
+    from llamaherd.cli import main
+
+    model = guard.model
+    folder = tmp_path / "lg3-vision"
+    save(Checkpoint(model.config, {k: v.detach().clone() for k, v in model.net.state_dict().items()}, folder,
+                    tokenizer=model.tokenizer, generation=model.generation_defaults,
+                    chat_template=model.checkpoint.chat_template), folder, "hf")
+    with resources.as_file(resources.files("llama_models.llama3").joinpath("tokenizer.model")) as p:
+        shutil.copyfile(p, folder / "tokenizer.model")
+    image = tmp_path / "picture.png"
+    image.write_bytes(IMAGES[1])
+    capsys.readouterr()
+    assert main(["guard", str(folder), "Is this picture fine to share?", "--image", str(image), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["status"] == "unsafe" and out["score"] == pytest.approx(guard.moderate(conversation(IMAGES[1])).score,
+                                                                      abs=1e-4)

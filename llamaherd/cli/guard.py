@@ -15,6 +15,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model", help="a Llama Guard checkpoint (folder, .gguf or store name) or a Prompt Guard folder")
     p.add_argument("text", nargs="?", help="the user message to check (default: read stdin)")
     p.add_argument("--file", help="a JSON conversation: a list of {role, content} messages or {\"messages\": [...]}")
+    p.add_argument("--image", help="an image file shown with the user message (Llama Guard 3 11B Vision)")
     p.add_argument("--role", choices=("user", "assistant"), help="assess the last message of this role")
     p.add_argument("--release", help="Llama Guard release when the checkpoint carries no template: "
                                      "llama-guard-3-8b, llama-guard-3-1b, llama-guard-3-11b-vision, llama-guard-4-12b")
@@ -47,6 +48,8 @@ def _messages(args) -> list[dict]:
             raise GuardUsageError(f"{args.file}: give a JSON list of messages or an object with a 'messages' list")
         return messages
     text = args.text if args.text is not None else sys.stdin.read()
+    if args.image:
+        return [{"role": "user", "content": [{"type": "image", "image": args.image}, {"type": "text", "text": text}]}]
     return [{"role": "user", "content": text}]
 
 
@@ -65,8 +68,8 @@ def run(args) -> int:
     if _is_prompt_guard(args.model):
         from ..guard import load_prompt_guard
 
-        if args.file:
-            raise GuardUsageError("Prompt Guard classifies one text; give it as the argument or on stdin")
+        if args.file or args.image:
+            raise GuardUsageError("Prompt Guard classifies one text (no image); give it as the argument or on stdin")
         result = load_prompt_guard(args.model).classify(_messages(args)[0]["content"])
         if args.json:
             print(json.dumps({"label": result.label, "scores": result.scores, "windows": result.windows}))
