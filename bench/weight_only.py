@@ -1,13 +1,14 @@
 """Weight-only int8/int4 decode against our bf16 decode, side by side in one process, plus each one's KLD to bf16.
 
     python bench/make_llama1b.py                     # the Llama-3.2-1B-shaped random-weight HF folder
-    python bench/weight_only.py [--model DIR] [--steps 32] [--rounds 3] [--threads N]
+    python bench/weight_only.py [--model DIR] [--steps 32] [--rounds 3] [--threads N] [--schemes int8,int4,int4/f32]
 
 For each of bf16, int8, int4 (group 128) and int4-g32: decode milliseconds per token (batch 1, one token per
 step through the KV cache after a short prompt; the best of `rounds` medians, the schemes interleaved round by
 round so that load on the machine hits them alike), the bytes of weights one token reads, and the decode rate
 that the measured memory bandwidth allows for those bytes (the ceiling: decode reads every weight once per
-token). KLD: mean over positions of KL(bf16 || scheme) on the full-vocabulary float32 logits of one random
+token). A scheme written `int8/f32` runs with float32 activations (`native.weight_only.INT16_ACTIVATIONS`
+off: the exact products of the dequantised weights) instead of the default int16 activations. KLD: mean over positions of KL(bf16 || scheme) on the full-vocabulary float32 logits of one random
 token sequence (torch's `kl_div`); random weights make it a check of the codes, not a prediction for a trained
 model.
 """
@@ -15,6 +16,7 @@ model.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import time
@@ -23,8 +25,10 @@ import torch
 import torch.nn.functional as F
 
 import llamaherd
+from llamaherd import native
 from llamaherd.engine.generate import decode_one, prefill
 from llamaherd.model.cache import KVCache
+from llamaherd.native import weight_only as native_wo
 
 DEFAULT_MODEL = "/tmp/llamaherd-bench/llama-3.2-1b-random/hf-bf16"
 PROMPT = [128000, 791, 4062, 14198, 39935, 35308, 927, 279, 16053, 5679, 13]
@@ -93,15 +97,23 @@ def main() -> int:
     models = {}
     for spec in schemes:
         t = time.perf_counter()
-        models[spec] = llamaherd.load(args.model, dtype=torch.bfloat16, quantize=spec)
+        base = None if spec is None else spec.split("/")[0]
+        same = next((m for s, m in models.items() if s is not None and s.split("/")[0] == base), None)
+        models[spec] = same or llamaherd.load(args.model, dtype=torch.bfloat16, quantize=base)
         print(f"# loaded {spec or 'bf16'} in {time.perf_counter() - t:.1f} s", flush=True)
+
+    def activations(spec):
+        """The INT16_ACTIVATIONS setting a scheme runs under."""
+        f32 = spec is not None and spec.endswith("/f32")
+        return native.switched_off(native_wo, "INT16_ACTIVATIONS") if f32 else contextlib.nullcontext()
     gbs = bandwidth_gbs()
     print(f"# measured read bandwidth {gbs:.1f} GB/s")
 
     times: dict = {spec: [] for spec in schemes}
     for _ in range(args.rounds):
         for spec, m in models.items():
-            times[spec].append(decode_ms(m.net, m.config, args.steps))
+            with activations(spec):
+                times[spec].append(decode_ms(m.net, m.config, args.steps))
 
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, models[None].config.vocab_size, (args.kld_tokens,), generator=g).tolist()
@@ -112,7 +124,8 @@ def main() -> int:
     for spec, m in models.items():
         ms = min(times[spec])
         nbytes = weight_bytes_per_token(m.net)
-        div = 0.0 if spec is None else kld(ref, m.logits(ids))
+        with activations(spec):
+            div = 0.0 if spec is None else kld(ref, m.logits(ids))
         print(f"{spec or 'bf16':10s} {ms:9.2f} {1e3 / ms:7.1f} {base_ms / ms:7.2f}x {nbytes / 1e6:11.0f} "
               f"{gbs * 1e9 / nbytes:14.1f} {div:12.5f}")
     print(f"# load average at end {os.getloadavg()[0]:.2f}")

@@ -23,7 +23,9 @@ import torch
 from safetensors.torch import save_file
 
 import llamaherd
+from llamaherd import native
 from llamaherd.config import ModelConfig
+from llamaherd.native import weight_only as native_wo
 from llamaherd.errors import CheckpointError
 from tests.checkpoint_fixtures import hf_reference
 
@@ -150,8 +152,14 @@ def test_logits_equal_transformers_on_dequantised_weights(tmp_path, method, kw):
     for tokens in (SHORT, LONG):  # the native kernels (<= 16 rows), then the dequantised float32 path
         with torch.no_grad():
             want = ref(torch.tensor([tokens])).logits[0].float()
-        got = model.logits(tokens)
+        with native.switched_off(native_wo, "INT16_ACTIVATIONS"):  # float32 activations: the exact products
+            got = model.logits(tokens)
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+    # the default int16 activations move each by at most amax / 65534 of its row
+    got = model.logits(SHORT)
+    with torch.no_grad():
+        want = ref(torch.tensor([SHORT])).logits[0].float()
+    torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3 * want.abs().max().item())
 
 
 def test_bf16_activations_and_cached_decode(tmp_path):

@@ -41,6 +41,7 @@
 #define LH_WO_RB 4     /* weight rows per block */
 #define LH_WO_MB 4     /* X rows per block */
 #define LH_WO_SERIAL_WORK (1 << 16)
+#define LH_WO_AHEAD 1024 /* bytes of each weight row prefetched ahead of the loads: 4 row streams per thread */
 
 static inline void lh_wo_store(void *Y, int y_bf16, int64_t i, float v) {
     if (y_bf16) ((uint16_t *)Y)[i] = lh_f2bf(v);
@@ -56,6 +57,24 @@ static inline float lh_wo_sz(const void *P, int f32, int64_t i) {
     return f32 ? ((const float *)P)[i] : lh_bf2f(((const uint16_t *)P)[i]);
 }
 
+/* Row i of X rounded to int16 on its own scale amax / 32767 (round to nearest), into out (K values; with split,
+ * each 64-element chunk as its 32 even then its 32 odd elements). Returns the scale (NaN for a row with a NaN,
+ * so that its outputs are NaN too). */
+static float lh_wo_act16(const void *X, int x_f32, int64_t ldx, int64_t i, int64_t K, int split, int16_t *out) {
+    float amax = 0.0f;
+    for (int64_t k = 0; k < K; k++) {
+        const float v = lh_wo_x(X, x_f32, i * ldx + k);
+        if (v != v) { amax = v; break; }
+        amax = v > amax ? v : (-v > amax ? -v : amax);
+    }
+    const float inv = amax > 0.0f ? 32767.0f / amax : 0.0f;
+    for (int64_t k = 0; k < K; k++) {
+        const int64_t to = split ? (k & ~(int64_t)63) + ((k & 1) << 5) + ((k & 63) >> 1) : k;
+        out[to] = (int16_t)__builtin_lrintf(lh_wo_x(X, x_f32, i * ldx + k) * inv);
+    }
+    return amax / 32767.0f;
+}
+
 /* ---- int8 ------------------------------------------------------------------------------------------------ */
 
 #if LH_WO_AVX512
@@ -68,6 +87,8 @@ static inline __attribute__((always_inline)) void lh_wo8_tile(const float *X, in
     int64_t k = 0;
     for (; k + 16 <= K; k += 16) {
         __m512 w[LH_WO_RB];
+        if ((k & 63) == 0)
+            for (int r = 0; r < rb; r++) _mm_prefetch((const char *)(W + r * ldw + k) + LH_WO_AHEAD, _MM_HINT_T0);
         for (int r = 0; r < rb; r++)
             w[r] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(W + r * ldw + k))));
         for (int i = 0; i < mb; i++) {
@@ -107,63 +128,144 @@ static inline __attribute__((always_inline)) void lh_wo8_tile(const float *X, in
 }
 #endif
 
+/* int16 activations (`act16`): each X row is rounded to int16 codes on its own scale amax / 32767 (an error of at
+ * most amax * 2^-16 per element, below the bf16 rounding of any element larger than amax / 128), and
+ * `vpdpwssd` (`_mm512_dpwssd_epi32`, AVX512_VNNI) sums 32 exact int16 x int8 products per instruction into
+ * int32 lanes; lanes are moved to float32 every 8192 elements, before they can overflow (512 products of at
+ * most 32767 * 128 each per lane). A third of the float32 path's instructions per weight. */
+#if LH_WO_AVX512 && defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#define LH_WO_VNNI 1
+static inline __attribute__((always_inline)) void lh_wo8w_tile(const int16_t *X, int64_t K, const int mb,
+                                                               const int8_t *W, int64_t ldw, const int rb,
+                                                               float *out) {
+    __m512 f[LH_WO_MB][LH_WO_RB];
+    for (int i = 0; i < mb; i++)
+        for (int r = 0; r < rb; r++) f[i][r] = _mm512_setzero_ps();
+    for (int64_t k0 = 0; k0 < K; k0 += 8192) {
+        const int64_t k1 = K - k0 < 8192 ? K : k0 + 8192;
+        __m512i acc[LH_WO_MB][LH_WO_RB];
+        for (int i = 0; i < mb; i++)
+            for (int r = 0; r < rb; r++) acc[i][r] = _mm512_setzero_si512();
+        int64_t k = k0;
+        for (; k + 32 <= k1; k += 32) {
+            __m512i w[LH_WO_RB];
+            if ((k & 63) == 0)
+                for (int r = 0; r < rb; r++) _mm_prefetch((const char *)(W + r * ldw + k) + LH_WO_AHEAD, _MM_HINT_T0);
+            for (int r = 0; r < rb; r++) w[r] = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(W + r * ldw + k)));
+            for (int i = 0; i < mb; i++) {
+                const __m512i x = _mm512_loadu_si512((const void *)(X + i * K + k));
+                for (int r = 0; r < rb; r++) acc[i][r] = _mm512_dpwssd_epi32(acc[i][r], x, w[r]);
+            }
+        }
+        if (k < k1) {
+            const __mmask32 m = (__mmask32)((1ull << (k1 - k)) - 1);
+            __m512i w[LH_WO_RB];
+            for (int r = 0; r < rb; r++) w[r] = _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(m, W + r * ldw + k));
+            for (int i = 0; i < mb; i++) {
+                const __m512i x = _mm512_maskz_loadu_epi16(m, X + i * K + k);
+                for (int r = 0; r < rb; r++) acc[i][r] = _mm512_dpwssd_epi32(acc[i][r], x, w[r]);
+            }
+        }
+        for (int i = 0; i < mb; i++)
+            for (int r = 0; r < rb; r++) f[i][r] = _mm512_add_ps(f[i][r], _mm512_cvtepi32_ps(acc[i][r]));
+    }
+    for (int i = 0; i < mb; i++)
+        for (int r = 0; r < rb; r++) out[i * rb + r] = _mm512_reduce_add_ps(f[i][r]);
+}
+#else
+#define LH_WO_VNNI 0
+static inline __attribute__((always_inline)) void lh_wo8w_tile(const int16_t *X, int64_t K, const int mb,
+                                                               const int8_t *W, int64_t ldw, const int rb,
+                                                               float *out) {
+    for (int i = 0; i < mb; i++)
+        for (int r = 0; r < rb; r++) {
+            int64_t sum = 0;
+            for (int64_t k = 0; k < K; k++) sum += (int32_t)X[i * K + k] * W[r * ldw + k];
+            out[i * rb + r] = (float)sum;
+        }
+}
+#endif
+
 /* rb (<= RB) weight rows from row n against all M rows of X, results scaled and stored. */
-static void lh_wo8_rows(const float *X, int64_t M, int64_t K, const int8_t *W, const uint16_t *S, int64_t n,
-                        int rb, void *Y, int64_t ldy, int y_bf16) {
+static void lh_wo8_rows(const void *X, const float *sx, int64_t M, int64_t K, const int8_t *W, const uint16_t *S,
+                        int64_t n, int rb, void *Y, int64_t ldy, int y_bf16) {
     float s[LH_WO_MB * LH_WO_RB];
     const int8_t *w = W + n * K;
     for (int64_t m = 0; m < M; m += LH_WO_MB) {
         const int mb = M - m < LH_WO_MB ? (int)(M - m) : LH_WO_MB;
-        const float *x = X + m * K;
-        if (rb == LH_WO_RB) { /* constant (mb, rb) per call site: the accumulators become registers */
-            switch (mb) {
-            case 1: lh_wo8_tile(x, K, 1, w, K, LH_WO_RB, s); break;
-            case 2: lh_wo8_tile(x, K, 2, w, K, LH_WO_RB, s); break;
-            case 3: lh_wo8_tile(x, K, 3, w, K, LH_WO_RB, s); break;
-            default: lh_wo8_tile(x, K, 4, w, K, LH_WO_RB, s); break;
+        if (sx != NULL) { /* int16 activations */
+            const int16_t *x = (const int16_t *)X + m * K;
+            if (rb == LH_WO_RB) {
+                switch (mb) {
+                case 1: lh_wo8w_tile(x, K, 1, w, K, LH_WO_RB, s); break;
+                case 2: lh_wo8w_tile(x, K, 2, w, K, LH_WO_RB, s); break;
+                case 3: lh_wo8w_tile(x, K, 3, w, K, LH_WO_RB, s); break;
+                default: lh_wo8w_tile(x, K, 4, w, K, LH_WO_RB, s); break;
+                }
+            } else {
+                for (int r = 0; r < rb; r++) {
+                    float t[LH_WO_MB];
+                    lh_wo8w_tile(x, K, mb, w + r * K, K, 1, t);
+                    for (int i = 0; i < mb; i++) s[i * rb + r] = t[i];
+                }
             }
         } else {
-            for (int r = 0; r < rb; r++) {
-                float t[LH_WO_MB];
-                lh_wo8_tile(x, K, mb, w + r * K, K, 1, t);
-                for (int i = 0; i < mb; i++) s[i * rb + r] = t[i];
+            const float *x = (const float *)X + m * K;
+            if (rb == LH_WO_RB) { /* constant (mb, rb) per call site: the accumulators become registers */
+                switch (mb) {
+                case 1: lh_wo8_tile(x, K, 1, w, K, LH_WO_RB, s); break;
+                case 2: lh_wo8_tile(x, K, 2, w, K, LH_WO_RB, s); break;
+                case 3: lh_wo8_tile(x, K, 3, w, K, LH_WO_RB, s); break;
+                default: lh_wo8_tile(x, K, 4, w, K, LH_WO_RB, s); break;
+                }
+            } else {
+                for (int r = 0; r < rb; r++) {
+                    float t[LH_WO_MB];
+                    lh_wo8_tile(x, K, mb, w + r * K, K, 1, t);
+                    for (int i = 0; i < mb; i++) s[i * rb + r] = t[i];
+                }
             }
         }
         for (int i = 0; i < mb; i++)
             for (int r = 0; r < rb; r++)
-                lh_wo_store(Y, y_bf16, (m + i) * ldy + n + r, s[i * rb + r] * lh_bf2f(S[n + r]));
+                lh_wo_store(Y, y_bf16, (m + i) * ldy + n + r,
+                            s[i * rb + r] * lh_bf2f(S[n + r]) * (sx != NULL ? sx[m + i] : 1.0f));
     }
 }
 
-static void lh_wo8_in_region(const float *X, int64_t M, int64_t K, const int8_t *W, const uint16_t *S, int64_t N,
-                             void *Y, int64_t ldy, int y_bf16) {
+static void lh_wo8_in_region(const void *X, const float *sx, int64_t M, int64_t K, const int8_t *W,
+                             const uint16_t *S, int64_t N, void *Y, int64_t ldy, int y_bf16) {
     const int64_t blocks = (N + LH_WO_RB - 1) / LH_WO_RB;
 #pragma omp for schedule(static) nowait
     for (int64_t b = 0; b < blocks; b++) {
         const int64_t n = b * LH_WO_RB;
-        lh_wo8_rows(X, M, K, W, S, n, N - n < LH_WO_RB ? (int)(N - n) : LH_WO_RB, Y, ldy, y_bf16);
+        lh_wo8_rows(X, sx, M, K, W, S, n, N - n < LH_WO_RB ? (int)(N - n) : LH_WO_RB, Y, ldy, y_bf16);
     }
 }
 
 /* nw int8 weights W[j] (N[j], K) with row scales S[j] (N[j],) applied to X (M, K) (float32 when x_f32, else
- * bf16; rows ldx apart) into Y[j] (M, N[j]) rows ldy[j] apart, float32 or bf16 (y_bf16). Returns 0, or -1 for
- * M outside 1..16, a negative size, or no memory. */
+ * bf16; rows ldx apart) into Y[j] (M, N[j]) rows ldy[j] apart, float32 or bf16 (y_bf16); act16: the int16
+ * activations above. Returns 0, or -1 for M outside 1..16, a negative size, or no memory. */
 int lh_wo_int8(int nw, const void *X, int x_f32, int64_t ldx, int64_t M, const int8_t *const *W,
                const uint16_t *const *S, const int64_t *N, int64_t K, void *const *Y, const int64_t *ldy,
-               int y_bf16, int nthreads) {
+               int y_bf16, int act16, int nthreads) {
     if (M < 1 || M > LH_WO_MAX_M || K < 1 || nw < 1) return -1;
     double work = 0;
     for (int j = 0; j < nw; j++) {
         if (N[j] < 0) return -1;
         work += (double)M * N[j] * K;
     }
-    float *x = (float *)aligned_alloc(64, ((size_t)(M * K * 4) + 63) / 64 * 64);
+    void *x = aligned_alloc(64, ((size_t)(M * K * (act16 ? 2 : 4)) + 63) / 64 * 64);
+    float sx[LH_WO_MAX_M];
     if (x == NULL) return -1;
-    for (int64_t i = 0; i < M; i++)
-        for (int64_t k = 0; k < K; k++) x[i * K + k] = lh_wo_x(X, x_f32, i * ldx + k);
+    for (int64_t i = 0; i < M; i++) {
+        if (act16) sx[i] = lh_wo_act16(X, x_f32, ldx, i, K, 0, (int16_t *)x + i * K);
+        else
+            for (int64_t k = 0; k < K; k++) ((float *)x)[i * K + k] = lh_wo_x(X, x_f32, i * ldx + k);
+    }
     const int par = nthreads > 1 && work >= LH_WO_SERIAL_WORK;
 #pragma omp parallel num_threads(nthreads) if (par)
-    for (int j = 0; j < nw; j++) lh_wo8_in_region(x, M, K, W[j], S[j], N[j], Y[j], ldy[j], y_bf16);
+    for (int j = 0; j < nw; j++) lh_wo8_in_region(x, act16 ? sx : NULL, M, K, W[j], S[j], N[j], Y[j], ldy[j], y_bf16);
     free(x);
     return 0;
 }
@@ -196,6 +298,8 @@ static inline __attribute__((always_inline)) void lh_wo4_tile(const float *X, in
                                    _mm512_set1_ps(lh_wo_sz(Z, sz_f32, g * N + r)));
         for (int64_t k = k0; k < k0 + G; k += 32) {
             __m512 hi[LH_WO_RB], lo[LH_WO_RB];
+            if ((k & 127) == 0)
+                for (int r = 0; r < rb; r++) _mm_prefetch((const char *)(W + r * ldw + k / 2) + LH_WO_AHEAD, _MM_HINT_T0);
             for (int r = 0; r < rb; r++) {
                 const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(W + r * ldw + k / 2)));
                 hi[r] = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), t[r]); /* q[k + 2j] */
@@ -273,17 +377,132 @@ static void lh_wo4_in_region(const float *X, int64_t M, int64_t K, const uint8_t
     }
 }
 
+/* The int16-activation int4 path (`act16`, AVX512_VNNI, K a multiple of 64): X rounded to int16 per row as for
+ * int8 weights; 32 bytes of codes widened to 16-bit lanes, split into high and low nibbles (q in 0..15), and
+ * `vpdpwssd` sums exact int16 x code products into int32 lanes. Per group: sum_k x_k w_k = sx * (s * D + (z - 8 s)
+ * * Xg) with D = sum_k xq_k q_k and Xg = sum_k xq_k exact integers (Xg made once per call). The X codes are laid
+ * out per 64-element chunk as its 32 even then its 32 odd elements, the order of the high and low nibbles. */
+#if LH_WO_VNNI
+#define LH_WO_ACT16_INT4 1
+static inline __attribute__((always_inline)) void lh_wo4w_tile(const int16_t *X, const float *XS, int64_t K,
+                                                               const int mb, const uint8_t *W, int64_t ldw,
+                                                               const int rb, const void *S, const void *Z,
+                                                               int sz_f32, int64_t N, int64_t G, float *out) {
+    const __m512i low = _mm512_set1_epi16(15);
+    __m512 acc[LH_WO_MB][LH_WO_RB];
+    for (int i = 0; i < mb; i++)
+        for (int r = 0; r < rb; r++) acc[i][r] = _mm512_setzero_ps();
+    const int64_t span = G < 64 ? 64 : G; /* codes per scale step: one group, or two groups of 32 per chunk */
+    for (int64_t k0 = 0; k0 < K; k0 += span) {
+        __m512i dot[LH_WO_MB][LH_WO_RB];
+        for (int i = 0; i < mb; i++)
+            for (int r = 0; r < rb; r++) dot[i][r] = _mm512_setzero_si512();
+        for (int64_t k = k0; k < k0 + span; k += 64) {
+            __m512i wh[LH_WO_RB], wl[LH_WO_RB];
+            if ((k & 127) == 0)
+                for (int r = 0; r < rb; r++) _mm_prefetch((const char *)(W + r * ldw + k / 2) + LH_WO_AHEAD, _MM_HINT_T0);
+            for (int r = 0; r < rb; r++) {
+                const __m512i b = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(W + r * ldw + k / 2)));
+                wh[r] = _mm512_srli_epi16(b, 4);    /* q[k + 2j] */
+                wl[r] = _mm512_and_si512(b, low);    /* q[k + 2j + 1] */
+            }
+            for (int i = 0; i < mb; i++) {
+                const __m512i xe = _mm512_loadu_si512((const void *)(X + i * K + k));
+                const __m512i xo = _mm512_loadu_si512((const void *)(X + i * K + k + 32));
+                for (int r = 0; r < rb; r++) dot[i][r] = _mm512_dpwssd_epi32(_mm512_dpwssd_epi32(dot[i][r], xe, wh[r]), xo, wl[r]);
+            }
+        }
+        const int64_t g = k0 / G;
+        for (int r = 0; r < rb; r++) {
+            __m512 sv = _mm512_set1_ps(lh_wo_sz(S, sz_f32, g * N + r));
+            if (G < 64) /* float lanes 8..15 hold the chunk's second group of 32 */
+                sv = _mm512_mask_blend_ps((__mmask16)0xFF00, sv, _mm512_set1_ps(lh_wo_sz(S, sz_f32, (g + 1) * N + r)));
+            for (int i = 0; i < mb; i++) acc[i][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[i][r]), sv, acc[i][r]);
+        }
+    }
+    const int64_t ng = K / G;
+    for (int i = 0; i < mb; i++)
+        for (int r = 0; r < rb; r++) {
+            float zs = 0.0f;
+            for (int64_t g = 0; g < ng; g++)
+                zs += (lh_wo_sz(Z, sz_f32, g * N + r) - 8.0f * lh_wo_sz(S, sz_f32, g * N + r)) * XS[i * ng + g];
+            out[i * rb + r] = _mm512_reduce_add_ps(acc[i][r]) + zs;
+        }
+}
+
+static void lh_wo4w_in_region(const int16_t *X, const float *XS, const float *sx, int64_t M, int64_t K,
+                              const uint8_t *W, const void *S, const void *Z, int sz_f32, int64_t N, int64_t G,
+                              void *Y, int64_t ldy, int y_bf16) {
+    const int64_t blocks = (N + LH_WO_RB - 1) / LH_WO_RB, ldw = K / 2, ng = K / G;
+    const size_t esz = sz_f32 ? 4 : 2;
+#pragma omp for schedule(static) nowait
+    for (int64_t b = 0; b < blocks; b++) {
+        const int64_t n = b * LH_WO_RB;
+        const int rb = N - n < LH_WO_RB ? (int)(N - n) : LH_WO_RB;
+        const char *Sn = (const char *)S + n * esz, *Zn = (const char *)Z + n * esz;
+        for (int64_t m = 0; m < M; m += LH_WO_MB) {
+            const int mb = M - m < LH_WO_MB ? (int)(M - m) : LH_WO_MB;
+            float s[LH_WO_MB * LH_WO_RB];
+            const int16_t *x = X + m * K;
+            const float *xs = XS + m * ng;
+            const uint8_t *w = W + n * ldw;
+            if (rb == LH_WO_RB) {
+                switch (mb) {
+                case 1: lh_wo4w_tile(x, xs, K, 1, w, ldw, LH_WO_RB, Sn, Zn, sz_f32, N, G, s); break;
+                case 2: lh_wo4w_tile(x, xs, K, 2, w, ldw, LH_WO_RB, Sn, Zn, sz_f32, N, G, s); break;
+                case 3: lh_wo4w_tile(x, xs, K, 3, w, ldw, LH_WO_RB, Sn, Zn, sz_f32, N, G, s); break;
+                default: lh_wo4w_tile(x, xs, K, 4, w, ldw, LH_WO_RB, Sn, Zn, sz_f32, N, G, s); break;
+                }
+            } else {
+                for (int r = 0; r < rb; r++) {
+                    float u[LH_WO_MB];
+                    lh_wo4w_tile(x, xs, K, mb, w + r * ldw, ldw, 1, Sn + r * esz, Zn + r * esz, sz_f32, N, G, u);
+                    for (int i = 0; i < mb; i++) s[i * rb + r] = u[i];
+                }
+            }
+            for (int i = 0; i < mb; i++)
+                for (int r = 0; r < rb; r++) lh_wo_store(Y, y_bf16, (m + i) * ldy + n + r, s[i * rb + r] * sx[m + i]);
+        }
+    }
+}
+#else
+#define LH_WO_ACT16_INT4 0
+#endif
+
 /* nw int4 weights: codes W[j] (N[j], K/2), scales S[j] and zeros Z[j] (K/G, N[j]), bf16 or float32 (sz_f32),
- * applied to X as in lh_wo_int8. G a multiple of 32 dividing K. Returns 0, or -1 for bad sizes or no memory. */
+ * applied to X as in lh_wo_int8 (act16: the int16 path above). G a multiple of 32 dividing K. Returns 0, or -1 for bad sizes or no memory. */
 int lh_wo_int4(int nw, const void *X, int x_f32, int64_t ldx, int64_t M, const uint8_t *const *W,
                const void *const *S, const void *const *Z, int sz_f32, const int64_t *N, int64_t K, int64_t G,
-               void *const *Y, const int64_t *ldy, int y_bf16, int nthreads) {
+               void *const *Y, const int64_t *ldy, int y_bf16, int act16, int nthreads) {
     if (M < 1 || M > LH_WO_MAX_M || K < 1 || nw < 1 || G < 32 || G % 32 != 0 || K % G != 0) return -1;
     double work = 0;
     for (int j = 0; j < nw; j++) {
         if (N[j] < 0) return -1;
         work += (double)M * N[j] * K;
     }
+#if LH_WO_ACT16_INT4
+    if (act16 && K % 64 == 0) {
+        int16_t *xq = (int16_t *)aligned_alloc(64, ((size_t)(M * K * 2) + 63) / 64 * 64);
+        float *xs = (float *)malloc((size_t)(M * (K / G)) * sizeof(float)), sx[LH_WO_MAX_M];
+        if (xq == NULL || xs == NULL) { free(xq); free(xs); return -1; }
+        for (int64_t i = 0; i < M; i++) {
+            sx[i] = lh_wo_act16(X, x_f32, ldx, i, K, 1, xq + i * K);
+            for (int64_t g = 0; g < K / G; g++) { /* group sums of the codes, exact in int64 */
+                int64_t sum = 0;
+                for (int64_t c = g * G; c < (g + 1) * G; c++) /* element c sits at its split position */
+                    sum += xq[i * K + (c & ~(int64_t)63) + ((c & 1) << 5) + ((c & 63) >> 1)];
+                xs[i * (K / G) + g] = (float)sum;
+            }
+        }
+        const int par = nthreads > 1 && work >= LH_WO_SERIAL_WORK;
+#pragma omp parallel num_threads(nthreads) if (par)
+        for (int j = 0; j < nw; j++)
+            lh_wo4w_in_region(xq, xs, sx, M, K, W[j], S[j], Z[j], sz_f32, N[j], G, Y[j], ldy[j], y_bf16);
+        free(xq);
+        free(xs);
+        return 0;
+    }
+#endif
     float *x = (float *)aligned_alloc(64, ((size_t)(M * K * 4) + 63) / 64 * 64);
     if (x == NULL) return -1;
     lh_wo4_split(X, x_f32, ldx, M, K, x);
@@ -396,3 +615,6 @@ int lh_wo_grouped8(int nw, const void *X, int x_f32, int64_t ldx, int64_t M, con
 
 /* Whether this build has the AVX-512 paths (1) or the portable ones (0). */
 int lh_wo_avx512(void) { return LH_WO_AVX512; }
+
+/* Whether the int16-activation int8 path has its VNNI instructions (1) or the portable loop (0). */
+int lh_wo_vnni(void) { return LH_WO_VNNI; }

@@ -3,8 +3,11 @@
 Why: a decode step reads every weight once, so int8 and int4 codes should make it 2x and ~3.5x faster than
 bf16; torch's one-row kernels (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`) are compute-bound and
 run at about half the bf16 speed instead (BENCHMARKS.md, issue 18). `lh_wo_int8` / `lh_wo_int4` widen the
-codes in registers and multiply float32 activations: the weights are the dequantised float32 values, no
-activation is quantized, and only the float32 summation order differs from the reference.
+codes in registers. By default (`INT16_ACTIVATIONS`) each activation row is rounded to int16 on its own scale
+and multiplied with AVX-512 VNNI integer dot products (exact integer sums; each activation off by at most
+amax / 65534 of its row, below its own bf16 rounding unless it is under amax / 128): on this loaded 2-core
+machine the float path is bound by instructions, not bytes. With it off, the activations stay float32 and the
+products are those of the dequantised weights, only the float32 summation order differing from the reference.
 
 The codes are read in place, in the portable layout of `quant/weight_only.py` (`qweight`, `scales`,
 `zeros`): no kernel copy of the weights is made. `applies(x)` is the condition for the native path: a CPU
@@ -24,13 +27,20 @@ from .. import native
 
 MAX_ROWS = 16  # weight_only.c's LH_WO_MAX_M: more rows (prefill) go to torch's GEMM kernels
 ENABLED = True  # this file's kernels alone; `native.switched_off(weight_only)` runs torch's instead
+# int8 and int4 weights: activations rounded to int16 per row (amax / 32767) and multiplied with VNNI integer dot
+# products (weight_only.c: a third of the float path's instructions for int8, less than half for int4; each
+# activation moves by at most amax / 65534, below the bf16 rounding of every element over amax / 128).
+# False: float32 activations, the exact products of the dequantised weights (the GPTQ / AWQ exactness tests).
+INT16_ACTIVATIONS = True
 
 _i64, _ptr, _int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
 _SIGNATURES = {
-    "lh_wo_int8": [_int, _ptr, _int, _i64, _i64, _ptr, _ptr, _ptr, _i64, _ptr, _ptr, _int, _int],
-    "lh_wo_int4": [_int, _ptr, _int, _i64, _i64, _ptr, _ptr, _ptr, _int, _ptr, _i64, _i64, _ptr, _ptr, _int, _int],
+    "lh_wo_int8": [_int, _ptr, _int, _i64, _i64, _ptr, _ptr, _ptr, _i64, _ptr, _ptr, _int, _int, _int],
+    "lh_wo_int4": [_int, _ptr, _int, _i64, _i64, _ptr, _ptr, _ptr, _int, _ptr, _i64, _i64, _ptr, _ptr, _int, _int,
+                   _int],
     "lh_wo_grouped8": [_int, _ptr, _int, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _ptr, _ptr, _int, _int],
     "lh_wo_avx512": [],
+    "lh_wo_vnni": [],
 }
 
 
@@ -105,9 +115,10 @@ class Codes:
         common = (len(self.ns), x2.data_ptr(), int(x2.dtype == torch.float32), x2.stride(0), M)
         tail = (outs, self._ns, int(out_dtype == torch.bfloat16), torch.get_num_threads())
         if self.scheme == "int8":
-            rc = _fn("lh_wo_int8")(*common, *self._args, self._ns, self.K, *tail)
+            rc = _fn("lh_wo_int8")(*common, *self._args, self._ns, self.K, *tail[:3], int(INT16_ACTIVATIONS), tail[3])
         elif self.scheme == "int4":
-            rc = _fn("lh_wo_int4")(*common, *self._args, int(self.sz_f32), self._ns, self.K, self.group_size, *tail)
+            rc = _fn("lh_wo_int4")(*common, *self._args, int(self.sz_f32), self._ns, self.K, self.group_size,
+                                   *tail[:3], int(INT16_ACTIVATIONS), tail[3])
         else:
             rc = _fn("lh_wo_grouped8")(*common, *self._args, self._ns, self.K, self.group_size, *tail)
         if rc != 0:
