@@ -84,6 +84,16 @@ def test_bare_string_is_one_user_message(unsafe_model):
 
 
 def test_image_parts_are_refused_not_checked_blind(unsafe_model):
-    image = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Is this fine?"}]}]
-    with pytest.raises(GuardError, match="not supported yet"):
-        LlamaGuard(unsafe_model, "llama-guard-3-11b-vision").moderate(image)
+    # An image part without its image, or an image for a text-only model, is an error, never a prompt with
+    # an <|image|> token and no image behind it (images themselves: tests/test_guard_vision.py).
+    from llamaherd.errors import ImageError
+
+    guard = LlamaGuard(unsafe_model, "llama-guard-3-11b-vision")
+    no_data = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Is this fine?"}]}]
+    with pytest.raises(ImageError, match="needs"):
+        guard.moderate(no_data)
+    from .test_vision_serving import png as make_png
+
+    png = [{"role": "user", "content": [{"type": "image", "image": make_png(9, 9, 0)}, {"type": "text", "text": "x"}]}]
+    with pytest.raises(ImageError, match="text-only"):
+        guard.moderate(png)
