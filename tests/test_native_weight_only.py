@@ -168,7 +168,8 @@ def test_int16_activations_within_their_rounding(scheme, N, K, group, M):
     err = (y.double() - x64 @ w64.t()).abs()
     assert (err <= bound * 1.001).all(), float((err / bound).max())
     with native.switched_off(nw, "INT16_ACTIVATIONS"):  # and it is not the float path's result
-        exact = nw.int8(x, [(q, s)], torch.float32)[0] if scheme == "int8" else nw.int4(x, [(q, s, z)], group, torch.float32)[0]
+        members = [(q, s)] if scheme == "int8" else [(q, s, z)]
+        exact = nw.Codes(members, scheme, group)(x, torch.float32)[0]
     assert torch.equal(exact, y) == (scheme == "int4" and K % 64 != 0)  # int4's int16 path takes K % 64 == 0
 
 

@@ -151,7 +151,8 @@ static inline __attribute__((always_inline)) void lh_wo8w_tile(const int16_t *X,
             __m512i w[LH_WO_RB];
             if ((k & 63) == 0)
                 for (int r = 0; r < rb; r++) _mm_prefetch((const char *)(W + r * ldw + k) + LH_WO_AHEAD, _MM_HINT_T0);
-            for (int r = 0; r < rb; r++) w[r] = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(W + r * ldw + k)));
+            for (int r = 0; r < rb; r++)
+                w[r] = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(W + r * ldw + k)));
             for (int i = 0; i < mb; i++) {
                 const __m512i x = _mm512_loadu_si512((const void *)(X + i * K + k));
                 for (int r = 0; r < rb; r++) acc[i][r] = _mm512_dpwssd_epi32(acc[i][r], x, w[r]);
@@ -299,7 +300,8 @@ static inline __attribute__((always_inline)) void lh_wo4_tile(const float *X, in
         for (int64_t k = k0; k < k0 + G; k += 32) {
             __m512 hi[LH_WO_RB], lo[LH_WO_RB];
             if ((k & 127) == 0)
-                for (int r = 0; r < rb; r++) _mm_prefetch((const char *)(W + r * ldw + k / 2) + LH_WO_AHEAD, _MM_HINT_T0);
+                for (int r = 0; r < rb; r++)
+                    _mm_prefetch((const char *)(W + r * ldw + k / 2) + LH_WO_AHEAD, _MM_HINT_T0);
             for (int r = 0; r < rb; r++) {
                 const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(W + r * ldw + k / 2)));
                 hi[r] = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), t[r]); /* q[k + 2j] */
@@ -307,7 +309,8 @@ static inline __attribute__((always_inline)) void lh_wo4_tile(const float *X, in
             }
             for (int i = 0; i < mb; i++) {
                 const __m512 xe = _mm512_loadu_ps(X + i * K + k), xo = _mm512_loadu_ps(X + i * K + k + 16);
-                for (int r = 0; r < rb; r++) acc[i][r] = _mm512_fmadd_ps(xo, lo[r], _mm512_fmadd_ps(xe, hi[r], acc[i][r]));
+                for (int r = 0; r < rb; r++)
+                    acc[i][r] = _mm512_fmadd_ps(xo, lo[r], _mm512_fmadd_ps(xe, hi[r], acc[i][r]));
             }
         }
     }
@@ -400,7 +403,8 @@ static inline __attribute__((always_inline)) void lh_wo4w_tile(const int16_t *X,
         for (int64_t k = k0; k < k0 + span; k += 64) {
             __m512i wh[LH_WO_RB], wl[LH_WO_RB];
             if ((k & 127) == 0)
-                for (int r = 0; r < rb; r++) _mm_prefetch((const char *)(W + r * ldw + k / 2) + LH_WO_AHEAD, _MM_HINT_T0);
+                for (int r = 0; r < rb; r++)
+                    _mm_prefetch((const char *)(W + r * ldw + k / 2) + LH_WO_AHEAD, _MM_HINT_T0);
             for (int r = 0; r < rb; r++) {
                 const __m512i b = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(W + r * ldw + k / 2)));
                 wh[r] = _mm512_srli_epi16(b, 4);    /* q[k + 2j] */
@@ -409,7 +413,8 @@ static inline __attribute__((always_inline)) void lh_wo4w_tile(const int16_t *X,
             for (int i = 0; i < mb; i++) {
                 const __m512i xe = _mm512_loadu_si512((const void *)(X + i * K + k));
                 const __m512i xo = _mm512_loadu_si512((const void *)(X + i * K + k + 32));
-                for (int r = 0; r < rb; r++) dot[i][r] = _mm512_dpwssd_epi32(_mm512_dpwssd_epi32(dot[i][r], xe, wh[r]), xo, wl[r]);
+                for (int r = 0; r < rb; r++)
+                    dot[i][r] = _mm512_dpwssd_epi32(_mm512_dpwssd_epi32(dot[i][r], xe, wh[r]), xo, wl[r]);
             }
         }
         const int64_t g = k0 / G;
@@ -470,7 +475,8 @@ static void lh_wo4w_in_region(const int16_t *X, const float *XS, const float *sx
 #endif
 
 /* nw int4 weights: codes W[j] (N[j], K/2), scales S[j] and zeros Z[j] (K/G, N[j]), bf16 or float32 (sz_f32),
- * applied to X as in lh_wo_int8 (act16: the int16 path above). G a multiple of 32 dividing K. Returns 0, or -1 for bad sizes or no memory. */
+ * applied to X as in lh_wo_int8 (act16: the int16 path above). G a multiple of 32 dividing K. Returns 0, or -1
+ * for bad sizes or no memory. */
 int lh_wo_int4(int nw, const void *X, int x_f32, int64_t ldx, int64_t M, const uint8_t *const *W,
                const void *const *S, const void *const *Z, int sz_f32, const int64_t *N, int64_t K, int64_t G,
                void *const *Y, const int64_t *ldy, int y_bf16, int act16, int nthreads) {

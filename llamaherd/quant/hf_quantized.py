@@ -98,7 +98,6 @@ def unpack(tensors: dict[str, torch.Tensor], fmt: Format, where: str) -> tuple[t
         qweight, qzeros, scales = tensors["qweight"], tensors["qzeros"], tensors["scales"]
     except KeyError as exc:
         raise QuantizeError(f"{where}: {exc.args[0]} is missing beside qweight; the checkpoint is incomplete") from None
-    p = 32 // fmt.bits
     if qweight.dtype != torch.int32 or qzeros.dtype != torch.int32 or qweight.dim() != 2 or qzeros.dim() != 2 \
             or scales.dim() != 2 or not scales.is_floating_point():
         raise QuantizeError(f"{where}: qweight/qzeros must be 2-D int32 and scales 2-D float, got {qweight.dtype} "
@@ -117,8 +116,8 @@ def unpack(tensors: dict[str, torch.Tensor], fmt: Format, where: str) -> tuple[t
     g_idx = torch.arange(K) // G if g_idx is None else g_idx.to(torch.int64)
     if K % G or scales.shape != (K // G, N) or zeros.shape != scales.shape or g_idx.shape != (K,) \
             or int(g_idx.min()) < 0 or int(g_idx.max()) >= K // G:
-        raise QuantizeError(f"{where}: shapes disagree with {fmt.bits}-bit groups of {G}: qweight {tuple(qweight.shape)},"
-                            f" qzeros {tuple(qzeros.shape)}, scales {tuple(scales.shape)}, g_idx "
+        raise QuantizeError(f"{where}: shapes disagree with {fmt.bits}-bit groups of {G}: qweight "
+                            f"{tuple(qweight.shape)}, qzeros {tuple(qzeros.shape)}, scales {tuple(scales.shape)}, g_idx "
                             f"{tuple(g_idx.shape)}; the config.json does not describe these tensors")
     return codes.t(), scales.float().t(), zeros.t(), g_idx
 
