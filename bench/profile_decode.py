@@ -88,7 +88,8 @@ def products_alone(net, n: int) -> dict[str, float]:
         for layer in net.layers:
             mods = [getattr(getattr(layer, owner), name) for name in names]
             k_in = mods[0].in_features
-            args[key].append((torch.randn(1, k_in), ggml_kernels.Weights([(m.weight.plain(), m.qtype.id) for m in mods]), k_in))
+            weights = ggml_kernels.Weights([(m.weight.plain(), m.qtype.id) for m in mods])
+            args[key].append((torch.randn(1, k_in), weights, k_in))
     with torch.inference_mode():
         for _ in range(n):
             for key in groups:
@@ -134,7 +135,8 @@ def main() -> int:
         one_call.append(steps(net, args.n, dtype))
     a, b = statistics.median(per_module), statistics.median(one_call)
     print(f"per-module path {a:.2f} ms/token, one-call step {b:.2f} ms/token (median of {args.rounds}): {a / b:.2f}x")
-    print("rounds per-module", " ".join(f"{v:.2f}" for v in per_module), "| one-call", " ".join(f"{v:.2f}" for v in one_call))
+    print("rounds per-module", " ".join(f"{v:.2f}" for v in per_module),
+          "| one-call", " ".join(f"{v:.2f}" for v in one_call))
     if step._plan(net) is not None:
         print("\none-call step, median ms per token:")
         for k, v in components(net, args.n).items():

@@ -13,7 +13,8 @@
  * each layer is model/llama.py and model/gemma3.py (llama-models `llama3/model.py`; HF `modeling_gemma3.py`):
  *
  *   Llama:   h += wo(attn(rope(wq x), rope(wk x), wv x)),  x = norm(h);   h += w2(silu(w1 x) * w3 x),  x = norm(h)
- *   Gemma 3: h += post_norm(wo(attn(rope(q_norm(wq x)), rope(k_norm(wk x)), wv x))); h += post_norm(w2(gelu_tanh(w1 x) * w3 x))
+ *   Gemma 3: h += post_norm(wo(attn(rope(q_norm(wq x)), rope(k_norm(wk x)), wv x)));
+ *            h += post_norm(w2(gelu_tanh(w1 x) * w3 x))
  *
  * The rotary angles are computed here from the positions: (float)position * inv_freq[i] in float32, then cosf /
  * sinf (the reference's `rope_angles`: float32 product, then torch's cos / sin, which may differ by an ulp).
@@ -105,9 +106,10 @@ static void gate(int act, float *g, const float *u, int64_t lo, int64_t hi) {
         if (act == LH_STEP_SILU) {
             y = _mm512_div_ps(x, _mm512_add_ps(one, v_exp(_mm512_sub_ps(_mm512_setzero_ps(), x))));
         } else {
-            const __m512 inner = _mm512_mul_ps(_mm512_set1_ps(beta),
-                                               _mm512_fmadd_ps(_mm512_mul_ps(_mm512_set1_ps(kappa), x), _mm512_mul_ps(x, x), x));
-            const __m512 t = _mm512_sub_ps(one, _mm512_div_ps(two, _mm512_add_ps(v_exp(_mm512_mul_ps(two, inner)), one)));
+            const __m512 cube = _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(kappa), x), _mm512_mul_ps(x, x));
+            const __m512 inner = _mm512_mul_ps(_mm512_set1_ps(beta), _mm512_add_ps(x, cube));
+            const __m512 e = v_exp(_mm512_mul_ps(two, inner));
+            const __m512 t = _mm512_sub_ps(one, _mm512_div_ps(two, _mm512_add_ps(e, one)));
             y = _mm512_mul_ps(_mm512_mul_ps(halfv, x), _mm512_add_ps(one, t));
         }
         _mm512_storeu_ps(g + i, _mm512_mul_ps(y, _mm512_loadu_ps(u + i)));
@@ -141,9 +143,11 @@ static void project(const products *p, const float *x, int64_t K, int64_t B, con
         int need[2];
         need_of(w, n, need);
         lh_q8_quantize_in_region(p->a, x, K, B, need);
-        for (int i = 0; i < n; i++) lh_q8_weight((int)w[i]->type, w[i]->data, w[i]->rows, w[i]->stride, K, p->a, B, y[i]);
+        for (int i = 0; i < n; i++)
+            lh_q8_weight((int)w[i]->type, w[i]->data, w[i]->rows, w[i]->stride, K, p->a, B, y[i]);
     } else {
-        for (int i = 0; i < n; i++) lh_gemv_in_region((int)w[i]->type, w[i]->data, w[i]->rows, w[i]->stride, K, x, B, y[i]);
+        for (int i = 0; i < n; i++)
+            lh_gemv_in_region((int)w[i]->type, w[i]->data, w[i]->rows, w[i]->stride, K, x, B, y[i]);
     }
 #pragma omp barrier
 }

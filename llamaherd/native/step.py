@@ -206,7 +206,8 @@ def _make_plan(net: nn.Module, int8: bool) -> _Plan:
         n_kv_heads=attn.n_kv_heads, head_dim=attn.head_dim, norm_mode=ops._ONE_PLUS_WEIGHT if gemma else ops._WEIGHT,
         layout=ops.HALVES if gemma else ops.PAIRS, act=_GELU_TANH if gemma else _SILU,
         window=(c.sliding_window or 0) if gemma else 0, int8=int(int8), eps=eps,
-        scale=attn.scale if gemma else attn.head_dim**-0.5, inv_freq=inv.data_ptr(), inv_freq_local=inv_local.data_ptr(),
+        scale=attn.scale if gemma else attn.head_dim**-0.5, inv_freq=inv.data_ptr(),
+        inv_freq_local=inv_local.data_ptr(),
         layers=ctypes.cast(layers, ctypes.POINTER(_Layer)),
     )
     if not plan.intact() or _fn("lh_step_check")(ctypes.byref(plan.model)) != 0:  # intact: no hooks anywhere
@@ -267,7 +268,10 @@ def step(net: nn.Module, plan: _Plan, tokens: torch.Tensor, positions, cache: KV
         h = h * torch.tensor(c.dim**0.5, dtype=h.dtype)
     h = h.reshape(B, c.dim).contiguous()
     start = cache.length
-    pos = torch.full((B,), start, dtype=torch.long) if positions is None else positions.reshape(B).to(torch.long).contiguous()
+    if positions is None:
+        pos = torch.full((B,), start, dtype=torch.long)
+    else:
+        pos = positions.reshape(B).to(torch.long).contiguous()
     mask = None if key_mask is None else key_mask.contiguous()
     rc = _fn("lh_step_decode")(plan.ref, h.data_ptr(), B, pos.data_ptr(), cache.k.data_ptr(), cache.v.data_ptr(),
                                cache.k.stride(0), cache.max_len, start, None if mask is None else mask.data_ptr(),
