@@ -57,12 +57,16 @@ def main() -> int:
     ap.add_argument("--ctx", type=int, default=256)
     ap.add_argument("--calib-chunks", type=int, default=8)
     ap.add_argument("--eval-chunks", type=int, default=4)
+    ap.add_argument("--workdir", help="keep the F32 file here and reuse it (default: a temporary folder)")
     args = ap.parse_args()
     print(f"load average at start: {os.getloadavg()}", flush=True)
     calib = files("llama_models").joinpath("llama3_1/prompt_format.md").read_text(encoding="utf-8")
     evaltext = files("llama_models").joinpath("llama3_2/text_prompt_format.md").read_text(encoding="utf-8")
     tmp = tempfile.TemporaryDirectory(prefix="imatrix-kld-")
-    f32 = write(read(args.model), os.path.join(tmp.name, "f32.gguf"), qtype="f32")
+    work = args.workdir or tmp.name
+    f32 = Path(work) / "f32.gguf"
+    if not f32.exists():
+        write(read(args.model), f32, qtype="f32")
     t0 = time.perf_counter()
     with llamaherd.native.disabled():  # the reference modules, whose inputs the hooks see (as herd imatrix)
         fmodel = llamaherd.load(f32)
@@ -78,7 +82,7 @@ def main() -> int:
     for qtype in args.types.split(","):
         for use in (False, True):
             t0 = time.perf_counter()
-            out = write(read(f32), os.path.join(tmp.name, f"{qtype}-{int(use)}.gguf"), qtype=qtype,
+            out = write(read(f32), os.path.join(work, f"{qtype}-{int(use)}.gguf"), qtype=qtype,
                         imatrix=im if use else None)
             secs = time.perf_counter() - t0
             cmp = compare(llamaherd.load(out), base)

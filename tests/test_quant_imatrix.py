@@ -21,6 +21,7 @@ from llamaherd.cli.imatrix import collector_for, without_logits
 from llamaherd.quant import imatrix
 from llamaherd.quant.quantize import WEIGHTED, quantize
 from tests.gguf_write_fixtures import KQ_LLAMA3, checkpoint, dequantized
+from tests.test_cli_chat import tiny_folder  # noqa: F401  (a fixture: a Llama 3 folder with its tokenizer)
 
 # -- the quantizers against llama.cpp ------------------------------------------------------------------------------
 
@@ -146,6 +147,18 @@ def test_reading_an_independently_written_dat(tmp_path):
         im.weights("blk.3.ffn_up.weight", 1, 8)
 
 
+def test_expert_entries_survive_the_dat_round_trip(tmp_path):
+    """The legacy layout stores an expert stack's rows back to back with one count (imatrix.cpp); llama-quantize
+    takes n_expert * n_per_row values for it."""
+    im = _stats()
+    back = imatrix.read(imatrix.write_dat(im, tmp_path / "imatrix.dat"), chunk_size=64)
+    e = im.entries["blk.0.ffn_gate_exps.weight"]
+    w = back.weights("blk.0.ffn_gate_exps.weight", 3, 32)
+    torch.testing.assert_close(w[0], (e.sums[0] / 20).float())
+    torch.testing.assert_close(w[1], torch.ones(32))  # no token reached expert 1: stored as 1
+    torch.testing.assert_close(w[2], (e.sums[2] / 22).float())
+
+
 def test_gguf_file_read_by_gguf_py(tmp_path):
     im = _stats()
     path = imatrix.write_gguf(im, tmp_path / "imatrix.gguf")
@@ -245,3 +258,23 @@ def test_llama_cpp_runs_our_imatrix_quantized_file(f32_file, tmp_path, ftype):
         ours = net.eval()(torch.tensor([ids]))[0].numpy()
     # llama.cpp quantizes activations to 8 bits before each quantized dot product (test_llamacpp_interop.py)
     assert np.abs(ours - theirs).max() < 0.15 and np.abs(ours - theirs).mean() < 0.02
+
+
+def test_herd_imatrix_then_quantize(tiny_folder, tmp_path, capsys):
+    """The two verbs end to end on a Llama 3 folder: the file written is read back by llama.cpp's rules and used."""
+    from llamaherd.cli import main
+
+    text = tmp_path / "calib.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 20)
+    out = tmp_path / "imatrix.dat"
+    assert main(["imatrix", str(tiny_folder), "-f", str(text), "-o", str(out), "-c", "32", "--quiet"]) == 0
+    im = imatrix.read(out)
+    assert len(im.entries) == 7 and im.chunks >= 2 and im.datasets == [str(text)]
+    dst = tmp_path / "q.gguf"
+    assert main(["quantize", str(tiny_folder), str(dst), "--type", "q4_0", "--imatrix", str(out), "--quiet"]) == 0
+    fields = gguf.GGUFReader(dst).fields
+    assert fields["quantize.imatrix.entries_count"].contents() == 7
+    assert fields["quantize.imatrix.dataset"].contents() == str(text)
+    (tmp_path / "bad.dat").write_bytes(b"\0\0\0\0")
+    assert main(["quantize", str(tiny_folder), str(tmp_path / "x.gguf"), "--imatrix", str(tmp_path / "bad.dat")]) == 1
+    assert "no entries" in capsys.readouterr().err

@@ -65,6 +65,8 @@ class IMatrix:
         e = self.entries.get(name)
         if e is None:
             return None
+        if e.sums.shape == (1, n_mat * n) and n_mat > 1:  # a legacy .dat entry: the experts' rows back to back
+            e = Entry(e.sums.view(n_mat, n), e.counts.expand(n_mat))
         if e.sums.shape[1] != n or e.sums.shape[0] not in (1, n_mat):
             raise IMatrixError(f"the importance matrix entry {name} holds {tuple(e.sums.shape)} values; the tensor "
                                f"has {n_mat} matrices of {n} columns: it was collected on another model")
