@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
-from ..errors import LlamaherdError
+from ..errors import ImageError, LlamaherdError
 from .step import check_context
 from .paged import KVCacheManager, OutOfBlocks
 from .sampling import Sampler, SamplingParams
@@ -127,8 +127,6 @@ class Engine:
         need = self.image_blocks(images)
         prompt = -(-prompt_len // self.cache.block_size)
         if need and need + prompt > self.cache.num_blocks:
-            from ..errors import ImageError
-
             raise ImageError(f"the images' cross-attention keys and values need {need} KV-cache blocks and the "
                              f"prompt {prompt}, more than the {self.cache.num_blocks} of this server's KV-cache "
                              "budget; send fewer or smaller images, or start the server with a larger KV cache")
