@@ -233,6 +233,8 @@ int lh_step_decode(const lh_step_model *m, float *h, int64_t B, const int64_t *p
             float *kcl = kc + l * layer_stride, *vcl = vc + l * layer_stride;
             const float *cl = L->local ? cos_l : cos_g, *sl = L->local ? sin_l : sin_g;
             const uint8_t *mask = L->local ? mask_l : mask_g;
+            /* a sliding-window layer reads only the window's slots (the mask hides the others anyway) */
+            const int64_t first = L->local && m->window > 0 && S > m->window ? S - m->window : 0;
 
 #pragma omp for schedule(static)
             for (int64_t b = 0; b < B; b++) norm_row(h + b * dim, L->attn_norm, mode, m->eps, dim, xn + b * dim);
@@ -253,8 +255,8 @@ int lh_step_decode(const lh_step_model *m, float *h, int64_t B, const int64_t *p
                 const int64_t b = t / Hq, kv = b * Hkv + (t % Hq) / group;
                 prepare_head(q + t * D, L->q_norm, mode, L->q_norm != NULL, m->eps, cl + b * half, sl + b * half,
                              layout, D, tmp, qr);
-                attend_head(qr, kcl + kv * max_len * D, vcl + kv * max_len * D, S, D, mask ? mask + b * S : NULL,
-                            m->scale, scores, att + t * D);
+                attend_head(qr, kcl + (kv * max_len + first) * D, vcl + (kv * max_len + first) * D, S - first, D,
+                            mask ? mask + b * S + first : NULL, m->scale, scores, att + t * D);
             }
             {
                 const lh_step_weight *w[1] = {&L->wo};
