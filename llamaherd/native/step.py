@@ -27,6 +27,7 @@ import ctypes
 import operator
 import sys
 import weakref
+from collections.abc import Mapping
 
 import torch
 from torch import nn
@@ -155,12 +156,10 @@ def _float_vector(t: torch.Tensor, n: int) -> bool:
 
 def _make_plan(net: nn.Module, int8: bool) -> _Plan:
     """The plan of `net` (a llama or gemma3 Transformer); `refused` when some part is not what step.c computes."""
-    from .swaps import NATIVE  # the native subclasses count as the reference modules they replace
-
     plan = _Plan()
 
-    def is_(module: nn.Module, *refs: type) -> bool:
-        return any(type(module) in (ref, NATIVE.get(ref)) for ref in refs)
+    def is_(module: nn.Module, *refs: type) -> bool:  # a native subclass counts as the reference it replaces
+        return any(type(module) in (ref, _NATIVE_OF.get(ref)) for ref in refs)
 
     gemma = isinstance(net, gemma3.Transformer)
     fam = gemma3 if gemma else llama
@@ -315,8 +314,15 @@ class StepGemma3(_Step, gemma3.Transformer):
 _SWAPS = {llama.Transformer: StepLlama, gemma3.Transformer: StepGemma3}
 
 
-def apply(net: nn.Module) -> int:
-    """Give a loaded llama or gemma3 Transformer the one-call decode step (in place); 1 if it was, else 0."""
+# reference class -> its native subclass, as native/swaps.py's NATIVE table hands it over in `apply` (matched on the
+# exact type, so that a module with other math never passes for the reference).
+_NATIVE_OF: dict[type[nn.Module], type[nn.Module]] = {}
+
+
+def apply(net: nn.Module, native_of: Mapping[type[nn.Module], type[nn.Module]] | None = None) -> int:
+    """Give a loaded llama or gemma3 Transformer the one-call decode step (in place); 1 if it was, else 0.
+    `native_of` names the native subclasses the swaps put in place of reference modules."""
+    _NATIVE_OF.update(native_of or {})
     cls = _SWAPS.get(type(net))
     if cls is None or native.library() is None:
         return 0

@@ -189,7 +189,7 @@ def apply(net: nn.Module) -> int:
     """
     if any(not t.is_cpu for t in (*net.parameters(), *net.buffers())) or native.library() is None:
         return 0
-    return dense.swap_dense(net) + _swap_children(net) + step.apply(net)
+    return dense.swap_dense(net) + _swap_children(net) + step.apply(net, NATIVE)
 
 
 __all__ = ["NATIVE", "apply", "native_module"]
