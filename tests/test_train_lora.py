@@ -125,6 +125,30 @@ def test_merge_equals_adapter(pair):
     assert (before - after).abs().max() <= 1e-4
 
 
+def _lora_over(base, decoded: torch.Tensor, forward_atol: float | None) -> LoRALinear:
+    """LoRA over `base` against LoRA over a float Linear holding `decoded`: outputs and gradients (input and
+    adapter). `forward_atol` None: 1e-4 of the largest output (a kernel that rounds its activations)."""
+    plain = torch.nn.Linear(256, 96, bias=False)
+    plain.weight = torch.nn.Parameter(decoded, requires_grad=False)
+    a, b = LoRALinear(base, 8, 16.0), LoRALinear(plain, 8, 16.0)
+    with torch.no_grad():
+        for m in (a, b):
+            m.lora_A.weight.copy_(torch.linspace(-1, 1, 8 * 256).view(8, 256))
+            m.lora_B.weight.copy_(torch.linspace(-0.5, 0.5, 96 * 8).view(96, 8))
+    x1 = torch.randn(3, 5, 256, requires_grad=True)
+    x2 = x1.detach().clone().requires_grad_(True)
+    y1, y2 = a(x1), b(x2)
+    atol = 1e-4 * y2.abs().max().item() if forward_atol is None else forward_atol
+    torch.testing.assert_close(y1, y2, atol=atol, rtol=1e-4 if forward_atol is None else 1e-5)
+    g = torch.randn_like(y1)
+    y1.backward(g)
+    y2.backward(g)
+    torch.testing.assert_close(x1.grad, x2.grad, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(a.lora_A.weight.grad, b.lora_A.weight.grad, atol=1e-3, rtol=1e-5)
+    torch.testing.assert_close(a.lora_B.weight.grad, b.lora_B.weight.grad, atol=1e-3, rtol=1e-5)
+    return a
+
+
 @pytest.mark.parametrize("qtype", ["Q4_0", "Q8_0", "Q4_K"])
 def test_lora_over_packed_ggml_weights(qtype):
     """Forward and gradients through a packed base equal a float Linear holding gguf-py's decoding of the bytes."""
@@ -141,23 +165,7 @@ def test_lora_over_packed_ggml_weights(qtype):
     packed = GGMLLinear(256, 96, int(Q[qtype]))
     packed.weight = GGMLWeight(torch.from_numpy(raw), int(Q[qtype]))
     decoded = torch.from_numpy(np.asarray(dequantize(raw, Q[qtype]), dtype=np.float32)).reshape(96, 256)
-    plain = torch.nn.Linear(256, 96, bias=False)
-    plain.weight = torch.nn.Parameter(decoded, requires_grad=False)
-    a, b = LoRALinear(packed, 8, 16.0), LoRALinear(plain, 8, 16.0)
-    with torch.no_grad():
-        for m in (a, b):
-            m.lora_A.weight.copy_(torch.linspace(-1, 1, 8 * 256).view(8, 256))
-            m.lora_B.weight.copy_(torch.linspace(-0.5, 0.5, 96 * 8).view(96, 8))
-    x1 = torch.randn(3, 5, 256, requires_grad=True)
-    x2 = x1.detach().clone().requires_grad_(True)
-    y1, y2 = a(x1), b(x2)
-    torch.testing.assert_close(y1, y2, atol=1e-5, rtol=1e-5)
-    g = torch.randn_like(y1)
-    y1.backward(g)
-    y2.backward(g)
-    torch.testing.assert_close(x1.grad, x2.grad, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(a.lora_A.weight.grad, b.lora_A.weight.grad, atol=1e-4, rtol=1e-5)
-    torch.testing.assert_close(a.lora_B.weight.grad, b.lora_B.weight.grad, atol=1e-4, rtol=1e-5)
+    _lora_over(packed, decoded, forward_atol=1e-5)
 
 
 @pytest.mark.parametrize("scheme", ["int8", "int4-g32", "int4-g128"])
@@ -180,25 +188,9 @@ def test_lora_over_weight_only_int8_int4(scheme):
         zero = base.zeros.float().t().repeat_interleave(g, dim=1)
         decoded = (q - 8) * scale + zero
     assert (decoded - weight).abs().max() < 0.5  # the codes are the weight's, not noise
-    plain = torch.nn.Linear(256, 96, bias=False)
-    plain.weight = torch.nn.Parameter(decoded, requires_grad=False)
-    a, b = LoRALinear(base, 8, 16.0), LoRALinear(plain, 8, 16.0)
-    with torch.no_grad():
-        for m in (a, b):
-            m.lora_A.weight.copy_(torch.linspace(-1, 1, 8 * 256).view(8, 256))
-            m.lora_B.weight.copy_(torch.linspace(-0.5, 0.5, 96 * 8).view(96, 8))
-    x1 = torch.randn(3, 5, 256, requires_grad=True)
-    x2 = x1.detach().clone().requires_grad_(True)
-    y1, y2 = a(x1), b(x2)
     # The forward is the weight-only kernel's, held to test_quant_weight_only's tolerance (1e-4 of the largest
     # output); the backward multiplies by the decoded matrix, so the gradients are float32-exact.
-    torch.testing.assert_close(y1, y2, rtol=1e-4, atol=1e-4 * y2.abs().max().item())
-    g = torch.randn_like(y1)
-    y1.backward(g)
-    y2.backward(g)
-    torch.testing.assert_close(x1.grad, x2.grad, atol=1e-4, rtol=1e-5)
-    torch.testing.assert_close(a.lora_A.weight.grad, b.lora_A.weight.grad, atol=1e-3, rtol=1e-5)
-    torch.testing.assert_close(a.lora_B.weight.grad, b.lora_B.weight.grad, atol=1e-3, rtol=1e-5)
+    a = _lora_over(base, decoded, forward_atol=None)
     net = torch.nn.Module()
     net.layers = torch.nn.ModuleList([torch.nn.Module()])
     net.layers[0].wq = a
