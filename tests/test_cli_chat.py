@@ -4,6 +4,7 @@ import os
 import pty
 import re
 import select
+import signal
 import subprocess
 import sys
 import time
@@ -44,6 +45,9 @@ class Terminal:
         self.pid, self.master = pty.fork()
         if self.pid == 0:  # the child: exec the command on the terminal
             try:
+                # As a login shell starts it: Ctrl+C at its default. A suite started in the background by a
+                # non-interactive shell inherits SIGINT ignored, and an ignored SIGINT survives exec.
+                signal.signal(signal.SIGINT, signal.SIG_DFL)
                 os.execve(argv[0], argv, env)
             finally:
                 os._exit(127)
