@@ -141,7 +141,7 @@ def mutate_template(data: bytes, rng: random.Random) -> bytes:
 
 def meta_pth_folder(root: Path) -> Path:
     """A tiny Meta folder; mutate_bytes reaches the .pth zip's local headers, central directory and pickle."""
-    from bench.fuzz_loaders import meta_folder
+    from bench.fuzz_folders import meta_folder
 
     return meta_folder(root)
 
@@ -267,7 +267,7 @@ def body_folder(body: dict, route: str):
 
 
 def load_pth(folder: Path) -> None:
-    from bench.fuzz_loaders import load_folder
+    from bench.fuzz_folders import load_folder
 
     load_folder(folder)
 
