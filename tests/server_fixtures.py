@@ -7,6 +7,7 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 import torch
 import uvicorn
 
@@ -61,3 +62,11 @@ def start(api_key: str | None = None, kv_cache_bytes: int = 64 << 20, **engine) 
     torch.manual_seed(0)
     served = ServedModel(tiny_llama3(), "tiny-llama3", kv_cache_bytes=kv_cache_bytes, **engine)
     return LiveServer(served, api_key), served
+
+
+@pytest.fixture(scope="module")
+def live():
+    """One default server per test module: (server, served). Import it next to `start` to use it."""
+    server, served = start()
+    yield server, served
+    server.stop()

@@ -8,7 +8,7 @@ import torch
 import llamaherd
 from llamaherd.errors import ContextLengthError
 
-from .server_fixtures import start
+from .server_fixtures import live  # noqa: F401  (the module's server fixture)
 from .store_fixtures import random_gemma_state, write_tiny_gemma_gguf
 
 TEXTS = ["The cat sat on the mat.", "def add(a, b):\n    return a + b", "Les élèves étudient la photosynthèse."]
@@ -71,13 +71,6 @@ def test_embed_api_shapes_normalisation_and_limits():
     before = model.logits(ids)
     model.embed("hello")
     torch.testing.assert_close(model.logits(ids), before)
-
-
-@pytest.fixture(scope="module")
-def live():
-    server, served = start()
-    yield server, served
-    server.stop()
 
 
 def test_openai_client_embeddings(live):

@@ -3,7 +3,7 @@
 import httpx
 import pytest
 
-from .server_fixtures import start
+from .server_fixtures import live, start  # noqa: F401  (live: the module's server fixture)
 
 MSG = [{"role": "user", "content": "hi"}]
 CHAT = "/v1/chat/completions"
@@ -92,13 +92,6 @@ CASES = {
     "wrong method": ("GET", CHAT, None),
     "oversized body": ("POST", CHAT, b'{"messages": [{"role": "user", "content": "' + b"x" * (9 << 20) + b'"}]}'),
 }
-
-
-@pytest.fixture(scope="module")
-def live():
-    server, served = start()
-    yield server, served
-    server.stop()
 
 
 def test_there_are_at_least_fifty_cases():

@@ -5,14 +5,7 @@ import json
 import jsonschema
 import pytest
 
-from .server_fixtures import start
-
-
-@pytest.fixture(scope="module")
-def live():
-    server, served = start()
-    yield server, served
-    server.stop()
+from .server_fixtures import live  # noqa: F401  (the module's server fixture)
 
 
 @pytest.fixture

@@ -7,16 +7,9 @@ import pytest
 
 from bench.serve_soak import FaultInjector
 
-from .server_fixtures import start
+from .server_fixtures import live  # noqa: F401  (the module's server fixture)
 
 MSG = [{"role": "user", "content": "Tell me a long story about llamas."}]
-
-
-@pytest.fixture(scope="module")
-def live():
-    server, served = start()
-    yield server, served
-    server.stop()
 
 
 @pytest.fixture
