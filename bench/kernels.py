@@ -69,22 +69,16 @@ def time_call(fn, args, min_s: float) -> float:
 
 def decode_ab(model: str, threads: int, rounds: int, n: int) -> None:
     """Median ms per decode step with int8 and with float activations, alternating in one process."""
+    from profile_decode import steps as decode_ms  # bench/profile_decode.py: ms per greedy decode step
+
     from llamaherd import load
-    from llamaherd.engine.generate import decode_one, prefill
-    from llamaherd.model.cache import KVCache
 
     torch.set_num_threads(threads)
     net = load(model).net.eval()
     dtype = next(p.dtype for p in net.parameters() if p.is_floating_point())
 
-    @torch.inference_mode()
     def steps() -> float:
-        cache = KVCache.for_model(net.config, 1, n + 2, dtype=dtype)
-        tok = prefill(net, torch.tensor([[2]]), cache).argmax(-1)
-        t = time.perf_counter()
-        for _ in range(n):
-            tok = decode_one(net, tok, cache).argmax(-1)
-        return (time.perf_counter() - t) / n * 1e3
+        return decode_ms(net, n, dtype)
 
     res: dict[bool, list[float]] = {True: [], False: []}
     for r in range(rounds + 1):
