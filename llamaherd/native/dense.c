@@ -22,6 +22,7 @@
 #include <string.h>
 
 #include "common.h"
+#include "dense.h"
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
 #include <immintrin.h>
 #define LH_BF16_NATIVE 1
@@ -29,7 +30,6 @@
 #define LH_BF16_NATIVE 0
 #endif
 
-#define LH_BF16_MAX_M 16 /* rows of X per call; dense.py's MAX_ROWS */
 #define LH_BF16_RB 4     /* weight rows per inner block: 4 streams per thread, 16 accumulators for 4 X rows */
 #define LH_BF16_MB 4     /* X rows per inner block (more X rows re-read the RB weight rows from L1/L2) */
 
@@ -123,8 +123,8 @@ static inline __attribute__((always_inline)) void lh_bf16_rows(const uint16_t *X
 }
 
 /* One product, inside the caller's parallel region: the weight-row blocks are an orphaned `omp for`. */
-static void lh_bf16_gemv_in_region(const uint16_t *X, int64_t ldx, int64_t M, const uint16_t *W, int64_t ldw,
-                                   int64_t N, int64_t K, void *Y, int64_t ldy, int y_bf16) {
+void lh_bf16_gemv_in_region(const uint16_t *X, int64_t ldx, int64_t M, const uint16_t *W, int64_t ldw, int64_t N,
+                            int64_t K, void *Y, int64_t ldy, int y_bf16) {
     const int64_t blocks = (N + LH_BF16_RB - 1) / LH_BF16_RB;
 #pragma omp for schedule(static) nowait
     for (int64_t b = 0; b < blocks; b++) {

@@ -30,9 +30,12 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "common.h"
+#include "dense.h"
 #include "ggml.h"
 #include "ggml_q8.h"
 #include "ops.h"
+#include "weight_only.h"
 
 #ifdef __AVX512F__
 #include <immintrin.h>
@@ -43,10 +46,16 @@
 
 /* The structures native/step.py fills once per model (ctypes mirrors of these, field for field). */
 typedef struct {
-    int64_t type;          /* ggml type id */
-    const uint8_t *data;   /* packed rows */
+    int64_t type;          /* a ggml type id, or one of the LH_STEP_* kinds below */
+    const uint8_t *data;   /* packed rows (ggml), bf16 rows, or weight-only codes */
     int64_t rows, stride;  /* output features, bytes between rows */
+    const void *scales, *zeros; /* weight-only: scales and zeros (int8: bf16 row scales, no zeros) */
+    int64_t group, sz_f32;      /* weight-only: group size (int4, grouped8); scales and zeros float32, else bf16 */
 } lh_step_weight;
+
+/* The weight kinds besides the packed ggml ones: a bf16 matrix (dense.c's kernel) and the weight-only codes
+ * (weight_only.c's kernels, the layouts of quant/weight_only.py and quant/hf_quantized.py). */
+enum { LH_STEP_BF16 = 1000, LH_STEP_WO_INT8 = 1001, LH_STEP_WO_INT4 = 1002, LH_STEP_WO_GROUPED8 = 1003 };
 
 typedef struct {
     lh_step_weight wq, wk, wv, wo, w1, w3, w2;
@@ -63,6 +72,7 @@ typedef struct {
     int64_t act;       /* LH_STEP_SILU or LH_STEP_GELU_TANH */
     int64_t window;    /* local layers' sliding window (0: none) */
     int64_t int8;      /* 1: int8 activations (ggml_q8.c), 0: float activations (ggml.c) */
+    int64_t act16;     /* weight-only int8 / int4: 1: int16 activation codes (weight_only.c), 0: float32 */
     float eps, scale;  /* every norm's eps; attention score scale */
     const float *inv_freq, *inv_freq_local; /* head_dim / 2 each (local: for local layers) */
     const lh_step_layer *layers;
@@ -125,11 +135,17 @@ static void gate(int act, float *g, const float *u, int64_t lo, int64_t hi) {
 
 /* ---- products ------------------------------------------------------------------------------------------------ */
 
-/* The activation rows of one group of products (x quantized once for the group when int8). */
+/* The activation rows of one group of products (x quantized once for the group when int8; rounded to bf16 for
+ * bf16 weights; prepared once as weight_only.c reads them for weight-only codes). */
 typedef struct {
     const lh_step_model *m;
     qact *a;
+    uint16_t *xb;      /* bf16 weights: the rows rounded to bf16 (B, K) */
+    lh_wo_act *wo;     /* weight-only weights: the prepared rows, laid over wo_mem */
+    void *wo_mem;
 } products;
+
+static int is_ggml(int64_t type) { return type < LH_STEP_BF16; }
 
 static void need_of(const lh_step_weight *const *w, int n, int need[2]) {
     need[0] = need[1] = 0;
@@ -139,7 +155,24 @@ static void need_of(const lh_step_weight *const *w, int n, int need[2]) {
 /* Inside the region, every thread: y[i] (B, rows_i) = x (B, K) . w[i]^T for the n weights, then a barrier. */
 static void project(const products *p, const float *x, int64_t K, int64_t B, const lh_step_weight *const *w,
                     float *const *y, int n) {
-    if (p->m->int8) {
+    const int64_t type = w[0]->type; /* lh_step_check: a model's non-ggml weights are all of one kind */
+    if (type == LH_STEP_BF16) {
+        /* the kernel multiplies bf16 rows, as the per-module path's bf16 activations; float32 sums out */
+#pragma omp for schedule(static)
+        for (int64_t b = 0; b < B; b++)
+            for (int64_t k = 0; k < K; k++) p->xb[b * K + k] = lh_f2bf(x[b * K + k]);
+        for (int i = 0; i < n; i++)
+            lh_bf16_gemv_in_region(p->xb, K, B, (const uint16_t *)w[i]->data, w[i]->stride / 2, w[i]->rows, K, y[i],
+                                   w[i]->rows, 0);
+    } else if (!is_ggml(type)) {
+#pragma omp single
+        lh_wo_act_init(p->wo, p->wo_mem, (int)(type - LH_STEP_WO_INT8), (int)p->m->act16, K, B, w[0]->group);
+#pragma omp for schedule(static)
+        for (int64_t b = 0; b < B; b++) lh_wo_act_row(p->wo, x, 1, K, b);
+        for (int i = 0; i < n; i++)
+            lh_wo_weight_in_region(p->wo, w[i]->data, w[i]->scales, w[i]->zeros, (int)w[i]->sz_f32, w[i]->rows, y[i],
+                                   w[i]->rows, 0);
+    } else if (p->m->int8) {
         int need[2];
         need_of(w, n, need);
         lh_q8_quantize_in_region(p->a, x, K, B, need);
@@ -166,28 +199,76 @@ static uint8_t *visible(uint8_t *out, int64_t B, int64_t slot, const uint8_t *ke
     return out;
 }
 
+/* Whether a non-ggml weight of K inputs is one the kernels take, and of the same kind as `first` (a model's
+ * bf16 or weight-only projections are all of one kind: one activation layout per product group). */
+static int other_ok(const lh_step_weight *w, const lh_step_weight *first, int64_t K) {
+    if (w->type != first->type || w->group != first->group || w->sz_f32 != first->sz_f32 || w->rows < 1) return 0;
+    switch (w->type) {
+    case LH_STEP_BF16: return w->stride >= 2 * K && w->stride % 2 == 0;
+    case LH_STEP_WO_INT8: return w->sz_f32 == 0 && w->scales != NULL;
+    case LH_STEP_WO_INT4: return w->group >= 32 && w->group % 32 == 0 && K % w->group == 0 && w->zeros != NULL;
+    case LH_STEP_WO_GROUPED8:
+        return w->group >= 16 && w->group % 16 == 0 && K % w->group == 0 && w->sz_f32 == 1 && w->zeros != NULL;
+    default: return 0;
+    }
+}
+
 /* Whether the model's weights are ones the kernels take (checked once, when native/step.py builds the model). */
 int lh_step_check(const lh_step_model *m) {
     if (m->n_layers < 1 || m->head_dim % 2 || m->n_kv_heads < 1 || m->n_heads % m->n_kv_heads) return -1;
+    const lh_step_weight *first = &m->layers[0].wq;
+    const int64_t QD = m->n_heads * m->head_dim;
     for (int64_t l = 0; l < m->n_layers; l++) {
         const lh_step_layer *L = &m->layers[l];
         const lh_step_weight *w[7] = {&L->wq, &L->wk, &L->wv, &L->wo, &L->w1, &L->w3, &L->w2};
-        for (int i = 0; i < 7; i++)
-            if (!(m->int8 ? lh_q8_supported((int)w[i]->type) : lh_supported((int)w[i]->type))) return -1;
+        const int64_t K[7] = {m->dim, m->dim, m->dim, QD, m->dim, m->dim, m->hidden};
+        for (int i = 0; i < 7; i++) {
+            if (is_ggml(first->type) != is_ggml(w[i]->type)) return -1; /* no mixing of packed and other kinds */
+            if (is_ggml(w[i]->type) ? !(m->int8 ? lh_q8_supported((int)w[i]->type) : lh_supported((int)w[i]->type))
+                                    : !other_ok(w[i], first, K[i]))
+                return -1;
+        }
     }
     return 0;
+}
+
+/* attend_head (ops.h) over a bf16 cache: the keys and values widened exactly as they are read. */
+static void attend_head_bf16(const float *qr, const uint16_t *keys, const uint16_t *vals, int64_t S, int64_t D,
+                             const uint8_t *mask, float scale, float *scores, float *out) {
+    float best = -INFINITY;
+    for (int64_t j = 0; j < S; j++) {
+        if (mask && !mask[j]) { scores[j] = -INFINITY; continue; }
+        const uint16_t *kj = keys + j * D;
+        float dot = 0.0f;
+        for (int64_t d = 0; d < D; d++) dot += qr[d] * lh_bf2f(kj[d]);
+        scores[j] = dot * scale;
+        if (scores[j] > best) best = scores[j];
+    }
+    memset(out, 0, (size_t)D * sizeof(float));
+    if (best == -INFINITY) return; /* no visible key */
+    float total = 0.0f;
+    for (int64_t j = 0; j < S; j++) {
+        if (scores[j] == -INFINITY) continue;
+        const float p = expf(scores[j] - best);
+        total += p;
+        const uint16_t *vj = vals + j * D;
+        for (int64_t d = 0; d < D; d++) out[d] += p * lh_bf2f(vj[d]);
+    }
+    const float inv = 1.0f / total;
+    for (int64_t d = 0; d < D; d++) out[d] *= inv;
 }
 
 /* One token per row through every layer.
  *
  *   h (B, dim): the embedded tokens in, the last layer's output (before the final norm) out; B <= 16
  *   pos (B): each row's rotary position
- *   kc, vc: the cache buffers (n_layers, B, n_kv_heads, max_len, head_dim), layer_stride floats per layer; the
- *     new keys and values go to `slot`, attention reads slots [0, slot]
+ *   kc, vc: the cache buffers (n_layers, B, n_kv_heads, max_len, head_dim), layer_stride elements per layer,
+ *     float32, or bf16 when kv_bf16 (the new keys and values rounded to bf16 as the reference's cache write
+ *     rounds them); the new keys and values go to `slot`, attention reads slots [0, slot]
  *   key_mask (B rows key_mask_stride bytes apart, slot + 1 used) or NULL: the left-padded batch's real slots
  *
  * Returns 0, -1 for arguments the kernels do not take, -2 without memory for the scratch. */
-int lh_step_decode(const lh_step_model *m, float *h, int64_t B, const int64_t *pos, float *kc, float *vc,
+int lh_step_decode(const lh_step_model *m, float *h, int64_t B, const int64_t *pos, void *kc, void *vc, int kv_bf16,
                    int64_t layer_stride, int64_t max_len, int64_t slot, const uint8_t *key_mask,
                    int64_t key_mask_stride, int nthreads) {
     if (B < 1 || B > LH_STEP_MAX_ROWS || slot < 0 || slot >= max_len || nthreads < 1) return -1;
@@ -201,8 +282,16 @@ int lh_step_decode(const lh_step_model *m, float *h, int64_t B, const int64_t *p
     float *mem = malloc(sizeof(float) * (size_t)n_floats + 2 * (size_t)(B * S));
     qact ad, aa, af;
     ad.mem = aa.mem = af.mem = NULL;
-    if (mem == NULL || (m->int8 && (lh_q8_alloc(&ad, dim, B) || lh_q8_alloc(&aa, QD, B) || lh_q8_alloc(&af, F, B)))) {
-        free(mem); free(ad.mem); free(aa.mem); free(af.mem);
+    const int64_t wtype = m->layers[0].wq.type, Kmax = dim > QD ? (dim > F ? dim : F) : (QD > F ? QD : F);
+    const int packed = is_ggml(wtype), q8 = packed && m->int8;
+    uint16_t *xb = wtype == LH_STEP_BF16 ? malloc(sizeof(uint16_t) * (size_t)(B * Kmax)) : NULL;
+    void *wo_mem = !packed && wtype != LH_STEP_BF16
+                       ? aligned_alloc(64, lh_wo_act_bytes(Kmax, B, m->layers[0].wq.group))
+                       : NULL;
+    lh_wo_act wo;
+    if (mem == NULL || (q8 && (lh_q8_alloc(&ad, dim, B) || lh_q8_alloc(&aa, QD, B) || lh_q8_alloc(&af, F, B))) ||
+        (wtype == LH_STEP_BF16 && xb == NULL) || (!packed && wtype != LH_STEP_BF16 && wo_mem == NULL)) {
+        free(mem); free(ad.mem); free(aa.mem); free(af.mem); free(xb); free(wo_mem);
         return -2;
     }
     float *xn = mem, *o = xn + B * dim, *q = o + B * dim, *att = q + B * QD, *k = att + B * QD, *v = k + B * KD;
@@ -218,7 +307,8 @@ int lh_step_decode(const lh_step_model *m, float *h, int64_t B, const int64_t *p
     }
     const uint8_t *mask_g = visible(mbytes, B, slot, key_mask, key_mask_stride, 0);
     const uint8_t *mask_l = visible(mbytes + B * S, B, slot, key_mask, key_mask_stride, m->window);
-    const products pd = {m, &ad}, pa = {m, &aa}, pf = {m, &af};
+    const products pd = {m, &ad, xb, &wo, wo_mem}, pa = {m, &aa, xb, &wo, wo_mem}, pf = {m, &af, xb, &wo, wo_mem};
+    const size_t esz = kv_bf16 ? 2 : 4;
 
 #pragma omp parallel num_threads(nthreads)
     {
@@ -230,7 +320,7 @@ int lh_step_decode(const lh_step_model *m, float *h, int64_t B, const int64_t *p
         float *scores = per_thread + tid * (S + 2 * D), *qr = scores + S, *tmp = qr + D;
         for (int64_t l = 0; l < m->n_layers; l++) {
             const lh_step_layer *L = &m->layers[l];
-            float *kcl = kc + l * layer_stride, *vcl = vc + l * layer_stride;
+            char *kcl = (char *)kc + (size_t)(l * layer_stride) * esz, *vcl = (char *)vc + (size_t)(l * layer_stride) * esz;
             const float *cl = L->local ? cos_l : cos_g, *sl = L->local ? sin_l : sin_g;
             const uint8_t *mask = L->local ? mask_l : mask_g;
             /* a sliding-window layer reads only the window's slots (the mask hides the others anyway) */
@@ -246,17 +336,29 @@ int lh_step_decode(const lh_step_model *m, float *h, int64_t B, const int64_t *p
 #pragma omp for schedule(static)
             for (int64_t t = 0; t < B * Hkv; t++) { /* the new key (normed, rotated) and value into the cache */
                 const int64_t b = t / Hkv, at = (t * max_len + slot) * D;
-                prepare_head(k + t * D, L->k_norm, mode, L->k_norm != NULL, m->eps, cl + b * half, sl + b * half,
-                             layout, D, tmp, kcl + at);
-                memcpy(vcl + at, v + t * D, (size_t)D * sizeof(float));
+                if (kv_bf16) {
+                    prepare_head(k + t * D, L->k_norm, mode, L->k_norm != NULL, m->eps, cl + b * half, sl + b * half,
+                                 layout, D, tmp, qr);
+                    uint16_t *kd = (uint16_t *)kcl + at, *vd = (uint16_t *)vcl + at;
+                    for (int64_t d = 0; d < D; d++) kd[d] = lh_f2bf(qr[d]), vd[d] = lh_f2bf(v[t * D + d]);
+                } else {
+                    prepare_head(k + t * D, L->k_norm, mode, L->k_norm != NULL, m->eps, cl + b * half, sl + b * half,
+                                 layout, D, tmp, (float *)kcl + at);
+                    memcpy((float *)vcl + at, v + t * D, (size_t)D * sizeof(float));
+                }
             }
 #pragma omp for schedule(static)
             for (int64_t t = 0; t < B * Hq; t++) {
                 const int64_t b = t / Hq, kv = b * Hkv + (t % Hq) / group;
                 prepare_head(q + t * D, L->q_norm, mode, L->q_norm != NULL, m->eps, cl + b * half, sl + b * half,
                              layout, D, tmp, qr);
-                attend_head(qr, kcl + (kv * max_len + first) * D, vcl + (kv * max_len + first) * D, S - first, D,
-                            mask ? mask + b * S + first : NULL, m->scale, scores, att + t * D);
+                const int64_t from = (kv * max_len + first) * D;
+                if (kv_bf16)
+                    attend_head_bf16(qr, (const uint16_t *)kcl + from, (const uint16_t *)vcl + from, S - first, D,
+                                     mask ? mask + b * S + first : NULL, m->scale, scores, att + t * D);
+                else
+                    attend_head(qr, (const float *)kcl + from, (const float *)vcl + from, S - first, D,
+                                mask ? mask + b * S + first : NULL, m->scale, scores, att + t * D);
             }
             {
                 const lh_step_weight *w[1] = {&L->wo};
@@ -290,6 +392,6 @@ int lh_step_decode(const lh_step_model *m, float *h, int64_t B, const int64_t *p
             }
         }
     }
-    free(mem); free(ad.mem); free(aa.mem); free(af.mem);
+    free(mem); free(ad.mem); free(aa.mem); free(af.mem); free(xb); free(wo_mem);
     return 0;
 }

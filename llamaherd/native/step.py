@@ -36,7 +36,8 @@ from torch.nn.modules import module as _hooks
 from .. import native
 from ..model import gemma3, llama
 from ..model.cache import KVCache
-from . import ggml_kernels, ops
+from . import dense, ggml_kernels, ops
+from . import weight_only as native_wo
 
 ENABLED = True  # module switch for the one-call step; the per-module native path stays on
 MAX_ROWS = 16  # step.c's LH_STEP_MAX_ROWS
@@ -46,7 +47,12 @@ _SILU, _GELU_TANH = 0, 1  # step.c's activations
 
 class _Weight(ctypes.Structure):
     _fields_ = [("type", ctypes.c_int64), ("data", ctypes.c_void_p), ("rows", ctypes.c_int64),
-                ("stride", ctypes.c_int64)]
+                ("stride", ctypes.c_int64), ("scales", ctypes.c_void_p), ("zeros", ctypes.c_void_p),
+                ("group", ctypes.c_int64), ("sz_f32", ctypes.c_int64)]
+
+
+# step.c's weight kinds besides the ggml type ids
+_BF16, _WO_INT8, _WO_INT4, _WO_GROUPED8 = 1000, 1001, 1002, 1003
 
 
 _PROJECTIONS = ("wq", "wk", "wv", "wo", "w1", "w3", "w2")
@@ -60,7 +66,8 @@ class _Layer(ctypes.Structure):
 
 class _Model(ctypes.Structure):
     _fields_ = [*((name, ctypes.c_int64) for name in ("n_layers", "dim", "hidden", "n_heads", "n_kv_heads",
-                                                       "head_dim", "norm_mode", "layout", "act", "window", "int8")),
+                                                       "head_dim", "norm_mode", "layout", "act", "window", "int8",
+                                                       "act16")),
                 ("eps", ctypes.c_float), ("scale", ctypes.c_float), ("inv_freq", ctypes.c_void_p),
                 ("inv_freq_local", ctypes.c_void_p), ("layers", ctypes.POINTER(_Layer))]
 
@@ -68,7 +75,7 @@ class _Model(ctypes.Structure):
 _i64, _ptr, _int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
 _SIGNATURES = {
     "lh_step_check": [_ptr],
-    "lh_step_decode": [_ptr, _ptr, _i64, _ptr, _ptr, _ptr, _i64, _i64, _i64, _ptr, _i64, _int],
+    "lh_step_decode": [_ptr, _ptr, _i64, _ptr, _ptr, _ptr, _int, _i64, _i64, _i64, _ptr, _i64, _int],
 }
 
 
@@ -89,6 +96,7 @@ class _Plan:
         self.keep: list[torch.Tensor] = []
         self.found: list[tuple[dict, str, object]] = []  # (parent's _modules / _parameters / _buffers, name, object)
         self.modules: list[nn.Module] = []
+        self.widened: list[tuple[torch.Tensor, int | None]] = []  # (bf16 weight read as a float32 copy, version)
         self.model: _Model | None = None
         self.ref = None
         self._lookup: tuple | None = None
@@ -123,13 +131,15 @@ class _Plan:
         if _hooks._global_forward_hooks or _hooks._global_forward_pre_hooks:
             return False
         registries, names, objs, hooks = self._lists()
-        return all(map(operator.is_, map(dict.get, registries, names), objs)) and not any(map(len, hooks))
+        return all(map(operator.is_, map(dict.get, registries, names), objs)) and not any(map(len, hooks)) \
+            and all(_version(t) == v for t, v in self.widened)
 
     def state(self) -> tuple:
         """What the checks of `intact` read, as it is now: a plan that failed is remade when this changes."""
         registries, names, _, hooks = self._lists()
         return (tuple(map(id, map(dict.get, registries, names))), tuple(map(len, hooks)),
-                bool(_hooks._global_forward_hooks or _hooks._global_forward_pre_hooks))
+                bool(_hooks._global_forward_hooks or _hooks._global_forward_pre_hooks),
+                tuple(_version(t) for t, _ in self.widened))
 
     def refused(self) -> _Plan:
         """Mark the plan as not applying to the model as it is (`state` kept to notice a change)."""
@@ -137,24 +147,84 @@ class _Plan:
         return self
 
 
-def _packed(plan: _Plan, owner: nn.Module, name: str) -> _Weight | None:
-    """A packed ggml linear as step.c's weight (quant.ggml.GGMLLinear's interface: `qtype.id`, a `weight`
-    buffer whose `plain()` is the (rows, row_bytes) uint8 bytes), or None for any other module (LoRA, float)."""
+def _version(t: torch.Tensor) -> int | None:
+    """The tensor's in-place write counter (inference tensors keep none)."""
+    return None if t.is_inference() else t._version
+
+
+def _weight(plan: _Plan, owner: nn.Module, name: str, N: int, K: int) -> _Weight | None:
+    """Projection `name` of `owner` ((N, K) by its reference) as step.c's weight, or None for a module the step
+    does not compute (LoRA, float32, a patched forward...)."""
     m = plan.child(owner, name)
-    qtype = getattr(m, "qtype", None)
-    if qtype is None or not hasattr(m._buffers.get("weight"), "plain"):
+    if m._modules or "forward" in m.__dict__:
+        return None
+    if getattr(m, "qtype", None) is not None:
+        return _packed(plan, m)
+    if type(m) in (nn.Linear, dense.DenseLinear):
+        return _bf16(plan, m, N, K)
+    return _weight_only(plan, m, N, K)
+
+
+def _packed(plan: _Plan, m: nn.Module) -> _Weight | None:
+    """A packed ggml linear (quant.ggml.GGMLLinear's interface: `qtype.id`, a `weight` buffer whose `plain()` is
+    the (rows, row_bytes) uint8 bytes)."""
+    if not hasattr(m._buffers.get("weight"), "plain"):
         return None
     packed = plan.tensor(m, "weight").plain()
     if packed.dtype != torch.uint8 or packed.dim() != 2 or packed.stride(1) != 1 or not packed.is_cpu:
         return None
-    return _Weight(int(qtype.id), packed.data_ptr(), packed.shape[0], packed.stride(0))
+    return _Weight(int(m.qtype.id), packed.data_ptr(), packed.shape[0], packed.stride(0))
 
 
-def _float_vector(t: torch.Tensor, n: int) -> bool:
-    return t.dtype == torch.float32 and t.is_cpu and t.is_contiguous() and t.shape == (n,)
+def _bf16(plan: _Plan, m: nn.Module, N: int, K: int) -> _Weight | None:
+    """A bias-free bf16 Linear as native/dense.py computes it (`dense.applies`: a plain 2-D tensor, unit stride
+    along K)."""
+    if m.bias is not None:
+        return None
+    w = plan.tensor(m, "weight")
+    if type(w) not in (torch.Tensor, nn.Parameter) or w.dtype != torch.bfloat16 or not w.is_cpu \
+            or w.shape != (N, K) or w.stride(1) != 1:
+        return None
+    return _Weight(_BF16, w.data_ptr(), N, 2 * w.stride(0))
 
 
-def _make_plan(net: nn.Module, int8: bool) -> _Plan:
+def _weight_only(plan: _Plan, m: nn.Module, N: int, K: int) -> _Weight | None:
+    """Weight-only codes in the layouts native/weight_only.py's `Codes` takes (quant.weight_only.Int8Linear /
+    Int4Linear, quant.hf_quantized.PackedLinear without act-order or bias): exactly the tensors `qweight`,
+    `scales` and for grouped codes `zeros` with an int `group_size`; any other tensor (a bias, a permutation)
+    means other math."""
+    held = {n for r in (m._parameters, m._buffers) for n, t in r.items() if t is not None}
+    if not {"qweight", "scales"} <= held <= {"qweight", "scales", "zeros"}:
+        return None
+    q, s = plan.tensor(m, "qweight"), plan.tensor(m, "scales")
+    if not (q.is_cpu and s.is_cpu and q.is_contiguous() and s.is_contiguous() and q.dim() == 2 and q.shape[0] == N):
+        return None
+    if held == {"qweight", "scales"}:
+        ok = q.dtype == torch.int8 and q.shape[1] == K and s.dtype == torch.bfloat16 and s.shape == (N,)
+        return _Weight(_WO_INT8, q.data_ptr(), N, K, s.data_ptr(), None, 0, 0) if ok else None
+    z, G = plan.tensor(m, "zeros"), getattr(m, "group_size", None)
+    if q.dtype != torch.uint8 or type(G) is not int or G < 1 or K % G or q.shape[1] not in (K, K // 2) \
+            or not (z.is_cpu and z.is_contiguous()) or s.dtype != z.dtype or s.shape != (K // G, N) \
+            or z.shape != s.shape or s.dtype not in (torch.bfloat16, torch.float32):
+        return None
+    kind = _WO_INT4 if 2 * q.shape[1] == K else _WO_GROUPED8
+    return _Weight(kind, q.data_ptr(), N, q.stride(0), s.data_ptr(), z.data_ptr(), G, int(s.dtype == torch.float32))
+
+
+def _norm_weight(plan: _Plan, norm: nn.Module, n: int) -> torch.Tensor | None:
+    """A norm's (n,) weight as step.c reads it: float32 in place, or a bf16 model's widened (exactly) to a float32
+    copy whose source `intact` watches for in-place writes."""
+    w = plan.tensor(norm, "weight")
+    if not (w.is_cpu and w.is_contiguous() and w.shape == (n,)) or w.dtype not in (torch.float32, torch.bfloat16):
+        return None
+    if w.dtype == torch.bfloat16:
+        plan.widened.append((w, _version(w)))
+        w = w.float()
+        plan.keep.append(w)
+    return w
+
+
+def _make_plan(net: nn.Module, int8: bool, act16: bool) -> _Plan:
     """The plan of `net` (a llama or gemma3 Transformer); `refused` when some part is not what step.c computes."""
     plan = _Plan()
 
@@ -167,6 +237,7 @@ def _make_plan(net: nn.Module, int8: bool) -> _Plan:
     norm_type = gemma3.GemmaRMSNorm if gemma else llama.RMSNorm
     layers = (_Layer * len(net.layers))()
     eps = None
+    hidden = _hidden(net)
     blocks = plan.child(net, "layers")
     for i in range(len(blocks)):
         block = plan.child(blocks, str(i))
@@ -176,8 +247,11 @@ def _make_plan(net: nn.Module, int8: bool) -> _Plan:
                 and is_(rotary, gemma3.RotaryHalves if gemma else llama.Rotary)):
             return plan.refused()
         L = layers[i]
-        for name, owner in (("wq", attn), ("wk", attn), ("wv", attn), ("wo", attn), ("w1", ff), ("w3", ff), ("w2", ff)):
-            weight = _packed(plan, owner, name)
+        QD, KD, F = attn.n_heads * attn.head_dim, attn.n_kv_heads * attn.head_dim, hidden
+        for name, owner, N, K in (("wq", attn, QD, c.dim), ("wk", attn, KD, c.dim), ("wv", attn, KD, c.dim),
+                                  ("wo", attn, c.dim, QD), ("w1", ff, F, c.dim), ("w3", ff, F, c.dim),
+                                  ("w2", ff, c.dim, F)):
+            weight = _weight(plan, owner, name, N, K)
             if weight is None:
                 return plan.refused()
             setattr(L, name, weight)
@@ -190,8 +264,8 @@ def _make_plan(net: nn.Module, int8: bool) -> _Plan:
             norm = plan.child(owner, name)
             if not is_(norm, norm_type) or (eps is not None and norm.eps != eps):
                 return plan.refused()
-            weight = plan.tensor(norm, "weight")
-            if not _float_vector(weight, n):
+            weight = _norm_weight(plan, norm, n)
+            if weight is None:
                 return plan.refused()
             eps = norm.eps
             setattr(L, field, weight.data_ptr())
@@ -201,21 +275,29 @@ def _make_plan(net: nn.Module, int8: bool) -> _Plan:
     plan.keep += [inv, inv_local, layers]
     attn = net.layers[0].attention
     plan.model = _Model(
-        n_layers=len(net.layers), dim=c.dim, hidden=net.layers[0].feed_forward.w1.out_features, n_heads=attn.n_heads,
+        n_layers=len(net.layers), dim=c.dim, hidden=hidden, n_heads=attn.n_heads,
         n_kv_heads=attn.n_kv_heads, head_dim=attn.head_dim, norm_mode=ops._ONE_PLUS_WEIGHT if gemma else ops._WEIGHT,
         layout=ops.HALVES if gemma else ops.PAIRS, act=_GELU_TANH if gemma else _SILU,
-        window=(c.sliding_window or 0) if gemma else 0, int8=int(int8), eps=eps,
+        window=(c.sliding_window or 0) if gemma else 0, int8=int(int8), act16=int(act16), eps=eps,
         scale=attn.scale if gemma else attn.head_dim**-0.5, inv_freq=inv.data_ptr(),
         inv_freq_local=inv_local.data_ptr(),
         layers=ctypes.cast(layers, ctypes.POINTER(_Layer)),
     )
     if not plan.intact() or _fn("lh_step_check")(ctypes.byref(plan.model)) != 0:  # intact: no hooks anywhere
         return plan.refused()
+    if layers[0].wq.type > _BF16 and not native_wo.available():  # weight-only kernels switched off: torch's run
+        return plan.refused()
     plan.ref = ctypes.byref(plan.model)
     return plan
 
 
-# model -> {int8 activations: plan or None}; outside the model's own attributes so that copy.deepcopy and
+def _hidden(net: nn.Module) -> int:
+    """The feed-forward width (every projection module kind here has `out_features`)."""
+    w1 = net.layers[0].feed_forward.w1
+    return int(getattr(w1, "out_features", 0) or 0)
+
+
+# model -> {(int8 activations, int16 activations, weight-only kernels on): plan}; outside the model's own attributes so that copy.deepcopy and
 # pickle of a model never meet the ctypes structures (a copy makes its own plan).
 _PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -223,12 +305,12 @@ _PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 def _plan(net: nn.Module) -> _Plan | None:
     """The model's plan for the current activation kind, made on first use and remade when a module or weight
     it was made from has changed; None when the step does not apply to the model as it is now."""
-    int8 = bool(ggml_kernels.INT8_ACTIVATIONS)
+    switches = (bool(ggml_kernels.INT8_ACTIVATIONS), bool(native_wo.INT16_ACTIVATIONS), native_wo.ENABLED)
     plans = _PLANS.setdefault(net, {})
-    plan = plans.get(int8)
+    plan = plans.get(switches)
     if plan is None or (plan.model is not None and not plan.intact()) \
             or (plan.model is None and plan.state() != plan.failed_state):
-        plan = plans[int8] = _make_plan(net, int8)
+        plan = plans[switches] = _make_plan(net, *switches[:2])
     return plan if plan.model is not None else None
 
 
@@ -243,8 +325,8 @@ def _applies(tokens: torch.Tensor, positions, cache, key_mask) -> bool:
         return False
     B, T = tokens.shape
     k = cache.k
-    if T != 1 or not 1 <= B <= MAX_ROWS or k.dtype != torch.float32 or not k.is_cpu or not k.is_contiguous() \
-            or not cache.v.is_contiguous() or cache.v.shape != k.shape or k.shape[1] != B \
+    if T != 1 or not 1 <= B <= MAX_ROWS or k.dtype not in _CACHE_DTYPES or not k.is_cpu or not k.is_contiguous() \
+            or not cache.v.is_contiguous() or cache.v.shape != k.shape or cache.v.dtype != k.dtype or k.shape[1] != B \
             or cache.length >= cache.max_len:
         return False
     if positions is not None and (positions.shape != (B, 1) or not positions.is_cpu):
@@ -255,17 +337,21 @@ def _applies(tokens: torch.Tensor, positions, cache, key_mask) -> bool:
     return native.library() is not None
 
 
+_CACHE_DTYPES = (torch.float32, torch.bfloat16)
+
+
 def step(net: nn.Module, plan: _Plan, tokens: torch.Tensor, positions, cache: KVCache, key_mask) -> torch.Tensor | None:
-    """The last layer's output (B, 1, dim) for one token per row, the cache written and advanced; None when the
-    embedding is not float32 (the caller then takes the reference path, the cache untouched)."""
+    """The last layer's output (B, 1, dim) in the embedding's dtype for one token per row, the cache written and
+    advanced; None when the embedding is not float32 or bf16 (the caller then takes the reference path, the
+    cache untouched)."""
     B = tokens.shape[0]
     c = net.config
-    h = net.tok_embeddings(tokens)
-    if h.dtype != torch.float32:
+    e = net.tok_embeddings(tokens)
+    if e.dtype not in (torch.float32, torch.bfloat16):
         return None
     if isinstance(net, gemma3.Transformer):  # as gemma3.Transformer.forward: sqrt(dim) in the model dtype
-        h = h * torch.tensor(c.dim**0.5, dtype=h.dtype)
-    h = h.reshape(B, c.dim).contiguous()
+        e = e * torch.tensor(c.dim**0.5, dtype=e.dtype)
+    h = e.reshape(B, c.dim).float().contiguous()  # a copy for bf16: the step computes in float32
     start = cache.length
     if positions is None:
         pos = torch.full((B,), start, dtype=torch.long)
@@ -273,14 +359,15 @@ def step(net: nn.Module, plan: _Plan, tokens: torch.Tensor, positions, cache: KV
         pos = positions.reshape(B).to(torch.long).contiguous()
     mask = None if key_mask is None else key_mask.contiguous()
     rc = _fn("lh_step_decode")(plan.ref, h.data_ptr(), B, pos.data_ptr(), cache.k.data_ptr(), cache.v.data_ptr(),
-                               cache.k.stride(0), cache.max_len, start, None if mask is None else mask.data_ptr(),
-                               0 if mask is None else mask.stride(0), torch.get_num_threads())
+                               int(cache.k.dtype == torch.bfloat16), cache.k.stride(0), cache.max_len, start,
+                               None if mask is None else mask.data_ptr(), 0 if mask is None else mask.stride(0),
+                               torch.get_num_threads())
     if rc == -2:
         raise MemoryError("the native decode step could not allocate its scratch")
     if rc != 0:
         raise ValueError(f"lh_step_decode refused its arguments (rc {rc})")
     cache.length = start + 1
-    return h.view(B, 1, c.dim)
+    return h.view(B, 1, c.dim).to(e.dtype)
 
 
 class _Step:

@@ -30,6 +30,7 @@
 #include <string.h>
 
 #include "common.h"
+#include "weight_only.h"
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #define LH_WO_AVX512 1
@@ -37,10 +38,12 @@
 #define LH_WO_AVX512 0
 #endif
 
-#define LH_WO_MAX_M 16 /* rows of X per call; weight_only.py's MAX_ROWS */
 #define LH_WO_RB 4     /* weight rows per block */
 #define LH_WO_MB 4     /* X rows per block */
 #define LH_WO_SERIAL_WORK (1 << 16)
+static int lh_wo_run(int scheme, int nw, const void *X, int x_f32, int64_t ldx, int64_t M, const void *const *W,
+                     const void *const *S, const void *const *Z, int sz_f32, const int64_t *N, int64_t K, int64_t G,
+                     void *const *Y, const int64_t *ldy, int y_bf16, int act16, int nthreads);
 #define LH_WO_AHEAD 1024 /* bytes of each weight row prefetched ahead of the loads: 4 row streams per thread */
 
 static inline void lh_wo_store(void *Y, int y_bf16, int64_t i, float v) {
@@ -251,37 +254,11 @@ int lh_wo_int8(int nw, const void *X, int x_f32, int64_t ldx, int64_t M, const i
                const uint16_t *const *S, const int64_t *N, int64_t K, void *const *Y, const int64_t *ldy,
                int y_bf16, int act16, int nthreads) {
     if (M < 1 || M > LH_WO_MAX_M || K < 1 || nw < 1) return -1;
-    double work = 0;
-    for (int j = 0; j < nw; j++) {
-        if (N[j] < 0) return -1;
-        work += (double)M * N[j] * K;
-    }
-    void *x = aligned_alloc(64, ((size_t)(M * K * (act16 ? 2 : 4)) + 63) / 64 * 64);
-    float sx[LH_WO_MAX_M];
-    if (x == NULL) return -1;
-    for (int64_t i = 0; i < M; i++) {
-        if (act16) sx[i] = lh_wo_act16(X, x_f32, ldx, i, K, 0, (int16_t *)x + i * K);
-        else
-            for (int64_t k = 0; k < K; k++) ((float *)x)[i * K + k] = lh_wo_x(X, x_f32, i * ldx + k);
-    }
-    const int par = nthreads > 1 && work >= LH_WO_SERIAL_WORK;
-#pragma omp parallel num_threads(nthreads) if (par)
-    for (int j = 0; j < nw; j++) lh_wo8_in_region(x, act16 ? sx : NULL, M, K, W[j], S[j], N[j], Y[j], ldy[j], y_bf16);
-    free(x);
-    return 0;
+    return lh_wo_run(LH_WO_INT8, nw, X, x_f32, ldx, M, (const void *const *)W, (const void *const *)S, NULL, 0, N,
+                     K, 0, Y, ldy, y_bf16, act16, nthreads);
 }
 
 /* ---- int4 ------------------------------------------------------------------------------------------------ */
-
-/* X rows (M, K) -> float32 rows of K, each 32-element chunk as its 16 even then its 16 odd elements. */
-static void lh_wo4_split(const void *X, int x_f32, int64_t ldx, int64_t M, int64_t K, float *out) {
-    for (int64_t i = 0; i < M; i++)
-        for (int64_t c = 0; c < K; c += 32)
-            for (int j = 0; j < 16; j++) {
-                out[i * K + c + j] = lh_wo_x(X, x_f32, i * ldx + c + 2 * j);
-                out[i * K + c + 16 + j] = lh_wo_x(X, x_f32, i * ldx + c + 2 * j + 1);
-            }
-}
 
 #if LH_WO_AVX512
 static inline __attribute__((always_inline)) void lh_wo4_tile(const float *X, int64_t K, const int mb,
@@ -481,42 +458,8 @@ int lh_wo_int4(int nw, const void *X, int x_f32, int64_t ldx, int64_t M, const u
                const void *const *S, const void *const *Z, int sz_f32, const int64_t *N, int64_t K, int64_t G,
                void *const *Y, const int64_t *ldy, int y_bf16, int act16, int nthreads) {
     if (M < 1 || M > LH_WO_MAX_M || K < 1 || nw < 1 || G < 32 || G % 32 != 0 || K % G != 0) return -1;
-    double work = 0;
-    for (int j = 0; j < nw; j++) {
-        if (N[j] < 0) return -1;
-        work += (double)M * N[j] * K;
-    }
-#if LH_WO_ACT16_INT4
-    if (act16 && K % 64 == 0) {
-        int16_t *xq = (int16_t *)aligned_alloc(64, ((size_t)(M * K * 2) + 63) / 64 * 64);
-        float *xs = (float *)malloc((size_t)(M * (K / G)) * sizeof(float)), sx[LH_WO_MAX_M];
-        if (xq == NULL || xs == NULL) { free(xq); free(xs); return -1; }
-        for (int64_t i = 0; i < M; i++) {
-            sx[i] = lh_wo_act16(X, x_f32, ldx, i, K, 1, xq + i * K);
-            for (int64_t g = 0; g < K / G; g++) { /* group sums of the codes, exact in int64 */
-                int64_t sum = 0;
-                for (int64_t c = g * G; c < (g + 1) * G; c++) /* element c sits at its split position */
-                    sum += xq[i * K + (c & ~(int64_t)63) + ((c & 1) << 5) + ((c & 63) >> 1)];
-                xs[i * (K / G) + g] = (float)sum;
-            }
-        }
-        const int par = nthreads > 1 && work >= LH_WO_SERIAL_WORK;
-#pragma omp parallel num_threads(nthreads) if (par)
-        for (int j = 0; j < nw; j++)
-            lh_wo4w_in_region(xq, xs, sx, M, K, W[j], S[j], Z[j], sz_f32, N[j], G, Y[j], ldy[j], y_bf16);
-        free(xq);
-        free(xs);
-        return 0;
-    }
-#endif
-    float *x = (float *)aligned_alloc(64, ((size_t)(M * K * 4) + 63) / 64 * 64);
-    if (x == NULL) return -1;
-    lh_wo4_split(X, x_f32, ldx, M, K, x);
-    const int par = nthreads > 1 && work >= LH_WO_SERIAL_WORK;
-#pragma omp parallel num_threads(nthreads) if (par)
-    for (int j = 0; j < nw; j++) lh_wo4_in_region(x, M, K, W[j], S[j], Z[j], sz_f32, N[j], G, Y[j], ldy[j], y_bf16);
-    free(x);
-    return 0;
+    return lh_wo_run(LH_WO_INT4, nw, X, x_f32, ldx, M, (const void *const *)W, S, Z, sz_f32, N, K, G, Y, ldy,
+                     y_bf16, act16, nthreads);
 }
 
 /* ---- 8-bit codes in groups (GPTQ 8-bit) ------------------------------------------------------------------ */
@@ -603,19 +546,93 @@ int lh_wo_grouped8(int nw, const void *X, int x_f32, int64_t ldx, int64_t M, con
                    const float *const *S, const float *const *Z, const int64_t *N, int64_t K, int64_t G,
                    void *const *Y, const int64_t *ldy, int y_bf16, int nthreads) {
     if (M < 1 || M > LH_WO_MAX_M || K < 1 || nw < 1 || G < 16 || G % 16 != 0 || K % G != 0) return -1;
+    return lh_wo_run(LH_WO_GROUPED8, nw, X, x_f32, ldx, M, (const void *const *)W, (const void *const *)S,
+                     (const void *const *)Z, 1, N, K, G, Y, ldy, y_bf16, 0, nthreads);
+}
+
+/* ---- the pieces (weight_only.h) and the one driver of the exported calls ---------------------------------- */
+
+size_t lh_wo_act_bytes(int64_t K, int64_t M, int64_t G) {
+    const size_t x = ((size_t)(M * K) * 4 + 63) / 64 * 64; /* float32 or int16 codes */
+    const size_t xs = G > 0 ? (size_t)(M * (K / G)) * sizeof(float) : 0;
+    return x + (xs + 63) / 64 * 64;
+}
+
+void lh_wo_act_init(lh_wo_act *a, void *mem, int scheme, int act16, int64_t K, int64_t M, int64_t G) {
+    a->scheme = scheme, a->M = M, a->K = K, a->G = G;
+    if (scheme == LH_WO_INT8) a->act16 = act16 != 0;
+    else if (scheme == LH_WO_INT4) a->act16 = act16 != 0 && LH_WO_ACT16_INT4 && K % 64 == 0;
+    else a->act16 = 0;
+    a->x = mem;
+    a->xs = (float *)((char *)mem + ((size_t)(M * K) * 4 + 63) / 64 * 64);
+}
+
+void lh_wo_act_row(lh_wo_act *a, const void *X, int x_f32, int64_t ldx, int64_t i) {
+    const int64_t K = a->K;
+    if (a->scheme == LH_WO_INT4 && a->act16) {
+        int16_t *xq = (int16_t *)a->x + i * K;
+        const int64_t G = a->G, ng = K / G;
+        a->sx[i] = lh_wo_act16(X, x_f32, ldx, i, K, 1, xq);
+        for (int64_t g = 0; g < ng; g++) { /* group sums of the codes, exact in int64 */
+            int64_t sum = 0;
+            for (int64_t c = g * G; c < (g + 1) * G; c++) /* element c sits at its split position */
+                sum += xq[(c & ~(int64_t)63) + ((c & 1) << 5) + ((c & 63) >> 1)];
+            a->xs[i * ng + g] = (float)sum;
+        }
+    } else if (a->scheme == LH_WO_INT4) {
+        float *out = (float *)a->x + i * K;
+        for (int64_t c = 0; c < K; c += 32) /* each 32-element chunk as its 16 even then its 16 odd elements */
+            for (int j = 0; j < 16; j++) {
+                out[c + j] = lh_wo_x(X, x_f32, i * ldx + c + 2 * j);
+                out[c + 16 + j] = lh_wo_x(X, x_f32, i * ldx + c + 2 * j + 1);
+            }
+    } else if (a->act16) {
+        a->sx[i] = lh_wo_act16(X, x_f32, ldx, i, K, 0, (int16_t *)a->x + i * K);
+    } else {
+        float *out = (float *)a->x + i * K;
+        for (int64_t k = 0; k < K; k++) out[k] = lh_wo_x(X, x_f32, i * ldx + k);
+    }
+}
+
+void lh_wo_weight_in_region(const lh_wo_act *a, const void *W, const void *S, const void *Z, int sz_f32, int64_t N,
+                            void *Y, int64_t ldy, int y_bf16) {
+    const int64_t M = a->M, K = a->K, G = a->G;
+    if (a->scheme == LH_WO_INT8) {
+        lh_wo8_in_region(a->x, a->act16 ? a->sx : NULL, M, K, (const int8_t *)W, (const uint16_t *)S, N, Y, ldy,
+                         y_bf16);
+    } else if (a->scheme == LH_WO_INT4) {
+#if LH_WO_ACT16_INT4
+        if (a->act16) {
+            lh_wo4w_in_region((const int16_t *)a->x, a->xs, a->sx, M, K, (const uint8_t *)W, S, Z, sz_f32, N, G, Y,
+                              ldy, y_bf16);
+            return;
+        }
+#endif
+        lh_wo4_in_region((const float *)a->x, M, K, (const uint8_t *)W, S, Z, sz_f32, N, G, Y, ldy, y_bf16);
+    } else {
+        lh_wog8_in_region((const float *)a->x, M, K, (const uint8_t *)W, (const float *)S, (const float *)Z, N, G, Y,
+                          ldy, y_bf16);
+    }
+}
+
+static int lh_wo_run(int scheme, int nw, const void *X, int x_f32, int64_t ldx, int64_t M, const void *const *W,
+                     const void *const *S, const void *const *Z, int sz_f32, const int64_t *N, int64_t K, int64_t G,
+                     void *const *Y, const int64_t *ldy, int y_bf16, int act16, int nthreads) {
     double work = 0;
     for (int j = 0; j < nw; j++) {
         if (N[j] < 0) return -1;
         work += (double)M * N[j] * K;
     }
-    float *x = (float *)aligned_alloc(64, ((size_t)(M * K * 4) + 63) / 64 * 64);
-    if (x == NULL) return -1;
-    for (int64_t i = 0; i < M; i++)
-        for (int64_t k = 0; k < K; k++) x[i * K + k] = lh_wo_x(X, x_f32, i * ldx + k);
+    void *mem = aligned_alloc(64, lh_wo_act_bytes(K, M, G));
+    if (mem == NULL) return -1;
+    lh_wo_act a;
+    lh_wo_act_init(&a, mem, scheme, act16, K, M, G);
+    for (int64_t i = 0; i < M; i++) lh_wo_act_row(&a, X, x_f32, ldx, i);
     const int par = nthreads > 1 && work >= LH_WO_SERIAL_WORK;
 #pragma omp parallel num_threads(nthreads) if (par)
-    for (int j = 0; j < nw; j++) lh_wog8_in_region(x, M, K, W[j], S[j], Z[j], N[j], G, Y[j], ldy[j], y_bf16);
-    free(x);
+    for (int j = 0; j < nw; j++)
+        lh_wo_weight_in_region(&a, W[j], S[j], Z == NULL ? NULL : Z[j], sz_f32, N[j], Y[j], ldy[j], y_bf16);
+    free(mem);
     return 0;
 }
 
