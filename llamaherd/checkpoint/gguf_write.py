@@ -43,11 +43,15 @@ FILE_TYPES: dict[str, tuple[Q, LlamaFileType]] = {
     "q4_k_m": (Q.Q4_K, LlamaFileType.MOSTLY_Q4_K_M),
     "q5_k_m": (Q.Q5_K, LlamaFileType.MOSTLY_Q5_K_M),
     "q6_k": (Q.Q6_K, LlamaFileType.MOSTLY_Q6_K),
+    "q3_k_s": (Q.Q3_K, LlamaFileType.MOSTLY_Q3_K_S),
+    "q3_k_m": (Q.Q3_K, LlamaFileType.MOSTLY_Q3_K_M),
+    "q3_k_l": (Q.Q3_K, LlamaFileType.MOSTLY_Q3_K_L),
+    "iq4_xs": (Q.IQ4_XS, LlamaFileType.MOSTLY_IQ4_XS),
 }
 
 # When a row length is not a multiple of the chosen type's block, llama.cpp falls back to a type with
-# 32-element blocks (llama-quant.cpp, "convert_incompatible_tensor"), and to F16 when even that fails.
-FALLBACK: dict[Q, Q] = {Q.Q4_K: Q.Q5_0, Q.Q5_K: Q.Q5_1, Q.Q6_K: Q.Q8_0}
+# 32-element blocks (llama-quant.cpp `tensor_type_fallback`), and to F16 when even that fails.
+FALLBACK: dict[Q, Q] = {Q.Q3_K: Q.Q4_0, Q.Q4_K: Q.Q5_0, Q.Q5_K: Q.Q5_1, Q.Q6_K: Q.Q8_0, Q.IQ4_XS: Q.IQ4_NL}
 
 # --- tensor names --------------------------------------------------------------------------------------------
 FAMILIES = {"llama": llama, "gemma3": gemma3, "llama4": llama4}  # general.architecture -> GGUF_NAMES, to_gguf
@@ -71,7 +75,7 @@ def use_more_bits(i_layer: int, n_layers: int) -> bool:
 
 
 def tensor_type(name: str, shape: tuple[int, ...], ftype: str, *, layer: int | None, n_layers: int, has_output: bool,
-                n_expert: int = 0) -> Q:
+                n_expert: int = 0, n_gqa: int = 1, has_imatrix: bool = False) -> Q:
     """The GGML type llama.cpp's `llama_tensor_get_type` gives GGUF tensor `name` under file type `ftype`.
 
     Rules (llama.cpp src/llama-quant.cpp, for the file types offered here):
@@ -79,12 +83,16 @@ def tensor_type(name: str, shape: tuple[int, ...], ftype: str, *, layer: int | N
       every other tensor (3-D expert stacks are quantized row by row like matrices).
     - output.weight (token_embd.weight when the embeddings are tied) becomes Q6_K unless the base type is
       Q8_0, or Q8_0 when its row length is not a multiple of 256.
-    - Q4_K_M / Q5_K_M: attn_v and ffn_down get Q6_K in the layers `use_more_bits` picks; in 80-layer
-      (70B) models the other attn_v tensors get Q5_K (8 query heads share each value head there). Every
-      tensor named ffn_down* counts (ffn_down_exps, ffn_down_shexp), by its block index.
-    - 8-expert models: attn_v and attn_k get Q8_0, and attn_output Q5_K under Q4_K_M.
-    - A row length the type's block does not divide falls back (Q4_K->Q5_0, Q5_K->Q5_1, Q6_K->Q8_0),
-      and to F16 when 32 does not divide it either.
+    - Q4_K_M / Q5_K_M: attn_v and ffn_down get Q6_K in the layers `use_more_bits` picks. Every tensor named
+      ffn_down* counts (ffn_down_exps, ffn_down_shexp), by its block index.
+    - Q3_K_M: attn_v Q5_K in layers 0-1 and Q4_K after, ffn_down Q5_K in the first 16th of the layers and Q4_K
+      after, attn_output Q4_K. Q3_K_L: attn_v, ffn_down and attn_output Q5_K. Q3_K_S: Q3_K throughout.
+    - IQ4_XS: attn_v Q5_K when 4 or more query heads share a KV head; ffn_down Q5_K in the first 8th of the
+      layers unless an importance matrix is given.
+    - 80-layer (70B) models: an attn_v left at Q3_K or Q4_K gets Q5_K (8 query heads share each value head).
+    - 8-expert models: attn_v and attn_k get Q8_0, and attn_output Q5_K under Q3_K_S/M, Q4_K_M and IQ4_XS.
+    - A row length the type's block does not divide falls back (FALLBACK: Q3_K->Q4_0, Q4_K->Q5_0, Q5_K->Q5_1,
+      Q6_K->Q8_0, IQ4_XS->IQ4_NL), and to F16 when 32 does not divide it either.
     """
     base, _ = FILE_TYPES[ftype]
     if len(shape) < 2 or ".ffn_gate_inp." in name:  # llama-quant.cpp tensor_allows_quantization; convert keeps F32
@@ -99,15 +107,24 @@ def tensor_type(name: str, shape: tuple[int, ...], ftype: str, *, layer: int | N
             qtype = Q.Q8_0
         elif base != Q.Q8_0:
             qtype = Q.Q6_K
-    elif ftype in ("q4_k_m", "q5_k_m") and (".attn_v." in name or ".ffn_down" in name):
+    elif ".attn_v." in name or ".ffn_down" in name:
         assert layer is not None
-        if use_more_bits(layer, n_layers):
+        if ftype in ("q4_k_m", "q5_k_m") and use_more_bits(layer, n_layers):
             qtype = Q.Q6_K
-        elif ".attn_v." in name and n_layers == 80 and qtype == Q.Q4_K:
+        elif ftype == "q3_k_m":
+            first = layer < 2 if ".attn_v." in name else layer < n_layers // 16
+            qtype = Q.Q5_K if first else Q.Q4_K
+        elif ftype == "q3_k_l":
             qtype = Q.Q5_K
+        elif ftype == "iq4_xs" and (n_gqa >= 4 if ".attn_v." in name else layer < n_layers // 8 and not has_imatrix):
+            qtype = Q.Q5_K
+        if ".attn_v." in name and n_layers == 80 and qtype in (Q.Q3_K, Q.Q4_K):
+            qtype = Q.Q5_K
+    elif ".attn_output." in name and n_expert != 8 and ftype in ("q3_k_m", "q3_k_l"):
+        qtype = Q.Q4_K if ftype == "q3_k_m" else Q.Q5_K
     if n_expert == 8 and (".attn_v." in name or ".attn_k." in name):
         qtype = Q.Q8_0
-    elif n_expert == 8 and ".attn_output." in name and ftype == "q4_k_m":
+    elif n_expert == 8 and ".attn_output." in name and ftype in ("q3_k_s", "q3_k_m", "q4_k_m", "iq4_xs"):
         qtype = Q.Q5_K
     if row % block_shape(qtype)[0]:
         qtype = FALLBACK.get(qtype, Q.F16)
@@ -320,7 +337,7 @@ def _add_llama4_hparams(w: gguf.GGUFWriter, c: Any) -> None:
 ProgressFn = Callable[[int, int, str, Q], None]
 
 
-def plan(ckpt: Checkpoint, ftype: str) -> list[tuple[str, str | None, tuple[int, ...], Q]]:
+def plan(ckpt: Checkpoint, ftype: str, has_imatrix: bool = False) -> list[tuple[str, str | None, tuple[int, ...], Q]]:
     """(gguf name, meta name or None for rope_freqs, shape, type) for every tensor, in llama.cpp's order."""
     c = ckpt.config
     sd = ckpt.state_dict
@@ -340,7 +357,8 @@ def plan(ckpt: Checkpoint, ftype: str) -> list[tuple[str, str | None, tuple[int,
         if c.arch == "llama4" and llama4.gguf_transposed(meta_name):  # stored transposed (llama4.to_gguf)
             shape = (*shape[:-2], shape[-1], shape[-2])
         rows.append((name, meta_name, shape, tensor_type(name, shape, ftype, layer=layer, n_layers=c.n_layers,
-                                                         has_output=has_output, n_expert=n_expert)))
+                                                         has_output=has_output, n_expert=n_expert,
+                                                         n_gqa=c.n_heads // c.n_kv_heads, has_imatrix=has_imatrix)))
     if c.rope_scaling is not None and c.rope_scaling.kind == "llama3":
         rows.append(("rope_freqs.weight", None, (c.head_dim // 2,), Q.F32))
 
@@ -366,8 +384,8 @@ def write(
 ) -> Path:
     """Write `ckpt` (arch "llama", "gemma3" or "llama4") to the GGUF file `dst` with file type `qtype`.
 
-    `qtype` is one of f32, f16, q8_0, q4_0, q4_k_m, q5_k_m, q6_k; `dtype` ("f32"/"f16", from `herd convert
-    --dtype`) is accepted as an alias when `qtype` is left at its default. Tensors are quantized and written
+    `qtype` is one of FILE_TYPES (f32, f16, q8_0, q4_0, q3_k_s/m/l, q4_k_m, q5_k_m, q6_k, iq4_xs); `dtype`
+    ("f32"/"f16", from `herd convert --dtype`) is accepted as an alias when `qtype` is left at its default. Tensors are quantized and written
     one at a time, so memory holds one tensor's copy at most. `progress(i, n, name, type)` is called
     before each tensor. `imatrix` (quant/imatrix.py) weights the rounding error of each tensor it has an entry
     for, as `llama-quantize --imatrix` does.
@@ -384,7 +402,7 @@ def write(
     if c.arch not in FAMILIES:
         raise CheckpointError(ckpt.source, f"GGUF writing supports arch {', '.join(map(repr, FAMILIES))}, "
                               f"this checkpoint is {c.arch!r}")
-    rows = plan(ckpt, qtype)
+    rows = plan(ckpt, qtype, has_imatrix=imatrix is not None)
     warn_requantize(ckpt, f"{qtype} GGUF output")
     dst = Path(dst)
     with replacing(dst) as tmp:  # a killed or failed write leaves no truncated GGUF behind

@@ -1,4 +1,4 @@
-"""GGML block quantizers (Q8_0, Q4_0, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K): float rows -> GGUF bytes + reconstruction.
+"""GGML block quantizers: float rows -> GGUF bytes + reconstruction (Q3_K and the IQ4 types in kquants_low.py).
 
 Each quantizer follows llama.cpp's reference row quantizer in `ggml/src/ggml-quants.c` (the `*_ref` functions
 that `llama_model_quantize` uses when no importance matrix is given), vectorised over blocks with torch in
@@ -16,8 +16,10 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
 
 from ..gguf_file import QK_K
+from .kquants_low import iq4_nl, iq4_xs, q3_k
+from .searches import (GROUP_MAX_EPS, as_u8, fp16_bytes, fp16_round, make_qkx2_quants, make_qp_quants, make_qx_quants,
+                       round_away, safe_div, safe_inv, signed_absmax)
 
-GROUP_MAX_EPS = 1e-15  # ggml-quants.c: a group whose largest |x| is below this is all zero
 CHUNK_ELEMS = 1 << 18  # elements quantized per step; bounds the temporaries of the k-quant searches
 
 
@@ -32,50 +34,14 @@ def nbytes(qtype: Q, shape: tuple[int, ...]) -> int:
     return n // elems * size
 
 
-# ---- helpers ----------------------------------------------------------------------------------------------
-def _fp16(x: torch.Tensor) -> torch.Tensor:
-    """Round to fp16 and back: the value a GGUF block's fp16 scale field holds."""
-    return x.to(torch.float16).to(torch.float32)
-
-
-def _fp16_bytes(x: torch.Tensor) -> torch.Tensor:
-    """(N,) float -> (N, 2) little-endian fp16 bytes."""
-    return x.to(torch.float16).contiguous().view(torch.uint8).view(-1, 2)
-
-
-def _round_away(x: torch.Tensor) -> torch.Tensor:
-    """C roundf: halves away from zero (Q8_0 uses roundf; the k-quants' nearest_int rounds halves to even)."""
-    return torch.sign(x) * torch.floor(x.abs() + 0.5)
-
-
-def _signed_absmax(x: torch.Tensor) -> torch.Tensor:
-    """Per row, the value with the largest magnitude, sign kept (first one on ties, as the C loops)."""
-    idx = x.abs().argmax(dim=-1, keepdim=True)
-    return x.gather(-1, idx).squeeze(-1)
-
-
-def _safe_div(a: torch.Tensor | float, d: torch.Tensor) -> torch.Tensor:
-    """a / d where d != 0, else 0 (the C code's `d ? a/d : 0`), dividing as C does rather than via 1/d."""
-    ok = d != 0
-    return torch.where(ok, a / torch.where(ok, d, torch.ones_like(d)), torch.zeros_like(d))
-
-
-def _safe_inv(d: torch.Tensor) -> torch.Tensor:
-    return _safe_div(1.0, d)
-
-
-def _u8(x: torch.Tensor) -> torch.Tensor:
-    return x.to(torch.int32).to(torch.uint8)
-
-
 # ---- legacy 32-element blocks -------------------------------------------------------------------------------
 def _q8_0(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     # quantize_row_q8_0_ref: d = amax/127, q = roundf(x/d)
     b = x.view(-1, 32)
     d = b.abs().amax(-1) / 127
-    q = _round_away(b * _safe_inv(d)[:, None])
-    recon = q * _fp16(d)[:, None]
-    raw = torch.cat([_fp16_bytes(d), q.to(torch.int8).view(torch.uint8)], dim=1)  # (nb, 34)
+    q = round_away(b * safe_inv(d)[:, None])
+    recon = q * fp16_round(d)[:, None]
+    raw = torch.cat([fp16_bytes(d), q.to(torch.int8).view(torch.uint8)], dim=1)  # (nb, 34)
     return raw, recon
 
 
@@ -94,12 +60,12 @@ def _q4_0(x: torch.Tensor, qw: torch.Tensor | None = None, n_per_row: int = 0) -
     if qw is not None:
         d, q = make_qx_quants(b, 8, _row_weights(x, qw, n_per_row))
     else:
-        d = _signed_absmax(b) / -8
-        q = torch.trunc(b * _safe_inv(d)[:, None] + 8.5).clamp(max=15)
-    recon = (q - 8) * _fp16(d)[:, None]
-    qu = _u8(q)
+        d = signed_absmax(b) / -8
+        q = torch.trunc(b * safe_inv(d)[:, None] + 8.5).clamp(max=15)
+    recon = (q - 8) * fp16_round(d)[:, None]
+    qu = as_u8(q)
     qs = qu[:, :16] | (qu[:, 16:] << 4)  # element j in the low nibble, j+16 in the high one
-    return torch.cat([_fp16_bytes(d), qs], dim=1), recon  # (nb, 18)
+    return torch.cat([fp16_bytes(d), qs], dim=1), recon  # (nb, 18)
 
 
 def _qh_bits(q: torch.Tensor) -> torch.Tensor:
@@ -115,12 +81,12 @@ def _q5_0(x: torch.Tensor, qw: torch.Tensor | None = None, n_per_row: int = 0) -
     if qw is not None:
         d, q = make_qx_quants(b, 16, _row_weights(x, qw, n_per_row))
     else:
-        d = _signed_absmax(b) / -16
-        q = torch.trunc(b * _safe_inv(d)[:, None] + 16.5).clamp(max=31)
-    recon = (q - 16) * _fp16(d)[:, None]
-    qu = _u8(q) & 0x0F
+        d = signed_absmax(b) / -16
+        q = torch.trunc(b * safe_inv(d)[:, None] + 16.5).clamp(max=31)
+    recon = (q - 16) * fp16_round(d)[:, None]
+    qu = as_u8(q) & 0x0F
     qs = qu[:, :16] | (qu[:, 16:] << 4)
-    return torch.cat([_fp16_bytes(d), _qh_bits(q), qs], dim=1), recon  # (nb, 22)
+    return torch.cat([fp16_bytes(d), _qh_bits(q), qs], dim=1), recon  # (nb, 22)
 
 
 def _q5_1(x: torch.Tensor, qw: torch.Tensor | None = None, n_per_row: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -133,94 +99,11 @@ def _q5_1(x: torch.Tensor, qw: torch.Tensor | None = None, n_per_row: int = 0) -
     else:
         mn, mx = b.amin(-1), b.amax(-1)
         d = (mx - mn) / 31
-        q = torch.trunc((b - mn[:, None]) * _safe_inv(d)[:, None] + 0.5).clamp(0, 31)
-    recon = _fp16(d)[:, None] * q + _fp16(mn)[:, None]
-    qu = _u8(q) & 0x0F
+        q = torch.trunc((b - mn[:, None]) * safe_inv(d)[:, None] + 0.5).clamp(0, 31)
+    recon = fp16_round(d)[:, None] * q + fp16_round(mn)[:, None]
+    qu = as_u8(q) & 0x0F
     qs = qu[:, :16] | (qu[:, 16:] << 4)
-    return torch.cat([_fp16_bytes(d), _fp16_bytes(mn), _qh_bits(q), qs], dim=1), recon  # (nb, 24)
-
-
-# ---- k-quant searches ---------------------------------------------------------------------------------------
-def make_qkx2_quants(x, w, nmax: int, rmin: float, rdelta: float, nstep: int):
-    """Scale and min for asymmetric levels 0..nmax of each row of x (ggml-quants.c `make_qkx2_quants`).
-
-    Start from the min/max grid, then try `nstep+1` stretched grids and keep the weighted least-squares
-    (scale, min) fit with the smallest weighted squared error. The C code updates `min` as it improves and
-    later grids are anchored at the improved min; this keeps that sequential dependence per row.
-    Returns (scale, the_min = -min >= 0, levels) with x ~ scale * L - the_min.
-    """
-    mn = x.amin(-1).clamp(max=0)
-    mx = x.amax(-1)
-    sum_w = w.sum(-1)
-    sum_x = (w * x).sum(-1)
-    flat = mx == mn
-    span = torch.where(flat, torch.ones_like(mx), mx - mn)
-    iscale = nmax / span
-    scale = 1 / iscale
-    L = torch.round(iscale[:, None] * (x - mn[:, None])).clamp(0, nmax)
-    best = (w * (scale[:, None] * L + mn[:, None] - x) ** 2).sum(-1)
-    wx = w * x
-    sum_x2 = (wx * x).sum(-1)
-    for step in range(nstep + 1):
-        span = torch.where(flat, torch.ones_like(mx), mx - mn)
-        iscale = float(np.float32(rmin) + np.float32(rdelta) * np.float32(step) + np.float32(nmax)) / span
-        la = torch.round((x - mn[:, None]).mul_(iscale[:, None])).clamp_(0, nmax)
-        wl = w * la
-        sum_l = wl.sum(-1)
-        sum_l2 = (wl * la).sum(-1)
-        sum_xl = (wx * la).sum(-1)
-        D = sum_w * sum_l2 - sum_l * sum_l
-        ok = D > 0
-        Ds = torch.where(ok, D, torch.ones_like(D))
-        this_scale = (sum_w * sum_xl - sum_x * sum_l) / Ds
-        this_min = (sum_l2 * sum_x - sum_l * sum_xl) / Ds
-        pos = this_min > 0  # a positive offset is not representable: refit the scale through zero
-        this_scale = torch.where(pos, sum_xl / torch.where(sum_l2 > 0, sum_l2, torch.ones_like(sum_l2)), this_scale)
-        this_min = torch.where(pos, torch.zeros_like(this_min), this_min)
-        # sum w (s l + m - x)^2 expanded into the sums at hand: no further pass over the elements
-        s, m = this_scale, this_min
-        err = (s * s * sum_l2 + 2 * s * m * sum_l - 2 * s * sum_xl + m * m * sum_w - 2 * m * sum_x + sum_x2)
-        better = ok & (err < best) & ~flat
-        L = torch.where(better[:, None], la, L)
-        best = torch.where(better, err, best)
-        scale = torch.where(better, this_scale, scale)
-        mn = torch.where(better, this_min, mn)
-    scale = torch.where(flat, torch.zeros_like(scale), scale)
-    L = torch.where(flat[:, None], torch.zeros_like(L), L)
-    return scale, -mn, L
-
-
-def make_qx_quants(x, nmax: int, qw: torch.Tensor | None = None):
-    """Scale for symmetric levels -nmax..nmax-1 of each row (ggml-quants.c `make_qx_quants`, rmse_type 1).
-
-    Weights are `qw` (importance weights, same shape as x) or x^2; grids iscale = -(nmax + 0.1 is)/max for
-    is in -9..9 are tried and the one maximising sumlx^2/suml2 (least weighted error) is kept.
-    Returns (scale, levels shifted by +nmax).
-    """
-    mx = _signed_absmax(x)
-    zero = mx.abs() < GROUP_MAX_EPS
-    mxs = torch.where(zero, torch.ones_like(mx), mx)
-    w = x * x if qw is None else qw
-
-    def fit(iscale):
-        l = torch.round(iscale[:, None] * x).clamp(-nmax, nmax - 1)
-        return l, (w * x * l).sum(-1), (w * l * l).sum(-1)
-
-    L, sumlx, suml2 = fit(-nmax / mxs)
-    scale = _safe_div(sumlx, suml2)  # suml2 >= 0
-    best = scale * sumlx
-    for step in range(-9, 10):
-        if step == 0:
-            continue
-        l, sumlx, suml2 = fit(-float(np.float32(nmax) + np.float32(0.1) * np.float32(step)) / mxs)
-        better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
-        L = torch.where(better[:, None], l, L)
-        new_scale = sumlx / torch.where(suml2 > 0, suml2, torch.ones_like(suml2))
-        scale = torch.where(better, new_scale, scale)
-        best = torch.where(better, new_scale * sumlx, best)
-    scale = torch.where(zero, torch.zeros_like(scale), scale)
-    L = torch.where(zero[:, None], torch.zeros_like(L), L + nmax)
-    return scale, L
+    return torch.cat([fp16_bytes(d), fp16_bytes(mn), _qh_bits(q), qs], dim=1), recon  # (nb, 24)
 
 
 # ---- k-quants ---------------------------------------------------------------------------------------------
@@ -255,8 +138,8 @@ def _k_asym(x: torch.Tensor, nmax: int, rmin: float, nstep: int, qw: torch.Tenso
         scales, mins = scales.view(-1, 8), mins.view(-1, 8)
         max_scale = scales.amax(-1).clamp(min=0)
         max_min = mins.amax(-1).clamp(min=0)
-        inv_scale = _safe_div(63.0, max_scale)  # max_* >= 0 here, so "nonzero" is "positive" as in the C code
-        inv_min = _safe_div(63.0, max_min)
+        inv_scale = safe_div(63.0, max_scale)  # max_* >= 0 here, so "nonzero" is "positive" as in the C code
+        inv_min = safe_div(63.0, max_min)
         ls = torch.round(inv_scale[:, None] * scales).clamp(max=63)
         lm = torch.round(inv_min[:, None] * mins).clamp(max=63)
         d, dmin = max_scale / 63, max_min / 63
@@ -269,8 +152,8 @@ def _k_asym(x: torch.Tensor, nmax: int, rmin: float, nstep: int, qw: torch.Tenso
         sw = w.sum(-1).view(-1, 8)
         d, ls = make_qp_quants(scales.view(-1, 8), 63, sw)
         dmin, lm = make_qp_quants(mins.view(-1, 8), 63, sw)
-    dj = (_fp16(d)[:, None] * ls).reshape(-1)  # (nb*8,)
-    mj = (_fp16(dmin)[:, None] * lm).reshape(-1)
+    dj = (fp16_round(d)[:, None] * ls).reshape(-1)  # (nb*8,)
+    mj = (fp16_round(dmin)[:, None] * lm).reshape(-1)
     nz = dj != 0  # the C code skips sub-blocks whose scale rounds to zero, keeping the search's levels
     Lr = torch.round((sb + mj[:, None]) / torch.where(nz, dj, torch.ones_like(dj))[:, None]).clamp(0, nmax)
     L = torch.where(nz[:, None], Lr, L)
@@ -278,50 +161,11 @@ def _k_asym(x: torch.Tensor, nmax: int, rmin: float, nstep: int, qw: torch.Tenso
     return d, dmin, ls, lm, L.view(-1, QK_K), recon
 
 
-def make_qp_quants(x: torch.Tensor, nmax: int, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and levels 0..nmax for non-negative rows of x, least w-weighted error (ggml-quants.c `make_qp_quants`).
-
-    Grids nmax + 0.1 is (is in -4..4) over max(x) are tried, then up to five passes move single levels while
-    that improves sumlx^2 / suml2. Returns (scale = sumlx / suml2, levels).
-    """
-    mx = x.amax(-1).clamp(min=0)
-    zero = mx == 0
-    mxs = torch.where(zero, torch.ones_like(mx), mx)
-    iscale = nmax / mxs
-    L = torch.round(iscale[:, None] * x)
-    best = (w * (x - (1 / iscale)[:, None] * L) ** 2).sum(-1)
-    for step in (-4, -3, -2, -1, 1, 2, 3, 4):
-        iscale_is = float(np.float32(0.1) * np.float32(step) + np.float32(nmax)) / mxs
-        l = torch.round(iscale_is[:, None] * x).clamp(max=nmax)
-        mse = (w * (x - (1 / iscale_is)[:, None] * l) ** 2).sum(-1)
-        better = mse < best
-        best = torch.where(better, mse, best)
-        iscale = torch.where(better, iscale_is, iscale)
-    L = torch.round(iscale[:, None] * x).clamp(0, nmax)  # C stores uint8: a negative scale cannot occur here
-    sumlx, suml2 = (w * x * L).sum(-1), (w * L * L).sum(-1)
-    for _ in range(5):  # the C loop per row stops when a pass changes nothing; a further pass changes nothing too
-        changed = torch.zeros_like(zero)
-        for i in range(x.shape[1]):
-            wi, xi, li = w[:, i], x[:, i], L[:, i]
-            slx, sl2 = sumlx - wi * xi * li, suml2 - wi * li * li
-            ok = (slx > 0) & (sl2 > 0)
-            new_l = torch.round(xi * sl2 / torch.where(ok, slx, torch.ones_like(slx))).clamp(0, nmax)
-            slx, sl2 = slx + wi * xi * new_l, sl2 + wi * new_l * new_l
-            take = ok & (new_l != li) & (slx * slx * suml2 > sumlx * sumlx * sl2)
-            L[:, i] = torch.where(take, new_l, li)
-            sumlx, suml2 = torch.where(take, slx, sumlx), torch.where(take, sl2, suml2)
-            changed |= take
-        if not changed.any():
-            break
-    scale = torch.where(zero | (suml2 <= 0), torch.zeros_like(mx), sumlx / torch.where(suml2 > 0, suml2, 1.0))
-    return scale, torch.where(zero[:, None], torch.zeros_like(L), L)
-
-
 def _q4_k(x: torch.Tensor, qw: torch.Tensor | None = None, n_per_row: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     d, dmin, ls, lm, L, recon = _k_asym(x, 15, -1.0, 20, qw)  # quantize_row_q4_K_ref: nmax 15, rmin -1, 20 steps
-    Lv = _u8(L).view(-1, 4, 2, 32)  # (nb, 64-chunk, half, 32): low nibble first half, high nibble second
+    Lv = as_u8(L).view(-1, 4, 2, 32)  # (nb, 64-chunk, half, 32): low nibble first half, high nibble second
     qs = (Lv[:, :, 0] | (Lv[:, :, 1] << 4)).reshape(-1, 128)
-    raw = torch.cat([_fp16_bytes(d), _fp16_bytes(dmin), _pack_k4_scales(ls, lm), qs], dim=1)  # (nb, 144)
+    raw = torch.cat([fp16_bytes(d), fp16_bytes(dmin), _pack_k4_scales(ls, lm), qs], dim=1)  # (nb, 144)
     return raw, recon
 
 
@@ -330,9 +174,9 @@ def _q5_k(x: torch.Tensor, qw: torch.Tensor | None = None, n_per_row: int = 0) -
     Li = L.to(torch.int64)
     # qh[j] bit k = bit 4 of element 32k + j (sub-block k)
     qh = (((Li.view(-1, 8, 32) >> 4) & 1) << torch.arange(8, dtype=torch.int64)[:, None]).sum(1).to(torch.uint8)
-    Lv = _u8(Li & 0xF).view(-1, 4, 2, 32)
+    Lv = as_u8(Li & 0xF).view(-1, 4, 2, 32)
     qs = (Lv[:, :, 0] | (Lv[:, :, 1] << 4)).reshape(-1, 128)
-    raw = torch.cat([_fp16_bytes(d), _fp16_bytes(dmin), _pack_k4_scales(ls, lm), qh, qs], dim=1)  # (nb, 176)
+    raw = torch.cat([fp16_bytes(d), fp16_bytes(dmin), _pack_k4_scales(ls, lm), qh, qs], dim=1)  # (nb, 176)
     return raw, recon
 
 
@@ -342,13 +186,13 @@ def _q6_k(x: torch.Tensor, qw: torch.Tensor | None = None, n_per_row: int = 0) -
     sb = x.view(-1, 16)
     scales, L = make_qx_quants(sb, 32, None if qw is None else qw.view(-1, 16))
     scales = scales.view(-1, 16)
-    max_scale = _signed_absmax(scales)
+    max_scale = signed_absmax(scales)
     zero = max_scale.abs() < GROUP_MAX_EPS
     iscale = -128 / torch.where(zero, torch.ones_like(max_scale), max_scale)
     d = torch.where(zero, torch.zeros_like(max_scale), 1 / iscale)
     sc = torch.round(iscale[:, None] * scales).clamp(max=127)
     sc = torch.where(zero[:, None], torch.zeros_like(sc), sc)
-    dj = (_fp16(d)[:, None] * sc).reshape(-1)  # (nb*16,)
+    dj = (fp16_round(d)[:, None] * sc).reshape(-1)  # (nb*16,)
     nz = dj != 0
     Lr = torch.round(sb / torch.where(nz, dj, torch.ones_like(dj))[:, None]).clamp(-32, 31) + 32
     L = torch.where(nz[:, None], Lr, L)
@@ -359,7 +203,7 @@ def _q6_k(x: torch.Tensor, qw: torch.Tensor | None = None, n_per_row: int = 0) -
     qh = ((Li >> 4) << (2 * torch.arange(4, dtype=torch.int64))[:, None]).sum(2).reshape(-1, 64).to(torch.uint8)
     if zero.any():  # memset 0: levels 0 (not 32) in a zero block
         ql[zero], qh[zero] = 0, 0
-    raw = torch.cat([ql, qh, sc.to(torch.int8).view(torch.uint8), _fp16_bytes(d)], dim=1)  # (nb, 210)
+    raw = torch.cat([ql, qh, sc.to(torch.int8).view(torch.uint8), fp16_bytes(d)], dim=1)  # (nb, 210)
     return raw, recon
 
 
@@ -371,12 +215,15 @@ QUANTIZERS: dict[Q, Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]]
     Q.Q4_K: _q4_k,
     Q.Q5_K: _q5_k,
     Q.Q6_K: _q6_k,
+    Q.Q3_K: q3_k,
+    Q.IQ4_XS: iq4_xs,
+    Q.IQ4_NL: iq4_nl,
 }
 
 
 # Types whose quantizer takes importance weights (ggml-quants.c quantize_q4_0 ... quantize_q6_K with
 # quant_weights); Q8_0 ignores them there too.
-WEIGHTED = (Q.Q4_0, Q.Q5_0, Q.Q5_1, Q.Q4_K, Q.Q5_K, Q.Q6_K)
+WEIGHTED = (Q.Q4_0, Q.Q5_0, Q.Q5_1, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.IQ4_XS, Q.IQ4_NL)
 
 
 def quantize(t: torch.Tensor, qtype: Q, imatrix: torch.Tensor | None = None) -> tuple[np.ndarray, torch.Tensor]:
