@@ -13,18 +13,32 @@ With --decode MODEL it instead times whole decode steps of MODEL (as bench/profi
 figure), INT8_ACTIVATIONS on and off alternating in one process, and prints the median ms/token of each:
 
     .venv/bin/python bench/kernels.py --decode gemma-3-270m-q4_k_m --threads 2 --rounds 7 -n 32
+
+With --ab REV it instead compares two builds of the int8 kernels, ggml_q8.c (with its headers) as of git REV
+against the working tree's, each compiled alone with the package's flags, on the one-row K-quant products of
+the Llama 3.2 1B shape. Each product cycles through copies of its weight totalling >= --ab-mib MiB, so every
+call reads memory as a decode step does; the two builds alternate round by round and each keeps its fastest
+single call, which a shared machine disturbs least:
+
+    .venv/bin/python bench/kernels.py --ab HEAD --threads 1 --rounds 15
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import os
+import shutil
 import statistics
+import subprocess
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
 from llamaherd.quant.ggml_quants import ggml_type
+from llamaherd import native
 from llamaherd.native import ggml_kernels
 
 # (model, role, type, N, K)
@@ -67,6 +81,71 @@ def time_call(fn, args, min_s: float) -> float:
             return el / n
 
 
+# the one-row K-quant products of a Llama 3.2 1B Q4_K_M file: (role, type, N, K)
+AB_SHAPES = [
+    ("attn_q, attn_output", "Q4_K", 2048, 2048),
+    ("attn_k", "Q4_K", 512, 2048),
+    ("ffn_gate, ffn_up", "Q4_K", 8192, 2048),
+    ("attn_v", "Q6_K", 512, 2048),
+    ("ffn_down", "Q6_K", 2048, 8192),
+    ("output", "Q6_K", 128256, 2048),
+]
+_Q8_FILES = ("ggml_q8.c", "ggml_q8.h", "common.h")
+
+
+def build_q8(src_dir: Path, out: Path, extra: list[str]) -> ctypes.CDLL:
+    """ggml_q8.c of src_dir compiled alone (it needs only its headers) with the package's flags and `extra`."""
+    cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+    subprocess.run([cc, *native._FLAGS, *extra, str(src_dir / "ggml_q8.c"), "-lm", "-o", str(out)], check=True)
+    lib = ctypes.CDLL(str(out))
+    i64, ptr, cint = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+    lib.lh_q8_gemv.argtypes = [cint, ptr, i64, i64, i64, ptr, i64, ptr, cint]
+    return lib
+
+
+def kernel_ab(rev: str, threads: int, rounds: int, mib: int, cflags: tuple[str, str]) -> None:
+    """GB/s of the one-row products, ggml_q8.c at git `rev` (old) against the working tree's (new); `rev` "." is
+    the working tree too (to compare two sets of compiler flags, `cflags` = (old's, new's))."""
+    here = Path(native.__file__).parent
+    repo = Path(subprocess.run(["git", "-C", str(here), "rev-parse", "--show-toplevel"], check=True,
+                               capture_output=True, text=True).stdout.strip())
+    rel = here.relative_to(repo)
+    with tempfile.TemporaryDirectory() as tmp:
+        old_dir = here if rev == "." else Path(tmp) / "old"
+        if rev != ".":
+            old_dir.mkdir()
+            for f in _Q8_FILES:
+                (old_dir / f).write_bytes(subprocess.run(["git", "-C", str(repo), "show", f"{rev}:{rel / f}"],
+                                                         check=True, capture_output=True).stdout)
+        libs = {"old": build_q8(old_dir, Path(tmp) / "old.so", cflags[0].split()),
+                "new": build_q8(here, Path(tmp) / "new.so", cflags[1].split())}
+        print(f"ggml_q8.c at {rev} {cflags[0]} (old) vs working tree {cflags[1]} (new); {threads} thread(s); M = 1; "
+              "GB/s of packed bytes, "
+              f"fastest call of {rounds} rounds over >= {mib} MiB of weight copies; load average {os.getloadavg()[0]:.2f}")
+        print("| product | type | N x K | MB | old GB/s | new GB/s | new/old | y equal |")
+        print("|---|---|---|---:|---:|---:|---:|---|")
+        for role, name, N, K in AB_SHAPES:
+            one = random_packed(name, N, K)
+            copies = [one] + [one.clone() for _ in range(max(1, -(-mib * 2**20 // one.numel())) - 1)]
+            x = torch.randn(1, K)
+            ys = {k: torch.empty(1, N) for k in libs}
+            tid = ggml_type(name).id
+            best = {k: float("inf") for k in libs}
+            for _ in range(rounds):
+                for k, lib in libs.items():
+                    for w in copies:  # each call timed alone: the fastest is the one nothing else interrupted
+                        start = time.perf_counter()
+                        lib.lh_q8_gemv(tid, w.data_ptr(), N, w.stride(0), K, x.data_ptr(), 1, ys[k].data_ptr(), threads)
+                        best[k] = min(best[k], time.perf_counter() - start)
+            gb = one.numel() / 1e9
+            diff = (ys["new"] - ys["old"]).abs().max().item() / ys["old"].abs().max().item()
+            print(f"| {role} | {name} | {N} x {K} | {one.numel() / 1e6:.1f} | {gb / best['old']:.1f} | "
+                  f"{gb / best['new']:.1f} | {best['old'] / best['new']:.2f}x | "
+                  f"{'yes' if diff == 0 else f'{diff:.1e} rel.'} |", flush=True)
+            del copies, one
+        print(f"load average at the end {os.getloadavg()[0]:.2f}")
+
+
 def decode_ab(model: str, threads: int, rounds: int, n: int) -> None:
     """Median ms per decode step with int8 and with float activations, alternating in one process."""
     from profile_decode import steps as decode_ms  # bench/profile_decode.py: ms per greedy decode step
@@ -102,7 +181,14 @@ def main() -> None:
     ap.add_argument("--only", choices=["gemma", "llama1b"])
     ap.add_argument("--decode", metavar="MODEL", help="time decode steps of MODEL instead (int8 vs float)")
     ap.add_argument("-n", type=int, default=32, help="decode steps per round (--decode)")
+    ap.add_argument("--ab", metavar="REV", help="old ggml_q8.c (git REV) vs the working tree's, one-row K-quants")
+    ap.add_argument("--ab-mib", type=int, default=512, help="MiB of weight copies per product (--ab)")
+    ap.add_argument("--old-cflags", default="", help="extra compiler flags of the old build (--ab)")
+    ap.add_argument("--new-cflags", default="", help="... of the new one, e.g. --new-cflags=-DPREFETCH_BYTES=0")
     a = ap.parse_args()
+    if a.ab:
+        kernel_ab(a.ab, a.threads[0], a.rounds, a.ab_mib, (a.old_cflags, a.new_cflags))
+        return
     if ggml_kernels.library() is None:
         raise SystemExit("native library unavailable (no C compiler?)")
     if a.decode:

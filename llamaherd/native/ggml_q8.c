@@ -82,7 +82,7 @@ int lh_q8_flavour(int type) { return type == Q4_K || type == Q5_K || type == Q6_
 
 int lh_q8_alloc(qact *a, int64_t K, int64_t M) {
     const int64_t nb = K / 32, nbp = (nb + 15) / 16 * 16;
-    const size_t per_row = (size_t)nbp * 32 + sizeof(float) * (size_t)nbp * 7;
+    const size_t per_row = (size_t)nbp * 64 + sizeof(float) * (size_t)nbp * 7 + sizeof(int16_t) * (size_t)nbp * 3;
     a->nbp = nbp;
     a->mem = aligned_alloc(64, per_row * (size_t)M * 2);
     if (!a->mem) return -1;
@@ -95,6 +95,9 @@ int lh_q8_alloc(qact *a, int64_t K, int64_t M) {
         r->ds = (float *)p; p += 4 * nbp;
         r->d16 = (float *)p; p += 8 * nbp;
         r->s16 = (float *)p; p += 8 * nbp;
+        r->qk4 = (int8_t *)p; p += nbp * 32;
+        r->b16 = (int16_t *)p; p += 4 * nbp;
+        r->b32 = (int16_t *)p; p += 2 * nbp;
     }
     return 0;
 }
@@ -196,13 +199,18 @@ static void quantize_row_k(const float *x, int64_t K, qrow *r) {
             for (int j = 0; j < 16; j++) sum += q[16 * s + j];
             r->s16[16 * b + s] = (float)sum;
             r->d16[16 * b + s] = d;
+            r->b16[16 * b + s] = (int16_t)sum; /* |sum| <= 16 * 127 */
         }
         for (int i = 0; i < 8; i++) {
             const int64_t blk = 8 * b + i;
             r->d[blk] = d;
             r->s[blk] = r->s16[2 * blk] + r->s16[2 * blk + 1];
             r->ds[blk] = d * r->s[blk];
+            r->b32[blk] = (int16_t)(r->b16[2 * blk] + r->b16[2 * blk + 1]);
         }
+        for (int h = 0; h < 2; h++) /* Q4_K's order: a 64-byte load of its codes holds elements 0-31 and 64-95 of
+                                     * the half in its low nibbles, 32-63 and 96-127 in its high ones */
+            for (int c = 0; c < 4; c++) memcpy(r->qk4 + 256 * b + 128 * h + 32 * c, q + 128 * h + 32 * ((c & 1) * 2 + (c >> 1)), 32);
     }
 }
 
@@ -434,15 +442,107 @@ INLINE void row_32_one(const int T, const uint8_t *row, int64_t nb, const qrow *
     *y = hsum(acc) - c * hsum(off);
 }
 
+/* One activation row of the K-quants (decode): each super-block's sum is exact integer arithmetic, as llama.cpp's
+ * `ggml_vec_dot_q4_K_q8_K` / `_q6_K_q8_K` compute it: `vpmaddubsw` multiplies 64 weight codes by their activation
+ * codes into 32 int16 pair sums (no saturation: |pair| <= 2 * 63 * 127), `vpdpwssd` multiplies those by the
+ * sub-block scales (int16 words, one `vpermw` per 64 codes) and accumulates int32 lanes; one conversion and one
+ * FMA with d * dx per super-block. Q4_K/Q5_K use the activation codes in their nibble order (`qk4`), so one
+ * 64-byte load serves four sub-blocks; their mins are one `vpmaddwd` of the 8 mins by the per-32 code sums. The
+ * multi-row kernels above scale each sub-block's dot in float32 instead: one conversion, permute and FMA per 64
+ * codes, 1.3-1.5x slower per row (bench/PROFILE.md section 13). */
+INLINE void row_k45_one(const int T, const uint8_t *row, int64_t nsb, const qrow *x, float *y) {
+    const int TS = T == Q4_K ? 144 : 176, qo = T == Q4_K ? 16 : 48;
+    const __m512i nib = _mm512_set1_epi8(0x0F), sixteen = _mm512_set1_epi8(16);
+    /* the scale words of the four dots (per 64-byte load: low nibbles, high nibbles): sub-blocks (0, 2), (1, 3),
+     * (4, 6), (5, 7), 16 words each */
+    __m512i sidx[4], hbit[4];
+    for (int v = 0; v < 4; v++) {
+        const int a = 4 * (v >> 1) + (v & 1);
+        sidx[v] = _mm512_mask_blend_epi32(0xFF00, _mm512_set1_epi16((short)a), _mm512_set1_epi16((short)(a + 2)));
+        /* Q5_K: bit 2c (low nibbles of chunk c) / 2c+1 (high) of qh[l] is the fifth bit */
+        hbit[v] = _mm512_mask_blend_epi64(0xF0, _mm512_set1_epi8((char)(1 << a)), _mm512_set1_epi8((char)(1 << (a + 2))));
+    }
+    __m512 acc = _mm512_setzero_ps();
+    __m128 macc = _mm_setzero_ps();
+    for (int64_t b = 0; b < nsb; b++) {
+        const uint8_t *blk = row + b * TS;
+        uint64_t sc, mn;
+        q8_scale_min(blk + 4, &sc, &mn);
+        const __m512i sc16 = _mm512_castsi128_si512(_mm_cvtepu8_epi16(_mm_cvtsi64_si128((long long)sc)));
+        const __m128i msum = _mm_madd_epi16(_mm_cvtepu8_epi16(_mm_cvtsi64_si128((long long)mn)),
+                                            _mm_loadu_si128((const __m128i *)(x->b32 + 8 * b)));
+        /* [d * dx, dmin * dx] */
+        int32_t d2;
+        memcpy(&d2, blk, 4);
+        const __m128 dd = _mm_mul_ps(_mm_cvtph_ps(_mm_cvtsi32_si128(d2)), _mm_set1_ps(x->d[8 * b]));
+        __m512i H = _mm512_setzero_si512();
+        if (T == Q5_K) H = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(blk + 16)));
+        const int8_t *xq = x->qk4 + 256 * b;
+        __m512i isum[2];
+        for (int h = 0; h < 2; h++) {
+            const __m512i q = _mm512_loadu_si512((const void *)(blk + qo + 64 * h));
+            __m512i lo = _mm512_and_si512(q, nib), hi = _mm512_and_si512(_mm512_srli_epi16(q, 4), nib);
+            if (T == Q5_K) {
+                lo = _mm512_mask_add_epi8(lo, _mm512_test_epi8_mask(H, hbit[2 * h]), lo, sixteen);
+                hi = _mm512_mask_add_epi8(hi, _mm512_test_epi8_mask(H, hbit[2 * h + 1]), hi, sixteen);
+            }
+            const __m512i plo = _mm512_maddubs_epi16(lo, _mm512_loadu_si512((const void *)(xq + 128 * h)));
+            const __m512i phi = _mm512_maddubs_epi16(hi, _mm512_loadu_si512((const void *)(xq + 128 * h + 64)));
+            isum[h] = _mm512_dpwssd_epi32(_mm512_setzero_si512(), plo, _mm512_permutexvar_epi16(sidx[2 * h], sc16));
+            isum[h] = _mm512_dpwssd_epi32(isum[h], phi, _mm512_permutexvar_epi16(sidx[2 * h + 1], sc16));
+        }
+        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(isum[0], isum[1])), _mm512_broadcastss_ps(dd), acc);
+        macc = _mm_fmadd_ps(_mm_cvtepi32_ps(msum), _mm_permute_ps(dd, 0x55), macc);
+    }
+    *y = hsum(acc) - _mm_cvtss_f32(_mm_hadd_ps(_mm_hadd_ps(macc, macc), macc));
+}
+
+INLINE void row_q6k_one(const uint8_t *row, int64_t nsb, const qrow *x, float *y) {
+    const __m512i nib = _mm512_set1_epi8(0x0F), top = _mm512_set1_epi8(0x30);
+    __m512i sidx[4]; /* dot v (64 codes, 32 pair words) covers sub-blocks 4v..4v+3, 8 words each */
+    for (int v = 0; v < 4; v++) {
+        short w[32];
+        for (int i = 0; i < 32; i++) w[i] = (short)(4 * v + i / 8);
+        sidx[v] = _mm512_loadu_si512((const void *)w);
+    }
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nsb; b++) {
+        const uint8_t *blk = row + b * 210;
+        const __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(blk + 192)));
+        /* the code offset 32 as 32 * sum(sc * code sum per 16), subtracted in int32 */
+        const __m256i off = _mm256_madd_epi16(sc16, _mm256_loadu_si256((const __m256i *)(x->b16 + 16 * b)));
+        const __m512i scw = _mm512_castsi256_si512(sc16);
+        const int8_t *xq = x->q + 256 * b;
+        __m512i isum[2];
+        for (int h = 0; h < 2; h++) {
+            const __m512i L = _mm512_loadu_si512((const void *)(blk + 64 * h));
+            const __m512i H = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(blk + 128 + 32 * h)));
+            /* as row_q6k: the two high bits to bits 4-5, then (a & c) | b */
+            const __m512i h0 = _mm512_and_si512(_mm512_mask_slli_epi16(_mm512_slli_epi16(H, 2), 0x0000FFFFu, H, 4), top);
+            const __m512i h1 = _mm512_and_si512(_mm512_mask_srli_epi16(H, 0xFFFF0000u, H, 2), top);
+            const __m512i w0 = _mm512_ternarylogic_epi32(L, h0, nib, 0xEC);
+            const __m512i w1 = _mm512_ternarylogic_epi32(_mm512_srli_epi16(L, 4), h1, nib, 0xEC);
+            const __m512i p0 = _mm512_maddubs_epi16(w0, _mm512_loadu_si512((const void *)(xq + 128 * h)));
+            const __m512i p1 = _mm512_maddubs_epi16(w1, _mm512_loadu_si512((const void *)(xq + 128 * h + 64)));
+            isum[h] = _mm512_dpwssd_epi32(_mm512_setzero_si512(), p0, _mm512_permutexvar_epi16(sidx[2 * h], scw));
+            isum[h] = _mm512_dpwssd_epi32(isum[h], p1, _mm512_permutexvar_epi16(sidx[2 * h + 1], scw));
+        }
+        const __m512i tot = _mm512_sub_epi32(_mm512_add_epi32(isum[0], isum[1]),
+                                             _mm512_zextsi256_si512(_mm256_slli_epi32(off, 5)));
+        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(tot), _mm512_set1_ps(lh_h2f(blk + 208) * x->d[8 * b]), acc);
+    }
+    *y = hsum(acc);
+}
+
 static void q8_row(int type, const uint8_t *row, int64_t K, const qrow *x, int64_t M, float *y, int64_t ldy) {
 #define Q8_CASE(CALL1, CALLM) if (M == 1) CALL1; else CALLM; return
     switch (type) {
     case Q4_0: Q8_CASE(row_32_one(Q4_0, row, K / 32, x, y), row_32(Q4_0, row, K / 32, x, M, y, ldy));
     case Q5_0: Q8_CASE(row_32_one(Q5_0, row, K / 32, x, y), row_32(Q5_0, row, K / 32, x, M, y, ldy));
     case Q8_0: Q8_CASE(row_32_one(Q8_0, row, K / 32, x, y), row_32(Q8_0, row, K / 32, x, M, y, ldy));
-    case Q4_K: Q8_CASE(row_k45(Q4_K, row, K / 256, x, 1, y, ldy), row_k45(Q4_K, row, K / 256, x, M, y, ldy));
-    case Q5_K: Q8_CASE(row_k45(Q5_K, row, K / 256, x, 1, y, ldy), row_k45(Q5_K, row, K / 256, x, M, y, ldy));
-    case Q6_K: Q8_CASE(row_q6k(row, K / 256, x, 1, y, ldy), row_q6k(row, K / 256, x, M, y, ldy));
+    case Q4_K: Q8_CASE(row_k45_one(Q4_K, row, K / 256, x, y), row_k45(Q4_K, row, K / 256, x, M, y, ldy));
+    case Q5_K: Q8_CASE(row_k45_one(Q5_K, row, K / 256, x, y), row_k45(Q5_K, row, K / 256, x, M, y, ldy));
+    case Q6_K: Q8_CASE(row_q6k_one(row, K / 256, x, y), row_q6k(row, K / 256, x, M, y, ldy));
     }
 #undef Q8_CASE
 }
@@ -583,7 +683,9 @@ void lh_q8_quantize_in_region(qact *a, const float *X, int64_t K, int64_t M, con
 /* Software prefetch distance: the row ~8 KiB ahead is requested while this one is multiplied. Measured with
  * weights too large for the cache (bench/PROFILE.md section 8): +10% for Q8_0 and the K-quants, whose
  * kernels wait on memory, but -10% for Q4_0/Q5_0, whose unpacking keeps the core busier. */
+#ifndef PREFETCH_BYTES /* -DPREFETCH_BYTES=n to try another distance (bench/kernels.py --ab . --new-cflags=...) */
 #define PREFETCH_BYTES 8192
+#endif
 
 /* Rows of one weight against the quantized X, inside the caller's parallel region (an orphaned omp for). */
 void lh_q8_weight(int type, const uint8_t *W, int64_t N, int64_t stride, int64_t K, const qact *a, int64_t M,

@@ -11,10 +11,13 @@
 
 /* One row of X: int8 codes, and per 32-element block the scale d, the code sum s and d*s; per 16 elements the
  * scale and code sum again (Q6_K's sub-blocks are 16 long). Arrays are padded with zeros to a multiple of 16
- * blocks so that the 32-block kernels, which take blocks 16 at a time, may read a whole group. */
+ * blocks so that the 32-block kernels, which take blocks 16 at a time, may read a whole group. Q8_K rows also
+ * keep, for the one-row K-quant kernels, the codes in Q4_K's nibble order (`qk4`: per 128 elements 0-31, 64-95,
+ * 32-63, 96-127) and the code sums as int16 per 16 (`b16`) and per 32 (`b32`). */
 typedef struct {
-    int8_t *q;
+    int8_t *q, *qk4;
     float *d, *s, *ds, *d16, *s16;
+    int16_t *b16, *b32;
 } qrow;
 
 enum { FLAVOUR_Q8_0 = 0, FLAVOUR_Q8_K = 1 };
