@@ -2,13 +2,15 @@
 
   .venv/bin/python bench/profile_decode.py gemma-3-270m-q4_k_m --threads 1 -n 64 --rounds 5
   .venv/bin/python bench/profile_decode.py MODEL --cprofile     # cProfile + torch.profiler of the step as it runs
+  .venv/bin/python bench/profile_decode.py HF_FOLDER --dtype bfloat16 [--quantize int8|int4] -n 32 --rounds 5
 
 Default report, in one process: (1) A/B of whole decode steps, rounds alternating the per-module path
 (`native.step.disabled()`) and the one-call step, median ms/token of each; (2) the one-call step's components,
 median over the steps: embedding lookup, `lh_step_decode` (every layer), final norm + vocabulary projection,
 argmax; (3) the layers' products alone, each group as its own native call as the per-module path makes them
 (wq/wk/wv, wo, w1/w3, w2) and the vocabulary projection: what the kernels need without any glue. The load
-average is printed before and after.
+average is printed before and after, and both paths as a share of the copy-probe ceiling (`herd bench`'s
+memory bandwidth over the weight bytes a token reads).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from llamaherd import load  # noqa: E402
+from llamaherd.cli.bench import memory_bandwidth, weight_bytes_per_token  # noqa: E402
 from llamaherd.engine.generate import decode_one, prefill  # noqa: E402
 from llamaherd.model.cache import KVCache  # noqa: E402
 from llamaherd.native import ggml_kernels, step  # noqa: E402
@@ -43,7 +46,7 @@ def steps(net, n: int, dtype) -> float:
         return (time.perf_counter() - t) / n * 1e3
 
 
-def components(net, n: int) -> dict[str, float]:
+def components(net, n: int, dtype) -> dict[str, float]:
     """Median ms of each part of the one-call step (what `_Step.forward` runs, timed piece by piece)."""
     plan = step._plan(net)
     if plan is None:
@@ -51,9 +54,10 @@ def components(net, n: int) -> dict[str, float]:
     parts: dict[str, list[float]] = {"embedding + lh_step_decode": [], "of which lh_step_decode": [],
                                      "final norm + vocabulary projection": [], "argmax": []}
     with torch.inference_mode():
-        cache = KVCache.for_model(net.config, 1, n + 2)
+        cache = KVCache.for_model(net.config, 1, n + 2, dtype=dtype)
         tok = prefill(net, torch.tensor([[2]]), cache).argmax(-1)
         fn = step._fn("lh_step_decode")
+        kv_bf16 = int(cache.k.dtype == torch.bfloat16)
         for _ in range(n):
             t0 = time.perf_counter()
             h = step.step(net, plan, tok[:, None], None, cache, None)
@@ -64,11 +68,11 @@ def components(net, n: int) -> dict[str, float]:
             t3 = time.perf_counter()
             # lh_step_decode alone, on a scratch copy of the cache slot just written (same work, same slot)
             cache.length -= 1
-            hh = h.reshape(1, -1).clone()
+            hh = h.reshape(1, -1).float()
             pos = torch.tensor([cache.length])
             t4 = time.perf_counter()
-            fn(plan.ref, hh.data_ptr(), 1, pos.data_ptr(), cache.k.data_ptr(), cache.v.data_ptr(), cache.k.stride(0),
-               cache.max_len, cache.length, None, 0, torch.get_num_threads())
+            fn(plan.ref, hh.data_ptr(), 1, pos.data_ptr(), cache.k.data_ptr(), cache.v.data_ptr(), kv_bf16,
+               cache.k.stride(0), cache.max_len, cache.length, None, 0, torch.get_num_threads())
             t5 = time.perf_counter()
             cache.length += 1
             for key, dt in zip(parts, (t1 - t0, t5 - t4, t2 - t1, t3 - t2)):
@@ -77,7 +81,10 @@ def components(net, n: int) -> dict[str, float]:
 
 
 def products_alone(net, n: int) -> dict[str, float]:
-    """Median ms per token of the layers' products as separate native calls (the kernels with no glue)."""
+    """Median ms per token of the layers' products as separate native calls (the kernels with no glue; packed
+    GGUF weights, empty for other models)."""
+    if getattr(net.layers[0].attention.wq, "qtype", None) is None:
+        return {}
     x = torch.randn(1, net.config.dim)
     groups = {"wq/wk/wv": ("attention", ("wq", "wk", "wv")), "wo": ("attention", ("wo",)),
               "w1/w3": ("feed_forward", ("w1", "w3")), "w2": ("feed_forward", ("w2",))}
@@ -110,10 +117,11 @@ def main() -> int:
     ap.add_argument("-n", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--dtype", default=None)
+    ap.add_argument("--quantize", default=None, help="weight-only int8 / int4[-gN] at load (llamaherd.load)")
     ap.add_argument("--cprofile", action="store_true", help="cProfile and torch.profiler of the steps instead")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    net = load(args.model, dtype=getattr(torch, args.dtype) if args.dtype else None).net.eval()
+    net = load(args.model, dtype=getattr(torch, args.dtype) if args.dtype else None, quantize=args.quantize).net.eval()
     dtype = next(p.dtype for p in net.parameters() if p.is_floating_point())
     print(f"load average {os.getloadavg()[0]:.2f}; {args.model}, {args.threads} thread(s), one-call step "
           f"{'applies' if step._plan(net) is not None else 'does NOT apply'}")
@@ -135,17 +143,21 @@ def main() -> int:
         one_call.append(steps(net, args.n, dtype))
     a, b = statistics.median(per_module), statistics.median(one_call)
     print(f"per-module path {a:.2f} ms/token, one-call step {b:.2f} ms/token (median of {args.rounds}): {a / b:.2f}x")
+    ceiling = memory_bandwidth() / weight_bytes_per_token(net)  # tokens/s the copy probe allows (`herd bench`)
+    print(f"copy-probe ceiling {ceiling:.1f} tok/s: per-module {1e3 / a / ceiling:.0%}, one-call {1e3 / b / ceiling:.0%}")
     print("rounds per-module", " ".join(f"{v:.2f}" for v in per_module),
           "| one-call", " ".join(f"{v:.2f}" for v in one_call))
     if step._plan(net) is not None:
         print("\none-call step, median ms per token:")
-        for k, v in components(net, args.n).items():
+        for k, v in components(net, args.n, dtype).items():
             print(f"  {k:40s} {v:7.3f}")
-        print("\nproducts alone (separate native calls, as the per-module path makes them), ms per token:")
         alone = products_alone(net, max(8, args.n // 4))
+        print("\nproducts alone (separate native calls, as the per-module path makes them), ms per token:"
+              if alone else "\n(products alone: GGUF weights only)")
         for k, v in alone.items():
             print(f"  {k:40s} {v:7.3f}")
-        print(f"  {'sum':40s} {sum(alone.values()):7.3f}")
+        if alone:
+            print(f"  {'sum':40s} {sum(alone.values()):7.3f}")
     print(f"load average {os.getloadavg()[0]:.2f}")
     return 0
 
