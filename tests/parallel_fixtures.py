@@ -4,6 +4,7 @@ processes can pickle them."""
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -35,8 +36,9 @@ FAMILIES: dict[str, ModelConfig] = {
                             ffn_dim_multiplier=1.5, rope_theta=500000.0, max_seq_len=256, tie_embeddings=True),
     # Llama 4: MoE layers (routed experts + shared expert) every second layer, chunked attention, NoPE, QK-norm.
     "llama4": config_from_params({**LLAMA4_PARAMS, "vocab_size": 250}),
-    # Gemma 3: sliding-window and global layers, QK-norm, sandwich norms, softcapped logits, tied.
-    "gemma3": ModelConfig(arch="gemma3", dim=64, n_layers=3, n_heads=8, n_kv_heads=4, head_dim=16, hidden_dim=96,
+    # Gemma 3: sliding-window and global layers, QK-norm, sandwich norms, softcapped logits, tied; two KV heads,
+    # so that 4 ranks replicate each on the two ranks whose query heads read it.
+    "gemma3": ModelConfig(arch="gemma3", dim=64, n_layers=3, n_heads=8, n_kv_heads=2, head_dim=16, hidden_dim=96,
                           vocab_size=250, norm_eps=1e-6, rope_theta=1e6, rope_local_theta=1e4, max_seq_len=256,
                           tie_embeddings=True, sliding_window=8, sliding_window_pattern=3,
                           query_pre_attn_scalar=24.0, final_logit_softcap=5.0),
@@ -132,3 +134,66 @@ def meta_worker(folders: dict[str, str], out_dir: str) -> None:
         with torch.inference_mode():
             logits = run(torch.randint(0, vocab, (2, SEQ), generator=torch.Generator().manual_seed(7))).float()
         torch.save(logits, Path(out_dir) / f"{name}.meta.rank{rank}.pt")
+
+
+# -- packed (quantized) GGUF files cut on block boundaries ------------------------------------------------------
+
+# Widths every cut of 2 ranks keeps on whole K-quant super-blocks (wo and w2 take K = 512: 256 per rank).
+# Gemma 3 with one KV head (as the 270M model): the KV head is replicated on both ranks. Llama 3 with an
+# untied output matrix: the vocabulary-parallel output is packed rows too.
+PACKED: dict[str, tuple[ModelConfig, str]] = {
+    "gemma3-q4_k_m": (ModelConfig(arch="gemma3", dim=256, n_layers=2, n_heads=4, n_kv_heads=1, head_dim=128,
+                                  hidden_dim=512, vocab_size=250, norm_eps=1e-6, rope_theta=1e6,
+                                  rope_local_theta=1e4, max_seq_len=256, tie_embeddings=True, sliding_window=8,
+                                  sliding_window_pattern=2, query_pre_attn_scalar=128.0), "q4_k_m"),
+    "llama3-q8_0": (ModelConfig(dim=256, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=512, vocab_size=250,
+                                rope_theta=500000.0, max_seq_len=256), "q8_0"),
+}
+
+
+def packed_file(name: str, folder: Path) -> Path:
+    """The tiny model `name` of PACKED written as GGUF in its file type by the package's writer."""
+    from llamaherd.checkpoint.base import Checkpoint
+    from llamaherd.checkpoint.gguf_write import write
+
+    from .conftest import random_model
+
+    config, qtype = PACKED[name]
+    net = random_model(config, seed=11, std=0.05)
+    ckpt = Checkpoint(config=config, state_dict={k: v.detach().clone() for k, v in net.state_dict().items()},
+                      source=Path(name))
+    return write(ckpt, Path(folder) / f"{name}.gguf", qtype=qtype)
+
+
+# The ggml kernels' switches: float32 activations and products (exact up to the float32 sum order), and the
+# defaults (llama.cpp-style int8 activations; bf16 prefill GEMMs where the CPU has them).
+KERNELS = {"float32": {"INT8_ACTIVATIONS": False, "BF16_PREFILL": False}, "default": {}}
+
+
+def packed_worker(files: dict[str, str], out_dir: str) -> None:
+    """One rank: each packed GGUF file through `load_parallel`, its runs recorded under each of KERNELS."""
+    import torch.distributed as dist
+
+    from llamaherd.parallel import load_parallel
+
+    for name, path in files.items():
+        net = load_parallel(path).net
+        for kernels in KERNELS:
+            with ggml_switches(KERNELS[kernels]):
+                result = runs(net)
+            torch.save(result, Path(out_dir) / f"{name}.{kernels}.rank{dist.get_rank()}.pt")
+
+
+@contextlib.contextmanager
+def ggml_switches(switches: dict[str, bool]):
+    """`native.ggml_kernels`' module switches set for the block, then restored."""
+    from llamaherd.native import ggml_kernels
+
+    old = {k: getattr(ggml_kernels, k) for k in switches}
+    for k, v in switches.items():
+        setattr(ggml_kernels, k, v)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            setattr(ggml_kernels, k, v)

@@ -44,10 +44,23 @@ def test_four_ranks_equal_one_process_for_every_family(tmp_path):
 
 
 def test_rank_counts_that_do_not_divide_the_heads_are_refused_with_the_choices():
-    with pytest.raises(ParallelError, match=r"--tp 3 must divide n_kv_heads 4.*pick one of \[1, 2, 4\]"):
+    with pytest.raises(ParallelError, match=r"--tp 3 must divide n_kv_heads 4.*pick one of \[1, 2, 4, 8\]"):
         check_divisible(FAMILIES["llama3"], 3)
-    with pytest.raises(ParallelError, match="n_kv_heads 1"):
-        check_divisible(FAMILIES["llama3"].replace(n_kv_heads=1), 2)
+    with pytest.raises(ParallelError, match=r"--tp 8 must divide n_kv_heads 3, n_heads 6, hidden_dim 36.*pick one of \[1, 3, 6\]"):
+        check_divisible(FAMILIES["llama3"].replace(n_heads=6, n_kv_heads=3, hidden_dim=36), 8)
+    check_divisible(FAMILIES["llama3"].replace(n_kv_heads=1), 4)  # fewer KV heads than ranks: replicated
+
+
+def test_fewer_kv_heads_than_ranks_give_each_rank_the_head_its_query_heads_read():
+    # 8 query heads, 2 KV heads (rows of 16), 4 ranks: ranks 0, 1 read KV head 0, ranks 2, 3 KV head 1
+    # (query head q reads KV head q // 4; rank r holds query heads 2r, 2r + 1)
+    for rank, head in enumerate((0, 0, 1, 1)):
+        for w in ("wk", "wv"):
+            cut = local_slice(f"layers.0.attention.{w}.weight", (32, 64), "llama", 250, rank, 4, n_kv_heads=2)
+            assert cut == (0, 16 * head, 16), (w, rank)
+        assert local_slice("layers.0.attention.wq.weight", (128, 64), "llama", 250, rank, 4, 2) == (0, 32 * rank, 32)
+    # as many KV heads as ranks or more: cut as Meta cuts them
+    assert local_slice("layers.0.attention.wk.weight", (32, 64), "llama", 250, 1, 2, n_kv_heads=2) == (0, 16, 16)
 
 
 def test_vocabulary_blocks_cover_every_row_once():

@@ -34,18 +34,21 @@ def _threads(tp: int, threads: int | None) -> int:
     return threads or max(1, (os.cpu_count() or 1) // tp)
 
 
-def _whole_config(path: Path):
-    """The model's configuration, read as cheaply as the format allows (a Meta folder: its first shard only)."""
+def _check_source(path: Path, tp: int) -> None:
+    """Raise ParallelError unless the model at `path` cuts over `tp` ranks, read as cheaply as the format allows
+    (a Meta folder: its first shard only; otherwise the mapped checkpoint, packed GGUF blocks included)."""
     from ..checkpoint import read
     from ..checkpoint.detect import detect_format
     from ..checkpoint.meta_pth import read_rank
     from ..checkpoint.pth import shard_files
+    from .load import check_readable
 
     if detect_format(path) == "meta":
         piece = read_rank(path, 0, len(shard_files(path)))
         if piece is not None:
-            return piece.config
-    return read(path).config
+            check_divisible(piece.config, tp)
+            return
+    check_readable(read(path), tp)
 
 
 def _follower(rank: int, tp: int, init_file: str, source: str, dtype, threads: int) -> None:
@@ -95,13 +98,13 @@ def load_as_leader(source: str | Path, dtype: torch.dtype | None, tp: int, threa
     if init_from_environment():
         if dist.get_world_size() != tp:
             raise ParallelError(f"--tp {tp} but torchrun started {dist.get_world_size()} processes; make them equal")
-        check_divisible(_whole_config(path), tp)
+        _check_source(path, tp)
         if dist.get_rank() != 0:
             _load_and_follow(str(path), dtype)
             raise SystemExit(0)
         atexit.register(_release, [], threading.Event())  # torchrun watches the processes itself
     else:
-        check_divisible(_whole_config(path), tp)  # before any process starts
+        _check_source(path, tp)  # before any process starts
         n = _threads(tp, threads)
         torch.set_num_threads(n)
         ctx = mp.get_context("spawn")

@@ -2,9 +2,11 @@
 
 A Meta folder written as N model-parallel shards, read by N ranks: rank r memory-maps consolidated.r.pth alone,
 which already holds its slice (fairscale's cut is this package's, `tp.py`); nothing is merged. Any other
-checkpoint (HF safetensors, a Meta folder of another shard count, float GGUF) is read memory-mapped as usual and
+checkpoint (HF safetensors, a Meta folder of another shard count, GGUF) is read memory-mapped as usual and
 each rank copies out only its slice of every tensor it cuts; the pages of the other slices are never copied
-(a column slice of a row-major tensor still reads every page of it once, through the page cache).
+(a column slice of a row-major tensor still reads every page of it once, through the page cache). Packed GGUF
+tensors are cut on their ggml block boundaries and stay packed (`packed.py`); the mapping is dropped once every
+slice is copied, so that the file's pages read no longer count in the rank's resident memory.
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ from ..checkpoint.meta_pth import read_rank
 from ..errors import CheckpointError
 from ..model import build
 from ..native import swaps as native_swaps
-from .tp import ParallelError, apply_tensor_parallel, local_slice, vocab_range
+from ..quant.ggml import GGMLWeight
+from .packed import check_packed, packed_slice, swap_packed
+from .tp import ParallelError, apply_tensor_parallel, check_divisible, local_slice, vocab_range
 
 
 def load_parallel(source: str | Path, *, dtype: torch.dtype | None = None,
@@ -39,16 +43,27 @@ def load_parallel(source: str | Path, *, dtype: torch.dtype | None = None,
         ckpt, weights = _own_shard(piece, group)
     else:
         ckpt = read(path)
-        if ckpt.prepare is not None:
-            raise ParallelError(f"{path}: packed (quantized) GGUF weights are not cut by tensor parallelism; "
-                                "convert to a float format first (herd convert), or run without --tp")
         weights = ckpt.state_dict
+        check_readable(ckpt, world)
     net = build(ckpt.config, device="meta")
     apply_tensor_parallel(net, group)
+    swap_packed(net, weights)
     net.load_state_dict(_slices(net, ckpt, weights, rank, world, dtype, whole=piece is None), strict=True,
                         assign=True)
     native_swaps.apply(net.eval())
-    return Model(net, dataclasses.replace(ckpt, state_dict={}))  # the weights live in the net alone
+    metadata = {k: v for k, v in ckpt.metadata.items() if k != "_mmap"} if piece is None else ckpt.metadata
+    return Model(net, dataclasses.replace(ckpt, state_dict={}, metadata=metadata))  # the weights live in the net
+
+
+def check_readable(ckpt: Checkpoint, world: int) -> None:
+    """Raise ParallelError unless every tensor of the whole checkpoint `ckpt` can be cut over `world` ranks:
+    the heads and widths, and packed GGUF tensors on their block boundaries (other quantized formats refused)."""
+    check_divisible(ckpt.config, world)
+    packed = any(isinstance(t, GGMLWeight) for t in ckpt.state_dict.values())
+    if ckpt.prepare is not None and not packed:
+        raise ParallelError(f"{ckpt.source}: {ckpt.metadata.get('quantization', 'quantized')} weights are not cut by "
+                            "tensor parallelism; convert to a float format first (herd convert), or run without --tp")
+    check_packed(ckpt.state_dict, ckpt.config, world)
 
 
 def _own_shard(piece: Checkpoint, group) -> tuple[Checkpoint, dict[str, torch.Tensor]]:
@@ -83,19 +98,25 @@ def _slices(net, ckpt: Checkpoint, weights: dict[str, torch.Tensor], rank: int, 
     out = {}
     for name, want in expected.items():
         t = weights[name]
-        cut = local_slice(name, tuple(t.shape), ckpt.config.arch, ckpt.config.vocab_size, rank, world) \
-            if whole else None
-        if cut is not None:
-            t = t.narrow(*cut)
+        if isinstance(t, GGMLWeight):  # packed rows, cut on block boundaries, copied out of the mapping
+            t = packed_slice(name, t, ckpt.config, rank, world) if whole else t
+        else:
+            c = ckpt.config
+            cut = local_slice(name, tuple(t.shape), c.arch, c.vocab_size, rank, world, c.n_kv_heads) if whole else None
+            if cut is not None:
+                t = t.narrow(*cut)
         if tuple(t.shape) != tuple(want.shape):
             raise CheckpointError(ckpt.source, f"tensor {name} gives this rank {tuple(t.shape)}, the cut model "
                                   f"implies {tuple(want.shape)}; the files do not belong to the configuration")
         # Cut from a whole checkpoint, every tensor is copied out (own memory): a view kept of any of them (a
         # norm) would keep the whole file's mapping, and every page read through it, alive. A rank's own shard
         # stays mapped, as `llamaherd.load` keeps a whole checkpoint.
+        if isinstance(t, GGMLWeight):
+            out[name] = t
+            continue
         t = t.to(dtype=target) if t.is_floating_point() else t
         out[name] = t.clone(memory_format=torch.contiguous_format) if whole else t.contiguous()
     return out
 
 
-__all__ = ["load_parallel"]
+__all__ = ["check_readable", "load_parallel"]

@@ -6,6 +6,10 @@ rule table is `checkpoint/transforms.py`'s `SHARD_RULES`, the one that merges an
     wq, wk, wv, w1, w3 (and the shared expert's)   column-parallel: rank r keeps the r-th block of output rows,
                                                     so each rank holds n_heads / N query and n_kv_heads / N
                                                     key/value heads (grouped-query attention split by KV heads)
+                                                    or, with fewer KV heads than ranks (Gemma 3 270M has one),
+                                                    the one KV head its query heads read, replicated on the
+                                                    N / n_kv_heads ranks that share it (vLLM's
+                                                    `QKVParallelLinear`, num_kv_head_replicas)
     wo, w2 (and the shared expert's)               row-parallel: the matching block of input columns
     Llama 4 routed experts (E, D, F) / (E, F, D)   every expert on every rank, its width F cut in N
     tok_embeddings, output                         vocabulary-parallel: a block of vocabulary rows
@@ -36,6 +40,7 @@ from ..config import ModelConfig
 from ..errors import LlamaherdError
 from ..model import gemma3, llama, llama4
 from ..model.moe import MoE
+from ..native.swaps import NativeVocabProjection
 
 ARCHS = ("llama", "llama4", "gemma3")  # the families a model-parallel cut is defined for
 
@@ -75,15 +80,27 @@ def vocab_range(vocab_size: int, rank: int, world: int) -> tuple[int, int]:
     return min(rank * per, vocab_size), min((rank + 1) * per, vocab_size)
 
 
-def local_slice(name: str, shape: tuple[int, ...], arch: str, vocab_size: int, rank: int, world: int
-                ) -> tuple[int, int, int] | None:
-    """(axis, start, length) of the whole tensor `name` of `shape` that rank `rank` keeps; None: all of it."""
+def local_kv_heads(n_kv_heads: int, world: int) -> int:
+    """Key/value heads each rank holds: its share, or the one it shares with others when they are fewer."""
+    return n_kv_heads // world if n_kv_heads >= world else 1
+
+
+def local_slice(name: str, shape: tuple[int, ...], arch: str, vocab_size: int, rank: int, world: int,
+                n_kv_heads: int | None = None) -> tuple[int, int, int] | None:
+    """(axis, start, length) of the whole tensor `name` of `shape` that rank `rank` keeps; None: all of it.
+
+    With `n_kv_heads` below `world`, wk and wv give each rank the rows of the KV head its query heads read.
+    """
     axis = split_dim(name, arch)
     if axis is None or world == 1:
         return None
     if name in ("tok_embeddings.weight", "output.weight"):
         lo, hi = vocab_range(vocab_size, rank, world)
         return axis, lo, hi - lo
+    if n_kv_heads is not None and n_kv_heads < world and name.endswith(("attention.wk.weight", "attention.wv.weight")):
+        # query heads [r H/N, (r+1) H/N) read KV head r H/N / (H/KV) = r // (N/KV) (world % n_kv_heads == 0)
+        rows = shape[axis] // n_kv_heads
+        return axis, rank // (world // n_kv_heads) * rows, rows
     size = shape[axis]
     if size % world:
         raise ParallelError(f"{name} has {size} along the axis tensor parallelism cuts; {world} ranks do not divide "
@@ -100,14 +117,21 @@ def check_divisible(config: ModelConfig, world: int) -> None:
     if config.vision is not None:
         raise ParallelError("tensor parallelism covers the text decoder; this checkpoint has a vision encoder: "
                             "run it without --tp")
-    widths = {"n_kv_heads": config.n_kv_heads, "n_heads": config.n_heads, "hidden_dim": config.hidden_dim}
+    widths = {"n_heads": config.n_heads, "hidden_dim": config.hidden_dim}
     if config.moe is not None:
         widths["moe.hidden_dim"] = config.moe.hidden_dim
-    bad = {k: v for k, v in widths.items() if v % world}
+
+    def misfits(n: int) -> dict[str, int]:
+        bad = {k: v for k, v in widths.items() if v % n}
+        if config.n_kv_heads % n and n % config.n_kv_heads:  # fewer KV heads than ranks: replicated
+            bad = {"n_kv_heads": config.n_kv_heads, **bad}
+        return bad
+
+    bad = misfits(world)
     if bad:
-        fits = [n for n in range(1, config.n_kv_heads + 1) if all(v % n == 0 for v in widths.values())]
-        raise ParallelError(f"--tp {world} must divide {', '.join(f'{k} {v}' for k, v in bad.items())}; "
-                            f"for this model pick one of {fits}")
+        fits = [n for n in range(1, config.n_heads + 1) if not misfits(n)]
+        raise ParallelError(f"--tp {world} must divide {', '.join(f'{k} {v}' for k, v in bad.items())} (n_kv_heads "
+                            f"may also divide --tp: KV heads are then replicated); for this model pick one of {fits}")
 
 
 # -- the parallel modules -------------------------------------------------------------------------------------
@@ -124,22 +148,31 @@ class VocabParallelEmbedding(nn.Embedding):
     group: dist.ProcessGroup | None
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        outside = (ids < self.lo) | (ids >= self.hi)
-        local = (ids - self.lo).clamp(0, self.hi - self.lo - 1)
-        h = F.embedding(local, self.weight).masked_fill(outside[..., None], 0)
-        dist.all_reduce(h, group=self.group)
-        return h
+        return vocab_parallel_lookup(ids, self.lo, self.hi, self.group, lambda local: F.embedding(local, self.weight))
 
 
-class VocabParallelProjection(llama.VocabProjection):
-    """Logits of this rank's vocabulary block, all-gathered into the whole (..., vocab) float32 logits."""
+def vocab_parallel_lookup(ids: torch.Tensor, lo: int, hi: int, group: dist.ProcessGroup | None, lookup
+                          ) -> torch.Tensor:
+    """`lookup` of the ids in rows [lo, hi) of this rank (zeros for the others), summed over the ranks."""
+    outside = (ids < lo) | (ids >= hi)
+    h = lookup((ids - lo).clamp(0, hi - lo - 1)).masked_fill(outside[..., None], 0)
+    dist.all_reduce(h, group=group)
+    return h
+
+
+class VocabParallelProjection(NativeVocabProjection):
+    """Logits of this rank's vocabulary block, all-gathered into the whole (..., vocab) float32 logits.
+
+    The block's product is the native projection's (float32 at every length: a bf16 or packed matrix is not
+    rounded through a bf16 GEMM output), as the uncut model's is.
+    """
 
     vocab_size: int
     block: int  # rows per rank (the last rank may hold fewer: its logits are padded before the gather)
     group: dist.ProcessGroup | None
 
     def forward(self, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        local = F.linear(h, weight).float()
+        local = super().forward(h, weight).float()
         if local.shape[-1] < self.block:
             local = F.pad(local, (0, self.block - local.shape[-1]))
         parts = [torch.empty_like(local) for _ in range(dist.get_world_size(self.group))]
@@ -166,10 +199,10 @@ def _all_reduce_output(group: dist.ProcessGroup | None):
 # -- the swap -------------------------------------------------------------------------------------------------
 
 
-def _narrow(net: nn.Module, arch: str, vocab_size: int, rank: int, world: int) -> None:
+def _narrow(net: nn.Module, config: ModelConfig, rank: int, world: int) -> None:
     """Replace every cut parameter by this rank's slice (a copy, so the whole tensor can be freed)."""
     for name, p in list(net.named_parameters()):
-        cut = local_slice(name, tuple(p.shape), arch, vocab_size, rank, world)
+        cut = local_slice(name, tuple(p.shape), config.arch, config.vocab_size, rank, world, config.n_kv_heads)
         if cut is None:
             continue
         owner_name, _, leaf = name.rpartition(".")
@@ -215,12 +248,13 @@ def apply_tensor_parallel(net: nn.Module, group: dist.ProcessGroup | None = None
     if world == 1:
         return net
     check_cut(net, world)
-    _narrow(net, config.arch, config.vocab_size, rank, world)
+    _narrow(net, config, rank, world)
     attention_types = (llama.Attention, llama4.Attention, gemma3.Attention)
+    kv_heads = local_kv_heads(config.n_kv_heads, world)
     for block in net.layers:
         attn = block.attention
         assert isinstance(attn, attention_types), type(attn)
-        attn.n_heads, attn.n_kv_heads = config.n_heads // world, config.n_kv_heads // world
+        attn.n_heads, attn.n_kv_heads = config.n_heads // world, kv_heads
         attn.register_forward_hook(_all_reduce_output(group))
         assert isinstance(block.feed_forward, (llama.FeedForward, gemma3.FeedForward, MoE))
         block.feed_forward.register_forward_hook(_all_reduce_output(group))
@@ -229,9 +263,9 @@ def apply_tensor_parallel(net: nn.Module, group: dist.ProcessGroup | None = None
     block_rows = vocab_range(config.vocab_size, 0, world)[1]
     _become(net.project, VocabParallelProjection, vocab_size=config.vocab_size, block=block_rows, group=group)
     net.tensor_parallel = TensorParallel(group=group, rank=rank, world=world, config=config)
-    net.config = config.replace(n_heads=config.n_heads // world, n_kv_heads=config.n_kv_heads // world)
+    net.config = config.replace(n_heads=config.n_heads // world, n_kv_heads=kv_heads)
     return net
 
 
-__all__ = ["ParallelError", "TensorParallel", "apply_tensor_parallel", "check_cut", "local_slice", "split_dim",
-           "vocab_range"]
+__all__ = ["ParallelError", "TensorParallel", "apply_tensor_parallel", "check_cut", "local_kv_heads", "local_slice",
+           "split_dim", "vocab_parallel_lookup", "vocab_range"]
