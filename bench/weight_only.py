@@ -8,7 +8,10 @@ step through the KV cache after a short prompt; the best of `rounds` medians, th
 round so that load on the machine hits them alike), the bytes of weights one token reads, and the decode rate
 that the measured memory bandwidth allows for those bytes (the ceiling: decode reads every weight once per
 token). A scheme written `int8/f32` runs with float32 activations (`native.weight_only.INT16_ACTIVATIONS`
-off: the exact products of the dequantised weights) instead of the default int16 activations. KLD: mean over positions of KL(bf16 || scheme) on the full-vocabulary float32 logits of one random
+off: the exact products of the dequantised weights) instead of the default int16 activations; one written
+`int8/module` (and `bf16/module`) runs the per-module native path (`native.step.disabled()`) instead of the
+one-call decode step; `--ab` adds the `/module` twin of every scheme, bf16 included, so the step's gain and
+the ratios before and after it come from one run. Each scheme's speedup is over bf16 on the same path. KLD: mean over positions of KL(bf16 || scheme) on the full-vocabulary float32 logits of one random
 token sequence (torch's `kl_div`); random weights make it a check of the codes, not a prediction for a trained
 model.
 """
@@ -28,6 +31,7 @@ import llamaherd
 from llamaherd import native
 from llamaherd.engine.generate import decode_one, prefill
 from llamaherd.model.cache import KVCache
+from llamaherd.native import step
 from llamaherd.native import weight_only as native_wo
 
 DEFAULT_MODEL = "/tmp/llamaherd-bench/llama-3.2-1b-random/hf-bf16"
@@ -88,24 +92,32 @@ def main() -> int:
     ap.add_argument("--kld-tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--schemes", default="int8,int4,int4-g32", help="comma-separated quantize= values beside bf16")
+    ap.add_argument("--ab", action="store_true", help="every scheme also on the per-module path (X/module)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"# {args.model}; torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"load average at start {os.getloadavg()[0]:.2f}")
-    schemes = [None, *[s for s in args.schemes.split(",") if s]]
+    schemes = ["bf16", *[s for s in args.schemes.split(",") if s]]
+    if args.ab:
+        schemes = [v for s in schemes for v in (s, f"{s}/module")]
     models = {}
     for spec in schemes:
         t = time.perf_counter()
-        base = None if spec is None else spec.split("/")[0]
-        same = next((m for s, m in models.items() if s is not None and s.split("/")[0] == base), None)
-        models[spec] = same or llamaherd.load(args.model, dtype=torch.bfloat16, quantize=base)
-        print(f"# loaded {spec or 'bf16'} in {time.perf_counter() - t:.1f} s", flush=True)
+        base = spec.split("/")[0]
+        same = next((m for s, m in models.items() if s.split("/")[0] == base), None)
+        models[spec] = same or llamaherd.load(args.model, dtype=torch.bfloat16,
+                                              quantize=None if base == "bf16" else base)
+        print(f"# loaded {spec} in {time.perf_counter() - t:.1f} s", flush=True)
 
     def activations(spec):
-        """The INT16_ACTIVATIONS setting a scheme runs under."""
-        f32 = spec is not None and spec.endswith("/f32")
-        return native.switched_off(native_wo, "INT16_ACTIVATIONS") if f32 else contextlib.nullcontext()
+        """The INT16_ACTIVATIONS setting and the decode path a scheme runs under."""
+        stack = contextlib.ExitStack()
+        if "/f32" in spec:
+            stack.enter_context(native.switched_off(native_wo, "INT16_ACTIVATIONS"))
+        if "/module" in spec:
+            stack.enter_context(step.disabled())
+        return stack
     gbs = bandwidth_gbs()
     print(f"# measured read bandwidth {gbs:.1f} GB/s")
 
@@ -116,17 +128,17 @@ def main() -> int:
                 times[spec].append(decode_ms(m.net, m.config, args.steps))
 
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, models[None].config.vocab_size, (args.kld_tokens,), generator=g).tolist()
-    ref = models[None].logits(ids)
-    base_ms = min(times[None])
-    print(f"{'scheme':10s} {'ms/token':>9s} {'tok/s':>7s} {'speedup':>8s} {'weights MB':>11s} "
+    ids = torch.randint(0, models["bf16"].config.vocab_size, (args.kld_tokens,), generator=g).tolist()
+    ref = models["bf16"].logits(ids)
+    print(f"{'scheme':12s} {'ms/token':>9s} {'tok/s':>7s} {'speedup':>8s} {'weights MB':>11s} "
           f"{'ceiling tok/s':>14s} {'KLD vs bf16':>12s}")
     for spec, m in models.items():
         ms = min(times[spec])
+        base_ms = min(times["bf16/module" if "/module" in spec else "bf16"])  # bf16 on the same path
         nbytes = weight_bytes_per_token(m.net)
         with activations(spec):
-            div = 0.0 if spec is None else kld(ref, m.logits(ids))
-        print(f"{spec or 'bf16':10s} {ms:9.2f} {1e3 / ms:7.1f} {base_ms / ms:7.2f}x {nbytes / 1e6:11.0f} "
+            div = 0.0 if spec.split("/")[0] == "bf16" or "/module" in spec else kld(ref, m.logits(ids))
+        print(f"{spec:12s} {ms:9.2f} {1e3 / ms:7.1f} {base_ms / ms:7.2f}x {nbytes / 1e6:11.0f} "
               f"{gbs * 1e9 / nbytes:14.1f} {div:12.5f}")
     print(f"# load average at end {os.getloadavg()[0]:.2f}")
     return 0
