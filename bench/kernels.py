@@ -86,9 +86,10 @@ AB_SHAPES = [
     ("attn_q, attn_output", "Q4_K", 2048, 2048),
     ("attn_k", "Q4_K", 512, 2048),
     ("ffn_gate, ffn_up", "Q4_K", 8192, 2048),
-    ("attn_v", "Q6_K", 512, 2048),
-    ("ffn_down", "Q6_K", 2048, 8192),
-    ("output", "Q6_K", 128256, 2048),
+    ("ffn_down (8 of 16 layers)", "Q4_K", 2048, 8192),
+    ("attn_v (8 of 16 layers)", "Q6_K", 512, 2048),
+    ("ffn_down (the other 8)", "Q6_K", 2048, 8192),
+    ("token_embd / output (tied)", "Q6_K", 128256, 2048),
 ]
 _Q8_FILES = ("ggml_q8.c", "ggml_q8.h", "common.h")
 

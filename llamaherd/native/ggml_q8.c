@@ -64,6 +64,20 @@
 enum { Q4_0 = 2, Q5_0 = 6, Q8_0 = 8, Q4_K = 12, Q5_K = 13, Q6_K = 14 };
 #define MAX_ROWS LH_Q8_MAX_ROWS
 
+/* The one-row K-quant kernels prefetch as they go, each super-block the bytes K_PREFETCH_BYTES ahead of it
+ * (across row ends: rows of a weight are adjacent), instead of lh_q8_weight's burst of a whole row's lines once
+ * per row (which, we suppose, stalls on the core's few line-fill buffers). 1 thread, weights read from memory:
+ * 4096 ahead gave Q6_K 2048 x 8192 +28% and Q4_K +6-11% over the burst; 2048 less, 8192 the same
+ * (bench/PROFILE.md section 13). */
+#ifndef K_PREFETCH_BYTES /* -DK_PREFETCH_BYTES=n to try another distance; 0: off (the per-row burst instead) */
+#define K_PREFETCH_BYTES 4096
+#endif
+#define K_PREFETCH(blk, TS) \
+    do { \
+        if (K_PREFETCH_BYTES) \
+            for (int o_ = 0; o_ < (TS); o_ += 64) _mm_prefetch((const char *)(blk) + K_PREFETCH_BYTES + o_, _MM_HINT_T0); \
+    } while (0)
+
 static int q8_layout(int type, int *qk, int *tsize) {
     switch (type) {
     case Q4_0: *qk = 32; *tsize = 18; return 0;
@@ -442,6 +456,15 @@ INLINE void row_32_one(const int T, const uint8_t *row, int64_t nb, const qrow *
     *y = hsum(acc) - c * hsum(off);
 }
 
+/* Bytes shifted by per-byte bit offsets: with AVX-512 VBMI one `vpmultishiftqb` (8 bits from bit ctrl[j] of byte j's
+ * qword, rotating; the callers mask what they keep), which runs on the shuffle port while the integer shifts
+ * compete with the multiplies; without VBMI the plain shifts `alt`. */
+#ifdef __AVX512VBMI__
+#define SHIFT_BYTES(ctrl, v, alt) _mm512_multishift_epi64_epi8((ctrl), (v))
+#else
+#define SHIFT_BYTES(ctrl, v, alt) (alt)
+#endif
+
 /* One activation row of the K-quants (decode): each super-block's sum is exact integer arithmetic, as llama.cpp's
  * `ggml_vec_dot_q4_K_q8_K` / `_q6_K_q8_K` compute it: `vpmaddubsw` multiplies 64 weight codes by their activation
  * codes into 32 int16 pair sums (no saturation: |pair| <= 2 * 63 * 127), `vpdpwssd` multiplies those by the
@@ -466,6 +489,7 @@ INLINE void row_k45_one(const int T, const uint8_t *row, int64_t nsb, const qrow
     __m128 macc = _mm_setzero_ps();
     for (int64_t b = 0; b < nsb; b++) {
         const uint8_t *blk = row + b * TS;
+        K_PREFETCH(blk, TS);
         uint64_t sc, mn;
         q8_scale_min(blk + 4, &sc, &mn);
         const __m512i sc16 = _mm512_castsi128_si512(_mm_cvtepu8_epi16(_mm_cvtsi64_si128((long long)sc)));
@@ -505,9 +529,24 @@ INLINE void row_q6k_one(const uint8_t *row, int64_t nsb, const qrow *x, float *y
         for (int i = 0; i < 32; i++) w[i] = (short)(4 * v + i / 8);
         sidx[v] = _mm512_loadu_si512((const void *)w);
     }
+    /* bit offsets for SHIFT_BYTES, byte j at bit 8k of its qword (k = j % 8): qh bits 0-1 (bytes 0-31) / 2-3
+     * (32-63) to bits 4-5; bits 4-5 / 6-7 to 4-5; a byte's high nibble to its low one */
+    __m512i ms[3];
+    {
+        uint8_t c[3][64];
+        for (int j = 0; j < 64; j++) {
+            const int k = 8 * (j % 8), up = j >= 32;
+            c[0][j] = (uint8_t)((k + (up ? -2 : -4)) & 63);
+            c[1][j] = (uint8_t)(k + (up ? 2 : 0));
+            c[2][j] = (uint8_t)(k + 4);
+        }
+        for (int i = 0; i < 3; i++) ms[i] = _mm512_loadu_si512((const void *)c[i]);
+    }
+    (void)ms;
     __m512 acc = _mm512_setzero_ps();
     for (int64_t b = 0; b < nsb; b++) {
         const uint8_t *blk = row + b * 210;
+        K_PREFETCH(blk, 210);
         const __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(blk + 192)));
         /* the code offset 32 as 32 * sum(sc * code sum per 16), subtracted in int32 */
         const __m256i off = _mm256_madd_epi16(sc16, _mm256_loadu_si256((const __m256i *)(x->b16 + 16 * b)));
@@ -518,10 +557,10 @@ INLINE void row_q6k_one(const uint8_t *row, int64_t nsb, const qrow *x, float *y
             const __m512i L = _mm512_loadu_si512((const void *)(blk + 64 * h));
             const __m512i H = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(blk + 128 + 32 * h)));
             /* as row_q6k: the two high bits to bits 4-5, then (a & c) | b */
-            const __m512i h0 = _mm512_and_si512(_mm512_mask_slli_epi16(_mm512_slli_epi16(H, 2), 0x0000FFFFu, H, 4), top);
-            const __m512i h1 = _mm512_and_si512(_mm512_mask_srli_epi16(H, 0xFFFF0000u, H, 2), top);
+            const __m512i h0 = _mm512_and_si512(SHIFT_BYTES(ms[0], H, _mm512_mask_slli_epi16(_mm512_slli_epi16(H, 2), 0x0000FFFFu, H, 4)), top);
+            const __m512i h1 = _mm512_and_si512(SHIFT_BYTES(ms[1], H, _mm512_mask_srli_epi16(H, 0xFFFF0000u, H, 2)), top);
             const __m512i w0 = _mm512_ternarylogic_epi32(L, h0, nib, 0xEC);
-            const __m512i w1 = _mm512_ternarylogic_epi32(_mm512_srli_epi16(L, 4), h1, nib, 0xEC);
+            const __m512i w1 = _mm512_ternarylogic_epi32(SHIFT_BYTES(ms[2], L, _mm512_srli_epi16(L, 4)), h1, nib, 0xEC);
             const __m512i p0 = _mm512_maddubs_epi16(w0, _mm512_loadu_si512((const void *)(xq + 128 * h)));
             const __m512i p1 = _mm512_maddubs_epi16(w1, _mm512_loadu_si512((const void *)(xq + 128 * h + 64)));
             isum[h] = _mm512_dpwssd_epi32(_mm512_setzero_si512(), p0, _mm512_permutexvar_epi16(sidx[2 * h], scw));
@@ -693,7 +732,8 @@ void lh_q8_weight(int type, const uint8_t *W, int64_t N, int64_t stride, int64_t
     int qk = 32, ts = 0;
     q8_layout(type, &qk, &ts);
     const int64_t row_bytes = K / qk * ts, ahead = stride > 0 ? (PREFETCH_BYTES + stride - 1) / stride : N;
-    const int prefetch = type != Q4_0 && type != Q5_0;
+    const int one_row_k = M == 1 && (type == Q4_K || type == Q5_K || type == Q6_K) && K_PREFETCH_BYTES;
+    const int prefetch = type != Q4_0 && type != Q5_0 && !one_row_k; /* those prefetch in the kernel */
 #pragma omp for schedule(static) nowait
     for (int64_t n = 0; n < N; n++) {
 #ifdef LH_Q8_VNNI
