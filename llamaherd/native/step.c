@@ -1,4 +1,5 @@
-/* One decode step of a whole Llama or Gemma 3 decoder on packed ggml weights, in one call and one OpenMP region.
+/* One decode step of a whole Llama or Gemma 3 decoder, in one call and one OpenMP region: packed ggml weights,
+ * bf16 matrices or weight-only int8 / int4 codes.
  *
  * Why: with the matrix kernels at the memory's pace, what was left of a decode step was the work around them:
  * per layer a dozen Python module calls, ctypes calls and small torch ops, and one OpenMP fork/join per product
@@ -8,8 +9,11 @@
  * left with the embedding lookup, the final norm and vocabulary projection, and sampling (native/step.py).
  *
  * The arithmetic is that of the per-module native path it replaces, piece by piece: norm_row, prepare_head and
- * attend_head (ops.h, as ops.c's lh_ops_attend_decode), and the ggml kernels' own products: int8 activations
- * quantized once per product as llama.cpp does (ggml_q8.h) or float activations (ggml.h). The reference for
+ * attend_head (ops.h, as ops.c's lh_ops_attend_decode), and the kernels' own products: for ggml weights int8
+ * activations quantized once per product as llama.cpp does (ggml_q8.h) or float activations (ggml.h); for
+ * bf16 matrices dense.c's kernel on the rows rounded to bf16 (dense.h); for weight-only codes weight_only.c's
+ * kernels after its own activation preparation (weight_only.h). The residual stream is float32 whatever the
+ * weights; the KV cache float32 or bf16 (native/step.py says why). The reference for
  * each layer is model/llama.py and model/gemma3.py (llama-models `llama3/model.py`; HF `modeling_gemma3.py`):
  *
  *   Llama:   h += wo(attn(rope(wq x), rope(wk x), wv x)),  x = norm(h);   h += w2(silu(w1 x) * w3 x),  x = norm(h)

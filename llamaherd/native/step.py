@@ -1,4 +1,4 @@
-"""The whole decode step of a GGUF Llama or Gemma 3 model as one native call (llamaherd/native/step.c), as a swap.
+"""The whole decode step of a Llama or Gemma 3 model as one native call (llamaherd/native/step.c), as a swap.
 
 Why: with the products on native kernels, a decode step still paid per layer a dozen Python module calls,
 ctypes round trips, small torch ops and one OpenMP fork/join per product (bench/PROFILE.md section 12). Here
@@ -8,17 +8,35 @@ the vocabulary projection (one native product) and sampling.
 `apply(net)` (called by `native.swaps.apply`, so by `llamaherd.load`) changes the class of a `llama.Transformer`
 or `gemma3.Transformer` in place to a subclass whose `forward` takes the one-call step when it applies and is
 the reference `forward` otherwise: nothing else of the model changes (same modules, parameters, state dict).
-It applies to one new token per row (at most MAX_ROWS rows) on the simple float32 `KVCache`, outside autograd,
-when every projection of every layer is a packed ggml weight the kernels take, the norms and rotary modules are
-the reference ones or their native swaps, and the switches are on: `ENABLED` (`disabled()`), the fused glue
-(`native.ops.ENABLED`) and the library (`native.disabled()`). `ggml_kernels.INT8_ACTIVATIONS` chooses int8 or
-float activations here as for the single products. The paged cache of the serving engine takes the per-module
-path.
+It applies to one new token per row (at most MAX_ROWS rows) on the simple `KVCache` (float32 or bf16),
+outside autograd, when the norms and rotary modules are the reference ones or their native swaps, the
+switches are on (`ENABLED` / `disabled()`, the fused glue `native.ops.ENABLED`, the library
+`native.disabled()`), and every projection of every layer is of one of these kinds, all layers alike:
+
+  - packed ggml weights (GGUF models, quant/ggml.py): `ggml_kernels.INT8_ACTIVATIONS` chooses int8 or float
+    activations here as for the single products;
+  - bf16 matrices (a bf16 checkpoint's bias-free Linears, native/dense.py): dense.c's kernel on the activation
+    rows rounded to bf16, float32 sums, as `DenseLinear` multiplies;
+  - weight-only int8 / int4 / grouped 8-bit codes (quant/weight_only.py, quant/hf_quantized.py without
+    act-order or bias): weight_only.c's kernels with the activation preparation of the per-module call
+    (`native.weight_only.INT16_ACTIVATIONS`), off when those kernels are (`native.weight_only.ENABLED`).
+
+A model mixing kinds (a projection left in bf16 beside int4 ones, GGUF beside weight-only), float32 matrices,
+LoRA wrappers and patched `forward`s take the per-module path. So does the paged cache of the serving engine.
+
+Precision of bf16 models: the reference and the per-module path keep the residual stream in bf16, rounding
+every layer's output; the step keeps it in float32 (the embedding row widened exactly, norms, rotary,
+attention and residual adds in float32, each product's input rounded to bf16 only where the bf16 kernel
+takes bf16), so it is at least as close to a float32 computation on the same weights (the tests check this
+against the float32 reference). The KV cache stays the engine's: bf16 for a bf16 model, each new key and
+value rounded to bf16 as the reference's cache write rounds them. The last hidden state goes back to the
+model's dtype before the final norm and vocabulary projection, which are the reference path's.
 
 The plan (the weights' pointers as C structures) is made at the first step and kept for the model; every step
-checks that the modules and weights it was made from are still in place and carry no hooks (tensor-parallel
-all-reduce hooks, calibration hooks), else the plan is remade or the reference path taken. `Module._apply`
-(`.to()` and the like, which may move weights without replacing them) drops the plan; `forget(net)` does too.
+checks that the modules and weights it was made from are still in place, carry no hooks (tensor-parallel
+all-reduce hooks, calibration hooks) and, for bf16 norm weights read through float32 copies, were not written
+in place; else the plan is remade or the reference path taken. `Module._apply` (`.to()` and the like, which
+may move weights without replacing them) drops the plan; `forget(net)` does too.
 """
 
 from __future__ import annotations
