@@ -168,3 +168,22 @@ def test_the_plan_follows_to_and_the_kernel_switches(folder, monkeypatch):
     with native_wo.switched_off():
         decode_logits(quantized, steps=2)
     assert spy.calls == 8
+
+
+@pytest.mark.parametrize("bits", [pytest.param(4, marks=pytest.mark.slow), 8])
+def test_gptq_folder_takes_the_step(tmp_path, bits, monkeypatch):
+    """A GPTQ folder (quant/hf_quantized.py's PackedLinear: float32 scales and zeros, 8-bit codes as grouped 8-bit):
+    the step applies and multiplies what the per-module kernels multiply."""
+    from tests.test_quant_gptq_awq import _folder as gptq_folder
+
+    folder, _ = gptq_folder(tmp_path, "gptq", bits=bits, group=32)
+    model = llamaherd.load(folder)
+    spy = Spy(monkeypatch)
+    got = decode_logits(model.net)
+    assert spy.calls == STEPS
+    with step.disabled():
+        want = decode_logits(model.net)
+    if model.net.tok_embeddings.weight.dtype == torch.float32:  # the same float32 products, another sum order
+        assert (got - want).abs().max() <= 1e-4 * want.abs().max()
+    assert kl(want, got)[1:].max() < 2e-3
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.95
