@@ -1,6 +1,7 @@
 """Tensor parallelism on the CPU: peak memory per rank and decode speed, TP=2 against one process, side by side.
 
 Usage: .venv/bin/python bench/tensor_parallel.py [--model DIR] [--meta2 DIR] [--tokens 48] [--skip-memory|--skip-speed]
+       .venv/bin/python bench/tensor_parallel.py --gguf FILE [--tokens 48]   (a packed GGUF: the default model's, say)
 
   memory   a ~1B random checkpoint (bench/make_llama1b.py's HF bf16 folder; --meta2: the same weights as a Meta
            folder of 2 shards, written here by `herd convert`'s writer when missing), loaded in fresh processes:
@@ -11,6 +12,8 @@ Usage: .venv/bin/python bench/tensor_parallel.py [--model DIR] [--meta2 DIR] [--
            threads against 2 ranks with 1 thread each, rank 0 leading as `herd run --tp 2` does (inputs broadcast
            per forward, an all-reduce per attention and feed-forward, logits all-gathered). Prefill and decode
            rates are rank 0's.
+  --gguf   both, on a packed GGUF file instead (each rank cuts the packed rows on block boundaries; the one
+           process keeps the file mapped; float32 KV cache, the ggml kernels' default switches).
 
 The load average is printed first: on a shared machine the numbers move with it.
 """
@@ -37,18 +40,23 @@ def _status(field: str) -> int:
     raise RuntimeError(field)
 
 
+def _weights(net) -> list:
+    """Parameters and buffers (packed GGUF weights are buffers), each once."""
+    return list({id(t): t for t in (*net.parameters(), *net.buffers())}.values())
+
+
 def _touch(net) -> None:
     import torch
 
     with torch.no_grad():
-        for p in net.parameters():
-            for chunk in p.reshape(-1).split(2**20):
+        for p in _weights(net):
+            for chunk in p.reshape(-1).split(2**20):  # a packed weight reshaped is its plain bytes
                 float(chunk.float().sum())
 
 
 def _memory_record(model, base: int, seconds: float) -> dict:
     _touch(model.net)
-    n_bytes = sum(p.numel() * p.element_size() for p in model.net.parameters())
+    n_bytes = sum(p.numel() * p.element_size() for p in _weights(model.net))
     return {"load_s": round(seconds, 1), "param_gib": n_bytes / GiB, "peak_gib": (_status("VmHWM") - base) / GiB,
             "anon_gib": _status("RssAnon") / GiB, "file_gib": _status("RssFile") / GiB}
 
@@ -77,15 +85,19 @@ def _rank_memory(path: str, out_dir: str) -> None:
 def _decode(model, tokens: int, lead_net: bool) -> dict:
     import torch
 
+    from llamaherd.checkpoint.base import stored_dtype
+
     from llamaherd.engine.generate import decode_one, prefill
     from llamaherd.model.cache import KVCache
 
     net = model.net
     prompt = torch.randint(0, model.config.vocab_size, (1, 32), generator=torch.Generator().manual_seed(0))
+    # the weights' float dtype: bf16 for the bf16 checkpoint, float32 for a GGUF (its norms; packed weights aside)
+    dtype = stored_dtype(dict(net.named_parameters()))
     with torch.inference_mode():
-        cache = KVCache.for_model(net.config, 1, 32 + tokens + 8, dtype=torch.bfloat16)
+        cache = KVCache.for_model(net.config, 1, 32 + tokens + 8, dtype=dtype)
         prefill(net, prompt[:, :8], cache)  # warm-up: first calls of every kernel
-        cache = KVCache.for_model(net.config, 1, 32 + tokens + 8, dtype=torch.bfloat16)
+        cache = KVCache.for_model(net.config, 1, 32 + tokens + 8, dtype=dtype)
         t0 = time.perf_counter()
         logits = prefill(net, prompt, cache)
         t1 = time.perf_counter()
@@ -148,20 +160,25 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=48)
     ap.add_argument("--skip-memory", action="store_true")
     ap.add_argument("--skip-speed", action="store_true")
+    ap.add_argument("--gguf", default=None, help="a packed GGUF file: memory and speed on it alone")
     args = ap.parse_args()
+    if args.gguf:
+        args.model = args.gguf
     print(f"load average {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f} on "
           f"{os.cpu_count()} cores", flush=True)
     tmp = Path(tempfile.mkdtemp(prefix="tp-bench-"))
     if not args.skip_memory:
         meta2 = Path(args.meta2)
-        if not (meta2 / "consolidated.01.pth").exists():
+        if not args.gguf and not (meta2 / "consolidated.01.pth").exists():
             from llamaherd.checkpoint import read
             from llamaherd.checkpoint.save import save
 
             save(read(Path(args.model)), meta2, "meta", shards=2)
         print("| checkpoint | ranks | rank | load s | weights held GiB | peak RSS GiB | private GiB | mapped GiB |")
         print("|---|---|---|---|---|---|---|---|")
-        for label, path in (("HF safetensors bf16", args.model), ("Meta 2 shards bf16", str(meta2))):
+        cases = [(Path(args.gguf).name, args.gguf)] if args.gguf else \
+            [("HF safetensors bf16", args.model), ("Meta 2 shards bf16", str(meta2))]
+        for label, path in cases:
             _fresh(_one_memory, path, str(tmp / "one.json"))
             r = json.loads((tmp / "one.json").read_text())
             print(f"| {label} | 1 | - | {r['load_s']} | {r['param_gib']:.2f} | {r['peak_gib']:.2f} | "
@@ -180,8 +197,9 @@ def main() -> int:
     print("|---|---|---|---|")
     print(f"| 1 process | {one['threads']} | {one['prefill_tok_s']:.1f} | {one['decode_tok_s']:.2f} |")
     print(f"| TP=2 | {two['threads']} | {two['prefill_tok_s']:.1f} | {two['decode_tok_s']:.2f} |")
-    print(f"greedy ids equal: {one['ids'] == two['ids']} (bf16: the partial sums are rounded per rank, so a near "
-          f"tie may flip)")
+    same = next((i for i, (a, b) in enumerate(zip(one["ids"], two["ids"])) if a != b), len(one["ids"]))
+    print(f"greedy ids equal: {one['ids'] == two['ids']} (first {same} of {len(one['ids'])} equal; bf16 or int8 "
+          f"activations: the partial sums are rounded per rank, so a near tie may flip)")
     print(f"load average after: {os.getloadavg()[0]:.2f}", flush=True)
     return 0
 

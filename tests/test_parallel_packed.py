@@ -17,8 +17,21 @@ from llamaherd.train.distributed import launch
 from .parallel_fixtures import KERNELS, PACKED, ggml_switches, packed_file, packed_worker, runs
 
 
-def test_two_ranks_on_packed_gguf_equal_one_process_on_the_same_file(tmp_path):
-    files = {name: str(packed_file(name, tmp_path)) for name in PACKED}
+@pytest.fixture(scope="module")
+def written(tmp_path_factory):
+    """name -> the PACKED file, written once per module (our K-quant writer takes ~30 s on a loaded machine)."""
+    folder, files = tmp_path_factory.mktemp("packed"), {}
+
+    def get(name: str) -> str:
+        if name not in files:
+            files[name] = str(packed_file(name, folder))
+        return files[name]
+
+    return get
+
+
+def _check(tmp_path, written, names: list[str]) -> None:
+    files = {name: written(name) for name in names}
     for name, path in files.items():  # the files hold what the test is about: packed K-quant and Q8_0 rows
         types = {t.qtype.name for t in read(path).state_dict.values() if isinstance(t, GGMLWeight)}
         assert types >= ({"Q4_K"} if "q4_k" in name else {"Q8_0"}), (name, types)
@@ -48,8 +61,17 @@ def test_two_ranks_on_packed_gguf_equal_one_process_on_the_same_file(tmp_path):
                     assert float(kl.max()) <= 2e-3 and top1 >= 0.95, (name, key, float(kl.max()), top1)
 
 
-def test_a_cut_that_splits_a_block_is_refused_naming_tensor_type_k_and_n(tmp_path):
-    ckpt = read(packed_file("gemma3-q4_k_m", tmp_path))
+def test_two_ranks_on_a_q4_k_m_gemma_with_one_kv_head_equal_one_process_on_the_same_file(tmp_path, written):
+    _check(tmp_path, written, ["gemma3-q4_k_m"])  # the default model's shape: K-quants, one KV head, tied Q6_K rows
+
+
+@pytest.mark.slow
+def test_two_ranks_on_every_packed_file_equal_one_process(tmp_path, written):
+    _check(tmp_path, written, sorted(PACKED))
+
+
+def test_a_cut_that_splits_a_block_is_refused_naming_tensor_type_k_and_n(written):
+    ckpt = read(written("gemma3-q4_k_m"))
     check_readable(ckpt, 2)  # K = 512 over 2 ranks: 256 columns each, one super-block
     with pytest.raises(ParallelError, match=r"layers\.\d\.(attention\.wo|feed_forward\.w2)\.weight is Q[46]_K with K = "
                                             r"512 .*--tp 4 .* K/N = 128 .*256-column blocks.*\[1, 2\].*Q8_0"):

@@ -12,6 +12,8 @@ slice is copied, so that the file's pages read no longer count in the rank's res
 from __future__ import annotations
 
 import dataclasses
+import mmap
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -48,8 +50,9 @@ def load_parallel(source: str | Path, *, dtype: torch.dtype | None = None,
     net = build(ckpt.config, device="meta")
     apply_tensor_parallel(net, group)
     swap_packed(net, weights)
-    net.load_state_dict(_slices(net, ckpt, weights, rank, world, dtype, whole=piece is None), strict=True,
-                        assign=True)
+    drop = _page_dropper(ckpt.metadata.get("_mmap")) if piece is None else None
+    net.load_state_dict(_slices(net, ckpt, weights, rank, world, dtype, whole=piece is None, drop=drop),
+                        strict=True, assign=True)
     native_swaps.apply(net.eval())
     metadata = {k: v for k, v in ckpt.metadata.items() if k != "_mmap"} if piece is None else ckpt.metadata
     return Model(net, dataclasses.replace(ckpt, state_dict={}, metadata=metadata))  # the weights live in the net
@@ -85,10 +88,29 @@ def _own_shard(piece: Checkpoint, group) -> tuple[Checkpoint, dict[str, torch.Te
     return dataclasses.replace(piece, config=config), sd
 
 
+def _page_dropper(mm: mmap.mmap | None) -> Callable[[torch.Tensor], None] | None:
+    """For a GGUF file's private, never-written mapping: a function that hands the pages under a tensor of it
+    back to the kernel (madvise DONTNEED: a later read faults them in from the file again), so that the file's
+    pages read to copy out one slice do not stay in this rank's resident memory until the mapping closes."""
+    if mm is None or not hasattr(mm, "madvise"):
+        return None
+    base, size, page = torch.frombuffer(mm, dtype=torch.uint8, count=1).data_ptr(), len(mm), mmap.PAGESIZE
+
+    def drop(t: torch.Tensor) -> None:
+        start = t.data_ptr() - base
+        if 0 <= start < size:  # a view of the mapping (a tensor transformed on reading is not)
+            lo = start // page * page
+            mm.madvise(mmap.MADV_DONTNEED, lo, min(size, start + t.numel() * t.element_size()) - lo)
+
+    return drop
+
+
 def _slices(net, ckpt: Checkpoint, weights: dict[str, torch.Tensor], rank: int, world: int,
-            dtype: torch.dtype | None, whole: bool) -> dict[str, torch.Tensor]:
+            dtype: torch.dtype | None, whole: bool, drop: Callable[[torch.Tensor], None] | None = None
+            ) -> dict[str, torch.Tensor]:
     """The tensors the cut (meta-device) `net` expects, by name: this rank's slices of whole tensors (`whole`),
-    or a shard's tensors as they are; each checked against the shape the cut model implies."""
+    or a shard's tensors as they are; each checked against the shape the cut model implies. `drop(source)`
+    is called once each source tensor is copied out."""
     expected = net.state_dict()
     missing, unexpected = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
     if missing or unexpected:
@@ -97,9 +119,9 @@ def _slices(net, ckpt: Checkpoint, weights: dict[str, torch.Tensor], rank: int, 
     target = dtype or next((t.dtype for t in weights.values() if t.is_floating_point()), torch.float32)
     out = {}
     for name, want in expected.items():
-        t = weights[name]
+        t = source = weights[name]
         if isinstance(t, GGMLWeight):  # packed rows, cut on block boundaries, copied out of the mapping
-            t = packed_slice(name, t, ckpt.config, rank, world) if whole else t
+            t = packed_slice(name, t, ckpt.config, rank, world, drop) if whole else t
         else:
             c = ckpt.config
             cut = local_slice(name, tuple(t.shape), c.arch, c.vocab_size, rank, world, c.n_kv_heads) if whole else None
@@ -111,11 +133,12 @@ def _slices(net, ckpt: Checkpoint, weights: dict[str, torch.Tensor], rank: int, 
         # Cut from a whole checkpoint, every tensor is copied out (own memory): a view kept of any of them (a
         # norm) would keep the whole file's mapping, and every page read through it, alive. A rank's own shard
         # stays mapped, as `llamaherd.load` keeps a whole checkpoint.
-        if isinstance(t, GGMLWeight):
-            out[name] = t
-            continue
-        t = t.to(dtype=target) if t.is_floating_point() else t
-        out[name] = t.clone(memory_format=torch.contiguous_format) if whole else t.contiguous()
+        if not isinstance(t, GGMLWeight):
+            t = t.to(dtype=target) if t.is_floating_point() else t
+            t = t.clone(memory_format=torch.contiguous_format) if whole else t.contiguous()
+        out[name] = t
+        if drop is not None:
+            drop(source)
     return out
 
 

@@ -15,6 +15,8 @@ the cut falls on a block boundary); only the order of the all-reduce's float32 s
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -22,6 +24,8 @@ from torch import nn
 from ..config import ModelConfig
 from ..quant.ggml import GGMLEmbedding, GGMLWeight, swap_ggml
 from .tp import ParallelError, VocabParallelEmbedding, local_slice, vocab_parallel_lookup
+
+CHUNK_BYTES = 16 << 20  # source rows copied (and their pages handed back) at a time
 
 
 def packed_cut(name: str, w: GGMLWeight, config: ModelConfig, rank: int, world: int
@@ -51,11 +55,24 @@ def check_packed(weights: dict[str, torch.Tensor], config: ModelConfig, world: i
             packed_cut(name, t, config, 0, world)
 
 
-def packed_slice(name: str, w: GGMLWeight, config: ModelConfig, rank: int, world: int) -> GGMLWeight:
-    """This rank's slice of the packed tensor `w`, copied out of the mapped file (only its bytes are read)."""
+def packed_slice(name: str, w: GGMLWeight, config: ModelConfig, rank: int, world: int,
+                 drop: Callable[[torch.Tensor], None] | None = None) -> GGMLWeight:
+    """This rank's slice of the packed tensor `w`, copied out of the mapped file (only its rows are read).
+
+    Copied in chunks of CHUNK_BYTES of source rows; `drop(rows)` is called with each chunk of whole source rows
+    once it is copied (the mapped pages can then be handed back: a 262144-row embedding is not held twice)."""
     cut = packed_cut(name, w, config, rank, world)
-    raw = w.plain() if cut is None else w.plain().narrow(*cut)
-    return GGMLWeight(raw.clone(memory_format=torch.contiguous_format), w.qtype)
+    whole = w.plain()
+    rows = whole if cut is None or cut[0] == 1 else whole.narrow(*cut)  # the source rows this rank reads
+    first = 0 if rows is whole else cut[1]
+    mine = rows if cut is None or cut[0] == 0 else rows.narrow(*cut)
+    out = torch.empty(mine.shape, dtype=torch.uint8)
+    step = max(1, CHUNK_BYTES // max(1, whole.shape[1]))
+    for i in range(0, mine.shape[0], step):
+        out[i : i + step].copy_(mine[i : i + step])
+        if drop is not None:
+            drop(whole[first + i : first + i + step])
+    return GGMLWeight(out, w.qtype)
 
 
 class VocabParallelGGMLEmbedding(GGMLEmbedding):
