@@ -187,3 +187,19 @@ def test_gptq_folder_takes_the_step(tmp_path, bits, monkeypatch):
         assert (got - want).abs().max() <= 1e-4 * want.abs().max()
     assert kl(want, got)[1:].max() < 2e-3
     assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.95
+
+
+def test_a_model_mixing_kinds_takes_the_per_module_path(folder, monkeypatch):
+    """One projection int8 among bf16 ones (two activation layouts in one product group): the step refuses the
+    model and the per-module path computes it, exactly as with the step switched off."""
+    from llamaherd.quant.weight_only import Int8Linear
+
+    _, path = folder
+    net = llamaherd.load(path).net
+    ff = net.layers[-1].feed_forward
+    ff.w2 = Int8Linear.from_linear(ff.w2.weight)
+    spy = Spy(monkeypatch)
+    got = decode_logits(net, steps=2)
+    assert spy.calls == 0
+    with step.disabled():
+        assert torch.equal(got, decode_logits(net, steps=2))
