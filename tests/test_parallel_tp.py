@@ -46,7 +46,8 @@ def test_four_ranks_equal_one_process_for_every_family(tmp_path):
 def test_rank_counts_that_do_not_divide_the_heads_are_refused_with_the_choices():
     with pytest.raises(ParallelError, match=r"--tp 3 must divide n_kv_heads 4.*pick one of \[1, 2, 4, 8\]"):
         check_divisible(FAMILIES["llama3"], 3)
-    with pytest.raises(ParallelError, match=r"--tp 8 must divide n_kv_heads 3, n_heads 6, hidden_dim 36.*pick one of \[1, 3, 6\]"):
+    with pytest.raises(ParallelError,
+                       match=r"--tp 8 must divide n_kv_heads 3, n_heads 6, hidden_dim 36.*pick one of \[1, 3, 6\]"):
         check_divisible(FAMILIES["llama3"].replace(n_heads=6, n_kv_heads=3, hidden_dim=36), 8)
     check_divisible(FAMILIES["llama3"].replace(n_kv_heads=1), 4)  # fewer KV heads than ranks: replicated
 

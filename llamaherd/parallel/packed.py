@@ -44,7 +44,8 @@ def packed_cut(name: str, w: GGMLWeight, config: ModelConfig, rank: int, world: 
             f"{name} is {q.name} with K = {w.n_cols} input columns; --tp {world} would give each rank K/N = "
             f"{w.n_cols // world} columns, not a multiple of {q.name}'s {q.block_size}-column blocks, so the packed "
             f"rows cannot be cut on block boundaries. Pick a --tp whose K/N is a multiple of {q.block_size} (for "
-            f"this tensor {fits[:8]}), or use a float or Q8_0 file (herd convert / herd quantize MODEL q8_0)")
+            f"this tensor {fits[:8]}), or use a float or Q8_0 file of the model (herd quantize SRC OUT.gguf "
+            "--type q8_0, from its float weights)")
     return axis, start // q.block_size * q.type_size, length // q.block_size * q.type_size
 
 
