@@ -15,7 +15,8 @@
  *
  * Results are written as float32 or rounded to bf16 (round to nearest even, as torch's `.bfloat16()`).
  * `lh_bf16_gemv_many` applies several weights to one X inside a single OpenMP region (one fork/join), for
- * projections that share their input (wq/wk/wv, w1/w3). Built by llamaherd/native/__init__.py with
+ * projections that share their input (wq/wk/wv, w1/w3); its loop, `lh_bf16_gemv_in_region` (dense.h), runs
+ * inside step.c's one-call decode step too. Built by llamaherd/native/__init__.py with
  * -march=native and OpenMP, called through ctypes by llamaherd/native/dense.py.
  */
 #include <stdint.h>

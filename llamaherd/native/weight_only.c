@@ -23,7 +23,9 @@
  *
  * `lh_wo_int8` / `lh_wo_int4` / `lh_wo_grouped8` apply nw weights to one X in a single OpenMP region (one fork/join for
  * wq/wk/wv or w1/w3). Without AVX-512F the `#else` path does the same arithmetic in plain C. Built by
- * llamaherd/native/__init__.py, called through ctypes by llamaherd/native/weight_only.py.
+ * llamaherd/native/__init__.py, called through ctypes by llamaherd/native/weight_only.py. The pieces those calls
+ * are made of (the activation rows prepared once, one weight's worksharing loop) are weight_only.h's, which
+ * step.c calls inside its own parallel region: the one-call decode step multiplies the same numbers.
  */
 #include <stdint.h>
 #include <stdlib.h>
