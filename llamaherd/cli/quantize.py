@@ -1,30 +1,38 @@
-"""`herd quantize SRC out.gguf --type q4_k_m`: write a checkpoint as a quantized (or F16/F32) GGUF file."""
+"""`herd quantize SRC OUT --type q4_k_m|iq4_xs|...|int4-g64`: a quantized GGUF file, or a weight-only int8/int4 folder."""
 
 from __future__ import annotations
 
 import argparse
 import time
 
-TYPES = ("q4_k_m", "q5_k_m", "q6_k", "q8_0", "q4_0", "f16", "f32")
+# GGUF file types (checkpoint/gguf_write.py FILE_TYPES), the default first
+TYPES = ("q4_k_m", "q5_k_m", "q6_k", "q8_0", "q4_0", "q3_k_s", "q3_k_m", "q3_k_l", "iq4_xs", "f16", "f32")
+# weight-only schemes (quant/weight_only.py `parse`), written as a saved folder (checkpoint/quantized.py)
+WEIGHT_ONLY = ("int8", "int4", "int4-g32", "int4-g64", "int4-g128")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
-        "quantize", help="quantize a checkpoint to GGUF (llama.cpp mixes q4_k_m, q5_k_m, q6_k, q8_0, q4_0)",
-        description="Read SRC (Meta folder, Hugging Face folder, .gguf file or store name) and write a "
-        "GGUF file llama.cpp can run. k-quant mixes give attn_v/ffn_down/output more bits as llama.cpp does. "
-        "A quantized SRC is decoded and quantized again (with a warning: its rounding error stays).",
+        "quantize", help="quantize a checkpoint to GGUF (llama.cpp mixes) or to a weight-only int8/int4 folder",
+        description="Read SRC (Meta folder, Hugging Face folder, .gguf file or store name) and write OUT. GGUF types "
+        "write a file llama.cpp can run; the k-quant mixes give attn_v/ffn_down/output more bits as llama.cpp does. "
+        "int8 / int4[-gN] write a folder of weight-only quantized projections that `herd run` and "
+        "llamaherd.load() read without quantizing again. A quantized SRC is decoded and quantized again "
+        "(with a warning: its rounding error stays).",
     )
     p.add_argument("src", help="checkpoint folder, .gguf file, or model name")
-    p.add_argument("dst", help="output .gguf file")
-    p.add_argument("--type", dest="qtype", default="q4_k_m", choices=TYPES, help="file type (default q4_k_m)")
+    p.add_argument("dst", help="output .gguf file (GGUF types) or folder (int8, int4[-gN])")
+    p.add_argument("--type", dest="qtype", default="q4_k_m", choices=TYPES + WEIGHT_ONLY,
+                   help="GGUF file type (default q4_k_m) or weight-only scheme (int4 groups of 128 unless -gN)")
     p.add_argument("--imatrix", metavar="FILE", help="importance matrix from `herd imatrix` or llama-imatrix (.dat or "
-                   ".gguf): weights each column's rounding error by its mean squared activation")
+                   ".gguf): weights each column's rounding error by its mean squared activation (GGUF types)")
     p.add_argument("--quiet", action="store_true", help="no progress line")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.qtype in WEIGHT_ONLY:
+        return _weight_only(args)
     from ..checkpoint.gguf_write import print_progress, write
     from ..api import resolve
     from ..checkpoint import read
@@ -41,4 +49,19 @@ def run(args: argparse.Namespace) -> int:
     size = out.stat().st_size / 2**20
     used = f", imatrix of {len(im.entries)} entries" if im is not None else ""
     print(f"wrote {args.qtype} GGUF to {out} ({size:.1f} MiB, {time.perf_counter() - start:.1f} s{used})")
+    return 0
+
+
+def _weight_only(args: argparse.Namespace) -> int:
+    """Load SRC with the weight-only swap and save it as checkpoint/quantized.py lays it out."""
+    from ..api import load
+    from ..checkpoint import quantized
+    from ..quant.weight_only import QuantizeError
+
+    if args.imatrix:
+        raise QuantizeError("--imatrix weights GGUF block quantization; int8/int4 take no importance matrix")
+    start = time.perf_counter()
+    out = quantized.save(load(args.src, quantize=args.qtype), args.dst)
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) / 2**20
+    print(f"wrote {args.qtype} weight-only folder {out} ({size:.1f} MiB, {time.perf_counter() - start:.1f} s)")
     return 0

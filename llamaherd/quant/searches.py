@@ -183,7 +183,9 @@ def make_q3_quants(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tens
     zero = mx.abs() < GROUP_MAX_EPS
     L = torch.round(-nmax / torch.where(zero, torch.ones_like(mx), mx)[:, None] * x).clamp(-nmax, nmax - 1)
     w = x * x
-    sumlx, suml2 = (w * x * L).sum(-1), (w * L * L).sum(-1)
+    sumlx, suml2 = torch.zeros_like(mx), torch.zeros_like(mx)
+    for i in range(x.shape[1]):  # in the C loop's order: the passes below compare sums that nearly tie
+        sumlx, suml2 = sumlx + w[:, i] * x[:, i] * L[:, i], suml2 + w[:, i] * L[:, i] * L[:, i]
     for _ in range(5):  # as make_qp_quants: a pass that changes nothing in a row changes nothing there again
         changed = torch.zeros_like(zero)
         for i in range(x.shape[1]):
