@@ -68,7 +68,7 @@ enum { Q4_0 = 2, Q5_0 = 6, Q8_0 = 8, Q4_K = 12, Q5_K = 13, Q6_K = 14 };
  * (across row ends: rows of a weight are adjacent), instead of lh_q8_weight's burst of a whole row's lines once
  * per row (which, we suppose, stalls on the core's few line-fill buffers). 1 thread, weights read from memory:
  * 4096 ahead gave Q6_K 2048 x 8192 +28% and Q4_K +6-11% over the burst; 2048 less, 8192 the same
- * (bench/PROFILE.md section 13). */
+ * (bench/PROFILE.md section 14). */
 #ifndef K_PREFETCH_BYTES /* -DK_PREFETCH_BYTES=n to try another distance; 0: off (the per-row burst instead) */
 #define K_PREFETCH_BYTES 4096
 #endif
@@ -472,7 +472,7 @@ INLINE void row_32_one(const int T, const uint8_t *row, int64_t nb, const qrow *
  * FMA with d * dx per super-block. Q4_K/Q5_K use the activation codes in their nibble order (`qk4`), so one
  * 64-byte load serves four sub-blocks; their mins are one `vpmaddwd` of the 8 mins by the per-32 code sums. The
  * multi-row kernels above scale each sub-block's dot in float32 instead: one conversion, permute and FMA per 64
- * codes, 1.3-1.5x slower per row (bench/PROFILE.md section 13). */
+ * codes, 1.3-1.5x slower per row (bench/PROFILE.md section 14). */
 INLINE void row_k45_one(const int T, const uint8_t *row, int64_t nsb, const qrow *x, float *y) {
     const int TS = T == Q4_K ? 144 : 176, qo = T == Q4_K ? 16 : 48;
     const __m512i nib = _mm512_set1_epi8(0x0F), sixteen = _mm512_set1_epi8(16);
