@@ -26,7 +26,9 @@
  * Products: per 32 (Q6_K: 16) elements the integer dot is exact; it is scaled by (weight scale x activation
  * scale) in float32 and accumulated in float32 lanes, one horizontal reduction per output. The offset terms
  * (code offset x weight scale x activation scale x sum of activation codes) accumulate separately and are
- * subtracted at the end: the same float arithmetic as decode-then-dot up to rounding order.
+ * subtracted at the end: the same float arithmetic as decode-then-dot up to rounding order. The one-row K-quant
+ * kernels (decode) instead sum a whole super-block in int32, sub-block scales included, as llama.cpp does, and
+ * scale that once (`row_k45_one`, `row_q6k_one`).
  *
  * Block layouts (llama.cpp `ggml/src/ggml-common.h`):
  *   block_q4_0 (18 B): f16 d, u8 qs[16]; x[j] = d * ((qs[j] & 15) - 8), x[j+16] = d * ((qs[j] >> 4) - 8)
@@ -472,7 +474,7 @@ INLINE void row_32_one(const int T, const uint8_t *row, int64_t nb, const qrow *
  * FMA with d * dx per super-block. Q4_K/Q5_K use the activation codes in their nibble order (`qk4`), so one
  * 64-byte load serves four sub-blocks; their mins are one `vpmaddwd` of the 8 mins by the per-32 code sums. The
  * multi-row kernels above scale each sub-block's dot in float32 instead: one conversion, permute and FMA per 64
- * codes, 1.3-1.5x slower per row (bench/PROFILE.md section 14). */
+ * codes (with the prefetch below, the one-row A/B: 1.04-1.55x per shape, bench/PROFILE.md section 14). */
 INLINE void row_k45_one(const int T, const uint8_t *row, int64_t nsb, const qrow *x, float *y) {
     const int TS = T == Q4_K ? 144 : 176, qo = T == Q4_K ? 16 : 48;
     const __m512i nib = _mm512_set1_epi8(0x0F), sixteen = _mm512_set1_epi8(16);
