@@ -197,3 +197,38 @@ def ggml_switches(switches: dict[str, bool]):
     finally:
         for k, v in old.items():
             setattr(ggml_kernels, k, v)
+
+
+# -- --quantize with tensor parallelism -------------------------------------------------------------------------
+
+# wo (K = 64) and w2 (K = 256) cut in 2 keep whole int4 groups of 32; the untied output matrix is quantized too.
+# Every cut row count a multiple of 16 (torch's CPU int4 kernel): vocabulary 256.
+QUANTIZED = ModelConfig(dim=64, n_layers=2, n_heads=8, n_kv_heads=4, hidden_dim=256, vocab_size=256,
+                        rope_theta=500000.0, max_seq_len=256)
+
+
+def quantized_worker(folder: str, specs: list[str], out_dir: str) -> None:
+    """One rank: the folder loaded as each quantization scheme of `specs` by `load_parallel`, its runs recorded
+    with the native decode kernels' float32 activations and with their default int16 ones."""
+    import torch.distributed as dist
+
+    from llamaherd.parallel import load_parallel
+
+    for spec in specs:
+        net = load_parallel(folder, dtype=torch.float32, quantize=spec).net
+        for int16 in (False, True):
+            with int16_activations(int16):
+                result = runs(net)
+            torch.save(result, Path(out_dir) / f"{spec}.int16-{int16}.rank{dist.get_rank()}.pt")
+
+
+@contextlib.contextmanager
+def int16_activations(on: bool):
+    """`native.weight_only.INT16_ACTIVATIONS` set for the block, then restored."""
+    from llamaherd.native import weight_only
+
+    old, weight_only.INT16_ACTIVATIONS = weight_only.INT16_ACTIVATIONS, on
+    try:
+        yield
+    finally:
+        weight_only.INT16_ACTIVATIONS = old

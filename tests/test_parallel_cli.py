@@ -35,8 +35,8 @@ def test_what_tp_cannot_do_is_refused_before_any_process_starts(tmp_path, capsys
     folder, _ = tiny_folder(tmp_path / "m")  # 2 KV heads
     assert main(["run", str(folder), "hi", "--tp", "3"]) == 1
     assert "--tp 3 must divide n_kv_heads 2" in capsys.readouterr().err
-    assert main(["run", str(folder), "hi", "--tp", "2", "--quantize", "int8"]) == 1
-    assert "does not combine with --quantize" in capsys.readouterr().err
+    assert main(["run", str(folder), "hi", "--tp", "2", "--adapter", str(tmp_path)]) == 1
+    assert "does not combine with --adapter" in capsys.readouterr().err
     assert main(["run", str(folder), "hi", "--tp", "1"]) == 1
     assert "--tp must be at least 2" in capsys.readouterr().err
 

@@ -53,15 +53,15 @@ def load_tp(source: str, args: argparse.Namespace):
     from ..parallel.launch import load_as_leader
     from ._generation import resolve_model
 
-    refused = [flag for flag, on in (("--quantize", getattr(args, "quantize", None)),
-                                     ("--adapter", getattr(args, "adapter", None)),
+    refused = [flag for flag, on in (("--adapter", getattr(args, "adapter", None)),
                                      ("--draft", getattr(args, "draft", None)),
                                      ("--speculative", getattr(args, "speculative", None))) if on]
     if refused:
         raise LlamaherdError(f"--tp splits the float model; it does not combine with {', '.join(refused)} yet: "
                              "drop one of them")
     t0 = time.perf_counter()
-    model = load_as_leader(resolve_model(source), parse_dtype(args.dtype), args.tp, getattr(args, "threads", None))
+    model = load_as_leader(resolve_model(source), parse_dtype(args.dtype), args.tp, getattr(args, "threads", None),
+                           getattr(args, "quantize", None))
     return model, time.perf_counter() - t0
 
 

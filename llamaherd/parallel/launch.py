@@ -51,22 +51,22 @@ def _check_source(path: Path, tp: int) -> None:
     check_readable(read(path), tp)
 
 
-def _follower(rank: int, tp: int, init_file: str, source: str, dtype, threads: int) -> None:
+def _follower(rank: int, tp: int, init_file: str, source: str, dtype, threads: int, quantize: str | None) -> None:
     torch.set_num_threads(threads)
     dist.init_process_group(_backend(), init_method=f"file://{init_file}", rank=rank, world_size=tp)
     if torch.cuda.is_available():
         torch.cuda.set_device(rank % torch.cuda.device_count())
     try:
-        _load_and_follow(source, dtype)
+        _load_and_follow(source, dtype, quantize)
     except Exception as exc:  # noqa: BLE001 - one line, then the exit status the watchdog reports
         print(f"error: rank {rank}: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
         sys.exit(1)
 
 
-def _load_and_follow(source: str, dtype) -> None:
+def _load_and_follow(source: str, dtype, quantize: str | None) -> None:
     from .load import load_parallel
 
-    follow(load_parallel(source, dtype=dtype).net)
+    follow(load_parallel(source, dtype=dtype, quantize=quantize).net)
 
 
 def _watch(procs: list, done: threading.Event) -> None:
@@ -84,7 +84,8 @@ def _watch(procs: list, done: threading.Event) -> None:
     os._exit(1)
 
 
-def load_as_leader(source: str | Path, dtype: torch.dtype | None, tp: int, threads: int | None = None):
+def load_as_leader(source: str | Path, dtype: torch.dtype | None, tp: int, threads: int | None = None,
+                   quantize: str | None = None):
     """Form (or join, under torchrun) a group of `tp` ranks and load this rank's slice of `source`.
 
     Returns rank 0's Model, its forwards led over the group. On any other rank (torchrun) the process follows
@@ -100,7 +101,7 @@ def load_as_leader(source: str | Path, dtype: torch.dtype | None, tp: int, threa
             raise ParallelError(f"--tp {tp} but torchrun started {dist.get_world_size()} processes; make them equal")
         _check_source(path, tp)
         if dist.get_rank() != 0:
-            _load_and_follow(str(path), dtype)
+            _load_and_follow(str(path), dtype, quantize)
             raise SystemExit(0)
         atexit.register(_release, [], threading.Event())  # torchrun watches the processes itself
     else:
@@ -110,7 +111,8 @@ def load_as_leader(source: str | Path, dtype: torch.dtype | None, tp: int, threa
         ctx = mp.get_context("spawn")
         rdzv = tempfile.mkdtemp(prefix="llamaherd-tp-")
         init_file = str(Path(rdzv) / "rendezvous")
-        procs = [ctx.Process(target=_follower, args=(r, tp, init_file, str(path), dtype, n), daemon=True)
+        procs = [ctx.Process(target=_follower, args=(r, tp, init_file, str(path), dtype, n, quantize),
+                              daemon=True)
                  for r in range(1, tp)]
         for p in procs:
             p.start()
@@ -118,7 +120,7 @@ def load_as_leader(source: str | Path, dtype: torch.dtype | None, tp: int, threa
         threading.Thread(target=_watch, args=(procs, done), daemon=True, name="tp-watchdog").start()
         dist.init_process_group(_backend(), init_method=f"file://{init_file}", rank=0, world_size=tp)
         atexit.register(_release, procs, done)
-    model = load_parallel(path, dtype=dtype)
+    model = load_parallel(path, dtype=dtype, quantize=quantize)
     lead(model.net)
     return model
 

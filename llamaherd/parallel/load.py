@@ -28,15 +28,17 @@ from ..model import build
 from ..native import swaps as native_swaps
 from ..quant.ggml import GGMLWeight
 from .packed import check_packed, packed_slice, swap_packed
+from .quantized import quantize_cut
 from .tp import ParallelError, apply_tensor_parallel, check_divisible, local_slice, vocab_range
 
 
 def load_parallel(source: str | Path, *, dtype: torch.dtype | None = None,
-                  group: dist.ProcessGroup | None = None) -> Model:
+                  group: dist.ProcessGroup | None = None, quantize: str | None = None) -> Model:
     """`llamaherd.load` for one rank of a tensor-parallel group: the model cut to this rank's slice.
 
     Every rank of `group` calls it with the same arguments. The returned Model's `config` is the whole model's;
-    its `net.config` is this rank's view (see `tp.apply_tensor_parallel`).
+    its `net.config` is this rank's view (see `tp.apply_tensor_parallel`). `quantize` ("int8", "int4[-gN]")
+    quantizes each rank's slice as the uncut model's quantization would (`quantized.py`).
     """
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     path = resolve(source)
@@ -53,6 +55,11 @@ def load_parallel(source: str | Path, *, dtype: torch.dtype | None = None,
     drop = _page_dropper(ckpt.metadata.get("_mmap")) if piece is None else None
     net.load_state_dict(_slices(net, ckpt, weights, rank, world, dtype, whole=piece is None, drop=drop),
                         strict=True, assign=True)
+    if quantize is not None:
+        if swapped := sorted({type(m).__name__ for m in net.modules() if type(m).__module__ == "llamaherd.quant.ggml"}):
+            raise ParallelError(f"--quantize {quantize} requantizes float weights; this checkpoint is packed GGUF "
+                                f"({', '.join(swapped)}): run it as it is, without --quantize")
+        quantize_cut(net, quantize)
     native_swaps.apply(net.eval())
     metadata = {k: v for k, v in ckpt.metadata.items() if k != "_mmap"} if piece is None else ckpt.metadata
     return Model(net, dataclasses.replace(ckpt, state_dict={}, metadata=metadata))  # the weights live in the net

@@ -172,12 +172,16 @@ class VocabParallelProjection(NativeVocabProjection):
     group: dist.ProcessGroup | None
 
     def forward(self, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        local = super().forward(h, weight).float()
+        local = self.local(h, weight)
         if local.shape[-1] < self.block:
             local = F.pad(local, (0, self.block - local.shape[-1]))
         parts = [torch.empty_like(local) for _ in range(dist.get_world_size(self.group))]
         dist.all_gather(parts, local.contiguous(), group=self.group)
         return torch.cat(parts, dim=-1)[..., : self.vocab_size]
+
+    def local(self, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """This rank's block of float32 logits."""
+        return super().forward(h, weight).float()
 
 
 def _become(module: nn.Module, cls: type[nn.Module], **attrs) -> nn.Module:
