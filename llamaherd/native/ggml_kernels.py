@@ -8,8 +8,8 @@ Without a C compiler, or with `llamaherd.native.disabled()`, `available()` is Fa
 pure-torch path; results differ only in float summation order.
 
 Int8 activations (`INT8_ACTIVATIONS`, default True): `gemv` / `gemv_many` quantize each activation row once
-per call to int8 blocks exactly as llama.cpp does (Q8_0 blocks of 32 for Q4_0/Q5_0/Q8_0 weights, Q8_K blocks
-of 256 for the K-quants) and multiply integer codes with AVX-512 VNNI dot products (native/ggml_q8.c): up to
+per call to int8 blocks (llama.cpp's Q8_0 blocks of 32 for every weight type; llama.cpp itself takes blocks
+of 256 for the K-quants, which ggml_q8.c's comment shows less accurate) and multiply integer codes with AVX-512 VNNI dot products (native/ggml_q8.c): up to
 2-4x the float kernels' speed per packed byte for the 4-6 bit types (bench/PROFILE.md section 8). The price is
 llama.cpp's: the product is that of the weights with the quantized activations, each activation off by up to
 half a code step (amax/254 of its block), so outputs move by ~1e-3 of sum|w||x|. False keeps the
@@ -105,7 +105,7 @@ def dequantize(packed: torch.Tensor, type_id: int, n_cols: int, dtype: torch.dty
 def gemv(x: torch.Tensor, packed: torch.Tensor, type_id: int, n_cols: int) -> torch.Tensor:
     """x (M, n_cols) float32, M <= MAX_GEMV_ROWS, times the packed (N, row_bytes) weight transposed -> (M, N).
 
-    With INT8_ACTIVATIONS the rows of x are first quantized to int8 blocks (llama.cpp's Q8_0 / Q8_K codes)."""
+    With INT8_ACTIVATIONS the rows of x are first quantized to int8 blocks (llama.cpp's Q8_0 codes)."""
     _check(packed)
     x = x.contiguous()
     M, N = x.shape[0], packed.shape[0]

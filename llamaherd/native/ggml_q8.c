@@ -1,4 +1,4 @@
-/* Matrix-vector products on packed ggml weights with int8 activations: llama.cpp's decode arithmetic.
+/* Matrix-vector products on packed ggml weights with int8 activations: llama.cpp's decode arithmetic, finer for K-quants.
  *
  * Why: the float-activation kernels in ggml.c widen every 4-6 bit weight code to int32, convert it to float
  * and FMA it: several instructions per weight byte, so Q4_0/Q5_0/K-quant products ran at 4-10 GB/s of packed
@@ -11,24 +11,23 @@
  * 32) and the K-quants' mins are folded in afterwards through per-block sums of the activation codes. Q8_0's
  * signed weights use |w| and x * sign(w) (AVX-512 has no `vpsignb` on zmm: a masked subtract from zero).
  *
- * Activation quantization is llama.cpp's, per weight type (its `vec_dot_type`), so that a product is the one
- * llama.cpp computes up to float summation order:
- *   Q4_0, Q5_0, Q8_0 weights: Q8_0 activations, `quantize_row_q8_0_ref`: per 32 elements d = amax / 127,
- *     q = roundf(x * (1/d)) (half away from zero), d stored as float16 and used as such. The codes and d are
- *     byte-exact with gguf-py's `quantize(x, Q8_0)`.
- *   Q4_K, Q5_K, Q6_K weights: Q8_K activations, `quantize_row_q8_K_ref`: per 256 elements iscale = -127 / max
- *     (max: the first element of largest magnitude, sign kept), q = nearest_int(iscale * x) (half to even),
- *     d = 1 / iscale in float32.
- * Per-32 float32 scales for every type were tried first (finer than Q8_K, never less accurate, no faster or
- * slower): llama.cpp's formats were kept so that the products are llama.cpp's own arithmetic, the reference
- * the runtime is compared with (tests/test_llamacpp_gemma.py; bench/PROFILE.md section 8).
+ * Activation quantization: Q8_0 blocks for every weight type, `quantize_row_q8_0_ref`: per 32 elements
+ * d = amax / 127, q = roundf(x * (1/d)) (half away from zero), d stored as float16 and used as such; the codes and
+ * d are byte-exact with gguf-py's `quantize(x, Q8_0)`. For Q4_0/Q5_0/Q8_0 weights that is llama.cpp's own
+ * `vec_dot_type`, so those products are the ones llama.cpp computes up to float summation order. For the K-quants
+ * llama.cpp takes Q8_K (`quantize_row_q8_K_ref`: ONE scale per 256 elements), and here they do not: when the
+ * activations' magnitude changes along a super-block, as after Gemma's gated GELU, one scale per 256 rounds its
+ * small elements away. Measured on the default model's decode (bench/eval_fidelity.py, 254 positions): mean KLD
+ * against the float64 reference 5.30e-3 with Q8_K activations (llama.cpp itself: 4.52e-3), 1.97e-3 with blocks of
+ * 32; tests/test_q8_kernels.py shows the same on single products. It costs the one-row kernels a conversion,
+ * permute and FMA per 64 codes (bench/PROFILE.md section 15).
  *
  * Products: per 32 (Q6_K: 16) elements the integer dot is exact; it is scaled by (weight scale x activation
  * scale) in float32 and accumulated in float32 lanes, one horizontal reduction per output. The offset terms
  * (code offset x weight scale x activation scale x sum of activation codes) accumulate separately and are
  * subtracted at the end: the same float arithmetic as decode-then-dot up to rounding order. The one-row K-quant
- * kernels (decode) instead sum a whole super-block in int32, sub-block scales included, as llama.cpp does, and
- * scale that once (`row_k45_one`, `row_q6k_one`).
+ * kernels (decode) sum each 32 elements' integer dot with the weight's sub-block scales in int32 first
+ * (`row_k45_one`, `row_q6k_one`).
  *
  * Block layouts (llama.cpp `ggml/src/ggml-common.h`):
  *   block_q4_0 (18 B): f16 d, u8 qs[16]; x[j] = d * ((qs[j] & 15) - 8), x[j+16] = d * ((qs[j] >> 4) - 8)
@@ -94,7 +93,7 @@ static int q8_layout(int type, int *qk, int *tsize) {
 
 /* ---- quantized activations: the rows of X as int8 codes (the layout is in ggml_q8.h) --------------------- */
 
-int lh_q8_flavour(int type) { return type == Q4_K || type == Q5_K || type == Q6_K ? FLAVOUR_Q8_K : FLAVOUR_Q8_0; }
+int lh_q8_flavour(int type) { return type == Q4_K || type == Q5_K || type == Q6_K ? FLAVOUR_K : FLAVOUR_Q8_0; }
 
 int lh_q8_alloc(qact *a, int64_t K, int64_t M) {
     const int64_t nb = K / 32, nbp = (nb + 15) / 16 * 16;
@@ -182,48 +181,15 @@ static void quantize_row(const float *x, int64_t K, int64_t nbp, qrow *r) {
     }
 }
 
-/* x (K floats, K % 256 == 0) -> r as Q8_K blocks (`quantize_row_q8_K_ref`), written into the per-32 and per-16
- * arrays with the block's one scale repeated, so the K-quant kernels read either flavour alike. */
+/* x (K floats, K % 256 == 0) -> r for the K-quants: the codes, per-32 scales and sums of quantize_row (Q8_0
+ * blocks, not llama.cpp's Q8_K with one scale per 256; the header says why), plus the kernels' extras: int16 code
+ * sums per 16 and per 32, and Q4_K's nibble order of the codes. */
 static void quantize_row_k(const float *x, int64_t K, qrow *r) {
+    quantize_row(x, K, K / 32, r);
     for (int64_t b = 0; b < K / 256; b++) {
-        const float *xb = x + 256 * b;
-        int8_t *q = r->q + 256 * b;
-        float amax = 0.0f, max = 0.0f;
-        for (int j = 0; j < 256; j++) { /* the first element of largest magnitude */
-            const float ax = fabsf(xb[j]);
-            if (ax > amax) { amax = ax; max = xb[j]; }
-        }
-        float d = 0.0f;
-        if (amax == 0.0f) {
-            memset(q, 0, 256);
-        } else {
-            const float iscale = -127.0f / max;
-#ifdef LH_Q8_VNNI
-            for (int j = 0; j < 256; j += 16) /* cvtps rounds half to even, as nearest_int; saturation: MIN(127, v) */
-                _mm_storeu_si128((__m128i *)(q + j),
-                                 _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_set1_ps(iscale), _mm512_loadu_ps(xb + j)))));
-#else
-            for (int j = 0; j < 256; j++) {
-                const float v = nearbyintf(iscale * xb[j]);
-                q[j] = (int8_t)(v > 127.0f ? 127.0f : v);
-            }
-#endif
-            d = 1.0f / iscale;
-        }
-        for (int s = 0; s < 16; s++) {
-            int sum = 0;
-            for (int j = 0; j < 16; j++) sum += q[16 * s + j];
-            r->s16[16 * b + s] = (float)sum;
-            r->d16[16 * b + s] = d;
-            r->b16[16 * b + s] = (int16_t)sum; /* |sum| <= 16 * 127 */
-        }
-        for (int i = 0; i < 8; i++) {
-            const int64_t blk = 8 * b + i;
-            r->d[blk] = d;
-            r->s[blk] = r->s16[2 * blk] + r->s16[2 * blk + 1];
-            r->ds[blk] = d * r->s[blk];
-            r->b32[blk] = (int16_t)(r->b16[2 * blk] + r->b16[2 * blk + 1]);
-        }
+        const int8_t *q = r->q + 256 * b;
+        for (int s = 0; s < 16; s++) r->b16[16 * b + s] = (int16_t)r->s16[16 * b + s]; /* |sum| <= 16 * 127 */
+        for (int i = 0; i < 8; i++) r->b32[8 * b + i] = (int16_t)r->s[8 * b + i];
         for (int h = 0; h < 2; h++) /* Q4_K's order: a 64-byte load of its codes holds elements 0-31 and 64-95 of
                                      * the half in its low nibbles, 32-63 and 96-127 in its high ones */
             for (int c = 0; c < 4; c++) memcpy(r->qk4 + 256 * b + 128 * h + 32 * c, q + 128 * h + 32 * ((c & 1) * 2 + (c >> 1)), 32);
@@ -250,6 +216,7 @@ static inline void q8_scale_min(const uint8_t *q, uint64_t *sc, uint64_t *mn) {
 #define INLINE static inline __attribute__((always_inline))
 
 INLINE float hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
+INLINE float hsum8(__m256 v) { return hsum(_mm512_zextps256_ps512(v)); }
 
 /* Blocks A (at blk) and B (the next; zero when !hasb) of a Q4_0/Q5_0/Q8_0 pair as 64 weight codes in element
  * order: unsigned codes, or for Q8_0 |w| with the sign mask of w in *negp. */
@@ -467,44 +434,47 @@ INLINE void row_32_one(const int T, const uint8_t *row, int64_t nb, const qrow *
 #define SHIFT_BYTES(ctrl, v, alt) (alt)
 #endif
 
-/* One activation row of the K-quants (decode): each super-block's sum is exact integer arithmetic, as llama.cpp's
- * `ggml_vec_dot_q4_K_q8_K` / `_q6_K_q8_K` compute it: `vpmaddubsw` multiplies 64 weight codes by their activation
- * codes into 32 int16 pair sums (no saturation: |pair| <= 2 * 63 * 127), `vpdpwssd` multiplies those by the
- * sub-block scales (int16 words, one `vpermw` per 64 codes) and accumulates int32 lanes; one conversion and one
- * FMA with d * dx per super-block. Q4_K/Q5_K use the activation codes in their nibble order (`qk4`), so one
- * 64-byte load serves four sub-blocks; their mins are one `vpmaddwd` of the 8 mins by the per-32 code sums. The
- * multi-row kernels above scale each sub-block's dot in float32 instead: one conversion, permute and FMA per 64
- * codes (with the prefetch below, the one-row A/B: 1.04-1.55x per shape, bench/PROFILE.md section 14). */
+/* One activation row of the K-quants (decode), after llama.cpp's `ggml_vec_dot_q4_K_q8_K` / `_q6_K_q8_K`:
+ * `vpmaddubsw` multiplies 64 weight codes by their activation codes into 32 int16 pair sums (no saturation:
+ * |pair| <= 2 * 63 * 127), `vpdpwssd` multiplies those by the sub-block scales (int16 words, one `vpermw` per 64
+ * codes) into int32 lanes, each lane within one block of 32 activations; one conversion and one FMA by the
+ * lanes' d * dx (a `vpermps` of the super-block's 8 activation scales) per 64 codes. Q4_K/Q5_K use the
+ * activation codes in their nibble order (`qk4`), so one 64-byte load serves four sub-blocks; their mins are one
+ * `vpmaddwd` of the 8 mins by the per-32 code sums, scaled by dmin * dx. (With llama.cpp's one activation scale
+ * per 256 the whole super-block would sum in int32 and scale once: bench/PROFILE.md sections 14 and 15.) */
 INLINE void row_k45_one(const int T, const uint8_t *row, int64_t nsb, const qrow *x, float *y) {
     const int TS = T == Q4_K ? 144 : 176, qo = T == Q4_K ? 16 : 48;
     const __m512i nib = _mm512_set1_epi8(0x0F), sixteen = _mm512_set1_epi8(16);
     /* the scale words of the four dots (per 64-byte load: low nibbles, high nibbles): sub-blocks (0, 2), (1, 3),
      * (4, 6), (5, 7), 16 words each */
-    __m512i sidx[4], hbit[4];
+    __m512i sidx[4], hbit[4], fidx[4];
     for (int v = 0; v < 4; v++) {
         const int a = 4 * (v >> 1) + (v & 1);
         sidx[v] = _mm512_mask_blend_epi32(0xFF00, _mm512_set1_epi16((short)a), _mm512_set1_epi16((short)(a + 2)));
+        fidx[v] = _mm512_mask_blend_epi32(0xFF00, _mm512_set1_epi32(a), _mm512_set1_epi32(a + 2)); /* its dx lanes */
         /* Q5_K: bit 2c (low nibbles of chunk c) / 2c+1 (high) of qh[l] is the fifth bit */
         hbit[v] = _mm512_mask_blend_epi64(0xF0, _mm512_set1_epi8((char)(1 << a)), _mm512_set1_epi8((char)(1 << (a + 2))));
     }
     __m512 acc = _mm512_setzero_ps();
-    __m128 macc = _mm_setzero_ps();
+    __m256 macc = _mm256_setzero_ps();
     for (int64_t b = 0; b < nsb; b++) {
         const uint8_t *blk = row + b * TS;
         K_PREFETCH(blk, TS);
         uint64_t sc, mn;
         q8_scale_min(blk + 4, &sc, &mn);
         const __m512i sc16 = _mm512_castsi128_si512(_mm_cvtepu8_epi16(_mm_cvtsi64_si128((long long)sc)));
-        const __m128i msum = _mm_madd_epi16(_mm_cvtepu8_epi16(_mm_cvtsi64_si128((long long)mn)),
-                                            _mm_loadu_si128((const __m128i *)(x->b32 + 8 * b)));
-        /* [d * dx, dmin * dx] */
+        /* per sub-block: min x code sum (vpmaddwd of a zero-extended byte by a sign-extended word: one product) */
+        const __m256i msum = _mm256_madd_epi16(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128((long long)mn)),
+                                               _mm256_cvtepi16_epi32(_mm_loadu_si128((const __m128i *)(x->b32 + 8 * b))));
         int32_t d2;
         memcpy(&d2, blk, 4);
-        const __m128 dd = _mm_mul_ps(_mm_cvtph_ps(_mm_cvtsi32_si128(d2)), _mm_set1_ps(x->d[8 * b]));
+        const __m128 dw = _mm_cvtph_ps(_mm_cvtsi32_si128(d2)); /* [d, dmin] */
+        const __m256 dx = _mm256_loadu_ps(x->d + 8 * b);       /* the 8 sub-blocks' activation scales */
+        const __m512 sd = _mm512_castps256_ps512(_mm256_mul_ps(dx, _mm256_broadcastss_ps(dw)));
+        macc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(msum), _mm256_mul_ps(dx, _mm256_set1_ps(_mm_cvtss_f32(_mm_movehdup_ps(dw)))), macc);
         __m512i H = _mm512_setzero_si512();
         if (T == Q5_K) H = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(blk + 16)));
         const int8_t *xq = x->qk4 + 256 * b;
-        __m512i isum[2];
         for (int h = 0; h < 2; h++) {
             const __m512i q = _mm512_loadu_si512((const void *)(blk + qo + 64 * h));
             __m512i lo = _mm512_and_si512(q, nib), hi = _mm512_and_si512(_mm512_srli_epi16(q, 4), nib);
@@ -514,22 +484,25 @@ INLINE void row_k45_one(const int T, const uint8_t *row, int64_t nsb, const qrow
             }
             const __m512i plo = _mm512_maddubs_epi16(lo, _mm512_loadu_si512((const void *)(xq + 128 * h)));
             const __m512i phi = _mm512_maddubs_epi16(hi, _mm512_loadu_si512((const void *)(xq + 128 * h + 64)));
-            isum[h] = _mm512_dpwssd_epi32(_mm512_setzero_si512(), plo, _mm512_permutexvar_epi16(sidx[2 * h], sc16));
-            isum[h] = _mm512_dpwssd_epi32(isum[h], phi, _mm512_permutexvar_epi16(sidx[2 * h + 1], sc16));
+            const __m512i ilo = _mm512_dpwssd_epi32(_mm512_setzero_si512(), plo, _mm512_permutexvar_epi16(sidx[2 * h], sc16));
+            const __m512i ihi = _mm512_dpwssd_epi32(_mm512_setzero_si512(), phi, _mm512_permutexvar_epi16(sidx[2 * h + 1], sc16));
+            acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ilo), _mm512_permutexvar_ps(fidx[2 * h], sd), acc);
+            acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ihi), _mm512_permutexvar_ps(fidx[2 * h + 1], sd), acc);
         }
-        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(isum[0], isum[1])), _mm512_broadcastss_ps(dd), acc);
-        macc = _mm_fmadd_ps(_mm_cvtepi32_ps(msum), _mm_permute_ps(dd, 0x55), macc);
     }
-    *y = hsum(acc) - _mm_cvtss_f32(_mm_hadd_ps(_mm_hadd_ps(macc, macc), macc));
+    *y = hsum(acc) - hsum8(macc);
 }
 
 INLINE void row_q6k_one(const uint8_t *row, int64_t nsb, const qrow *x, float *y) {
     const __m512i nib = _mm512_set1_epi8(0x0F), top = _mm512_set1_epi8(0x30);
-    __m512i sidx[4]; /* dot v (64 codes, 32 pair words) covers sub-blocks 4v..4v+3, 8 words each */
+    /* dot v (64 codes, 32 pair words) covers sub-blocks 4v..4v+3, 8 words each: lanes 0-7 the activation block
+     * 2v, 8-15 block 2v + 1 */
+    __m512i sidx[4], fidx[4];
     for (int v = 0; v < 4; v++) {
         short w[32];
         for (int i = 0; i < 32; i++) w[i] = (short)(4 * v + i / 8);
         sidx[v] = _mm512_loadu_si512((const void *)w);
+        fidx[v] = _mm512_mask_blend_epi32(0xFF00, _mm512_set1_epi32(2 * v), _mm512_set1_epi32(2 * v + 1));
     }
     /* bit offsets for SHIFT_BYTES, byte j at bit 8k of its qword (k = j % 8): qh bits 0-1 (bytes 0-31) / 2-3
      * (32-63) to bits 4-5; bits 4-5 / 6-7 to 4-5; a byte's high nibble to its low one */
@@ -546,15 +519,18 @@ INLINE void row_q6k_one(const uint8_t *row, int64_t nsb, const qrow *x, float *y
     }
     (void)ms;
     __m512 acc = _mm512_setzero_ps();
+    __m256 oacc = _mm256_setzero_ps();
     for (int64_t b = 0; b < nsb; b++) {
         const uint8_t *blk = row + b * 210;
         K_PREFETCH(blk, 210);
         const __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(blk + 192)));
-        /* the code offset 32 as 32 * sum(sc * code sum per 16), subtracted in int32 */
+        /* the code offset 32 as 32 * sum(sc * code sum per 16): lane i the activation block i */
         const __m256i off = _mm256_madd_epi16(sc16, _mm256_loadu_si256((const __m256i *)(x->b16 + 16 * b)));
+        const __m256 dx = _mm256_mul_ps(_mm256_loadu_ps(x->d + 8 * b), _mm256_set1_ps(lh_h2f(blk + 208)));
+        const __m512 sd = _mm512_castps256_ps512(dx);
+        oacc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(off), dx, oacc);
         const __m512i scw = _mm512_castsi256_si512(sc16);
         const int8_t *xq = x->q + 256 * b;
-        __m512i isum[2];
         for (int h = 0; h < 2; h++) {
             const __m512i L = _mm512_loadu_si512((const void *)(blk + 64 * h));
             const __m512i H = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(blk + 128 + 32 * h)));
@@ -565,14 +541,13 @@ INLINE void row_q6k_one(const uint8_t *row, int64_t nsb, const qrow *x, float *y
             const __m512i w1 = _mm512_ternarylogic_epi32(SHIFT_BYTES(ms[2], L, _mm512_srli_epi16(L, 4)), h1, nib, 0xEC);
             const __m512i p0 = _mm512_maddubs_epi16(w0, _mm512_loadu_si512((const void *)(xq + 128 * h)));
             const __m512i p1 = _mm512_maddubs_epi16(w1, _mm512_loadu_si512((const void *)(xq + 128 * h + 64)));
-            isum[h] = _mm512_dpwssd_epi32(_mm512_setzero_si512(), p0, _mm512_permutexvar_epi16(sidx[2 * h], scw));
-            isum[h] = _mm512_dpwssd_epi32(isum[h], p1, _mm512_permutexvar_epi16(sidx[2 * h + 1], scw));
+            const __m512i i0 = _mm512_dpwssd_epi32(_mm512_setzero_si512(), p0, _mm512_permutexvar_epi16(sidx[2 * h], scw));
+            const __m512i i1 = _mm512_dpwssd_epi32(_mm512_setzero_si512(), p1, _mm512_permutexvar_epi16(sidx[2 * h + 1], scw));
+            acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i0), _mm512_permutexvar_ps(fidx[2 * h], sd), acc);
+            acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i1), _mm512_permutexvar_ps(fidx[2 * h + 1], sd), acc);
         }
-        const __m512i tot = _mm512_sub_epi32(_mm512_add_epi32(isum[0], isum[1]),
-                                             _mm512_zextsi256_si512(_mm256_slli_epi32(off, 5)));
-        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(tot), _mm512_set1_ps(lh_h2f(blk + 208) * x->d[8 * b]), acc);
     }
-    *y = hsum(acc);
+    *y = hsum(acc) - 32.0f * hsum8(oacc);
 }
 
 static void q8_row(int type, const uint8_t *row, int64_t K, const qrow *x, int64_t M, float *y, int64_t ldy) {
@@ -691,15 +666,15 @@ int lh_q8_vnni(void) {
 }
 
 /* The activation quantization on its own (tests), for weights of `type`: q (M, K) int8, and per 32 elements
- * the scale d (M, K/32) float32 (Q8_K: its per-256 scale repeated), per 16 the code sums s16 (M, K/16). */
+ * the scale d (M, K/32) float32, per 16 the code sums s16 (M, K/16). */
 int lh_q8_quantize(int type, const float *X, int64_t M, int64_t K, int8_t *q, float *d, float *s16) {
     const int fl = lh_q8_flavour(type);
-    if (K % (fl == FLAVOUR_Q8_K ? 256 : 32) || M < 1 || !lh_q8_supported(type)) return -1;
+    if (K % (fl == FLAVOUR_K ? 256 : 32) || M < 1 || !lh_q8_supported(type)) return -1;
     qact a;
     if (lh_q8_alloc(&a, K, 1)) return -1;
     qrow *r = &a.rows[0][0];
     for (int64_t m = 0; m < M; m++) {
-        if (fl == FLAVOUR_Q8_K) quantize_row_k(X + m * K, K, r);
+        if (fl == FLAVOUR_K) quantize_row_k(X + m * K, K, r);
         else quantize_row(X + m * K, K, a.nbp, r);
         memcpy(q + m * K, r->q, (size_t)K);
         memcpy(d + m * (K / 32), r->d, sizeof(float) * (size_t)(K / 32));
@@ -716,7 +691,7 @@ void lh_q8_quantize_in_region(qact *a, const float *X, int64_t K, int64_t M, con
         const int fl = (int)(i / M);
         const int64_t m = i % M;
         if (!need[fl]) continue;
-        if (fl == FLAVOUR_Q8_K) quantize_row_k(X + m * K, K, &a->rows[fl][m]);
+        if (fl == FLAVOUR_K) quantize_row_k(X + m * K, K, &a->rows[fl][m]);
         else quantize_row(X + m * K, K, a->nbp, &a->rows[fl][m]);
     }
 }

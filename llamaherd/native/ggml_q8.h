@@ -11,8 +11,8 @@
 
 /* One row of X: int8 codes, and per 32-element block the scale d, the code sum s and d*s; per 16 elements the
  * scale and code sum again (Q6_K's sub-blocks are 16 long). Arrays are padded with zeros to a multiple of 16
- * blocks so that the 32-block kernels, which take blocks 16 at a time, may read a whole group. Q8_K rows also
- * keep, for the one-row K-quant kernels, the codes in Q4_K's nibble order (`qk4`: per 128 elements 0-31, 64-95,
+ * blocks so that the 32-block kernels, which take blocks 16 at a time, may read a whole group. The K-quants'
+ * rows (FLAVOUR_K: the same Q8_0 codes and scales, K a multiple of 256) also keep, for their one-row kernels, the codes in Q4_K's nibble order (`qk4`: per 128 elements 0-31, 64-95,
  * 32-63, 96-127) and the code sums as int16 per 16 (`b16`) and per 32 (`b32`). */
 typedef struct {
     int8_t *q, *qk4;
@@ -20,15 +20,15 @@ typedef struct {
     int16_t *b16, *b32;
 } qrow;
 
-enum { FLAVOUR_Q8_0 = 0, FLAVOUR_Q8_K = 1 };
+enum { FLAVOUR_Q8_0 = 0, FLAVOUR_K = 1 };
 
 typedef struct {
     int64_t nbp; /* padded block count */
     void *mem;   /* one allocation for every row: free(a.mem) */
-    qrow rows[2][LH_Q8_MAX_ROWS]; /* [FLAVOUR_Q8_0 / FLAVOUR_Q8_K][row of X] */
+    qrow rows[2][LH_Q8_MAX_ROWS]; /* [FLAVOUR_Q8_0 / FLAVOUR_K][row of X] */
 } qact;
 
-/* Which activation blocks weights of ggml `type` multiply: FLAVOUR_Q8_0 (Q4_0, Q5_0, Q8_0) or FLAVOUR_Q8_K. */
+/* Which activation rows weights of ggml `type` multiply: FLAVOUR_Q8_0 (Q4_0, Q5_0, Q8_0) or FLAVOUR_K (K-quants). */
 int lh_q8_flavour(int type);
 int lh_q8_supported(int type);
 /* Room for M rows of K values in both flavours; 0, or -1 without memory. */
