@@ -9,8 +9,9 @@ loaded network; it replaces, in place and keeping every Parameter object (so the
     llama.VocabProjection (every family)                -> bf16 matrix-vector kernel with float32 logits,
                                                            float32 outputs for many-row products
     bf16 bias-free nn.Linear                            -> DenseLinear / DenseGroup (native/dense.py)
-    llama.Transformer, gemma3.Transformer (the root)    -> the whole decode step of packed GGUF models as one
-                                                           native call (native/step.py), class changed in place
+    llama.Transformer, gemma3.Transformer (the root)    -> the whole decode step as one native call (native/step.py;
+                                                           packed GGUF, bf16 or weight-only int8/int4 projections),
+                                                           class changed in place
 
 Each native module is a subclass of the reference one whose `forward` takes the native path when it applies
 (float32 or bf16 CPU tensors, no autograd, the library built and switched on) and calls the reference
