@@ -8,6 +8,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "common.h"
+
 enum { LH_OPS_NO_WEIGHT = 0, LH_OPS_WEIGHT = 1, LH_OPS_ONE_PLUS_WEIGHT = 2 };
 enum { LH_OPS_ROPE_NONE = 0, LH_OPS_ROPE_PAIRS = 1, LH_OPS_ROPE_HALVES = 2 };
 
@@ -55,17 +57,21 @@ static inline void prepare_head(const float *x, const float *w, int norm_mode, i
     rope_row(x, c, s, layout, D, y);
 }
 
-/* One query head qr (D) against keys/vals (S slots of D, contiguous): out (D) = softmax(scale * q.k) . v over
- * the slots whose mask byte is nonzero (mask NULL: all); scores is scratch of S floats. A query that sees no
- * key gets zeros. */
-static inline void attend_head(const float *qr, const float *keys, const float *vals, int64_t S, int64_t D,
+/* Element i of cache memory held as float32, or (bf16 != 0) as bfloat16 widened exactly. */
+static inline float cache_elem(const void *p, int bf16, int64_t i) {
+    return bf16 ? lh_bf2f(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+
+/* One query head qr (D) against keys/vals (S slots of D, contiguous; float32, or bfloat16 when bf16): out (D) =
+ * softmax(scale * q.k) . v over the slots whose mask byte is nonzero (mask NULL: all); scores is scratch of S
+ * floats. A query that sees no key gets zeros. */
+static inline void attend_head(const float *qr, const void *keys, const void *vals, int bf16, int64_t S, int64_t D,
                                const uint8_t *mask, float scale, float *scores, float *out) {
     float best = -INFINITY;
     for (int64_t j = 0; j < S; j++) {
         if (mask && !mask[j]) { scores[j] = -INFINITY; continue; }
-        const float *kj = keys + j * D;
         float dot = 0.0f;
-        for (int64_t d = 0; d < D; d++) dot += qr[d] * kj[d];
+        for (int64_t d = 0; d < D; d++) dot += qr[d] * cache_elem(keys, bf16, j * D + d);
         scores[j] = dot * scale;
         if (scores[j] > best) best = scores[j];
     }
@@ -76,8 +82,7 @@ static inline void attend_head(const float *qr, const float *keys, const float *
         if (scores[j] == -INFINITY) continue;
         const float p = expf(scores[j] - best);
         total += p;
-        const float *vj = vals + j * D;
-        for (int64_t d = 0; d < D; d++) out[d] += p * vj[d];
+        for (int64_t d = 0; d < D; d++) out[d] += p * cache_elem(vals, bf16, j * D + d);
     }
     const float inv = 1.0f / total;
     for (int64_t d = 0; d < D; d++) out[d] *= inv;

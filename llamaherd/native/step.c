@@ -236,32 +236,6 @@ int lh_step_check(const lh_step_model *m) {
     return 0;
 }
 
-/* attend_head (ops.h) over a bf16 cache: the keys and values widened exactly as they are read. */
-static void attend_head_bf16(const float *qr, const uint16_t *keys, const uint16_t *vals, int64_t S, int64_t D,
-                             const uint8_t *mask, float scale, float *scores, float *out) {
-    float best = -INFINITY;
-    for (int64_t j = 0; j < S; j++) {
-        if (mask && !mask[j]) { scores[j] = -INFINITY; continue; }
-        const uint16_t *kj = keys + j * D;
-        float dot = 0.0f;
-        for (int64_t d = 0; d < D; d++) dot += qr[d] * lh_bf2f(kj[d]);
-        scores[j] = dot * scale;
-        if (scores[j] > best) best = scores[j];
-    }
-    memset(out, 0, (size_t)D * sizeof(float));
-    if (best == -INFINITY) return; /* no visible key */
-    float total = 0.0f;
-    for (int64_t j = 0; j < S; j++) {
-        if (scores[j] == -INFINITY) continue;
-        const float p = expf(scores[j] - best);
-        total += p;
-        const uint16_t *vj = vals + j * D;
-        for (int64_t d = 0; d < D; d++) out[d] += p * lh_bf2f(vj[d]);
-    }
-    const float inv = 1.0f / total;
-    for (int64_t d = 0; d < D; d++) out[d] *= inv;
-}
-
 /* One token per row through every layer.
  *
  *   h (B, dim): the embedded tokens in, the last layer's output (before the final norm) out; B <= 16
@@ -356,13 +330,9 @@ int lh_step_decode(const lh_step_model *m, float *h, int64_t B, const int64_t *p
                 const int64_t b = t / Hq, kv = b * Hkv + (t % Hq) / group;
                 prepare_head(q + t * D, L->q_norm, mode, L->q_norm != NULL, m->eps, cl + b * half, sl + b * half,
                              layout, D, tmp, qr);
-                const int64_t from = (kv * max_len + first) * D;
-                if (kv_bf16)
-                    attend_head_bf16(qr, (const uint16_t *)kcl + from, (const uint16_t *)vcl + from, S - first, D,
-                                     mask ? mask + b * S + first : NULL, m->scale, scores, att + t * D);
-                else
-                    attend_head(qr, (const float *)kcl + from, (const float *)vcl + from, S - first, D,
-                                mask ? mask + b * S + first : NULL, m->scale, scores, att + t * D);
+                const size_t from = (size_t)((kv * max_len + first) * D) * esz; /* bytes */
+                attend_head(qr, (const char *)kcl + from, (const char *)vcl + from, kv_bf16, S - first, D,
+                            mask ? mask + b * S + first : NULL, m->scale, scores, att + t * D);
             }
             {
                 const lh_step_weight *w[1] = {&L->wo};
