@@ -61,6 +61,18 @@ def decode_logits(net, rows=PROMPTS, steps=STEPS) -> torch.Tensor:
     return torch.stack(out).float()
 
 
+def four_runs(net, float32_net, monkeypatch):
+    """Decode logits of `net` on the step (asserting it ran every step), on the per-module path, on the torch
+    reference (native kernels off), and of the float32 truth `float32_net()` (native kernels off too)."""
+    spy = Spy(monkeypatch)
+    got = decode_logits(net)
+    assert spy.calls == STEPS
+    with step.disabled():
+        per_module = decode_logits(net)
+    with native.disabled():
+        return got, per_module, decode_logits(net), decode_logits(float32_net())
+
+
 def test_bf16_checkpoint_at_least_as_close_to_float32_as_the_per_module_path(folder, monkeypatch):
     """bf16 weights, bf16 cache: the step's float32 residual stream is at least as close to the float32 truth
     (the same bf16 weights widened, the torch reference in float32) as the per-module path and the bf16 torch
@@ -69,14 +81,8 @@ def test_bf16_checkpoint_at_least_as_close_to_float32_as_the_per_module_path(fol
     model = llamaherd.load(path)
     assert model.net.tok_embeddings.weight.dtype == torch.bfloat16
     assert type(model.net) is (step.StepGemma3 if family == "gemma3" else step.StepLlama)
-    spy = Spy(monkeypatch)
-    got = decode_logits(model.net)
-    assert spy.calls == STEPS
-    with step.disabled():
-        per_module = decode_logits(model.net)
-    with native.disabled():
-        reference = decode_logits(model.net)
-        truth = decode_logits(llamaherd.load(path, dtype=torch.float32).net)
+    got, per_module, reference, truth = four_runs(model.net, lambda: llamaherd.load(path, dtype=torch.float32).net,
+                                                  monkeypatch)
     err = {name: float(kl(truth, x)[1:].mean()) for name, x in
            (("step", got), ("per-module", per_module), ("reference", reference))}
     assert err["step"] <= 1.1 * min(err["per-module"], err["reference"]) + 1e-7, err
@@ -94,14 +100,7 @@ def test_weight_only_codes_at_least_as_close_to_float32_as_the_per_module_path(f
     per-module path and the bf16 torch reference are, and agrees with the per-module path's top-1 tokens."""
     _, path = folder
     model = llamaherd.load(path, quantize=spec)
-    spy = Spy(monkeypatch)
-    got = decode_logits(model.net)
-    assert spy.calls == STEPS
-    with step.disabled():
-        per_module = decode_logits(model.net)
-    with native.disabled():
-        reference = decode_logits(model.net)
-        truth = decode_logits(copy.deepcopy(model.net).float())
+    got, per_module, reference, truth = four_runs(model.net, lambda: copy.deepcopy(model.net).float(), monkeypatch)
     err = {name: float(kl(truth, x)[1:].mean()) for name, x in
            (("step", got), ("per-module", per_module), ("reference", reference))}
     assert err["step"] <= 1.1 * min(err["per-module"], err["reference"]) + 1e-7, err

@@ -83,12 +83,8 @@ def test_quantizers_against_ggml_quantize_chunk(qtype, weighted):
     assert same >= 0.95, f"only {same:.1%} of the blocks equal llama.cpp's"
 
 
-@pytest.mark.parametrize("qtype", TYPES, ids=lambda q: q.name)
-def test_importance_lowers_the_weighted_error(qtype):
-    x, imp = _weights_and_importance(seed=8)
-    _, plain = quantize(x, qtype)
-    _, weighted = quantize(x, qtype, imp)
-    assert float(((weighted - x) ** 2 * imp).sum()) < float(((plain - x) ** 2 * imp).sum())
+# That the importance weights lower the weighted error is tests/test_quant_imatrix.py's
+# test_importance_lowers_the_weighted_error, over quantize.WEIGHTED (these three types included).
 
 
 def test_error_ladder():
