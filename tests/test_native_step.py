@@ -136,14 +136,20 @@ def test_greedy_generation_is_unchanged_in_float(tmp_path, monkeypatch):
     """generate_tokens (the engine's simple ladder) yields the same tokens with the step on and off."""
     monkeypatch.setattr(ggml_kernels, "INT8_ACTIVATIONS", False)
     model = llamaherd.load(write(checkpoint(KQ_GEMMA3, std=0.08), tmp_path / "g.gguf", qtype="q8_0"))
-    params = SamplingParams(temperature=0.0, max_tokens=20)
+    assert_greedy_unchanged(model, 20, monkeypatch)
+
+
+def assert_greedy_unchanged(model, max_tokens: int, monkeypatch) -> None:
+    """generate_tokens over PROMPTS gives the same greedy ids with the step on (taken at every decode step after
+    the prefill) and off."""
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
 
     def run():
         return [s.tokens for s in generate_tokens(model.net, PROMPTS, Sampler(params, model.config.vocab_size))]
 
     spy = Spy(monkeypatch)
     on = run()
-    assert spy.calls == 19  # every decode step after the prefill
+    assert spy.calls == max_tokens - 1
     with step.disabled():
         off = run()
     assert on == off

@@ -12,8 +12,6 @@ import torch
 
 import llamaherd
 from llamaherd import native
-from llamaherd.engine.generate import generate_tokens
-from llamaherd.engine.sampling import Sampler, SamplingParams
 from llamaherd.model.cache import KVCache
 from llamaherd.native import step
 from llamaherd.native import weight_only as native_wo
@@ -21,7 +19,7 @@ from tests.checkpoint_fixtures import hf_reference
 from tests.conftest import TINY
 from tests.test_gemma3 import hf_model as gemma3_hf
 from tests.test_gemma3 import tiny as gemma3_tiny
-from tests.test_native_step import PROMPTS, STEPS, Spy, kl
+from tests.test_native_step import PROMPTS, STEPS, Spy, assert_greedy_unchanged, kl
 
 pytestmark = pytest.mark.skipif(native.library() is None, reason="no C compiler: the native kernels cannot be built")
 
@@ -128,18 +126,7 @@ def test_weight_only_on_a_float32_model_equals_the_per_module_products(folder, i
 def test_greedy_generation_is_unchanged(folder, monkeypatch):
     """generate_tokens (a left-padded batch of two) yields the same greedy ids with the step on and off."""
     _, path = folder
-    model = llamaherd.load(path, quantize="int8")
-    params = SamplingParams(temperature=0.0, max_tokens=8)
-
-    def run():
-        return [s.tokens for s in generate_tokens(model.net, PROMPTS, Sampler(params, model.config.vocab_size))]
-
-    spy = Spy(monkeypatch)
-    on = run()
-    assert spy.calls == 7  # every decode step after the prefill
-    with step.disabled():
-        off = run()
-    assert on == off
+    assert_greedy_unchanged(llamaherd.load(path, quantize="int8"), 8, monkeypatch)
 
 
 def test_the_plan_follows_to_and_the_kernel_switches(folder, monkeypatch):

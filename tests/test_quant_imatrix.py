@@ -20,7 +20,7 @@ from llamaherd.checkpoint.gguf_write import write
 from llamaherd.cli.imatrix import collector_for, without_logits
 from llamaherd.quant import imatrix
 from llamaherd.quant.quantize import WEIGHTED, quantize
-from tests.gguf_write_fixtures import KQ_LLAMA3, checkpoint, dequantized
+from tests.gguf_write_fixtures import KQ_LLAMA3, checkpoint
 from tests.test_cli_chat import tiny_folder  # noqa: F401  (a fixture: a Llama 3 folder with its tokenizer)
 
 # -- the quantizers against llama.cpp ------------------------------------------------------------------------------
@@ -229,7 +229,7 @@ def test_expert_inputs_are_counted_per_expert():
 @pytest.mark.parametrize("ftype", ["q4_k_m", "q4_0"])
 def test_llama_cpp_runs_our_imatrix_quantized_file(f32_file, tmp_path, ftype):
     """imatrix collected, saved, read back, used: llama.cpp loads the file and its logits match our decode of it."""
-    llama_cpp = pytest.importorskip("llama_cpp")
+    pytest.importorskip("llama_cpp")
     with llamaherd.native.disabled():
         model = llamaherd.load(f32_file)
     im = imatrix.IMatrix(chunk_size=64, chunks=2)
@@ -243,19 +243,9 @@ def test_llama_cpp_runs_our_imatrix_quantized_file(f32_file, tmp_path, ftype):
     assert path.read_bytes() != plain.read_bytes()
     assert gguf.GGUFReader(path).fields["quantize.imatrix.entries_count"].contents() == len(im.entries)
     ids = [1, 17, 42, 99, 3, 250, 7, 64, 128, 5, 11, 200]
-    llm = llama_cpp.Llama(str(path), logits_all=True, n_threads=2, verbose=False, n_ctx=64)
-    try:
-        llm.eval(ids)
-        theirs = np.array(llm.scores[: len(ids)], dtype=np.float32)
-    finally:
-        llm.close()
-    from tests.test_llamacpp_interop import _meta_name  # the GGUF -> Meta names, restated there independently
-    from llamaherd.model import build
+    from tests.test_llamacpp_interop import _float_model_logits, _llama_cpp_logits
 
-    net = build(KQ_LLAMA3, device="meta")
-    net.load_state_dict({_meta_name(n): t for n, t in dequantized(path).items()}, strict=True, assign=True)
-    with torch.no_grad():
-        ours = net.eval()(torch.tensor([ids]))[0].numpy()
+    theirs, ours = _llama_cpp_logits(path, ids), _float_model_logits(path, KQ_LLAMA3, ids)
     # llama.cpp quantizes activations to 8 bits before each quantized dot product (test_llamacpp_interop.py)
     assert np.abs(ours - theirs).max() < 0.15 and np.abs(ours - theirs).mean() < 0.02
 

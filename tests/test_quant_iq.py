@@ -162,24 +162,14 @@ def test_llama_cpp_and_our_runtime_run_our_file(kq_f32, tmp_path, ftype):
     so does our runtime (reader + packed linears: Q3_K/IQ4_XS/IQ4_NL have no native kernel and take the generic
     decoding path; the mix's Q4_K/Q5_K/Q6_K take the native kernels, which round activations to 8 bits as
     llama.cpp does, hence the llama.cpp tolerance there)."""
-    llama_cpp = pytest.importorskip("llama_cpp")
-    from llamaherd.model import build
-    from tests.test_llamacpp_interop import _meta_name  # the GGUF -> Meta names, restated there independently
+    pytest.importorskip("llama_cpp")
+    from tests.test_llamacpp_interop import _float_model_logits, _llama_cpp_logits
 
     path = write(llamaherd.checkpoint.read(kq_f32), tmp_path / f"{ftype}.gguf", qtype=ftype)
     types = {t.name for t, _ in read_tensors(path).values()}
     assert ({"Q3_K"} if ftype.startswith("q3") else {"IQ4_XS", "IQ4_NL"}) <= types
     ids = [1, 17, 42, 99, 3, 250, 7, 64, 128, 5, 11, 200]
-    llm = llama_cpp.Llama(str(path), logits_all=True, n_threads=2, verbose=False, n_ctx=64)
-    try:
-        llm.eval(ids)
-        theirs = np.array(llm.scores[: len(ids)], dtype=np.float32)
-    finally:
-        llm.close()
-    net = build(KQ_LLAMA3, device="meta")
-    net.load_state_dict({_meta_name(n): t for n, t in dequantized(path).items()}, strict=True, assign=True)
-    with torch.no_grad():
-        ours = net.eval()(torch.tensor([ids]))[0].numpy()
+    theirs, ours = _llama_cpp_logits(path, ids), _float_model_logits(path, KQ_LLAMA3, ids)
     with llamaherd.native.disabled():
         reference_path = llamaherd.load(path).logits(ids).numpy()
     np.testing.assert_allclose(reference_path, ours, rtol=0, atol=1e-4)  # our decoders: float noise only
