@@ -288,7 +288,7 @@ def fault_soak(folder: Path, seconds: float, clients: int, seed: int, every: int
     torch.set_num_threads(1)
     # 64 blocks of 16 tokens, as start_server's herd serve: preemption all the time.
     served = ServedModel(load(folder), "soak", kv_cache_bytes=64 * 16 * kv_bytes_per_token(SOAK_CONFIG, torch.float32),
-                         max_batch=32, max_waiting=64)
+                         max_batch=32, max_waiting=2 * clients)  # abandoned streams linger: no 429s
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(served), host="127.0.0.1", port=port, log_level="critical",
                                            timeout_keep_alive=KEEP_ALIVE_S))  # as herd serve
