@@ -11,7 +11,7 @@ TORCH  := torch==2.13.0
 PROMPT ?= The planets of the solar system, in order from the Sun, are Mercury,
 RUN_FLAGS ?= --max-tokens 40
 
-.PHONY: run test test-all install install-test browser bench clean
+.PHONY: run test test-all install install-test browser bench clean llamacpp-tools
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -46,7 +46,13 @@ browser:
 test: install-test browser
 	$(PY) -m pytest -q
 
-test-all: install-test browser
+# llama.cpp's own llama-quantize and llama-imatrix, built once from the installed llama-cpp-python's sdist into a
+# cache outside the repository (bench/llamacpp_tools.py); cmake and ninja come from pip where the system lacks them.
+llamacpp-tools: install-test
+	@command -v cmake >/dev/null 2>&1 && command -v ninja >/dev/null 2>&1 || $(PIP) install -e ".[llamacpp-tools]"
+	$(PY) bench/llamacpp_tools.py
+
+test-all: install-test browser llamacpp-tools
 	$(PY) -m pytest -q -m "slow or not slow"
 
 # The default model against llama.cpp, side by side (bench/side_by_side.py; more in BENCHMARKS.md).
