@@ -45,22 +45,8 @@
 #define LH_WO_SERIAL_WORK (1 << 16)
 static int lh_wo_run(int scheme, int nw, const void *X, int x_f32, int64_t ldx, int64_t M, const void *const *W,
                      const void *const *S, const void *const *Z, int sz_f32, const int64_t *N, int64_t K, int64_t G,
-                     void *const *Y, const int64_t *ldy, int y_bf16, int act16, int nthreads);
+                     void *const *Y, const int64_t *ldy, int y_bf16, int act, int nthreads);
 #define LH_WO_AHEAD 1024 /* bytes of each weight row prefetched ahead of the loads: 4 row streams per thread */
-
-static inline void lh_wo_store(void *Y, int y_bf16, int64_t i, float v) {
-    if (y_bf16) ((uint16_t *)Y)[i] = lh_f2bf(v);
-    else ((float *)Y)[i] = v;
-}
-
-static inline float lh_wo_x(const void *X, int x_f32, int64_t i) {
-    return x_f32 ? ((const float *)X)[i] : lh_bf2f(((const uint16_t *)X)[i]);
-}
-
-/* A scale or zero: bf16 (llamaherd's own codes) or float32 (GPTQ / AWQ's float16 values, kept exact). */
-static inline float lh_wo_sz(const void *P, int f32, int64_t i) {
-    return f32 ? ((const float *)P)[i] : lh_bf2f(((const uint16_t *)P)[i]);
-}
 
 /* Row i of X rounded to int16 on its own scale amax / 32767 (round to nearest), into out (K values; with split,
  * each 64-element chunk as its 32 even then its 32 odd elements). Returns the scale (NaN for a row with a NaN,
@@ -250,14 +236,14 @@ static void lh_wo8_in_region(const void *X, const float *sx, int64_t M, int64_t 
 }
 
 /* nw int8 weights W[j] (N[j], K) with row scales S[j] (N[j],) applied to X (M, K) (float32 when x_f32, else
- * bf16; rows ldx apart) into Y[j] (M, N[j]) rows ldy[j] apart, float32 or bf16 (y_bf16); act16: the int16
- * activations above. Returns 0, or -1 for M outside 1..16, a negative size, or no memory. */
+ * bf16; rows ldx apart) into Y[j] (M, N[j]) rows ldy[j] apart, float32 or bf16 (y_bf16); act: the activation
+ * kind requested (weight_only.h's LH_WO_ACT_*; int8 weights take int16 activations for either integer kind). Returns 0, or -1 for M outside 1..16, a negative size, or no memory. */
 int lh_wo_int8(int nw, const void *X, int x_f32, int64_t ldx, int64_t M, const int8_t *const *W,
                const uint16_t *const *S, const int64_t *N, int64_t K, void *const *Y, const int64_t *ldy,
-               int y_bf16, int act16, int nthreads) {
+               int y_bf16, int act, int nthreads) {
     if (M < 1 || M > LH_WO_MAX_M || K < 1 || nw < 1) return -1;
     return lh_wo_run(LH_WO_INT8, nw, X, x_f32, ldx, M, (const void *const *)W, (const void *const *)S, NULL, 0, N,
-                     K, 0, Y, ldy, y_bf16, act16, nthreads);
+                     K, 0, Y, ldy, y_bf16, act, nthreads);
 }
 
 /* ---- int4 ------------------------------------------------------------------------------------------------ */
@@ -454,14 +440,14 @@ static void lh_wo4w_in_region(const int16_t *X, const float *XS, const float *sx
 #endif
 
 /* nw int4 weights: codes W[j] (N[j], K/2), scales S[j] and zeros Z[j] (K/G, N[j]), bf16 or float32 (sz_f32),
- * applied to X as in lh_wo_int8 (act16: the int16 path above). G a multiple of 32 dividing K. Returns 0, or -1
+ * applied to X as in lh_wo_int8 (act: float32, the int16 path above, or weight_only_a8.c's int8 codes). G a multiple of 32 dividing K. Returns 0, or -1
  * for bad sizes or no memory. */
 int lh_wo_int4(int nw, const void *X, int x_f32, int64_t ldx, int64_t M, const uint8_t *const *W,
                const void *const *S, const void *const *Z, int sz_f32, const int64_t *N, int64_t K, int64_t G,
-               void *const *Y, const int64_t *ldy, int y_bf16, int act16, int nthreads) {
+               void *const *Y, const int64_t *ldy, int y_bf16, int act, int nthreads) {
     if (M < 1 || M > LH_WO_MAX_M || K < 1 || nw < 1 || G < 32 || G % 32 != 0 || K % G != 0) return -1;
     return lh_wo_run(LH_WO_INT4, nw, X, x_f32, ldx, M, (const void *const *)W, S, Z, sz_f32, N, K, G, Y, ldy,
-                     y_bf16, act16, nthreads);
+                     y_bf16, act, nthreads);
 }
 
 /* ---- 8-bit codes in groups (GPTQ 8-bit) ------------------------------------------------------------------ */
@@ -555,23 +541,26 @@ int lh_wo_grouped8(int nw, const void *X, int x_f32, int64_t ldx, int64_t M, con
 /* ---- the pieces (weight_only.h) and the one driver of the exported calls ---------------------------------- */
 
 size_t lh_wo_act_bytes(int64_t K, int64_t M, int64_t G) {
-    const size_t x = ((size_t)(M * K) * 4 + 63) / 64 * 64; /* float32 or int16 codes */
+    const size_t x = ((size_t)(M * K) * 8 + 63) / 64 * 64; /* float32 or int16 values; int8 codes and their scratch */
     const size_t xs = G > 0 ? (size_t)(M * (K / G)) * sizeof(float) : 0;
     return x + (xs + 63) / 64 * 64;
 }
 
-void lh_wo_act_init(lh_wo_act *a, void *mem, int scheme, int act16, int64_t K, int64_t M, int64_t G) {
+void lh_wo_act_init(lh_wo_act *a, void *mem, int scheme, int act, int64_t K, int64_t M, int64_t G) {
     a->scheme = scheme, a->M = M, a->K = K, a->G = G;
-    if (scheme == LH_WO_INT8) a->act16 = act16 != 0;
-    else if (scheme == LH_WO_INT4) a->act16 = act16 != 0 && LH_WO_ACT16_INT4 && K % 64 == 0;
-    else a->act16 = 0;
+    if (scheme == LH_WO_INT8) a->act = act != LH_WO_ACT_F32 ? LH_WO_ACT_I16 : LH_WO_ACT_F32; /* no int8 path */
+    else if (scheme == LH_WO_INT4 && act == LH_WO_ACT_I8 && lh_wo4a8_available() && K % 128 == 0)
+        a->act = LH_WO_ACT_I8;
+    else if (scheme == LH_WO_INT4) a->act = act != LH_WO_ACT_F32 && LH_WO_ACT16_INT4 && K % 64 == 0;
+    else a->act = LH_WO_ACT_F32;
     a->x = mem;
-    a->xs = (float *)((char *)mem + ((size_t)(M * K) * 4 + 63) / 64 * 64);
+    a->xs = (float *)((char *)mem + ((size_t)(M * K) * 8 + 63) / 64 * 64);
 }
 
-void lh_wo_act_row(lh_wo_act *a, const void *X, int x_f32, int64_t ldx, int64_t i) {
+int lh_wo_act_row(lh_wo_act *a, const void *X, int x_f32, int64_t ldx, int64_t i) {
     const int64_t K = a->K;
-    if (a->scheme == LH_WO_INT4 && a->act16) {
+    if (a->scheme == LH_WO_INT4 && a->act == LH_WO_ACT_I8) return lh_wo4a8_row(a, X, x_f32, ldx, i);
+    if (a->scheme == LH_WO_INT4 && a->act == LH_WO_ACT_I16) {
         int16_t *xq = (int16_t *)a->x + i * K;
         const int64_t G = a->G, ng = K / G;
         a->sx[i] = lh_wo_act16(X, x_f32, ldx, i, K, 1, xq);
@@ -588,23 +577,28 @@ void lh_wo_act_row(lh_wo_act *a, const void *X, int x_f32, int64_t ldx, int64_t 
                 out[c + j] = lh_wo_x(X, x_f32, i * ldx + c + 2 * j);
                 out[c + 16 + j] = lh_wo_x(X, x_f32, i * ldx + c + 2 * j + 1);
             }
-    } else if (a->act16) {
+    } else if (a->act == LH_WO_ACT_I16) {
         a->sx[i] = lh_wo_act16(X, x_f32, ldx, i, K, 0, (int16_t *)a->x + i * K);
     } else {
         float *out = (float *)a->x + i * K;
         for (int64_t k = 0; k < K; k++) out[k] = lh_wo_x(X, x_f32, i * ldx + k);
     }
+    return 0;
 }
 
 void lh_wo_weight_in_region(const lh_wo_act *a, const void *W, const void *S, const void *Z, int sz_f32, int64_t N,
                             void *Y, int64_t ldy, int y_bf16) {
     const int64_t M = a->M, K = a->K, G = a->G;
     if (a->scheme == LH_WO_INT8) {
-        lh_wo8_in_region(a->x, a->act16 ? a->sx : NULL, M, K, (const int8_t *)W, (const uint16_t *)S, N, Y, ldy,
-                         y_bf16);
+        lh_wo8_in_region(a->x, a->act == LH_WO_ACT_I16 ? a->sx : NULL, M, K, (const int8_t *)W, (const uint16_t *)S,
+                         N, Y, ldy, y_bf16);
     } else if (a->scheme == LH_WO_INT4) {
+        if (a->act == LH_WO_ACT_I8) {
+            lh_wo4a8_in_region(a, (const uint8_t *)W, S, Z, sz_f32, N, Y, ldy, y_bf16);
+            return;
+        }
 #if LH_WO_ACT16_INT4
-        if (a->act16) {
+        if (a->act == LH_WO_ACT_I16) {
             lh_wo4w_in_region((const int16_t *)a->x, a->xs, a->sx, M, K, (const uint8_t *)W, S, Z, sz_f32, N, G, Y,
                               ldy, y_bf16);
             return;
@@ -619,7 +613,7 @@ void lh_wo_weight_in_region(const lh_wo_act *a, const void *W, const void *S, co
 
 static int lh_wo_run(int scheme, int nw, const void *X, int x_f32, int64_t ldx, int64_t M, const void *const *W,
                      const void *const *S, const void *const *Z, int sz_f32, const int64_t *N, int64_t K, int64_t G,
-                     void *const *Y, const int64_t *ldy, int y_bf16, int act16, int nthreads) {
+                     void *const *Y, const int64_t *ldy, int y_bf16, int act, int nthreads) {
     double work = 0;
     for (int j = 0; j < nw; j++) {
         if (N[j] < 0) return -1;
@@ -628,8 +622,13 @@ static int lh_wo_run(int scheme, int nw, const void *X, int x_f32, int64_t ldx, 
     void *mem = aligned_alloc(64, lh_wo_act_bytes(K, M, G));
     if (mem == NULL) return -1;
     lh_wo_act a;
-    lh_wo_act_init(&a, mem, scheme, act16, K, M, G);
-    for (int64_t i = 0; i < M; i++) lh_wo_act_row(&a, X, x_f32, ldx, i);
+    lh_wo_act_init(&a, mem, scheme, act, K, M, G);
+    int bad = 0;
+    for (int64_t i = 0; i < M; i++) bad |= lh_wo_act_row(&a, X, x_f32, ldx, i);
+    if (bad) {
+        free(mem);
+        return -1;
+    }
     const int par = nthreads > 1 && work >= LH_WO_SERIAL_WORK;
 #pragma omp parallel num_threads(nthreads) if (par)
     for (int j = 0; j < nw; j++)

@@ -30,8 +30,18 @@ ENABLED = True  # this file's kernels alone; `native.switched_off(weight_only)` 
 # int8 and int4 weights: activations rounded to int16 per row (amax / 32767) and multiplied with VNNI integer dot
 # products (weight_only.c: a third of the float path's instructions for int8, less than half for int4; each
 # activation moves by at most amax / 65534, below the bf16 rounding of every element over amax / 128).
-# False: float32 activations, the exact products of the dequantised weights (the GPTQ / AWQ exactness tests).
+# False: float32 activations, the exact products of the dequantised weights (the GPTQ / AWQ exactness tests),
+# whatever INT8_ACTIVATIONS says.
 INT16_ACTIVATIONS = True
+# int4 weights, integer activations on: int8 codes per 32 elements (llama.cpp's Q8_0 blocks, weight_only_a8.c)
+# instead of int16 codes per row: half the VNNI instructions. False: the int16 path. int8 weights keep int16.
+INT8_ACTIVATIONS = False
+
+
+def activation_mode() -> int:
+    """The activation kind the switches ask for (weight_only.h's LH_WO_ACT_*: 0 float32, 1 int16, 2 int8)."""
+    return 0 if not INT16_ACTIVATIONS else 2 if INT8_ACTIVATIONS else 1
+
 
 _i64, _ptr, _int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
 _SIGNATURES = {
@@ -115,14 +125,14 @@ class Codes:
         common = (len(self.ns), x2.data_ptr(), int(x2.dtype == torch.float32), x2.stride(0), M)
         tail = (outs, self._ns, int(out_dtype == torch.bfloat16), torch.get_num_threads())
         if self.scheme == "int8":
-            rc = _fn("lh_wo_int8")(*common, *self._args, self._ns, self.K, *tail[:3], int(INT16_ACTIVATIONS), tail[3])
+            rc = _fn("lh_wo_int8")(*common, *self._args, self._ns, self.K, *tail[:3], activation_mode(), tail[3])
         elif self.scheme == "int4":
             rc = _fn("lh_wo_int4")(*common, *self._args, int(self.sz_f32), self._ns, self.K, self.group_size,
-                                   *tail[:3], int(INT16_ACTIVATIONS), tail[3])
+                                   *tail[:3], activation_mode(), tail[3])
         else:
             rc = _fn("lh_wo_grouped8")(*common, *self._args, self._ns, self.K, self.group_size, *tail)
         if rc != 0:
-            raise MemoryError(f"lh_wo_{self.scheme} could not allocate its activation buffer")
+            raise MemoryError(f"lh_wo_{self.scheme} could not allocate its activation buffers")
         return ys
 
 

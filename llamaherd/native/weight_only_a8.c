@@ -1,0 +1,168 @@
+/* Weight-only int4 products on int8 activations: the Q8_0 activation blocks of llama.cpp's Q4_0 path against the
+ * int4 codes of weight_only.c, read in place.
+ *
+ * Why: weight_only.c's int16-activation int4 path is bound by instructions, not bytes (BENCHMARKS.md, issue 18:
+ * 66.7 ms/token at 2 threads where its bytes need 37 ms): per 64 codes it widens 32 bytes to int16 and issues
+ * two `vpdpwssd`. With int8 activations one `vpdpbusd` (`_mm512_dpbusd_epi32`, AVX512_VNNI: 64 unsigned x signed
+ * byte products into 16 int32 lanes) takes the 64 high or the 64 low nibbles of 64 code bytes as they are.
+ *
+ * Activations: each row quantized once per product group to Q8_0 blocks, through ggml_q8.c's quantizer (the
+ * rounding of ggml `quantize_row_q8_0_ref`: per 32 elements d = amax / 127 rounded to float16, codes
+ * round(x / d) from the unrounded d): x[k] ~ d_b xq[k], b = k / 32. One scale per 32, as llama.cpp's Q4_0
+ * products (issue 17 found one per 256 too coarse on real activations). Each 128-element chunk of codes is
+ * stored as its 64 even then its 64 odd elements, the order of the high and low nibbles of the chunk's 64 code
+ * bytes (byte j = q[2j] << 4 | q[2j+1]); int32 lane l of either product then holds elements 8l..8l+7, all in
+ * activation block l / 4, so one float vector of the four blocks' d (each repeated four times) scales a chunk.
+ *
+ * With w = (q - 8) s_g + z_g (weight_only.c), per output:
+ *   y = sum_g s_g sum_{b in g} d_b (q . xq)_b  +  sum_g (z_g - 8 s_g) XS_g,   XS_g = sum_{b in g} d_b sum_{k in b} xq[k]
+ * the integer dots exact, the rest float32 (XS from the quantizer's block code sums, once per row).
+ * Needs K a multiple of 128 and the VNNI build; weight_only.c's lh_wo_act_init falls back to the int16 path
+ * otherwise. */
+#include <stdint.h>
+#include <string.h>
+
+#include "weight_only.h"
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#include <immintrin.h>
+#define LH_WO_A8 1
+#else
+#define LH_WO_A8 0
+#endif
+
+/* ggml_q8.c's exported quantizer (ggml_kernels.py declares it too): rows of K floats to int8 codes q, per 32
+ * elements the float16-rounded scale d, per 16 the code sums s16. */
+int lh_q8_quantize(int type, const float *X, int64_t M, int64_t K, int8_t *q, float *d, float *s16);
+#define LH_WO_A8_TYPE 2 /* ggml's Q4_0: its activations are the Q8_0 blocks */
+
+#define LH_WO_A8_RB 4      /* weight rows per block */
+#define LH_WO_A8_MB 4      /* X rows per block */
+#define LH_WO_A8_AHEAD 1024 /* bytes of each weight row prefetched ahead of the loads */
+
+int lh_wo4a8_available(void) { return LH_WO_A8; }
+
+/* Row i's part of a->x (8 K bytes): the split codes (K), the quantizer's codes (K), its s16 (K/16 floats), d (K/32
+ * floats), the chunks' d vectors dv (K/8 floats), and (bf16 input) the row widened to float32 (K floats). */
+static int8_t *a8_codes(const lh_wo_act *a, int64_t i) { return (int8_t *)a->x + i * a->K * 8; }
+static float *a8_dv(const lh_wo_act *a, int64_t i) { return (float *)(a8_codes(a, i) + a->K * 2 + a->K / 2); }
+
+int lh_wo4a8_row(lh_wo_act *a, const void *X, int x_f32, int64_t ldx, int64_t i) {
+    const int64_t K = a->K, G = a->G, ng = K / G;
+    int8_t *split = a8_codes(a, i), *raw = split + K;
+    float *s16 = (float *)(split + 2 * K), *d = s16 + K / 16, *dv = a8_dv(a, i), *row = (float *)(split + 4 * K);
+    const float *xf = (const float *)X + i * ldx;
+    if (!x_f32) {
+        for (int64_t k = 0; k < K; k++) row[k] = lh_bf2f(((const uint16_t *)X)[i * ldx + k]);
+        xf = row;
+    }
+    float poison = 0.0f; /* NaN when the row holds a NaN or an infinity, which the int8 codes cannot carry */
+    for (int64_t k = 0; k < K; k++) poison += xf[k] * 0.0f;
+    const int failed = lh_q8_quantize(LH_WO_A8_TYPE, xf, 1, K, raw, d, s16) != 0;
+    if (failed) poison = __builtin_nanf("");
+    for (int64_t c = 0; c < K; c += 128) {
+        for (int j = 0; j < 64; j++) {
+            split[c + j] = raw[c + 2 * j];
+            split[c + 64 + j] = raw[c + 2 * j + 1];
+        }
+        for (int l = 0; l < 16; l++) dv[c / 8 + l] = d[c / 32 + l / 4] + poison;
+    }
+    for (int64_t g = 0; g < ng; g++) {
+        float sum = 0.0f;
+        for (int64_t b = g * G / 32; b < (g + 1) * G / 32; b++) sum += d[b] * (s16[2 * b] + s16[2 * b + 1]);
+        a->xs[i * ng + g] = sum + poison;
+    }
+    return failed ? -1 : 0;
+}
+
+#if LH_WO_A8
+/* rb weight rows (codes W, ldw bytes apart; scales and zeros of row r at S/Z + r) against mb activation rows. */
+static inline __attribute__((always_inline)) void a8_tile(const lh_wo_act *a, int64_t m, const int mb,
+                                                          const uint8_t *W, int64_t ldw, const int rb, const void *S,
+                                                          const void *Z, int sz_f32, int64_t N, float *out) {
+    const int64_t K = a->K, G = a->G, ng = K / G;
+    const __m512i low = _mm512_set1_epi8(15);
+    const int whole = G % 128 == 0; /* a chunk lies in one group */
+    const int8_t *x[LH_WO_A8_MB];
+    const float *dv[LH_WO_A8_MB];
+    for (int i = 0; i < mb; i++) x[i] = a8_codes(a, m + i), dv[i] = a8_dv(a, m + i);
+    __m512 acc[LH_WO_A8_MB][LH_WO_A8_RB], sv[LH_WO_A8_RB];
+    for (int i = 0; i < mb; i++)
+        for (int r = 0; r < rb; r++) acc[i][r] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k += 128) {
+        if (!whole) { /* the group of each of the chunk's four blocks, its scale over that block's four lanes */
+            for (int r = 0; r < rb; r++) {
+                float s[4];
+                for (int b = 0; b < 4; b++) s[b] = lh_wo_sz(S, sz_f32, ((k + 32 * b) / G) * N + r);
+                sv[r] = _mm512_setr_ps(s[0], s[0], s[0], s[0], s[1], s[1], s[1], s[1], s[2], s[2], s[2], s[2], s[3],
+                                       s[3], s[3], s[3]);
+            }
+        } else if (k % G == 0) {
+            for (int r = 0; r < rb; r++) sv[r] = _mm512_set1_ps(lh_wo_sz(S, sz_f32, (k / G) * N + r));
+        }
+        __m512i wh[LH_WO_A8_RB], wl[LH_WO_A8_RB];
+        for (int r = 0; r < rb; r++) {
+            const uint8_t *p = W + r * ldw + k / 2;
+            _mm_prefetch((const char *)p + LH_WO_A8_AHEAD, _MM_HINT_T0);
+            const __m512i bytes = _mm512_loadu_si512((const void *)p);
+            wh[r] = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), low); /* q[k + 2j], j = 0..63 */
+            wl[r] = _mm512_and_si512(bytes, low);                        /* q[k + 2j + 1] */
+        }
+        for (int i = 0; i < mb; i++) {
+            const __m512i xe = _mm512_loadu_si512((const void *)(x[i] + k));
+            const __m512i xo = _mm512_loadu_si512((const void *)(x[i] + k + 64));
+            const __m512 d = _mm512_loadu_ps(dv[i] + k / 8);
+            for (int r = 0; r < rb; r++) {
+                const __m512i dot = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), wh[r], xe), wl[r], xo);
+                acc[i][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(d, sv[r]), acc[i][r]);
+            }
+        }
+    }
+    for (int i = 0; i < mb; i++) {
+        const float *xs = a->xs + (m + i) * ng;
+        for (int r = 0; r < rb; r++) {
+            float zs = 0.0f;
+            for (int64_t g = 0; g < ng; g++)
+                zs += (lh_wo_sz(Z, sz_f32, g * N + r) - 8.0f * lh_wo_sz(S, sz_f32, g * N + r)) * xs[g];
+            out[i * rb + r] = _mm512_reduce_add_ps(acc[i][r]) + zs;
+        }
+    }
+}
+
+void lh_wo4a8_in_region(const lh_wo_act *a, const uint8_t *W, const void *S, const void *Z, int sz_f32, int64_t N,
+                        void *Y, int64_t ldy, int y_bf16) {
+    const int64_t M = a->M, ldw = a->K / 2, blocks = (N + LH_WO_A8_RB - 1) / LH_WO_A8_RB;
+    const size_t esz = sz_f32 ? 4 : 2;
+#pragma omp for schedule(static) nowait
+    for (int64_t blk = 0; blk < blocks; blk++) {
+        const int64_t n = blk * LH_WO_A8_RB;
+        const int rb = N - n < LH_WO_A8_RB ? (int)(N - n) : LH_WO_A8_RB;
+        const char *Sn = (const char *)S + n * esz, *Zn = (const char *)Z + n * esz;
+        const uint8_t *w = W + n * ldw;
+        for (int64_t m = 0; m < M; m += LH_WO_A8_MB) {
+            const int mb = M - m < LH_WO_A8_MB ? (int)(M - m) : LH_WO_A8_MB;
+            float s[LH_WO_A8_MB * LH_WO_A8_RB];
+            if (rb == LH_WO_A8_RB) { /* constant (mb, rb) per call site: the accumulators become registers */
+                switch (mb) {
+                case 1: a8_tile(a, m, 1, w, ldw, LH_WO_A8_RB, Sn, Zn, sz_f32, N, s); break;
+                case 2: a8_tile(a, m, 2, w, ldw, LH_WO_A8_RB, Sn, Zn, sz_f32, N, s); break;
+                case 3: a8_tile(a, m, 3, w, ldw, LH_WO_A8_RB, Sn, Zn, sz_f32, N, s); break;
+                default: a8_tile(a, m, 4, w, ldw, LH_WO_A8_RB, Sn, Zn, sz_f32, N, s); break;
+                }
+            } else {
+                for (int r = 0; r < rb; r++) {
+                    float u[LH_WO_A8_MB];
+                    a8_tile(a, m, mb, w + r * ldw, ldw, 1, Sn + r * esz, Zn + r * esz, sz_f32, N, u);
+                    for (int i = 0; i < mb; i++) s[i * rb + r] = u[i];
+                }
+            }
+            for (int i = 0; i < mb; i++)
+                for (int r = 0; r < rb; r++) lh_wo_store(Y, y_bf16, (m + i) * ldy + n + r, s[i * rb + r]);
+        }
+    }
+}
+#else
+void lh_wo4a8_in_region(const lh_wo_act *a, const uint8_t *W, const void *S, const void *Z, int sz_f32, int64_t N,
+                        void *Y, int64_t ldy, int y_bf16) {
+    (void)a, (void)W, (void)S, (void)Z, (void)sz_f32, (void)N, (void)Y, (void)ldy, (void)y_bf16; /* never chosen */
+}
+#endif
