@@ -16,6 +16,7 @@ memory bandwidth over the weight bytes a token reads).
 from __future__ import annotations
 
 import argparse
+import ctypes
 import cProfile
 import os
 import pstats
@@ -57,7 +58,6 @@ def components(net, n: int, dtype) -> dict[str, float]:
         cache = KVCache.for_model(net.config, 1, n + 2, dtype=dtype)
         tok = prefill(net, torch.tensor([[2]]), cache).argmax(-1)
         fn = step._fn("lh_step_decode")
-        kv_bf16 = int(cache.k.dtype == torch.bfloat16)
         for _ in range(n):
             t0 = time.perf_counter()
             h = step.step(net, plan, tok[:, None], None, cache, None)
@@ -70,9 +70,9 @@ def components(net, n: int, dtype) -> dict[str, float]:
             cache.length -= 1
             hh = h.reshape(1, -1).float()
             pos = torch.tensor([cache.length])
+            where = ctypes.byref(step._cache_rows(cache, None)(0))
             t4 = time.perf_counter()
-            fn(plan.ref, hh.data_ptr(), 1, pos.data_ptr(), cache.k.data_ptr(), cache.v.data_ptr(), kv_bf16,
-               cache.k.stride(0), cache.max_len, cache.length, None, 0, torch.get_num_threads())
+            fn(plan.ref, hh.data_ptr(), 1, pos.data_ptr(), where, torch.get_num_threads())
             t5 = time.perf_counter()
             cache.length += 1
             for key, dt in zip(parts, (t1 - t0, t5 - t4, t2 - t1, t3 - t2)):

@@ -132,6 +132,89 @@ def test_int8_activations_as_close_as_the_per_module_path(gguf_file, monkeypatch
     assert kl(per_module, got)[1:].max() < 0.01
 
 
+# Rows of different lengths on a paged cache of 4-token blocks: the block tables interleave as the rows grow, the
+# rows left-pad to the longest, and Gemma's sliding window of 8 drops keys of every row.
+PAGED_PROMPTS = [[3, 17, 99, 5, 250, 8, 31, 2, 77, 4, 9], [1, 2, 3, 4], [5] * 19, [42]]
+
+
+def paged_decode_logits(net, rows=PAGED_PROMPTS, steps=STEPS) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The serving engine's cache protocol (engine/paged.py) by hand: each row prefilled alone, then `steps`
+    teacher-forced decode steps of every row together. Last-position logits (steps, B, V) and the storage's
+    keys and values at the rows' slots."""
+    from llamaherd.engine.paged import KVCacheManager
+
+    dtype = net.tok_embeddings.weight.dtype if net.tok_embeddings.weight.is_floating_point() else torch.float32
+    manager = KVCacheManager(net.config, 64, 4, dtype=dtype)
+    ids, cached, out = list(range(len(rows))), [0] * len(rows), []
+    with torch.inference_mode():
+        for i, row in enumerate(rows):
+            manager.take_prefix(i, row)
+            manager.reserve(i, len(row))
+            view = manager.view([i], [0], len(row))
+            net(torch.tensor([row]), positions=view.positions, cache=view, key_mask=view.key_mask)
+            cached[i] = len(row)
+        for t in range(steps):
+            for i in ids:
+                manager.reserve(i, cached[i] + 1)
+            view = manager.view(ids, cached, 1)
+            tok = torch.tensor([[(7 * t + 3 * b + 1) % 256] for b in ids])
+            out.append(net(tok, positions=view.positions, cache=view, key_mask=view.key_mask)[:, -1])
+            cached = [n + 1 for n in cached]
+        slots = torch.cat([manager.storage.slots(manager._tables[i], 0, cached[i]) for i in ids])
+    return torch.stack(out), manager.storage.k[:, :, slots].float(), manager.storage.v[:, :, slots].float()
+
+
+def test_paged_cache_float_activations_match_the_reference(gguf_file, monkeypatch):
+    """The serving engine's paged cache: the step reads each row's keys through its block table and writes the
+    new ones to its slot; logits and the cache as the torch reference's up to float rounding."""
+    _, path = gguf_file
+    monkeypatch.setattr(ggml_kernels, "INT8_ACTIVATIONS", False)
+    monkeypatch.setattr(ggml_kernels, "BF16_PREFILL", False)
+    model = llamaherd.load(path)
+    spy = Spy(monkeypatch)
+    got, k, v = paged_decode_logits(model.net)
+    assert spy.calls == STEPS + 1  # and the one-token prompt's prefill
+    with native.disabled():
+        want, k_ref, v_ref = paged_decode_logits(model.net)
+    scale = want.abs().max()
+    assert (got - want).abs().max() <= 2e-5 * scale, float((got - want).abs().max() / scale)
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
+    torch.testing.assert_close(k, k_ref, rtol=0, atol=2e-5 * k_ref.abs().max())
+    torch.testing.assert_close(v, v_ref, rtol=0, atol=2e-5 * v_ref.abs().max())
+
+
+def test_engine_batches_take_the_step_with_the_same_greedy_text(tmp_path, monkeypatch):
+    """Engine (continuous batching, preemption on a small cache, up to 20 decode rows: step.c MAX_ROWS at a
+    time): the greedy ids are those of the per-module path, and the decode steps took the step."""
+    from llamaherd.engine.scheduler import Engine
+
+    monkeypatch.setattr(ggml_kernels, "INT8_ACTIVATIONS", False)
+    monkeypatch.setattr(ggml_kernels, "BF16_PREFILL", False)  # float32 products for the per-module path's 20 rows
+    model = llamaherd.load(write(checkpoint(KQ_LLAMA3, std=0.08), tmp_path / "l.gguf", qtype="q8_0"))
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 256, (int(torch.randint(1, 30, (1,), generator=g)),), generator=g).tolist()
+               for _ in range(20)]
+
+    def run(num_blocks: int) -> tuple[list[list[int]], Engine]:
+        engine = Engine(model.net, model.config, num_blocks=num_blocks, block_size=4, max_batch=20, prefill_chunk=32)
+        outs = [[] for _ in prompts]
+        for p, out in zip(prompts, outs):
+            engine.submit(p, SamplingParams(temperature=0.0, max_tokens=32), frozenset(), out.append)
+        while engine.step():
+            pass
+        return [[t.id for t in out if t.id is not None] for out in outs], engine
+
+    spy = Spy(monkeypatch)
+    on, engine = run(256)
+    assert spy.calls >= 31 and engine.stats["peak_decode_batch"] > step.MAX_ROWS
+    small, engine = run(96)
+    assert engine.stats["preemptions"] > 0 and engine.cache.num_free == 96
+    with step.disabled():
+        off, _ = run(256)
+    assert on == off
+    assert small == off
+
+
 def test_greedy_generation_is_unchanged_in_float(tmp_path, monkeypatch):
     """generate_tokens (the engine's simple ladder) yields the same tokens with the step on and off."""
     monkeypatch.setattr(ggml_kernels, "INT8_ACTIVATIONS", False)
@@ -156,9 +239,11 @@ def assert_greedy_unchanged(model, max_tokens: int, monkeypatch) -> None:
 
 
 def test_takes_the_reference_path_where_the_step_does_not_apply(tmp_path, monkeypatch):
-    """Grad mode, more rows than MAX_ROWS, the glue or the step switched off, hooks, a LoRA-wrapped projection:
-    the reference forward runs (more rows: the same logits as with the step switched off)."""
+    """Grad mode, the glue or the step switched off, hooks, a LoRA-wrapped projection: the reference forward
+    runs. More rows than MAX_ROWS take the step MAX_ROWS at a time (the last chunk's row as the first's, and
+    within float rounding of the reference)."""
     monkeypatch.setattr(ggml_kernels, "INT8_ACTIVATIONS", False)
+    monkeypatch.setattr(ggml_kernels, "BF16_PREFILL", False)  # 17 rows would take the bf16 products without the step
     model = llamaherd.load(write(checkpoint(KQ_LLAMA3, std=0.08), tmp_path / "l.gguf", qtype="q8_0"))
     net = model.net
     spy = Spy(monkeypatch)
@@ -172,14 +257,16 @@ def test_takes_the_reference_path_where_the_step_does_not_apply(tmp_path, monkey
     one_step(2)
     assert spy.calls == 1
     wide = one_step(step.MAX_ROWS + 1)
+    assert spy.calls == 2
+    torch.testing.assert_close(wide[-1], wide[0], rtol=0, atol=1e-5)  # the same tokens in either chunk
     with native.ops.disabled():
         one_step(2)
     one_step(1, grad=True)
-    assert spy.calls == 1
+    assert spy.calls == 2
     with step.disabled():
-        assert torch.equal(wide, one_step(step.MAX_ROWS + 1))
+        torch.testing.assert_close(wide, one_step(step.MAX_ROWS + 1), rtol=0, atol=2e-5 * wide.abs().max())
         one_step(2)
-    assert spy.calls == 1
+    assert spy.calls == 2
 
     # A hook on any module the step would bypass (tensor-parallel all-reduce, calibration), then a module swapped
     # in after the first step (a LoRA wrapper): the reference path, found without being told.
@@ -187,14 +274,14 @@ def test_takes_the_reference_path_where_the_step_does_not_apply(tmp_path, monkey
 
     handle = net.layers[0].attention.wk.register_forward_pre_hook(lambda *_: None)
     one_step(2)
-    assert spy.calls == 1
+    assert spy.calls == 2
     handle.remove()
     one_step(2)
-    assert spy.calls == 2
+    assert spy.calls == 3
     block = net.layers[1].feed_forward
     block.w2 = LoRALinear(block.w2, rank=2, alpha=2)
     one_step(2)
-    assert spy.calls == 2
+    assert spy.calls == 3
 
 
 def test_a_reassigned_weight_is_read_at_its_new_place(tmp_path, monkeypatch):

@@ -132,6 +132,11 @@ class BatchView:
         self.key_mask = valid.to(device)
         self.positions = (torch.as_tensor(cached)[:, None] + torch.arange(new)[None]).to(device)
 
+    def slot_table(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The storage's keys and values and each row's slot ids (B, length + new), histories left-padded as
+        `key_mask` shows: what a native step reads and writes in place of `update` (native/step.py)."""
+        return self.cache.k, self.cache.v, torch.cat([self.gather, self.write], dim=1)
+
     def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """k, v: (B, Hkv, T, D) -> all keys/values of the rows (B, Hkv, length + T, D); new ones stored."""
         K, V = self.cache.k[layer], self.cache.v[layer]  # (Hkv, slots, D)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import hashlib
+import logging
 import os
 import shutil
 import subprocess
@@ -71,6 +72,8 @@ def _build() -> ctypes.CDLL | None:
             with replacing(target) as tmp:
                 done = subprocess.run([cc, *_FLAGS, *map(str, srcs), "-o", str(tmp)], capture_output=True, text=True)
                 if done.returncode != 0:
+                    logging.getLogger(__name__).warning("the native kernels did not compile; the torch path runs "
+                                                        "instead:\n%s", done.stderr[-4000:])
                     raise _BuildFailed
         except _BuildFailed:
             return None

@@ -100,7 +100,7 @@ int lh_ops_attend_decode(const float *q, const float *k, const float *v, int64_t
                 const int64_t b = t / Hq, h = t % Hq, hk = h / group;
                 prepare_head(q + t * D, qw, norm_mode, qk_norm, q_eps, cos + b * cs_stride, sin + b * cs_stride,
                              layout, D, qtmp, qr);
-                attend_head(qr, kc + (b * Hkv + hk) * max_len * D, vc + (b * Hkv + hk) * max_len * D, 0, S, D,
+                attend_head(qr, kc + (b * Hkv + hk) * max_len * D, vc + (b * Hkv + hk) * max_len * D, 0, NULL, S, D,
                             mask ? mask + b * mask_stride : NULL, scale, scores, out + t * D);
             }
         }

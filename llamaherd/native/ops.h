@@ -62,16 +62,18 @@ static inline float cache_elem(const void *p, int bf16, int64_t i) {
     return bf16 ? lh_bf2f(((const uint16_t *)p)[i]) : ((const float *)p)[i];
 }
 
-/* One query head qr (D) against keys/vals (S slots of D, contiguous; float32, or bfloat16 when bf16): out (D) =
- * softmax(scale * q.k) . v over the slots whose mask byte is nonzero (mask NULL: all); scores is scratch of S
- * floats. A query that sees no key gets zeros. */
-static inline void attend_head(const float *qr, const void *keys, const void *vals, int bf16, int64_t S, int64_t D,
-                               const uint8_t *mask, float scale, float *scores, float *out) {
+/* One query head qr (D) against S keys/vals of D elements (float32, or bfloat16 when bf16): key j is row idx[j]
+ * of `keys` / `vals` (idx NULL: row j, the rows contiguous), so a paged cache's block table reads in place.
+ * out (D) = softmax(scale * q.k) . v over the keys whose mask byte is nonzero (mask NULL: all); scores is
+ * scratch of S floats. A query that sees no key gets zeros. */
+static inline void attend_head(const float *qr, const void *keys, const void *vals, int bf16, const int64_t *idx,
+                               int64_t S, int64_t D, const uint8_t *mask, float scale, float *scores, float *out) {
     float best = -INFINITY;
     for (int64_t j = 0; j < S; j++) {
         if (mask && !mask[j]) { scores[j] = -INFINITY; continue; }
+        const int64_t row = (idx ? idx[j] : j) * D;
         float dot = 0.0f;
-        for (int64_t d = 0; d < D; d++) dot += qr[d] * cache_elem(keys, bf16, j * D + d);
+        for (int64_t d = 0; d < D; d++) dot += qr[d] * cache_elem(keys, bf16, row + d);
         scores[j] = dot * scale;
         if (scores[j] > best) best = scores[j];
     }
@@ -81,8 +83,9 @@ static inline void attend_head(const float *qr, const void *keys, const void *va
     for (int64_t j = 0; j < S; j++) {
         if (scores[j] == -INFINITY) continue;
         const float p = expf(scores[j] - best);
+        const int64_t row = (idx ? idx[j] : j) * D;
         total += p;
-        for (int64_t d = 0; d < D; d++) out[d] += p * cache_elem(vals, bf16, j * D + d);
+        for (int64_t d = 0; d < D; d++) out[d] += p * cache_elem(vals, bf16, row + d);
     }
     const float inv = 1.0f / total;
     for (int64_t d = 0; d < D; d++) out[d] *= inv;

@@ -82,6 +82,24 @@ typedef struct {
     const lh_step_layer *layers;
 } lh_step_model;
 
+/* Where a step's keys and values live, for the engine's simple cache and for the serving engine's paged one alike.
+ * Column j of row b (j in [0, slot]; `slot` is the new token's column) is cache slot slots[b * slots_stride + j],
+ * or slot j when `slots` is NULL; the keys of (layer l, row b, KV head h) start layer_stride * l + row_stride * b
+ * + head_stride * h elements into k / v, one head_dim-wide row per slot, n_slots slots.
+ *   simple cache (n_layers, B, n_kv_heads, max_len, head_dim): slots NULL, n_slots = max_len;
+ *   paged cache (n_layers, n_kv_heads, blocks * block_size, head_dim): row_stride 0, each row's slots its block
+ *     table's, left-padded to the longest row (engine/paged.py's BatchView: `gather` then `write`).
+ * key_mask (B rows key_mask_stride bytes apart, slot + 1 used) or NULL: the real columns of a left-padded row. */
+typedef struct {
+    void *k, *v;
+    int64_t bf16; /* 1: bfloat16 elements (new keys and values rounded as the reference's cache write), 0: float32 */
+    int64_t layer_stride, row_stride, head_stride, n_slots, slot;
+    const int64_t *slots;
+    int64_t slots_stride;
+    const uint8_t *key_mask;
+    int64_t key_mask_stride;
+} lh_step_cache;
+
 enum { LH_STEP_SILU = 0, LH_STEP_GELU_TANH = 1 };
 #define LH_STEP_MAX_ROWS 16
 
@@ -236,20 +254,31 @@ int lh_step_check(const lh_step_model *m) {
     return 0;
 }
 
+/* Cache slot of row b's column j. */
+static inline int64_t slot_of(const lh_step_cache *c, int64_t b, int64_t j) {
+    return c->slots ? c->slots[b * c->slots_stride + j] : j;
+}
+
 /* One token per row through every layer.
  *
  *   h (B, dim): the embedded tokens in, the last layer's output (before the final norm) out; B <= 16
  *   pos (B): each row's rotary position
- *   kc, vc: the cache buffers (n_layers, B, n_kv_heads, max_len, head_dim), layer_stride elements per layer,
- *     float32, or bf16 when kv_bf16 (the new keys and values rounded to bf16 as the reference's cache write
- *     rounds them); the new keys and values go to `slot`, attention reads slots [0, slot]
- *   key_mask (B rows key_mask_stride bytes apart, slot + 1 used) or NULL: the left-padded batch's real slots
+ *   c: the cache (see lh_step_cache); the new keys and values go to column c->slot of each row, attention reads
+ *     columns [0, slot] (those the mask shows, and on sliding-window layers the window's)
  *
- * Returns 0, -1 for arguments the kernels do not take, -2 without memory for the scratch. */
-int lh_step_decode(const lh_step_model *m, float *h, int64_t B, const int64_t *pos, void *kc, void *vc, int kv_bf16,
-                   int64_t layer_stride, int64_t max_len, int64_t slot, const uint8_t *key_mask,
-                   int64_t key_mask_stride, int nthreads) {
-    if (B < 1 || B > LH_STEP_MAX_ROWS || slot < 0 || slot >= max_len || nthreads < 1) return -1;
+ * Returns 0, -1 for arguments the kernels do not take (a slot index outside the cache among them), -2 without
+ * memory for the scratch. */
+int lh_step_decode(const lh_step_model *m, float *h, int64_t B, const int64_t *pos, const lh_step_cache *c,
+                   int nthreads) {
+    const int64_t slot = c->slot;
+    if (B < 1 || B > LH_STEP_MAX_ROWS || slot < 0 || nthreads < 1) return -1;
+    if (c->slots == NULL ? slot >= c->n_slots : c->slots_stride < slot + 1) return -1;
+    for (int64_t b = 0; c->slots != NULL && b < B; b++)
+        for (int64_t j = 0; j <= slot; j++)
+            if (c->slots[b * c->slots_stride + j] < 0 || c->slots[b * c->slots_stride + j] >= c->n_slots) return -1;
+    const uint8_t *key_mask = c->key_mask;
+    const int64_t key_mask_stride = c->key_mask_stride;
+    const int kv_bf16 = (int)c->bf16;
     const int64_t dim = m->dim, F = m->hidden, Hq = m->n_heads, Hkv = m->n_kv_heads, D = m->head_dim;
     const int64_t half = D / 2, S = slot + 1, QD = Hq * D, KD = Hkv * D, group = Hq / Hkv;
     const int mode = (int)m->norm_mode, layout = (int)m->layout;
@@ -298,7 +327,8 @@ int lh_step_decode(const lh_step_model *m, float *h, int64_t B, const int64_t *p
         float *scores = per_thread + tid * (S + 2 * D), *qr = scores + S, *tmp = qr + D;
         for (int64_t l = 0; l < m->n_layers; l++) {
             const lh_step_layer *L = &m->layers[l];
-            char *kcl = (char *)kc + (size_t)(l * layer_stride) * esz, *vcl = (char *)vc + (size_t)(l * layer_stride) * esz;
+            char *kcl = (char *)c->k + (size_t)(l * c->layer_stride) * esz;
+            char *vcl = (char *)c->v + (size_t)(l * c->layer_stride) * esz;
             const float *cl = L->local ? cos_l : cos_g, *sl = L->local ? sin_l : sin_g;
             const uint8_t *mask = L->local ? mask_l : mask_g;
             /* a sliding-window layer reads only the window's slots (the mask hides the others anyway) */
@@ -313,7 +343,7 @@ int lh_step_decode(const lh_step_model *m, float *h, int64_t B, const int64_t *p
             }
 #pragma omp for schedule(static)
             for (int64_t t = 0; t < B * Hkv; t++) { /* the new key (normed, rotated) and value into the cache */
-                const int64_t b = t / Hkv, at = (t * max_len + slot) * D;
+                const int64_t b = t / Hkv, at = b * c->row_stride + (t % Hkv) * c->head_stride + slot_of(c, b, slot) * D;
                 if (kv_bf16) {
                     prepare_head(k + t * D, L->k_norm, mode, L->k_norm != NULL, m->eps, cl + b * half, sl + b * half,
                                  layout, D, tmp, qr);
@@ -327,11 +357,12 @@ int lh_step_decode(const lh_step_model *m, float *h, int64_t B, const int64_t *p
             }
 #pragma omp for schedule(static)
             for (int64_t t = 0; t < B * Hq; t++) {
-                const int64_t b = t / Hq, kv = b * Hkv + (t % Hq) / group;
+                const int64_t b = t / Hq, kv = (t % Hq) / group;
                 prepare_head(q + t * D, L->q_norm, mode, L->q_norm != NULL, m->eps, cl + b * half, sl + b * half,
                              layout, D, tmp, qr);
-                const size_t from = (size_t)((kv * max_len + first) * D) * esz; /* bytes */
-                attend_head(qr, (const char *)kcl + from, (const char *)vcl + from, kv_bf16, S - first, D,
+                const int64_t *idx = c->slots ? c->slots + b * c->slots_stride + first : NULL;
+                const size_t from = (size_t)(b * c->row_stride + kv * c->head_stride + (idx ? 0 : first * D)) * esz;
+                attend_head(qr, (const char *)kcl + from, (const char *)vcl + from, kv_bf16, idx, S - first, D,
                             mask ? mask + b * S + first : NULL, m->scale, scores, att + t * D);
             }
             {

@@ -8,8 +8,9 @@ the vocabulary projection (one native product) and sampling.
 `apply(net)` (called by `native.swaps.apply`, so by `llamaherd.load`) changes the class of a `llama.Transformer`
 or `gemma3.Transformer` in place to a subclass whose `forward` takes the one-call step when it applies and is
 the reference `forward` otherwise: nothing else of the model changes (same modules, parameters, state dict).
-It applies to one new token per row (at most MAX_ROWS rows) on the simple `KVCache` (float32 or bf16),
-outside autograd, when the norms and rotary modules are the reference ones or their native swaps, the
+It applies to one new token per row on the simple `KVCache` of `generate` or on the serving engine's paged
+cache (a `slot_table`: engine/paged.py's BatchView; float32 or bf16 either), MAX_ROWS rows per call, outside
+autograd, when the norms and rotary modules are the reference ones or their native swaps, the
 switches are on (`ENABLED` / `disabled()`, the fused glue `native.ops.ENABLED`, the library
 `native.disabled()`), and every projection of every layer is of one of these kinds, all layers alike:
 
@@ -22,7 +23,8 @@ switches are on (`ENABLED` / `disabled()`, the fused glue `native.ops.ENABLED`, 
     (`native.weight_only.INT16_ACTIVATIONS`), off when those kernels are (`native.weight_only.ENABLED`).
 
 A model mixing kinds (a projection left in bf16 beside int4 ones, GGUF beside weight-only), float32 matrices,
-LoRA wrappers and patched `forward`s take the per-module path. So does the paged cache of the serving engine.
+LoRA wrappers and patched `forward`s take the per-module path, as do a speculative step's several tokens per
+row and the prefill chunks.
 
 Precision of bf16 models: the reference and the per-module path keep the residual stream in bf16, rounding
 every layer's output; the step keeps it in float32 (the embedding row widened exactly, norms, rotary,
@@ -90,10 +92,20 @@ class _Model(ctypes.Structure):
                 ("inv_freq_local", ctypes.c_void_p), ("layers", ctypes.POINTER(_Layer))]
 
 
+class _Cache(ctypes.Structure):
+    """step.c's lh_step_cache: where the keys and values of a step's rows live (its comment has the layouts)."""
+
+    _fields_ = [("k", ctypes.c_void_p), ("v", ctypes.c_void_p),
+                *((name, ctypes.c_int64) for name in ("bf16", "layer_stride", "row_stride", "head_stride", "n_slots",
+                                                       "slot")),
+                ("slots", ctypes.c_void_p), ("slots_stride", ctypes.c_int64), ("key_mask", ctypes.c_void_p),
+                ("key_mask_stride", ctypes.c_int64)]
+
+
 _i64, _ptr, _int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
 _SIGNATURES = {
     "lh_step_check": [_ptr],
-    "lh_step_decode": [_ptr, _ptr, _i64, _ptr, _ptr, _ptr, _int, _i64, _i64, _i64, _ptr, _i64, _int],
+    "lh_step_decode": [_ptr, _ptr, _i64, _ptr, _ptr, _int],
 }
 
 
@@ -339,13 +351,19 @@ def forget(net: nn.Module) -> None:
 
 def _applies(tokens: torch.Tensor, positions, cache, key_mask) -> bool:
     """The cheap conditions of the one-call step (the module docstring lists them), before the plan."""
-    if not ENABLED or not ops.ENABLED or torch.is_grad_enabled() or type(cache) is not KVCache:
+    if not ENABLED or not ops.ENABLED or torch.is_grad_enabled():
         return False
     B, T = tokens.shape
-    k = cache.k
-    if T != 1 or not 1 <= B <= MAX_ROWS or k.dtype not in _CACHE_DTYPES or not k.is_cpu or not k.is_contiguous() \
-            or not cache.v.is_contiguous() or cache.v.shape != k.shape or cache.v.dtype != k.dtype or k.shape[1] != B \
-            or cache.length >= cache.max_len:
+    if type(cache) is KVCache:
+        k, v = cache.k, cache.v
+        if k.shape[1] != B or cache.length >= cache.max_len:
+            return False
+    elif callable(getattr(cache, "slot_table", None)):  # the serving engine's paged cache (engine/paged.py)
+        k, v = cache.cache.k, cache.cache.v
+    else:
+        return False
+    if T != 1 or k.dtype not in _CACHE_DTYPES or not k.is_cpu or not k.is_contiguous() or not v.is_contiguous() \
+            or v.shape != k.shape or v.dtype != k.dtype:
         return False
     if positions is not None and (positions.shape != (B, 1) or not positions.is_cpu):
         return False
@@ -358,10 +376,37 @@ def _applies(tokens: torch.Tensor, positions, cache, key_mask) -> bool:
 _CACHE_DTYPES = (torch.float32, torch.bfloat16)
 
 
-def step(net: nn.Module, plan: _Plan, tokens: torch.Tensor, positions, cache: KVCache, key_mask) -> torch.Tensor | None:
-    """The last layer's output (B, 1, dim) in the embedding's dtype for one token per row, the cache written and
-    advanced; None when the embedding is not float32 or bf16 (the caller then takes the reference path, the
-    cache untouched)."""
+def _cache_rows(cache, key_mask: torch.Tensor | None):
+    """step.c's view of the cache (`_Cache`) for the step's rows from b0 on, as `rows(b0)`: the simple
+    `KVCache` ((n_layers, B, n_kv_heads, max_len, head_dim), one shared slot column) or the paged cache's
+    `slot_table` (each row's slot ids). The returned function holds the tensors whose addresses it hands out."""
+    S = cache.length
+    if type(cache) is KVCache:
+        k, v, slots, n_slots, row_stride, head_stride = cache.k, cache.v, None, cache.max_len, cache.k.stride(1), \
+            cache.k.stride(2)
+    else:
+        k, v, slots = cache.slot_table()  # (n_layers, n_kv_heads, slots, head_dim) twice, (B, S + 1) slot ids
+        slots = slots.to(torch.long).contiguous()
+        if slots.dim() != 2 or slots.shape[1] != S + 1:
+            raise ValueError(f"the paged cache's slot table is {tuple(slots.shape)}, not (B, {S + 1})")
+        n_slots, row_stride, head_stride = k.shape[2], 0, k.stride(1)
+    esz = k.element_size()
+
+    def rows(b0: int) -> _Cache:
+        return _Cache(k=k.data_ptr() + b0 * row_stride * esz, v=v.data_ptr() + b0 * row_stride * esz,
+                      bf16=int(k.dtype == torch.bfloat16), layer_stride=k.stride(0), row_stride=row_stride,
+                      head_stride=head_stride, n_slots=n_slots, slot=S,
+                      slots=None if slots is None else slots[b0].data_ptr(), slots_stride=S + 1,
+                      key_mask=None if key_mask is None else key_mask[b0].data_ptr(),
+                      key_mask_stride=0 if key_mask is None else key_mask.stride(0))
+
+    return rows
+
+
+def step(net: nn.Module, plan: _Plan, tokens: torch.Tensor, positions, cache, key_mask) -> torch.Tensor | None:
+    """The last layer's output (B, 1, dim) in the embedding's dtype for one token per row, the cache written (a
+    simple `KVCache` advanced); None when the embedding is not float32 or bf16 (the caller then takes the
+    reference path, the cache untouched). More than MAX_ROWS rows go through step.c MAX_ROWS at a time."""
     B = tokens.shape[0]
     c = net.config
     e = net.tok_embeddings(tokens)
@@ -375,16 +420,17 @@ def step(net: nn.Module, plan: _Plan, tokens: torch.Tensor, positions, cache: KV
         pos = torch.full((B,), start, dtype=torch.long)
     else:
         pos = positions.reshape(B).to(torch.long).contiguous()
-    mask = None if key_mask is None else key_mask.contiguous()
-    rc = _fn("lh_step_decode")(plan.ref, h.data_ptr(), B, pos.data_ptr(), cache.k.data_ptr(), cache.v.data_ptr(),
-                               int(cache.k.dtype == torch.bfloat16), cache.k.stride(0), cache.max_len, start,
-                               None if mask is None else mask.data_ptr(), 0 if mask is None else mask.stride(0),
-                               torch.get_num_threads())
-    if rc == -2:
-        raise MemoryError("the native decode step could not allocate its scratch")
-    if rc != 0:
-        raise ValueError(f"lh_step_decode refused its arguments (rc {rc})")
-    cache.length = start + 1
+    rows = _cache_rows(cache, None if key_mask is None else key_mask.contiguous())
+    for b0 in range(0, B, MAX_ROWS):
+        n = min(MAX_ROWS, B - b0)
+        rc = _fn("lh_step_decode")(plan.ref, h[b0].data_ptr(), n, pos[b0].data_ptr(), ctypes.byref(rows(b0)),
+                                   torch.get_num_threads())
+        if rc == -2:
+            raise MemoryError("the native decode step could not allocate its scratch")
+        if rc != 0:
+            raise ValueError(f"lh_step_decode refused its arguments (rc {rc})")
+    if type(cache) is KVCache:
+        cache.length = start + 1
     return h.view(B, 1, c.dim).to(e.dtype)
 
 
