@@ -76,7 +76,7 @@ typedef struct {
     int64_t act;       /* LH_STEP_SILU or LH_STEP_GELU_TANH */
     int64_t window;    /* local layers' sliding window (0: none) */
     int64_t int8;      /* 1: int8 activations (ggml_q8.c), 0: float activations (ggml.c) */
-    int64_t act16;     /* weight-only int8 / int4: 1: int16 activation codes (weight_only.c), 0: float32 */
+    int64_t act16;     /* weight-only: the activation kind asked (weight_only.h LH_WO_ACT_*: 0 f32, 1 int16, 2 int8) */
     float eps, scale;  /* every norm's eps; attention score scale */
     const float *inv_freq, *inv_freq_local; /* head_dim / 2 each (local: for local layers) */
     const lh_step_layer *layers;

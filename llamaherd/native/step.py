@@ -20,7 +20,8 @@ switches are on (`ENABLED` / `disabled()`, the fused glue `native.ops.ENABLED`, 
     rows rounded to bf16, float32 sums, as `DenseLinear` multiplies;
   - weight-only int8 / int4 / grouped 8-bit codes (quant/weight_only.py, quant/hf_quantized.py without
     act-order or bias): weight_only.c's kernels with the activation preparation of the per-module call
-    (`native.weight_only.INT16_ACTIVATIONS`), off when those kernels are (`native.weight_only.ENABLED`).
+    (`native.weight_only.activation_mode()`: its INT16_ACTIVATIONS / INT8_ACTIVATIONS switches), off when those
+    kernels are (`native.weight_only.ENABLED`).
 
 A model mixing kinds (a projection left in bf16 beside int4 ones, GGUF beside weight-only), float32 matrices,
 LoRA wrappers and patched `forward`s take the per-module path, as do a speculative step's several tokens per
@@ -254,7 +255,7 @@ def _norm_weight(plan: _Plan, norm: nn.Module, n: int) -> torch.Tensor | None:
     return w
 
 
-def _make_plan(net: nn.Module, int8: bool, act16: bool) -> _Plan:
+def _make_plan(net: nn.Module, int8: bool, act16: int) -> _Plan:
     """The plan of `net` (a llama or gemma3 Transformer); `refused` when some part is not what step.c computes."""
     plan = _Plan()
 
@@ -327,7 +328,7 @@ def _hidden(net: nn.Module) -> int:
     return int(getattr(w1, "out_features", 0) or 0)
 
 
-# model -> {(int8 activations, int16 activations, weight-only kernels on): plan}; outside the model's own attributes so that copy.deepcopy and
+# model -> {(int8 activations, weight-only activation kind, weight-only kernels on): plan}; outside the model's own attributes so that copy.deepcopy and
 # pickle of a model never meet the ctypes structures (a copy makes its own plan).
 _PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -335,7 +336,7 @@ _PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 def _plan(net: nn.Module) -> _Plan | None:
     """The model's plan for the current activation kind, made on first use and remade when a module or weight
     it was made from has changed; None when the step does not apply to the model as it is now."""
-    switches = (bool(ggml_kernels.INT8_ACTIVATIONS), bool(native_wo.INT16_ACTIVATIONS), native_wo.ENABLED)
+    switches = (bool(ggml_kernels.INT8_ACTIVATIONS), native_wo.activation_mode(), native_wo.ENABLED)
     plans = _PLANS.setdefault(net, {})
     plan = plans.get(switches)
     if plan is None or (plan.model is not None and not plan.intact()) \
