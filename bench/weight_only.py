@@ -8,7 +8,9 @@ step through the KV cache after a short prompt; the best of `rounds` medians, th
 round so that load on the machine hits them alike), the bytes of weights one token reads, and the decode rate
 that the measured memory bandwidth allows for those bytes (the ceiling: decode reads every weight once per
 token). A scheme written `int8/f32` runs with float32 activations (`native.weight_only.INT16_ACTIVATIONS`
-off: the exact products of the dequantised weights) instead of the default int16 activations; one written
+off: the exact products of the dequantised weights) instead of the default integer activations; `int4/a8` with
+int8 activations per 32 elements (`native.weight_only.INT8_ACTIVATIONS` on), `int4/a16` with int16 ones per row
+(off), whatever the module's default; one written
 `int8/module` (and `bf16/module`) runs the per-module native path (`native.step.disabled()`) instead of the
 one-call decode step; `--ab` adds the `/module` twin of every scheme, bf16 included, so the step's gain and
 the ratios before and after it come from one run. Each scheme's speedup is over bf16 on the same path. KLD: mean over positions of KL(bf16 || scheme) on the full-vocabulary float32 logits of one random
@@ -111,10 +113,15 @@ def main() -> int:
         print(f"# loaded {spec} in {time.perf_counter() - t:.1f} s", flush=True)
 
     def activations(spec):
-        """The INT16_ACTIVATIONS setting and the decode path a scheme runs under."""
+        """The INT16_ACTIVATIONS / INT8_ACTIVATIONS settings and the decode path a scheme runs under."""
         stack = contextlib.ExitStack()
         if "/f32" in spec:
             stack.enter_context(native.switched_off(native_wo, "INT16_ACTIVATIONS"))
+        for tag, on in (("/a8", True), ("/a16", False)):
+            if tag in spec:
+                before = native_wo.INT8_ACTIVATIONS
+                native_wo.INT8_ACTIVATIONS = on
+                stack.callback(setattr, native_wo, "INT8_ACTIVATIONS", before)
         if "/module" in spec:
             stack.enter_context(step.disabled())
         return stack

@@ -8,16 +8,29 @@ summation, bounded by K * 2^-24 * sum_k |x_k w_k| (Higham, Accuracy and Stabilit
 eq. 3.5, first order). A wrong nibble, group or scale is off by O(1) of that sum, far above the bound.
 With int16 activations (the default, `INT16_ACTIVATIONS`) each activation moves by at most half its row's
 step amax / 32767, which adds at most amax / 65534 * sum_k |w_k| per output.
+
+int4 weights on int8 activations (`INT8_ACTIVATIONS`, weight_only_a8.c) are checked against float64 products of
+the Q8_0 blocks gguf-py's reference quantizer makes of the same rows (llama.cpp's rounding, independent of
+llamaherd) and the same codes: exact up to float32 summation; then against the dequantised float product and the
+int16 path (the activation rounding's error only), through the per-module calls and the one-call decode step.
 """
 
 from __future__ import annotations
 
+import gguf
+import gguf.quants
+import numpy as np
 import pytest
 import torch
 
+import llamaherd
 from llamaherd import native
+from llamaherd.native import step
 from llamaherd.native import weight_only as nw
 from llamaherd.quant import weight_only as wo
+from tests.checkpoint_fixtures import hf_reference
+from tests.test_native_step import STEPS, Spy
+from tests.test_native_step_dense import LLAMA, decode_logits
 
 pytestmark = pytest.mark.skipif(not nw.available(), reason="needs the native library (a C compiler)")
 
@@ -179,3 +192,121 @@ def test_a_nan_activation_row_gives_nan_outputs():
     x[1, 3] = float("nan")
     (y,) = nw.int8(x, [(q, s)])
     assert torch.isfinite(y[0]).all() and torch.isnan(y[1]).all()
+
+
+# ---- int4 weights on int8 activations (weight_only_a8.c) -------------------------------------------------------
+
+@pytest.fixture
+def int8_activations(monkeypatch):
+    monkeypatch.setattr(nw, "INT16_ACTIVATIONS", True)
+    monkeypatch.setattr(nw, "INT8_ACTIVATIONS", True)
+
+
+def _q8_0(x: torch.Tensor) -> torch.Tensor:
+    """x (M, K) as gguf-py's Q8_0 blocks (block_q8_0: float16 d, 32 int8 codes) dequantised in float64."""
+    blocks = gguf.quants.quantize(x.float().numpy(), gguf.GGMLQuantizationType.Q8_0).reshape(x.shape[0], -1, 34)
+    d = blocks[..., :2].copy().view(np.float16).astype(np.float64)
+    q = blocks[..., 2:].copy().view(np.int8).astype(np.float64)
+    return torch.from_numpy((d * q).reshape(x.shape))
+
+
+def _a8_terms(packed, s, z, group):
+    """|q s| + |z - 8 s|, bounded by q |s| + |z| + 8 |s|: the magnitudes of the terms the int8 path sums."""
+    p = packed.to(torch.int64)
+    q = torch.stack([p // 16, p % 16], dim=2).reshape(p.shape[0], -1).double()
+    g = torch.arange(q.shape[1]) // group
+    s, z = s.double().abs()[g].t(), z.double().abs()[g].t()
+    return q * s + z + 8 * s
+
+
+@pytest.mark.parametrize("N,K,group", [(5, 128, 32), (37, 256, 64), (131, 1024, 128), (9, 384, 96), (3, 512, 256)])
+@pytest.mark.parametrize("M", [1, 2, 4, 5, 16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int4_on_int8_activations_equals_float64_of_the_q8_0_blocks(N, K, group, M, dtype, int8_activations):
+    q, s, z = _int4_codes(N, K, group)
+    x = torch.randn(M, K, generator=torch.Generator().manual_seed(4)).to(dtype)
+    x[0, 5] = 9.0  # an outlier in one block only
+    (y,) = nw.int4(x, [(q, s, z)], group, torch.float32)
+    _assert_within_bound(y, _q8_0(x), _int4_f64(q, s, z, group), _a8_terms(q, s, z, group))
+
+
+def test_int4_on_int8_activations_with_float32_scales(int8_activations):
+    """GPTQ / AWQ's float32 scales and zeros (quant/hf_quantized.py's PackedLinear) through the same path."""
+    q, s, z = _int4_codes(40, 256, 128)
+    s, z = s.float() * 1.001, z.float() * 0.999  # not bf16 values
+    x = torch.randn(3, 256)
+    (y,) = nw.int4(x, [(q, s, z)], 128, torch.float32)
+    _assert_within_bound(y, _q8_0(x), _int4_f64(q, s, z, 128), _a8_terms(q, s, z, 128))
+
+
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_int8_activations_stay_near_the_float_product_and_the_int16_path(group, int8_activations):
+    """The activation rounding alone: per 32 elements half a step of amax / 127 (Q8_0), a relative error of the
+    outputs of about 1e-3 on Gaussian rows; 1e-2 fails a wrong scale, block or sum, which are O(1)."""
+    q, s, z = _int4_codes(96, 2048, group)
+    x = torch.randn(7, 2048, generator=torch.Generator().manual_seed(5)).bfloat16()
+    (y8,) = nw.int4(x, [(q, s, z)], group, torch.float32)
+    want = x.double() @ _int4_f64(q, s, z, group).t()
+    with native.switched_off(nw, "INT8_ACTIVATIONS"):
+        (y16,) = nw.int4(x, [(q, s, z)], group, torch.float32)
+    for other in (want, y16.double()):
+        rel = float((y8.double() - other).norm() / other.norm())
+        assert 1e-5 < rel < 1e-2, rel  # near, and not the same numbers: the int8 path ran
+    assert float((y16.double() - want).norm() / want.norm()) < 1e-4  # the int16 path is much closer
+
+
+@pytest.mark.parametrize("K,group,path", [(192, 64, "int16"), (96, 32, "float")])
+def test_int8_activations_need_k_a_multiple_of_128(K, group, path, int8_activations):
+    """Other widths take the next path down, as their own switch setting gives it."""
+    q, s, z = _int4_codes(11, K, group)
+    x = torch.randn(2, K)
+    (got,) = nw.int4(x, [(q, s, z)], group, torch.float32)
+    with native.switched_off(nw, "INT8_ACTIVATIONS"):
+        (want,) = nw.int4(x, [(q, s, z)], group, torch.float32)
+    assert torch.equal(got, want)
+
+
+def test_switch_off_gives_the_int16_path_and_int8_weights_ignore_it(monkeypatch):
+    """INT8_ACTIVATIONS off is the int16 path (its bound: test_int16_activations_within_their_rounding); int8
+    weights take int16 activations either way; INT16_ACTIVATIONS off is the float32 path whatever INT8 says."""
+    q4, s4, z4 = _int4_codes(33, 256, 128)
+    q8, s8 = _int8_codes(33, 256)
+    x = torch.randn(2, 256)
+    runs = {}
+    for a16 in (True, False):
+        for a8 in (True, False):
+            monkeypatch.setattr(nw, "INT16_ACTIVATIONS", a16)
+            monkeypatch.setattr(nw, "INT8_ACTIVATIONS", a8)
+            runs[a16, a8] = nw.int4(x, [(q4, s4, z4)], 128, torch.float32)[0], nw.int8(x, [(q8, s8)], torch.float32)[0]
+    assert torch.equal(runs[False, True][0], runs[False, False][0])  # float32 path
+    assert not torch.equal(runs[True, True][0], runs[True, False][0])
+    assert not torch.equal(runs[True, False][0], runs[False, False][0])
+    assert torch.equal(runs[True, True][1], runs[True, False][1])
+    assert torch.equal(runs[False, True][1], runs[False, False][1])
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_int8_activations_carry_nan_and_inf_rows_to_nan_outputs(bad, int8_activations):
+    q, s, z = _int4_codes(8, 128, 32)
+    x = torch.randn(3, 128)
+    x[1, 70] = bad
+    (y,) = nw.int4(x, [(q, s, z)], 32)
+    assert torch.isfinite(y[0]).all() and torch.isfinite(y[2]).all() and torch.isnan(y[1]).all()
+
+
+def test_the_step_multiplies_the_same_int8_activations(tmp_path, int8_activations, monkeypatch):
+    """The one-call decode step (step.c's project()) on int4 codes with the switch on: the per-module path's
+    logits up to float32 summation order (a float32 model: float32 cache and residual stream in both), and not
+    the int16 path's."""
+    path = tmp_path / "hf"
+    hf_reference(LLAMA, std=0.08).save_pretrained(path)
+    model = llamaherd.load(path, dtype=torch.float32, quantize="int4")  # group 128: dim, heads and hidden take it
+    spy = Spy(monkeypatch)
+    got = decode_logits(model.net)
+    assert spy.calls == STEPS
+    with step.disabled():
+        want = decode_logits(model.net)
+    assert (got - want).abs().max() <= 1e-4 * want.abs().max(), float((got - want).abs().max() / want.abs().max())
+    monkeypatch.setattr(nw, "INT8_ACTIVATIONS", False)
+    int16 = decode_logits(model.net)
+    assert (int16 - got).abs().max() > 1e-4 * want.abs().max()

@@ -1,4 +1,4 @@
-"""Weight-only int8 / int4 products on CPU through the native library (llamaherd/native/weight_only.c).
+"""Weight-only int8 / int4 products on CPU through the native library (native/weight_only.c, weight_only_a8.c).
 
 Why: a decode step reads every weight once, so int8 and int4 codes should make it 2x and ~3.5x faster than
 bf16; torch's one-row kernels (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`) are compute-bound and
@@ -8,6 +8,10 @@ and multiplied with AVX-512 VNNI integer dot products (exact integer sums; each 
 amax / 65534 of its row, below its own bf16 rounding unless it is under amax / 128): on this loaded 2-core
 machine the float path is bound by instructions, not bytes. With it off, the activations stay float32 and the
 products are those of the dequantised weights, only the float32 summation order differing from the reference.
+With `INT8_ACTIVATIONS` (int4 weights, K a multiple of 128) the rows are instead quantized to llama.cpp's Q8_0
+blocks (int8 codes, one float16 scale per 32 elements) and the nibbles multiplied as they are stored
+(weight_only_a8.c): half the integer instructions of the int16 path, at the activation error of llama.cpp's
+own Q4_0 products. `activation_mode()` is what both callers pass: this file's `Codes` and the one-call step.
 
 The codes are read in place, in the portable layout of `quant/weight_only.py` (`qweight`, `scales`,
 `zeros`): no kernel copy of the weights is made. `applies(x)` is the condition for the native path: a CPU
