@@ -21,6 +21,9 @@
  *   grouped 8-bit (GPTQ 8-bit, repacked at load by quant/hf_quantized.py): codes uint8 (N, K), float32 scales
  *         and zeros (K/G, N): w = q * s + z (exact in float32 for the formats' float16 scales).
  *
+ *   int4 on int8 activations (llama.cpp's Q8_0 blocks, `vpdpbusd` on the nibbles as stored) is weight_only_a8.c's;
+ *   lh_wo_act_init picks it when asked (LH_WO_ACT_I8) and K is a multiple of 128.
+ *
  * `lh_wo_int8` / `lh_wo_int4` / `lh_wo_grouped8` apply nw weights to one X in a single OpenMP region (one fork/join for
  * wq/wk/wv or w1/w3). Without AVX-512F the `#else` path does the same arithmetic in plain C. Built by
  * llamaherd/native/__init__.py, called through ctypes by llamaherd/native/weight_only.py. The pieces those calls
