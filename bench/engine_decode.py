@@ -11,7 +11,8 @@ For each batch size B, alternating in one run (so background load hits all three
   - llama.cpp: one context holding B sequences (llama-cpp-python's low-level API, as llama-batched-bench):
     the B prompts prefilled, then `-n` `llama_decode` calls of B tokens, one per sequence, logits of each.
 Prints ms per decode step and generated tokens/s (B / step time) for each, the medians of `--repeat` runs,
-and the ratios; the load average at the start and end.
+and the ratios; then where a step of the one-call path goes (layers, vocabulary projection, the rest); the
+load average at the start and end.
 """
 
 from __future__ import annotations
@@ -39,8 +40,36 @@ def prompts(B: int, n: int) -> list[list[int]]:
     return [[int(100 + (7919 * (i + 1) * (j + 3)) % 20000) for j in range(n)] for i in range(B)]
 
 
-def herd_step_ms(model, B: int, prompt: int, n: int) -> float:
-    """Median ms of the engine's decode steps of B rows (each step: the batch forward and B samplings)."""
+class Split:
+    """Time spent in the one-call step (every layer) and in the vocabulary projection during engine steps, by
+    wrapping the two (`native.step.step`, the forward of the model's `project` module); the rest of a step is the final norm,
+    sampling and the engine's own Python."""
+
+    def __init__(self, net) -> None:
+        self.layers = self.vocab = 0.0
+        self.net, self._step = net, native_step.step
+
+        def timed(fn, field):
+            def run(*args, **kwargs):
+                t = time.perf_counter()
+                try:
+                    return fn(*args, **kwargs)
+                finally:
+                    setattr(self, field, getattr(self, field) + time.perf_counter() - t)
+            return run
+
+        native_step.step = timed(self._step, "layers")
+        self._project = net.project.forward  # a module: its instance's forward wrapped
+        net.project.forward = timed(self._project, "vocab")
+
+    def close(self) -> None:
+        native_step.step = self._step
+        del self.net.project.forward
+
+
+def herd_step_ms(model, B: int, prompt: int, n: int, split: bool = False) -> float | tuple[float, float, float]:
+    """Median ms of the engine's decode steps of B rows (each step: the batch forward and B samplings); with
+    `split`, the mean ms of a step, of its layers and of its vocabulary projection instead."""
     engine = Engine(model.net, model.config, num_blocks=B * ((prompt + n + 2) // 16 + 2), block_size=16,
                     max_batch=B, prefill_chunk=prompt)
     params = SamplingParams(temperature=0.0, max_tokens=n + 2)
@@ -48,11 +77,18 @@ def herd_step_ms(model, B: int, prompt: int, n: int) -> float:
         engine.submit(p, params, frozenset(), lambda _t: None)
     while engine.stats["peak_decode_batch"] < B:  # prompts in, every row decoding
         engine.step()
+    parts = Split(model.net) if split else None
     times = []
-    for _ in range(n):
-        t = time.perf_counter()
-        engine.step()
-        times.append(time.perf_counter() - t)
+    try:
+        for _ in range(n):
+            t = time.perf_counter()
+            engine.step()
+            times.append(time.perf_counter() - t)
+    finally:
+        if parts is not None:
+            parts.close()
+    if parts is not None:
+        return sum(times) / n * 1e3, parts.layers / n * 1e3, parts.vocab / n * 1e3
     return statistics.median(times) * 1e3
 
 
@@ -129,6 +165,12 @@ def main() -> None:
     for B, s, m, c in rows:
         print(f"| {B} | {s:.2f} | {B / s * 1e3:.1f} | {m:.2f} | {B / m * 1e3:.1f} | {c:.2f} | {B / c * 1e3:.1f} | "
               f"{m / s:.2f}x | {c / s:.2f}x |")
+    print("\nWhere a step of the one-call path goes (mean of one more run of each B):")
+    print("| B | step ms | layers (lh_step_decode) | vocabulary projection | norm, sampling, engine |")
+    print("|---:|---:|---:|---:|---:|")
+    for B in batches:
+        total, layers, vocab = herd_step_ms(model, B, args.prompt, args.n, split=True)
+        print(f"| {B} | {total:.2f} | {layers:.2f} | {vocab:.2f} | {total - layers - vocab:.2f} |")
     print(f"# load average at the end {os.getloadavg()}")
 
 
