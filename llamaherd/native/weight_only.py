@@ -39,8 +39,8 @@ ENABLED = True  # this file's kernels alone; `native.switched_off(weight_only)` 
 INT16_ACTIVATIONS = True
 # int4 weights, integer activations on: int8 codes per 32 elements (llama.cpp's Q8_0 blocks, weight_only_a8.c)
 # instead of int16 codes per row: half the VNNI instructions. False: the int16 path. int8 weights keep int16.
-# Measured on the 1B shape (BENCHMARKS.md, issue 18): 3.08x / 2.70x our bf16 decode at 1 / 2 threads against
-# int16's 1.94x / 1.64x, KLD to bf16 0.1642 against 0.1647. Off by default until the tests that hold the default
+# Measured on the 1B shape (BENCHMARKS.md, issue 18): 2.7-3.1x / 2.7-2.9x our bf16 decode at 1 / 2 threads
+# against int16's 1.8-1.9x / 1.6-1.9x in the same runs, KLD to bf16 0.1642 against 0.1647. Off by default until the tests that hold the default
 # to int16's error (BENCHMARKS.md names them) pin it or take Q8_0's.
 INT8_ACTIVATIONS = False
 
