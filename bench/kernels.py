@@ -92,6 +92,10 @@ AB_SHAPES = [
     ("ffn_down (the other 8)", "Q6_K", 2048, 8192, 8),
     ("token_embd / output (tied)", "Q6_K", 128256, 2048, 1),
 ]
+# With --rows > 1 (batched decode) also the block-of-32 types: the 1B's Q4_0 / Q8_0 feed-forward and Gemma 3
+# 270M's tied Q8_0 vocabulary projection (not counted in the token's K-quant sum).
+AB_SHAPES_32 = [("ffn_gate, ffn_up (1B)", "Q4_0", 8192, 2048, 0), ("ffn_gate, ffn_up (1B)", "Q8_0", 8192, 2048, 0),
+                ("output (Gemma 3 270M, tied)", "Q8_0", 262144, 640, 0)]
 _Q8_FILES = ("ggml_q8.c", "ggml_q8.h", "common.h")
 
 
@@ -105,8 +109,8 @@ def build_q8(src_dir: Path, out: Path, extra: list[str]) -> ctypes.CDLL:
     return lib
 
 
-def kernel_ab(rev: str, threads: int, rounds: int, mib: int, cflags: tuple[str, str]) -> None:
-    """GB/s of the one-row products, ggml_q8.c at git `rev` (old) against the working tree's (new); `rev` "." is
+def kernel_ab(rev: str, threads: int, rounds: int, mib: int, cflags: tuple[str, str], M: int = 1) -> None:
+    """GB/s of the M-row products (one row: decode), ggml_q8.c at git `rev` (old) against the working tree's (new); `rev` "." is
     the working tree too (to compare two sets of compiler flags, `cflags` = (old's, new's))."""
     here = Path(native.__file__).parent
     repo = Path(subprocess.run(["git", "-C", str(here), "rev-parse", "--show-toplevel"], check=True,
@@ -121,31 +125,31 @@ def kernel_ab(rev: str, threads: int, rounds: int, mib: int, cflags: tuple[str, 
                                                          check=True, capture_output=True).stdout)
         libs = {"old": build_q8(old_dir, Path(tmp) / "old.so", cflags[0].split()),
                 "new": build_q8(here, Path(tmp) / "new.so", cflags[1].split())}
-        print(f"ggml_q8.c at {rev} {cflags[0]} (old) vs working tree {cflags[1]} (new); {threads} thread(s); M = 1; "
+        print(f"ggml_q8.c at {rev} {cflags[0]} (old) vs working tree {cflags[1]} (new); {threads} thread(s); M = {M}; "
               "GB/s of packed bytes, "
               f"fastest call of {rounds} rounds over >= {mib} MiB of weight copies; load average {os.getloadavg()[0]:.2f}")
         print("| product | type | N x K | MB | per token | old GB/s | new GB/s | new/old | y equal |")
         print("|---|---|---|---:|---:|---:|---:|---:|---|")
         token = {k: 0.0 for k in libs}
-        for role, name, N, K, count in AB_SHAPES:
+        for role, name, N, K, count in AB_SHAPES + (AB_SHAPES_32 if M > 1 else []):
             one = random_packed(name, N, K)
             copies = [one] + [one.clone() for _ in range(max(1, -(-mib * 2**20 // one.numel())) - 1)]
-            x = torch.randn(1, K)
-            ys = {k: torch.empty(1, N) for k in libs}
-            y_block = torch.empty(1, N)
+            x = torch.randn(M, K)
+            ys = {k: torch.empty(M, N) for k in libs}
             tid = ggml_type(name).id
             best = {k: float("inf") for k in libs}
             # the vocabulary matrix (a call of ~50 ms is rarely left alone on a loaded machine) is timed in
             # blocks of 8192 rows, each a call of its own on the next rows: the same stream through memory
             rows = N if N <= 16384 else 8192
+            y_block = torch.empty(M, rows)
             for k, lib in libs.items():  # whole products once, for the equality column
-                lib.lh_q8_gemv(tid, one.data_ptr(), N, one.stride(0), K, x.data_ptr(), 1, ys[k].data_ptr(), threads)
+                lib.lh_q8_gemv(tid, one.data_ptr(), N, one.stride(0), K, x.data_ptr(), M, ys[k].data_ptr(), threads)
             for _ in range(rounds):
                 for k, lib in libs.items():
                     for w in copies:  # each call timed alone: the fastest is the one nothing else interrupted
                         for r0 in range(0, N - rows + 1, rows):
                             start = time.perf_counter()
-                            lib.lh_q8_gemv(tid, w[r0].data_ptr(), rows, w.stride(0), K, x.data_ptr(), 1,
+                            lib.lh_q8_gemv(tid, w[r0].data_ptr(), rows, w.stride(0), K, x.data_ptr(), M,
                                            y_block.data_ptr(), threads)
                             best[k] = min(best[k], (time.perf_counter() - start) * N / rows)
             gb = one.numel() / 1e9
@@ -196,13 +200,13 @@ def main() -> None:
     ap.add_argument("--only", choices=["gemma", "llama1b"])
     ap.add_argument("--decode", metavar="MODEL", help="time decode steps of MODEL instead (int8 vs float)")
     ap.add_argument("-n", type=int, default=32, help="decode steps per round (--decode)")
-    ap.add_argument("--ab", metavar="REV", help="old ggml_q8.c (git REV) vs the working tree's, one-row K-quants")
+    ap.add_argument("--ab", metavar="REV", help="old ggml_q8.c (git REV) vs the working tree's (K-quants; --rows)")
     ap.add_argument("--ab-mib", type=int, default=512, help="MiB of weight copies per product (--ab)")
     ap.add_argument("--old-cflags", default="", help="extra compiler flags of the old build (--ab)")
     ap.add_argument("--new-cflags", default="", help="... of the new one, e.g. --new-cflags=-DPREFETCH_BYTES=0")
     a = ap.parse_args()
     if a.ab:
-        kernel_ab(a.ab, a.threads[0], a.rounds, a.ab_mib, (a.old_cflags, a.new_cflags))
+        kernel_ab(a.ab, a.threads[0], a.rounds, a.ab_mib, (a.old_cflags, a.new_cflags), a.rows)
         return
     if ggml_kernels.library() is None:
         raise SystemExit("native library unavailable (no C compiler?)")
