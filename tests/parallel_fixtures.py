@@ -224,11 +224,14 @@ def quantized_worker(folder: str, specs: list[str], out_dir: str) -> None:
 
 @contextlib.contextmanager
 def int16_activations(on: bool):
-    """`native.weight_only.INT16_ACTIVATIONS` set for the block, then restored."""
+    """The weight-only kernels on int16 activation codes (on) or float32 activations (off) for the block, then
+    the switches restored. int4's int8 codes (`INT8_ACTIVATIONS`, the default) are off here: a row-parallel
+    rank's K may not be the multiple of 128 they take, and the rank would fall back to int16."""
     from llamaherd.native import weight_only
 
-    old, weight_only.INT16_ACTIVATIONS = weight_only.INT16_ACTIVATIONS, on
+    old = weight_only.INT16_ACTIVATIONS, weight_only.INT8_ACTIVATIONS
+    weight_only.INT16_ACTIVATIONS, weight_only.INT8_ACTIVATIONS = on, False
     try:
         yield
     finally:
-        weight_only.INT16_ACTIVATIONS = old
+        weight_only.INT16_ACTIVATIONS, weight_only.INT8_ACTIVATIONS = old
