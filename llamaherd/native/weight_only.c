@@ -36,6 +36,7 @@
 
 #include "common.h"
 #include "weight_only.h"
+#include "weight_only_a8.h"
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #define LH_WO_AVX512 1

@@ -23,7 +23,7 @@
 #include <stdint.h>
 #include <string.h>
 
-#include "weight_only.h"
+#include "weight_only_a8.h"
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
 #include <immintrin.h>
 #define LH_WO_A8 1
