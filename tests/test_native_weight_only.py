@@ -6,13 +6,14 @@ Tolerance: the kernels multiply the exact dequantised weights (int8: the row's f
 scale; int4: (q - 8) * s + z, exact in float32) by exact float32 activations, so the only error is float32
 summation, bounded by K * 2^-24 * sum_k |x_k w_k| (Higham, Accuracy and Stability of Numerical Algorithms,
 eq. 3.5, first order). A wrong nibble, group or scale is off by O(1) of that sum, far above the bound.
-With int16 activations (the default, `INT16_ACTIVATIONS`) each activation moves by at most half its row's
+With int16 activations (`INT16_ACTIVATIONS`; int8 weights' default) each activation moves by at most half its row's
 step amax / 32767, which adds at most amax / 65534 * sum_k |w_k| per output.
 
-int4 weights on int8 activations (`INT8_ACTIVATIONS`, weight_only_a8.c) are checked against float64 products of
+int4 weights on int8 activations (`INT8_ACTIVATIONS`, the default, weight_only_a8.c) are checked against float64 products of
 the Q8_0 blocks gguf-py's reference quantizer makes of the same rows (llama.cpp's rounding, independent of
 llamaherd) and the same codes: exact up to float32 summation; then against the dequantised float product and the
-int16 path (the activation rounding's error only), through the per-module calls and the one-call decode step.
+int16 path (the activation rounding's error only), through the per-module calls (the one-call decode step on the
+same kinds: tests/test_native_step_dense.py).
 """
 
 from __future__ import annotations
@@ -23,14 +24,9 @@ import numpy as np
 import pytest
 import torch
 
-import llamaherd
 from llamaherd import native
-from llamaherd.native import step
 from llamaherd.native import weight_only as nw
 from llamaherd.quant import weight_only as wo
-from tests.checkpoint_fixtures import hf_reference
-from tests.test_native_step import STEPS, Spy
-from tests.test_native_step_dense import LLAMA, decode_logits
 
 pytestmark = pytest.mark.skipif(not nw.available(), reason="needs the native library (a C compiler)")
 
@@ -293,21 +289,3 @@ def test_int8_activations_carry_nan_and_inf_rows_to_nan_outputs(bad, int8_activa
     x[1, 70] = bad
     (y,) = nw.int4(x, [(q, s, z)], 32)
     assert torch.isfinite(y[0]).all() and torch.isfinite(y[2]).all() and torch.isnan(y[1]).all()
-
-
-def test_the_step_multiplies_the_same_int8_activations(tmp_path, int8_activations, monkeypatch):
-    """The one-call decode step (step.c's project()) on int4 codes with the switch on: the per-module path's
-    logits up to float32 summation order (a float32 model: float32 cache and residual stream in both), and not
-    the int16 path's."""
-    path = tmp_path / "hf"
-    hf_reference(LLAMA, std=0.08).save_pretrained(path)
-    model = llamaherd.load(path, dtype=torch.float32, quantize="int4")  # group 128: dim, heads and hidden take it
-    spy = Spy(monkeypatch)
-    got = decode_logits(model.net)
-    assert spy.calls == STEPS
-    with step.disabled():
-        want = decode_logits(model.net)
-    assert (got - want).abs().max() <= 1e-4 * want.abs().max(), float((got - want).abs().max() / want.abs().max())
-    monkeypatch.setattr(nw, "INT8_ACTIVATIONS", False)
-    int16 = decode_logits(model.net)
-    assert (int16 - got).abs().max() > 1e-4 * want.abs().max()
