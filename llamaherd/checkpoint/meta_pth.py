@@ -12,7 +12,7 @@ import torch
 from ..config import ConfigError, ModelConfig, RopeScaling, ffn_hidden_dim
 from ..errors import CheckpointError
 from ..model import build
-from ..quant import fp8
+from ..quant import fp8, meta_int4
 from . import llama4, mllama
 from .base import Checkpoint, attach_tokenizer
 from .pth import TOKENIZER_FILES, load_pth, shard_files
@@ -135,6 +135,8 @@ def read(path: str | Path) -> Checkpoint:
         return _read_llama4(path, params, files, shards)
     if "dim" not in params:
         raise CheckpointError(pfile, "params.json lacks 'dim'; a Meta params.json states dim, n_layers, n_heads")
+    if "quantization_args" in params or "lora_args" in params or any(k.endswith(".scales") for k in shards[0]):
+        return _read_int4(path, params, files, shards)
     sd = merge_shards(shards, int(params["dim"]), files)
     for name in META_IGNORED:
         sd.pop(name, None)
@@ -176,8 +178,8 @@ def read_rank(path: str | Path, rank: int, world: int) -> Checkpoint | None:
         params = json.loads(pfile.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(pfile, f"is not valid JSON ({exc}); restore the file from the release") from None
-    if not isinstance(params, dict) or params.get("vision_chunk_size", -1) > 0:
-        return None
+    if not isinstance(params, dict) or params.get("vision_chunk_size", -1) > 0 or "quantization_args" in params:
+        return None  # Llama 3.2's int4 releases are single files, read whole by `read`
     sd = load_pth(files[rank])
     for name in META_IGNORED:
         sd.pop(name, None)
@@ -185,6 +187,8 @@ def read_rank(path: str | Path, rank: int, world: int) -> Checkpoint | None:
     if "moe_args" in params:
         config = llama4.config_from_params(params, source=str(pfile))
         sd = llama4.normalize_meta(sd, config)
+        if (path / f"int4_scales_{rank}.pt").exists():  # this rank's own int4 experts, as `_read_llama4` reads them
+            sd = _dequantize_int4(path, rank, sd, config)
         axis = 0
     else:
         if emb is None:
@@ -212,7 +216,7 @@ def _read_llama4(path: Path, params: dict[str, Any], files: list[Path], shards: 
     # Old spellings and flattened (E*D, F/n) expert matrices are normalised per shard: the split axis of the
     # canonical (E, D, F) layout is only well defined once each piece has its 3-D shape.
     shards = [llama4.normalize_meta(s, config) for s in shards]
-    shards = [_dequantize_fp8(path, i, s) for i, s in enumerate(shards)]  # Meta's FP8 release: per rank
+    shards = [_dequantize_experts(path, i, s, config) for i, s in enumerate(shards)]  # FP8 / int4 releases: per rank
     sd = merge_shards(shards, config.dim, files, arch="llama4")
     _check_llama4_shapes(sd, config, files)
     out, emb = sd.get("output.weight"), sd.get("tok_embeddings.weight")
@@ -226,17 +230,83 @@ def _read_llama4(path: Path, params: dict[str, Any], files: list[Path], shards: 
     )
 
 
+def _dequantize_experts(path: Path, rank: int, shard: dict[str, torch.Tensor],
+                        config: ModelConfig) -> dict[str, torch.Tensor]:
+    """Rank `rank`'s experts dequantised with its int4_scales_{rank}.pt or fp8_scales_{rank}.pt, when present."""
+    if (path / f"int4_scales_{rank}.pt").exists():
+        return _dequantize_int4(path, rank, shard, config)
+    return _dequantize_fp8(path, rank, shard)
+
+
+def _dequantize_int4(path: Path, rank: int, shard: dict[str, torch.Tensor],
+                     config: ModelConfig) -> dict[str, torch.Tensor]:
+    """Meta's int4_mixed Llama 4 (llama-models llama4/scripts/quantize.py): dequantised to bf16 per shard at load,
+    as the FP8 experts are on CPU (quant/meta_int4.py); our MoE multiplies float expert banks."""
+    scales_file = path / f"int4_scales_{rank}.pt"
+    scales = load_pth(scales_file)
+    try:
+        return meta_int4.dequantize_llama4_shard(shard, scales, config.moe.num_experts)
+    except meta_int4.MetaInt4Error as exc:
+        raise CheckpointError(scales_file, f"Meta int4 experts: {exc}; the folder is incomplete or mixed: "
+                              "download it again") from None
+
+
 def _dequantize_fp8(path: Path, rank: int, shard: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Rank `rank`'s experts dequantised with fp8_scales_{rank}.pt when Meta's FP8 release puts one there."""
-    if (path / f"int4_scales_{rank}.pt").exists():
-        raise CheckpointError(path, "Meta's int4 Llama 4 files (int4_scales_*.pt) are not read by llamaherd; "
-                              "use the bf16 or FP8 release, or `llamaherd.load(..., quantize='int4')` on the bf16 one")
     scales_file = path / f"fp8_scales_{rank}.pt"
     try:
         return fp8.dequantize_meta_shard(shard, load_pth(scales_file) if scales_file.exists() else None)
     except fp8.FP8Error as exc:
         raise CheckpointError(scales_file, f"Meta FP8 experts: {exc}; the folder is incomplete: "
                               "download it again") from None
+
+
+def _read_int4(path: Path, params: dict[str, Any], files: list[Path], shards: list[dict]) -> Checkpoint:
+    """Llama 3.2 1B/3B int4 (QLoRA / SpinQuant) releases: torchao int4 projections built as our int4 modules when
+    the model is built, without a float copy; the int8 embedding and output dequantised (quant/meta_int4.py)."""
+    pfile = path / "params.json"
+    try:
+        args = meta_int4.parse_args(params)
+    except meta_int4.MetaInt4Error as exc:
+        raise CheckpointError(pfile, f"{exc}") from None
+    if args is None:
+        raise CheckpointError(pfile, "the weights hold int8 codes with .scales but params.json has no "
+                              "quantization_args (group_size); restore the release's params.json")
+    if len(files) != 1:
+        raise CheckpointError(path, f"{len(files)} int4 shards: Meta's int4 releases are one consolidated.00.pth; "
+                              "get the release's folder")
+    try:
+        sd, packed = meta_int4.split({k: v for k, v in shards[0].items() if k not in META_IGNORED}, args)
+    except meta_int4.MetaInt4Error as exc:
+        raise CheckpointError(files[0], str(exc)) from None
+    emb = sd.get("tok_embeddings.weight")
+    config = config_from_params(params, pfile, vocab_from_weights=None if emb is None else emb.shape[0])
+    out = sd.get("output.weight")
+    if emb is not None and out is not None and out.shape == emb.shape and torch.equal(out, emb):
+        del sd["output.weight"]  # Llama 3.2 1B/3B tie them; the int4 releases carry the same int8 rows twice
+        config = config.replace(tie_embeddings=True)
+
+    def prepare(net: torch.nn.Module) -> None:
+        for name, tensors in packed.items():
+            parent, _, leaf = name.rpartition(".")
+            try:
+                owner = net.get_submodule(parent)
+                new = meta_int4.linear(tensors, args, name, rotate=args.spinquant and name.endswith("feed_forward.w2"))
+            except AttributeError:
+                raise CheckpointError(files[0], f"holds int4 {name!r}, which the params.json model lacks") from None
+            except meta_int4.MetaInt4Error as exc:
+                raise CheckpointError(files[0], str(exc)) from None
+            old = getattr(owner, leaf, None)
+            if not isinstance(old, torch.nn.Linear) or (old.out_features, old.in_features) != (new.out_features,
+                                                                                             new.in_features):
+                raise CheckpointError(files[0], f"{name} is ({new.out_features}, {new.in_features}) int4, which the "
+                                      "params.json model does not have there; params.json does not belong to it")
+            setattr(owner, leaf, new)
+
+    return Checkpoint(
+        config=config, state_dict=sd, source=path, tokenizer=attach_tokenizer(path, TOKENIZER_FILES), prepare=prepare,
+        metadata={"format": "meta", "shards": 1, "params": params, "quantization": args.describe()},
+    )
 
 
 def _check_llama4_shapes(sd: dict[str, torch.Tensor], config: ModelConfig, files: list[Path]) -> None:
