@@ -13,6 +13,7 @@ from .checkpoint import Checkpoint, materialize, read
 from .config import GenerationDefaults, ModelConfig
 from .errors import ChatFormatError, ContextLengthError, ImageError, TokenizerError
 from .native import swaps as native_swaps
+from .quant.fp8_mm import cuda_fp8, quantize as fp8_quantize
 from .store import resolve_name
 
 
@@ -30,20 +31,32 @@ def load(source: str | Path, *, dtype: torch.dtype | None = None, device: str | 
     """Load a model from a Meta folder, a Hugging Face folder, a .gguf file, or a name in the local store.
 
     `quantize` ("int8", "int4", "int4-g32"/"-g64"/"-g128") makes the projections weight-only quantized
-    (quant/weight_only.py). `adapter` is a PEFT-format LoRA folder (adapter_config.json +
-    adapter_model.safetensors) applied on top. Before any weight is touched, the memory plan (memory.py) is
+    (quant/weight_only.py); "fp8" runs them as e4m3 codes through `torch._scaled_mm` (quant/fp8_mm.py): an FP8
+    checkpoint's own codes, or a float model's projections quantized per channel. On a CUDA device with FP8
+    tensor cores an FP8 checkpoint runs that way by default; elsewhere it is dequantised to its float dtype.
+    `adapter` is a PEFT-format LoRA folder (adapter_config.json + adapter_model.safetensors) applied on top. Before any weight is touched, the memory plan (memory.py) is
     checked: with `max_memory` (bytes, or "8G"), weights + KV cache for `num_ctx` tokens (default: the
     model's max_seq_len) + working buffers must fit it; without, the weights must fit the memory available.
     Either failure raises `MemoryPlanError` with the numbers.
     """
     ckpt = read(resolve(source))
+    kept_fp8 = "fp8_codes" in ckpt.metadata and (quantize == "fp8" or (quantize is None and cuda_fp8(device)))
+    if kept_fp8:
+        from .checkpoint.quantized import keep_fp8  # the file's own e4m3 codes, run by torch._scaled_mm
+
+        ckpt = keep_fp8(ckpt)
     memory_plan = None
     if device is None or torch.device(device).type == "cpu":  # the plan counts this process's memory
         from .memory import check_fits
 
         memory_plan = check_fits(ckpt, max_memory, num_ctx=num_ctx, dtype=dtype, quantize=quantize)
     net = materialize(ckpt, dtype=dtype, device=device)
-    if quantize is not None:
+    if kept_fp8 or quantize == "fp8":
+        if not kept_fp8:  # a float model (or block-scaled FP8 file): its projections quantized per channel
+            fp8_quantize(net)
+        if device is not None:
+            net.to(device)  # the FP8 modules' codes are buffers outside the state dict materialize moved
+    elif quantize is not None:
         from .quant.weight_only import quantize as quantize_weights  # a swap over the built model
 
         quantize_weights(net, quantize)

@@ -200,7 +200,7 @@ class MemoryPlan:
             ctx = self.fitting_context(max_memory)
             ways = ["a smaller KV cache pool (--kv-cache-memory)" if self.kv_pool else None,
                     f"a smaller context (num_ctx {ctx} fits)" if 0 < ctx < self.num_ctx and not self.kv_pool else None,
-                    "fewer bytes per weight (--quantize int8 or int4, or a Q4_K_M GGUF made by herd quantize)",
+                    "fewer bytes per weight (--quantize int8, int4 or fp8, or a Q4_K_M GGUF made by herd quantize)",
                     "a larger --max-memory"]
             raise MemoryPlanError(f"this model needs {human(self.total)} ({parts}) with a {self.num_ctx}-token "
                                   f"context, more than the memory budget (max_memory) of {human(max_memory)}; try "
@@ -211,11 +211,18 @@ class MemoryPlan:
             raise MemoryPlanError(f"loading this model needs {human(need)} ({self.weights_note} weights "
                                   f"{human(self.weights)}, conversion {human(self.conversion)}), more than the "
                                   f"{human(available)} this machine has available; try fewer bytes per weight "
-                                  "(--quantize int8 or int4, or a Q4_K_M GGUF made by herd quantize), or free "
+                                  "(--quantize int8, int4 or fp8, or a Q4_K_M GGUF made by herd quantize), or free "
                                   "memory", self)
 
 
 # ---- planning a checkpoint --------------------------------------------------------------------------------------
+
+
+def _fp8_bytes(net: torch.nn.Module) -> int:
+    """The bytes of the e4m3 codes and scales an FP8 checkpoint's `prepare` put into the meta-built model."""
+    from .quant.fp8_mm import Fp8Linear
+
+    return sum(b.numel() * b.element_size() for m in net.modules() if isinstance(m, Fp8Linear) for b in m.buffers())
 
 
 def _weight_sizes(ckpt: Checkpoint, target: torch.dtype, quantize: str | None) -> tuple[int, int, str]:
@@ -226,7 +233,17 @@ def _weight_sizes(ckpt: Checkpoint, target: torch.dtype, quantize: str | None) -
     if ckpt.prepare is not None:
         ckpt.prepare(net)
     quantized: dict[str, torch.Size] = {}
-    if quantize is not None:
+    kept = _fp8_bytes(net)  # an FP8 checkpoint's own codes, attached by `prepare` (checkpoint/quantized.keep_fp8)
+    if quantize == "fp8" and not kept:
+        from .quant import fp8_mm
+
+        floats = {k for k, t in ckpt.state_dict.items() if not isinstance(t, GGMLWeight) and t.is_floating_point()}
+        for name, module in net.named_modules():
+            if name + ".weight" in floats and fp8_mm.quantizable(name, module):
+                quantized[name + ".weight"] = fp8_mm.Fp8Linear(
+                    torch.empty(module.weight.shape, dtype=fp8_mm.E4M3, device="meta"),
+                    torch.empty(module.out_features, device="meta"))
+    elif quantize is not None and quantize != "fp8":
         from .quant.weight_only import empty_module, parse_scheme, quantizable
 
         scheme, group = parse_scheme(quantize)
@@ -239,7 +256,7 @@ def _weight_sizes(ckpt: Checkpoint, target: torch.dtype, quantize: str | None) -
         if out_name in floats and w.dim() == 2 and w.shape[1] % (group or 2) == 0:
             quantized["project"] = empty_module(scheme, group, w.shape[0], w.shape[1])
     size = torch.finfo(target).bits // 8
-    weights = conversion = 0
+    weights, conversion = kept, 0
     packed = set()
     for name, t in ckpt.state_dict.items():
         if isinstance(t, GGMLWeight):
@@ -254,7 +271,7 @@ def _weight_sizes(ckpt: Checkpoint, target: torch.dtype, quantize: str | None) -
         weights += t.numel() * size if t.is_floating_point() else stored
         conversion += stored if converted else 0
     for module in quantized.values():
-        weights += sum(p.numel() * p.element_size() for p in module.parameters())
+        weights += sum(p.numel() * p.element_size() for p in (*module.parameters(), *module.buffers()))
         if getattr(module, "group_size", None):  # int4: the kernel's own packed layout, built on first use
             weights += module.qweight.numel() * module.qweight.element_size()
     note = f"{'/'.join(sorted(packed))} packed" if packed else str(target).removeprefix("torch.")

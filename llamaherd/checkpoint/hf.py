@@ -155,7 +155,9 @@ def read(path: str | Path) -> Checkpoint:
     if qc is not None:  # refuse foreign formats before reading their packed tensors as float ones
         check_method(qc, cfile)
     raw = _load_weights(path)
+    fp8_codes = {}
     if qc is not None and fp8.reads(qc):
+        fp8_codes = fp8.kept_codes(raw, qc)  # memory-mapped: what `quantized.keep_fp8` runs as stored on request
         try:
             raw = fp8.dequantize(raw, qc)
         except fp8.FP8Error as exc:
@@ -168,7 +170,8 @@ def read(path: str | Path) -> Checkpoint:
     ckpt = Checkpoint(
         config=config, state_dict=sd, source=path, tokenizer=attach_tokenizer(path, ("tokenizer.json", "tokenizer.model")),
         generation=generation_from_hf(path, cfg), chat_template=chat_template_from_hf(path),
-        metadata={"format": "hf", "config": cfg, **({"packed": packed} if packed else {})},
+        metadata={"format": "hf", "config": cfg, **({"packed": packed} if packed else {}),
+                  **({"fp8_codes": fp8_codes} if fp8_codes else {})},
     )
     return ckpt  # a llamaherd-quantized folder's codes are attached by `quantized.read`, the reader of this format
 

@@ -27,7 +27,7 @@ from torch import nn
 
 from ..atomic import replacing_folder
 from ..errors import CheckpointError
-from ..quant import fp8, hf_quantized, weight_only as wo
+from ..quant import fp8, fp8_mm, hf_quantized, weight_only as wo
 from . import hf
 from .base import Checkpoint
 from .hf import QUANT_METHOD as METHOD, check_method, load_safetensors
@@ -124,6 +124,48 @@ def attach_packed(ckpt: Checkpoint, qc: dict, path: Path) -> Checkpoint:
     return dataclasses.replace(ckpt, prepare=prepare, metadata={**ckpt.metadata, "quantization": fmt.method})
 
 
+def keep_fp8(ckpt: Checkpoint) -> Checkpoint:
+    """An FP8 folder whose per-tensor / per-channel scaled projections run as `fp8_mm.Fp8Linear` on the file's own
+    e4m3 codes (the float copies `hf.read` dequantised for them are dropped); a checkpoint without such codes
+    (block-scaled FP8, any other format) is returned unchanged."""
+    codes = {m: t for m, t in ckpt.metadata.get("fp8_codes", {}).items() if fp8_mm.fits(*t["weight"].shape)}
+    if not codes:  # widths _scaled_mm does not take stay dequantised
+        return ckpt
+    family = hf.HF_MODEL_TYPES[ckpt.metadata["config"].get("model_type", "llama")]
+    qc = ckpt.metadata["config"]["quantization_config"]
+    # The family's own renaming (and Llama's wq/wk un-permutation) applied to the codes and to the per-row scales.
+    weights = family.hf_to_meta({f"{m}.weight": t["weight"] for m, t in codes.items()}, ckpt.config, ckpt.source)
+    rows = family.hf_to_meta({f"{m}.weight": t["weight_scale"].expand(t["weight"].shape[0], 1)
+                              for m, t in codes.items()}, ckpt.config, ckpt.source)
+    hf_names = dict(zip(weights, codes))
+    ub = qc.get("activation_scale_ub")
+
+    def prepare(net: nn.Module) -> None:
+        if ckpt.prepare is not None:
+            ckpt.prepare(net)
+        for name, q in weights.items():
+            tensors = codes[hf_names[name]]
+            bound = tensors.get("input_scale_ub")
+            module = name.removesuffix(".weight")
+            try:
+                new = fp8_mm.Fp8Linear(q, rows[name], input_scale=tensors.get("input_scale"),
+                                       scale_ub=float(bound.reshape(-1)[0]) if bound is not None else ub,
+                                       bias=ckpt.state_dict.get(f"{module}.bias"))
+            except wo.QuantizeError as exc:
+                raise CheckpointError(ckpt.source, f"{hf_names[name]}: {exc}") from None
+            parent, _, leaf = module.rpartition(".")
+            old = getattr(net.get_submodule(parent), leaf, None)
+            if not isinstance(old, nn.Linear) or old.weight.shape != q.shape:
+                raise CheckpointError(ckpt.source, f"{hf_names[name]} is {tuple(q.shape)}, which the config.json's "
+                                      "model does not have there; the folder is inconsistent")
+            setattr(net.get_submodule(parent), leaf, new)
+
+    biases = {name.removesuffix("weight") + "bias" for name in weights}
+    sd = {k: t for k, t in ckpt.state_dict.items() if k not in weights and k not in biases}
+    return dataclasses.replace(ckpt, state_dict=sd, prepare=prepare,
+                               metadata={**ckpt.metadata, "quantization": "fp8 (e4m3, torch._scaled_mm)"})
+
+
 def attach(ckpt: Checkpoint, qc: Any, path: Path) -> Checkpoint:
     """The checkpoint `hf.read` made of the float tensors, completed with the quantized codes of `qc`."""
     cfile = path / "config.json"
@@ -171,4 +213,4 @@ def attach(ckpt: Checkpoint, qc: Any, path: Path) -> Checkpoint:
                                metadata={**ckpt.metadata, "quantization": spec})
 
 
-__all__ = ["attach", "attach_packed", "check_method", "save"]
+__all__ = ["attach", "attach_packed", "check_method", "keep_fp8", "save"]

@@ -66,10 +66,12 @@ def load_tp(source: str, args: argparse.Namespace):
 
 
 def add_quantize_flag(p: argparse.ArgumentParser) -> None:
-    """--quantize int8|int4[-gN]: weight-only quantization at load (quant/weight_only.py), for run and serve."""
+    """--quantize int8|int4[-gN]|fp8: quantization at load (quant/weight_only.py, quant/fp8_mm.py), run and serve."""
     p.add_argument("--quantize", default=None, metavar="SCHEME",
-                   help="weight-only quantize the projections at load: int8 (per channel) or int4 "
-                        "(groups of 128; int4-g32 / int4-g64 for smaller groups)")
+                   help="quantize the projections at load: int8 (weight-only, per channel), int4 (weight-only, "
+                        "groups of 128; int4-g32 / int4-g64 for smaller groups), or fp8 (e4m3 weights and "
+                        "activations through torch._scaled_mm: fast on GPUs with FP8 tensor cores, a slow "
+                        "reference on the CPU; an FP8 checkpoint keeps its own codes)")
 
 
 def add_speculative_flags(p: argparse.ArgumentParser) -> None:

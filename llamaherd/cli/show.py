@@ -21,7 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-ctx", type=int, default=None, help="context of the memory plan (default: max_seq_len)")
     p.add_argument("--dtype", default=None, help="runtime dtype of the memory plan (default: as stored; "
                                                  "bf16 for a preset)")
-    p.add_argument("--quantize", default=None, metavar="SCHEME", help="plan weight-only int8/int4 at load")
+    p.add_argument("--quantize", default=None, metavar="SCHEME", help="plan int8/int4 weight-only or fp8 projections at load")
     p.set_defaults(func=run)
     q = sub.add_parser("presets", help="list every known model preset with its size")
     q.set_defaults(func=run_list)

@@ -145,6 +145,29 @@ def dequantize(raw: dict[str, torch.Tensor], qc: dict) -> dict[str, torch.Tensor
     return out
 
 
+def kept_codes(raw: dict[str, torch.Tensor], qc: dict) -> dict[str, dict[str, torch.Tensor]]:
+    """The e4m3 projections `fp8_mm.Fp8Linear` can run as stored: {module: weight, weight_scale[, input_scale][,
+    input_scale_ub]} (Hugging Face names) for each float8 weight with a per-tensor or per-channel scale.
+
+    Block- and group-scaled weights and int8 codes are not among them: they run dequantised.
+    """
+    if block_size(qc) is not None:
+        return {}
+    kept = {}
+    for name, q in raw.items():
+        module, _, leaf = name.rpartition(".")
+        scale = raw.get(f"{module}.weight_scale")
+        if leaf != "weight" or q.dtype != torch.float8_e4m3fn or scale is None or f"{module}.weight_zero_point" in raw:
+            continue
+        if scale.numel() != 1 and scale.numel() != q.shape[0]:
+            continue  # group-wise: one scale per row and group of columns
+        kept[module] = {"weight": q, "weight_scale": scale.reshape(-1, 1) if scale.numel() > 1 else scale.reshape(())}
+        for extra in ("input_scale", "input_scale_ub"):
+            if f"{module}.{extra}" in raw:
+                kept[module][extra] = raw[f"{module}.{extra}"]
+    return kept
+
+
 # -- Meta's Llama 4 FP8 release --------------------------------------------------------------------------------
 # llama_models/llama4/quantization/loader.py: with `fp8_scales_{rank}.pt` beside consolidated.{rank}.pth, the
 # routed experts' w1 / w3 / w2 of that rank hold e4m3 codes and the scales file maps
@@ -181,4 +204,4 @@ def dequantize_meta_shard(sd: dict[str, torch.Tensor],
 
 
 __all__ = ["FP8Error", "METHODS", "block_size", "dequantize", "dequantize_meta_shard", "dequantize_weight", "describe",
-           "expand_scale", "reads"]
+           "expand_scale", "kept_codes", "reads"]
