@@ -1,24 +1,25 @@
 """Meta's own int4 checkpoints: Llama 3.2 1B/3B QLoRA / SpinQuant files and Llama 4 int4_scales_<rank>.pt experts.
 
-Llama 3.2 (`-QLORA_INT4_EO8`, `-SpinQuant_INT4_EO8`): the reference is Meta's llama-models Transformer turned
-into the int4 model by Meta's own loader (`llama3/quantization/loader.py`
-`_prepare_model_int4_weight_int8_dynamic_activation`: torchao's `Int8DynActInt4WeightLinear` + Meta's LoRA
-adaptor for every block Linear, `Int8WeightEmbedding` / `Int8WeightLinear` for the embedding and output) and
-loaded with Meta's load hooks from the very folder we read. That loader module cannot be imported here: it
-imports llama_models/quantize_impls.py (which raises without fbgemm_gpu, a CUDA package) and torchao's class
-under its old path `torchao.quantization.GPTQ`; torchao 0.18, the one that imports with our torch, keeps it in
-`torchao.quantization.linear_quant_modules`. So the four definitions are compiled from the loader's own source
-with `ast` and given that class. torchao's forward also rounds each activation row to int8 (per-token dynamic quantization), which our
-int4 path does not do: the exactness check switches that rounding off in the reference (its weight
-dequantisation stays torchao's own), and a second check bounds the difference with it on. SpinQuant's online
+Llama 3.2 (`-QLORA_INT4_EO8`, `-SpinQuant_INT4_EO8`): the reference is Meta's llama-models Transformer turned into
+the int4 model by Meta's own loader (`llama3/quantization/loader.py`
+`_prepare_model_int4_weight_int8_dynamic_activation`: torchao's `Int8DynActInt4WeightLinear` + Meta's LoRA adaptor
+for every block Linear, `Int8WeightEmbedding` / `Int8WeightLinear` for the embedding and output) and loaded with
+Meta's load hooks from the very folder we read. That loader module cannot be imported here: it imports
+llama_models/quantize_impls.py (which raises without fbgemm_gpu, a CUDA package) and torchao's class under its old
+path `torchao.quantization.GPTQ`; torchao 0.18, the one that imports with our torch, keeps it in
+`torchao.quantization.linear_quant_modules`. So the four definitions are compiled from the loader's own source with
+`ast` and given that class. torchao's forward also rounds each activation row to int8 (per-token dynamic
+quantization), which our int4 path does its own way (float32, int16 rows or int8 blocks of 32, by the native
+switches): the exactness check switches that rounding off in the reference (its weight dequantisation stays torchao's
+own) and ours off with float32 activations, and the other checks bound the difference with them on. SpinQuant's online
 rotation before w2 is added to the reference as llama-stack's meta_reference `add_hadamard_transform_for_spinquant`
 does it (nn.Sequential(Hadamard, w2)), with the Hadamard matrix built here by Sylvester's construction.
 
 Llama 4 (`int4_scales_<rank>.pt`): the files are made with Meta's own `int4_row_quantize` and `pack_int4`
-(llama_models/quantize_impls.py), their two definitions compiled from that file's source in the same way; the layout around them (transpose to
-(E, out, in), quantize each expert, transpose back, flatten to 2-D, view as float8_e4m3fn; scales keyed
-"layers.{i}.feed_forward.experts.w1") follows llama-models `llama4/scripts/quantize.py`. The reference is the
-same model read from a folder holding the dequantised experts, as the FP8 release's test does.
+(llama_models/quantize_impls.py), their two definitions compiled from that file's source in the same way; the layout
+around them (transpose to (E, out, in), quantize each expert, transpose back, flatten to 2-D, view as float8_e4m3fn;
+scales keyed "layers.{i}.feed_forward.experts.w1") follows llama-models `llama4/scripts/quantize.py`. The reference
+is the same model read from a folder holding the dequantised experts, as the FP8 release's test does.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Meta's own int4 checkpoints: Llama 3.2 1B/3B QLoRA / SpinQuant (INT4_EO8) projections, Llama 4's int4 experts.
 
 Llama 3.2 1B/3B `-QLORA_INT4_EO8` and `-SpinQuant_INT4_EO8` (llama-models `sku_list.llama3_2_quantized_models`),
-read as llama-models' `llama3/quantization/loader.py` builds them (`_prepare_model_int4_weight_int8_dynamic_activation`):
+read as llama-models' `llama3/quantization/loader.py` builds them
+(`_prepare_model_int4_weight_int8_dynamic_activation`):
 
 - every Linear of the blocks is torchao's `Int8DynActInt4WeightLinear` (torchao `quantization/GPTQ.py`):
   `X.weight` int8 (N, K) holding int4 values -8..7, `X.scales` (N, K/g) float32, `X.zeros` the same shape or
@@ -88,7 +89,8 @@ def parse_args(params: dict[str, Any]) -> Int4Args | None:
         raise MetaInt4Error(f"quantization_args must be an object, got {qa!r}")
     scheme = qa.get("scheme", SCHEME)
     if scheme != SCHEME:
-        raise MetaInt4Error(f"quantization_args.scheme {scheme!r} is not supported; Meta's int4 releases use {SCHEME!r}")
+        raise MetaInt4Error(f"quantization_args.scheme {scheme!r} is not supported; Meta's int4 releases use "
+                            f"{SCHEME!r}")
     group = qa.get("group_size")
     if group not in GROUP_SIZES or isinstance(group, bool):
         raise MetaInt4Error(f"quantization_args.group_size {group!r} is not one of {GROUP_SIZES}; "
@@ -140,7 +142,7 @@ class MetaInt4Linear(PackedLinear):
         G = K // scales.shape[1]
         # PackedLinear holds s * (code - zero) with unsigned codes: code = q + 8, zero = torchao's zero + 8.
         zero = torch.zeros_like(scales, dtype=torch.float32) if zeros is None else zeros.float()
-        super().__init__(q.to(torch.int64) + 8, scales.float(), zero + 8, torch.arange(K) // G, bits=4)
+        super().__init__((q + 8).to(torch.uint8), scales.float(), zero + 8, torch.arange(K) // G, bits=4)
         self.rotate, self.lora_scale = rotate, lora_scale
         self.adaptor: nn.Sequential | None = None
         if lora_rank is not None:
@@ -175,9 +177,9 @@ def linear(tensors: dict[str, torch.Tensor], args: Int4Args, name: str, rotate: 
     want = (N, K // args.group_size)
     if K % args.group_size or not scales.is_floating_point() or tuple(scales.shape) != want \
             or (zeros is not None and tuple(zeros.shape) != want):
-        raise MetaInt4Error(f"{name}: scales {tuple(scales.shape)}{'' if zeros is None else f', zeros {tuple(zeros.shape)}'}"
-                            f" do not give one per {args.group_size} inputs of the ({N}, {K}) weight {want}; "
-                            "params.json's quantization_args.group_size does not belong to these weights")
+        both = f"scales {tuple(scales.shape)}" + ("" if zeros is None else f", zeros {tuple(zeros.shape)}")
+        raise MetaInt4Error(f"{name}: {both} do not give one per {args.group_size} inputs of the ({N}, {K}) weight "
+                            f"{want}; params.json's quantization_args.group_size does not belong to these weights")
     if int(q.min()) < -8 or int(q.max()) > 7:
         raise MetaInt4Error(f"{name}.weight holds values outside -8..7: it is not int4 codes")
     rank = args.lora_rank if "adaptor.A.weight" in tensors else None
@@ -284,12 +286,13 @@ def dequantize_llama4_shard(sd: dict[str, torch.Tensor], scales: dict[str, torch
             raise MetaInt4Error(f"{key}: scales of shape {tuple(scale.shape)} are not (in / group, out) per "
                                 f"{'expert' if routed else 'matrix'}")
         groups, n_out = scale.shape[-2], scale.shape[-1]
-        half = t.numel() // (max(1, lead[0] if lead else 1) * n_out)  # in / 2 packed bytes per output row
-        if half * n_out * (lead[0] if lead else 1) != t.numel() or (2 * half) % groups:
+        matrices = n_experts if routed else 1
+        half = t.numel() // (matrices * n_out)  # in / 2 packed bytes per output row
+        if half * n_out * matrices != t.numel() or (2 * half) % groups:
             raise MetaInt4Error(f"{name} holds {t.numel()} bytes, which are not {n_out} outputs of int4 codes in "
-                                f"{groups} groups{' per expert' if lead else ''}; the shard and its scales disagree")
+                                f"{groups} groups{' per expert' if routed else ''}; the shard and its scales disagree")
         if routed:  # stored (E * in/2, out) or (E, in/2, out): the (E, out, in/2) codes transposed back
-            codes = t.reshape(lead[0], half, n_out).transpose(1, 2)
+            codes = t.reshape(n_experts, half, n_out).transpose(1, 2)
             out[name] = _dequantize(codes, scale, dtype).transpose(1, 2).contiguous()  # (E, in, out)
         else:  # nn.Linear weight (out, in/2)
             out[name] = _dequantize(t.reshape(n_out, half), scale, dtype)
