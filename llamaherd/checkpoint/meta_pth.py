@@ -216,6 +216,7 @@ def _read_llama4(path: Path, params: dict[str, Any], files: list[Path], shards: 
     # Old spellings and flattened (E*D, F/n) expert matrices are normalised per shard: the split axis of the
     # canonical (E, D, F) layout is only well defined once each piece has its 3-D shape.
     shards = [llama4.normalize_meta(s, config) for s in shards]
+    fp8_experts = _fp8_expert_codes(path, shards)  # as stored, for `quantized.keep_fp8` (torch._scaled_mm)
     shards = [_dequantize_experts(path, i, s, config) for i, s in enumerate(shards)]  # FP8 / int4 releases: per rank
     sd = merge_shards(shards, config.dim, files, arch="llama4")
     _check_llama4_shapes(sd, config, files)
@@ -226,8 +227,18 @@ def _read_llama4(path: Path, params: dict[str, Any], files: list[Path], shards: 
         config = config.replace(tie_embeddings=True)
     return Checkpoint(
         config=config, state_dict=sd, source=path, tokenizer=attach_tokenizer(path, TOKENIZER_FILES),
-        metadata={"format": "meta", "shards": n, "params": params},
+        metadata={"format": "meta", "shards": n, "params": params, **({"fp8_experts": fp8_experts} if fp8_experts else {})},
     )
+
+
+def _fp8_expert_codes(path: Path, shards: list[dict]) -> dict[str, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """{expert stack name: [(codes, scales) of each rank]} of Meta's FP8 release; {} for any other folder."""
+    files = [path / f"fp8_scales_{rank}.pt" for rank in range(len(shards))]
+    if not all(f.exists() for f in files):
+        return {}
+    per_rank = [fp8.meta_codes(shard, load_pth(f)) for shard, f in zip(shards, files)]
+    names = set(per_rank[0]).intersection(*per_rank[1:])
+    return {name: [codes[name] for codes in per_rank] for name in sorted(names)}
 
 
 def _dequantize_experts(path: Path, rank: int, shard: dict[str, torch.Tensor],

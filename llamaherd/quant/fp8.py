@@ -177,6 +177,21 @@ def kept_codes(raw: dict[str, torch.Tensor], qc: dict) -> dict[str, dict[str, to
 META_EXPERTS = {"w1": "moe_w_in_eD_F", "w3": "moe_w_swiglu_eD_F", "w2": "moe_w_out_eF_D"}
 
 
+def meta_codes(sd: dict[str, torch.Tensor], scales: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """One rank's FP8 expert stacks as stored: {canonical name: (codes (E, in, out), scales (E, out))}.
+
+    What `fp8_mm.Fp8Experts` runs as it is; `dequantize_meta_shard` checks the same tensors and names the errors.
+    """
+    out = {}
+    for key, scale in scales.items():
+        prefix, _, leaf = key.rpartition(".")
+        name = f"{prefix}.{META_EXPERTS.get(leaf, leaf)}"
+        q = sd.get(name)
+        if q is not None and q.dim() == 3 and q.dtype == torch.float8_e4m3fn and scale.numel() == q.shape[0] * q.shape[2]:
+            out[name] = (q, scale.to(torch.float32).reshape(q.shape[0], q.shape[2]))
+    return out
+
+
 def dequantize_meta_shard(sd: dict[str, torch.Tensor],
                           scales: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
     """One rank's Llama 4 state dict (canonical names, 3-D experts) with its FP8 experts dequantised.
@@ -204,4 +219,4 @@ def dequantize_meta_shard(sd: dict[str, torch.Tensor],
 
 
 __all__ = ["FP8Error", "METHODS", "block_size", "dequantize", "dequantize_meta_shard", "dequantize_weight", "describe",
-           "expand_scale", "kept_codes", "reads"]
+           "expand_scale", "kept_codes", "meta_codes", "reads"]
