@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from .checkpoint import Checkpoint, materialize, read
+from .checkpoint.quantized import holds_fp8, keep_fp8
 from .config import GenerationDefaults, ModelConfig
 from .errors import ChatFormatError, ContextLengthError, ImageError, TokenizerError
 from .native import swaps as native_swaps
@@ -40,11 +41,9 @@ def load(source: str | Path, *, dtype: torch.dtype | None = None, device: str | 
     Either failure raises `MemoryPlanError` with the numbers.
     """
     ckpt = read(resolve(source))
-    kept_fp8 = "fp8_codes" in ckpt.metadata and (quantize == "fp8" or (quantize is None and cuda_fp8(device)))
+    kept_fp8 = holds_fp8(ckpt) and (quantize == "fp8" or (quantize is None and cuda_fp8(device)))
     if kept_fp8:
-        from .checkpoint.quantized import keep_fp8  # the file's own e4m3 codes, run by torch._scaled_mm
-
-        ckpt = keep_fp8(ckpt)
+        ckpt = keep_fp8(ckpt)  # the file's own e4m3 codes, run by torch._scaled_mm
     memory_plan = None
     if device is None or torch.device(device).type == "cpu":  # the plan counts this process's memory
         from .memory import check_fits

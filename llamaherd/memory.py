@@ -218,11 +218,24 @@ class MemoryPlan:
 # ---- planning a checkpoint --------------------------------------------------------------------------------------
 
 
+def _fp8_expert_sizes(name: str, experts: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """Each of an Experts module's stacks mapped to a meta-device Fp8Bank of its size (codes and row scales)."""
+    from .quant.fp8_mm import E4M3, Fp8Bank
+
+    banks = {}
+    for leaf, p in experts.named_parameters():
+        e, k, n = p.shape  # Meta's (E, in, out) layout
+        banks[f"{name}.{leaf}"] = Fp8Bank([(torch.empty(e, n, k, dtype=E4M3, device="meta"),
+                                            torch.empty(e, n, device="meta"))])
+    return banks
+
+
 def _fp8_bytes(net: torch.nn.Module) -> int:
     """The bytes of the e4m3 codes and scales an FP8 checkpoint's `prepare` put into the meta-built model."""
-    from .quant.fp8_mm import Fp8Linear
+    from .quant.fp8_mm import Fp8Bank, Fp8Linear
 
-    return sum(b.numel() * b.element_size() for m in net.modules() if isinstance(m, Fp8Linear) for b in m.buffers())
+    return sum(b.numel() * b.element_size() for m in net.modules() if isinstance(m, (Fp8Linear, Fp8Bank))
+               for b in m.buffers(recurse=False))
 
 
 def _weight_sizes(ckpt: Checkpoint, target: torch.dtype, quantize: str | None) -> tuple[int, int, str]:
@@ -235,6 +248,7 @@ def _weight_sizes(ckpt: Checkpoint, target: torch.dtype, quantize: str | None) -
     quantized: dict[str, torch.Size] = {}
     kept = _fp8_bytes(net)  # an FP8 checkpoint's own codes, attached by `prepare` (checkpoint/quantized.keep_fp8)
     if quantize == "fp8" and not kept:
+        from .model.moe import Experts
         from .quant import fp8_mm
 
         floats = {k for k, t in ckpt.state_dict.items() if not isinstance(t, GGMLWeight) and t.is_floating_point()}
@@ -243,6 +257,9 @@ def _weight_sizes(ckpt: Checkpoint, target: torch.dtype, quantize: str | None) -
                 quantized[name + ".weight"] = fp8_mm.Fp8Linear(
                     torch.empty(module.weight.shape, dtype=fp8_mm.E4M3, device="meta"),
                     torch.empty(module.out_features, device="meta"))
+            elif type(module) is Experts and f"{name}.moe_w_in_eD_F" in floats and \
+                    fp8_mm.fits(*module.moe_w_in_eD_F.shape[1:]):
+                quantized.update(_fp8_expert_sizes(name, module))
     elif quantize is not None and quantize != "fp8":
         from .quant.weight_only import empty_module, parse_scheme, quantizable
 

@@ -158,3 +158,68 @@ def test_the_same_codes_on_cuda(tmp_path):
     with torch.inference_mode():
         gpu = model.net(TOKENS.cuda()).float().cpu()
     assert relative_error(gpu, cpu) <= 2e-2  # bf16 activations and outputs against float32
+
+
+# -- Llama 4 experts -----------------------------------------------------------------------------------------------
+
+def reference_experts(experts, slices: int, ub: float | None) -> None:
+    """An Experts module (float weights) made to apply the FP8 activation rule as Meta's loader does on `slices`
+    model-parallel ranks: w1 / w3 on the whole input, w2 on each rank's slice of the hidden width on its own
+    (llama-models quantize_impls ffn_swiglu_dynamic per rank, then the all-reduce)."""
+    cut = experts.moe_w_out_eF_D.shape[1] // slices
+
+    def forward(x, e):
+        xq = fake_quantized(x, ub=ub)
+        h = torch.nn.functional.silu(xq @ experts.moe_w_in_eD_F[e]) * (xq @ experts.moe_w_swiglu_eD_F[e])
+        return sum(fake_quantized(h[:, r * cut:(r + 1) * cut], ub=ub) @ experts.moe_w_out_eF_D[e][r * cut:(r + 1) * cut]
+                   for r in range(slices))
+    experts.forward = forward
+
+
+def _experts_modules(net):
+    from llamaherd.model.moe import Experts
+    return [m for m in net.modules() if type(m) is Experts]
+
+
+@pytest.mark.parametrize("shards", [1, 2])
+def test_meta_llama4_fp8_experts_run_as_stored(tmp_path, shards):
+    from llamaherd.quant.fp8_mm import Fp8Experts
+    from tests.test_llama4 import tokens
+    from tests.test_quant_fp8 import meta_fp8_folders
+
+    fp8_dir, float_dir = meta_fp8_folders(tmp_path, shards)
+    model = llamaherd.load(fp8_dir, dtype=torch.float32, quantize="fp8")
+    assert len([m for m in model.net.modules() if isinstance(m, Fp8Experts)]) == 2
+    ref = llamaherd.load(float_dir, dtype=torch.float32)  # the same experts, dequantised per rank
+    for experts in _experts_modules(ref.net):
+        reference_experts(experts, shards, ub=1200.0)  # Meta's fp8_activation_scale_ub
+    toks = tokens()
+    with torch.inference_mode():
+        assert relative_error(model.net(toks), ref.net(toks)) <= 1e-4
+
+
+def test_llama4_experts_quantized_at_load(tmp_path):
+    from llamaherd.checkpoint import meta_pth
+    from llamaherd.checkpoint.base import Checkpoint
+    from llamaherd.quant.fp8_mm import Fp8Experts
+    from tests.conftest import random_model
+    from tests.test_llama4 import CONFIG, tokens
+
+    src = meta_pth.write(Checkpoint(config=CONFIG, state_dict=random_model(CONFIG, seed=0).state_dict(),
+                                    source=tmp_path), tmp_path / "bf", shards=1)
+    model = llamaherd.load(src, dtype=torch.float32, quantize="fp8")
+    assert any(isinstance(m, Fp8Experts) for m in model.net.modules())
+    ref = llamaherd.load(src, dtype=torch.float32)
+    with torch.no_grad():
+        for experts in _experts_modules(ref.net):
+            for p in experts.parameters():  # per expert and output column of Meta's (E, in, out) layout
+                scale = p.abs().amax(dim=1, keepdim=True) / E4M3_MAX
+                p.copy_((p / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).to(torch.float32) * scale)
+            reference_experts(experts, 1, ub=None)
+        for name, module in ref.net.named_modules():
+            if isinstance(module, torch.nn.Linear) and name.split(".")[-1] != "output":
+                module.weight.copy_(quantize_e4m3(module.weight, "channel")[2])
+                module.register_forward_pre_hook(lambda m, args: (fake_quantized(args[0]),))
+    toks = tokens()
+    with torch.inference_mode():
+        assert relative_error(model.net(toks), ref.net(toks)) <= 1e-4

@@ -22,6 +22,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors.torch import save_file
 from torch import nn
 
@@ -124,10 +125,23 @@ def attach_packed(ckpt: Checkpoint, qc: dict, path: Path) -> Checkpoint:
     return dataclasses.replace(ckpt, prepare=prepare, metadata={**ckpt.metadata, "quantization": fmt.method})
 
 
+# Meta's Llama 4 FP8 loader quantizes the experts' activations per token with amax bounded by 1200
+# (llama-models llama4/quantization/loader.py convert_to_quantized_model, fp8_activation_scale_ub).
+META_FP8_ACTIVATION_UB = 1200.0
+FP8_CODES = ("fp8_codes", "fp8_experts")  # what hf.read / meta_pth.read keep of an FP8 file's codes
+
+
+def holds_fp8(ckpt: Checkpoint) -> bool:
+    return any(ckpt.metadata.get(key) for key in FP8_CODES)
+
+
 def keep_fp8(ckpt: Checkpoint) -> Checkpoint:
-    """An FP8 folder whose per-tensor / per-channel scaled projections run as `fp8_mm.Fp8Linear` on the file's own
-    e4m3 codes (the float copies `hf.read` dequantised for them are dropped); a checkpoint without such codes
-    (block-scaled FP8, any other format) is returned unchanged."""
+    """An FP8 checkpoint run on its own e4m3 codes by `torch._scaled_mm` (quant/fp8_mm.py): a Hugging Face folder's
+    per-tensor / per-channel scaled projections as Fp8Linear, Meta's Llama 4 FP8 experts as Fp8Experts. The
+    float copies the readers dequantised for them are dropped; anything else (block-scaled FP8, widths the
+    kernels do not take) stays dequantised."""
+    if ckpt.metadata.get("fp8_experts"):
+        return _keep_meta_experts(ckpt)
     codes = {m: t for m, t in ckpt.metadata.get("fp8_codes", {}).items() if fp8_mm.fits(*t["weight"].shape)}
     if not codes:  # widths _scaled_mm does not take stay dequantised
         return ckpt
@@ -164,6 +178,41 @@ def keep_fp8(ckpt: Checkpoint) -> Checkpoint:
     sd = {k: t for k, t in ckpt.state_dict.items() if k not in weights and k not in biases}
     return dataclasses.replace(ckpt, state_dict=sd, prepare=prepare,
                                metadata={**ckpt.metadata, "quantization": "fp8 (e4m3, torch._scaled_mm)"})
+
+
+def _keep_meta_experts(ckpt: Checkpoint) -> Checkpoint:
+    """Meta's FP8 Llama 4: each expert stack's codes per rank, the (E, in, out) stacks read as (E, out, in) banks.
+
+    w1 / w3 are column-parallel (each rank holds whole rows of the output), so the ranks' rows join into one
+    bank; w2 is row-parallel with scales of its own per rank, so its bank keeps one input slice per rank.
+    """
+    stacks: dict[str, dict[str, list]] = {}
+    for name, ranks in ckpt.metadata["fp8_experts"].items():
+        module, _, leaf = name.rpartition(".")
+        stacks.setdefault(module, {})[leaf] = [(q.transpose(1, 2), s) for q, s in ranks]
+    try:
+        banks = {}
+        for module, leaves in stacks.items():
+            if set(leaves) != {"moe_w_in_eD_F", "moe_w_swiglu_eD_F", "moe_w_out_eF_D"}:
+                raise wo.QuantizeError(f"{module} has FP8 scales for {sorted(leaves)} only")
+            joined = [[(torch.cat([q for q, _ in leaves[leaf]], 1), torch.cat([s for _, s in leaves[leaf]], 1))]
+                      for leaf in ("moe_w_in_eD_F", "moe_w_swiglu_eD_F")]
+            banks[module] = fp8_mm.Fp8Experts(*(fp8_mm.Fp8Bank(b, META_FP8_ACTIVATION_UB)
+                                                for b in (*joined, leaves["moe_w_out_eF_D"])))
+    except wo.QuantizeError as exc:
+        raise CheckpointError(ckpt.source, f"Meta FP8 experts: {exc}") from None
+
+    def prepare(net: nn.Module) -> None:
+        if ckpt.prepare is not None:
+            ckpt.prepare(net)
+        for module, bank in banks.items():
+            parent, _, leaf = module.rpartition(".")
+            setattr(net.get_submodule(parent), leaf, bank)
+
+    gone = {f"{module}.{leaf}" for module, leaves in stacks.items() for leaf in leaves}
+    sd = {k: t for k, t in ckpt.state_dict.items() if k not in gone}
+    return dataclasses.replace(ckpt, state_dict=sd, prepare=prepare,
+                               metadata={**ckpt.metadata, "quantization": "fp8 experts (e4m3, torch._scaled_mm)"})
 
 
 def attach(ckpt: Checkpoint, qc: Any, path: Path) -> Checkpoint:
@@ -213,4 +262,4 @@ def attach(ckpt: Checkpoint, qc: Any, path: Path) -> Checkpoint:
                                metadata={**ckpt.metadata, "quantization": spec})
 
 
-__all__ = ["attach", "attach_packed", "check_method", "keep_fp8", "save"]
+__all__ = ["attach", "attach_packed", "check_method", "holds_fp8", "keep_fp8", "save"]

@@ -18,8 +18,10 @@ on a machine without one.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from ..model.moe import Experts
 from .weight_only import QuantizeError
 
 E4M3 = torch.float8_e4m3fn
@@ -53,6 +55,16 @@ def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def fits(out_features: int, in_features: int) -> bool:
     """Widths `_scaled_mm` takes on every device; other projections stay in float (the same on CPU and GPU)."""
     return out_features % ALIGN == 0 and in_features % ALIGN == 0
+
+
+def _scaled(xq: torch.Tensor, sx: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
+            out_dtype: torch.dtype) -> torch.Tensor:
+    """(M, K) e4m3 x (N, K) e4m3 codes -> (M, N) float: the one call of `torch._scaled_mm` with row-wise scales."""
+    m = xq.shape[0]
+    if xq.is_cuda and m % ALIGN:  # CUDA's kernels take rows in tiles of 16: zero rows quantize to zero codes
+        pad = ALIGN - m % ALIGN
+        xq, sx = torch.cat([xq, xq.new_zeros(pad, xq.shape[1])]), torch.cat([sx, sx.new_ones(pad, 1)])
+    return torch._scaled_mm(xq, codes.t(), scale_a=sx, scale_b=scales, out_dtype=out_dtype)[:m]
 
 
 class Fp8Linear(nn.Module):
@@ -99,16 +111,8 @@ class Fp8Linear(nn.Module):
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
         xq, sx = self.quantize_input(x2)
-        m = xq.shape[0]
-        # On CUDA, row-wise scaled products come out in bf16 and the row count is padded to the kernel's tile
-        # (zero rows quantize to zero codes); the CPU reference computes in float32.
-        cuda = x.is_cuda
-        if cuda and m % ALIGN:
-            pad = ALIGN - m % ALIGN
-            xq = torch.cat([xq, xq.new_zeros(pad, self.in_features)])
-            sx = torch.cat([sx, sx.new_ones(pad, 1)])
-        out_dtype = torch.bfloat16 if cuda else torch.float32
-        y = torch._scaled_mm(xq, self.weight.t(), scale_a=sx, scale_b=self.weight_scale, out_dtype=out_dtype)[:m]
+        # On CUDA, row-wise scaled products come out in bf16; the CPU reference computes in float32.
+        y = _scaled(xq, sx, self.weight, self.weight_scale, torch.bfloat16 if x.is_cuda else torch.float32)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
@@ -123,6 +127,59 @@ class Fp8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, e4m3 per channel, {acts}"
 
 
+class Fp8Bank(nn.Module):
+    """One projection of E experts: e4m3 codes (S, E, N, K_s) with float32 scales (S, E, N) per expert and output
+    row, its input cut into S slices along K, each slice's activations quantized per token on their own.
+
+    S > 1 is Meta's FP8 Llama 4 release: the row-parallel w2 of each of its model-parallel ranks carries its own
+    scales, and each rank quantizes its own slice of the hidden activations (llama-models quantize_impls
+    `ffn_swiglu_dynamic` per rank, summed by the all-reduce); S = 1 is every other case.
+    """
+
+    def __init__(self, slices: list[tuple[torch.Tensor, torch.Tensor]], scale_ub: float | None = None) -> None:
+        super().__init__()
+        for codes, scales in slices:
+            if codes.dtype != E4M3 or codes.dim() != 3 or tuple(scales.shape) != tuple(codes.shape[:2]):
+                raise QuantizeError(f"an FP8 expert bank needs (E, out, in) e4m3 codes and (E, out) scales, not "
+                                    f"{tuple(codes.shape)} {codes.dtype} and {tuple(scales.shape)}")
+            if not fits(codes.shape[1], codes.shape[2]):
+                raise QuantizeError(f"an FP8 expert bank of {tuple(codes.shape)}: torch._scaled_mm needs both widths "
+                                    f"multiples of {ALIGN}")
+        self.widths = [codes.shape[2] for codes, _ in slices]
+        self.register_buffer("codes", torch.stack([c.contiguous() for c, _ in slices]), persistent=False)
+        self.register_buffer("scales", torch.stack([s.to(torch.float32) for _, s in slices]).unsqueeze(2),
+                             persistent=False)  # (S, E, 1, N): each expert's row-wise scale_b
+        self.scale_ub = scale_ub
+
+    def forward(self, x: torch.Tensor, expert: int) -> torch.Tensor:
+        out_dtype = torch.bfloat16 if x.is_cuda else torch.float32
+        y = None
+        for s, part in enumerate(torch.split(x, self.widths, dim=-1)):
+            xq, sx = quantize_rows(part, self.scale_ub)
+            ys = _scaled(xq, sx, self.codes[s, expert], self.scales[s, expert], out_dtype)
+            y = ys if y is None else y + ys
+        return y.to(x.dtype)
+
+
+class Fp8Experts(nn.Module):
+    """model/moe.py's Experts with its three stacked projections as FP8 banks: same call, `experts(x, e)`."""
+
+    def __init__(self, gate: Fp8Bank, up: Fp8Bank, down: Fp8Bank) -> None:
+        super().__init__()
+        self.gate, self.up, self.down = gate, up, down
+
+    @classmethod
+    def from_float(cls, experts: nn.Module) -> Fp8Experts:
+        """Each expert's projections quantized per output row; Meta's (E, in, out) stacks read as (E, out, in)."""
+        def bank(w: torch.Tensor) -> Fp8Bank:
+            q, s = quantize_rows(w.detach().transpose(1, 2))
+            return Fp8Bank([(q, s.squeeze(-1))])
+        return cls(bank(experts.moe_w_in_eD_F), bank(experts.moe_w_swiglu_eD_F), bank(experts.moe_w_out_eF_D))
+
+    def forward(self, x: torch.Tensor, expert: int) -> torch.Tensor:
+        return self.down(F.silu(self.gate(x, expert)) * self.up(x, expert), expert)
+
+
 def quantizable(name: str, module: nn.Module) -> bool:
     """A 2-D Linear of the decoder (not the vocabulary output) whose widths `_scaled_mm` takes."""
     return isinstance(module, nn.Linear) and name.split(".")[-1] != "output" and \
@@ -130,7 +187,8 @@ def quantizable(name: str, module: nn.Module) -> bool:
 
 
 def quantize(net: nn.Module) -> list[str]:
-    """Replace every quantizable float Linear of a loaded model with an Fp8Linear in place; return their names.
+    """Replace every quantizable float Linear of a loaded model with an Fp8Linear, and each stack of MoE experts
+    with Fp8Experts, in place; return their names.
 
     The vocabulary projection stays in float, as FP8 checkpoints and serving stacks keep it (its error is
     the logits' own). Modules already FP8 (an FP8 checkpoint's codes) are left as they are.
@@ -142,10 +200,13 @@ def quantize(net: nn.Module) -> list[str]:
             if quantizable(full, child):
                 setattr(parent, name, Fp8Linear.from_float(child.weight, child.bias))
                 done.append(full)
+            elif type(child) is Experts and fits(*child.moe_w_in_eD_F.shape[1:]):
+                setattr(parent, name, Fp8Experts.from_float(child))
+                done.append(full)
     if not done:
         raise QuantizeError("nothing in this model can be quantized to fp8: no Linear has widths that are "
                             f"multiples of {ALIGN}")
     return done
 
 
-__all__ = ["ALIGN", "E4M3_MAX", "Fp8Linear", "cuda_fp8", "fits", "quantize", "quantize_rows", "quantize_weight"]
+__all__ = ["ALIGN", "E4M3_MAX", "Fp8Bank", "Fp8Experts", "Fp8Linear", "cuda_fp8", "fits", "quantize", "quantize_rows", "quantize_weight"]
