@@ -193,6 +193,7 @@ VARIANTS = [
 
 @pytest.mark.parametrize("kw", VARIANTS, ids=["-".join(f"{k}{v}" for k, v in kw.items()) for kw in VARIANTS])
 def test_llama32_int4_logits_equal_metas_loader(tmp_path, meta_parallel, meta_loader, monkeypatch, kw):
+    monkeypatch.setattr(meta_int4.Int8RowsLinear, "CHUNK_ROWS", 100)  # the 256-row vocabulary in three chunks
     folder, params = int4_folder(tmp_path, **kw)
     ref = meta_int4_reference(meta_loader, folder, params)
     model = llamaherd.load(folder, dtype=torch.float32)
@@ -201,6 +202,8 @@ def test_llama32_int4_logits_equal_metas_loader(tmp_path, meta_parallel, meta_lo
     assert (wq.adaptor is not None) == kw.get("lora", False)
     assert model.net.layers[1].feed_forward.w2.rotate == kw.get("spinquant", False)
     assert model.config.tie_embeddings == kw.get("tied", False)
+    # tied: the vocabulary projection runs on the int8 output rows (native for SHORT, by chunks for LONG)
+    assert isinstance(getattr(model.net.project, "linear", None), meta_int4.Int8RowsLinear) == kw.get("tied", False)
     for tokens in (SHORT, LONG):  # the native kernels (<= 16 rows), then the dequantised float32 path
         want = _reference_logits(ref, tokens, monkeypatch, activation_rounding=False)
         with native.switched_off(native_wo, "INT16_ACTIVATIONS"):  # float32 activations: the exact products

@@ -292,12 +292,19 @@ def _read_int4(path: Path, params: dict[str, Any], files: list[Path], shards: li
         raise CheckpointError(files[0], str(exc)) from None
     emb = sd.get("tok_embeddings.weight")
     config = config_from_params(params, pfile, vocab_from_weights=None if emb is None else emb.shape[0])
-    out = sd.get("output.weight")
+    out, vocab = sd.get("output.weight"), None
     if emb is not None and out is not None and out.shape == emb.shape and torch.equal(out, emb):
         del sd["output.weight"]  # Llama 3.2 1B/3B tie them; the int4 releases carry the same int8 rows twice
         config = config.replace(tie_embeddings=True)
+        if "output.scales" in shards[0]:  # the projection runs on those int8 rows (the embedding keeps its floats)
+            vocab = shards[0]["output.weight"], shards[0]["output.scales"]
 
     def prepare(net: torch.nn.Module) -> None:
+        if vocab is not None:
+            try:
+                net.project = meta_int4.vocab_projection(*vocab)
+            except meta_int4.MetaInt4Error as exc:
+                raise CheckpointError(files[0], str(exc)) from None
         for name, tensors in packed.items():
             parent, _, leaf = name.rpartition(".")
             try:

@@ -17,10 +17,11 @@ read as llama-models' `llama3/quantization/loader.py` builds them
 - with `lora_args` {rank, scale} (the QLoRA files), each of them also has Meta's adaptor `X.adaptor.A.weight`
   (rank, K) and `X.adaptor.B.weight` (N, rank): y += B(A(x)) * scale (`Int8DynActInt4WeightLinearLoRA.forward`).
 - `tok_embeddings` and `output` are int8 with per-row `scales` ((N,) or (N, 1)), read as Meta's
-  `Int8WeightEmbedding` / `Int8WeightLinear` load hooks do: dequantised once (weight * scales) into the
-  checkpoint's float dtype. The embedding is a row gather (no product for int8 to speed up) and the output is a
-  single matrix; keeping them float makes them exactly what Meta's loader holds, and lets an output equal to the
-  embedding be tied as the float release is.
+  `Int8WeightEmbedding` / `Int8WeightLinear` load hooks do: dequantised (weight * scales) into the checkpoint's
+  float dtype. The embedding stays so (a row gather: nothing for int8 codes to speed up). An output equal to the
+  embedding (Llama 3.2 1B/3B tie them) is tied as the float release is, and its vocabulary projection runs on the
+  int8 codes themselves (`Int8RowsLinear`: the byte-code kernels, float32 scales kept exact), since that one matrix
+  weighs as much as all the int4 layers of the 1B model; an untied output stays the dequantised float matrix.
 - `quantization_args.spinquant` (the SpinQuant files): the online Hadamard rotation R4 before each feed-forward
   down projection w2 (SpinQuant, arXiv 2405.16406; llama-stack meta_reference `hadamard_utils.py`
   `add_hadamard_transform_for_spinquant`, ExecuTorch `source_transformation/spin_quant.py`: w2(H x / sqrt(n)),
@@ -48,8 +49,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..native import weight_only as native_wo
 from . import fp8
 from .hf_quantized import PackedLinear
+from .weight_only import QuantizedVocabProjection
 
 SCHEME = "int4_weight_int8_dynamic_activation"  # llama-models llama3/args.py QuantizationScheme, the only one
 GROUP_SIZES = (32, 64, 128, 256)  # what ExecuTorch's pre-quantization transform accepts
@@ -199,6 +202,41 @@ def dequantize_int8(q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype, n
         raise MetaInt4Error(f"{name}: {exc}") from None
 
 
+class Int8RowsLinear(PackedLinear):
+    """Meta's int8 vocabulary matrix (one float32 scale per row) as a `PackedLinear` of 8-bit codes, one group per row.
+
+    Few rows run on the native byte-code kernels; more (a perplexity run's full logits) are multiplied by the
+    dequantised matrix a chunk of rows at a time, never the whole float32 copy of a 128K-row vocabulary at once.
+    """
+
+    CHUNK_ROWS = 4096
+
+    def __init__(self, q: torch.Tensor, scales: torch.Tensor) -> None:
+        N, K = q.shape
+        # PackedLinear's 8-bit rule w = s * (code - zero): code = q + 128, zero = 128.
+        super().__init__((q.to(torch.int16) + 128).to(torch.uint8), scales.reshape(N, 1).float(),
+                         torch.full((N, 1), 128), torch.zeros(K, dtype=torch.int64), bits=8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._native_ok() and native_wo.applies(x, self.in_features):
+            return super().forward(x)
+        xf = x.float()
+        y = xf.new_empty(*x.shape[:-1], self.out_features)
+        s, z = self.scales[0], self.zeros[0]
+        for i in range(0, self.out_features, self.CHUNK_ROWS):
+            j = i + self.CHUNK_ROWS
+            y[..., i:j] = F.linear(xf, self.qweight[i:j].float() * s[i:j, None] + z[i:j, None])
+        return y.to(x.dtype)
+
+
+def vocab_projection(q: torch.Tensor, scales: torch.Tensor) -> QuantizedVocabProjection:
+    """The model's output layer over Meta's int8 `output.weight` / `output.scales` (checked by `dequantize_int8`)."""
+    s = scales.reshape(-1)
+    if s.shape != (q.shape[0],):
+        raise MetaInt4Error(f"output.scales {tuple(scales.shape)} is not one scale per row of {tuple(q.shape)}")
+    return QuantizedVocabProjection(Int8RowsLinear(q, s))
+
+
 ADAPTOR_LEAVES = (".adaptor.A.weight", ".adaptor.B.weight")
 INT8_MODULES = ("tok_embeddings", "output")  # Int8WeightEmbedding / Int8WeightLinear in Meta's loader
 
@@ -302,5 +340,5 @@ def dequantize_llama4_shard(sd: dict[str, torch.Tensor], scales: dict[str, torch
     return out
 
 
-__all__ = ["Int4Args", "MetaInt4Error", "MetaInt4Linear", "SCHEME", "dequantize_int8", "dequantize_llama4_shard",
-           "hadamard", "linear", "parse_args", "split", "unpack_int4"]
+__all__ = ["Int4Args", "Int8RowsLinear", "MetaInt4Error", "MetaInt4Linear", "SCHEME", "dequantize_int8", "dequantize_llama4_shard",
+           "hadamard", "linear", "parse_args", "split", "unpack_int4", "vocab_projection"]
