@@ -223,3 +223,48 @@ def test_llama4_experts_quantized_at_load(tmp_path):
     toks = tokens()
     with torch.inference_mode():
         assert relative_error(model.net(toks), ref.net(toks)) <= 1e-4
+
+
+# -- against compressed-tensors itself -------------------------------------------------------------------------------
+# transformers with the compressed-tensors package (the format's owner, llm-compressor's runtime) decompresses the
+# weights and fake-quantizes each Linear's input by the file's input_activations on the CPU: its logits are the
+# format's own reading of the file, with no llamaherd code on that side.
+
+def compressed_tensors_logits(folder) -> torch.Tensor:
+    pytest.importorskip("compressed_tensors")
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    with torch.inference_mode():
+        return model(input_ids=TOKENS).logits
+
+
+@pytest.mark.parametrize("strategy,acts", [("tensor", "static"), ("tensor", "dynamic"), ("channel", "static"),
+                                           ("channel", "dynamic")])
+def test_kept_codes_equal_compressed_tensors_own_forward(tmp_path, strategy, acts):
+    folder, _ = fp8_folder(tmp_path, ct_config(strategy, acts), strategy,
+                           extra="input_scale" if acts == "static" else None)
+    assert relative_error(_logits(folder, quantize="fp8"), compressed_tensors_logits(folder)) <= 1e-5
+
+
+@pytest.mark.parametrize("family", ["llama3", "gemma3"])
+def test_herd_quantize_fp8_writes_a_folder_compressed_tensors_reads(tmp_path, family):
+    from safetensors.torch import load_file
+
+    from llamaherd.cli import main
+
+    if family == "gemma3":
+        from tests.test_gemma3 import VARIANTS, hf_model
+        ref = hf_model(VARIANTS["plain"])
+    else:
+        ref = hf_reference(TINY[family], std=0.1)
+    ref.save_pretrained(tmp_path / "bf")
+    assert main(["quantize", str(tmp_path / "bf"), str(tmp_path / "fp8"), "--type", "fp8", "--quiet"]) == 0
+    written, source = load_file(tmp_path / "fp8" / "model.safetensors"), load_file(tmp_path / "bf" / "model.safetensors")
+    name = next(k for k in source if k.endswith("self_attn.q_proj.weight"))  # HF's row order (permuted back)
+    codes, scale, _ = quantize_e4m3(source[name], "channel")  # the published rule, on the source weights
+    assert torch.equal(written[name].view(torch.uint8), codes.view(torch.uint8))
+    assert torch.equal(written[name.replace(".weight", ".weight_scale")], scale)
+    ours = _logits(tmp_path / "fp8", quantize="fp8")
+    assert torch.equal(ours, _logits(tmp_path / "bf", quantize="fp8"))  # the same codes as quantizing at load
+    assert relative_error(ours, compressed_tensors_logits(tmp_path / "fp8")) <= 1e-5

@@ -205,12 +205,16 @@ def _shard(sd: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.
     return shards
 
 
-def write(ckpt: Checkpoint, dst: str | Path, *, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, **_: Any) -> Path:
-    """Write config.json, model.safetensors (or shards + index), generation_config.json and tokenizer files."""
+def write(ckpt: Checkpoint, dst: str | Path, *, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+          extra: dict[str, torch.Tensor] | None = None, **_: Any) -> Path:
+    """Write config.json, model.safetensors (or shards + index), generation_config.json and tokenizer files.
+
+    `extra` holds tensors already under Hugging Face names, written beside the model's (a quantized format's scales).
+    """
     dst = Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
-    sd = _hf_state_dict(ckpt)
-    dtype = next((t.dtype for t in sd.values() if t.is_floating_point()), torch.float32)
+    sd = {**_hf_state_dict(ckpt), **(extra or {})}
+    dtype = next((t.dtype for t in sd.values() if t.is_floating_point() and t.element_size() > 1), torch.float32)
     shards = _shard(sd, max_shard_bytes)
     if len(shards) == 1:
         save_file(shards[0], dst / "model.safetensors", metadata={"format": "pt"})

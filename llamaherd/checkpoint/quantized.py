@@ -71,6 +71,46 @@ def save(model, dst: str | Path) -> Path:
     return dst
 
 
+def save_fp8(model, dst: str | Path) -> Path:
+    """Write a model loaded with `quantize="fp8"` as a compressed-tensors FP8 folder: e4m3 `weight` codes with
+    per-channel `weight_scale` (and a static `input_scale` where the model has one), the layout of llm-compressor's
+    FP8_DYNAMIC / FP8 schemes that vLLM, transformers (with compressed-tensors) and `llamaherd.load` read."""
+    dst = Path(dst)
+    if dst.exists():
+        raise CheckpointError(dst, "already exists; remove it or choose another output folder")
+    if any(isinstance(m, fp8_mm.Fp8Experts) for m in model.net.modules()):
+        raise wo.QuantizeError("FP8 mixture-of-experts stacks have no compressed-tensors layout here; save the "
+                               "Llama 4 model in bf16 and quantize it with llm-compressor")
+    mods = {n: m for n, m in model.net.named_modules() if isinstance(m, fp8_mm.Fp8Linear)}
+    if not mods:
+        raise wo.QuantizeError("this model holds no FP8 projections; load it with quantize='fp8'")
+    static = {m.input_scale is not None for m in mods.values()}
+    if len(static) > 1 or any(m.scale_ub is not None for m in mods.values()):
+        raise wo.QuantizeError("compressed-tensors states one activation scheme for all projections, without an "
+                               "amax bound; this model's FP8 projections differ (an fbgemm or Meta FP8 source)")
+    static_inputs = static.pop()
+    ckpt, family = model.checkpoint, hf.FAMILIES[model.checkpoint.config.arch]
+
+    def hf_names(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:  # Meta -> HF, wq/wk rows permuted
+        return family.meta_to_hf(tensors, ckpt.config, source=ckpt.source)
+
+    sd = {**model.net.state_dict(), **{f"{n}.weight": m.weight for n, m in mods.items()}}
+    extra = {k.removesuffix("weight") + "weight_scale": t.contiguous()
+             for k, t in hf_names({f"{n}.weight": m.weight_scale.reshape(-1, 1) for n, m in mods.items()}).items()}
+    if static_inputs:
+        extra.update({k.removesuffix("weight") + "input_scale": m.input_scale.reshape(1) for k, m in
+                      zip(hf_names({f"{n}.weight": m.weight for n, m in mods.items()}), mods.values())})
+    floats = [n for n, m in model.net.named_modules() if type(m) is nn.Linear and n.split(".")[-1] != "output"]
+    ignore = ["lm_head", *(k.removesuffix(".weight") for k in hf_names({f"{n}.weight": model.net.get_submodule(n).weight
+                                                                          for n in floats}))]
+    with replacing_folder(dst) as tmp:  # staged, every file fsynced, renamed into place (atomic.py)
+        hf.write(dataclasses.replace(ckpt, state_dict=sd), tmp, extra=extra)
+        cfg = json.loads((tmp / "config.json").read_text())
+        cfg["quantization_config"] = fp8_mm.compressed_tensors_config(static_inputs, ignore)
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    return dst
+
+
 # -- reading --------------------------------------------------------------------------------------------------
 
 
@@ -262,4 +302,4 @@ def attach(ckpt: Checkpoint, qc: Any, path: Path) -> Checkpoint:
                                metadata={**ckpt.metadata, "quantization": spec})
 
 
-__all__ = ["attach", "attach_packed", "check_method", "holds_fp8", "keep_fp8", "save"]
+__all__ = ["attach", "attach_packed", "check_method", "holds_fp8", "keep_fp8", "save", "save_fp8"]

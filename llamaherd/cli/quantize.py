@@ -1,4 +1,5 @@
-"""`herd quantize SRC OUT --type q4_k_m|iq4_xs|...|int4-g64`: a quantized GGUF file, or a weight-only int8/int4 folder."""
+"""`herd quantize SRC OUT --type q4_k_m|iq4_xs|...|int4-g64|fp8`: a quantized GGUF file, a weight-only int8/int4
+folder, or a compressed-tensors FP8 folder."""
 
 from __future__ import annotations
 
@@ -17,13 +18,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Read SRC (Meta folder, Hugging Face folder, .gguf file or store name) and write OUT. GGUF types "
         "write a file llama.cpp can run; the k-quant mixes give attn_v/ffn_down/output more bits as llama.cpp does. "
         "int8 / int4[-gN] write a folder of weight-only quantized projections that `herd run` and "
-        "llamaherd.load() read without quantizing again. A quantized SRC is decoded and quantized again "
+        "llamaherd.load() read without quantizing again; fp8 writes a compressed-tensors folder (vLLM, transformers). "
+        "A quantized SRC is decoded and quantized again "
         "(with a warning: its rounding error stays).",
     )
     p.add_argument("src", help="checkpoint folder, .gguf file, or model name")
     p.add_argument("dst", help="output .gguf file (GGUF types) or folder (int8, int4[-gN])")
-    p.add_argument("--type", dest="qtype", default="q4_k_m", choices=TYPES + WEIGHT_ONLY,
-                   help="GGUF file type (default q4_k_m) or weight-only scheme (int4 groups of 128 unless -gN)")
+    p.add_argument("--type", dest="qtype", default="q4_k_m", choices=TYPES + WEIGHT_ONLY + ("fp8",),
+                   help="GGUF file type (default q4_k_m), weight-only scheme (int4 groups of 128 unless -gN), or "
+                        "fp8 (a compressed-tensors FP8 folder: e4m3 per channel, dynamic per-token activations)")
     p.add_argument("--imatrix", metavar="FILE", help="importance matrix from `herd imatrix` or llama-imatrix (.dat or "
                    ".gguf): weights each column's rounding error by its mean squared activation (GGUF types)")
     p.add_argument("--quiet", action="store_true", help="no progress line")
@@ -31,7 +34,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.qtype in WEIGHT_ONLY:
+    if args.qtype in WEIGHT_ONLY or args.qtype == "fp8":
         return _weight_only(args)
     from ..checkpoint.gguf_write import print_progress, write
     from ..api import resolve
@@ -53,15 +56,17 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _weight_only(args: argparse.Namespace) -> int:
-    """Load SRC with the weight-only swap and save it as checkpoint/quantized.py lays it out."""
+    """Load SRC with the weight-only (or FP8) swap and save it as checkpoint/quantized.py lays it out."""
     from ..api import load
     from ..checkpoint import quantized
     from ..quant.weight_only import QuantizeError
 
     if args.imatrix:
-        raise QuantizeError("--imatrix weights GGUF block quantization; int8/int4 take no importance matrix")
+        raise QuantizeError("--imatrix weights GGUF block quantization; int8/int4/fp8 take no importance matrix")
     start = time.perf_counter()
-    out = quantized.save(load(args.src, quantize=args.qtype), args.dst)
+    save = quantized.save_fp8 if args.qtype == "fp8" else quantized.save
+    out = save(load(args.src, quantize=args.qtype), args.dst)
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) / 2**20
-    print(f"wrote {args.qtype} weight-only folder {out} ({size:.1f} MiB, {time.perf_counter() - start:.1f} s)")
+    kind = "compressed-tensors FP8" if args.qtype == "fp8" else f"{args.qtype} weight-only"
+    print(f"wrote {kind} folder {out} ({size:.1f} MiB, {time.perf_counter() - start:.1f} s)")
     return 0

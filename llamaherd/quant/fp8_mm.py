@@ -180,6 +180,18 @@ class Fp8Experts(nn.Module):
         return self.down(F.silu(self.gate(x, expert)) * self.up(x, expert), expert)
 
 
+def compressed_tensors_config(static_inputs: bool, ignore: list[str]) -> dict:
+    """config.json's quantization_config for per-channel e4m3 weights, as llm-compressor writes its FP8_DYNAMIC
+    (per-token dynamic activations) and FP8 (static per-tensor input_scale) presets (compressed-tensors
+    QuantizationScheme / QuantizationArgs fields)."""
+    acts = {"num_bits": 8, "type": "float", "symmetric": True, "dynamic": not static_inputs,
+            "strategy": "tensor" if static_inputs else "token"}
+    weights = {"num_bits": 8, "type": "float", "symmetric": True, "dynamic": False, "strategy": "channel"}
+    return {"quant_method": "compressed-tensors", "format": "float-quantized", "quantization_status": "compressed",
+            "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": acts}},
+            "ignore": ignore}
+
+
 def quantizable(name: str, module: nn.Module) -> bool:
     """A 2-D Linear of the decoder (not the vocabulary output) whose widths `_scaled_mm` takes."""
     return isinstance(module, nn.Linear) and name.split(".")[-1] != "output" and \
@@ -209,4 +221,5 @@ def quantize(net: nn.Module) -> list[str]:
     return done
 
 
-__all__ = ["ALIGN", "E4M3_MAX", "Fp8Bank", "Fp8Experts", "Fp8Linear", "cuda_fp8", "fits", "quantize", "quantize_rows", "quantize_weight"]
+__all__ = ["ALIGN", "E4M3_MAX", "Fp8Bank", "Fp8Experts", "Fp8Linear", "compressed_tensors_config", "cuda_fp8", "fits",
+           "quantize", "quantize_rows", "quantize_weight"]
