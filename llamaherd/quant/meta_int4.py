@@ -4,16 +4,18 @@ Llama 3.2 1B/3B `-QLORA_INT4_EO8` and `-SpinQuant_INT4_EO8` (llama-models `sku_l
 read as llama-models' `llama3/quantization/loader.py` builds them
 (`_prepare_model_int4_weight_int8_dynamic_activation`):
 
-- every Linear of the blocks is torchao's `Int8DynActInt4WeightLinear` (torchao `quantization/GPTQ.py`):
+- every Linear of the blocks is torchao's `Int8DynActInt4WeightLinear` (torchao `quantization/GPTQ.py`, since
+  moved to `quantization/linear_quant_modules.py`):
   `X.weight` int8 (N, K) holding int4 values -8..7, `X.scales` (N, K/g) float32, `X.zeros` the same shape or
   absent (the loader's load hook: absent means 0), g = params.json `quantization_args.group_size` (32 in the
   released files: ExecuTorch's recipes for them, examples/models/llama/config/llama_xnnpack_{qat,spinquant}.yaml,
   pass preq_group_size 32 and model.py asserts it equals params.json's; sku_list's 256 is not what the files
   say). Dequantisation (torchao `linear_forward_8da4w`, quantized_decomposed `dequantize_per_channel_group`):
   w[n, k] = (q[n, k] - zeros[n, k // g]) * scales[n, k // g]. torchao also rounds each activation row to int8
-  (per-token dynamic quantization) before the product; we don't: the products run through our int4 path
-  (`hf_quantized.PackedLinear`: the native kernels for decode rows, on the activation codes their switches
-  choose, and the float32 dequantised matrix for prefill), as for GPTQ / AWQ.
+  (per-token dynamic quantization) before the product; the products here run through our int4 path instead
+  (`hf_quantized.PackedLinear`, as GPTQ / AWQ do: float32 scales kept exact, any group a multiple of 32, so 256
+  needs no splitting; the native kernels for decode rows, on the activation codes their switches choose, int8
+  blocks of 32 by default; the float32 dequantised matrix for prefill).
 - with `lora_args` {rank, scale} (the QLoRA files), each of them also has Meta's adaptor `X.adaptor.A.weight`
   (rank, K) and `X.adaptor.B.weight` (N, rank): y += B(A(x)) * scale (`Int8DynActInt4WeightLinearLoRA.forward`).
 - `tok_embeddings` and `output` are int8 with per-row `scales` ((N,) or (N, 1)), read as Meta's
@@ -340,5 +342,5 @@ def dequantize_llama4_shard(sd: dict[str, torch.Tensor], scales: dict[str, torch
     return out
 
 
-__all__ = ["Int4Args", "Int8RowsLinear", "MetaInt4Error", "MetaInt4Linear", "SCHEME", "dequantize_int8", "dequantize_llama4_shard",
-           "hadamard", "linear", "parse_args", "split", "unpack_int4", "vocab_projection"]
+__all__ = ["Int4Args", "Int8RowsLinear", "MetaInt4Error", "MetaInt4Linear", "SCHEME", "dequantize_int8",
+           "dequantize_llama4_shard", "hadamard", "linear", "parse_args", "split", "unpack_int4", "vocab_projection"]
