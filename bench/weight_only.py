@@ -8,9 +8,9 @@ step through the KV cache after a short prompt; the best of `rounds` medians, th
 round so that load on the machine hits them alike), the bytes of weights one token reads, and the decode rate
 that the measured memory bandwidth allows for those bytes (the ceiling: decode reads every weight once per
 token). A scheme written `int8/f32` runs with float32 activations (`native.weight_only.INT16_ACTIVATIONS`
-off: the exact products of the dequantised weights) instead of the default integer activations; `int4/a8` with
-int8 activations per 32 elements (`native.weight_only.INT8_ACTIVATIONS` on), `int4/a16` with int16 ones per row
-(off), whatever the module's default; one written
+off: the exact products of the dequantised weights) instead of the default integer activations; `int8/a8` or
+`int4/a8` with int8 activations per 32 elements (`native.weight_only.INT8_ACTIVATIONS` on), `int8/a16` or
+`int4/a16` with int16 ones per row (off), whatever the module's default; one written
 `int8/module` (and `bf16/module`) runs the per-module native path (`native.step.disabled()`) instead of the
 one-call decode step; `--ab` adds the `/module` twin of every scheme, bf16 included, so the step's gain and
 the ratios before and after it come from one run. Each scheme's speedup is over bf16 on the same path. KLD: mean over positions of KL(bf16 || scheme) on the full-vocabulary float32 logits of one random

@@ -110,14 +110,15 @@ def test_weight_only_codes_at_least_as_close_to_float32_as_the_per_module_path(f
 
 @pytest.mark.parametrize("int16,int8", [(True, True), (True, False), pytest.param(False, False, marks=pytest.mark.slow)],
                          ids=["int8-blocks", "int16-activations", "float-activations"])
-def test_weight_only_on_a_float32_model_equals_the_per_module_products(folder, int16, int8, monkeypatch):
+@pytest.mark.parametrize("spec", ["int4-g32", "int8"])
+def test_weight_only_on_a_float32_model_equals_the_per_module_products(folder, spec, int16, int8, monkeypatch):
     """A float32 model (float32 cache and residual stream in both paths): the step's logits are the per-module
-    path's up to float32 summation order, with every activation kind of the weight-only kernels (int4's int8
-    blocks of weight_only_a8.c, the default; int16 codes; float32)."""
+    path's up to float32 summation order, int4 and int8 codes, with every activation kind of the weight-only
+    kernels (int8 blocks of weight_only_a8.c, the default; int16 codes; float32)."""
     monkeypatch.setattr(native_wo, "INT16_ACTIVATIONS", int16)
     monkeypatch.setattr(native_wo, "INT8_ACTIVATIONS", int8)
     _, path = folder
-    model = llamaherd.load(path, dtype=torch.float32, quantize="int4-g32")
+    model = llamaherd.load(path, dtype=torch.float32, quantize=spec)
     spy = Spy(monkeypatch)
     got = decode_logits(model.net)
     assert spy.calls == STEPS

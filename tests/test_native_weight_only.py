@@ -6,14 +6,15 @@ Tolerance: the kernels multiply the exact dequantised weights (int8: the row's f
 scale; int4: (q - 8) * s + z, exact in float32) by exact float32 activations, so the only error is float32
 summation, bounded by K * 2^-24 * sum_k |x_k w_k| (Higham, Accuracy and Stability of Numerical Algorithms,
 eq. 3.5, first order). A wrong nibble, group or scale is off by O(1) of that sum, far above the bound.
-With int16 activations (`INT16_ACTIVATIONS`; int8 weights' default) each activation moves by at most half its row's
+With int16 activations (`INT16_ACTIVATIONS`, `INT8_ACTIVATIONS` off) each activation moves by at most half its row's
 step amax / 32767, which adds at most amax / 65534 * sum_k |w_k| per output.
 
-int4 weights on int8 activations (`INT8_ACTIVATIONS`, the default, weight_only_a8.c) are checked against float64 products of
-the Q8_0 blocks gguf-py's reference quantizer makes of the same rows (llama.cpp's rounding, independent of
-llamaherd) and the same codes: exact up to float32 summation; then against the dequantised float product and the
-int16 path (the activation rounding's error only), through the per-module calls (the one-call decode step on the
-same kinds: tests/test_native_step_dense.py).
+int4 and int8 weights on int8 activations (`INT8_ACTIVATIONS`, the default, weight_only_a8.c) are checked against
+float64 products of the Q8_0 blocks gguf-py's reference quantizer makes of the same rows (llama.cpp's rounding,
+independent of llamaherd) and the same codes: exact up to float32 summation; then against the dequantised float
+product and the int16 path (the activation rounding's error only), through the per-module calls (the one-call
+decode step on the same kinds: tests/test_native_step_dense.py). With the switch off, int8 weights are the int16
+path's numbers: the exact integer products of the int16 codes, up to their float32 conversion.
 """
 
 from __future__ import annotations
@@ -108,9 +109,10 @@ def test_several_weights_in_one_call_equal_one_at_a_time():
     for m, y in zip(members, together):
         assert y.shape == (2, 1, m[0].shape[0])
         assert torch.equal(y, nw.int4(x, [m], 32)[0])
-    members8 = [_int8_codes(n, 100, seed=n) for n in (8, 12)]
-    for m, y in zip(members8, nw.int8(x[..., :100], members8)):
-        assert torch.equal(y, nw.int8(x[..., :100], [m])[0])
+    for K in (100, 96):  # int8 weights on int16 codes (K % 32 != 0) and on int8 blocks
+        members8 = [_int8_codes(n, K, seed=n) for n in (8, 12)]
+        for m, y in zip(members8, nw.int8(x[..., :K], members8)):
+            assert torch.equal(y, nw.int8(x[..., :K], [m])[0])
 
 
 def test_bad_codes_and_inputs_are_refused():
@@ -161,7 +163,7 @@ def test_sibling_results_do_not_depend_on_call_order():
 @pytest.mark.parametrize("M", [1, 5, 16])
 def test_int16_activations_within_their_rounding(scheme, N, K, group, M, monkeypatch):
     assert nw.INT16_ACTIVATIONS
-    monkeypatch.setattr(nw, "INT8_ACTIVATIONS", False)  # int4 on int16 codes, whatever the default
+    monkeypatch.setattr(nw, "INT8_ACTIVATIONS", False)  # int16 codes, whatever the default
     x = torch.randn(M, K, generator=torch.Generator().manual_seed(3)).bfloat16()
     x[0, 7] = 40.0  # an outlier sets the row's step
     if scheme == "int8":
@@ -263,9 +265,9 @@ def test_int8_activations_need_k_a_multiple_of_128(K, group, path, int8_activati
     assert torch.equal(got, want)
 
 
-def test_switch_off_gives_the_int16_path_and_int8_weights_ignore_it(monkeypatch):
-    """INT8_ACTIVATIONS off is the int16 path (its bound: test_int16_activations_within_their_rounding); int8
-    weights take int16 activations either way; INT16_ACTIVATIONS off is the float32 path whatever INT8 says."""
+def test_switch_off_gives_the_int16_path_and_float_activations_override_it(monkeypatch):
+    """INT8_ACTIVATIONS off is the int16 path (its bound: test_int16_activations_within_their_rounding), for int4
+    and int8 weights alike; INT16_ACTIVATIONS off is the float32 path whatever INT8 says."""
     q4, s4, z4 = _int4_codes(33, 256, 128)
     q8, s8 = _int8_codes(33, 256)
     x = torch.randn(2, 256)
@@ -275,17 +277,81 @@ def test_switch_off_gives_the_int16_path_and_int8_weights_ignore_it(monkeypatch)
             monkeypatch.setattr(nw, "INT16_ACTIVATIONS", a16)
             monkeypatch.setattr(nw, "INT8_ACTIVATIONS", a8)
             runs[a16, a8] = nw.int4(x, [(q4, s4, z4)], 128, torch.float32)[0], nw.int8(x, [(q8, s8)], torch.float32)[0]
-    assert torch.equal(runs[False, True][0], runs[False, False][0])  # float32 path
-    assert not torch.equal(runs[True, True][0], runs[True, False][0])
-    assert not torch.equal(runs[True, False][0], runs[False, False][0])
-    assert torch.equal(runs[True, True][1], runs[True, False][1])
-    assert torch.equal(runs[False, True][1], runs[False, False][1])
+    for w in (0, 1):
+        assert torch.equal(runs[False, True][w], runs[False, False][w])  # float32 path
+        assert not torch.equal(runs[True, True][w], runs[True, False][w])
+        assert not torch.equal(runs[True, False][w], runs[False, False][w])
+
+
+def _int16_codes(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's int16 codes and step, as the int16 path defines them: amax / 32767, round half to even."""
+    x = x.float()
+    amax = x.abs().amax(1, keepdim=True)
+    return torch.round(x * (torch.tensor(32767.0) / amax)), amax / 32767.0
+
+
+@pytest.mark.parametrize("N,K,M", [(37, 96, 1), (64, 2048, 5), (9, 100, 16)])
+def test_int8_weights_with_the_switch_off_are_the_int16_codes_products(N, K, M, monkeypatch):
+    """The int16 numbers as before weight_only_a8.c took int8 weights: the exact integer dot products of the
+    int16 codes and the int8 codes, times the row's step and the weight's scale; the only error is the float32
+    conversion of the int32 lanes and their sum (16 lanes: 20 roundings, far under one int16 code step)."""
+    monkeypatch.setattr(nw, "INT8_ACTIVATIONS", False)
+    q, s = _int8_codes(N, K)
+    x = torch.randn(M, K, generator=torch.Generator().manual_seed(6)).bfloat16()
+    (y,) = nw.int8(x, [(q, s)], torch.float32)
+    codes, step = _int16_codes(x)
+    dots = codes.to(torch.int64) @ q.to(torch.int64).t()  # exact
+    want = dots.double() * s.double() * step.double()
+    bound = 20 * 2.0**-24 * (codes.abs().double() @ q.abs().double().t()) * s.double() * step.double()
+    assert ((y.double() - want).abs() <= bound).all()
+
+
+# ---- int8 weights on int8 activations (weight_only_a8.c) -------------------------------------------------------
+
+@pytest.mark.parametrize("N,K", [(1, 32), (7, 96), (37, 256), (131, 2048), (5, 8192)])
+@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_on_int8_activations_equals_float64_of_the_q8_0_blocks(N, K, M, dtype, int8_activations):
+    """Every row count's tile (1-4 rows and four of them), odd N (a last block of 1-3 weight rows), K with a
+    last half chunk of 32 (96) and whole ones; the integer sums are exact, so the bound is float32 summation."""
+    q, s = _int8_codes(N, K, seed=N)
+    x = torch.randn(M, K, generator=torch.Generator().manual_seed(7)).to(dtype)
+    x[0, 5] = 9.0  # an outlier in one block only
+    (y,) = nw.int8(x, [(q, s)], torch.float32)
+    _assert_within_bound(y, _q8_0(x), _int8_f64(q, s))
+
+
+def test_int8_on_int8_activations_stays_near_the_float_product_and_the_int16_path(int8_activations):
+    """The activation rounding alone, as for int4 above: about 1e-3 of the outputs' norm on Gaussian rows."""
+    q, s = _int8_codes(96, 2048)
+    x = torch.randn(7, 2048, generator=torch.Generator().manual_seed(8)).bfloat16()
+    (y8,) = nw.int8(x, [(q, s)], torch.float32)
+    want = x.double() @ _int8_f64(q, s).t()
+    with native.switched_off(nw, "INT8_ACTIVATIONS"):
+        (y16,) = nw.int8(x, [(q, s)], torch.float32)
+    for other in (want, y16.double()):
+        rel = float((y8.double() - other).norm() / other.norm())
+        assert 1e-5 < rel < 1e-2, rel
+    assert float((y16.double() - want).norm() / want.norm()) < 1e-4
+
+
+@pytest.mark.parametrize("K", [16, 100, 200])
+def test_int8_weights_take_int16_codes_when_k_is_not_a_multiple_of_32(K, int8_activations):
+    q, s = _int8_codes(11, K)
+    x = torch.randn(3, K)
+    (got,) = nw.int8(x, [(q, s)], torch.float32)
+    with native.switched_off(nw, "INT8_ACTIVATIONS"):
+        (want,) = nw.int8(x, [(q, s)], torch.float32)
+    assert torch.equal(got, want)
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_int8_activations_carry_nan_and_inf_rows_to_nan_outputs(bad, int8_activations):
-    q, s, z = _int4_codes(8, 128, 32)
+@pytest.mark.parametrize("scheme", ["int4", "int8"])
+def test_int8_activations_carry_nan_and_inf_rows_to_nan_outputs(bad, scheme, int8_activations):
     x = torch.randn(3, 128)
     x[1, 70] = bad
-    (y,) = nw.int4(x, [(q, s, z)], 32)
+    if scheme == "int4":
+        (y,) = nw.int4(x, [_int4_codes(8, 128, 32)], 32)
+    else:
+        (y,) = nw.int8(x, [_int8_codes(8, 128)])
     assert torch.isfinite(y[0]).all() and torch.isfinite(y[2]).all() and torch.isnan(y[1]).all()

@@ -21,8 +21,9 @@
  *   grouped 8-bit (GPTQ 8-bit, repacked at load by quant/hf_quantized.py): codes uint8 (N, K), float32 scales
  *         and zeros (K/G, N): w = q * s + z (exact in float32 for the formats' float16 scales).
  *
- *   int4 on int8 activations (llama.cpp's Q8_0 blocks, `vpdpbusd` on the nibbles as stored) is weight_only_a8.c's;
- *   lh_wo_act_init picks it when asked (LH_WO_ACT_I8) and K is a multiple of 128.
+ *   int4 and int8 on int8 activations (llama.cpp's Q8_0 blocks, `vpdpbusd` on the codes as stored) are
+ *   weight_only_a8.c's; lh_wo_act_init picks them when asked (LH_WO_ACT_I8) and K is a multiple of 128 (int4) or
+ *   32 (int8).
  *
  * `lh_wo_int8` / `lh_wo_int4` / `lh_wo_grouped8` apply nw weights to one X in a single OpenMP region (one fork/join for
  * wq/wk/wv or w1/w3). Without AVX-512F the `#else` path does the same arithmetic in plain C. Built by
@@ -241,7 +242,8 @@ static void lh_wo8_in_region(const void *X, const float *sx, int64_t M, int64_t 
 
 /* nw int8 weights W[j] (N[j], K) with row scales S[j] (N[j],) applied to X (M, K) (float32 when x_f32, else
  * bf16; rows ldx apart) into Y[j] (M, N[j]) rows ldy[j] apart, float32 or bf16 (y_bf16); act: the activation
- * kind requested (weight_only.h's LH_WO_ACT_*; int8 weights take int16 activations for either integer kind). Returns 0, or -1 for M outside 1..16, a negative size, or no memory. */
+ * kind requested (weight_only.h's LH_WO_ACT_*: float32, the int16 path above, or weight_only_a8.c's int8 codes).
+ * Returns 0, or -1 for M outside 1..16, a negative size, or no memory. */
 int lh_wo_int8(int nw, const void *X, int x_f32, int64_t ldx, int64_t M, const int8_t *const *W,
                const uint16_t *const *S, const int64_t *N, int64_t K, void *const *Y, const int64_t *ldy,
                int y_bf16, int act, int nthreads) {
@@ -552,7 +554,8 @@ size_t lh_wo_act_bytes(int64_t K, int64_t M, int64_t G) {
 
 void lh_wo_act_init(lh_wo_act *a, void *mem, int scheme, int act, int64_t K, int64_t M, int64_t G) {
     a->scheme = scheme, a->M = M, a->K = K, a->G = G;
-    if (scheme == LH_WO_INT8) a->act = act != LH_WO_ACT_F32 ? LH_WO_ACT_I16 : LH_WO_ACT_F32; /* no int8 path */
+    if (scheme == LH_WO_INT8 && act == LH_WO_ACT_I8 && lh_wo4a8_available() && K % 32 == 0) a->act = LH_WO_ACT_I8;
+    else if (scheme == LH_WO_INT8) a->act = act != LH_WO_ACT_F32 ? LH_WO_ACT_I16 : LH_WO_ACT_F32;
     else if (scheme == LH_WO_INT4 && act == LH_WO_ACT_I8 && lh_wo4a8_available() && K % 128 == 0)
         a->act = LH_WO_ACT_I8;
     else if (scheme == LH_WO_INT4) a->act = act != LH_WO_ACT_F32 && LH_WO_ACT16_INT4 && K % 64 == 0;
@@ -564,6 +567,7 @@ void lh_wo_act_init(lh_wo_act *a, void *mem, int scheme, int act, int64_t K, int
 int lh_wo_act_row(lh_wo_act *a, const void *X, int x_f32, int64_t ldx, int64_t i) {
     const int64_t K = a->K;
     if (a->scheme == LH_WO_INT4 && a->act == LH_WO_ACT_I8) return lh_wo4a8_row(a, X, x_f32, ldx, i);
+    if (a->scheme == LH_WO_INT8 && a->act == LH_WO_ACT_I8) return lh_wo8a8_row(a, X, x_f32, ldx, i);
     if (a->scheme == LH_WO_INT4 && a->act == LH_WO_ACT_I16) {
         int16_t *xq = (int16_t *)a->x + i * K;
         const int64_t G = a->G, ng = K / G;
@@ -593,7 +597,9 @@ int lh_wo_act_row(lh_wo_act *a, const void *X, int x_f32, int64_t ldx, int64_t i
 void lh_wo_weight_in_region(const lh_wo_act *a, const void *W, const void *S, const void *Z, int sz_f32, int64_t N,
                             void *Y, int64_t ldy, int y_bf16) {
     const int64_t M = a->M, K = a->K, G = a->G;
-    if (a->scheme == LH_WO_INT8) {
+    if (a->scheme == LH_WO_INT8 && a->act == LH_WO_ACT_I8) {
+        lh_wo8a8_in_region(a, (const int8_t *)W, (const uint16_t *)S, N, Y, ldy, y_bf16);
+    } else if (a->scheme == LH_WO_INT8) {
         lh_wo8_in_region(a->x, a->act == LH_WO_ACT_I16 ? a->sx : NULL, M, K, (const int8_t *)W, (const uint16_t *)S,
                          N, Y, ldy, y_bf16);
     } else if (a->scheme == LH_WO_INT4) {

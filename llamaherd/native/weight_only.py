@@ -8,10 +8,11 @@ and multiplied with AVX-512 VNNI integer dot products (exact integer sums; each 
 amax / 65534 of its row, below its own bf16 rounding unless it is under amax / 128): on this loaded 2-core
 machine the float path is bound by instructions, not bytes. With it off, the activations stay float32 and the
 products are those of the dequantised weights, only the float32 summation order differing from the reference.
-With `INT8_ACTIVATIONS` (the default; int4 weights, K a multiple of 128) the rows are instead quantized to
-llama.cpp's Q8_0 blocks (int8 codes, one float16 scale per 32 elements) and the nibbles multiplied as stored
-(weight_only_a8.c): half the integer instructions of the int16 path, at the activation error of llama.cpp's
-own Q4_0 products. `activation_mode()` is what both callers pass: this file's `Codes` and the one-call step.
+With `INT8_ACTIVATIONS` (the default; int4 weights with K a multiple of 128, int8 weights with K a multiple of
+32) the rows are instead quantized to llama.cpp's Q8_0 blocks (int8 codes, one float16 scale per 32 elements)
+and the codes multiplied as stored (weight_only_a8.c): fewer integer instructions than the int16 path, at the
+activation error of llama.cpp's own Q4_0 / Q8_0 products. `activation_mode()` is what both callers pass: this
+file's `Codes` and the one-call step.
 
 The codes are read in place, in the portable layout of `quant/weight_only.py` (`qweight`, `scales`,
 `zeros`): no kernel copy of the weights is made. `applies(x)` is the condition for the native path: a CPU
@@ -37,12 +38,13 @@ ENABLED = True  # this file's kernels alone; `native.switched_off(weight_only)` 
 # False: float32 activations, the exact products of the dequantised weights (the GPTQ / AWQ exactness tests),
 # whatever INT8_ACTIVATIONS says.
 INT16_ACTIVATIONS = True
-# int4 weights, integer activations on: int8 codes per 32 elements (llama.cpp's Q8_0 blocks, weight_only_a8.c)
-# instead of int16 codes per row: half the VNNI instructions. False: the int16 path. int8 weights keep int16.
-# Measured on the 1B shape (BENCHMARKS.md, issue 18): 2.7-3.1x / 2.7-2.9x our bf16 decode at 1 / 2 threads
+# int4 and int8 weights, integer activations on: int8 codes per 32 elements (llama.cpp's Q8_0 blocks,
+# weight_only_a8.c) instead of int16 codes per row. False: the int16 path (weight_only.c).
+# Measured on the 1B shape (BENCHMARKS.md, issue 18): int4 2.7-3.1x / 2.7-2.9x our bf16 decode at 1 / 2 threads
 # against int16's 1.8-1.9x / 1.6-1.9x in the same runs, KLD to bf16 0.1642 against 0.1647 (the 4-bit weights'
-# error dwarfs the activations'), so on by default, as llama.cpp rounds the activations of its own 4-bit
-# types; the tests that compare packing against float references at 1e-3 pin int16.
+# error dwarfs the activations'); int8 1.69x / 1.63x against int16's 1.32x / 1.40x, KLD 0.0024 against 0.0018
+# (Q8_0's activation error is now comparable to the 8-bit weights'). On by default, as llama.cpp rounds the
+# activations of its own 4-bit and 8-bit types; the tests that compare against float references at 1e-3 pin int16.
 INT8_ACTIVATIONS = True
 
 

@@ -1,5 +1,5 @@
-/* Weight-only int4 products on int8 activations: the Q8_0 activation blocks of llama.cpp's Q4_0 path against the
- * int4 codes of weight_only.c, read in place.
+/* Weight-only int4 and int8 products on int8 activations: the Q8_0 activation blocks of llama.cpp's Q4_0 / Q8_0
+ * paths against the int4 and int8 codes of weight_only.c, read in place.
  *
  * Why: weight_only.c's int16-activation int4 path is bound by instructions, not bytes (BENCHMARKS.md, issue 18:
  * 66.7 ms/token at 2 threads where its bytes need 37 ms): per 64 codes it widens 32 bytes to int16 and issues
@@ -19,7 +19,15 @@
  *   XS_g = sum_{b in g} d_b sum_{k in b} xq[k]
  * the integer dots exact, the rest float32 (XS from the quantizer's block code sums, once per row).
  * Needs K a multiple of 128 and the VNNI build; weight_only.c's lh_wo_act_init falls back to the int16 path
- * otherwise. */
+ * otherwise.
+ *
+ * int8 weights (w = q s, one scale per output row): the codes in order, so int32 lane l of a 64-code product holds
+ * elements 4l..4l+3, lanes 0-7 in one activation block and 8-15 in the next; per output
+ *   y = s sum_b d_b (q . xq)_b,
+ * a float vector of the chunk's two d (each over eight lanes) scaling each 64-code product (a8_tile8 for the
+ * signed x signed products). Per 64 codes and activation row: one `vpdpbusd`, a conversion and an FMA, against
+ * the int16 path's two `vpdpwssd` and its widening of the codes (weight_only.c, which stays: INT8_ACTIVATIONS
+ * off). Needs K a multiple of 32 (the blocks) and the VNNI build, else the int16 path. */
 #include <stdint.h>
 #include <string.h>
 
@@ -44,24 +52,35 @@ int lh_q8_quantize(int type, const float *X, int64_t M, int64_t K, int8_t *q, fl
 
 int lh_wo4a8_available(void) { return LH_WO_A8; }
 
-/* Row i's part of a->x (8 K bytes): the split codes (K), the quantizer's codes (K), its s16 (K/16 floats), d (K/32
- * floats), the chunks' d vectors dv (K/8 floats), and (bf16 input) the row widened to float32 (K floats). */
+/* int4: row i's part of a->x (8 K bytes): the split codes (K), the quantizer's codes (K), its s16 (K/16 floats), d
+ * (K/32 floats), the chunks' d vectors dv (K/8 floats), and (bf16 input) the row widened to float32 (K floats). */
 static int8_t *a8_codes(const lh_wo_act *a, int64_t i) { return (int8_t *)a->x + i * a->K * 8; }
 static float *a8_dv(const lh_wo_act *a, int64_t i) { return (float *)(a8_codes(a, i) + a->K * 2 + a->K / 2); }
 
-int lh_wo4a8_row(lh_wo_act *a, const void *X, int x_f32, int64_t ldx, int64_t i) {
-    const int64_t K = a->K, G = a->G, ng = K / G;
-    int8_t *split = a8_codes(a, i), *raw = split + K;
-    float *s16 = (float *)(split + 2 * K), *d = s16 + K / 16, *dv = a8_dv(a, i), *row = (float *)(split + 4 * K);
+/* Row i of X as Q8_0 blocks: widened to float32 in `row` when bf16, then the quantizer's codes q (K), scales d
+ * (K/32) and code sums s16 (K/16). Returns 0 (or NaN: a NaN or an infinity, which int8 codes cannot carry, makes
+ * the row's outputs NaN) in *poison, and -1 when the quantizer could not get its scratch memory. */
+static int a8_quantize(const lh_wo_act *a, const void *X, int x_f32, int64_t ldx, int64_t i, float *row, int8_t *q,
+                       float *d, float *s16, float *poison) {
+    const int64_t K = a->K;
     const float *xf = (const float *)X + i * ldx;
     if (!x_f32) {
         for (int64_t k = 0; k < K; k++) row[k] = lh_bf2f(((const uint16_t *)X)[i * ldx + k]);
         xf = row;
     }
-    int finite = 1; /* a NaN or an infinity, which the int8 codes cannot carry, makes the row's outputs NaN */
+    int finite = 1;
     for (int64_t k = 0; k < K; k++) finite &= __builtin_isfinite(xf[k]);
-    const int failed = lh_q8_quantize(LH_WO_A8_TYPE, xf, 1, K, raw, d, s16) != 0;
-    const float poison = finite && !failed ? 0.0f : __builtin_nanf("");
+    const int failed = lh_q8_quantize(LH_WO_A8_TYPE, xf, 1, K, q, d, s16) != 0;
+    *poison = finite && !failed ? 0.0f : __builtin_nanf("");
+    return failed ? -1 : 0;
+}
+
+int lh_wo4a8_row(lh_wo_act *a, const void *X, int x_f32, int64_t ldx, int64_t i) {
+    const int64_t K = a->K, G = a->G, ng = K / G;
+    int8_t *split = a8_codes(a, i), *raw = split + K;
+    float *s16 = (float *)(split + 2 * K), *d = s16 + K / 16, *dv = a8_dv(a, i), *row = (float *)(split + 4 * K);
+    float poison;
+    const int rc = a8_quantize(a, X, x_f32, ldx, i, row, raw, d, s16, &poison);
     for (int64_t c = 0; c < K; c += 128) {
         for (int j = 0; j < 64; j++) {
             split[c + j] = raw[c + 2 * j];
@@ -74,7 +93,30 @@ int lh_wo4a8_row(lh_wo_act *a, const void *X, int x_f32, int64_t ldx, int64_t i)
         for (int64_t b = g * G / 32; b < (g + 1) * G / 32; b++) sum += d[b] * (s16[2 * b] + s16[2 * b + 1]);
         a->xs[i * ng + g] = sum + poison;
     }
-    return failed ? -1 : 0;
+    return rc;
+}
+
+/* int8 weights: row i's codes in order (K), s16 (K/16 floats), d (K/32 floats), from 2 K bytes the d vector of
+ * each 64-element chunk (its two blocks' d, each over eight int32 lanes: K/4 floats, 16 more when a half chunk
+ * ends the row, its upper lanes 0), the widened row from 4 K, then over it each lane's start, -128 times the sum
+ * of its four codes (K/4 int32, 16 more for a last half chunk). */
+static float *a8_dv8(const lh_wo_act *a, int64_t i) { return (float *)(a8_codes(a, i) + a->K * 2); }
+static int32_t *a8_start(const lh_wo_act *a, int64_t i) { return (int32_t *)(a8_codes(a, i) + a->K * 4); }
+
+int lh_wo8a8_row(lh_wo_act *a, const void *X, int x_f32, int64_t ldx, int64_t i) {
+    const int64_t K = a->K;
+    int8_t *q = a8_codes(a, i);
+    float *s16 = (float *)(q + K), *d = s16 + K / 16, *dv = a8_dv8(a, i), *row = (float *)(q + 4 * K);
+    int32_t *start = a8_start(a, i);
+    float poison;
+    const int rc = a8_quantize(a, X, x_f32, ldx, i, row, q, d, s16, &poison);
+    for (int64_t c = 0; c < K; c += 64)
+        for (int l = 0; l < 16; l++) {
+            const int64_t b = c / 32 + l / 8, k = c + 4 * l;
+            dv[c / 4 + l] = (b < K / 32 ? d[b] : 0.0f) + poison;
+            start[c / 4 + l] = k < K ? -128 * (q[k] + q[k + 1] + q[k + 2] + q[k + 3]) : 0;
+        }
+    return rc;
 }
 
 #if LH_WO_A8
@@ -180,7 +222,82 @@ void lh_wo4a8_in_region(const lh_wo_act *a, const uint8_t *W, const void *S, con
         }
     }
 }
+
+/* int8 weights: rb weight rows (ldw bytes apart) against mb activation rows, each sum before the row's scale.
+ * Per 64 codes w (signed) and activation codes x (Q8_0, -127..127): `vpdpbusd` multiplies unsigned by signed
+ * bytes, so the codes go in with their sign bit flipped, wu = w + 128 (0..255, one XOR per weight row and chunk),
+ * and each lane's sum starts at -128 (x0 + x1 + x2 + x3), laid out once per activation row (a8_start): the exact
+ * int32 sum of the lane's four products w x. llama.cpp's sign transfer instead (`|w|` against x negated where
+ * w < 0, ggml-cpu's `mul_sum_i8_pairs`) costs a masked subtraction per activation row and weight row: 1.1x / 1.4x
+ * / 1.4x slower on 1 / 4 / 16 rows of a 512 x 2048 product from the cache, one thread (the same from memory);
+ * x + 128 against w, with a start of -128 sum(w) per weight row (one more `vpdpbusd` and a subtraction per weight
+ * row and chunk), measured as fast as this form. */
+static inline __attribute__((always_inline)) void a8_tile8(const lh_wo_act *a, int64_t m, const int mb,
+                                                           const int8_t *W, int64_t ldw, const int rb, float *out) {
+    const int64_t K = a->K;
+    const __m512i flip = _mm512_set1_epi8((char)0x80);
+    const int8_t *x[LH_WO_A8_MB];
+    const int32_t *st[LH_WO_A8_MB];
+    const float *dv[LH_WO_A8_MB];
+    for (int i = 0; i < mb; i++) x[i] = a8_codes(a, m + i), st[i] = a8_start(a, m + i), dv[i] = a8_dv8(a, m + i);
+    __m512 acc[LH_WO_A8_MB][LH_WO_A8_RB];
+    for (int i = 0; i < mb; i++)
+        for (int r = 0; r < rb; r++) acc[i][r] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k += 64) { /* a last chunk of 32 (K % 64 == 32): masked loads zero the rest */
+        const __mmask64 in = K - k >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << (K - k)) - 1);
+        __m512i wu[LH_WO_A8_RB];
+        for (int r = 0; r < rb; r++) {
+            const int8_t *p = W + r * ldw + k;
+            _mm_prefetch((const char *)(p + LH_WO_A8_RB * ldw), _MM_HINT_T0); /* the next block's row r */
+            wu[r] = _mm512_xor_si512(_mm512_maskz_loadu_epi8(in, p), flip);
+        }
+        for (int i = 0; i < mb; i++) {
+            const __m512i xv = _mm512_maskz_loadu_epi8(in, x[i] + k), s = _mm512_loadu_si512(st[i] + k / 4);
+            const __m512 d = _mm512_loadu_ps(dv[i] + k / 4); /* lanes 0-7: block k / 32, 8-15: the next */
+            for (int r = 0; r < rb; r++)
+                acc[i][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(s, wu[r], xv)), d, acc[i][r]);
+        }
+    }
+    for (int i = 0; i < mb; i++)
+        for (int r = 0; r < rb; r++) out[i * rb + r] = _mm512_reduce_add_ps(acc[i][r]);
+}
+
+void lh_wo8a8_in_region(const lh_wo_act *a, const int8_t *W, const uint16_t *S, int64_t N, void *Y, int64_t ldy,
+                        int y_bf16) {
+    const int64_t M = a->M, ldw = a->K, blocks = (N + LH_WO_A8_RB - 1) / LH_WO_A8_RB;
+#pragma omp for schedule(static) nowait
+    for (int64_t blk = 0; blk < blocks; blk++) {
+        const int64_t n = blk * LH_WO_A8_RB;
+        const int rb = N - n < LH_WO_A8_RB ? (int)(N - n) : LH_WO_A8_RB;
+        const int8_t *w = W + n * ldw;
+        for (int64_t m = 0; m < M; m += LH_WO_A8_MB) {
+            const int mb = M - m < LH_WO_A8_MB ? (int)(M - m) : LH_WO_A8_MB;
+            float s[LH_WO_A8_MB * LH_WO_A8_RB];
+            if (rb == LH_WO_A8_RB) { /* constant (mb, rb) per call site: the accumulators become registers */
+                switch (mb) {
+                case 1: a8_tile8(a, m, 1, w, ldw, LH_WO_A8_RB, s); break;
+                case 2: a8_tile8(a, m, 2, w, ldw, LH_WO_A8_RB, s); break;
+                case 3: a8_tile8(a, m, 3, w, ldw, LH_WO_A8_RB, s); break;
+                default: a8_tile8(a, m, 4, w, ldw, LH_WO_A8_RB, s); break;
+                }
+            } else {
+                for (int r = 0; r < rb; r++) {
+                    float u[LH_WO_A8_MB];
+                    a8_tile8(a, m, mb, w + r * ldw, ldw, 1, u);
+                    for (int i = 0; i < mb; i++) s[i * rb + r] = u[i];
+                }
+            }
+            for (int i = 0; i < mb; i++)
+                for (int r = 0; r < rb; r++)
+                    lh_wo_store(Y, y_bf16, (m + i) * ldy + n + r, s[i * rb + r] * lh_bf2f(S[n + r]));
+        }
+    }
+}
 #else
+void lh_wo8a8_in_region(const lh_wo_act *a, const int8_t *W, const uint16_t *S, int64_t N, void *Y, int64_t ldy,
+                        int y_bf16) {
+    (void)a, (void)W, (void)S, (void)N, (void)Y, (void)ldy, (void)y_bf16; /* never chosen */
+}
 void lh_wo4a8_in_region(const lh_wo_act *a, const uint8_t *W, const void *S, const void *Z, int sz_f32, int64_t N,
                         void *Y, int64_t ldy, int y_bf16) {
     (void)a, (void)W, (void)S, (void)Z, (void)sz_f32, (void)N, (void)Y, (void)ldy, (void)y_bf16; /* never chosen */

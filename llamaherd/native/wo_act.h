@@ -1,5 +1,5 @@
 /* The activation rows the weight-only kernels read (lh_wo_act) and the small helpers every one of them uses:
- * weight_only.c (int8 / int4 / grouped 8-bit on int16 or float32 activations), weight_only_a8.c (int4 on int8
+ * weight_only.c (int8 / int4 / grouped 8-bit on int16 or float32 activations), weight_only_a8.c (int4, int8 on int8
  * activation blocks) and their callers (weight_only.h, step.c). */
 #ifndef LLAMAHERD_NATIVE_WO_ACT_H
 #define LLAMAHERD_NATIVE_WO_ACT_H
@@ -11,7 +11,7 @@
 #define LH_WO_MAX_M 16 /* rows of X per call; weight_only.py's MAX_ROWS */
 
 enum { LH_WO_INT8 = 0, LH_WO_INT4 = 1, LH_WO_GROUPED8 = 2 };
-/* Activation kinds (weight_only.py's activation_mode()): float32; int16 codes per row; int8 codes per 32 (int4). */
+/* Activation kinds (weight_only.py's activation_mode()): float32; int16 codes per row; int8 codes per 32. */
 enum { LH_WO_ACT_F32 = 0, LH_WO_ACT_I16 = 1, LH_WO_ACT_I8 = 2 };
 
 /* The activation rows of one group of products, as the scheme's kernel reads them. */
