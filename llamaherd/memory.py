@@ -28,6 +28,7 @@ import torch
 
 from .checkpoint import Checkpoint
 from .checkpoint.base import stored_dtype
+from .checkpoint.quantized import holds_fp8
 from .config import ModelConfig
 from .errors import LlamaherdError
 from .quant.ggml import GGMLWeight
@@ -230,12 +231,11 @@ def _fp8_expert_sizes(name: str, experts: torch.nn.Module) -> dict[str, torch.nn
     return banks
 
 
-def _fp8_bytes(net: torch.nn.Module) -> int:
-    """The bytes of the e4m3 codes and scales an FP8 checkpoint's `prepare` put into the meta-built model."""
-    from .quant.fp8_mm import Fp8Bank, Fp8Linear
-
-    return sum(b.numel() * b.element_size() for m in net.modules() if isinstance(m, (Fp8Linear, Fp8Bank))
-               for b in m.buffers(recurse=False))
+def _prepared_bytes(net: torch.nn.Module) -> int:
+    """The bytes of the codes a checkpoint's `prepare` built into the meta-built model (GPTQ / AWQ / Meta int4
+    packed projections, an FP8 file's e4m3 codes): real buffers, not in the state dict."""
+    return sum(b.numel() * b.element_size() for m in net.modules() for b in m.buffers(recurse=False)
+               if b.device.type != "meta")
 
 
 def _weight_sizes(ckpt: Checkpoint, target: torch.dtype, quantize: str | None) -> tuple[int, int, str]:
@@ -246,8 +246,8 @@ def _weight_sizes(ckpt: Checkpoint, target: torch.dtype, quantize: str | None) -
     if ckpt.prepare is not None:
         ckpt.prepare(net)
     quantized: dict[str, torch.Size] = {}
-    kept = _fp8_bytes(net)  # an FP8 checkpoint's own codes, attached by `prepare` (checkpoint/quantized.keep_fp8)
-    if quantize == "fp8" and not kept:
+    kept = _prepared_bytes(net)  # packed or FP8 codes a format attached by `prepare`
+    if quantize == "fp8" and not holds_fp8(ckpt):
         from .model.moe import Experts
         from .quant import fp8_mm
 

@@ -197,3 +197,30 @@ def test_unsupported_or_inconsistent_configs_are_checkpoint_errors(tmp_path, qc,
     (folder / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match=match):
         llamaherd.load(folder)
+
+
+@pytest.mark.parametrize("fmt", ["hf", "gguf"])
+def test_convert_and_quantize_refuse_packed_projections(tmp_path, capsys, fmt):
+    """A writer sees only the float tensors of a GPTQ folder: it must refuse, not write a model without them."""
+    from llamaherd.cli import main
+
+    folder, _ = _folder(tmp_path, "gptq")
+    args = ["convert", str(folder), str(tmp_path / "out"), "--to", fmt] if fmt == "hf" else \
+        ["quantize", str(folder), str(tmp_path / "out.gguf"), "--type", "q8_0", "--quiet"]
+    assert main(args) != 0
+    assert "gptq codes, not float tensors" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.gguf").exists()
+
+
+def test_the_memory_plan_counts_the_packed_projections(tmp_path):
+    from llamaherd.checkpoint import read
+    from llamaherd.memory import plan
+    from llamaherd.quant.hf_quantized import PackedLinear
+
+    folder, _ = _folder(tmp_path, "gptq")
+    ckpt = read(folder)
+    floats = sum(t.numel() * 4 for t in ckpt.state_dict.values())  # planned in float32
+    packed = [m for m in llamaherd.load(folder, dtype=torch.float32).net.modules() if isinstance(m, PackedLinear)]
+    assert packed
+    codes = sum(b.numel() * b.element_size() for m in packed for b in m.buffers(recurse=False))
+    assert plan(ckpt, dtype=torch.float32).weights == floats + codes

@@ -46,6 +46,7 @@ def save(
         writer = WRITERS[fmt]
     except KeyError:
         raise CheckpointError(dst, f"unknown output format {fmt!r}; known: {', '.join(WRITERS)}") from None
+    check_complete(ckpt)
     if fmt != "gguf":  # float formats: quantized (GGUF) weights are decoded first; the GGUF writer does it per tensor
         ckpt = dequantized(ckpt, f"{fmt} output")
     torch_dtype = parse_dtype(dtype)
@@ -58,6 +59,20 @@ def save(
     with replacing_folder(dst, carry=_not_weights) as stage:  # a killed convert leaves the old folder or the new
         writer(ckpt, stage, **options)
     return Path(dst)
+
+
+def check_complete(ckpt: Checkpoint) -> None:
+    """Refuse a checkpoint whose projections are built as packed modules when loaded (GPTQ, AWQ, llamaherd's
+    weight-only folders, Meta's int4 releases): its state dict lacks them, and a writer would drop them."""
+    from ..model import build
+
+    absent = sorted(set(build(ckpt.config, device="meta").state_dict()) - set(ckpt.state_dict))
+    if absent:
+        kind = ckpt.metadata.get("quantization") or "packed"
+        raise CheckpointError(ckpt.source, f"its projections are {kind} codes, not float tensors ({len(absent)} "
+                              f"tensors, e.g. {absent[0]}); convert and quantize write float or GGUF checkpoints "
+                              "from float weights: run this one as it is with llamaherd.load / herd run, or start "
+                              "from the unquantized release")
 
 
 def _not_weights(name: str) -> bool:

@@ -39,6 +39,7 @@ def run(args: argparse.Namespace) -> int:
     from ..checkpoint.gguf_write import print_progress, write
     from ..api import resolve
     from ..checkpoint import read
+    from ..checkpoint.save import check_complete
 
     start = time.perf_counter()
     im = None
@@ -48,6 +49,7 @@ def run(args: argparse.Namespace) -> int:
         im = imatrix.read(args.imatrix)
     src = resolve(args.src)
     ckpt = read(src)
+    check_complete(ckpt)
     out = write(ckpt, args.dst, qtype=args.qtype, progress=None if args.quiet else print_progress, imatrix=im)
     size = out.stat().st_size / 2**20
     used = f", imatrix of {len(im.entries)} entries" if im is not None else ""

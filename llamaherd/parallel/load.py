@@ -72,7 +72,7 @@ def check_readable(ckpt: Checkpoint, world: int) -> None:
     packed = any(isinstance(t, GGMLWeight) for t in ckpt.state_dict.values())
     if ckpt.prepare is not None and not packed:
         raise ParallelError(f"{ckpt.source}: {ckpt.metadata.get('quantization', 'quantized')} weights are not cut by "
-                            "tensor parallelism; convert to a float format first (herd convert), or run without --tp")
+                            "tensor parallelism; run it without --tp, or use the model's unquantized release")
     check_packed(ckpt.state_dict, ckpt.config, world)
 
 
