@@ -101,3 +101,55 @@ def hf_reference(c: ModelConfig, seed: int = 0, std: float = 0.2):
             else:
                 p.normal_(0.0, std)
     return ref.eval()
+
+
+# Meta's Llama 4 expert stacks and the keys its quantized releases' scales files give them
+# (llama-models llama4/quantization/loader.py: f"layers.{i}.feed_forward.experts.{w1|w3|w2}").
+META_EXPERT_KEYS = {"moe_w_in_eD_F": "w1", "moe_w_swiglu_eD_F": "w3", "moe_w_out_eF_D": "w2"}
+
+
+def meta_quantized_folders(tmp_path: Path, config: ModelConfig, shards: int, scales_file: str, quantize,
+                           std: float = 0.2) -> tuple[Path, Path]:
+    """(a Meta folder quantized rank by rank, a float folder holding what its codes stand for) of a random model.
+
+    `quantize(name, tensor)` returns None to keep a tensor, else (codes, dequantised, scales key, scales); each
+    rank's scales are saved as `scales_file.format(rank=...)` beside its consolidated.NN.pth.
+    """
+    import shutil
+
+    from llamaherd.checkpoint import meta_pth
+    from llamaherd.checkpoint.base import Checkpoint
+    from tests.conftest import random_model
+
+    src = meta_pth.write(Checkpoint(config=config, state_dict=random_model(config, seed=0, std=std).state_dict(),
+                                    source=tmp_path), tmp_path / "bf", shards=shards)
+    quantized, floats_dir = tmp_path / "quantized", tmp_path / "float"
+    for d in (quantized, floats_dir):
+        d.mkdir()
+        shutil.copy(src / "params.json", d / "params.json")
+    for rank in range(shards):
+        sd = torch.load(src / f"consolidated.{rank:02d}.pth", weights_only=True)
+        codes, floats, scales = dict(sd), dict(sd), {}
+        for name, w in sd.items():
+            done = quantize(name, w)
+            if done is not None:
+                codes[name], floats[name], key, scales[key] = done
+        assert scales, "the config must have a quantized tensor"
+        torch.save(codes, quantized / f"consolidated.{rank:02d}.pth")
+        torch.save(floats, floats_dir / f"consolidated.{rank:02d}.pth")
+        torch.save(scales, quantized / scales_file.format(rank=rank))
+    return quantized, floats_dir
+
+
+def stepwise_logits(model, tokens: list[int], config: ModelConfig, prompt: int = 4) -> torch.Tensor:
+    """The logits of a prefill of the first `prompt` tokens, then one decode step per remaining token: the rows a
+    full forward gives from position `prompt - 1` on, computed through the KV cache in the model's dtype."""
+    from llamaherd.engine.generate import decode_one, prefill
+    from llamaherd.model.cache import KVCache
+
+    dtype = next(p.dtype for p in model.net.parameters() if p.is_floating_point())
+    cache = KVCache.for_model(config, 1, len(tokens), dtype=dtype)
+    with torch.inference_mode():
+        steps = [prefill(model.net, torch.tensor([tokens[:prompt]]), cache)[0]]
+        steps += [decode_one(model.net, torch.tensor([t]), cache)[0] for t in tokens[prompt:]]
+    return torch.stack(steps).float()

@@ -37,12 +37,11 @@ from torch import nn
 import llamaherd
 from llamaherd import native
 from llamaherd.checkpoint import meta_pth
-from llamaherd.checkpoint.base import Checkpoint
 from llamaherd.config import ModelConfig
 from llamaherd.errors import CheckpointError
 from llamaherd.native import weight_only as native_wo
 from llamaherd.quant import meta_int4
-from tests.checkpoint_fixtures import meta_params
+from tests.checkpoint_fixtures import META_EXPERT_KEYS, meta_params, meta_quantized_folders, stepwise_logits
 from tests.conftest import random_model
 
 # dim 256 (groups of 32 and 256), feed-forward width 1024 (a power of two: SpinQuant's Hadamard).
@@ -225,16 +224,10 @@ def test_llama32_int4_logits_equal_metas_loader(tmp_path, meta_parallel, meta_lo
 
 def test_bf16_model_decodes_like_its_full_forward(qlora_folder):
     """A bf16 model over QLoRA codes: prefill + one-row decode steps give the full forward's logits."""
-    from llamaherd.engine.generate import decode_one, prefill
-    from llamaherd.model.cache import KVCache
-
     model = llamaherd.load(qlora_folder, dtype=torch.bfloat16)
     full = model.logits(SHORT)
-    cache = KVCache.for_model(C, 1, 16, dtype=torch.bfloat16)
-    with torch.inference_mode():
-        steps = [prefill(model.net, torch.tensor([SHORT[:4]]), cache)[0]]
-        steps += [decode_one(model.net, torch.tensor([t]), cache)[0] for t in SHORT[4:]]
-    torch.testing.assert_close(torch.stack(steps).float(), full[3:], rtol=0.05, atol=0.05 * full.abs().max().item())
+    torch.testing.assert_close(stepwise_logits(model, SHORT, C), full[3:], rtol=0.05,
+                               atol=0.05 * full.abs().max().item())
 
 
 def test_hadamard_is_sylvesters_normalised_matrix():
@@ -302,46 +295,30 @@ def _llama4_config():
     return config_from_params(dict(PARAMS, dim=128, multiple_of=128))
 
 
-_META_LEAF = {"moe_w_in_eD_F": "w1", "moe_w_swiglu_eD_F": "w3", "moe_w_out_eF_D": "w2"}
-
-
 def meta_int4_llama4_folders(tmp_path, shards: int, shared: bool = False):
     """(int4 folder as llama4/scripts/quantize.py writes it, float folder holding the dequantised weights)."""
     meta = meta_quantize_functions()
     L4 = _llama4_config()
-    src = meta_pth.write(Checkpoint(config=L4, state_dict=random_model(L4, seed=0, std=0.05).state_dict(),
-                                    source=tmp_path), tmp_path / "bf", shards=shards)
-    int4_dir, float_dir = tmp_path / "int4", tmp_path / "float"
-    for d in (int4_dir, float_dir):
-        d.mkdir()
-        shutil.copy(src / "params.json", d / "params.json")
-    for rank in range(shards):
-        sd = torch.load(src / f"consolidated.{rank:02d}.pth", weights_only=True)
-        codes, floats, scales = dict(sd), dict(sd), {}
-        for name, w in sd.items():
-            prefix, _, leaf = name.rpartition(".")
-            layer = int(name.split(".")[1]) if name.startswith("layers.") else -1
-            if layer in (0, L4.n_layers - 1):
-                continue  # quantize.py leaves the first and last layers in bf16
-            if leaf in _META_LEAF:  # routed experts (E, in, out)
-                weight = w.transpose(1, 2).contiguous()  # (E, out, in), as quantize.py
-                wq, s = zip(*[meta.int4_row_quantize(e) for e in weight])
-                packed = torch.stack([meta.pack_int4(q) for q in wq])  # (E, out, in/2)
-                s = torch.stack(s)  # (E, in/128, out)
-                codes[name] = packed.transpose(1, 2).reshape(-1, w.shape[-1]).contiguous().view(torch.float8_e4m3fn)
-                deq = torch.stack(wq).float() * s.transpose(1, 2).repeat_interleave(128, dim=-1)
-                floats[name] = deq.transpose(1, 2).contiguous()
-                scales[f"{prefix}.{_META_LEAF[leaf]}"] = s
-            elif shared and ".shared_expert." in name:  # int4_mixed's shared expert: nn.Linear weight (out, in)
-                q, s = meta.int4_row_quantize(w)
-                codes[name] = meta.pack_int4(q)
-                floats[name] = q.float() * s.t().repeat_interleave(128, dim=-1)
-                scales[name.removesuffix(".weight")] = s
-        assert scales, "the config must have a quantized MoE layer"
-        torch.save(codes, int4_dir / f"consolidated.{rank:02d}.pth")
-        torch.save(floats, float_dir / f"consolidated.{rank:02d}.pth")
-        torch.save(scales, int4_dir / f"int4_scales_{rank}.pt")
-    return int4_dir, float_dir
+
+    def quantize(name, w):
+        prefix, _, leaf = name.rpartition(".")
+        layer = int(name.split(".")[1]) if name.startswith("layers.") else -1
+        if layer in (0, L4.n_layers - 1):
+            return None  # quantize.py leaves the first and last layers in bf16
+        if leaf in META_EXPERT_KEYS:  # routed experts (E, in, out)
+            weight = w.transpose(1, 2).contiguous()  # (E, out, in), as quantize.py
+            wq, s = zip(*[meta.int4_row_quantize(e) for e in weight])
+            packed = torch.stack([meta.pack_int4(q) for q in wq])  # (E, out, in/2)
+            s = torch.stack(s)  # (E, in/128, out)
+            codes = packed.transpose(1, 2).reshape(-1, w.shape[-1]).contiguous().view(torch.float8_e4m3fn)
+            deq = torch.stack(wq).float() * s.transpose(1, 2).repeat_interleave(128, dim=-1)
+            return codes, deq.transpose(1, 2).contiguous(), f"{prefix}.{META_EXPERT_KEYS[leaf]}", s
+        if shared and ".shared_expert." in name:  # int4_mixed's shared expert: nn.Linear weight (out, in)
+            q, s = meta.int4_row_quantize(w)
+            return meta.pack_int4(q), q.float() * s.t().repeat_interleave(128, dim=-1), name.removesuffix(".weight"), s
+        return None
+
+    return meta_quantized_folders(tmp_path, L4, shards, "int4_scales_{rank}.pt", quantize, std=0.05)
 
 
 @pytest.mark.parametrize("shards,shared", [(1, False), (2, False), (2, True)])

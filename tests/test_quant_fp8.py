@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 import llamaherd
 from llamaherd.errors import CheckpointError
-from tests.checkpoint_fixtures import hf_reference
+from tests.checkpoint_fixtures import META_EXPERT_KEYS, hf_reference, meta_quantized_folders
 from tests.conftest import TINY
 
 E4M3_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max: the largest e4m3 value (OCP FP8 spec)
@@ -166,41 +166,21 @@ def test_other_compressed_tensors_schemes_are_refused_by_name(tmp_path, qc):
 # rank, each routed expert stack transposed to (E, out, in) is quantized row-wise (scale = row absmax / 448,
 # fbgemm quantize_fp8_per_row) and fp8_scales_{rank}.pt maps "layers.{i}.feed_forward.experts.w1|w3|w2" to the
 # (E, out) scales; the .pth keeps the codes in its usual (E, in, out) layout.
-_META_LEAF = {"moe_w_in_eD_F": "w1", "moe_w_swiglu_eD_F": "w3", "moe_w_out_eF_D": "w2"}
-
-
 def meta_fp8_folders(tmp_path, shards: int):
     """(FP8 folder, float folder holding the dequantised experts) of test_llama4's tiny model."""
-    import shutil
-
-    from llamaherd.checkpoint import meta_pth
-    from llamaherd.checkpoint.base import Checkpoint
-    from tests.conftest import random_model
     from tests.test_llama4 import CONFIG as L4
 
-    src = meta_pth.write(Checkpoint(config=L4, state_dict=random_model(L4, seed=0).state_dict(), source=tmp_path),
-                         tmp_path / "bf", shards=shards)
-    fp8_dir, float_dir = tmp_path / "fp8", tmp_path / "float"
-    for d in (fp8_dir, float_dir):
-        d.mkdir()
-        shutil.copy(src / "params.json", d / "params.json")
-    for rank in range(shards):
-        sd = torch.load(src / f"consolidated.{rank:02d}.pth", weights_only=True)
-        codes, floats, scales = dict(sd), dict(sd), {}
-        for name, w in sd.items():
-            prefix, _, leaf = name.rpartition(".")
-            if leaf not in _META_LEAF:
-                continue
-            wt = w.transpose(1, 2)  # (E, out, in)
-            scale = wt.abs().amax(-1) / E4M3_MAX  # (E, out)
-            code = (wt / scale[..., None]).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).transpose(1, 2)
-            codes[name] = code.contiguous()
-            floats[name] = code.to(torch.float32) * scale[:, None, :]
-            scales[f"{prefix}.{_META_LEAF[leaf]}"] = scale
-        torch.save(codes, fp8_dir / f"consolidated.{rank:02d}.pth")
-        torch.save(floats, float_dir / f"consolidated.{rank:02d}.pth")
-        torch.save(scales, fp8_dir / f"fp8_scales_{rank}.pt")
-    return fp8_dir, float_dir
+    def quantize(name, w):
+        prefix, _, leaf = name.rpartition(".")
+        if leaf not in META_EXPERT_KEYS:
+            return None
+        wt = w.transpose(1, 2)  # (E, out, in)
+        scale = wt.abs().amax(-1) / E4M3_MAX  # (E, out)
+        code = (wt / scale[..., None]).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).transpose(1, 2)
+        key = f"{prefix}.{META_EXPERT_KEYS[leaf]}"
+        return code.contiguous(), code.to(torch.float32) * scale[:, None, :], key, scale
+
+    return meta_quantized_folders(tmp_path, L4, shards, "fp8_scales_{rank}.pt", quantize)
 
 
 @pytest.mark.parametrize("shards", [1, 2])

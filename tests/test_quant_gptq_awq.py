@@ -27,7 +27,7 @@ from llamaherd import native
 from llamaherd.config import ModelConfig
 from llamaherd.native import weight_only as native_wo
 from llamaherd.errors import CheckpointError
-from tests.checkpoint_fixtures import hf_reference
+from tests.checkpoint_fixtures import hf_reference, stepwise_logits
 
 # dim 128, hidden 384: every projection's input width takes groups of 32, 64 and 128.
 C = ModelConfig(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=256, multiple_of=128,
@@ -168,17 +168,11 @@ def test_logits_equal_transformers_on_dequantised_weights(tmp_path, method, kw):
 
 def test_bf16_activations_and_cached_decode(tmp_path):
     """A bf16 model over GPTQ act-order codes: prefill + one-row decode steps give the full forward's logits."""
-    from llamaherd.engine.generate import decode_one, prefill
-    from llamaherd.model.cache import KVCache
-
     folder, ref = _folder(tmp_path, "gptq", bits=4, group=32, desc_act=True)
     model = llamaherd.load(folder, dtype=torch.bfloat16)
     full = model.logits(SHORT)
-    cache = KVCache.for_model(C, 1, 16, dtype=torch.bfloat16)
-    with torch.inference_mode():
-        steps = [prefill(model.net, torch.tensor([SHORT[:4]]), cache)[0]]
-        steps += [decode_one(model.net, torch.tensor([t]), cache)[0] for t in SHORT[4:]]
-    torch.testing.assert_close(torch.stack(steps).float(), full[3:], rtol=0.05, atol=0.05 * full.abs().max().item())
+    torch.testing.assert_close(stepwise_logits(model, SHORT, C), full[3:], rtol=0.05,
+                               atol=0.05 * full.abs().max().item())
     with torch.no_grad():
         want = ref(torch.tensor([SHORT])).logits[0].float()
     assert ((full - want).norm() / want.norm()) < 0.02  # bf16 activations against the float32 reference
