@@ -446,8 +446,8 @@ static void lh_wo4w_in_region(const int16_t *X, const float *XS, const float *sx
 #endif
 
 /* nw int4 weights: codes W[j] (N[j], K/2), scales S[j] and zeros Z[j] (K/G, N[j]), bf16 or float32 (sz_f32),
- * applied to X as in lh_wo_int8 (act: float32, the int16 path above, or weight_only_a8.c's int8 codes). G a multiple of 32 dividing K. Returns 0, or -1
- * for bad sizes or no memory. */
+ * applied to X as in lh_wo_int8 (act: float32, the int16 path above, or weight_only_a8.c's int8 codes). G a
+ * multiple of 32 dividing K. Returns 0, or -1 for bad sizes or no memory. */
 int lh_wo_int4(int nw, const void *X, int x_f32, int64_t ldx, int64_t M, const uint8_t *const *W,
                const void *const *S, const void *const *Z, int sz_f32, const int64_t *N, int64_t K, int64_t G,
                void *const *Y, const int64_t *ldy, int y_bf16, int act, int nthreads) {
