@@ -17,7 +17,6 @@ import os
 import sys
 import tempfile
 import time
-from importlib.resources import files
 from pathlib import Path
 
 import numpy as np
@@ -26,12 +25,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import llamaherd  # noqa: E402
-from llamaherd.checkpoint import read  # noqa: E402
-from llamaherd.checkpoint.gguf_write import write  # noqa: E402
+from bench.imatrix_kld import DEFAULT, float_copy, llama_models_text  # noqa: E402
 from llamaherd.eval import compare, save_base  # noqa: E402
 from llamaherd.quant.fp8_mm import Fp8Linear  # noqa: E402
-
-DEFAULT = Path.home() / ".cache/llamaherd/models/gemma-3-270m-q4_k_m/gemma-3-270m-q4_k_m.gguf"
 
 
 def product_ms(rows: int) -> dict[str, float]:
@@ -64,12 +60,9 @@ def main() -> int:
     ap.add_argument("--workdir", help="keep the F32 file here and reuse it (default: a temporary folder)")
     args = ap.parse_args()
     print(f"load average at start: {os.getloadavg()}, threads {torch.get_num_threads()}", flush=True)
-    evaltext = files("llama_models").joinpath("llama3_2/text_prompt_format.md").read_text(encoding="utf-8")
     tmp = tempfile.TemporaryDirectory(prefix="fp8-kld-")
-    work = args.workdir or tmp.name
-    f32 = Path(work) / "f32.gguf"
-    if not f32.exists():
-        write(read(args.model), f32, qtype="f32")
+    f32 = float_copy(args.model, args.workdir or tmp.name)
+    evaltext = llama_models_text("llama3_2/text_prompt_format.md")
     base = os.path.join(tmp.name, "base.kld")
     save_base(llamaherd.load(f32), evaltext, base, args.ctx, chunks=args.eval_chunks)
     rows = []

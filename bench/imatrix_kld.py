@@ -50,6 +50,19 @@ def collect(model, text: str, n_ctx: int, chunks: int, name: str) -> imatrix.IMa
     return im
 
 
+def llama_models_text(name: str) -> str:
+    """A page of llama-models' documentation, the texts these benchmarks calibrate and score on."""
+    return files("llama_models").joinpath(name).read_text(encoding="utf-8")
+
+
+def float_copy(model: str, work: str) -> Path:
+    """MODEL decoded to an F32 GGUF in `work`, reused when already there: the float model of the comparison."""
+    f32 = Path(work) / "f32.gguf"
+    if not f32.exists():
+        write(read(model), f32, qtype="f32")
+    return f32
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model", nargs="?", default=str(DEFAULT))
@@ -60,13 +73,11 @@ def main() -> int:
     ap.add_argument("--workdir", help="keep the F32 file here and reuse it (default: a temporary folder)")
     args = ap.parse_args()
     print(f"load average at start: {os.getloadavg()}", flush=True)
-    calib = files("llama_models").joinpath("llama3_1/prompt_format.md").read_text(encoding="utf-8")
-    evaltext = files("llama_models").joinpath("llama3_2/text_prompt_format.md").read_text(encoding="utf-8")
+    calib = llama_models_text("llama3_1/prompt_format.md")
+    evaltext = llama_models_text("llama3_2/text_prompt_format.md")
     tmp = tempfile.TemporaryDirectory(prefix="imatrix-kld-")
     work = args.workdir or tmp.name
-    f32 = Path(work) / "f32.gguf"
-    if not f32.exists():
-        write(read(args.model), f32, qtype="f32")
+    f32 = float_copy(args.model, work)
     t0 = time.perf_counter()
     with llamaherd.native.disabled():  # the reference modules, whose inputs the hooks see (as herd imatrix)
         fmodel = llamaherd.load(f32)

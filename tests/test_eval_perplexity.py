@@ -98,6 +98,9 @@ def test_kl_divergence_against_the_full_distributions(tok, tmp_path):
     assert top8.same_top_rate == got.same_top_rate
     assert "Mean    KLD:" in top8.report() and "Same top p:" in top8.report()
     assert compare(base, tmp_path / "top8").mean_kld == pytest.approx(0.0, abs=1e-9)
+    # A base of one chunk (--chunks 1) compares too: its scored positions are the full base's first chunk's.
+    save_base(base, tokens, tmp_path / "one", 16, top_k=tok.vocab_size, chunks=1)
+    np.testing.assert_allclose(compare(other, tmp_path / "one").kld, kld[:7], rtol=1e-4, atol=1e-7)
 
 
 def test_kl_divergence_refuses_files_it_did_not_write(tok, tmp_path):

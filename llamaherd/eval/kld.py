@@ -176,7 +176,7 @@ def compare(model, base: str | Path | Base, *, batch_tokens: int = 2048, progres
         raise LlamaherdError(f"the base file was written by a model with a vocabulary of {base.n_vocab} tokens, "
                              f"this model has {model.config.vocab_size}: KL divergence needs the same vocabulary")
     bos = model.tokenizer.bos_id if model.tokenizer is not None else None
-    grid = chunk_tokens(base.tokens, base.n_ctx, bos)
+    grid = chunk_tokens(base.tokens, base.n_ctx, bos, min_tokens=base.n_ctx)  # the base's chunks, one or more
     targets = next_tokens(grid, base.tokens)
     b = batch_for(base.n_ctx, batch_tokens)
     per = base.n_ctx - 1 - base.n_ctx // 2

@@ -53,14 +53,17 @@ class Perplexity:
 # -- chunks and the forward over them -------------------------------------------------------------------------
 
 
-def chunk_tokens(tokens: list[int], n_ctx: int, bos_id: int | None, max_chunks: int | None = None) -> torch.Tensor:
+def chunk_tokens(tokens: list[int], n_ctx: int, bos_id: int | None, max_chunks: int | None = None,
+                 min_tokens: int | None = None) -> torch.Tensor:
     """(n_chunks, n_ctx) token ids: consecutive non-overlapping slices, each starting with BOS when the model
-    has one (llama-perplexity overwrites the chunk's first token with it)."""
+    has one (llama-perplexity overwrites the chunk's first token with it). A text needs `min_tokens` (default
+    2 * n_ctx, llama-perplexity's own requirement); a KL base's tokens, already whole chunks, need one."""
     if n_ctx < 4:
         raise ContextLengthError(f"--num-ctx {n_ctx}: a context of at least 4 tokens is needed to score any token")
-    if len(tokens) < 2 * n_ctx:
+    need = 2 * n_ctx if min_tokens is None else min_tokens
+    if len(tokens) < need:
         raise ContextLengthError(f"the text tokenizes to {len(tokens)} tokens; perplexity with a context of {n_ctx} "
-                                 f"needs at least {2 * n_ctx} (give a longer text or a smaller --num-ctx)")
+                                 f"needs at least {need} (give a longer text or a smaller --num-ctx)")
     n = len(tokens) // n_ctx
     if max_chunks is not None and max_chunks > 0:
         n = min(n, max_chunks)
