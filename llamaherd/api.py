@@ -41,6 +41,8 @@ def load(source: str | Path, *, dtype: torch.dtype | None = None, device: str | 
     Either failure raises `MemoryPlanError` with the numbers.
     """
     ckpt = read(resolve(source))
+    if quantize is not None:
+        _check_quantizable(ckpt, quantize)
     kept_fp8 = holds_fp8(ckpt) and (quantize == "fp8" or (quantize is None and cuda_fp8(device)))
     if kept_fp8:
         ckpt = keep_fp8(ckpt)  # the file's own e4m3 codes, run by torch._scaled_mm
@@ -67,6 +69,20 @@ def load(source: str | Path, *, dtype: torch.dtype | None = None, device: str | 
     model = Model(net, ckpt)
     model.memory_plan = memory_plan  # what was planned (memory.MemoryPlan), None off the CPU
     return model
+
+
+def _check_quantizable(ckpt: Checkpoint, quantize: str) -> None:
+    """`quantize=` makes float projections int8 / int4 / fp8: a GGUF file's are already quantized, and would stay
+    so (say it, rather than load them unchanged)."""
+    from .quant.ggml import GGMLWeight
+
+    packed = sorted({t.qtype.name for t in ckpt.state_dict.values() if isinstance(t, GGMLWeight)})
+    if packed:
+        from .quant.weight_only import QuantizeError
+
+        raise QuantizeError(f"{Path(ckpt.source).name} is already quantized ({'/'.join(packed)} GGUF tensors), so "
+                            f"quantize={quantize!r} has nothing to do; run it as it is, or load a float checkpoint "
+                            "(Meta, Hugging Face, or an F16/BF16/F32 GGUF)")
 
 
 class Model:

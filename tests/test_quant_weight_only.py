@@ -243,3 +243,17 @@ def test_herd_run_quantize_flag(tiny_folder, tmp_path):
     bad = subprocess.run(cmd + ["--quantize", "int3", "Hi"], capture_output=True, text=True, env=env, timeout=300)
     assert bad.returncode == 1 and "herd: error: unknown quantization 'int3'; use int8" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+@pytest.mark.parametrize("spec", ["int8", "int4", "fp8"])
+def test_an_already_quantized_gguf_is_refused_by_name(tmp_path, spec):
+    """quantize= makes float projections smaller; a Q8_0 GGUF's would be left as they are, silently: refused."""
+    from llamaherd.checkpoint import read
+    from llamaherd.checkpoint.gguf_write import write
+
+    folder, _ = _folder(tmp_path, TINY["llama3.2"])
+    q8 = write(read(folder), tmp_path / "q8.gguf", qtype="q8_0")
+    with pytest.raises(wo.QuantizeError, match="already quantized .*Q8_0"):
+        llamaherd.load(q8, quantize=spec)
+    f32 = write(read(folder), tmp_path / "f32.gguf", qtype="f32")  # a float GGUF is quantized like any checkpoint
+    assert any(isinstance(m, wo.Int8Linear) for m in llamaherd.load(f32, quantize="int8").net.modules())
