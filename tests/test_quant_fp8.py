@@ -145,6 +145,16 @@ def test_a_scale_that_does_not_tile_its_weight_is_a_typed_error(tmp_path):
         llamaherd.load(folder)
 
 
+@pytest.mark.parametrize("quantize", [None, "fp8"])
+def test_a_non_finite_scale_is_a_typed_error(tmp_path, quantize):
+    folder, _ = fp8_folder(tmp_path, ct_config("channel", "dynamic"), "channel")
+    sd = load_file(folder / "model.safetensors")
+    sd["model.layers.1.self_attn.o_proj.weight_scale"][3] = float("nan")
+    save_file(sd, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="NaN or infinite"):
+        llamaherd.load(folder, quantize=quantize)
+
+
 @pytest.mark.parametrize("qc", [
     {"quant_method": "compressed-tensors", "format": "pack-quantized",
      "config_groups": {"g": {"weights": {"num_bits": 4, "type": "int"}}}},

@@ -73,6 +73,8 @@ def expand_scale(scale: torch.Tensor, shape: tuple[int, ...], block: tuple[int, 
     other tiling must be the declared `block` (rows x cols per scale, the last blocks cut at the edges).
     """
     s = scale.to(torch.float32)
+    if not torch.isfinite(s).all():
+        raise FP8Error(f"a scale of shape {tuple(scale.shape)} holds NaN or infinite values")
     if s.numel() == 1:
         return s.reshape(())
     rows, cols = shape[-2], shape[-1]

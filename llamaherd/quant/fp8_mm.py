@@ -80,6 +80,9 @@ class Fp8Linear(nn.Module):
         if not fits(n, k):
             raise QuantizeError(f"a ({n}, {k}) FP8 weight: torch._scaled_mm needs both widths multiples of {ALIGN}")
         s = weight_scale.detach().to(torch.float32).reshape(-1)
+        scales = [t for t in (s, input_scale) if t is not None and t.device.type != "meta"]  # meta: a size plan
+        if not all(torch.isfinite(t).all() for t in scales):
+            raise QuantizeError("an FP8 scale holds NaN or infinite values")
         if s.numel() == 1:
             s = s.expand(n)  # per tensor: the same scale on every row
         if s.numel() != n:
