@@ -214,6 +214,8 @@ def dequantize_meta_shard(sd: dict[str, torch.Tensor],
         if q is None or q.dim() != 3:
             raise FP8Error(f"the scales file names {key}, but the shard holds no 3-D expert stack {name}")
         s = scale.to(torch.float32).reshape(q.shape[0], 1, -1)
+        if not torch.isfinite(s).all():
+            raise FP8Error(f"{key}: its scales hold NaN or infinite values")
         if s.shape[-1] != q.shape[-1]:
             raise FP8Error(f"{key}: {scale.numel()} scales do not give one per expert and output of {tuple(q.shape)}")
         out[name] = (q.to(torch.float32) * s).to(dtype)
