@@ -35,10 +35,10 @@ def load(source: str | Path, *, dtype: torch.dtype | None = None, device: str | 
     (quant/weight_only.py); "fp8" runs them as e4m3 codes through `torch._scaled_mm` (quant/fp8_mm.py): an FP8
     checkpoint's own codes, or a float model's projections quantized per channel. On a CUDA device with FP8
     tensor cores an FP8 checkpoint runs that way by default; elsewhere it is dequantised to its float dtype.
-    `adapter` is a PEFT-format LoRA folder (adapter_config.json + adapter_model.safetensors) applied on top. Before any weight is touched, the memory plan (memory.py) is
-    checked: with `max_memory` (bytes, or "8G"), weights + KV cache for `num_ctx` tokens (default: the
-    model's max_seq_len) + working buffers must fit it; without, the weights must fit the memory available.
-    Either failure raises `MemoryPlanError` with the numbers.
+    `adapter` is a PEFT-format LoRA folder (adapter_config.json + adapter_model.safetensors) applied on top.
+    Before any weight is touched, the memory plan (memory.py) is checked: with `max_memory` (bytes, or "8G"),
+    weights + KV cache for `num_ctx` tokens (default: the model's max_seq_len) + working buffers must fit it;
+    without, the weights must fit the memory available. Either failure raises `MemoryPlanError` with the numbers.
     """
     ckpt = read(resolve(source))
     if quantize is not None:

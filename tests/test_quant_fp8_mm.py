@@ -260,7 +260,8 @@ def test_herd_quantize_fp8_writes_a_folder_compressed_tensors_reads(tmp_path, fa
         ref = hf_reference(TINY[family], std=0.1)
     ref.save_pretrained(tmp_path / "bf")
     assert main(["quantize", str(tmp_path / "bf"), str(tmp_path / "fp8"), "--type", "fp8", "--quiet"]) == 0
-    written, source = load_file(tmp_path / "fp8" / "model.safetensors"), load_file(tmp_path / "bf" / "model.safetensors")
+    written = load_file(tmp_path / "fp8" / "model.safetensors")
+    source = load_file(tmp_path / "bf" / "model.safetensors")
     name = next(k for k in source if k.endswith("self_attn.q_proj.weight"))  # HF's row order (permuted back)
     codes, scale, _ = quantize_e4m3(source[name], "channel")  # the published rule, on the source weights
     assert torch.equal(written[name].view(torch.uint8), codes.view(torch.uint8))

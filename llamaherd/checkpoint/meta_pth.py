@@ -227,7 +227,8 @@ def _read_llama4(path: Path, params: dict[str, Any], files: list[Path], shards: 
         config = config.replace(tie_embeddings=True)
     return Checkpoint(
         config=config, state_dict=sd, source=path, tokenizer=attach_tokenizer(path, TOKENIZER_FILES),
-        metadata={"format": "meta", "shards": n, "params": params, **({"fp8_experts": fp8_experts} if fp8_experts else {})},
+        metadata={"format": "meta", "shards": n, "params": params,
+                  **({"fp8_experts": fp8_experts} if fp8_experts else {})},
     )
 
 

@@ -179,7 +179,8 @@ def kept_codes(raw: dict[str, torch.Tensor], qc: dict) -> dict[str, dict[str, to
 META_EXPERTS = {"w1": "moe_w_in_eD_F", "w3": "moe_w_swiglu_eD_F", "w2": "moe_w_out_eF_D"}
 
 
-def meta_codes(sd: dict[str, torch.Tensor], scales: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def meta_codes(sd: dict[str, torch.Tensor],
+               scales: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """One rank's FP8 expert stacks as stored: {canonical name: (codes (E, in, out), scales (E, out))}.
 
     What `fp8_mm.Fp8Experts` runs as it is; `dequantize_meta_shard` checks the same tensors and names the errors.
@@ -189,7 +190,8 @@ def meta_codes(sd: dict[str, torch.Tensor], scales: dict[str, torch.Tensor]) -> 
         prefix, _, leaf = key.rpartition(".")
         name = f"{prefix}.{META_EXPERTS.get(leaf, leaf)}"
         q = sd.get(name)
-        if q is not None and q.dim() == 3 and q.dtype == torch.float8_e4m3fn and scale.numel() == q.shape[0] * q.shape[2]:
+        stack = q is not None and q.dim() == 3 and q.dtype == torch.float8_e4m3fn
+        if stack and scale.numel() == q.shape[0] * q.shape[2]:
             out[name] = (q, scale.to(torch.float32).reshape(q.shape[0], q.shape[2]))
     return out
 

@@ -86,7 +86,8 @@ class Fp8Linear(nn.Module):
         if s.numel() == 1:
             s = s.expand(n)  # per tensor: the same scale on every row
         if s.numel() != n:
-            raise QuantizeError(f"an FP8 weight of {n} rows needs one scale or one per row, not {tuple(weight_scale.shape)}")
+            raise QuantizeError(f"an FP8 weight of {n} rows needs one scale or one per row, "
+                                f"not {tuple(weight_scale.shape)}")
         self.in_features, self.out_features = k, n
         # Not in the state dict: a checkpoint's float tensors are assigned around these modules (checkpoint/base.py).
         self.register_buffer("weight", weight.detach().contiguous(), persistent=False)
@@ -119,10 +120,6 @@ class Fp8Linear(nn.Module):
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
-
-    def dequantized(self) -> torch.Tensor:
-        """The float32 weight these codes stand for (for checks and for converting back)."""
-        return self.weight.to(torch.float32) * self.weight_scale.reshape(-1, 1)
 
     def extra_repr(self) -> str:
         acts = "static input scale" if self.input_scale is not None else \
