@@ -190,39 +190,12 @@ static void lh_wo8_rows(const void *X, const float *sx, int64_t M, int64_t K, co
     const int8_t *w = W + n * K;
     for (int64_t m = 0; m < M; m += LH_WO_MB) {
         const int mb = M - m < LH_WO_MB ? (int)(M - m) : LH_WO_MB;
-        if (sx != NULL) { /* int16 activations */
-            const int16_t *x = (const int16_t *)X + m * K;
-            if (rb == LH_WO_RB) {
-                switch (mb) {
-                case 1: lh_wo8w_tile(x, K, 1, w, K, LH_WO_RB, s); break;
-                case 2: lh_wo8w_tile(x, K, 2, w, K, LH_WO_RB, s); break;
-                case 3: lh_wo8w_tile(x, K, 3, w, K, LH_WO_RB, s); break;
-                default: lh_wo8w_tile(x, K, 4, w, K, LH_WO_RB, s); break;
-                }
-            } else {
-                for (int r = 0; r < rb; r++) {
-                    float t[LH_WO_MB];
-                    lh_wo8w_tile(x, K, mb, w + r * K, K, 1, t);
-                    for (int i = 0; i < mb; i++) s[i * rb + r] = t[i];
-                }
-            }
-        } else {
-            const float *x = (const float *)X + m * K;
-            if (rb == LH_WO_RB) { /* constant (mb, rb) per call site: the accumulators become registers */
-                switch (mb) {
-                case 1: lh_wo8_tile(x, K, 1, w, K, LH_WO_RB, s); break;
-                case 2: lh_wo8_tile(x, K, 2, w, K, LH_WO_RB, s); break;
-                case 3: lh_wo8_tile(x, K, 3, w, K, LH_WO_RB, s); break;
-                default: lh_wo8_tile(x, K, 4, w, K, LH_WO_RB, s); break;
-                }
-            } else {
-                for (int r = 0; r < rb; r++) {
-                    float t[LH_WO_MB];
-                    lh_wo8_tile(x, K, mb, w + r * K, K, 1, t);
-                    for (int i = 0; i < mb; i++) s[i * rb + r] = t[i];
-                }
-            }
-        }
+#define W16_TILE(MB, R, ROWS, OUT) lh_wo8w_tile((const int16_t *)X + m * K, K, MB, w + (R) * K, K, ROWS, OUT)
+#define F32_TILE(MB, R, ROWS, OUT) lh_wo8_tile((const float *)X + m * K, K, MB, w + (R) * K, K, ROWS, OUT)
+        if (sx != NULL) LH_WO_TILES(W16_TILE, mb, rb, LH_WO_RB, s); /* int16 activations */
+        else LH_WO_TILES(F32_TILE, mb, rb, LH_WO_RB, s);
+#undef W16_TILE
+#undef F32_TILE
         for (int i = 0; i < mb; i++)
             for (int r = 0; r < rb; r++)
                 lh_wo_store(Y, y_bf16, (m + i) * ldy + n + r,

@@ -203,20 +203,10 @@ void lh_wo4a8_in_region(const lh_wo_act *a, const uint8_t *W, const void *S, con
         for (int64_t m = 0; m < M; m += LH_WO_A8_MB) {
             const int mb = M - m < LH_WO_A8_MB ? (int)(M - m) : LH_WO_A8_MB;
             float s[LH_WO_A8_MB * LH_WO_A8_RB];
-            if (rb == LH_WO_A8_RB) { /* constant (mb, rb) per call site: the accumulators become registers */
-                switch (mb) {
-                case 1: a8_tile(a, m, 1, w, ldw, LH_WO_A8_RB, Sn, Zn, sz_f32, N, s); break;
-                case 2: a8_tile(a, m, 2, w, ldw, LH_WO_A8_RB, Sn, Zn, sz_f32, N, s); break;
-                case 3: a8_tile(a, m, 3, w, ldw, LH_WO_A8_RB, Sn, Zn, sz_f32, N, s); break;
-                default: a8_tile(a, m, 4, w, ldw, LH_WO_A8_RB, Sn, Zn, sz_f32, N, s); break;
-                }
-            } else {
-                for (int r = 0; r < rb; r++) {
-                    float u[LH_WO_A8_MB];
-                    a8_tile(a, m, mb, w + r * ldw, ldw, 1, Sn + r * esz, Zn + r * esz, sz_f32, N, u);
-                    for (int i = 0; i < mb; i++) s[i * rb + r] = u[i];
-                }
-            }
+#define A4_TILE(MB, R, ROWS, OUT) \
+    a8_tile(a, m, MB, w + (R) * ldw, ldw, ROWS, Sn + (R) * esz, Zn + (R) * esz, sz_f32, N, OUT)
+            LH_WO_TILES(A4_TILE, mb, rb, LH_WO_A8_RB, s);
+#undef A4_TILE
             for (int i = 0; i < mb; i++)
                 for (int r = 0; r < rb; r++) lh_wo_store(Y, y_bf16, (m + i) * ldy + n + r, s[i * rb + r]);
         }
@@ -273,20 +263,9 @@ void lh_wo8a8_in_region(const lh_wo_act *a, const int8_t *W, const uint16_t *S, 
         for (int64_t m = 0; m < M; m += LH_WO_A8_MB) {
             const int mb = M - m < LH_WO_A8_MB ? (int)(M - m) : LH_WO_A8_MB;
             float s[LH_WO_A8_MB * LH_WO_A8_RB];
-            if (rb == LH_WO_A8_RB) { /* constant (mb, rb) per call site: the accumulators become registers */
-                switch (mb) {
-                case 1: a8_tile8(a, m, 1, w, ldw, LH_WO_A8_RB, s); break;
-                case 2: a8_tile8(a, m, 2, w, ldw, LH_WO_A8_RB, s); break;
-                case 3: a8_tile8(a, m, 3, w, ldw, LH_WO_A8_RB, s); break;
-                default: a8_tile8(a, m, 4, w, ldw, LH_WO_A8_RB, s); break;
-                }
-            } else {
-                for (int r = 0; r < rb; r++) {
-                    float u[LH_WO_A8_MB];
-                    a8_tile8(a, m, mb, w + r * ldw, ldw, 1, u);
-                    for (int i = 0; i < mb; i++) s[i * rb + r] = u[i];
-                }
-            }
+#define A8_TILE(MB, R, ROWS, OUT) a8_tile8(a, m, MB, w + (R) * ldw, ldw, ROWS, OUT)
+            LH_WO_TILES(A8_TILE, mb, rb, LH_WO_A8_RB, s);
+#undef A8_TILE
             for (int i = 0; i < mb; i++)
                 for (int r = 0; r < rb; r++)
                     lh_wo_store(Y, y_bf16, (m + i) * ldy + n + r, s[i * rb + r] * lh_bf2f(S[n + r]));

@@ -33,6 +33,28 @@ static inline float lh_wo_x(const void *X, int x_f32, int64_t i) {
     return x_f32 ? ((const float *)X)[i] : lh_bf2f(((const uint16_t *)X)[i]);
 }
 
+/* The tile dispatch of every weight-only kernel: the sums of mb (<= 4) activation rows against rb weight rows into
+ * s[i * rb + r]. A full block of RB_FULL weight rows calls TILE with the activation row count a compile-time
+ * constant, so the tile's accumulators stay in registers; a short last block runs one weight row at a time.
+ * TILE(mb, r, rows, out) is the caller's tile of `rows` weight rows starting at row r, out[i * rows + j]. */
+#define LH_WO_TILES(TILE, mb, rb, RB_FULL, s)                                                                         \
+    do {                                                                                                               \
+        if ((rb) == (RB_FULL)) {                                                                                       \
+            switch (mb) {                                                                                              \
+            case 1: TILE(1, 0, RB_FULL, s); break;                                                                     \
+            case 2: TILE(2, 0, RB_FULL, s); break;                                                                     \
+            case 3: TILE(3, 0, RB_FULL, s); break;                                                                     \
+            default: TILE(4, 0, RB_FULL, s); break;                                                                    \
+            }                                                                                                          \
+        } else {                                                                                                       \
+            for (int r_ = 0; r_ < (rb); r_++) {                                                                        \
+                float u_[4];                                                                                           \
+                TILE(mb, r_, 1, u_);                                                                                   \
+                for (int i_ = 0; i_ < (mb); i_++) (s)[i_ * (rb) + r_] = u_[i_];                                        \
+            }                                                                                                          \
+        }                                                                                                              \
+    } while (0)
+
 /* A scale or zero: bf16 (llamaherd's own codes) or float32 (GPTQ / AWQ's float16 values, kept exact). */
 static inline float lh_wo_sz(const void *P, int f32, int64_t i) {
     return f32 ? ((const float *)P)[i] : lh_bf2f(((const uint16_t *)P)[i]);
