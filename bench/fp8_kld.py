@@ -12,7 +12,6 @@ with `quantize=` and compared with the base (`herd perplexity --kl-divergence`).
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import tempfile
@@ -25,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import llamaherd  # noqa: E402
-from bench.imatrix_kld import DEFAULT, float_copy, llama_models_text  # noqa: E402
+from bench.imatrix_kld import float_copy, kld_arguments, llama_models_text  # noqa: E402
 from llamaherd.eval import compare, save_base  # noqa: E402
 from llamaherd.quant.fp8_mm import Fp8Linear  # noqa: E402
 
@@ -52,12 +51,8 @@ def product_ms(rows: int) -> dict[str, float]:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("model", nargs="?", default=str(DEFAULT))
+    ap = kld_arguments(__doc__)
     ap.add_argument("--schemes", default="fp8,int8,int4")
-    ap.add_argument("--ctx", type=int, default=256)
-    ap.add_argument("--eval-chunks", type=int, default=4)
-    ap.add_argument("--workdir", help="keep the F32 file here and reuse it (default: a temporary folder)")
     args = ap.parse_args()
     print(f"load average at start: {os.getloadavg()}, threads {torch.get_num_threads()}", flush=True)
     tmp = tempfile.TemporaryDirectory(prefix="fp8-kld-")

@@ -63,14 +63,20 @@ def float_copy(model: str, work: str) -> Path:
     return f32
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def kld_arguments(doc: str) -> argparse.ArgumentParser:
+    """The options of a KLD-against-the-float-model benchmark: the model, context, scored chunks, work folder."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model", nargs="?", default=str(DEFAULT))
-    ap.add_argument("--types", default="q4_0,q4_k_m")
     ap.add_argument("--ctx", type=int, default=256)
-    ap.add_argument("--calib-chunks", type=int, default=8)
     ap.add_argument("--eval-chunks", type=int, default=4)
     ap.add_argument("--workdir", help="keep the F32 file here and reuse it (default: a temporary folder)")
+    return ap
+
+
+def main() -> int:
+    ap = kld_arguments(__doc__)
+    ap.add_argument("--types", default="q4_0,q4_k_m")
+    ap.add_argument("--calib-chunks", type=int, default=8)
     args = ap.parse_args()
     print(f"load average at start: {os.getloadavg()}", flush=True)
     calib = llama_models_text("llama3_1/prompt_format.md")
